@@ -1,0 +1,31 @@
+# outpost: demo, tests and local services.
+# `make test` is what CI runs (via .ci/run); `make demo` runs the quickstart.
+SHELL := /bin/bash
+
+# Where the demo and the integration tests find their services; override
+# on the command line or in the environment.
+export OUTPOST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
+export OUTPOST_REDIS_URL ?= redis://127.0.0.1:6379
+export OUTPOST_BROKERS ?= 127.0.0.1:9092
+
+.PHONY: all demo test services broker-stop
+
+all: test
+
+## services: install (if needed) and start PostgreSQL, Redis and the tansu broker
+services:
+	bash scripts/services.sh
+
+## demo: start the services and run the quickstart against them
+demo: services
+	cargo run --release -p outpost-cli --bin outpost -- quickstart --events 1000
+
+## test: formatting, clippy and the whole test suite against live services
+test: services
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	OUTPOST_TANSU_BIN="$${OUTPOST_TANSU_BIN:-$$(cat .tools/tansu-bin)}" cargo test --workspace
+
+## broker-stop: kill the tansu broker on 127.0.0.1:9092 started by `make services`
+broker-stop:
+	bash scripts/kafka-stop.sh 9092

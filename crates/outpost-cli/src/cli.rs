@@ -1,0 +1,106 @@
+//! Command-line definition.
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Outpost: transactional outbox relay and tools for PostgreSQL + Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "outpost", version, about)]
+pub struct Cli {
+    /// PostgreSQL URL.
+    #[arg(
+        long,
+        env = "OUTPOST_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test",
+        global = true
+    )]
+    pub database_url: String,
+    /// Kafka bootstrap servers, host:port[,host:port...].
+    #[arg(
+        long,
+        env = "OUTPOST_BROKERS",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
+    pub brokers: String,
+    /// Redis URL (wake-ups with --wake redis).
+    #[arg(
+        long,
+        env = "OUTPOST_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        global = true
+    )]
+    pub redis_url: String,
+    /// Schema holding the service's outbox table.
+    #[arg(long, env = "OUTPOST_SCHEMA", default_value = "outpost", global = true)]
+    pub schema: String,
+    /// Service name (wake-up key outbox:wake:{service}, metric label).
+    #[arg(long, env = "OUTPOST_SERVICE", default_value = "outpost", global = true)]
+    pub service: String,
+    /// testing | development | production: polling and back-off defaults.
+    #[arg(
+        long,
+        env = "OUTPOST_ENVIRONMENT",
+        default_value = "production",
+        global = true
+    )]
+    pub environment: String,
+    /// How the relay is woken after a commit.
+    #[arg(long, env = "OUTPOST_WAKE", value_enum, default_value_t = Wake::Redis, global = true)]
+    pub wake: Wake,
+    /// Longest idle polling interval in milliseconds (overrides the environment default).
+    #[arg(long, env = "OUTPOST_POLL_MAX_MS", global = true)]
+    pub poll_max_ms: Option<u64>,
+    /// Kafka delivery timeout in milliseconds (message.timeout.ms).
+    #[arg(
+        long,
+        env = "OUTPOST_DELIVERY_TIMEOUT_MS",
+        default_value_t = 30_000,
+        global = true
+    )]
+    pub delivery_timeout_ms: u64,
+    /// Extra librdkafka producer property, KEY=VALUE (repeatable).
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE", global = true)]
+    pub kafka_options: Vec<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Wake-up transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Wake {
+    /// Redis LPUSH/BLPOP on outbox:wake:{service}.
+    Redis,
+    /// PostgreSQL LISTEN/NOTIFY on channel outbox:wake:{service}.
+    Notify,
+    /// Polling only.
+    None,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the outbox schema, table and indexes (idempotent).
+    Migrate,
+    /// Run the relay until SIGTERM or ctrl-c.
+    Relay,
+    /// Stage events, let the relay deliver them, consume them back and report latency.
+    Quickstart {
+        /// How many events to stage.
+        #[arg(long, default_value_t = 1000)]
+        events: usize,
+        /// How many distinct partition keys to spread them over.
+        #[arg(long, default_value_t = 16)]
+        keys: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show pending count, oldest pending age and parked events.
+    Status,
+    /// Put parked (dead) events back in line.
+    Requeue {
+        /// Row ids to requeue; all parked rows when omitted.
+        ids: Vec<i64>,
+    },
+}

@@ -1,0 +1,294 @@
+//! Structured errors: every error names its code and says whether retrying can help.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::producer::ErrorClass;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Stable, machine-readable error codes (serialized in SCREAMING_SNAKE_CASE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    /// Reading or writing the outbox table failed.
+    OutboxStorage,
+    /// Producing to Kafka failed.
+    KafkaPublish,
+    /// A setting is missing or malformed.
+    Configuration,
+    /// An event could not be serialized.
+    Serialization,
+    /// A wake-up hint (Redis or NOTIFY) could not be sent or received.
+    WakeUp,
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Self::OutboxStorage => "OUTBOX_STORAGE",
+            Self::KafkaPublish => "KAFKA_PUBLISH",
+            Self::Configuration => "CONFIGURATION",
+            Self::Serialization => "SERIALIZATION",
+            Self::WakeUp => "WAKE_UP",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Context attached to storage errors so an operator can find the event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EventContext {
+    /// Aggregate type of the event, when known.
+    pub aggregate_type: Option<String>,
+    /// Aggregate id of the event, when known.
+    pub aggregate_id: Option<String>,
+    /// Event type, when known.
+    pub event_type: Option<String>,
+    /// Destination topic, when known.
+    pub topic: Option<String>,
+    /// Correlation id of the event, when known.
+    pub correlation_id: Option<Uuid>,
+}
+
+/// The crate's error type.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The outbox table could not be read or written.
+    #[error("outbox storage failed during {operation}")]
+    OutboxStorage {
+        /// What was being done (`stage`, `claim`, `settle`, ...).
+        operation: &'static str,
+        /// The event concerned, when there is one.
+        context: Box<EventContext>,
+        /// The database error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Kafka did not acknowledge a message.
+    #[error("kafka publish to topic {topic} failed ({class})")]
+    KafkaPublish {
+        /// Destination topic.
+        topic: String,
+        /// Whether the failure is transient, retriable or permanent.
+        class: ErrorClass,
+        /// The client error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// A setting is missing or malformed.
+    #[error("invalid setting {setting}: expected {expected}, got {got:?}")]
+    Configuration {
+        /// The setting's name (an environment variable or field name).
+        setting: String,
+        /// What form the value must take.
+        expected: String,
+        /// The value that was given.
+        got: String,
+    },
+    /// An event could not be serialized.
+    #[error("could not serialize the event envelope")]
+    Serialization(#[source] serde_json::Error),
+    /// A wake-up hint could not be sent.
+    #[error("wake-up through {via} failed")]
+    WakeUp {
+        /// `redis` or `notify`.
+        via: &'static str,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl Error {
+    /// Builds a configuration error.
+    pub fn config(
+        setting: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl Into<String>,
+    ) -> Self {
+        Self::Configuration {
+            setting: setting.into(),
+            expected: expected.into(),
+            got: got.into(),
+        }
+    }
+
+    pub(crate) fn storage(operation: &'static str, source: sqlx::Error) -> Self {
+        Self::OutboxStorage {
+            operation,
+            context: Box::default(),
+            source,
+        }
+    }
+
+    pub(crate) fn storage_with(
+        operation: &'static str,
+        context: EventContext,
+        source: sqlx::Error,
+    ) -> Self {
+        Self::OutboxStorage {
+            operation,
+            context: Box::new(context),
+            source,
+        }
+    }
+
+    /// The stable error code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::OutboxStorage { .. } => ErrorCode::OutboxStorage,
+            Self::KafkaPublish { .. } => ErrorCode::KafkaPublish,
+            Self::Configuration { .. } => ErrorCode::Configuration,
+            Self::Serialization(_) => ErrorCode::Serialization,
+            Self::WakeUp { .. } => ErrorCode::WakeUp,
+        }
+    }
+
+    /// Whether doing the same thing again later can succeed.
+    ///
+    /// Configuration and serialization errors never heal by themselves; a permanent Kafka
+    /// error (message too large, topic authorization) will fail the same way again.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Self::OutboxStorage { source, .. } => storage_is_retriable(source),
+            Self::KafkaPublish { class, .. } => *class != ErrorClass::Permanent,
+            Self::Configuration { .. } | Self::Serialization(_) => false,
+            Self::WakeUp { .. } => true,
+        }
+    }
+
+    /// A structured description, for logs and API responses.
+    pub fn detail(
+        &self,
+        service: &str,
+        operation: &str,
+        correlation_id: Option<Uuid>,
+    ) -> ErrorDetail {
+        let mut details = BTreeMap::new();
+        details.insert(
+            "retriable".to_owned(),
+            serde_json::Value::Bool(self.is_retriable()),
+        );
+        let mut correlation = correlation_id;
+        match self {
+            Self::OutboxStorage {
+                operation, context, ..
+            } => {
+                details.insert("outbox_operation".into(), (*operation).into());
+                let fields = [
+                    ("aggregate_type", &context.aggregate_type),
+                    ("aggregate_id", &context.aggregate_id),
+                    ("event_type", &context.event_type),
+                    ("topic", &context.topic),
+                ];
+                for (name, value) in fields {
+                    if let Some(v) = value {
+                        details.insert(name.to_owned(), v.clone().into());
+                    }
+                }
+                correlation = correlation.or(context.correlation_id);
+            }
+            Self::KafkaPublish { topic, class, .. } => {
+                details.insert("topic".into(), topic.clone().into());
+                details.insert("error_class".into(), class.to_string().into());
+            }
+            Self::Configuration {
+                setting, expected, ..
+            } => {
+                details.insert("setting".into(), setting.clone().into());
+                details.insert("expected".into(), expected.clone().into());
+            }
+            Self::Serialization(_) | Self::WakeUp { .. } => {}
+        }
+        if let Some(cause) = std::error::Error::source(self) {
+            details.insert("cause".into(), cause.to_string().into());
+        }
+        ErrorDetail {
+            error_code: self.code(),
+            message: self.to_string(),
+            correlation_id: correlation.unwrap_or_else(Uuid::new_v4),
+            timestamp: Utc::now(),
+            service: service.to_owned(),
+            operation: operation.to_owned(),
+            details,
+        }
+    }
+}
+
+/// Connection loss, pool exhaustion, serialization failures and deadlocks heal on retry;
+/// constraint violations and bad SQL do not.
+fn storage_is_retriable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            Some("40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300")
+        ),
+        _ => false,
+    }
+}
+
+/// HuleEdu-compatible structured error description.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorDetail {
+    /// Machine-readable code.
+    pub error_code: ErrorCode,
+    /// Human-readable message.
+    pub message: String,
+    /// Correlation id of the request or event concerned.
+    pub correlation_id: Uuid,
+    /// When the error was described.
+    pub timestamp: DateTime<Utc>,
+    /// The service that hit the error.
+    pub service: String,
+    /// The operation that failed.
+    pub operation: String,
+    /// Extra fields: `retriable`, `cause`, and per-code context.
+    pub details: BTreeMap<String, serde_json::Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_error_names_setting_and_form() {
+        let err = Error::config("OUTPOST_BROKERS", "host:port[,host:port...]", "nope");
+        assert_eq!(
+            err.to_string(),
+            "invalid setting OUTPOST_BROKERS: expected host:port[,host:port...], got \"nope\""
+        );
+        assert!(!err.is_retriable());
+        assert_eq!(err.code(), ErrorCode::Configuration);
+    }
+
+    #[test]
+    fn storage_error_has_its_own_code_and_context() {
+        let ctx = EventContext {
+            aggregate_type: Some("batch".into()),
+            aggregate_id: Some("b1".into()),
+            event_type: Some("x.v1".into()),
+            topic: Some("t".into()),
+            correlation_id: Some(Uuid::nil()),
+        };
+        let err = Error::storage_with("stage", ctx, sqlx::Error::PoolTimedOut);
+        assert_eq!(err.code(), ErrorCode::OutboxStorage);
+        assert!(err.is_retriable());
+        let d = err.detail("els", "publish", None);
+        assert_eq!(d.correlation_id, Uuid::nil());
+        assert_eq!(d.details["aggregate_id"], "b1");
+        assert_eq!(d.details["outbox_operation"], "stage");
+        let json = serde_json::to_value(&d).unwrap();
+        assert_eq!(json["error_code"], "OUTBOX_STORAGE");
+    }
+}

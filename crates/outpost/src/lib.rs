@@ -1,0 +1,52 @@
+//! Outpost: reliable, instant event publishing for Rust services on PostgreSQL and Kafka.
+//!
+//! ```text
+//!  business transaction                         relay (any number of replicas)
+//!  ┌──────────────────────────┐   commit   ┌───────────────────────────────────────┐
+//!  │ UPDATE your tables       │──────────▶ │ claim heads of keys (SKIP LOCKED+lease)│
+//!  │ OutboxStore::stage(tx,e) │            │ produce: many keys in flight, one per  │
+//!  └──────────────────────────┘            │   key; idempotent, acks=all            │
+//!           │ after commit: Waker::nudge   │ settle: published / retry+backoff /    │
+//!           └──── Redis LPUSH or NOTIFY ──▶│   dead (parked with its reason)        │
+//!                 (hint; relay also polls) └───────────────────┬───────────────────┘
+//!                                                              ▼
+//!                                                            Kafka
+//! ```
+//!
+//! Guarantees: at-least-once delivery; a duplicate carries the same `event_id` and the
+//! same bytes; events of one key reach Kafka in staging order, also across retries and
+//! replicas; a row is `published` only after the broker acknowledged it.
+//!
+//! Modules, in pipeline order:
+//! - [`envelope`]: the HuleEdu-compatible [`EventEnvelope`], serialized once into an [`OutboxEvent`].
+//! - [`table`]: the validated `schema.table` name of a service's outbox.
+//! - [`store`]: all SQL: migrate, stage in the caller's transaction, claim, settle, retention.
+//! - [`wake`]: wake-up hints (Redis `LPUSH`/`BLPOP`, PostgreSQL `NOTIFY`) on `outbox:wake:{service}`.
+//! - [`poll`]: adaptive polling between wake-ups.
+//! - [`environment`]: per-environment defaults (testing, development, production).
+//! - [`backoff`]: exponential retry delays with jitter.
+//! - [`producer`]: the Kafka producer, error classes (transient / retriable / permanent), rebuild when fenced.
+//! - [`relay`]: the worker tying claim → produce → settle together, with graceful shutdown.
+//! - [`error`]: structured errors ([`Error`], [`ErrorDetail`]) that say whether retrying helps.
+//! - [`metrics`]: metric names and their recording, on the `metrics` facade.
+
+pub mod envelope;
+pub mod table;
+pub mod store;
+pub mod wake;
+pub mod poll;
+pub mod environment;
+pub mod backoff;
+pub mod producer;
+pub mod relay;
+pub mod error;
+pub mod metrics;
+
+pub use envelope::{Aggregate, EventEnvelope, OutboxEvent};
+pub use environment::Environment;
+pub use error::{Error, ErrorCode, ErrorDetail, Result};
+pub use producer::{ErrorClass, KafkaProducer, ProducerConfig};
+pub use relay::{BatchReport, Relay, RelayConfig};
+pub use store::{OutboxStore, Settlement};
+pub use table::OutboxTable;
+pub use wake::{wake_key, WakeSignal, WakeSource, Waker};

@@ -1,0 +1,79 @@
+//! Metric names and the small functions that record them (the `metrics` facade; install
+//! any exporter). Labels are bounded: service, topic, class and source, never ids or keys.
+
+use std::time::Duration;
+
+use crate::producer::ErrorClass;
+use crate::wake::WakeSource;
+
+/// Counter: events staged, by `service` (the outbox schema).
+pub const EVENTS_STAGED: &str = "outpost_events_staged_total";
+/// Counter: events acked by the broker and marked published, by `service`, `topic`.
+pub const EVENTS_PUBLISHED: &str = "outpost_events_published_total";
+/// Counter: failed attempts scheduled for retry, by `service`, `class`.
+pub const EVENTS_RETRIED: &str = "outpost_events_retried_total";
+/// Counter: events parked (dead), by `service`, `class`; once per event.
+pub const EVENTS_PARKED: &str = "outpost_events_parked_total";
+/// Histogram (seconds): staging to broker acknowledgement, by `service`.
+pub const PUBLISH_LATENCY: &str = "outpost_publish_latency_seconds";
+/// Gauge: pending rows, by `service`; 0 when drained.
+pub const BACKLOG: &str = "outpost_backlog";
+/// Gauge (seconds): age of the oldest pending row, by `service`; 0 when drained.
+pub const OLDEST_PENDING: &str = "outpost_oldest_pending_seconds";
+/// Gauge (seconds): the relay's current idle polling interval, by `service`.
+pub const POLL_INTERVAL: &str = "outpost_poll_interval_seconds";
+/// Counter: wake-ups received, by `source` (redis, notify, local).
+pub const WAKEUPS: &str = "outpost_wakeups_total";
+/// Counter: relay iterations that failed (database errors), by `service`.
+pub const RELAY_ERRORS: &str = "outpost_relay_errors_total";
+/// Counter: Kafka producers replaced after being fenced.
+pub const PRODUCER_REBUILDS: &str = "outpost_producer_rebuilds_total";
+/// Counter: published rows deleted by retention, by `service`.
+pub const ROWS_CLEANED: &str = "outpost_rows_cleaned_total";
+
+pub(crate) fn staged(service: &str) {
+    metrics::counter!(EVENTS_STAGED, "service" => service.to_owned()).increment(1);
+}
+
+pub(crate) fn published(service: &str, topic: &str, latency: Duration) {
+    metrics::counter!(EVENTS_PUBLISHED, "service" => service.to_owned(), "topic" => topic.to_owned())
+        .increment(1);
+    metrics::histogram!(PUBLISH_LATENCY, "service" => service.to_owned())
+        .record(latency.as_secs_f64());
+}
+
+pub(crate) fn retried(service: &str, class: ErrorClass) {
+    metrics::counter!(EVENTS_RETRIED, "service" => service.to_owned(), "class" => class.as_str())
+        .increment(1);
+}
+
+pub(crate) fn parked(service: &str, class: ErrorClass) {
+    metrics::counter!(EVENTS_PARKED, "service" => service.to_owned(), "class" => class.as_str())
+        .increment(1);
+}
+
+pub(crate) fn backlog(service: &str, pending: i64, oldest: Duration) {
+    #[allow(clippy::cast_precision_loss)]
+    metrics::gauge!(BACKLOG, "service" => service.to_owned()).set(pending as f64);
+    metrics::gauge!(OLDEST_PENDING, "service" => service.to_owned()).set(oldest.as_secs_f64());
+}
+
+pub(crate) fn poll_interval(service: &str, interval: Duration) {
+    metrics::gauge!(POLL_INTERVAL, "service" => service.to_owned()).set(interval.as_secs_f64());
+}
+
+pub(crate) fn wakeup(source: WakeSource) {
+    metrics::counter!(WAKEUPS, "source" => source.as_str()).increment(1);
+}
+
+pub(crate) fn relay_error(service: &str) {
+    metrics::counter!(RELAY_ERRORS, "service" => service.to_owned()).increment(1);
+}
+
+pub(crate) fn producer_rebuilt() {
+    metrics::counter!(PRODUCER_REBUILDS).increment(1);
+}
+
+pub(crate) fn cleaned(service: &str, rows: u64) {
+    metrics::counter!(ROWS_CLEANED, "service" => service.to_owned()).increment(rows);
+}

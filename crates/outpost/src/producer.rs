@@ -1,0 +1,461 @@
+//! The Kafka producer: idempotent, acks=all, every error classified, rebuilt when fenced.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use tracing::warn;
+
+use crate::error::{Error, Result};
+
+/// Producer settings. Any librdkafka property can be set through `librdkafka`, which is
+/// applied last.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProducerConfig {
+    /// `host:port[,host:port...]` (no default; required).
+    pub brokers: String,
+    /// How long librdkafka waits to batch messages (`linger.ms`, default 1 ms).
+    pub linger: Duration,
+    /// How long a message may take until acked before it fails (`message.timeout.ms`,
+    /// default 30 s).
+    pub delivery_timeout: Duration,
+    /// Broker request timeout (`request.timeout.ms`, default 10 s).
+    pub request_timeout: Duration,
+    /// How long `send` waits for room in a full local queue (default 5 s).
+    pub queue_timeout: Duration,
+    /// Extra librdkafka properties, applied after Outpost's own.
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+impl ProducerConfig {
+    /// Defaults for `brokers`.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            linger: Duration::from_millis(1),
+            delivery_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
+            queue_timeout: Duration::from_secs(5),
+            librdkafka: BTreeMap::new(),
+        }
+    }
+
+    /// Sets one librdkafka property.
+    #[must_use]
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.librdkafka.insert(key.into(), value.into());
+        self
+    }
+
+    /// Checks the broker list and timeouts.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] naming the faulty setting.
+    pub fn validate(&self) -> Result<()> {
+        validate_brokers(&self.brokers)?;
+        if self.delivery_timeout < Duration::from_millis(100) {
+            return Err(Error::config(
+                "delivery_timeout",
+                "at least 100 ms",
+                format!("{:?}", self.delivery_timeout),
+            ));
+        }
+        Ok(())
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.brokers)
+            .set("client.id", "outpost")
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", self.linger.as_millis().to_string())
+            .set(
+                "message.timeout.ms",
+                self.delivery_timeout.as_millis().to_string(),
+            )
+            .set(
+                "request.timeout.ms",
+                self.request_timeout
+                    .min(self.delivery_timeout)
+                    .as_millis()
+                    .to_string(),
+            )
+            // librdkafka's 10 s reconnect ceiling delays recovery after an outage by as much.
+            .set("reconnect.backoff.ms", "50")
+            .set("reconnect.backoff.max.ms", "1000");
+        for (k, v) in &self.librdkafka {
+            cfg.set(k, v);
+        }
+        cfg
+    }
+}
+
+/// Checks a `host:port[,host:port...]` list.
+///
+/// # Errors
+/// [`Error::Configuration`] for an empty list, a missing host or a bad port.
+pub fn validate_brokers(brokers: &str) -> Result<()> {
+    let bad = || Error::config("brokers", "host:port[,host:port...]", brokers);
+    if brokers.trim().is_empty() {
+        return Err(bad());
+    }
+    for entry in brokers.split(',') {
+        let entry = entry.trim();
+        let entry = entry
+            .strip_prefix("PLAINTEXT://")
+            .or_else(|| entry.strip_prefix("SSL://"))
+            .unwrap_or(entry);
+        let (host, port) = entry.rsplit_once(':').ok_or_else(bad)?;
+        let host_ok = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._[]:".contains(c));
+        if !host_ok || port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(bad());
+        }
+    }
+    Ok(())
+}
+
+/// What a failure means for the event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// The broker is unreachable, slow or moving leaders: retry later, without consuming
+    /// the attempt budget and without ever parking the event.
+    Transient,
+    /// Unexpected failure: retry later, counting against the attempt budget.
+    Retriable,
+    /// This record can never be accepted (too large, topic not authorized, invalid topic):
+    /// park it at once.
+    Permanent,
+}
+
+impl ErrorClass {
+    /// Lowercase name, used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Transient => "transient",
+            Self::Retriable => "retriable",
+            Self::Permanent => "permanent",
+        }
+    }
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Classifies a produce error.
+pub fn classify(err: &KafkaError) -> ErrorClass {
+    match err.rdkafka_error_code() {
+        Some(code) => classify_code(code),
+        None => ErrorClass::Retriable,
+    }
+}
+
+/// Classifies a librdkafka or broker error code.
+pub fn classify_code(code: RDKafkaErrorCode) -> ErrorClass {
+    use RDKafkaErrorCode as C;
+    match code {
+        C::MessageSizeTooLarge
+        | C::InvalidMessageSize
+        | C::MessageBatchTooLarge
+        | C::InvalidMessage
+        | C::InvalidRecord
+        | C::BadMessage
+        | C::InvalidTimestamp
+        | C::TopicAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::TransactionalIdAuthorizationFailed
+        | C::InvalidTopic
+        | C::InvalidRequiredAcks
+        | C::UnsupportedForMessageFormat
+        | C::UnsupportedCompressionType
+        | C::InvalidArgument => ErrorClass::Permanent,
+        C::MessageTimedOut
+        | C::QueueFull
+        | C::BrokerTransportFailure
+        | C::AllBrokersDown
+        | C::Resolve
+        | C::RequestTimedOut
+        | C::OperationTimedOut
+        | C::TimedOutQueue
+        | C::NetworkException
+        | C::LeaderNotAvailable
+        | C::NotLeaderForPartition
+        | C::PreferredLeaderNotAvailable
+        | C::EligibleLeadersNotAvailable
+        | C::BrokerNotAvailable
+        | C::ReplicaNotAvailable
+        | C::NotEnoughReplicas
+        | C::NotEnoughReplicasAfterAppend
+        | C::ISRInsufficient
+        | C::FencedLeaderEpoch
+        | C::UnknownLeaderEpoch
+        | C::KafkaStorageError
+        | C::UnknownTopicOrPartition
+        | C::UnknownTopic
+        | C::UnknownPartition
+        | C::ThrottlingQuotaExceeded
+        | C::PurgeQueue
+        | C::PurgeInflight
+        | C::BrokerDestroy
+        | C::DestroyBroker
+        | C::Retry
+        | C::RebootstrapRequired
+        | C::ProducerFenced
+        | C::UnknownProducerId
+        | C::InvalidProducerEpoch
+        | C::InvalidProducerIdMapping
+        | C::OutOfOrderSequenceNumber
+        | C::Fenced
+        | C::Fatal => ErrorClass::Transient,
+        _ => ErrorClass::Retriable,
+    }
+}
+
+/// Errors after which this producer instance cannot deliver again and must be replaced.
+///
+/// tansu fences an idempotent producer after any timeout (`ProducerFenced`, or
+/// `UnknownProducerId` after a restart); real Kafka raises fatal idempotence errors.
+fn needs_rebuild(err: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        err.rdkafka_error_code(),
+        Some(
+            C::ProducerFenced
+                | C::UnknownProducerId
+                | C::InvalidProducerEpoch
+                | C::InvalidProducerIdMapping
+                | C::OutOfOrderSequenceNumber
+                | C::Fenced
+                | C::Fatal
+        )
+    )
+}
+
+/// A failed send.
+#[derive(Debug)]
+pub struct SendFailure {
+    /// How the relay should react.
+    pub class: ErrorClass,
+    /// The client error.
+    pub error: KafkaError,
+}
+
+impl fmt::Display for SendFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.error, self.class)
+    }
+}
+
+/// Where an acked message landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acked {
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
+/// An idempotent, acks=all Kafka producer that replaces itself when fenced.
+pub struct KafkaProducer {
+    config: ProducerConfig,
+    current: RwLock<(u64, Arc<FutureProducer>)>,
+}
+
+impl fmt::Debug for KafkaProducer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaProducer")
+            .field("config", &self.config)
+            .field("generation", &self.generation())
+            .finish()
+    }
+}
+
+impl KafkaProducer {
+    /// Creates the producer (does not connect yet).
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] for a bad broker list or librdkafka property.
+    pub fn new(config: ProducerConfig) -> Result<Self> {
+        config.validate()?;
+        let producer = Self::build(&config)?;
+        Ok(Self {
+            config,
+            current: RwLock::new((0, Arc::new(producer))),
+        })
+    }
+
+    fn build(config: &ProducerConfig) -> Result<FutureProducer> {
+        config
+            .client_config()
+            .create()
+            .map_err(|e| Error::config("librdkafka", "valid librdkafka properties", e.to_string()))
+    }
+
+    /// The settings this producer was built from.
+    pub fn config(&self) -> &ProducerConfig {
+        &self.config
+    }
+
+    fn snapshot(&self) -> (u64, Arc<FutureProducer>) {
+        let guard = self.current.read().unwrap_or_else(|p| p.into_inner());
+        (guard.0, Arc::clone(&guard.1))
+    }
+
+    /// Produces one message and waits for the broker's acknowledgement.
+    ///
+    /// # Errors
+    /// [`SendFailure`] with the error's class; a fenced producer is replaced before this
+    /// returns, so the next send uses a fresh one.
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &BTreeMap<String, String>,
+    ) -> Result<Acked, SendFailure> {
+        let (generation, producer) = self.snapshot();
+        let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len());
+        for (name, value) in headers {
+            kafka_headers = kafka_headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let record = FutureRecord::to(topic)
+            .key(key)
+            .payload(payload)
+            .headers(kafka_headers);
+        match producer
+            .send(record, Timeout::After(self.config.queue_timeout))
+            .await
+        {
+            Ok(delivery) => Ok(Acked {
+                partition: delivery.partition,
+                offset: delivery.offset,
+            }),
+            Err((error, _)) => {
+                if needs_rebuild(&error) || producer.client().fatal_error().is_some() {
+                    self.rebuild(generation, &error);
+                }
+                Err(SendFailure {
+                    class: classify(&error),
+                    error,
+                })
+            }
+        }
+    }
+
+    fn rebuild(&self, seen_generation: u64, cause: &KafkaError) {
+        let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if guard.0 != seen_generation {
+            return; // another task already replaced it
+        }
+        match Self::build(&self.config) {
+            Ok(fresh) => {
+                warn!(error = %cause, generation = guard.0 + 1, "replacing fenced kafka producer");
+                crate::metrics::producer_rebuilt();
+                *guard = (guard.0 + 1, Arc::new(fresh));
+            }
+            Err(e) => warn!(error = %e, "could not rebuild kafka producer"),
+        }
+    }
+
+    /// Waits up to `timeout` for queued messages to be delivered.
+    pub fn flush(&self, timeout: Duration) {
+        let (_, producer) = self.snapshot();
+        if let Err(e) = producer.flush(Timeout::After(timeout)) {
+            warn!(error = %e, "kafka flush did not complete");
+        }
+    }
+
+    /// How many times the producer was replaced.
+    pub fn generation(&self) -> u64 {
+        self.snapshot().0
+    }
+}
+
+/// Creates `topic` with `partitions` partitions (replication 1) if it does not exist.
+///
+/// # Errors
+/// [`Error::KafkaPublish`] when the broker refuses or cannot be reached within `timeout`.
+pub async fn create_topic(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> Result<()> {
+    validate_brokers(brokers)?;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(|e| Error::config("brokers", "host:port[,host:port...]", e.to_string()))?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(timeout));
+    let to_err = |source: KafkaError| Error::KafkaPublish {
+        topic: topic.to_owned(),
+        class: classify(&source),
+        source,
+    };
+    let results = tokio::time::timeout(timeout, admin.create_topics([&new], &opts))
+        .await
+        .map_err(|_| to_err(KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut)))?
+        .map_err(to_err)?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(to_err(KafkaError::AdminOp(code))),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_lists() {
+        assert!(validate_brokers("127.0.0.1:9092").is_ok());
+        assert!(validate_brokers("a:1, b.example.com:9093").is_ok());
+        assert!(validate_brokers("PLAINTEXT://kafka:9092").is_ok());
+        for bad in ["", "kafka", "kafka:", ":9092", "kafka:port", "kafka:0", "a b:1"] {
+            let err = validate_brokers(bad).unwrap_err();
+            assert!(err.to_string().contains("host:port"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn classification() {
+        use RDKafkaErrorCode as C;
+        assert_eq!(classify_code(C::MessageSizeTooLarge), ErrorClass::Permanent);
+        assert_eq!(
+            classify_code(C::TopicAuthorizationFailed),
+            ErrorClass::Permanent
+        );
+        assert_eq!(classify_code(C::MessageTimedOut), ErrorClass::Transient);
+        assert_eq!(classify_code(C::QueueFull), ErrorClass::Transient);
+        assert_eq!(classify_code(C::ProducerFenced), ErrorClass::Transient);
+        assert_eq!(classify_code(C::NotLeaderForPartition), ErrorClass::Transient);
+        assert_eq!(classify_code(C::Unknown), ErrorClass::Retriable);
+        assert!(needs_rebuild(&KafkaError::MessageProduction(
+            C::UnknownProducerId
+        )));
+        assert!(!needs_rebuild(&KafkaError::MessageProduction(
+            C::MessageTimedOut
+        )));
+    }
+}

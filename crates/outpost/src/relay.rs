@@ -1,0 +1,431 @@
+//! The relay worker: claim → produce (pipelined across keys, one in flight per key) →
+//! settle, woken by hints and polling adaptively as the safety net.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::{FutureExt, StreamExt};
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::backoff::Backoff;
+use crate::environment::Environment;
+use crate::error::{Error, Result};
+use crate::poll::{PollConfig, PollSchedule};
+use crate::producer::{ErrorClass, KafkaProducer};
+use crate::store::{ClaimedEvent, OutboxStore, Settlement};
+use crate::wake::{validate_service, WakeSignal};
+
+/// Relay settings; build with [`RelayConfig::new`] and adjust fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayConfig {
+    /// Service name: metric label and wake-up key `outbox:wake:{service}`.
+    pub service: String,
+    /// Key heads claimed per iteration (default 100).
+    pub batch_size: usize,
+    /// Rows of one key claimed behind its head per iteration (default 20).
+    pub per_key: usize,
+    /// How long a claim is exclusive; a crashed relay's rows come back after it
+    /// (default 60 s; must exceed two delivery timeouts).
+    pub lease: Duration,
+    /// Polling bounds (defaults per [`Environment`]).
+    pub poll: PollConfig,
+    /// Retry schedule for failed deliveries (default 100 ms doubling to 10 s).
+    pub backoff: Backoff,
+    /// Unclassified failures allowed before an event is parked (default 10). Transient
+    /// failures (broker down, timeouts) never count; permanent ones park at once.
+    pub max_attempts: u32,
+    /// How long published rows are kept before deletion (default 1 h).
+    pub retention: Duration,
+    /// How often retention runs (default 60 s).
+    pub cleanup_interval: Duration,
+    /// Most rows deleted per cleanup statement (default 10 000).
+    pub cleanup_batch: i64,
+    /// Most keys with a message in flight at once (default 1000).
+    pub max_in_flight: usize,
+    /// How often the backlog gauges are refreshed (default 1 s).
+    pub backlog_interval: Duration,
+}
+
+impl RelayConfig {
+    /// Defaults for `service` in `env`.
+    pub fn new(service: impl Into<String>, env: Environment) -> Self {
+        Self {
+            service: service.into(),
+            batch_size: 100,
+            per_key: 20,
+            lease: Duration::from_secs(60),
+            poll: PollConfig::for_environment(env),
+            backoff: Backoff::default(),
+            max_attempts: 10,
+            retention: Duration::from_secs(3600),
+            cleanup_interval: Duration::from_secs(60),
+            cleanup_batch: 10_000,
+            max_in_flight: 1000,
+            backlog_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// Checks the settings against each other and against the producer's timeouts.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] naming the first bad field.
+    pub fn validate(&self, delivery_timeout: Duration) -> Result<()> {
+        validate_service(&self.service)?;
+        let positive = [
+            ("batch_size", self.batch_size),
+            ("per_key", self.per_key),
+            ("max_in_flight", self.max_in_flight),
+            ("max_attempts", self.max_attempts as usize),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(Error::config(name, "a positive integer", "0"));
+            }
+        }
+        if self.poll.min_interval > self.poll.max_interval || self.poll.max_interval.is_zero() {
+            return Err(Error::config(
+                "poll.max_interval",
+                "positive and not below poll.min_interval",
+                format!("{:?}", self.poll.max_interval),
+            ));
+        }
+        if self.lease < delivery_timeout * 2 {
+            return Err(Error::config(
+                "lease",
+                format!("at least twice the delivery timeout ({delivery_timeout:?})"),
+                format!("{:?}", self.lease),
+            ));
+        }
+        if self.backoff.initial.is_zero() || self.backoff.max < self.backoff.initial {
+            return Err(Error::config(
+                "backoff",
+                "initial > 0 and max >= initial",
+                format!("{:?}", self.backoff),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What one iteration did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Rows claimed.
+    pub claimed: usize,
+    /// Rows acked and marked published.
+    pub published: usize,
+    /// Rows scheduled for another attempt.
+    pub retried: usize,
+    /// Rows parked.
+    pub parked: usize,
+    /// Rows handed back unattempted (behind a failed row of their key).
+    pub released: usize,
+}
+
+/// Delivers one outbox table's pending rows to Kafka.
+#[derive(Debug)]
+pub struct Relay {
+    store: OutboxStore,
+    producer: Arc<KafkaProducer>,
+    config: RelayConfig,
+    owner: Uuid,
+    wake: WakeSignal,
+    saw_transient: AtomicBool,
+}
+
+impl Relay {
+    /// A relay over `store`, producing with `producer`.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] when `config` is invalid.
+    pub fn new(
+        store: OutboxStore,
+        producer: Arc<KafkaProducer>,
+        config: RelayConfig,
+    ) -> Result<Self> {
+        config.validate(producer.config().delivery_timeout + producer.config().queue_timeout)?;
+        Ok(Self {
+            store,
+            producer,
+            config,
+            owner: Uuid::new_v4(),
+            wake: WakeSignal::new(),
+            saw_transient: AtomicBool::new(false),
+        })
+    }
+
+    /// Uses `signal` for wake-ups (share it with listeners or in-process writers).
+    #[must_use]
+    pub fn with_wake_signal(mut self, signal: WakeSignal) -> Self {
+        self.wake = signal;
+        self
+    }
+
+    /// The signal that wakes this relay.
+    pub fn wake_signal(&self) -> WakeSignal {
+        self.wake.clone()
+    }
+
+    /// This relay's lease owner id.
+    pub fn owner(&self) -> Uuid {
+        self.owner
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// Claims one batch, delivers it and settles it.
+    ///
+    /// # Errors
+    /// [`Error::OutboxStorage`] when claiming or settling fails (rows stay leased and come
+    /// back when the lease lapses).
+    pub async fn run_once(&self) -> Result<BatchReport> {
+        let claimed = self
+            .store
+            .claim(
+                self.owner,
+                self.config.batch_size,
+                self.config.per_key,
+                self.config.lease,
+            )
+            .await?;
+        let mut report = BatchReport {
+            claimed: claimed.len(),
+            ..BatchReport::default()
+        };
+        if claimed.is_empty() {
+            return Ok(report);
+        }
+        let chains = chains_by_key(claimed);
+        let outcomes: Vec<(i64, Settlement)> = futures::stream::iter(chains)
+            .map(|chain| self.deliver_chain(chain))
+            .buffer_unordered(self.config.max_in_flight)
+            .flat_map(futures::stream::iter)
+            .collect()
+            .await;
+        let mut transient = false;
+        for (_, outcome) in &outcomes {
+            match outcome {
+                Settlement::Published => report.published += 1,
+                Settlement::Retry { budgeted, .. } => {
+                    report.retried += 1;
+                    transient |= !budgeted;
+                }
+                Settlement::Dead { .. } => report.parked += 1,
+                Settlement::Released => report.released += 1,
+            }
+        }
+        self.store.settle(self.owner, &outcomes).await?;
+        if transient {
+            self.saw_transient.store(true, Ordering::Relaxed);
+        } else if report.published > 0 && self.saw_transient.swap(false, Ordering::Relaxed) {
+            // The broker is back: rows backed off during the outage need not wait out
+            // their delays.
+            let pulled = self.store.pull_forward_retries().await?;
+            info!(rows = pulled, "broker recovered; retrying backed-off rows now");
+        }
+        debug!(?report, "batch settled");
+        Ok(report)
+    }
+
+    /// Sends one key's rows in order, stopping at the first retryable failure so nothing
+    /// of that key overtakes it.
+    async fn deliver_chain(&self, chain: Vec<ClaimedEvent>) -> Vec<(i64, Settlement)> {
+        let service = self.config.service.as_str();
+        let mut out = Vec::with_capacity(chain.len());
+        let mut rows = chain.into_iter();
+        for event in rows.by_ref() {
+            let sent = self
+                .producer
+                .send(
+                    &event.topic,
+                    &event.event_key,
+                    &event.payload,
+                    &event.headers,
+                )
+                .await;
+            let failure = match sent {
+                Ok(_) => {
+                    let latency = (Utc::now() - event.created_at).to_std().unwrap_or_default();
+                    crate::metrics::published(service, &event.topic, latency);
+                    out.push((event.id, Settlement::Published));
+                    continue;
+                }
+                Err(failure) => failure,
+            };
+            let error = failure.to_string();
+            let attempt = u32::try_from(event.attempts).unwrap_or(0) + 1;
+            let budget_spent = u32::try_from(event.failures).unwrap_or(0) + 1;
+            let park = match failure.class {
+                ErrorClass::Permanent => true,
+                ErrorClass::Retriable => budget_spent >= self.config.max_attempts,
+                ErrorClass::Transient => false,
+            };
+            if park {
+                warn!(event_id = %event.event_id, topic = %event.topic, error, "parking event");
+                crate::metrics::parked(service, failure.class);
+                out.push((event.id, Settlement::Dead { error }));
+                continue; // a parked row no longer holds back its key
+            }
+            debug!(event_id = %event.event_id, error, "delivery failed; will retry");
+            crate::metrics::retried(service, failure.class);
+            out.push((
+                event.id,
+                Settlement::Retry {
+                    delay: self.config.backoff.delay(attempt),
+                    error,
+                    budgeted: failure.class == ErrorClass::Retriable,
+                },
+            ));
+            break;
+        }
+        out.extend(rows.map(|e| (e.id, Settlement::Released)));
+        out
+    }
+
+    /// Runs until `shutdown` resolves, then finishes the batch in hand (awaiting every
+    /// delivery report and settling it), flushes the producer and returns.
+    ///
+    /// Database errors are logged and retried after `poll.error_backoff`; this only returns
+    /// an error if the final flush cannot be attempted.
+    ///
+    /// # Errors
+    /// Currently never; reserved for unrecoverable start-up failures.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let mut shutdown = pin!(shutdown.fuse());
+        let service = self.config.service.clone();
+        let mut schedule = PollSchedule::new(self.config.poll);
+        let mut last_backlog: Option<Instant> = None;
+        let mut last_cleanup = Instant::now();
+        info!(service, owner = %self.owner, "relay started");
+        loop {
+            let wait = match self.run_once().await {
+                Ok(report) => schedule.after_batch(report.claimed, self.config.batch_size),
+                Err(e) => {
+                    crate::metrics::relay_error(&service);
+                    warn!(error = %e, source = ?std::error::Error::source(&e), "relay iteration failed");
+                    schedule.after_error()
+                }
+            };
+            crate::metrics::poll_interval(&service, schedule.current());
+            if last_backlog.is_none_or(|t| t.elapsed() >= self.config.backlog_interval) {
+                if let Ok(b) = self.store.backlog().await {
+                    crate::metrics::backlog(&service, b.pending, b.oldest_pending);
+                }
+                last_backlog = Some(Instant::now());
+            }
+            if last_cleanup.elapsed() >= self.config.cleanup_interval {
+                self.cleanup().await;
+                last_cleanup = Instant::now();
+            }
+            if (&mut shutdown).now_or_never().is_some() {
+                break;
+            }
+            if wait.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = self.wake.notified() => schedule.on_wake(),
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        self.producer.flush(Duration::from_secs(5));
+        info!(service, "relay stopped");
+        Ok(())
+    }
+
+    /// Deletes published rows older than the retention, in bounded batches.
+    pub async fn cleanup(&self) -> u64 {
+        let mut total = 0;
+        loop {
+            match self
+                .store
+                .cleanup(self.config.retention, self.config.cleanup_batch)
+                .await
+            {
+                Ok(n) => {
+                    total += n;
+                    if n < u64::try_from(self.config.cleanup_batch).unwrap_or(0) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "retention cleanup failed");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            crate::metrics::cleaned(&self.config.service, total);
+        }
+        total
+    }
+}
+
+/// Groups rows (in id order) by key, keeping each key's rows in order.
+fn chains_by_key(rows: Vec<ClaimedEvent>) -> Vec<Vec<ClaimedEvent>> {
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut chains: Vec<Vec<ClaimedEvent>> = Vec::new();
+    for row in rows {
+        match index.get(&row.event_key) {
+            Some(&i) => chains[i].push(row),
+            None => {
+                index.insert(row.event_key.clone(), chains.len());
+                chains.push(vec![row]);
+            }
+        }
+    }
+    chains
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: i64, key: &str) -> ClaimedEvent {
+        ClaimedEvent {
+            id,
+            event_id: Uuid::new_v4(),
+            topic: "t".into(),
+            event_key: key.into(),
+            payload: vec![],
+            headers: Default::default(),
+            attempts: 0,
+            failures: 0,
+            created_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn chains_keep_key_order() {
+        let chains = chains_by_key(vec![row(1, "a"), row(2, "b"), row(3, "a"), row(4, "c")]);
+        let ids: Vec<Vec<i64>> = chains
+            .iter()
+            .map(|c| c.iter().map(|r| r.id).collect())
+            .collect();
+        assert_eq!(ids, vec![vec![1, 3], vec![2], vec![4]]);
+    }
+
+    #[test]
+    fn config_validation_names_the_field() {
+        let mut c = RelayConfig::new("els", Environment::Testing);
+        assert!(c.validate(Duration::from_secs(5)).is_ok());
+        c.lease = Duration::from_secs(5);
+        let e = c.validate(Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("invalid setting lease"));
+        c = RelayConfig::new("bad name", Environment::Testing);
+        assert!(c.validate(Duration::from_secs(1)).is_err());
+        c = RelayConfig::new("els", Environment::Testing);
+        c.batch_size = 0;
+        assert!(c.validate(Duration::from_secs(1)).unwrap_err().to_string().contains("batch_size"));
+    }
+}

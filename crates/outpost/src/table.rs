@@ -1,0 +1,109 @@
+//! The outbox table's name: a validated `schema.table` pair, never raw user text in SQL.
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+
+/// Default table name inside the service's schema.
+pub const DEFAULT_TABLE: &str = "event_outbox";
+
+/// A validated, quoted `"schema"."table"` reference.
+///
+/// Names are lowercase identifiers (`[a-z_][a-z0-9_]*`, at most 63 bytes), so they can be
+/// interpolated into SQL safely; anything else is rejected at construction.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OutboxTable {
+    schema: String,
+    table: String,
+}
+
+impl OutboxTable {
+    /// `schema.event_outbox`.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] when `schema` is not a plain lowercase identifier.
+    pub fn new(schema: &str) -> Result<Self> {
+        Self::with_table(schema, DEFAULT_TABLE)
+    }
+
+    /// A table with an explicit name.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] when either name is not a plain lowercase identifier.
+    pub fn with_table(schema: &str, table: &str) -> Result<Self> {
+        validate_identifier("schema", schema)?;
+        validate_identifier("table", table)?;
+        Ok(Self {
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+        })
+    }
+
+    /// The schema name.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// An index or constraint name derived from the table's, e.g. `event_outbox_pending`.
+    pub(crate) fn derived(&self, suffix: &str) -> String {
+        format!("{}_{suffix}", self.table)
+    }
+}
+
+impl fmt::Display for OutboxTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{}\".\"{}\"", self.schema, self.table)
+    }
+}
+
+fn validate_identifier(setting: &str, name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let ok = name.len() <= 63
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !name.starts_with("pg_");
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::config(
+            setting,
+            "a lowercase SQL identifier ([a-z_][a-z0-9_]*, at most 63 bytes, not starting with pg_)",
+            name,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_plain_identifiers() {
+        let t = OutboxTable::new("els").unwrap();
+        assert_eq!(t.to_string(), "\"els\".\"event_outbox\"");
+        assert!(OutboxTable::with_table("_a1", "b_2").is_ok());
+    }
+
+    #[test]
+    fn rejects_anything_else() {
+        for bad in [
+            "",
+            "Els",
+            "1abc",
+            "a-b",
+            "a\"; drop table x; --",
+            "pg_catalog",
+            &"a".repeat(64),
+        ] {
+            let err = OutboxTable::new(bad).unwrap_err();
+            assert!(err.to_string().starts_with("invalid setting schema"), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! Wake-up hints: writers nudge after commit, the relay listens. Hints only shorten the wait;
+//! the relay still polls, so a lost or failed hint costs latency, never an event.
+//!
+//! Redis: `LPUSH` + `LTRIM` on [`wake_key`] (the list never holds more than one element,
+//! even when no relay listens), `BLPOP` on the relay side. PostgreSQL: `pg_notify` on the
+//! same name after commit, `LISTEN` on the relay side.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::AsyncConnectionConfig;
+use sqlx::postgres::{PgListener, PgPool};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::error::{Error, Result};
+
+/// The one key (Redis list) and channel (NOTIFY) shared by writers and the relay of
+/// `service`: `outbox:wake:{service}`.
+pub fn wake_key(service: &str) -> String {
+    format!("outbox:wake:{service}")
+}
+
+/// Checks a service name: 1–48 characters of `[A-Za-z0-9_.-]`.
+///
+/// # Errors
+/// [`Error::Configuration`] otherwise.
+pub fn validate_service(service: &str) -> Result<()> {
+    let ok = !service.is_empty()
+        && service.len() <= 48
+        && service
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::config(
+            "service",
+            "1-48 characters of [A-Za-z0-9_.-]",
+            service,
+        ))
+    }
+}
+
+/// Where a wake-up came from (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeSource {
+    /// Redis `BLPOP`.
+    Redis,
+    /// PostgreSQL `NOTIFY`.
+    Notify,
+    /// An in-process signal (same-process writer).
+    Local,
+}
+
+impl WakeSource {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Redis => "redis",
+            Self::Notify => "notify",
+            Self::Local => "local",
+        }
+    }
+}
+
+/// Sends wake-up hints after commit.
+#[derive(Debug, Clone)]
+pub enum Waker {
+    /// `LPUSH` + `LTRIM` on the service's key.
+    Redis {
+        /// Connection (multiplexed, cheap to clone).
+        conn: redis::aio::MultiplexedConnection,
+        /// `outbox:wake:{service}`.
+        key: String,
+    },
+    /// `pg_notify` on the service's channel.
+    Notify {
+        /// Pool to notify through (outside the business transaction, so commits do not
+        /// queue on the NOTIFY lock).
+        pool: PgPool,
+        /// `outbox:wake:{service}`.
+        channel: String,
+    },
+    /// An in-process signal for a relay in the same process.
+    Local(WakeSignal),
+    /// No hints; the relay finds work by polling.
+    None,
+}
+
+impl Waker {
+    /// A Redis waker for `service`.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] for a malformed URL, [`Error::WakeUp`] when Redis cannot be
+    /// reached.
+    pub async fn redis(url: &str, service: &str) -> Result<Self> {
+        validate_service(service)?;
+        let client = redis_client(url)?;
+        let conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| Error::WakeUp {
+                via: "redis",
+                source: Box::new(e),
+            })?;
+        Ok(Self::Redis {
+            conn,
+            key: wake_key(service),
+        })
+    }
+
+    /// A NOTIFY waker for `service`.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] for a bad service name.
+    pub fn notify(pool: PgPool, service: &str) -> Result<Self> {
+        validate_service(service)?;
+        Ok(Self::Notify {
+            pool,
+            channel: wake_key(service),
+        })
+    }
+
+    /// Sends one hint. Failures are logged and swallowed: the relay polls anyway.
+    pub async fn nudge(&self) {
+        if let Err(e) = self.try_nudge().await {
+            warn!(error = %e, source = ?std::error::Error::source(&e), "wake-up hint not sent; the relay will find the event by polling");
+        }
+    }
+
+    /// Sends one hint, reporting failure.
+    ///
+    /// # Errors
+    /// [`Error::WakeUp`] when Redis or PostgreSQL refuses.
+    pub async fn try_nudge(&self) -> Result<()> {
+        match self {
+            Self::Redis { conn, key } => {
+                let mut conn = conn.clone();
+                redis::pipe()
+                    .atomic()
+                    .lpush(key, 1)
+                    .ignore()
+                    .ltrim(key, 0, 0)
+                    .ignore()
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| Error::WakeUp {
+                        via: "redis",
+                        source: Box::new(e),
+                    })
+            }
+            Self::Notify { pool, channel } => sqlx::query("SELECT pg_notify($1, '')")
+                .bind(channel)
+                .execute(pool)
+                .await
+                .map(|_| ())
+                .map_err(|e| Error::WakeUp {
+                    via: "notify",
+                    source: Box::new(e),
+                }),
+            Self::Local(signal) => {
+                signal.wake(WakeSource::Local);
+                Ok(())
+            }
+            Self::None => Ok(()),
+        }
+    }
+}
+
+fn redis_client(url: &str) -> Result<redis::Client> {
+    redis::Client::open(url)
+        .map_err(|_| Error::config("redis_url", "redis://host[:port][/db]", url.to_owned()))
+}
+
+/// The relay side of wake-ups: listeners set it, the relay awaits it.
+///
+/// A wake that arrives while the relay is busy is remembered (one permit), so it is never
+/// lost between two waits.
+#[derive(Debug, Clone, Default)]
+pub struct WakeSignal {
+    notify: Arc<Notify>,
+}
+
+impl WakeSignal {
+    /// A fresh signal.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Wakes the relay.
+    pub fn wake(&self, source: WakeSource) {
+        crate::metrics::wakeup(source);
+        self.notify.notify_one();
+    }
+
+    /// Resolves at the next wake-up.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Listens with `BLPOP` on the service's key until `shutdown`; reconnects with back-off
+    /// and logs a warning while Redis is unavailable.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] for a malformed URL or service name.
+    pub fn listen_redis(
+        &self,
+        url: &str,
+        service: &str,
+        shutdown: CancellationToken,
+    ) -> Result<tokio::task::JoinHandle<()>> {
+        validate_service(service)?;
+        let client = redis_client(url)?;
+        let key = wake_key(service);
+        let signal = self.clone();
+        Ok(tokio::spawn(async move {
+            // BLPOP blocks its connection, so it gets one of its own, with no response
+            // timeout shorter than the BLPOP timeout.
+            let config = AsyncConnectionConfig::new()
+                .set_response_timeout(None)
+                .set_connection_timeout(Some(Duration::from_secs(2)));
+            let mut failures = 0u32;
+            while !shutdown.is_cancelled() {
+                let mut conn = match client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        failures += 1;
+                        warn!(error = %e, "redis wake-up listener cannot connect; relay keeps polling");
+                        backoff_sleep(failures, &shutdown).await;
+                        continue;
+                    }
+                };
+                let mut blpop = redis::cmd("BLPOP");
+                blpop.arg(&key).arg(1.0);
+                loop {
+                    let popped: redis::RedisResult<Option<(String, String)>> = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        r = blpop.query_async(&mut conn) => r,
+                    };
+                    match popped {
+                        Ok(Some(_)) => {
+                            failures = 0;
+                            signal.wake(WakeSource::Redis);
+                        }
+                        Ok(None) => failures = 0,
+                        Err(e) => {
+                            failures += 1;
+                            warn!(error = %e, "redis wake-up listener failed; relay keeps polling");
+                            backoff_sleep(failures, &shutdown).await;
+                            break;
+                        }
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Listens with PostgreSQL `LISTEN` on the service's channel until `shutdown`;
+    /// reconnects with back-off and logs a warning while it cannot.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] for a bad service name.
+    pub fn listen_notify(
+        &self,
+        pool: PgPool,
+        service: &str,
+        shutdown: CancellationToken,
+    ) -> Result<tokio::task::JoinHandle<()>> {
+        validate_service(service)?;
+        let channel = wake_key(service);
+        let signal = self.clone();
+        Ok(tokio::spawn(async move {
+            let mut failures = 0u32;
+            while !shutdown.is_cancelled() {
+                let mut listener = match PgListener::connect_with(&pool).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        failures += 1;
+                        warn!(error = %e, "NOTIFY wake-up listener cannot connect; relay keeps polling");
+                        backoff_sleep(failures, &shutdown).await;
+                        continue;
+                    }
+                };
+                if let Err(e) = listener.listen(&channel).await {
+                    failures += 1;
+                    warn!(error = %e, "LISTEN failed; relay keeps polling");
+                    backoff_sleep(failures, &shutdown).await;
+                    continue;
+                }
+                debug!(channel, "listening for wake-ups");
+                loop {
+                    let next = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        n = listener.try_recv() => n,
+                    };
+                    match next {
+                        Ok(Some(_)) => {
+                            failures = 0;
+                            signal.wake(WakeSource::Notify);
+                        }
+                        Ok(None) => {
+                            // Connection lost: notifications may have been missed, so poll.
+                            signal.wake(WakeSource::Notify);
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            warn!(error = %e, "NOTIFY wake-up listener failed; relay keeps polling");
+                            backoff_sleep(failures, &shutdown).await;
+                            break;
+                        }
+                    }
+                }
+            }
+        }))
+    }
+}
+
+async fn backoff_sleep(failures: u32, shutdown: &CancellationToken) {
+    let delay = crate::backoff::Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(10),
+    }
+    .delay(failures);
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = tokio::time::sleep(delay) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_shared_and_names_are_checked() {
+        assert_eq!(wake_key("essay-lifecycle-service"), "outbox:wake:essay-lifecycle-service");
+        assert!(validate_service("file_service.v2").is_ok());
+        assert!(validate_service("").is_err());
+        assert!(validate_service("a b").is_err());
+        assert!(validate_service("x:y").is_err());
+    }
+}
