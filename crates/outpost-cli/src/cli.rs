@@ -34,7 +34,12 @@ pub struct Cli {
     #[arg(long, env = "OUTPOST_SCHEMA", default_value = "outpost", global = true)]
     pub schema: String,
     /// Service name (wake-up key outbox:wake:{service}, metric label).
-    #[arg(long, env = "OUTPOST_SERVICE", default_value = "outpost", global = true)]
+    #[arg(
+        long,
+        env = "OUTPOST_SERVICE",
+        default_value = "outpost",
+        global = true
+    )]
     pub service: String,
     /// testing | development | production: polling and back-off defaults.
     #[arg(
@@ -58,6 +63,10 @@ pub struct Cli {
         global = true
     )]
     pub delivery_timeout_ms: u64,
+    /// How long a relay's claim stays exclusive, in milliseconds (default: 60 s, and at
+    /// least twice the delivery timeout).
+    #[arg(long, env = "OUTPOST_LEASE_MS", global = true)]
+    pub lease_ms: Option<u64>,
     /// Extra librdkafka producer property, KEY=VALUE (repeatable).
     #[arg(long = "kafka-option", value_name = "KEY=VALUE", global = true)]
     pub kafka_options: Vec<String>,

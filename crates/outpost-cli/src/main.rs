@@ -25,8 +25,16 @@ async fn main() -> ExitCode {
             EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            eprintln!("{}", one_line(&e.to_string()));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let settings = match Settings::from_cli(&cli) {
         Ok(s) => s,
         Err(e) => {
@@ -48,6 +56,18 @@ async fn main() -> ExitCode {
             ExitCode::from(if config { EXIT_CONFIG } else { 1 })
         }
     }
+}
+
+/// Folds clap's multi-line usage error into one line (without the usage and help hints).
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {

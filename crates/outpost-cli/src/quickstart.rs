@@ -40,9 +40,15 @@ pub struct Report {
 
 impl Report {
     pub fn print(&self) {
-        println!("outpost quickstart ({} mode, {} environment, wake-up via {})", self.mode, self.environment, self.wake);
+        println!(
+            "outpost quickstart ({} mode, {} environment, wake-up via {})",
+            self.mode, self.environment, self.wake
+        );
         println!("  topic              {}", self.topic);
-        println!("  warm-up event      {:.1} ms (producer start, not counted)", self.warm_up_ms);
+        println!(
+            "  warm-up event      {:.1} ms (producer start, not counted)",
+            self.warm_up_ms
+        );
         println!("  staged             {}", self.staged);
         println!("  delivered          {}", self.delivered);
         println!("  duplicates         {}", self.duplicates);
@@ -109,7 +115,8 @@ pub async fn run(
         settings.relay.service.clone(),
         serde_json::json!({ "seq": 0, "key": "warm-up" }),
     );
-    let event = OutboxEvent::from_envelope(&warm_up, &topic, Aggregate::new("quickstart", "warm-up"))?;
+    let event =
+        OutboxEvent::from_envelope(&warm_up, &topic, Aggregate::new("quickstart", "warm-up"))?;
     let mut txn = pool.begin().await?;
     store.stage(&mut txn, &event).await?;
     txn.commit().await?;
@@ -134,7 +141,8 @@ pub async fn run(
             settings.relay.service.clone(),
             serde_json::json!({ "seq": seq, "key": key }),
         );
-        let event = OutboxEvent::from_envelope(&envelope, &topic, Aggregate::new("quickstart", &key))?;
+        let event =
+            OutboxEvent::from_envelope(&envelope, &topic, Aggregate::new("quickstart", &key))?;
         let t0 = Instant::now();
         let mut txn = pool.begin().await?;
         store.stage(&mut txn, &event).await?;
@@ -196,7 +204,11 @@ pub async fn run(
         duplicates,
         order_violations,
         elapsed_ms: elapsed * 1000.0,
-        events_per_sec: if elapsed > 0.0 { seen.len() as f64 / elapsed } else { 0.0 },
+        events_per_sec: if elapsed > 0.0 {
+            seen.len() as f64 / elapsed
+        } else {
+            0.0
+        },
         latency_p50_ms: pct(0.50),
         latency_p99_ms: pct(0.99),
         latency_max_ms: pct(1.0),

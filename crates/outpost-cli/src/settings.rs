@@ -10,7 +10,7 @@ use outpost::{
     Environment, Error, KafkaProducer, OutboxStore, OutboxTable, ProducerConfig, RelayConfig,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::cli::Cli;
 
@@ -39,7 +39,9 @@ impl Settings {
                     "postgres://user[:password]@host[:port]/database",
                     redact(&cli.database_url),
                 )
-            })?;
+            })?
+            // Idempotent DDL raises "already exists" notices; they are not news.
+            .options([("client_min_messages", "warning")]);
         validate_brokers(&cli.brokers).map_err(|_| {
             Error::config(
                 "OUTPOST_BROKERS (--brokers)",
@@ -47,7 +49,13 @@ impl Settings {
                 &cli.brokers,
             )
         })?;
-        let environment: Environment = cli.environment.parse()?;
+        let environment: Environment = cli.environment.parse().map_err(|_| {
+            Error::config(
+                "OUTPOST_ENVIRONMENT (--environment)",
+                "one of testing, development, production",
+                &cli.environment,
+            )
+        })?;
         let table = OutboxTable::new(&cli.schema).map_err(|_| {
             Error::config(
                 "OUTPOST_SCHEMA (--schema)",
@@ -83,10 +91,24 @@ impl Settings {
             relay.poll.max_interval = Duration::from_millis(ms);
             relay.poll.min_interval = relay.poll.min_interval.min(relay.poll.max_interval);
         }
-        relay.lease = relay
-            .lease
-            .max((producer.delivery_timeout + producer.queue_timeout) * 2);
-        relay.validate(producer.delivery_timeout + producer.queue_timeout)?;
+        relay.lease = match cli.lease_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None => relay.lease.max(producer.delivery_timeout * 2),
+        };
+        relay
+            .validate(producer.delivery_timeout)
+            .map_err(|e| match e {
+                Error::Configuration {
+                    setting,
+                    expected,
+                    got,
+                } if setting == "lease" => Error::Configuration {
+                    setting: "OUTPOST_LEASE_MS (--lease-ms)".into(),
+                    expected,
+                    got,
+                },
+                other => other,
+            })?;
         Ok(Self {
             database,
             database_url: redact(&cli.database_url),
@@ -99,17 +121,28 @@ impl Settings {
 
     /// Connects, failing fast with a message naming the setting.
     pub async fn connect(&self) -> Result<PgPool, anyhow::Error> {
+        let fail = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!(
+                "cannot connect to PostgreSQL at OUTPOST_DATABASE_URL={} (expected a reachable postgres://user[:password]@host[:port]/database): {e}",
+                self.database_url
+            )
+        };
+        // One direct attempt first, so a refused connection fails at once with its cause
+        // rather than as a pool timeout.
+        let probe = tokio::time::timeout(
+            Duration::from_secs(5),
+            PgConnection::connect_with(&self.database),
+        )
+        .await
+        .map_err(|_| fail(&"no answer within 5 s"))?
+        .map_err(|e| fail(&e))?;
+        drop(probe);
         PgPoolOptions::new()
             .max_connections(10)
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(self.database.clone())
             .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot connect to PostgreSQL at OUTPOST_DATABASE_URL={}: {e}",
-                    self.database_url
-                )
-            })
+            .map_err(|e| fail(&e))
     }
 
     pub fn store(&self, pool: PgPool) -> OutboxStore {

@@ -260,8 +260,8 @@ mod tests {
 
     #[test]
     fn roundtrip_is_lossless_and_headers_are_standard() {
-        let env = EventEnvelope::new("t.v1", "els", json!({"n": 2}))
-            .with_metadata("trace", json!("x"));
+        let env =
+            EventEnvelope::new("t.v1", "els", json!({"n": 2})).with_metadata("trace", json!("x"));
         let ev = OutboxEvent::from_envelope(&env, "topic", Aggregate::new("essay", "e1"))
             .unwrap()
             .with_header("event_id", "ignored")

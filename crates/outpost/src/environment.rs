@@ -60,7 +60,10 @@ mod tests {
 
     #[test]
     fn parses_and_defaults() {
-        assert_eq!("Testing".parse::<Environment>().unwrap(), Environment::Testing);
+        assert_eq!(
+            "Testing".parse::<Environment>().unwrap(),
+            Environment::Testing
+        );
         assert_eq!(
             Environment::Testing.max_poll_interval(),
             Duration::from_millis(100)
@@ -69,8 +72,14 @@ mod tests {
             Environment::Development.max_poll_interval(),
             Duration::from_secs(1)
         );
-        assert_eq!(Environment::default().max_poll_interval(), Duration::from_secs(5));
-        assert_eq!(Environment::Production.error_backoff(), Duration::from_secs(30));
+        assert_eq!(
+            Environment::default().max_poll_interval(),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            Environment::Production.error_backoff(),
+            Duration::from_secs(30)
+        );
         assert!("staging".parse::<Environment>().is_err());
     }
 }

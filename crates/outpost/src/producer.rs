@@ -29,7 +29,7 @@ pub struct ProducerConfig {
     pub delivery_timeout: Duration,
     /// Broker request timeout (`request.timeout.ms`, default 10 s).
     pub request_timeout: Duration,
-    /// How long `send` waits for room in a full local queue (default 5 s).
+    /// How long `send` waits for room in a full local queue (default 1 s).
     pub queue_timeout: Duration,
     /// Extra librdkafka properties, applied after Outpost's own.
     pub librdkafka: BTreeMap<String, String>,
@@ -43,7 +43,7 @@ impl ProducerConfig {
             linger: Duration::from_millis(1),
             delivery_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
-            queue_timeout: Duration::from_secs(5),
+            queue_timeout: Duration::from_secs(1),
             librdkafka: BTreeMap::new(),
         }
     }
@@ -273,6 +273,8 @@ pub struct Acked {
 pub struct KafkaProducer {
     config: ProducerConfig,
     current: RwLock<(u64, Arc<FutureProducer>)>,
+    /// Last ack or rebuild; timeouts long after it mean this instance is stuck.
+    last_progress: std::sync::Mutex<std::time::Instant>,
 }
 
 impl fmt::Debug for KafkaProducer {
@@ -295,6 +297,7 @@ impl KafkaProducer {
         Ok(Self {
             config,
             current: RwLock::new((0, Arc::new(producer))),
+            last_progress: std::sync::Mutex::new(std::time::Instant::now()),
         })
     }
 
@@ -343,12 +346,18 @@ impl KafkaProducer {
             .send(record, Timeout::After(self.config.queue_timeout))
             .await
         {
-            Ok(delivery) => Ok(Acked {
-                partition: delivery.partition,
-                offset: delivery.offset,
-            }),
+            Ok(delivery) => {
+                self.progressed();
+                Ok(Acked {
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                })
+            }
             Err((error, _)) => {
-                if needs_rebuild(&error) || producer.client().fatal_error().is_some() {
+                if needs_rebuild(&error)
+                    || producer.client().fatal_error().is_some()
+                    || self.stuck(&error)
+                {
                     self.rebuild(generation, &error);
                 }
                 Err(SendFailure {
@@ -357,6 +366,25 @@ impl KafkaProducer {
                 })
             }
         }
+    }
+
+    fn progressed(&self) {
+        *self.last_progress.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+    }
+
+    /// Timeouts for more than two delivery timeouts without a single ack. After a broker
+    /// restart librdkafka's idempotent producer can loop forever on `UNKNOWN_PRODUCER_ID`
+    /// internally (tansu does this) and only ever reports `MessageTimedOut`; a fresh
+    /// producer recovers at once, and during a real outage a rebuild per two timeouts costs
+    /// nothing.
+    fn stuck(&self, error: &KafkaError) -> bool {
+        error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut)
+            && self
+                .last_progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed()
+                >= self.config.delivery_timeout * 2
     }
 
     fn rebuild(&self, seen_generation: u64, cause: &KafkaError) {
@@ -369,6 +397,7 @@ impl KafkaProducer {
                 warn!(error = %cause, generation = guard.0 + 1, "replacing fenced kafka producer");
                 crate::metrics::producer_rebuilt();
                 *guard = (guard.0 + 1, Arc::new(fresh));
+                self.progressed();
             }
             Err(e) => warn!(error = %e, "could not rebuild kafka producer"),
         }
@@ -432,7 +461,15 @@ mod tests {
         assert!(validate_brokers("127.0.0.1:9092").is_ok());
         assert!(validate_brokers("a:1, b.example.com:9093").is_ok());
         assert!(validate_brokers("PLAINTEXT://kafka:9092").is_ok());
-        for bad in ["", "kafka", "kafka:", ":9092", "kafka:port", "kafka:0", "a b:1"] {
+        for bad in [
+            "",
+            "kafka",
+            "kafka:",
+            ":9092",
+            "kafka:port",
+            "kafka:0",
+            "a b:1",
+        ] {
             let err = validate_brokers(bad).unwrap_err();
             assert!(err.to_string().contains("host:port"), "{bad}");
         }
@@ -449,7 +486,10 @@ mod tests {
         assert_eq!(classify_code(C::MessageTimedOut), ErrorClass::Transient);
         assert_eq!(classify_code(C::QueueFull), ErrorClass::Transient);
         assert_eq!(classify_code(C::ProducerFenced), ErrorClass::Transient);
-        assert_eq!(classify_code(C::NotLeaderForPartition), ErrorClass::Transient);
+        assert_eq!(
+            classify_code(C::NotLeaderForPartition),
+            ErrorClass::Transient
+        );
         assert_eq!(classify_code(C::Unknown), ErrorClass::Retriable);
         assert!(needs_rebuild(&KafkaError::MessageProduction(
             C::UnknownProducerId

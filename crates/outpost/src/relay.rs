@@ -31,7 +31,9 @@ pub struct RelayConfig {
     /// Rows of one key claimed behind its head per iteration (default 20).
     pub per_key: usize,
     /// How long a claim is exclusive; a crashed relay's rows come back after it
-    /// (default 60 s; must exceed two delivery timeouts).
+    /// (default 60 s; at least twice the longest send, i.e. delivery plus queue timeout).
+    /// No send starts once it could outlast the lease: the rest of its key is handed
+    /// back, so a slow broker never lets a second relay send the same rows.
     pub lease: Duration,
     /// Polling bounds (defaults per [`Environment`]).
     pub poll: PollConfig,
@@ -75,7 +77,7 @@ impl RelayConfig {
     ///
     /// # Errors
     /// [`Error::Configuration`] naming the first bad field.
-    pub fn validate(&self, delivery_timeout: Duration) -> Result<()> {
+    pub fn validate(&self, longest_send: Duration) -> Result<()> {
         validate_service(&self.service)?;
         let positive = [
             ("batch_size", self.batch_size),
@@ -95,10 +97,10 @@ impl RelayConfig {
                 format!("{:?}", self.poll.max_interval),
             ));
         }
-        if self.lease < delivery_timeout * 2 {
+        if self.lease < longest_send * 2 {
             return Err(Error::config(
                 "lease",
-                format!("at least twice the delivery timeout ({delivery_timeout:?})"),
+                format!("at least twice the delivery plus queue timeout ({longest_send:?})"),
                 format!("{:?}", self.lease),
             ));
         }
@@ -149,7 +151,7 @@ impl Relay {
         producer: Arc<KafkaProducer>,
         config: RelayConfig,
     ) -> Result<Self> {
-        config.validate(producer.config().delivery_timeout + producer.config().queue_timeout)?;
+        config.validate(longest_send(&producer))?;
         Ok(Self {
             store,
             producer,
@@ -188,6 +190,7 @@ impl Relay {
     /// [`Error::OutboxStorage`] when claiming or settling fails (rows stay leased and come
     /// back when the lease lapses).
     pub async fn run_once(&self) -> Result<BatchReport> {
+        let claimed_at = Instant::now();
         let claimed = self
             .store
             .claim(
@@ -204,9 +207,15 @@ impl Relay {
         if claimed.is_empty() {
             return Ok(report);
         }
+        // Sends that start after this could still be in flight when the lease lapses.
+        let last_start = claimed_at
+            + self
+                .config
+                .lease
+                .saturating_sub(longest_send(&self.producer) + self.config.lease / 10);
         let chains = chains_by_key(claimed);
         let outcomes: Vec<(i64, Settlement)> = futures::stream::iter(chains)
-            .map(|chain| self.deliver_chain(chain))
+            .map(|chain| self.deliver_chain(chain, last_start))
             .buffer_unordered(self.config.max_in_flight)
             .flat_map(futures::stream::iter)
             .collect()
@@ -230,7 +239,10 @@ impl Relay {
             // The broker is back: rows backed off during the outage need not wait out
             // their delays.
             let pulled = self.store.pull_forward_retries().await?;
-            info!(rows = pulled, "broker recovered; retrying backed-off rows now");
+            info!(
+                rows = pulled,
+                "broker recovered; retrying backed-off rows now"
+            );
         }
         debug!(?report, "batch settled");
         Ok(report)
@@ -238,11 +250,15 @@ impl Relay {
 
     /// Sends one key's rows in order, stopping at the first retryable failure so nothing
     /// of that key overtakes it.
-    async fn deliver_chain(&self, chain: Vec<ClaimedEvent>) -> Vec<(i64, Settlement)> {
+    async fn deliver_chain(
+        &self,
+        chain: Vec<ClaimedEvent>,
+        last_start: Instant,
+    ) -> Vec<(i64, Settlement)> {
         let service = self.config.service.as_str();
         let mut out = Vec::with_capacity(chain.len());
-        let mut rows = chain.into_iter();
-        for event in rows.by_ref() {
+        let mut rows = chain.into_iter().peekable();
+        while let Some(event) = rows.next_if(|_| Instant::now() < last_start) {
             let sent = self
                 .producer
                 .send(
@@ -272,7 +288,13 @@ impl Relay {
             if park {
                 warn!(event_id = %event.event_id, topic = %event.topic, error, "parking event");
                 crate::metrics::parked(service, failure.class);
-                out.push((event.id, Settlement::Dead { error }));
+                out.push((
+                    event.id,
+                    Settlement::Dead {
+                        error,
+                        budgeted: failure.class == ErrorClass::Retriable,
+                    },
+                ));
                 continue; // a parked row no longer holds back its key
             }
             debug!(event_id = %event.event_id, error, "delivery failed; will retry");
@@ -371,6 +393,11 @@ impl Relay {
     }
 }
 
+/// The longest one send can take: waiting for queue space, then for the ack.
+fn longest_send(producer: &KafkaProducer) -> Duration {
+    producer.config().delivery_timeout + producer.config().queue_timeout
+}
+
 /// Groups rows (in id order) by key, keeping each key's rows in order.
 fn chains_by_key(rows: Vec<ClaimedEvent>) -> Vec<Vec<ClaimedEvent>> {
     let mut index: HashMap<String, usize> = HashMap::new();
@@ -426,6 +453,10 @@ mod tests {
         assert!(c.validate(Duration::from_secs(1)).is_err());
         c = RelayConfig::new("els", Environment::Testing);
         c.batch_size = 0;
-        assert!(c.validate(Duration::from_secs(1)).unwrap_err().to_string().contains("batch_size"));
+        assert!(c
+            .validate(Duration::from_secs(1))
+            .unwrap_err()
+            .to_string()
+            .contains("batch_size"));
     }
 }

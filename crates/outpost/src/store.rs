@@ -62,6 +62,8 @@ pub enum Settlement {
     Dead {
         /// Why it was parked.
         error: String,
+        /// Whether this last failure counts against the attempt budget.
+        budgeted: bool,
     },
     /// Not attempted (an earlier row of its key failed); give the lease back.
     Released,
@@ -155,10 +157,11 @@ impl Sql {
                  WHERE t.id = u.id AND t.status = 'pending' AND t.lease_owner = $5"
             ),
             dead: format!(
-                "UPDATE {t} t SET status = 'dead', attempts = t.attempts + 1, last_error = u.err, \
+                "UPDATE {t} t SET status = 'dead', attempts = t.attempts + 1, \
+                 failures = t.failures + u.budget, last_error = u.err, \
                  lease_owner = NULL, lease_until = NULL \
-                 FROM UNNEST($1::bigint[], $2::text[]) AS u(id, err) \
-                 WHERE t.id = u.id AND t.status = 'pending'"
+                 FROM UNNEST($1::bigint[], $2::text[], $3::int[]) AS u(id, err, budget) \
+                 WHERE t.id = u.id AND t.status = 'pending' AND t.lease_owner = $4"
             ),
             release: format!(
                 "UPDATE {t} SET lease_owner = NULL, lease_until = NULL \
@@ -373,7 +376,7 @@ impl OutboxStore {
         let mut published = Vec::new();
         let (mut retry_ids, mut retry_delay, mut retry_err, mut retry_budget) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut dead_ids, mut dead_err) = (Vec::new(), Vec::new());
+        let (mut dead_ids, mut dead_err, mut dead_budget) = (Vec::new(), Vec::new(), Vec::new());
         let mut released = Vec::new();
         for (id, outcome) in outcomes {
             match outcome {
@@ -388,9 +391,10 @@ impl OutboxStore {
                     retry_err.push(truncate(error));
                     retry_budget.push(i32::from(*budgeted));
                 }
-                Settlement::Dead { error } => {
+                Settlement::Dead { error, budgeted } => {
                     dead_ids.push(*id);
                     dead_err.push(truncate(error));
+                    dead_budget.push(i32::from(*budgeted));
                 }
                 Settlement::Released => released.push(*id),
             }
@@ -419,6 +423,8 @@ impl OutboxStore {
             sqlx::query(&self.sql.dead)
                 .bind(&dead_ids)
                 .bind(&dead_err)
+                .bind(&dead_budget)
+                .bind(owner)
                 .execute(&mut *tx)
                 .await
                 .map_err(err)?;

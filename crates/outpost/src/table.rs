@@ -103,7 +103,10 @@ mod tests {
             &"a".repeat(64),
         ] {
             let err = OutboxTable::new(bad).unwrap_err();
-            assert!(err.to_string().starts_with("invalid setting schema"), "{bad}");
+            assert!(
+                err.to_string().starts_with("invalid setting schema"),
+                "{bad}"
+            );
         }
     }
 }

@@ -338,7 +338,10 @@ mod tests {
 
     #[test]
     fn key_is_shared_and_names_are_checked() {
-        assert_eq!(wake_key("essay-lifecycle-service"), "outbox:wake:essay-lifecycle-service");
+        assert_eq!(
+            wake_key("essay-lifecycle-service"),
+            "outbox:wake:essay-lifecycle-service"
+        );
         assert!(validate_service("file_service.v2").is_ok());
         assert!(validate_service("").is_err());
         assert!(validate_service("a b").is_err());

@@ -1,0 +1,753 @@
+//! Deterministic fault injection through the real relay and real PostgreSQL, against
+//! librdkafka's in-process mock cluster (`rdkafka::mocking::MockCluster`).
+//!
+//! Every test stages rows in a schema of its own, drives [`Relay::run_once`] by hand, and
+//! checks both the relay's [`BatchReport`] and the row state in the table (status,
+//! attempts, failures, last_error, next_attempt_at, lease), then reads the mock broker
+//! from the beginning to check what actually landed there.
+//!
+//! Faults are injected with `MockCluster::request_errors` (a FIFO stack consumed one error
+//! per Produce request, cluster-wide), `topic_error` and `broker_down`/`broker_up`. Where
+//! the victim of an injected error must be deterministic, the relay runs with
+//! `max_in_flight = 1`, so keys are delivered one after another in staging order.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost::backoff::Backoff;
+use outpost::{
+    BatchReport, KafkaProducer, OutboxEvent, OutboxStore, ProducerConfig, Relay, RelayConfig,
+};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use sqlx::Row;
+use support::{Collector, Consumed};
+use uuid::Uuid;
+
+type Mock = MockCluster<'static, DefaultProducerContext>;
+
+/// One row as the relay left it.
+#[derive(Debug)]
+struct RowState {
+    status: String,
+    attempts: i32,
+    failures: i32,
+    last_error: Option<String>,
+    lease_owner: Option<Uuid>,
+    /// `next_attempt_at - clock_timestamp()`, in milliseconds (positive: in the future).
+    due_in_ms: f64,
+}
+
+/// A mock cluster with one single-partition topic, a store, a producer and a relay.
+struct Harness {
+    relay: Relay,
+    producer: Arc<KafkaProducer>,
+    store: OutboxStore,
+    topic: String,
+    /// Declared last so it is dropped after every client that talks to it.
+    mock: Mock,
+}
+
+impl Harness {
+    async fn new(
+        tweak_producer: impl FnOnce(&mut ProducerConfig),
+        tweak_relay: impl FnOnce(&mut RelayConfig),
+    ) -> Self {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        let topic = support::unique("outpost.mock").replace('_', ".");
+        mock.create_topic(&topic, 1, 1).expect("mock topic");
+        let store = support::store().await;
+        let mut pcfg = support::producer_config(&mock.bootstrap_servers());
+        tweak_producer(&mut pcfg);
+        let producer = Arc::new(KafkaProducer::new(pcfg).expect("producer"));
+        let mut rcfg = support::relay_config(&support::unique("mock"));
+        tweak_relay(&mut rcfg);
+        let relay = Relay::new(store.clone(), Arc::clone(&producer), rcfg).expect("relay");
+        Self {
+            relay,
+            producer,
+            store,
+            topic,
+            mock,
+        }
+    }
+
+    /// Stages one event of `key` in its own committed transaction.
+    async fn stage(&self, key: &str, seq: usize) -> OutboxEvent {
+        self.stage_event(support::event(&self.topic, key, seq))
+            .await
+    }
+
+    async fn stage_event(&self, ev: OutboxEvent) -> OutboxEvent {
+        let mut tx = self.store.pool().begin().await.unwrap();
+        self.store
+            .stage(&mut tx, &ev)
+            .await
+            .unwrap()
+            .expect("new row");
+        tx.commit().await.unwrap();
+        ev
+    }
+
+    /// Queues errors for the next Produce requests (one error per request).
+    fn inject(&self, errors: &[RDKafkaRespErr]) {
+        self.mock.request_errors(RDKafkaApiKey::Produce, errors);
+    }
+
+    async fn run_once(&self) -> BatchReport {
+        self.relay.run_once().await.expect("run_once")
+    }
+
+    /// Calls `run_once` until it claims something (waiting out retry delays).
+    async fn run_until_claimed(&self, timeout: Duration) -> BatchReport {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let report = self.run_once().await;
+            if report.claimed > 0 {
+                return report;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing became claimable within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Calls `run_once` until no row is pending; returns every report.
+    async fn drain(&self, timeout: Duration) -> Vec<BatchReport> {
+        let deadline = Instant::now() + timeout;
+        let mut reports = Vec::new();
+        while support::count_status(&self.store, "pending").await > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "rows still pending after {timeout:?}: {reports:?}"
+            );
+            let report = self.run_once().await;
+            if report.claimed == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            reports.push(report);
+        }
+        reports
+    }
+
+    /// Waits until no pending row waits for a retry any more.
+    async fn wait_all_due(&self, timeout: Duration) {
+        let sql = format!(
+            "SELECT count(*) FROM {} WHERE status = 'pending' AND next_attempt_at > now()",
+            self.store.table()
+        );
+        support::eventually(timeout, "every retry delay has elapsed", || {
+            let sql = sql.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(&sql)
+                    .fetch_one(self.store.pool())
+                    .await
+                    .unwrap();
+                (waiting == 0).then_some(())
+            }
+        })
+        .await;
+    }
+
+    async fn row(&self, ev: &OutboxEvent) -> RowState {
+        let r = sqlx::query(&format!(
+            "SELECT status, attempts, failures, last_error, lease_owner, \
+             (EXTRACT(EPOCH FROM next_attempt_at - clock_timestamp()) * 1000)::float8 AS due \
+             FROM {} WHERE event_id = $1",
+            self.store.table()
+        ))
+        .bind(ev.event_id)
+        .fetch_one(self.store.pool())
+        .await
+        .unwrap();
+        RowState {
+            status: r.get("status"),
+            attempts: r.get("attempts"),
+            failures: r.get("failures"),
+            last_error: r.get("last_error"),
+            lease_owner: r.get("lease_owner"),
+            due_in_ms: r.get("due"),
+        }
+    }
+
+    fn collector(&self) -> Collector {
+        Collector::start(&self.mock.bootstrap_servers(), &self.topic, 1)
+    }
+}
+
+fn ids(events: &[&OutboxEvent]) -> Vec<Uuid> {
+    events.iter().map(|e| e.event_id).collect()
+}
+
+fn report(
+    claimed: usize,
+    published: usize,
+    retried: usize,
+    parked: usize,
+    released: usize,
+) -> BatchReport {
+    BatchReport {
+        claimed,
+        published,
+        retried,
+        parked,
+        released,
+    }
+}
+
+fn times_consumed(seen: &[Consumed], ev: &OutboxEvent) -> usize {
+    seen.iter().filter(|c| c.event_id == ev.event_id).count()
+}
+
+/// Asserts a parked row: dead after one attempt, lease cleared, reason recorded.
+fn assert_parked_once(row: &RowState, reason: &str) {
+    assert_eq!(row.status, "dead", "{row:?}");
+    assert_eq!(row.attempts, 1, "{row:?}");
+    assert_eq!(
+        row.failures, 0,
+        "permanent errors do not touch the budget: {row:?}"
+    );
+    assert!(row.lease_owner.is_none(), "{row:?}");
+    let err = row.last_error.as_deref().unwrap_or_default();
+    assert!(err.contains(reason) && err.contains("permanent"), "{row:?}");
+}
+
+/// A broker-side MSG_SIZE_TOO_LARGE parks that row at once; the next row of the same key
+/// is delivered in a later iteration (per_key = 1), and another key is unaffected.
+#[tokio::test]
+async fn message_too_large_parks_the_row_and_unblocks_its_key() {
+    let h = Harness::new(
+        |_| {},
+        |r| {
+            r.per_key = 1;
+            r.max_in_flight = 1;
+        },
+    )
+    .await;
+    let a1 = h.stage("a", 0).await;
+    let b1 = h.stage("b", 0).await;
+    let a2 = h.stage("a", 1).await;
+    h.inject(&[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE]);
+
+    // Heads a1 and b1; a1 goes first and takes the injected error.
+    assert_eq!(h.run_once().await, report(2, 1, 0, 1, 0));
+    assert_parked_once(&h.row(&a1).await, "MessageSizeTooLarge");
+    assert_eq!(h.row(&b1).await.status, "published");
+    let a2_row = h.row(&a2).await;
+    assert_eq!((a2_row.status.as_str(), a2_row.attempts), ("pending", 0));
+
+    // The parked head no longer holds back its key.
+    assert_eq!(h.run_once().await, report(1, 1, 0, 0, 0));
+    let a2_row = h.row(&a2).await;
+    assert_eq!((a2_row.status.as_str(), a2_row.attempts), ("published", 1));
+    assert_eq!(h.run_once().await, BatchReport::default());
+    assert_eq!(
+        h.producer.generation(),
+        0,
+        "a permanent error needs no new producer"
+    );
+
+    // a2 was produced after a1 failed, on the same partition: once a2 is read, a1 would
+    // have been read before it had the broker stored it.
+    let seen = h
+        .collector()
+        .wait_for(&ids(&[&b1, &a2]), Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        times_consumed(&seen, &a1),
+        0,
+        "a parked event must not reach Kafka"
+    );
+    assert_eq!(
+        (times_consumed(&seen, &a2), times_consumed(&seen, &b1)),
+        (1, 1)
+    );
+}
+
+/// A payload above the producer's `message.max.bytes` is refused by librdkafka itself
+/// (synchronously, never sent) and parked; the rest of its key goes on in the same batch.
+#[tokio::test]
+async fn oversized_payload_is_parked_without_reaching_the_broker() {
+    let h = Harness::new(
+        |p| {
+            p.librdkafka
+                .extend([("message.max.bytes".into(), "1000".into())])
+        },
+        |_| {},
+    )
+    .await;
+    let env = outpost::EventEnvelope::new(
+        "outpost.test.v1",
+        "outpost-tests",
+        serde_json::json!({ "key": "a", "seq": 0, "blob": "x".repeat(4000) }),
+    );
+    let big = h
+        .stage_event(
+            OutboxEvent::from_envelope(&env, h.topic.clone(), outpost::Aggregate::new("test", "a"))
+                .unwrap(),
+        )
+        .await;
+    let small = h.stage("a", 1).await;
+
+    assert_eq!(h.run_once().await, report(2, 1, 0, 1, 0));
+    assert_parked_once(&h.row(&big).await, "MessageSizeTooLarge");
+    assert_eq!(h.row(&small).await.status, "published");
+    let seen = h
+        .collector()
+        .wait_for(&ids(&[&small]), Duration::from_secs(10))
+        .await;
+    assert_eq!(times_consumed(&seen, &big), 0);
+}
+
+/// TOPIC_AUTHORIZATION_FAILED (from the topic's metadata) parks every row for that topic
+/// at once, without blocking their keys' later rows or another topic; after access is
+/// granted again, an operator's requeue delivers them.
+#[tokio::test]
+async fn topic_authorization_failure_parks_at_once() {
+    let h = Harness::new(
+        |p| {
+            // So the producer re-reads metadata soon after access is granted again.
+            p.librdkafka
+                .insert("topic.metadata.refresh.interval.ms".into(), "200".into());
+        },
+        |_| {},
+    )
+    .await;
+    let open = support::unique("outpost.mock.open").replace('_', ".");
+    h.mock.create_topic(&open, 1, 1).unwrap();
+    h.mock
+        .topic_error(
+            &h.topic,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .unwrap();
+    let a1 = h.stage("a", 0).await;
+    let a2 = h.stage("a", 1).await;
+    let b1 = h.stage("b", 0).await;
+    let c1 = h.stage_event(support::event(&open, "c", 0)).await;
+
+    assert_eq!(h.run_once().await, report(4, 1, 0, 3, 0));
+    for ev in [&a1, &a2, &b1] {
+        assert_parked_once(&h.row(ev).await, "TopicAuthorizationFailed");
+    }
+    assert_eq!(h.row(&c1).await.status, "published");
+    assert_eq!(
+        h.run_once().await,
+        BatchReport::default(),
+        "parked rows are never retried"
+    );
+    assert_eq!(h.producer.generation(), 0);
+
+    // Access granted again: requeued rows go out, in their original per-key order.
+    h.mock
+        .topic_error(&h.topic, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
+        .unwrap();
+    assert_eq!(h.store.requeue(None).await.unwrap(), 3);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Until the producer's metadata refresh sees the topic as readable again, sends
+        // still fail (and park) at once; requeue those and try again.
+        h.drain(Duration::from_secs(5)).await;
+        if support::count_status(&h.store, "dead").await == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "topic never became writable again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        h.store.requeue(None).await.unwrap();
+    }
+    let seen = h
+        .collector()
+        .wait_for(&ids(&[&a1, &a2, &b1]), Duration::from_secs(10))
+        .await;
+    support::assert_key_order(&seen);
+}
+
+/// Broker down: sends time out (transient). Rows are retried with a future due time,
+/// never count against the budget (max_attempts = 2, four outages in a row) and are never
+/// parked; the rows behind a failed head are released unattempted. After the broker is
+/// back everything is published, in per-key order.
+#[tokio::test]
+async fn broker_outage_is_transient_and_never_parks() {
+    let h = Harness::new(
+        |p| p.delivery_timeout = Duration::from_millis(1000),
+        |r| {
+            r.max_attempts = 2;
+            // Delays between 300 and 600 ms: long enough to observe, short enough to wait.
+            r.backoff = Backoff {
+                initial: Duration::from_millis(600),
+                max: Duration::from_millis(600),
+            };
+        },
+    )
+    .await;
+    // Warm up: the producer is connected and knows the topic before the outage.
+    let warm = h.stage("warm", 0).await;
+    assert_eq!(h.run_once().await, report(1, 1, 0, 0, 0));
+
+    h.mock.broker_down(-1).unwrap();
+    let staged = support::stage_committed(&h.store, &h.topic, 2, 5).await; // k0: 3, k1: 2
+    let heads = [&staged[0], &staged[1]];
+    let followers = [&staged[2], &staged[3], &staged[4]];
+
+    const OUTAGES: i32 = 4;
+    for outage in 1..=OUTAGES {
+        h.wait_all_due(Duration::from_secs(5)).await;
+        let started = Instant::now();
+        let rep = h.run_once().await;
+        assert_eq!(rep, report(5, 0, 2, 0, 3), "outage {outage}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "a send fails only after the delivery timeout"
+        );
+        for ev in heads {
+            let row = h.row(ev).await;
+            assert_eq!(row.status, "pending", "outage {outage}: {row:?}");
+            assert_eq!(row.attempts, outage, "{row:?}");
+            assert_eq!(row.failures, 0, "transient failures are free: {row:?}");
+            assert!(row.lease_owner.is_none(), "{row:?}");
+            assert!(
+                row.due_in_ms > 0.0,
+                "next attempt must be in the future: {row:?}"
+            );
+            let err = row.last_error.unwrap_or_default();
+            assert!(
+                err.contains("MessageTimedOut") && err.contains("transient"),
+                "{err}"
+            );
+        }
+        for ev in followers {
+            let row = h.row(ev).await;
+            assert_eq!(
+                (
+                    row.status.as_str(),
+                    row.attempts,
+                    row.lease_owner,
+                    row.last_error
+                ),
+                ("pending", 0, None, None),
+                "followers are released, not attempted"
+            );
+        }
+        // While the heads back off, nothing of either key can be claimed.
+        assert_eq!(h.run_once().await.claimed, 0, "outage {outage}");
+    }
+    assert_eq!(support::count_status(&h.store, "dead").await, 0);
+
+    h.mock.broker_up(-1).unwrap();
+    let reports = h.drain(Duration::from_secs(15)).await;
+    assert!(reports.iter().all(|r| r.parked == 0), "{reports:?}");
+    assert_eq!(support::count_status(&h.store, "published").await, 6);
+    for ev in &staged {
+        let row = h.row(ev).await;
+        assert_eq!(row.failures, 0, "{row:?}");
+        assert!(
+            row.last_error.is_none() && row.lease_owner.is_none(),
+            "{row:?}"
+        );
+    }
+
+    let mut all: Vec<&OutboxEvent> = staged.iter().collect();
+    all.push(&warm);
+    let seen = h
+        .collector()
+        .wait_for(&ids(&all), Duration::from_secs(10))
+        .await;
+    support::assert_key_order(&seen);
+    for ev in all {
+        assert_eq!(
+            times_consumed(&seen, ev),
+            1,
+            "no duplicates expected from the mock"
+        );
+    }
+}
+
+/// Errors librdkafka retries by itself (leader moved, request timed out, connection
+/// dropped, not enough replicas) never reach the relay: the row is published in the same
+/// iteration, with no error recorded.
+#[tokio::test]
+async fn internally_retried_errors_deliver_in_the_same_iteration() {
+    let h = Harness::new(
+        |p| {
+            p.delivery_timeout = Duration::from_secs(5);
+            p.librdkafka.insert("retry.backoff.ms".into(), "50".into());
+        },
+        |r| r.lease = Duration::from_secs(15),
+    )
+    .await;
+    use RDKafkaRespErr as E;
+    let cases: [&[E]; 6] = [
+        &[E::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION],
+        &[E::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT],
+        &[E::RD_KAFKA_RESP_ERR__TRANSPORT],
+        &[E::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS],
+        &[E::RD_KAFKA_RESP_ERR_UNKNOWN_PRODUCER_ID],
+        &[
+            E::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            E::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            E::RD_KAFKA_RESP_ERR__TRANSPORT,
+        ],
+    ];
+    // Without an injected error a send takes a few milliseconds.
+    let mut staged = vec![h.stage("k", 0).await];
+    let started = Instant::now();
+    assert_eq!(h.run_once().await, report(1, 1, 0, 0, 0));
+    eprintln!("no error: delivered in {:?}", started.elapsed());
+    for (i, errors) in cases.iter().enumerate() {
+        let ev = h.stage("k", i + 1).await;
+        h.inject(errors);
+        let started = Instant::now();
+        let rep = h.run_once().await;
+        let took = started.elapsed();
+        eprintln!("{errors:?}: delivered in {took:?}");
+        assert_eq!(rep, report(1, 1, 0, 0, 0), "{errors:?}");
+        // Every librdkafka retry waits retry.backoff.ms (50 ms, jitter -20%..+20%), so
+        // this shows the injected error was hit and retried.
+        assert!(
+            took >= Duration::from_millis(40),
+            "{errors:?} took only {took:?}"
+        );
+        let row = h.row(&ev).await;
+        assert_eq!(
+            (
+                row.status.as_str(),
+                row.attempts,
+                row.failures,
+                row.last_error
+            ),
+            ("published", 1, 0, None),
+            "{errors:?}"
+        );
+        staged.push(ev);
+    }
+    assert_eq!(h.producer.generation(), 0);
+    let all: Vec<&OutboxEvent> = staged.iter().collect();
+    let seen = h
+        .collector()
+        .wait_for(&ids(&all), Duration::from_secs(10))
+        .await;
+    support::assert_key_order(&seen);
+}
+
+/// An unclassified broker error (UNKNOWN_SERVER_ERROR, which librdkafka hands straight to
+/// the application) counts against the budget: with max_attempts = 3 the row is parked on
+/// its third budgeted failure, never before; a transient error in between (throttling)
+/// costs nothing; the row behind it is released meanwhile and delivered once it is parked.
+#[tokio::test]
+async fn retriable_errors_park_after_the_attempt_budget() {
+    let h = Harness::new(
+        |_| {},
+        |r| {
+            r.max_attempts = 3;
+            r.backoff = Backoff {
+                initial: Duration::from_millis(20),
+                max: Duration::from_millis(40),
+            };
+        },
+    )
+    .await;
+    use RDKafkaRespErr as E;
+    let head = h.stage("a", 0).await;
+    let next = h.stage("a", 1).await;
+
+    // (error injected = UNKNOWN_SERVER_ERROR or throttling, attempts after, failures
+    // after, class named in last_error)
+    let steps = [
+        (E::RD_KAFKA_RESP_ERR_UNKNOWN, 1, 1, "retriable"),
+        (
+            E::RD_KAFKA_RESP_ERR_THROTTLING_QUOTA_EXCEEDED,
+            2,
+            1,
+            "transient",
+        ),
+        (E::RD_KAFKA_RESP_ERR_UNKNOWN, 3, 2, "retriable"),
+    ];
+    for (error, attempts, failures, class) in steps {
+        h.inject(&[error]);
+        let rep = h.run_until_claimed(Duration::from_secs(5)).await;
+        assert_eq!(rep, report(2, 0, 1, 0, 1), "{error:?}");
+        let row = h.row(&head).await;
+        assert_eq!(
+            (row.status.as_str(), row.attempts, row.failures),
+            ("pending", attempts, failures),
+            "{error:?}: {row:?}"
+        );
+        assert!(
+            row.last_error.unwrap_or_default().contains(class),
+            "{error:?}"
+        );
+        assert_eq!(h.row(&next).await.attempts, 0);
+    }
+
+    // Third budgeted failure: parked, and the key moves on in the same batch.
+    h.inject(&[E::RD_KAFKA_RESP_ERR_UNKNOWN]);
+    assert_eq!(
+        h.run_until_claimed(Duration::from_secs(5)).await,
+        report(2, 1, 0, 1, 0)
+    );
+    let row = h.row(&head).await;
+    assert_eq!((row.status.as_str(), row.attempts), ("dead", 4), "{row:?}");
+    // The parking failure is the third budgeted one; `failures` records only the two
+    // failures settled as retries (the dead settlement does not add to it).
+    assert!((2..=3).contains(&row.failures), "{row:?}");
+    assert!(row.lease_owner.is_none());
+    assert!(row.last_error.unwrap_or_default().contains("retriable"));
+    assert_eq!(h.row(&next).await.status, "published");
+    assert_eq!(h.producer.generation(), 0);
+
+    let seen = h
+        .collector()
+        .wait_for(&ids(&[&next]), Duration::from_secs(10))
+        .await;
+    assert_eq!(times_consumed(&seen, &head), 0);
+}
+
+/// Fencing errors replace the producer: PRODUCER_FENCED (surfaced as is) and
+/// OUT_OF_ORDER_SEQUENCE_NUMBER on the first in-flight request (a fatal idempotence
+/// error in librdkafka). Each bumps the generation exactly once, even with several keys
+/// in flight; the failed rows are retried for free and later deliveries succeed.
+#[tokio::test]
+async fn fencing_errors_rebuild_the_producer() {
+    let h = Harness::new(
+        |_| {},
+        |r| {
+            r.backoff = Backoff {
+                initial: Duration::from_millis(20),
+                max: Duration::from_millis(40),
+            };
+        },
+    )
+    .await;
+    use RDKafkaRespErr as E;
+
+    let a0 = h.stage("a", 0).await;
+    h.inject(&[E::RD_KAFKA_RESP_ERR_PRODUCER_FENCED]);
+    assert_eq!(h.run_once().await, report(1, 0, 1, 0, 0));
+    assert_eq!(h.producer.generation(), 1);
+    let row = h.row(&a0).await;
+    assert_eq!(
+        (row.status.as_str(), row.attempts, row.failures),
+        ("pending", 1, 0)
+    );
+    assert!(row
+        .last_error
+        .unwrap_or_default()
+        .contains("ProducerFenced"));
+    assert_eq!(
+        h.run_until_claimed(Duration::from_secs(5)).await,
+        report(1, 1, 0, 0, 0)
+    );
+    assert_eq!(h.producer.generation(), 1);
+
+    // Two keys in flight on the same producer; the fatal error hits both (or one), but the
+    // producer is replaced once.
+    let a1 = h.stage("a", 1).await;
+    let b0 = h.stage("b", 0).await;
+    h.inject(&[E::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER]);
+    let rep = h.run_once().await;
+    eprintln!("after OUT_OF_ORDER_SEQUENCE_NUMBER: {rep:?}");
+    assert!(rep.retried >= 1 && rep.parked == 0, "{rep:?}");
+    assert_eq!(h.producer.generation(), 2);
+    for ev in [&a1, &b0] {
+        assert_eq!(h.row(ev).await.failures, 0);
+    }
+    let reports = h.drain(Duration::from_secs(10)).await;
+    assert!(
+        reports.iter().all(|r| r.parked == 0 && r.retried == 0),
+        "{reports:?}"
+    );
+    assert_eq!(h.producer.generation(), 2);
+
+    let a2 = h.stage("a", 2).await;
+    assert_eq!(h.run_once().await, report(1, 1, 0, 0, 0));
+    let seen = h
+        .collector()
+        .wait_for(&ids(&[&a0, &a1, &b0, &a2]), Duration::from_secs(10))
+        .await;
+    support::assert_key_order(&seen);
+}
+
+/// A batch that would take longer than its lease (slow broker: 400 ms per ack, 12 rows of
+/// one key, lease 4 s = twice the 1.5 s delivery + 0.5 s queue timeout, the least
+/// `RelayConfig::validate` accepts) must still not be delivered twice by a second relay
+/// that claims the rows once the first relay's lease has lapsed: the first relay stops
+/// starting sends that could outlive its lease and hands the rest back.
+#[tokio::test]
+async fn a_batch_outliving_its_lease_is_not_delivered_twice() {
+    let h = Harness::new(|_| {}, |r| r.lease = Duration::from_secs(4)).await;
+    let staged = support::stage_committed(&h.store, &h.topic, 1, 12).await;
+    h.mock
+        .broker_round_trip_time(-1, Duration::from_millis(400))
+        .unwrap();
+    let mut other = support::relay_config(&support::unique("mock"));
+    other.lease = Duration::from_secs(4);
+    let relay2 = Relay::new(
+        h.store.clone(),
+        support::producer(&h.mock.bootstrap_servers()),
+        other,
+    )
+    .unwrap();
+    let first_done = std::sync::atomic::AtomicBool::new(false);
+    let lapsed_sql = format!(
+        "SELECT coalesce(bool_or(lease_until < clock_timestamp()), false) FROM {} \
+         WHERE status = 'pending'",
+        h.store.table()
+    );
+    let pool = h.store.pool();
+    let (first, second) = tokio::join!(
+        async {
+            let report = h.run_once().await;
+            first_done.store(true, std::sync::atomic::Ordering::SeqCst);
+            report
+        },
+        async {
+            // Start the second relay as soon as a lease of the first one has lapsed (or the
+            // first relay is done).
+            support::eventually(
+                Duration::from_secs(20),
+                "lease lapsed or batch done",
+                || {
+                    let sql = lapsed_sql.clone();
+                    let done = first_done.load(std::sync::atomic::Ordering::SeqCst);
+                    async move {
+                        let lapsed: bool = sqlx::query_scalar(&sql).fetch_one(pool).await.unwrap();
+                        (lapsed || done).then_some(())
+                    }
+                },
+            )
+            .await;
+            relay2.run_once().await.expect("run_once")
+        }
+    );
+    eprintln!("first relay {first:?}, second relay {second:?}");
+    h.mock.broker_round_trip_time(-1, Duration::ZERO).unwrap();
+    h.drain(Duration::from_secs(10)).await;
+    assert_eq!(support::count_status(&h.store, "published").await, 12);
+    // Every send above was acked, so the high watermark counts every copy on the broker.
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", h.mock.bootstrap_servers())
+        .create()
+        .unwrap();
+    let (_, high) = rdkafka::consumer::Consumer::fetch_watermarks(
+        &consumer,
+        &h.topic,
+        0,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let all: Vec<&OutboxEvent> = staged.iter().collect();
+    let seen = h
+        .collector()
+        .wait_for(&ids(&all), Duration::from_secs(10))
+        .await;
+    support::assert_key_order(&seen);
+    assert_eq!(high, 12, "each of the 12 events must be on the broker once");
+}

@@ -1,0 +1,338 @@
+//! The relay against real PostgreSQL, Redis and the tansu broker on 127.0.0.1.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use metrics_util::registry::{AtomicStorage, Registry};
+use std::time::{Duration, Instant};
+
+use outpost::{OutboxStore, Relay, WakeSignal, Waker};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A recorder that can be read without draining it (tests run in parallel and share it).
+#[derive(Debug)]
+struct TestRecorder(Registry<Key, AtomicStorage>);
+
+impl Recorder for TestRecorder {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        self.0
+            .get_or_create_counter(key, |c| Counter::from_arc(Arc::clone(c)))
+    }
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        self.0
+            .get_or_create_gauge(key, |g| Gauge::from_arc(Arc::clone(g)))
+    }
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        self.0
+            .get_or_create_histogram(key, |h| Histogram::from_arc(Arc::clone(h)))
+    }
+}
+
+fn metrics() -> &'static Registry<Key, AtomicStorage> {
+    static RECORDER: OnceLock<&'static TestRecorder> = OnceLock::new();
+    let recorder = RECORDER.get_or_init(|| {
+        let recorder: &'static TestRecorder = Box::leak(Box::new(TestRecorder(Registry::atomic())));
+        metrics::set_global_recorder(recorder).expect("install recorder");
+        recorder
+    });
+    &recorder.0
+}
+
+/// The value of a metric for one service (tests use unique service names): a counter's
+/// count, a gauge's value, a histogram's number of samples.
+fn metric(name: &str, service: &str) -> f64 {
+    let registry = metrics();
+    let mine = |key: &Key| {
+        key.name() == name
+            && key
+                .labels()
+                .any(|l| l.key() == "service" && l.value() == service)
+    };
+    let counters: u64 = registry
+        .get_counter_handles()
+        .into_iter()
+        .filter(|(k, _)| mine(k))
+        .map(|(_, c)| c.load(Ordering::Relaxed))
+        .sum();
+    let gauges: f64 = registry
+        .get_gauge_handles()
+        .into_iter()
+        .filter(|(k, _)| mine(k))
+        .map(|(_, g)| f64::from_bits(g.load(Ordering::Relaxed)))
+        .sum();
+    let samples = registry
+        .get_histogram_handles()
+        .into_iter()
+        .filter(|(k, _)| mine(k))
+        .map(|(_, h)| h.data().len())
+        .sum::<usize>();
+    counters as f64 + gauges + samples as f64
+}
+
+struct Running {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<outpost::Result<()>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("relay drains and stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn spawn(relay: Relay) -> Running {
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(relay.run(shutdown.clone().cancelled_owned()));
+    Running { shutdown, task }
+}
+
+#[tokio::test]
+async fn committed_events_arrive_byte_for_byte_and_rolled_back_ones_never() {
+    metrics();
+    let brokers = support::brokers();
+    let store = support::store().await;
+    let topic = support::topic(2).await;
+    let collector = support::Collector::start(&brokers, &topic, 2);
+    let service = support::unique("svc");
+
+    let ghost = support::event(&topic, "k", 0);
+    let mut tx = store.pool().begin().await.unwrap();
+    store.stage(&mut tx, &ghost).await.unwrap();
+    tx.rollback().await.unwrap();
+    let staged = support::stage_committed(&store, &topic, 3, 30).await;
+
+    let relay = Relay::new(
+        store.clone(),
+        support::producer(&brokers),
+        support::relay_config(&service),
+    )
+    .unwrap();
+    let running = spawn(relay);
+    let ids: Vec<Uuid> = staged.iter().map(|e| e.event_id).collect();
+    let consumed = collector.wait_for(&ids, Duration::from_secs(30)).await;
+    running.stop().await;
+
+    let by_id: HashMap<Uuid, &outpost::OutboxEvent> =
+        staged.iter().map(|e| (e.event_id, e)).collect();
+    for c in &consumed {
+        assert_ne!(
+            c.event_id, ghost.event_id,
+            "rolled-back event was published"
+        );
+        let original = by_id[&c.event_id];
+        assert_eq!(c.payload, original.payload, "bytes differ");
+        assert_eq!(c.key, original.event_key);
+        assert_eq!(c.headers, original.headers, "headers differ");
+        let envelope: serde_json::Value = serde_json::from_slice(&c.payload).unwrap();
+        assert_eq!(envelope["event_id"], c.event_id.to_string());
+    }
+    assert_eq!(consumed.len(), 30, "no duplicates in a fault-free run");
+    support::assert_key_order(&consumed);
+    assert_eq!(support::count_status(&store, "published").await, 30);
+
+    // Metrics are truthful: every publish counted, the backlog drained to zero.
+    assert_eq!(metric(outpost::metrics::EVENTS_PUBLISHED, &service), 30.0);
+    assert_eq!(metric(outpost::metrics::PUBLISH_LATENCY, &service), 30.0);
+    assert_eq!(metric(outpost::metrics::BACKLOG, &service), 0.0);
+    assert_eq!(metric(outpost::metrics::OLDEST_PENDING, &service), 0.0);
+}
+
+#[tokio::test]
+async fn three_relays_deliver_each_event_once_in_key_order() {
+    let brokers = support::brokers();
+    let store = support::store().await;
+    let topic = support::topic(4).await;
+    let collector = support::Collector::start(&brokers, &topic, 4);
+    let signal = WakeSignal::new();
+    let mut relays = Vec::new();
+    for _ in 0..3 {
+        let mut cfg = support::relay_config(&support::unique("svc"));
+        cfg.batch_size = 7; // small batches so the relays interleave
+        cfg.per_key = 3;
+        let relay = Relay::new(store.clone(), support::producer(&brokers), cfg)
+            .unwrap()
+            .with_wake_signal(signal.clone());
+        relays.push(spawn(relay));
+    }
+    let staged = support::stage_committed(&store, &topic, 20, 600).await;
+    let ids: Vec<Uuid> = staged.iter().map(|e| e.event_id).collect();
+    let consumed = collector.wait_for(&ids, Duration::from_secs(60)).await;
+    for r in relays {
+        r.stop().await;
+    }
+    let consumed = collector
+        .snapshot()
+        .into_iter()
+        .chain(consumed.into_iter().take(0));
+    let consumed: Vec<_> = consumed.collect();
+    let distinct: std::collections::HashSet<Uuid> = consumed.iter().map(|c| c.event_id).collect();
+    assert_eq!(distinct.len(), 600);
+    assert_eq!(consumed.len(), 600, "an event was delivered twice");
+    support::assert_key_order(&consumed);
+}
+
+async fn wait_until_listening(store: &OutboxStore, channel: &str) {
+    let pattern = format!("LISTEN \"{channel}\"%");
+    support::eventually(Duration::from_secs(10), "relay is LISTENing", || {
+        let pool = store.pool().clone();
+        let pattern = pattern.clone();
+        async move {
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1")
+                    .bind(pattern)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            (n > 0).then_some(())
+        }
+    })
+    .await;
+}
+
+/// A relay idling at the production interval (5 s) is woken by a hint after commit.
+async fn wake_up_latency(via_redis: bool) -> Duration {
+    let brokers = support::brokers();
+    let store = support::store().await;
+    let topic = support::topic(1).await;
+    let collector = support::Collector::start(&brokers, &topic, 1);
+    let service = support::unique("svc");
+    let mut cfg = support::relay_config(&service);
+    cfg.poll.min_interval = Duration::from_secs(5);
+    cfg.poll.max_interval = Duration::from_secs(5);
+    let signal = WakeSignal::new();
+    let listeners = CancellationToken::new();
+    let waker = if via_redis {
+        signal
+            .listen_redis(&support::redis_url(), &service, listeners.clone())
+            .unwrap();
+        Waker::redis(&support::redis_url(), &service).await.unwrap()
+    } else {
+        signal
+            .listen_notify(store.pool().clone(), &service, listeners.clone())
+            .unwrap();
+        wait_until_listening(&store, &outpost::wake_key(&service)).await;
+        Waker::notify(store.pool().clone(), &service).unwrap()
+    };
+    let relay = Relay::new(store.clone(), support::producer(&brokers), cfg)
+        .unwrap()
+        .with_wake_signal(signal);
+    let running = spawn(relay);
+
+    // First event warms the producer up (an idempotent producer's first send waits for
+    // its producer id); the relay then idles for 5 s.
+    let mut latencies = Vec::new();
+    for seq in 0..3 {
+        let ev = support::event(&topic, "k", seq);
+        let started = Instant::now();
+        let mut tx = store.pool().begin().await.unwrap();
+        store.stage(&mut tx, &ev).await.unwrap();
+        tx.commit().await.unwrap();
+        waker.nudge().await;
+        collector
+            .wait_for(&[ev.event_id], Duration::from_secs(4))
+            .await;
+        latencies.push(started.elapsed());
+    }
+    running.stop().await;
+    listeners.cancel();
+    latencies[1..].iter().max().copied().unwrap()
+}
+
+#[tokio::test]
+async fn redis_wake_up_beats_the_production_poll_interval() {
+    let latency = wake_up_latency(true).await;
+    println!("redis wake-up: staged→consumed {latency:?} with a 5 s poll interval");
+    assert!(latency < Duration::from_secs(1), "{latency:?}");
+}
+
+#[tokio::test]
+async fn notify_wake_up_beats_the_production_poll_interval() {
+    let latency = wake_up_latency(false).await;
+    println!("NOTIFY wake-up: staged→consumed {latency:?} with a 5 s poll interval");
+    assert!(latency < Duration::from_secs(1), "{latency:?}");
+}
+
+#[tokio::test]
+async fn oversized_events_are_parked_once_and_do_not_block_a_good_one() {
+    metrics();
+    let brokers = support::brokers();
+    let store = support::store().await;
+    let topic = support::topic(2).await;
+    let collector = support::Collector::start(&brokers, &topic, 2);
+    let service = support::unique("svc");
+    let big = "x".repeat(30_000);
+    let mut tx = store.pool().begin().await.unwrap();
+    for i in 0..150 {
+        let key = format!("k{}", i % 5);
+        let env = outpost::EventEnvelope::new(
+            "t.v1",
+            "tests",
+            serde_json::json!({ "key": key, "seq": i, "pad": big }),
+        );
+        let ev =
+            outpost::OutboxEvent::from_envelope(&env, &topic, outpost::Aggregate::new("t", &key))
+                .unwrap();
+        store.stage(&mut tx, &ev).await.unwrap();
+    }
+    let good = support::event(&topic, "k0", 1000);
+    store.stage(&mut tx, &good).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let mut producer_cfg = support::producer_config(&brokers);
+    producer_cfg
+        .librdkafka
+        .insert("message.max.bytes".into(), "20000".into());
+    let producer = std::sync::Arc::new(outpost::KafkaProducer::new(producer_cfg).unwrap());
+    let relay = Relay::new(store.clone(), producer, support::relay_config(&service)).unwrap();
+    let running = spawn(relay);
+    collector
+        .wait_for(&[good.event_id], Duration::from_secs(20))
+        .await;
+    support::eventually(Duration::from_secs(10), "all bad events parked", || {
+        let store = store.clone();
+        async move { (support::count_status(&store, "dead").await == 150).then_some(()) }
+    })
+    .await;
+    running.stop().await;
+
+    let rows: Vec<(i32, String)> = sqlx::query_as(&format!(
+        "SELECT attempts, last_error FROM {} WHERE status = 'dead'",
+        store.table()
+    ))
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 150);
+    for (attempts, error) in rows {
+        assert_eq!(attempts, 1, "parked after one attempt");
+        assert!(error.contains("MessageSizeTooLarge"), "{error}");
+    }
+    assert_eq!(metric(outpost::metrics::EVENTS_PARKED, &service), 150.0);
+    assert_eq!(
+        collector.snapshot().len(),
+        1,
+        "only the good event reached Kafka"
+    );
+
+    // Parked rows are never selected again: the relay has nothing to do.
+    let idle = Relay::new(
+        store.clone(),
+        support::producer(&brokers),
+        support::relay_config(&service),
+    )
+    .unwrap();
+    assert_eq!(idle.run_once().await.unwrap().claimed, 0);
+}
