@@ -26,7 +26,10 @@
 //! - [`environment`]: per-environment defaults (testing, development, production).
 //! - [`backoff`]: exponential retry delays with jitter.
 //! - [`producer`]: the Kafka producer, error classes (transient / retriable / permanent), rebuild when fenced.
+//! - [`delivery`]: sending claimed rows (pipelined across keys, one in flight per key) and classifying outcomes.
 //! - [`relay`]: the worker tying claim → produce → settle together, with graceful shutdown.
+//! - [`breaker`]: the circuit breaker Kafka-first publishing uses.
+//! - [`publisher`]: the API services call: transactional (eager after commit), Kafka-first, outbox-only.
 //! - [`error`]: structured errors ([`Error`], [`ErrorDetail`]) that say whether retrying helps.
 //! - [`metrics`]: metric names and their recording, on the `metrics` facade.
 
@@ -38,7 +41,10 @@ pub mod poll;
 pub mod environment;
 pub mod backoff;
 pub mod producer;
+pub mod delivery;
 pub mod relay;
+pub mod breaker;
+pub mod publisher;
 pub mod error;
 pub mod metrics;
 
@@ -46,6 +52,7 @@ pub use envelope::{Aggregate, EventEnvelope, OutboxEvent};
 pub use environment::Environment;
 pub use error::{Error, ErrorCode, ErrorDetail, Result};
 pub use producer::{ErrorClass, KafkaProducer, ProducerConfig};
+pub use publisher::{Dispatch, Mode, OutboxTx, PublishPath, Publisher, PublisherConfig, Staged};
 pub use relay::{BatchReport, Relay, RelayConfig};
 pub use store::{OutboxStore, Settlement};
 pub use table::OutboxTable;

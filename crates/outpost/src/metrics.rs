@@ -77,3 +77,34 @@ pub(crate) fn producer_rebuilt() {
 pub(crate) fn cleaned(service: &str, rows: u64) {
     metrics::counter!(ROWS_CLEANED, "service" => service.to_owned()).increment(rows);
 }
+
+/// Counter: Kafka-first direct publishes, by `service`, `outcome` (acked, rejected, failed).
+pub const DIRECT_PUBLISHES: &str = "outpost_direct_publishes_total";
+/// Counter: Kafka-first events stored in the outbox instead, by `service`, `reason`
+/// (circuit_open, kafka_error, timeout, key_pending).
+pub const FALLBACKS: &str = "outpost_fallbacks_total";
+/// Gauge: Kafka-first circuit state by `service` (0 closed, 1 half-open, 2 open).
+pub const CIRCUIT_STATE: &str = "outpost_circuit_state";
+/// Counter: transactional events after commit, by `service`, `result`: `hit` (delivered
+/// by the eager path) or `miss` (left to the relay).
+pub const EAGER_DISPATCH: &str = "outpost_eager_dispatch_total";
+
+pub(crate) fn direct(service: &str, outcome: &'static str) {
+    metrics::counter!(DIRECT_PUBLISHES, "service" => service.to_owned(), "outcome" => outcome)
+        .increment(1);
+}
+
+pub(crate) fn fallback(service: &str, reason: &'static str) {
+    metrics::counter!(FALLBACKS, "service" => service.to_owned(), "reason" => reason).increment(1);
+}
+
+pub(crate) fn circuit(service: &str, state: crate::breaker::CircuitState) {
+    metrics::gauge!(CIRCUIT_STATE, "service" => service.to_owned()).set(state.as_gauge());
+}
+
+pub(crate) fn eager(service: &str, hits: usize, misses: usize) {
+    metrics::counter!(EAGER_DISPATCH, "service" => service.to_owned(), "result" => "hit")
+        .increment(hits as u64);
+    metrics::counter!(EAGER_DISPATCH, "service" => service.to_owned(), "result" => "miss")
+        .increment(misses as u64);
+}

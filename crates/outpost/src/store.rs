@@ -100,6 +100,8 @@ pub struct DeadEvent {
 struct Sql {
     stage: String,
     claim: String,
+    claim_keys: String,
+    has_pending_key: String,
     published: String,
     retry: String,
     dead: String,
@@ -120,27 +122,10 @@ impl Sql {
                               ELSE clock_timestamp() + make_interval(secs => $11) END) \
                  ON CONFLICT (event_id) DO NOTHING RETURNING id"
             ),
-            // Heads are locked (SKIP LOCKED) before the chain behind them is leased, so two
-            // relays can never hold rows of the same key at once.
-            claim: format!(
-                "WITH heads AS ( \
-                     SELECT h.id, h.event_key FROM {t} h \
-                     WHERE h.status = 'pending' AND h.next_attempt_at <= now() \
-                       AND (h.lease_until IS NULL OR h.lease_until < now()) \
-                       AND NOT EXISTS (SELECT 1 FROM {t} o WHERE o.status = 'pending' \
-                                       AND o.event_key = h.event_key AND o.id < h.id) \
-                     ORDER BY h.id LIMIT $2 \
-                     FOR UPDATE OF h SKIP LOCKED), \
-                 chain AS ( \
-                     SELECT f.id FROM heads CROSS JOIN LATERAL ( \
-                         SELECT c.id FROM {t} c WHERE c.status = 'pending' \
-                           AND c.event_key = heads.event_key AND c.id >= heads.id \
-                         ORDER BY c.id LIMIT $3) f) \
-                 UPDATE {t} t SET lease_owner = $1, \
-                     lease_until = now() + make_interval(secs => $4) \
-                 FROM chain WHERE t.id = chain.id \
-                 RETURNING t.id, t.event_id, t.topic, t.event_key, t.payload, t.headers, \
-                           t.attempts, t.failures, t.created_at"
+            claim: claim_sql(t, ""),
+            claim_keys: claim_sql(t, "AND h.event_key = ANY($5)"),
+            has_pending_key: format!(
+                "SELECT EXISTS (SELECT 1 FROM {t} WHERE status = 'pending' AND event_key = $1)"
             ),
             // An acked row is published whoever holds the lease: the broker has it.
             published: format!(
@@ -182,6 +167,31 @@ impl Sql {
             ),
         }
     }
+}
+
+/// Heads are locked (SKIP LOCKED) before the chain behind them is leased, so two
+/// claimers can never hold rows of the same key at once.
+fn claim_sql(t: &OutboxTable, head_filter: &str) -> String {
+    format!(
+        "WITH heads AS ( \
+             SELECT h.id, h.event_key FROM {t} h \
+             WHERE h.status = 'pending' AND h.next_attempt_at <= now() \
+               AND (h.lease_until IS NULL OR h.lease_until < now()) {head_filter} \
+               AND NOT EXISTS (SELECT 1 FROM {t} o WHERE o.status = 'pending' \
+                               AND o.event_key = h.event_key AND o.id < h.id) \
+             ORDER BY h.id LIMIT $2 \
+             FOR UPDATE OF h SKIP LOCKED), \
+         chain AS ( \
+             SELECT f.id FROM heads CROSS JOIN LATERAL ( \
+                 SELECT c.id FROM {t} c WHERE c.status = 'pending' \
+                   AND c.event_key = heads.event_key AND c.id >= heads.id \
+                 ORDER BY c.id LIMIT $3) f) \
+         UPDATE {t} t SET lease_owner = $1, \
+             lease_until = now() + make_interval(secs => $4) \
+         FROM chain WHERE t.id = chain.id \
+         RETURNING t.id, t.event_id, t.topic, t.event_key, t.payload, t.headers, \
+                   t.attempts, t.failures, t.created_at"
+    )
 }
 
 /// Handle on one service's outbox table.
@@ -338,11 +348,60 @@ impl OutboxStore {
         per_key: usize,
         lease: Duration,
     ) -> Result<Vec<ClaimedEvent>> {
-        let rows = sqlx::query(&self.sql.claim)
+        self.claim_where(owner, heads, per_key, lease, None).await
+    }
+
+    /// Like [`claim`](Self::claim), restricted to the given keys (the eager path claims
+    /// what a transaction just staged, with whatever is pending ahead of it on its keys
+    /// respected: a key whose head is elsewhere is skipped).
+    ///
+    /// # Errors
+    /// [`Error::OutboxStorage`] when the query fails.
+    pub async fn claim_keys(
+        &self,
+        owner: Uuid,
+        keys: &[String],
+        per_key: usize,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedEvent>> {
+        self.claim_where(owner, keys.len(), per_key, lease, Some(keys))
+            .await
+    }
+
+    /// Whether any row of `key` is waiting for delivery.
+    ///
+    /// # Errors
+    /// [`Error::OutboxStorage`] when the query fails.
+    pub async fn has_pending_key(&self, key: &str) -> Result<bool> {
+        sqlx::query_scalar(&self.sql.has_pending_key)
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| Error::storage("has_pending_key", e))
+    }
+
+    async fn claim_where(
+        &self,
+        owner: Uuid,
+        heads: usize,
+        per_key: usize,
+        lease: Duration,
+        keys: Option<&[String]>,
+    ) -> Result<Vec<ClaimedEvent>> {
+        let sql = if keys.is_some() {
+            &self.sql.claim_keys
+        } else {
+            &self.sql.claim
+        };
+        let mut query = sqlx::query(sql)
             .bind(owner)
             .bind(i64::try_from(heads).unwrap_or(i64::MAX))
             .bind(i64::try_from(per_key).unwrap_or(i64::MAX))
-            .bind(lease.as_secs_f64())
+            .bind(lease.as_secs_f64());
+        if let Some(keys) = keys {
+            query = query.bind(keys);
+        }
+        let rows = query
             .fetch_all(&self.pool)
             .await
             .map_err(|e| Error::storage("claim", e))?;
