@@ -86,6 +86,32 @@ pub enum Wake {
     None,
 }
 
+/// Which publishing modes quickstart runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuickstartMode {
+    /// Stage in a transaction, produce right after commit.
+    Transactional,
+    /// Produce directly, outbox on failure.
+    KafkaFirst,
+    /// Stage in a transaction, the woken relay delivers.
+    OutboxOnly,
+    /// All three, one after the other.
+    All,
+}
+
+impl QuickstartMode {
+    /// The library modes this selects.
+    pub fn modes(self) -> Vec<outpost::Mode> {
+        use outpost::Mode;
+        match self {
+            Self::Transactional => vec![Mode::Transactional],
+            Self::KafkaFirst => vec![Mode::KafkaFirst],
+            Self::OutboxOnly => vec![Mode::OutboxOnly],
+            Self::All => vec![Mode::Transactional, Mode::KafkaFirst, Mode::OutboxOnly],
+        }
+    }
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -101,6 +127,12 @@ pub enum Command {
         /// How many distinct partition keys to spread them over.
         #[arg(long, default_value_t = 16)]
         keys: usize,
+        /// Publishing mode(s): transactional, kafka-first, outbox-only, or all.
+        #[arg(long, value_enum, default_value_t = QuickstartMode::All)]
+        mode: QuickstartMode,
+        /// Concurrent publishing tasks (each owns a share of the keys).
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,

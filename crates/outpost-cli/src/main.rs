@@ -93,12 +93,33 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             });
             relay.run(shutdown.cancelled_owned()).await?;
         }
-        Command::Quickstart { events, keys, json } => {
-            let report = quickstart::run(&cli, &settings, store, events, keys, json).await?;
+        Command::Quickstart {
+            events,
+            keys,
+            mode,
+            concurrency,
+            json,
+        } => {
+            let reports = quickstart::run(
+                &cli,
+                &settings,
+                store,
+                &mode.modes(),
+                events,
+                keys,
+                concurrency,
+            )
+            .await?;
             if json {
-                println!("{}", serde_json::to_string(&report)?);
+                let out = match reports.as_slice() {
+                    [one] => serde_json::to_value(one)?,
+                    many => serde_json::json!({ "modes": many }),
+                };
+                println!("{out}");
             } else {
-                report.print();
+                for report in &reports {
+                    report.print();
+                }
             }
         }
         Command::Status => {

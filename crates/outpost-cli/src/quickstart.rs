@@ -1,10 +1,15 @@
-//! `outpost quickstart`: stage events, let the relay deliver them, consume them back.
+//! `outpost quickstart`: publish events in one or more modes, consume them back from the
+//! broker, and report what arrived and how fast.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use outpost::{Aggregate, EventEnvelope, OutboxEvent, OutboxStore, Relay, WakeSignal, Waker};
+use outpost::{
+    Aggregate, EventEnvelope, Mode, OutboxEvent, OutboxStore, Publisher, PublisherConfig, Relay,
+    WakeSignal, Waker,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -19,7 +24,7 @@ use crate::settings::Settings;
 
 const PARTITIONS: i32 = 4;
 
-/// What quickstart measured.
+/// What one mode's run measured.
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub mode: &'static str,
@@ -31,6 +36,8 @@ pub struct Report {
     pub delivered: usize,
     pub duplicates: usize,
     pub order_violations: usize,
+    pub eager_published: usize,
+    pub via_outbox: usize,
     pub elapsed_ms: f64,
     pub events_per_sec: f64,
     pub latency_p50_ms: f64,
@@ -41,7 +48,7 @@ pub struct Report {
 impl Report {
     pub fn print(&self) {
         println!(
-            "outpost quickstart ({} mode, {} environment, wake-up via {})",
+            "outpost quickstart: {} mode ({} environment, wake-up via {})",
             self.mode, self.environment, self.wake
         );
         println!("  topic              {}", self.topic);
@@ -53,6 +60,10 @@ impl Report {
         println!("  delivered          {}", self.delivered);
         println!("  duplicates         {}", self.duplicates);
         println!("  order violations   {}", self.order_violations);
+        println!(
+            "  paths              {} eager/direct, {} via the outbox relay",
+            self.eager_published, self.via_outbox
+        );
         println!("  elapsed            {:.1} ms", self.elapsed_ms);
         println!("  throughput         {:.0} events/s", self.events_per_sec);
         println!(
@@ -69,17 +80,36 @@ struct Received {
     at: Instant,
 }
 
+/// Runs quickstart for each of `modes` in turn.
 pub async fn run(
     cli: &Cli,
     settings: &Settings,
     store: OutboxStore,
+    modes: &[Mode],
     events: usize,
     keys: usize,
-    _json: bool,
-) -> anyhow::Result<Report> {
+    concurrency: usize,
+) -> anyhow::Result<Vec<Report>> {
     anyhow::ensure!(events > 0, "--events must be positive");
-    let keys = keys.max(1);
     store.migrate().await?;
+    let mut reports = Vec::new();
+    for &mode in modes {
+        let keys = keys.max(1);
+        let concurrency = concurrency.clamp(1, keys);
+        reports.push(run_mode(cli, settings, &store, mode, events, keys, concurrency).await?);
+    }
+    Ok(reports)
+}
+
+async fn run_mode(
+    cli: &Cli,
+    settings: &Settings,
+    store: &OutboxStore,
+    mode: Mode,
+    events: usize,
+    keys: usize,
+    concurrency: usize,
+) -> anyhow::Result<Report> {
     let topic = format!("outpost.quickstart.{}", Uuid::new_v4().simple());
     outpost::producer::create_topic(&cli.brokers, &topic, PARTITIONS, Duration::from_secs(10))
         .await
@@ -92,7 +122,8 @@ pub async fn run(
     let signal = WakeSignal::new();
     let pool = store.pool().clone();
     crate::start_listener(cli, settings, &signal, pool.clone(), &shutdown)?;
-    let relay = Relay::new(store.clone(), settings.producer()?, settings.relay.clone())?
+    let producer = settings.producer()?;
+    let relay = Relay::new(store.clone(), Arc::clone(&producer), settings.relay.clone())?
         .with_wake_signal(signal);
     let relay_task = tokio::spawn(relay.run(shutdown.clone().cancelled_owned()));
     let waker = match cli.wake {
@@ -106,21 +137,16 @@ pub async fn run(
         Wake::Notify => Waker::notify(pool.clone(), &settings.relay.service)?,
         Wake::None => Waker::None,
     };
+    let mut config = PublisherConfig::new(&settings.relay.service, settings.environment);
+    config.mode = mode;
+    config.delivery = settings.relay.clone();
+    let publisher = Publisher::new(store.clone(), producer, waker, config)?;
 
     // The first send of an idempotent producer waits ~0.5 s for its producer id; deliver
     // one warm-up event first so the figures describe the steady state.
     let warm_up_started = Instant::now();
-    let warm_up = EventEnvelope::new(
-        "outpost.quickstart.warmup.v1",
-        settings.relay.service.clone(),
-        serde_json::json!({ "seq": 0, "key": "warm-up" }),
-    );
-    let event =
-        OutboxEvent::from_envelope(&warm_up, &topic, Aggregate::new("quickstart", "warm-up"))?;
-    let mut txn = pool.begin().await?;
-    store.stage(&mut txn, &event).await?;
-    txn.commit().await?;
-    waker.nudge().await;
+    let warm_up = event(&topic, &settings.relay.service, "warm-up", 0)?;
+    publisher.publish(&warm_up).await?;
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(30), rx.recv())
             .await
@@ -132,25 +158,36 @@ pub async fn run(
     }
     let warm_up_ms = warm_up_started.elapsed().as_secs_f64() * 1000.0;
 
+    // Each task owns a set of keys and publishes them in order, so per-key order is
+    // defined; tasks run concurrently.
+    let staged_at: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
     let started = Instant::now();
-    let mut staged_at: HashMap<Uuid, Instant> = HashMap::with_capacity(events);
-    for seq in 0..events {
-        let key = format!("key-{}", seq % keys);
-        let envelope = EventEnvelope::new(
-            "outpost.quickstart.v1",
-            settings.relay.service.clone(),
-            serde_json::json!({ "seq": seq, "key": key }),
-        );
-        let event =
-            OutboxEvent::from_envelope(&envelope, &topic, Aggregate::new("quickstart", &key))?;
-        let t0 = Instant::now();
-        let mut txn = pool.begin().await?;
-        store.stage(&mut txn, &event).await?;
-        txn.commit().await?;
-        waker.nudge().await;
-        staged_at.insert(envelope.event_id, t0);
+    let mut tasks = Vec::new();
+    for task in 0..concurrency {
+        let publisher = publisher.clone();
+        let staged_at = Arc::clone(&staged_at);
+        let topic = topic.clone();
+        let service = settings.relay.service.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut eager = 0;
+            for seq in (0..events).filter(|seq| (seq % keys) % concurrency == task) {
+                let key = format!("key-{}", seq % keys);
+                let ev = event(&topic, &service, &key, seq)?;
+                let t0 = Instant::now();
+                staged_at.lock().unwrap().insert(ev.event_id, t0);
+                if publisher_send(&publisher, &ev).await? {
+                    eager += 1;
+                }
+            }
+            anyhow::Ok(eager)
+        }));
+    }
+    let mut eager_published = 0;
+    for t in tasks {
+        eager_published += t.await??;
     }
 
+    let staged_at = std::mem::take(&mut *staged_at.lock().unwrap());
     let deadline = Instant::now() + Duration::from_secs(60) + Duration::from_millis(events as u64);
     let mut seen = HashSet::with_capacity(events);
     let mut duplicates = 0;
@@ -165,7 +202,6 @@ pub async fn run(
         let Ok(Some(msg)) = tokio::time::timeout(remaining, rx.recv()).await else {
             break;
         };
-        let msg: Received = msg;
         let Some(t0) = staged_at.get(&msg.event_id) else {
             continue;
         };
@@ -182,7 +218,7 @@ pub async fn run(
     }
     shutdown.cancel();
     relay_task.await??;
-    drop(consumer);
+    consumer.abort();
 
     latencies.sort();
     let pct = |p: f64| -> f64 {
@@ -194,7 +230,7 @@ pub async fn run(
     };
     let elapsed = last_at.duration_since(started).as_secs_f64();
     let report = Report {
-        mode: "outbox",
+        mode: mode.as_str(),
         environment: format!("{:?}", settings.environment).to_lowercase(),
         wake: format!("{:?}", cli.wake).to_lowercase(),
         topic,
@@ -203,6 +239,8 @@ pub async fn run(
         delivered: seen.len(),
         duplicates,
         order_violations,
+        eager_published,
+        via_outbox: events - eager_published,
         elapsed_ms: elapsed * 1000.0,
         events_per_sec: if elapsed > 0.0 {
             seen.len() as f64 / elapsed
@@ -215,11 +253,38 @@ pub async fn run(
     };
     anyhow::ensure!(
         report.delivered == events,
-        "only {} of {} events were consumed back before the deadline",
+        "{} mode: only {} of {} events were consumed back before the deadline",
+        mode.as_str(),
         report.delivered,
         events
     );
     Ok(report)
+}
+
+fn event(topic: &str, service: &str, key: &str, seq: usize) -> anyhow::Result<OutboxEvent> {
+    let envelope = EventEnvelope::new(
+        "outpost.quickstart.v1",
+        service.to_owned(),
+        serde_json::json!({ "seq": seq, "key": key }),
+    );
+    Ok(OutboxEvent::from_envelope(
+        &envelope,
+        topic,
+        Aggregate::new("quickstart", key),
+    )?)
+}
+
+/// Publishes one event the way the mode's callers would; true when it went to Kafka
+/// without the relay.
+async fn publisher_send(publisher: &Publisher, ev: &OutboxEvent) -> anyhow::Result<bool> {
+    Ok(match publisher.mode() {
+        Mode::KafkaFirst => publisher.publish(ev).await? == outpost::PublishPath::Direct,
+        Mode::Transactional | Mode::OutboxOnly => {
+            let mut tx = publisher.begin().await?;
+            tx.publish(ev).await?;
+            tx.commit().await?.eager_published > 0
+        }
+    })
 }
 
 /// Reads every partition of `topic` from the beginning, without a consumer group (no

@@ -93,10 +93,12 @@ impl Settings {
         }
         relay.lease = match cli.lease_ms {
             Some(ms) => Duration::from_millis(ms),
-            None => relay.lease.max(producer.delivery_timeout * 2),
+            None => relay
+                .lease
+                .max((producer.delivery_timeout + producer.queue_timeout) * 2),
         };
         relay
-            .validate(producer.delivery_timeout)
+            .validate(producer.delivery_timeout + producer.queue_timeout)
             .map_err(|e| match e {
                 Error::Configuration {
                     setting,

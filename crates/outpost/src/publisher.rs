@@ -451,7 +451,11 @@ impl Publisher {
         .await;
         if let Err(source) = stored {
             warn!(event_id = %event.event_id, error = %source, "kafka-first: kafka failed and the outbox write failed too");
-            return Err(Error::storage_with("kafka_first_fallback", context(), source));
+            return Err(Error::storage_with(
+                "kafka_first_fallback",
+                context(),
+                source,
+            ));
         }
         inner
             .fallback_keys

@@ -12,12 +12,12 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
+pub use crate::delivery::BatchReport;
+use crate::delivery::{longest_send, Delivery};
 use crate::environment::Environment;
 use crate::error::{Error, Result};
 use crate::poll::{PollConfig, PollSchedule};
 use crate::producer::KafkaProducer;
-pub use crate::delivery::BatchReport;
-use crate::delivery::{longest_send, Delivery};
 use crate::store::OutboxStore;
 use crate::wake::{validate_service, WakeSignal};
 
@@ -31,7 +31,7 @@ pub struct RelayConfig {
     /// Rows of one key claimed behind its head per iteration (default 20).
     pub per_key: usize,
     /// How long a claim is exclusive; a crashed relay's rows come back after it
-    /// (default 60 s; at least twice the longest send, i.e. delivery plus queue timeout).
+    /// (default 90 s; at least twice the longest send, i.e. delivery plus queue timeout).
     /// No send starts once it could outlast the lease: the rest of its key is handed
     /// back, so a slow broker never lets a second relay send the same rows.
     pub lease: Duration,
@@ -61,7 +61,7 @@ impl RelayConfig {
             service: service.into(),
             batch_size: 100,
             per_key: 20,
-            lease: Duration::from_secs(60),
+            lease: Duration::from_secs(90),
             poll: PollConfig::for_environment(env),
             backoff: Backoff::default(),
             max_attempts: 10,
