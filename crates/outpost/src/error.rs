@@ -26,6 +26,16 @@ pub enum ErrorCode {
     Serialization,
     /// A wake-up hint (Redis or NOTIFY) could not be sent or received.
     WakeUp,
+    /// A consumer's event handler failed.
+    Handler,
+    /// A consumed message is not a valid event envelope.
+    Decode,
+    /// Consuming from Kafka failed.
+    KafkaConsume,
+    /// Reading or writing the consumer inbox table failed.
+    InboxStorage,
+    /// The Redis idempotency check failed, or another consumer holds the event.
+    Idempotency,
 }
 
 impl fmt::Display for ErrorCode {
@@ -36,6 +46,11 @@ impl fmt::Display for ErrorCode {
             Self::Configuration => "CONFIGURATION",
             Self::Serialization => "SERIALIZATION",
             Self::WakeUp => "WAKE_UP",
+            Self::Handler => "HANDLER",
+            Self::Decode => "DECODE",
+            Self::KafkaConsume => "KAFKA_CONSUME",
+            Self::InboxStorage => "INBOX_STORAGE",
+            Self::Idempotency => "IDEMPOTENCY",
         };
         f.write_str(s)
     }
@@ -103,6 +118,50 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A consumer's event handler failed; build it with [`Error::retriable`] or
+    /// [`Error::permanent`].
+    #[error("event handler failed")]
+    Handler {
+        /// Whether handling the same event again can succeed (otherwise it is dead-lettered).
+        retriable: bool,
+        /// What went wrong.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A consumed message is not a valid event envelope; it is dead-lettered.
+    #[error("undecodable message: {reason}")]
+    Decode {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The Kafka consumer failed.
+    #[error("kafka consume failed during {operation}")]
+    KafkaConsume {
+        /// What was being done (`recv`, `seek`, ...).
+        operation: &'static str,
+        /// The client error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The consumer inbox table could not be read or written.
+    #[error("inbox storage failed during {operation}")]
+    InboxStorage {
+        /// What was being done (`claim`, `commit`, `cleanup`, ...).
+        operation: &'static str,
+        /// The database error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The Redis idempotency check could not be made (Redis down, fail-closed), or another
+    /// consumer is processing the event right now; either way, try again later.
+    #[error("idempotency check failed during {operation}")]
+    Idempotency {
+        /// What was being done (`claim`, ...).
+        operation: &'static str,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Error {
@@ -116,6 +175,24 @@ impl Error {
             setting: setting.into(),
             expected: expected.into(),
             got: got.into(),
+        }
+    }
+
+    /// A handler failure that may succeed when the event is handled again (a database or
+    /// downstream service briefly unavailable); the consumer retries it with backoff.
+    pub fn retriable(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Handler {
+            retriable: true,
+            source: source.into(),
+        }
+    }
+
+    /// A handler failure that will repeat however often the event is handled (invalid
+    /// data, a violated business rule); the consumer dead-letters the event.
+    pub fn permanent(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Handler {
+            retriable: false,
+            source: source.into(),
         }
     }
 
@@ -147,19 +224,31 @@ impl Error {
             Self::Configuration { .. } => ErrorCode::Configuration,
             Self::Serialization(_) => ErrorCode::Serialization,
             Self::WakeUp { .. } => ErrorCode::WakeUp,
+            Self::Handler { .. } => ErrorCode::Handler,
+            Self::Decode { .. } => ErrorCode::Decode,
+            Self::KafkaConsume { .. } => ErrorCode::KafkaConsume,
+            Self::InboxStorage { .. } => ErrorCode::InboxStorage,
+            Self::Idempotency { .. } => ErrorCode::Idempotency,
         }
     }
 
     /// Whether doing the same thing again later can succeed.
     ///
     /// Configuration and serialization errors never heal by themselves; a permanent Kafka
-    /// error (message too large, topic authorization) will fail the same way again.
+    /// error (message too large, topic authorization) will fail the same way again; nor will
+    /// an undecodable message.
     pub fn is_retriable(&self) -> bool {
         match self {
-            Self::OutboxStorage { source, .. } => storage_is_retriable(source),
+            Self::OutboxStorage { source, .. } | Self::InboxStorage { source, .. } => {
+                storage_is_retriable(source)
+            }
             Self::KafkaPublish { class, .. } => *class != ErrorClass::Permanent,
-            Self::Configuration { .. } | Self::Serialization(_) => false,
-            Self::WakeUp { .. } => true,
+            Self::Configuration { .. } | Self::Serialization(_) | Self::Decode { .. } => false,
+            Self::WakeUp { .. } | Self::Idempotency { .. } => true,
+            Self::Handler { retriable, .. } => *retriable,
+            Self::KafkaConsume { source, .. } => {
+                crate::producer::classify(source) != ErrorClass::Permanent
+            }
         }
     }
 
@@ -204,7 +293,19 @@ impl Error {
                 details.insert("setting".into(), setting.clone().into());
                 details.insert("expected".into(), expected.clone().into());
             }
-            Self::Serialization(_) | Self::WakeUp { .. } => {}
+            Self::KafkaConsume { operation, .. } => {
+                details.insert("kafka_operation".into(), (*operation).into());
+            }
+            Self::InboxStorage { operation, .. } => {
+                details.insert("inbox_operation".into(), (*operation).into());
+            }
+            Self::Idempotency { operation, .. } => {
+                details.insert("idempotency_operation".into(), (*operation).into());
+            }
+            Self::Serialization(_)
+            | Self::WakeUp { .. }
+            | Self::Handler { .. }
+            | Self::Decode { .. } => {}
         }
         if let Some(cause) = std::error::Error::source(self) {
             details.insert("cause".into(), cause.to_string().into());
@@ -290,5 +391,28 @@ mod tests {
         assert_eq!(d.details["outbox_operation"], "stage");
         let json = serde_json::to_value(&d).unwrap();
         assert_eq!(json["error_code"], "OUTBOX_STORAGE");
+    }
+
+    #[test]
+    fn consumer_errors_say_whether_to_retry() {
+        let err = Error::retriable("database unavailable");
+        assert!(err.is_retriable());
+        assert_eq!(err.code(), ErrorCode::Handler);
+        assert_eq!(
+            err.detail("els", "handle", None).details["cause"],
+            "database unavailable"
+        );
+        assert!(!Error::permanent("unknown essay").is_retriable());
+        let undecodable = Error::Decode {
+            reason: "not json".into(),
+        };
+        assert!(!undecodable.is_retriable());
+        assert_eq!(undecodable.to_string(), "undecodable message: not json");
+        let inbox = Error::InboxStorage {
+            operation: "claim",
+            source: sqlx::Error::PoolTimedOut,
+        };
+        assert!(inbox.is_retriable());
+        assert_eq!(ErrorCode::InboxStorage.to_string(), "INBOX_STORAGE");
     }
 }

@@ -30,6 +30,9 @@
 //! - [`relay`]: the worker tying claim → produce → settle together, with graceful shutdown.
 //! - [`breaker`]: the circuit breaker Kafka-first publishing uses.
 //! - [`publisher`]: the API services call: transactional (eager after commit), Kafka-first, outbox-only.
+//! - [`consumer`]: the consuming side: event id header-first, dedup, handle, then commit; dead-letters what cannot be handled.
+//! - [`inbox`]: the PostgreSQL inbox: handler writes and "event processed" commit together (exactly-once effect; recommended).
+//! - [`idempotency`]: HuleEdu-style Redis two-phase dedup, fail-open or fail-closed when Redis is down.
 //! - [`error`]: structured errors ([`Error`], [`ErrorDetail`]) that say whether retrying helps.
 //! - [`metrics`]: metric names and their recording, on the `metrics` facade.
 
@@ -45,12 +48,18 @@ pub mod delivery;
 pub mod relay;
 pub mod breaker;
 pub mod publisher;
+pub mod consumer;
+pub mod inbox;
+pub mod idempotency;
 pub mod error;
 pub mod metrics;
 
+pub use consumer::{Consumer, ConsumerConfig, Handler, Outcome, Process, Received};
 pub use envelope::{Aggregate, EventEnvelope, OutboxEvent};
 pub use environment::Environment;
 pub use error::{Error, ErrorCode, ErrorDetail, Result};
+pub use idempotency::{Idempotency, IdempotencyConfig, Idempotent, RedisDownPolicy};
+pub use inbox::{Inbox, InboxConfig, InboxHandler, InboxTable, Inboxed};
 pub use producer::{ErrorClass, KafkaProducer, ProducerConfig};
 pub use publisher::{Dispatch, Mode, OutboxTx, PublishPath, Publisher, PublisherConfig, Staged};
 pub use relay::{BatchReport, Relay, RelayConfig};

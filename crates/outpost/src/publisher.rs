@@ -25,7 +25,7 @@ use sqlx::{PgConnection, Postgres, Transaction};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use crate::breaker::{BreakerConfig, CircuitBreaker};
+use crate::breaker::{BreakerConfig, CircuitBreaker, CircuitState};
 use crate::delivery::{longest_send, Delivery};
 use crate::envelope::OutboxEvent;
 use crate::error::{Error, EventContext, Result};
@@ -298,8 +298,10 @@ impl Publisher {
                 };
             }
         };
+        let claim_took = claimed_at.elapsed();
         let claimed_ids: Vec<(i64, Uuid)> = claimed.iter().map(|r| (r.id, r.event_id)).collect();
         let (outcomes, _, _) = inner.delivery.deliver(claimed, claimed_at).await;
+        let deliver_took = claimed_at.elapsed() - claim_took;
         if let Err(e) = inner.store.settle(inner.owner, &outcomes).await {
             // Acked rows stay leased until the lease lapses; the relay then sends them
             // again (same bytes, same event id).
@@ -317,7 +319,14 @@ impl Publisher {
             .count();
         let misses = staged.len() - hits;
         crate::metrics::eager(service, hits, misses);
-        debug!(hits, misses, "eager dispatch");
+        debug!(
+            hits,
+            misses,
+            ?claim_took,
+            ?deliver_took,
+            total = ?claimed_at.elapsed(),
+            "eager dispatch"
+        );
         Dispatch {
             eager_published: hits,
             left_to_relay: misses,
@@ -353,33 +362,40 @@ impl Publisher {
         if self.key_waits_in_outbox(&event.event_key).await {
             return self.fall_back(event, "key_pending").await;
         }
-        let allowed = {
+        let (allowed, probe) = {
             let mut breaker = inner.breaker.lock().unwrap_or_else(|p| p.into_inner());
-            let allowed = breaker.allow(Instant::now());
-            crate::metrics::circuit(service, breaker.state(Instant::now()));
-            allowed
+            let now = Instant::now();
+            let probe = breaker.state(now) != CircuitState::Closed;
+            let allowed = breaker.allow(now);
+            crate::metrics::circuit(service, breaker.state(now));
+            (allowed, allowed && probe)
         };
         if !allowed {
             return self.fall_back(event, "circuit_open").await;
         }
-        let sent = tokio::time::timeout(
-            inner.config.direct_deadline,
-            inner.producer.send(
-                &event.topic,
-                &event.event_key,
-                &event.payload,
-                &event.headers,
-            ),
-        )
-        .await;
+        let mut abandoned_probe = AbandonedProbe {
+            publisher: self,
+            armed: probe,
+        };
+        // The send runs to completion in a task of its own. Abandoned at the deadline, its
+        // failure would never reach the producer, whose replace-when-stuck logic (needed
+        // after a broker restart) would then never run: the circuit would never close.
+        let send = {
+            let producer = Arc::clone(&inner.producer);
+            let (topic, key) = (event.topic.clone(), event.event_key.clone());
+            let (payload, headers) = (event.payload.clone(), event.headers.clone());
+            tokio::spawn(async move { producer.send(&topic, &key, &payload, &headers).await })
+        };
+        let sent = tokio::time::timeout(inner.config.direct_deadline, send).await;
+        abandoned_probe.armed = false;
         let reason = match sent {
-            Ok(Ok(_)) => {
+            Ok(Ok(Ok(_))) => {
                 self.breaker(|b| b.on_success());
                 crate::metrics::direct(service, "acked");
                 info!(event_id = %event.event_id, topic = %event.topic, path = "direct", "published");
                 return Ok(PublishPath::Direct);
             }
-            Ok(Err(failure)) if failure.class == ErrorClass::Permanent => {
+            Ok(Ok(Err(failure))) if failure.class == ErrorClass::Permanent => {
                 self.breaker(|b| b.on_success()); // the broker answered
                 crate::metrics::direct(service, "rejected");
                 return Err(Error::KafkaPublish {
@@ -388,8 +404,12 @@ impl Publisher {
                     source: failure.error,
                 });
             }
-            Ok(Err(failure)) => {
+            Ok(Ok(Err(failure))) => {
                 debug!(error = %failure, "direct publish failed");
+                "kafka_error"
+            }
+            Ok(Err(panicked)) => {
+                warn!(error = %panicked, "direct publish task failed");
                 "kafka_error"
             }
             Err(_) => "timeout",
@@ -466,6 +486,22 @@ impl Publisher {
         info!(event_id = %event.event_id, topic = %event.topic, path = "outbox", reason, "published");
         inner.waker.nudge().await;
         Ok(PublishPath::Outbox)
+    }
+}
+
+/// A half-open probe whose caller dropped the `publish` future before it finished counts
+/// as failed: without a report the breaker would stay half-open, letting no probe through
+/// and sending every call to the outbox, for good.
+struct AbandonedProbe<'a> {
+    publisher: &'a Publisher,
+    armed: bool,
+}
+
+impl Drop for AbandonedProbe<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.publisher.breaker(|b| b.on_failure(Instant::now()));
+        }
     }
 }
 

@@ -1,0 +1,765 @@
+//! The consumer helper: read the event id (header first), deduplicate, decode, handle, and
+//! only then let the offset be committed.
+//!
+//! A [`Consumer`] handles one message at a time, so each partition is handled in order:
+//!
+//! 1. The event id comes from the `event_id` header; only a message without one has its body
+//!    parsed for it. A duplicate is recognised without parsing its JSON.
+//! 2. The [`Process`] skips a duplicate, or decodes the envelope and runs the handler:
+//!    [`Inboxed`](crate::inbox::Inboxed) (PostgreSQL inbox, exactly-once effect; the
+//!    recommended one) or [`Idempotent`](crate::idempotency::Idempotent) (Redis, HuleEdu's
+//!    two-phase scheme).
+//! 3. Once the message is settled (handled, skipped, or dead-lettered) its offset is
+//!    *stored*; librdkafka commits stored offsets every `commit_interval`, when partitions
+//!    are revoked and at shutdown. Nothing is ever committed past an unsettled message.
+//!
+//! A retriable failure seeks the partition back to the message and tries it again after a
+//! backoff, so nothing behind it overtakes it. A permanent failure, or a message that is
+//! not an envelope, goes to the dead-letter topic with its reason (original key, payload
+//! and headers kept, `dlq_*` headers added) and the partition moves on.
+//!
+//! Delivery stays at-least-once: after a crash, the messages since the last commit arrive
+//! again, and the [`Process`] makes them harmless.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use outpost::{
+//!     Consumer, ConsumerConfig, Error, EventEnvelope, Inbox, InboxConfig, InboxHandler,
+//!     InboxTable, Inboxed, Received,
+//! };
+//! use sqlx::{Postgres, Transaction};
+//!
+//! struct CountEssays;
+//!
+//! impl InboxHandler for CountEssays {
+//!     async fn handle(
+//!         &self,
+//!         event: &EventEnvelope<serde_json::Value>,
+//!         _received: &Received,
+//!         tx: &mut Transaction<'_, Postgres>,
+//!     ) -> outpost::Result<()> {
+//!         sqlx::query("UPDATE batches SET essays = essays + 1 WHERE id = $1")
+//!             .bind(event.data["batch_id"].as_str())
+//!             .execute(&mut **tx)
+//!             .await
+//!             .map_err(Error::retriable)?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # async fn example(pool: sqlx::PgPool) -> outpost::Result<()> {
+//! // How long after a first delivery the publisher may still send a duplicate.
+//! let horizon = Duration::from_secs(24 * 3600);
+//! let inbox = Inbox::new(pool, InboxTable::new("els")?, InboxConfig::default(), horizon)?;
+//! inbox.migrate().await?;
+//! let cleanup = inbox.clone();
+//! tokio::spawn(async move { cleanup.run_cleanup(std::future::pending()).await });
+//!
+//! let topics = ["huleedu.essay.submitted.v1"];
+//! let config = ConsumerConfig::new("kafka:9092", "els", topics, "els.dead-letter");
+//! let consumer = Consumer::new(config, Inboxed::new(inbox, CountEssays))?;
+//! consumer
+//!     .run(async {
+//!         let _ = tokio::signal::ctrl_c().await;
+//!     })
+//!     .await
+//! # }
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::pin::pin;
+use std::time::Duration;
+
+use futures::FutureExt;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::Offset;
+use serde::Deserialize;
+use tracing::{debug, error, info, warn};
+use uuid::Uuid;
+
+use crate::backoff::Backoff;
+use crate::envelope::EventEnvelope;
+use crate::error::{Error, Result};
+use crate::producer::{classify, validate_brokers};
+
+/// The header the event id is read from before falling back to the body.
+pub const EVENT_ID_HEADER: &str = "event_id";
+/// Dead-letter header: why the message could not be handled.
+pub const DLQ_REASON: &str = "dlq_reason";
+/// Dead-letter header: the [`ErrorCode`](crate::error::ErrorCode) of the failure.
+pub const DLQ_ERROR_CODE: &str = "dlq_error_code";
+/// Dead-letter header: the topic the message was consumed from.
+pub const DLQ_SOURCE_TOPIC: &str = "dlq_source_topic";
+/// Dead-letter header: its partition there.
+pub const DLQ_PARTITION: &str = "dlq_partition";
+/// Dead-letter header: its offset there.
+pub const DLQ_OFFSET: &str = "dlq_offset";
+/// Dead-letter header: the consumer group that gave up on it.
+pub const DLQ_CONSUMER_GROUP: &str = "dlq_consumer_group";
+
+/// librdkafka properties the at-least-once guarantee rests on; they cannot be overridden.
+const MANAGED: [&str; 2] = ["enable.auto.commit", "enable.auto.offset.store"];
+
+/// Consumer settings; build with [`ConsumerConfig::new`] and adjust fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerConfig {
+    /// `host:port[,host:port...]` (no default; required).
+    pub brokers: String,
+    /// Consumer group; also part of every deduplication key (no default; required).
+    pub group_id: String,
+    /// Topics to subscribe to (no default; at least one).
+    pub topics: Vec<String>,
+    /// Where messages that cannot be handled go (no default; required, and not one of
+    /// `topics`).
+    pub dead_letter_topic: String,
+    /// Delay before trying a message again after a retriable failure (default 100 ms
+    /// doubling to 10 s).
+    pub retry: Backoff,
+    /// How often stored offsets are committed (`auto.commit.interval.ms`, default 1 s).
+    pub commit_interval: Duration,
+    /// How long a dead-letter send may take until acked (`message.timeout.ms`, default 10 s).
+    pub dead_letter_timeout: Duration,
+    /// Extra librdkafka properties for the consumer, applied after Outpost's own (for
+    /// example `session.timeout.ms`, `auto.offset.reset`, security settings). The offset
+    /// store and auto-commit settings are Outpost's and rejected here.
+    pub librdkafka: BTreeMap<String, String>,
+    /// Extra librdkafka properties for the dead-letter producer, applied last.
+    pub dead_letter_librdkafka: BTreeMap<String, String>,
+}
+
+impl ConsumerConfig {
+    /// Defaults for a group consuming `topics` from `brokers`.
+    pub fn new(
+        brokers: impl Into<String>,
+        group_id: impl Into<String>,
+        topics: impl IntoIterator<Item = impl Into<String>>,
+        dead_letter_topic: impl Into<String>,
+    ) -> Self {
+        Self {
+            brokers: brokers.into(),
+            group_id: group_id.into(),
+            topics: topics.into_iter().map(Into::into).collect(),
+            dead_letter_topic: dead_letter_topic.into(),
+            retry: Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(10),
+            },
+            commit_interval: Duration::from_secs(1),
+            dead_letter_timeout: Duration::from_secs(10),
+            librdkafka: BTreeMap::new(),
+            dead_letter_librdkafka: BTreeMap::new(),
+        }
+    }
+
+    /// Sets one librdkafka consumer property.
+    #[must_use]
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.librdkafka.insert(key.into(), value.into());
+        self
+    }
+
+    /// Checks the settings.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] naming the first bad field.
+    pub fn validate(&self) -> Result<()> {
+        validate_brokers(&self.brokers)?;
+        if self.group_id.trim().is_empty() {
+            return Err(Error::config("group_id", "a non-empty group id", ""));
+        }
+        if self.topics.is_empty() || self.topics.iter().any(|t| t.trim().is_empty()) {
+            return Err(Error::config(
+                "topics",
+                "one or more non-empty topic names",
+                format!("{:?}", self.topics),
+            ));
+        }
+        if self.dead_letter_topic.trim().is_empty() || self.topics.contains(&self.dead_letter_topic)
+        {
+            return Err(Error::config(
+                "dead_letter_topic",
+                "a non-empty topic that is not consumed",
+                &self.dead_letter_topic,
+            ));
+        }
+        if self.retry.initial.is_zero() || self.retry.max < self.retry.initial {
+            return Err(Error::config(
+                "retry",
+                "initial > 0 and max >= initial",
+                format!("{:?}", self.retry),
+            ));
+        }
+        if self.commit_interval.is_zero() {
+            return Err(Error::config("commit_interval", "positive", "0s"));
+        }
+        if self.dead_letter_timeout < Duration::from_millis(100) {
+            return Err(Error::config(
+                "dead_letter_timeout",
+                "at least 100 ms",
+                format!("{:?}", self.dead_letter_timeout),
+            ));
+        }
+        if let Some(key) = MANAGED.iter().find(|k| self.librdkafka.contains_key(**k)) {
+            return Err(Error::config(
+                format!("librdkafka.{key}"),
+                "unset (offsets are stored only after a message is settled)",
+                &self.librdkafka[*key],
+            ));
+        }
+        Ok(())
+    }
+
+    fn consumer_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.brokers)
+            .set("group.id", &self.group_id)
+            .set("client.id", "outpost-consumer")
+            // Offsets are stored by hand once a message is settled; librdkafka commits what
+            // was stored, periodically, on revocation and on close.
+            .set("enable.auto.offset.store", "false")
+            .set("enable.auto.commit", "true")
+            .set(
+                "auto.commit.interval.ms",
+                self.commit_interval.as_millis().to_string(),
+            )
+            // A new group reads what was published before it first joined.
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("reconnect.backoff.ms", "50")
+            .set("reconnect.backoff.max.ms", "1000");
+        for (k, v) in &self.librdkafka {
+            cfg.set(k, v);
+        }
+        cfg
+    }
+
+    fn dead_letter_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.brokers)
+            .set("client.id", "outpost-dead-letter")
+            .set("acks", "all")
+            // A failed dead-letter send is retried by the consumer (the offset is not stored),
+            // so a duplicate in the dead-letter topic is possible anyway; without idempotence
+            // the producer also survives tansu's fencing after a timeout.
+            .set("enable.idempotence", "false")
+            .set("linger.ms", "0")
+            .set(
+                "message.timeout.ms",
+                self.dead_letter_timeout.as_millis().to_string(),
+            )
+            .set("reconnect.backoff.ms", "50")
+            .set("reconnect.backoff.max.ms", "1000");
+        for (k, v) in &self.dead_letter_librdkafka {
+            cfg.set(k, v);
+        }
+        cfg
+    }
+}
+
+/// One message as the consumer received it, before its body is decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    /// The consumer group that received it.
+    pub group_id: String,
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Message key, if any.
+    pub key: Option<Vec<u8>>,
+    /// Headers (values decoded as UTF-8, lossily; the first of repeated names wins).
+    pub headers: BTreeMap<String, String>,
+    /// The raw payload.
+    pub payload: Vec<u8>,
+    /// The event id, from the `event_id` header or else the envelope (see [`event_id`]).
+    pub event_id: Uuid,
+}
+
+impl Received {
+    /// Parses the payload as an envelope.
+    ///
+    /// # Errors
+    /// [`Error::Decode`] when it is not one, or when its `event_id` differs from the one
+    /// deduplication used.
+    pub fn decode(&self) -> Result<EventEnvelope<serde_json::Value>> {
+        let envelope: EventEnvelope<serde_json::Value> = serde_json::from_slice(&self.payload)
+            .map_err(|e| Error::Decode {
+                reason: format!("payload is not an event envelope: {e}"),
+            })?;
+        if envelope.event_id != self.event_id {
+            return Err(Error::Decode {
+                reason: format!(
+                    "event_id header {} does not match the envelope's {}",
+                    self.event_id, envelope.event_id
+                ),
+            });
+        }
+        Ok(envelope)
+    }
+}
+
+/// The event id of a message: the `event_id` header when present (no JSON parsing), else
+/// the envelope's `event_id` field.
+///
+/// # Errors
+/// [`Error::Decode`] when the header is not a UUID, or there is no header and the payload
+/// has no `event_id`.
+pub fn event_id(headers: &BTreeMap<String, String>, payload: &[u8]) -> Result<Uuid> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        event_id: Uuid,
+    }
+    if let Some(raw) = headers.get(EVENT_ID_HEADER) {
+        return raw.parse().map_err(|_| Error::Decode {
+            reason: format!("event_id header {raw:?} is not a UUID"),
+        });
+    }
+    serde_json::from_slice::<IdOnly>(payload)
+        .map(|e| e.event_id)
+        .map_err(|e| Error::Decode {
+            reason: format!("no event_id header, and no event_id in the payload: {e}"),
+        })
+}
+
+/// How a message was settled by a [`Process`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The handler ran and its effect is durable.
+    Handled,
+    /// The event had already been handled; nothing was done.
+    Duplicate,
+}
+
+/// The business side of consuming with [`Idempotent`](crate::idempotency::Idempotent):
+/// what to do with one decoded event.
+///
+/// Contract: return `Ok` only once the effect is durable (committed); the event is then
+/// marked completed and never handled again. An error must leave no effect behind: a
+/// [retriable](Error::retriable) one makes the consumer hand the same event over again
+/// after a backoff, a [permanent](Error::permanent) one dead-letters it.
+pub trait Handler: Send + Sync {
+    /// Handles `event`, received as `received`.
+    ///
+    /// # Errors
+    /// Whatever the handler reports; see the trait's contract.
+    fn handle(
+        &self,
+        event: &EventEnvelope<serde_json::Value>,
+        received: &Received,
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// What a [`Consumer`] runs for each message: deduplicate, decode, handle.
+///
+/// Contract: called for one message at a time, in partition order; the same event may
+/// also be in progress in another consumer of the group (after a rebalance), which the
+/// implementation must tolerate. `Ok` settles the message and lets its offset be committed;
+/// a retriable error makes the consumer call again with the same message after a backoff;
+/// any other error dead-letters it.
+pub trait Process: Send + Sync {
+    /// Settles `received`.
+    ///
+    /// # Errors
+    /// See the trait's contract; [`Error::Decode`] for a payload that is not an envelope.
+    fn process(&self, received: &Received) -> impl Future<Output = Result<Outcome>> + Send;
+}
+
+/// A Kafka consumer that settles each message with a [`Process`] before committing it.
+pub struct Consumer<P> {
+    config: ConsumerConfig,
+    consumer: StreamConsumer,
+    dead_letters: FutureProducer,
+    process: P,
+}
+
+impl<P> fmt::Debug for Consumer<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Process> Consumer<P> {
+    /// Creates the consumer and subscribes it (the group is joined once [`run`](Self::run)
+    /// polls).
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] for invalid settings or librdkafka properties.
+    pub fn new(config: ConsumerConfig, process: P) -> Result<Self> {
+        config.validate()?;
+        let consumer: StreamConsumer = config.consumer_config().create().map_err(|e| {
+            Error::config(
+                "librdkafka",
+                "valid librdkafka consumer properties",
+                e.to_string(),
+            )
+        })?;
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| Error::config("topics", "valid topic names", e.to_string()))?;
+        let dead_letters: FutureProducer = config.dead_letter_config().create().map_err(|e| {
+            Error::config(
+                "dead_letter_librdkafka",
+                "valid librdkafka producer properties",
+                e.to_string(),
+            )
+        })?;
+        Ok(Self {
+            config,
+            consumer,
+            dead_letters,
+            process,
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ConsumerConfig {
+        &self.config
+    }
+
+    /// Consumes until `shutdown` resolves, then finishes the message in hand, commits the
+    /// stored offsets and returns. A message waiting out a retry backoff at shutdown is
+    /// left uncommitted and comes again on the next run.
+    ///
+    /// # Errors
+    /// [`Error::KafkaConsume`] when the consumer hits a fatal error, or cannot seek back to
+    /// a message it must retry (it stops rather than skip it).
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let mut shutdown = pin!(shutdown.fuse());
+        let group = self.config.group_id.as_str();
+        // The message each partition is held at, and how often it has failed.
+        let mut stuck: HashMap<(String, i32), (i64, u32)> = HashMap::new();
+        let mut recv_failures = 0u32;
+        info!(group, topics = ?self.config.topics, "consumer started");
+        let result = loop {
+            let next = tokio::select! {
+                biased;
+                () = &mut shutdown => break Ok(()),
+                next = self.consumer.recv() => next,
+            };
+            let msg = match next {
+                Ok(msg) => {
+                    recv_failures = 0;
+                    msg
+                }
+                Err(e) => {
+                    if self.consumer.client().fatal_error().is_some() {
+                        break Err(Error::KafkaConsume {
+                            operation: "recv",
+                            source: e,
+                        });
+                    }
+                    recv_failures += 1;
+                    warn!(group, error = %e, "kafka consumer error");
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break Ok(()),
+                        () = tokio::time::sleep(self.config.retry.delay(recv_failures)) => {}
+                    }
+                    continue;
+                }
+            };
+            let partition = (msg.topic().to_owned(), msg.partition());
+            let failure = match self.settle(&msg).await {
+                Ok(()) => {
+                    stuck.remove(&partition);
+                    if let Err(e) = self.consumer.store_offset_from_message(&msg) {
+                        // Typically the partition was revoked meanwhile: its new owner gets
+                        // the message again and skips it as a duplicate.
+                        debug!(group, error = %e, "offset not stored");
+                    }
+                    continue;
+                }
+                Err(failure) => failure,
+            };
+            let attempts = match stuck.get(&partition) {
+                Some(&(offset, n)) if offset == msg.offset() => n + 1,
+                _ => 1,
+            };
+            stuck.insert(partition, (msg.offset(), attempts));
+            let delay = self.config.retry.delay(attempts);
+            if failure.is_retriable() {
+                warn!(
+                    group,
+                    topic = msg.topic(),
+                    partition = msg.partition(),
+                    offset = msg.offset(),
+                    attempts,
+                    error = explain(&failure),
+                    ?delay,
+                    "handling failed; will retry",
+                );
+            } else {
+                error!(
+                    group,
+                    topic = msg.topic(),
+                    partition = msg.partition(),
+                    offset = msg.offset(),
+                    attempts,
+                    error = explain(&failure),
+                    "message can be neither handled nor dead-lettered; partition held",
+                );
+            }
+            if let Err(e) = self.rewind(&msg) {
+                break Err(e);
+            }
+            drop(msg);
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break Ok(()),
+                () = tokio::time::sleep(delay) => {}
+            }
+        };
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => warn!(
+                group,
+                error = %e,
+                "final offset commit failed; uncommitted messages come again and are skipped as duplicates"
+            ),
+        }
+        info!(group, "consumer stopped");
+        result
+    }
+
+    /// Handles, skips or dead-letters one message. An error means it is not settled.
+    async fn settle(&self, msg: &BorrowedMessage<'_>) -> Result<()> {
+        let outcome = match self.received(msg) {
+            Ok(received) => self.process.process(&received).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(outcome) => {
+                debug!(
+                    topic = msg.topic(),
+                    partition = msg.partition(),
+                    offset = msg.offset(),
+                    ?outcome,
+                    "message settled"
+                );
+                Ok(())
+            }
+            Err(e) if e.is_retriable() => Err(e),
+            Err(e) => self.dead_letter(msg, &e).await,
+        }
+    }
+
+    fn received(&self, msg: &BorrowedMessage<'_>) -> Result<Received> {
+        let mut headers = BTreeMap::new();
+        if let Some(all) = msg.headers() {
+            for h in all.iter() {
+                let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
+                headers.entry(h.key.to_owned()).or_insert(value);
+            }
+        }
+        let payload = msg.payload().ok_or_else(|| Error::Decode {
+            reason: "message has no payload".into(),
+        })?;
+        Ok(Received {
+            group_id: self.config.group_id.clone(),
+            topic: msg.topic().to_owned(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().map(<[u8]>::to_vec),
+            event_id: event_id(&headers, payload)?,
+            headers,
+            payload: payload.to_vec(),
+        })
+    }
+
+    /// Sends `msg` to the dead-letter topic as it was (key, payload, headers) plus `dlq_*`
+    /// headers, and waits for the ack.
+    async fn dead_letter(&self, msg: &BorrowedMessage<'_>, failure: &Error) -> Result<()> {
+        let reason = explain(failure);
+        let code = failure.code().to_string();
+        let partition = msg.partition().to_string();
+        let offset = msg.offset().to_string();
+        let added = [
+            (DLQ_REASON, reason.as_str()),
+            (DLQ_ERROR_CODE, code.as_str()),
+            (DLQ_SOURCE_TOPIC, msg.topic()),
+            (DLQ_PARTITION, partition.as_str()),
+            (DLQ_OFFSET, offset.as_str()),
+            (DLQ_CONSUMER_GROUP, self.config.group_id.as_str()),
+        ];
+        let mut headers = msg.headers().map_or_else(OwnedHeaders::new, |h| h.detach());
+        for (key, value) in added {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let topic = self.config.dead_letter_topic.as_str();
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        if let Some(key) = msg.key() {
+            record = record.key(key);
+        }
+        if let Some(payload) = msg.payload() {
+            record = record.payload(payload);
+        }
+        match self
+            .dead_letters
+            .send(record, Timeout::After(self.config.dead_letter_timeout))
+            .await
+        {
+            Ok(_) => {
+                warn!(
+                    group = self.config.group_id,
+                    topic = msg.topic(),
+                    partition = msg.partition(),
+                    offset = msg.offset(),
+                    dead_letter_topic = topic,
+                    reason,
+                    "message dead-lettered"
+                );
+                Ok(())
+            }
+            Err((source, _)) => Err(Error::KafkaPublish {
+                topic: topic.to_owned(),
+                class: classify(&source),
+                source,
+            }),
+        }
+    }
+
+    /// Seeks `msg`'s partition back to it, so it is the next message of that partition.
+    fn rewind(&self, msg: &BorrowedMessage<'_>) -> Result<()> {
+        let Err(source) = self.consumer.seek(
+            msg.topic(),
+            msg.partition(),
+            Offset::Offset(msg.offset()),
+            Duration::from_secs(5),
+        ) else {
+            return Ok(());
+        };
+        let still_assigned = self.consumer.assignment().map_or(true, |a| {
+            a.find_partition(msg.topic(), msg.partition()).is_some()
+        });
+        if still_assigned {
+            // Going on would hand over later messages of this partition and commit past
+            // this one; stopping leaves it to be delivered again.
+            return Err(Error::KafkaConsume {
+                operation: "seek",
+                source,
+            });
+        }
+        debug!(
+            topic = msg.topic(),
+            partition = msg.partition(),
+            "partition revoked; its new owner handles the message"
+        );
+        Ok(())
+    }
+}
+
+/// The error and its source chain, `: `-separated. A cause whose text its parent already
+/// ends with is left out (some clients print their source in their own message).
+fn explain(err: &Error) -> String {
+    let mut out = err.to_string();
+    let mut next = std::error::Error::source(err);
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ConsumerConfig {
+        ConsumerConfig::new("127.0.0.1:9092", "g", ["a", "b"], "a.dlq")
+    }
+
+    #[test]
+    fn config_validation_names_the_field() {
+        assert!(config().validate().is_ok());
+        let mut c = config();
+        c.dead_letter_topic = "a".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("dead_letter_topic"));
+        let mut c = config();
+        c.topics.clear();
+        assert!(c.validate().unwrap_err().to_string().contains("topics"));
+        let c = config().with("enable.auto.offset.store", "true");
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("librdkafka.enable.auto.offset.store"));
+        let mut c = config();
+        c.group_id = " ".into();
+        assert!(c.validate().unwrap_err().to_string().contains("group_id"));
+        c = config();
+        c.brokers = "nope".into();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn event_id_is_read_from_the_header_first() {
+        let id = Uuid::new_v4();
+        let headers = BTreeMap::from([(EVENT_ID_HEADER.to_owned(), id.to_string())]);
+        // The payload is never looked at when the header is there.
+        assert_eq!(event_id(&headers, b"not json").unwrap(), id);
+        let body = format!(r#"{{"event_id":"{id}","data":{{"big":[1,2,3]}}}}"#);
+        assert_eq!(event_id(&BTreeMap::new(), body.as_bytes()).unwrap(), id);
+        let bad = BTreeMap::from([(EVENT_ID_HEADER.to_owned(), "x".to_owned())]);
+        let err = event_id(&bad, body.as_bytes()).unwrap_err();
+        assert!(!err.is_retriable());
+        assert!(err.to_string().contains("not a UUID"), "{err}");
+        assert!(event_id(&BTreeMap::new(), b"{}").is_err());
+    }
+
+    #[test]
+    fn decode_rejects_an_envelope_whose_id_differs_from_the_header() {
+        let env = EventEnvelope::new("t.v1", "svc", serde_json::json!({"n": 1}));
+        let mut received = Received {
+            group_id: "g".into(),
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            headers: BTreeMap::new(),
+            payload: serde_json::to_vec(&env).unwrap(),
+            event_id: env.event_id,
+        };
+        assert_eq!(received.decode().unwrap(), env);
+        received.event_id = Uuid::new_v4();
+        let err = received.decode().unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
+        received.payload = b"[]".to_vec();
+        assert!(received
+            .decode()
+            .unwrap_err()
+            .to_string()
+            .contains("not an event envelope"));
+    }
+
+    #[test]
+    fn explanations_follow_the_source_chain() {
+        let err = Error::permanent("unknown essay");
+        assert_eq!(explain(&err), "event handler failed: unknown essay");
+        let undecodable = Error::Decode { reason: "x".into() };
+        assert_eq!(explain(&undecodable), "undecodable message: x");
+    }
+}

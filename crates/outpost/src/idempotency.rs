@@ -1,0 +1,388 @@
+//! HuleEdu-style two-phase idempotency on Redis, for handlers whose effects cannot share a
+//! transaction with an [`Inbox`](crate::inbox::Inbox) (prefer the inbox when they can).
+//!
+//! One key per consumer group and event, `outpost:idempotency:{service}:{group}:{event_id}`:
+//!
+//! 1. Claim: `processing`, with a short TTL, unless the key exists (atomically, in a
+//!    script). `completed` means a duplicate: skip it. `processing` means another consumer
+//!    is on it: retry later; its TTL bounds the wait if that consumer died.
+//! 2. The handler commits its business effect.
+//! 3. Complete: `completed`, with a long TTL. If the handler fails instead, the key is
+//!    deleted so the retry starts afresh.
+//!
+//! Redis unreachable: [`RedisDownPolicy`] says what happens, and there is no default.
+//!
+//! Unlike the inbox, the mark and the effect do not commit together: a crash after the
+//! business commit but before step 3 leaves `processing`, and once its TTL lapses the
+//! redelivered event is handled a second time.
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::AsyncConnectionConfig;
+use tokio::sync::Mutex;
+use tracing::warn;
+use uuid::Uuid;
+
+use crate::consumer::{Handler, Outcome, Process, Received};
+use crate::error::{Error, Result};
+use crate::wake::validate_service;
+
+const PROCESSING: &str = "processing";
+const COMPLETED: &str = "completed";
+
+/// The Redis key for `event_id` handled by consumer group `group` of `service`.
+pub fn idempotency_key(service: &str, group: &str, event_id: Uuid) -> String {
+    format!("outpost:idempotency:{service}:{group}:{event_id}")
+}
+
+/// What to do when Redis cannot be reached to check an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisDownPolicy {
+    /// Handle the event without the check (HuleEdu's behaviour): the consumer keeps
+    /// flowing, and a duplicate arriving during the outage takes effect again.
+    FailOpen,
+    /// Refuse with a retriable error: the consumer retries the event with backoff and
+    /// commits nothing until Redis answers; the partition waits.
+    FailClosed,
+}
+
+/// Settings of the Redis idempotency check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyConfig {
+    /// Service name, part of every key: 1–48 characters of `[A-Za-z0-9_.-]` (no default).
+    pub service: String,
+    /// What to do while Redis is unreachable (no default: an explicit choice).
+    pub redis_down: RedisDownPolicy,
+    /// How long a `processing` claim holds; an event whose consumer died mid-handling is
+    /// retried after it (default 300 s).
+    pub processing_ttl: Duration,
+    /// How long a `completed` mark is kept; must exceed the publisher's retry horizon
+    /// (default 24 h).
+    pub completed_ttl: Duration,
+    /// Connect and response timeout of each Redis call, after which Redis counts as
+    /// unreachable (default 1 s).
+    pub timeout: Duration,
+}
+
+impl IdempotencyConfig {
+    /// Defaults for `service`, with the Redis-down policy chosen.
+    pub fn new(service: impl Into<String>, redis_down: RedisDownPolicy) -> Self {
+        Self {
+            service: service.into(),
+            redis_down,
+            processing_ttl: Duration::from_secs(300),
+            completed_ttl: Duration::from_secs(24 * 3600),
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// Checks the settings; `publisher_retry_horizon` is the longest time after an event's
+    /// first delivery that a duplicate of it can still arrive.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] naming the first bad field.
+    pub fn validate(&self, publisher_retry_horizon: Duration) -> Result<()> {
+        validate_service(&self.service)?;
+        if self.processing_ttl < Duration::from_secs(1) {
+            return Err(Error::config(
+                "processing_ttl",
+                "at least 1 s",
+                format!("{:?}", self.processing_ttl),
+            ));
+        }
+        if self.completed_ttl <= publisher_retry_horizon
+            || self.completed_ttl <= self.processing_ttl
+        {
+            return Err(Error::config(
+                "completed_ttl",
+                format!(
+                    "longer than the publisher's retry horizon ({publisher_retry_horizon:?}) \
+                     and than processing_ttl"
+                ),
+                format!("{:?}", self.completed_ttl),
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::config("timeout", "positive", "0s"));
+        }
+        Ok(())
+    }
+}
+
+/// The result of claiming an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Marked `processing` by this call: handle it, then [`complete`](Idempotency::complete)
+    /// or [`release`](Idempotency::release).
+    Acquired,
+    /// Already `completed`: skip it.
+    Duplicate,
+    /// Another consumer is processing it: try again later.
+    InProgress,
+    /// Redis is unreachable and the policy is [`RedisDownPolicy::FailOpen`]: handle it
+    /// unchecked.
+    Unchecked,
+}
+
+/// The Redis side of two-phase idempotency.
+#[derive(Debug)]
+pub struct Idempotency {
+    client: redis::Client,
+    config: IdempotencyConfig,
+    /// Connected on first use and dropped after any error, so a Redis that was down
+    /// (even at start-up) is picked up again by the next call.
+    conn: Mutex<Option<MultiplexedConnection>>,
+    claim: redis::Script,
+    release: redis::Script,
+}
+
+impl Idempotency {
+    /// Checks against the Redis at `url`; does not connect yet, so Redis may be down at
+    /// start-up (the policy applies from the first event).
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] for a malformed URL or invalid settings (see
+    /// [`IdempotencyConfig::validate`]).
+    pub fn new(
+        url: &str,
+        config: IdempotencyConfig,
+        publisher_retry_horizon: Duration,
+    ) -> Result<Self> {
+        config.validate(publisher_retry_horizon)?;
+        let client = redis::Client::open(url)
+            .map_err(|_| Error::config("redis_url", "redis://host[:port][/db]", url))?;
+        Ok(Self {
+            client,
+            config,
+            conn: Mutex::new(None),
+            // GET-then-SET in one script, so two consumers cannot both acquire.
+            claim: redis::Script::new(
+                "local held = redis.call('GET', KEYS[1]) \
+                 if held then return held end \
+                 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) \
+                 return false",
+            ),
+            // Only a claim is released: a `completed` mark set meanwhile stays.
+            release: redis::Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                   return redis.call('DEL', KEYS[1]) end \
+                 return 0",
+            ),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &IdempotencyConfig {
+        &self.config
+    }
+
+    /// The key for `event_id` handled by `group`.
+    pub fn key(&self, group: &str, event_id: Uuid) -> String {
+        idempotency_key(&self.config.service, group, event_id)
+    }
+
+    /// Marks the event `processing` unless it is already marked.
+    ///
+    /// # Errors
+    /// [`Error::Idempotency`] (retriable) when Redis cannot be reached and the policy is
+    /// [`RedisDownPolicy::FailClosed`].
+    pub async fn claim(&self, group: &str, event_id: Uuid) -> Result<Claim> {
+        let key = self.key(group, event_id);
+        let mut invocation = self.claim.key(&key);
+        invocation
+            .arg(PROCESSING)
+            .arg(self.config.processing_ttl.as_secs());
+        let held: redis::RedisResult<Option<String>> = match self.connection().await {
+            Ok(mut conn) => invocation.invoke_async(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        match held {
+            Ok(None) => Ok(Claim::Acquired),
+            Ok(Some(value)) if value == PROCESSING => Ok(Claim::InProgress),
+            // `completed`, or a value some other writer left: skip, as HuleEdu does.
+            Ok(Some(_)) => Ok(Claim::Duplicate),
+            Err(e) => {
+                self.forget().await;
+                match self.config.redis_down {
+                    RedisDownPolicy::FailOpen => {
+                        warn!(%key, error = %e, "redis unavailable; handling the event unchecked (fail-open)");
+                        Ok(Claim::Unchecked)
+                    }
+                    RedisDownPolicy::FailClosed => Err(Error::Idempotency {
+                        operation: "claim",
+                        source: Box::new(e),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Marks the event `completed` (call after the business commit).
+    ///
+    /// # Errors
+    /// [`Error::Idempotency`] when Redis fails; the claim then lapses after its TTL.
+    pub async fn complete(&self, group: &str, event_id: Uuid) -> Result<()> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(group, event_id))
+            .arg(COMPLETED)
+            .arg("EX")
+            .arg(self.config.completed_ttl.as_secs());
+        self.run::<()>(&cmd, "complete").await
+    }
+
+    /// Deletes the event's `processing` claim (call when handling failed), so a retry
+    /// can claim it at once.
+    ///
+    /// # Errors
+    /// [`Error::Idempotency`] when Redis fails; the claim then lapses after its TTL.
+    pub async fn release(&self, group: &str, event_id: Uuid) -> Result<()> {
+        let key = self.key(group, event_id);
+        let mut invocation = self.release.key(&key);
+        invocation.arg(PROCESSING);
+        let done: redis::RedisResult<i64> = match self.connection().await {
+            Ok(mut conn) => invocation.invoke_async(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        match done {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.forget().await;
+                Err(Error::Idempotency {
+                    operation: "release",
+                    source: Box::new(e),
+                })
+            }
+        }
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        operation: &'static str,
+    ) -> Result<T> {
+        let result = match self.connection().await {
+            Ok(mut conn) => cmd.query_async(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            self.forget().await;
+        }
+        result.map_err(|e| Error::Idempotency {
+            operation,
+            source: Box::new(e),
+        })
+    }
+
+    async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
+        let mut cached = self.conn.lock().await;
+        if let Some(conn) = cached.as_ref() {
+            return Ok(conn.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.config.timeout))
+            .set_response_timeout(Some(self.config.timeout));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        *cached = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn forget(&self) {
+        *self.conn.lock().await = None;
+    }
+}
+
+/// A [`Process`] that runs a [`Handler`] behind the Redis two-phase check.
+#[derive(Debug)]
+pub struct Idempotent<H> {
+    idempotency: Idempotency,
+    handler: H,
+}
+
+impl<H: Handler> Idempotent<H> {
+    /// Guards `handler` with `idempotency`.
+    pub fn new(idempotency: Idempotency, handler: H) -> Self {
+        Self {
+            idempotency,
+            handler,
+        }
+    }
+
+    /// The Redis side.
+    pub fn idempotency(&self) -> &Idempotency {
+        &self.idempotency
+    }
+}
+
+impl<H: Handler> Process for Idempotent<H> {
+    async fn process(&self, received: &Received) -> Result<Outcome> {
+        let (group, id) = (received.group_id.as_str(), received.event_id);
+        let claim = self.idempotency.claim(group, id).await?;
+        match claim {
+            Claim::Duplicate => return Ok(Outcome::Duplicate),
+            Claim::InProgress => {
+                return Err(Error::Idempotency {
+                    operation: "claim",
+                    source: "another consumer is processing this event".into(),
+                })
+            }
+            Claim::Acquired | Claim::Unchecked => {}
+        }
+        let handled = match received.decode() {
+            Ok(event) => self.handler.handle(&event, received).await,
+            Err(e) => Err(e),
+        };
+        match handled {
+            Ok(()) => {
+                // The effect is committed: report success whatever Redis says, or the retry
+                // would find `processing` and, once it lapsed, apply the effect twice.
+                if let Err(e) = self.idempotency.complete(group, id).await {
+                    if claim == Claim::Acquired {
+                        warn!(event_id = %id, error = %e, "could not mark the event completed");
+                    }
+                }
+                Ok(Outcome::Handled)
+            }
+            Err(e) => {
+                if claim == Claim::Acquired {
+                    if let Err(release) = self.idempotency.release(group, id).await {
+                        warn!(event_id = %id, error = %release, "could not release the claim; it lapses after its TTL");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_format() {
+        let id = Uuid::nil();
+        assert_eq!(
+            idempotency_key("els", "els-group", id),
+            "outpost:idempotency:els:els-group:00000000-0000-0000-0000-000000000000"
+        );
+    }
+
+    #[test]
+    fn config_validation_names_the_field() {
+        let hour = Duration::from_secs(3600);
+        let c = IdempotencyConfig::new("els", RedisDownPolicy::FailClosed);
+        assert!(c.validate(hour).is_ok());
+        let err = c.validate(Duration::from_secs(24 * 3600)).unwrap_err();
+        assert!(err.to_string().contains("completed_ttl"), "{err}");
+        let bad = IdempotencyConfig::new("a b", RedisDownPolicy::FailOpen);
+        assert!(bad.validate(hour).is_err());
+        let mut short = IdempotencyConfig::new("els", RedisDownPolicy::FailOpen);
+        short.processing_ttl = Duration::ZERO;
+        assert!(short.validate(hour).is_err());
+        assert!(Idempotency::new("nope://", c, hour).is_err());
+    }
+}

@@ -1,0 +1,926 @@
+//! The consumer side against real PostgreSQL, Redis and the tansu broker on 127.0.0.1:
+//! duplicates, a crash between the business commit and the offset commit, dead letters,
+//! retries, and Redis outages under both policies.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outpost::consumer::{
+    DLQ_CONSUMER_GROUP, DLQ_ERROR_CODE, DLQ_OFFSET, DLQ_PARTITION, DLQ_REASON, DLQ_SOURCE_TOPIC,
+};
+use outpost::idempotency::Claim;
+use outpost::{
+    Aggregate, Consumer, ConsumerConfig, Error, ErrorCode, EventEnvelope, Handler, Idempotency,
+    IdempotencyConfig, Idempotent, Inbox, InboxConfig, InboxHandler, InboxTable, Inboxed,
+    OutboxEvent, Outcome, Process, Received, RedisDownPolicy,
+};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::json;
+use sqlx::postgres::PgPool;
+use sqlx::{Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How long any single wait in these tests may take.
+const WAIT: Duration = Duration::from_secs(20);
+/// A publisher retry horizon for tests (the inbox keeps rows longer than this).
+const HORIZON: Duration = Duration::from_secs(3600);
+
+/// Consumer settings for tansu: its group join takes `session.timeout.ms / 2`.
+fn consumer_config(group: &str, topic: &str, dead_letter_topic: &str) -> ConsumerConfig {
+    let mut cfg = ConsumerConfig::new(support::brokers(), group, [topic], dead_letter_topic)
+        .with("session.timeout.ms", "2000")
+        .with("heartbeat.interval.ms", "500")
+        .with("fetch.wait.max.ms", "10")
+        .with("reconnect.backoff.max.ms", "200");
+    cfg.retry.initial = Duration::from_millis(50);
+    cfg.retry.max = Duration::from_millis(300);
+    cfg.commit_interval = Duration::from_millis(200);
+    cfg
+}
+
+/// The business: one row per effect, in a schema of the test's own; no unique constraint,
+/// so a duplicate that took effect shows up as a second row.
+#[derive(Clone)]
+struct Effects {
+    pool: PgPool,
+    schema: String,
+    /// Retriable failures still to inject, per event.
+    failures_left: Arc<Mutex<HashMap<Uuid, u32>>>,
+}
+
+impl Effects {
+    async fn new() -> Self {
+        let pool = support::pool().await;
+        let schema = support::unique("biz");
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query(&format!(
+            "CREATE TABLE {schema}.effects (id BIGSERIAL PRIMARY KEY, event_id UUID NOT NULL, \
+             key TEXT NOT NULL, seq BIGINT NOT NULL)"
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+        Self {
+            pool,
+            schema,
+            failures_left: Arc::default(),
+        }
+    }
+
+    async fn inbox(&self) -> Inbox {
+        let table = InboxTable::new(&self.schema).unwrap();
+        let inbox = Inbox::new(self.pool.clone(), table, InboxConfig::default(), HORIZON).unwrap();
+        inbox.migrate().await.unwrap();
+        inbox
+    }
+
+    /// Poison events fail permanently; `fail_times: n` fails retriably n times first.
+    fn check(&self, event: &EventEnvelope<serde_json::Value>) -> outpost::Result<()> {
+        if event.data["poison"] == true {
+            return Err(Error::permanent("poison event"));
+        }
+        if let Some(n) = event.data["fail_times"].as_u64() {
+            let mut left = self.failures_left.lock().unwrap();
+            let left = left.entry(event.event_id).or_insert(n as u32);
+            if *left > 0 {
+                *left -= 1;
+                return Err(Error::retriable("downstream briefly unavailable"));
+            }
+        }
+        Ok(())
+    }
+
+    fn insert_sql(&self) -> String {
+        format!(
+            "INSERT INTO {}.effects (event_id, key, seq) VALUES ($1, $2, $3)",
+            self.schema
+        )
+    }
+
+    /// (event_id, key, seq) in the order the effects happened.
+    async fn all(&self) -> Vec<(Uuid, String, i64)> {
+        sqlx::query_as(&format!(
+            "SELECT event_id, key, seq FROM {}.effects ORDER BY id",
+            self.schema
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    async fn count(&self, event_id: Uuid) -> usize {
+        self.all()
+            .await
+            .iter()
+            .filter(|(id, ..)| *id == event_id)
+            .count()
+    }
+}
+
+fn key_and_seq(event: &EventEnvelope<serde_json::Value>) -> (String, i64) {
+    (
+        event.data["key"].as_str().unwrap_or_default().to_owned(),
+        event.data["seq"].as_i64().unwrap_or_default(),
+    )
+}
+
+impl InboxHandler for Effects {
+    async fn handle(
+        &self,
+        event: &EventEnvelope<serde_json::Value>,
+        _received: &Received,
+        tx: &mut Transaction<'_, Postgres>,
+    ) -> outpost::Result<()> {
+        self.check(event)?;
+        let (key, seq) = key_and_seq(event);
+        sqlx::query(&self.insert_sql())
+            .bind(event.event_id)
+            .bind(key)
+            .bind(seq)
+            .execute(&mut **tx)
+            .await
+            .map_err(Error::retriable)?;
+        Ok(())
+    }
+}
+
+/// The Redis variant's handler commits its own effect before returning.
+impl Handler for Effects {
+    async fn handle(
+        &self,
+        event: &EventEnvelope<serde_json::Value>,
+        _received: &Received,
+    ) -> outpost::Result<()> {
+        self.check(event)?;
+        let (key, seq) = key_and_seq(event);
+        sqlx::query(&self.insert_sql())
+            .bind(event.event_id)
+            .bind(key)
+            .bind(seq)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::retriable)?;
+        Ok(())
+    }
+}
+
+type Log = Arc<Mutex<Vec<(Uuid, Result<Outcome, ErrorCode>)>>>;
+
+/// Records every call's result.
+struct Recording<P> {
+    inner: P,
+    log: Log,
+}
+
+impl<P: Process> Recording<P> {
+    fn new(inner: P) -> (Self, Log) {
+        let log = Log::default();
+        (
+            Self {
+                inner,
+                log: Arc::clone(&log),
+            },
+            log,
+        )
+    }
+}
+
+impl<P: Process> Process for Recording<P> {
+    async fn process(&self, received: &Received) -> outpost::Result<Outcome> {
+        let result = self.inner.process(received).await;
+        let entry = result.as_ref().map(|o| *o).map_err(Error::code);
+        self.log.lock().unwrap().push((received.event_id, entry));
+        result
+    }
+}
+
+fn results(log: &Log, id: Uuid) -> Vec<Result<Outcome, ErrorCode>> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|(e, _)| *e == id)
+        .map(|(_, r)| *r)
+        .collect()
+}
+
+fn count_ok(log: &Log, outcome: Outcome) -> usize {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, r)| *r == Ok(outcome))
+        .count()
+}
+
+/// Settles `event_id` like `inner`, then hangs for good: a process that dies after the
+/// business commit and before the offset is stored or committed.
+struct CrashAfter<P> {
+    inner: P,
+    event_id: Uuid,
+    crashed: tokio::sync::mpsc::UnboundedSender<()>,
+}
+
+impl<P: Process> Process for CrashAfter<P> {
+    async fn process(&self, received: &Received) -> outpost::Result<Outcome> {
+        let outcome = self.inner.process(received).await?;
+        if received.event_id == self.event_id {
+            self.crashed.send(()).unwrap();
+            std::future::pending::<()>().await;
+        }
+        Ok(outcome)
+    }
+}
+
+struct Running {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<outpost::Result<()>>,
+}
+
+impl Running {
+    fn start<P: Process + 'static>(consumer: Consumer<P>) -> Self {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(consumer.run(shutdown.clone().cancelled_owned()));
+        Self { shutdown, task }
+    }
+
+    /// Graceful shutdown: drains and commits, within a bound.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("consumer drains and stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", support::brokers())
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .create()
+        .unwrap()
+}
+
+async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+    headers: &BTreeMap<String, String>,
+) {
+    let mut owned = OwnedHeaders::new();
+    for (k, v) in headers {
+        owned = owned.insert(Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    producer
+        .send(
+            FutureRecord::to(topic)
+                .key(key)
+                .payload(payload)
+                .headers(owned),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("test message acked");
+}
+
+async fn send_event(producer: &FutureProducer, ev: &OutboxEvent) {
+    send(producer, &ev.topic, &ev.event_key, &ev.payload, &ev.headers).await;
+}
+
+/// An event whose data is `{key, seq}` plus `extra`'s fields.
+fn event_with(topic: &str, key: &str, seq: usize, extra: serde_json::Value) -> OutboxEvent {
+    let mut data = json!({ "key": key, "seq": seq });
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        data[k] = v.clone();
+    }
+    let env = EventEnvelope::new("outpost.test.v1", "outpost-tests", data);
+    OutboxEvent::from_envelope(&env, topic, Aggregate::new("test", key)).unwrap()
+}
+
+/// Every message of a one-partition topic until `n` arrived.
+async fn read_topic(topic: &str, n: usize) -> Vec<OwnedMessage> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", support::brokers())
+        .set("group.id", support::unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while got.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg = tokio::time::timeout(left, consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {n} messages read from {topic}", got.len()))
+            .unwrap();
+        got.push(msg.detach());
+    }
+    got
+}
+
+/// The group's committed offset per partition (`None`: nothing committed), next to the
+/// partition's high watermark.
+async fn committed(group: &str, topic: &str, partitions: i32) -> Vec<(Option<i64>, i64)> {
+    let (group, topic) = (group.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", support::brokers())
+            .set("group.id", &group)
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(&topic, p);
+        }
+        let offsets = consumer
+            .committed_offsets(tpl, Duration::from_secs(5))
+            .unwrap();
+        (0..partitions)
+            .map(|p| {
+                let committed = match offsets.find_partition(&topic, p).unwrap().offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                };
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, p, Duration::from_secs(5))
+                    .unwrap();
+                (committed, high)
+            })
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+fn header(msg: &OwnedMessage, name: &str) -> Option<String> {
+    msg.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .map(|h| String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+}
+
+#[tokio::test]
+async fn inbox_every_event_delivered_twice_takes_effect_once() {
+    let effects = Effects::new().await;
+    let topic = support::topic(3).await;
+    let dead = support::topic(1).await;
+    let group = support::unique("g");
+    let producer = producer();
+
+    // 30 events over 6 keys; each copy is sent again three events later (another key),
+    // and every third duplicate carries no headers, so its id comes from the body.
+    let events: Vec<OutboxEvent> = (0..30)
+        .map(|i| event_with(&topic, &format!("k{}", i % 6), i / 6, json!({})))
+        .collect();
+    let duplicate = |i: usize| {
+        let mut copy = events[i].clone();
+        if i.is_multiple_of(3) {
+            copy.headers.clear();
+        }
+        copy
+    };
+    for (i, ev) in events.iter().enumerate() {
+        send_event(&producer, ev).await;
+        if i >= 3 {
+            send_event(&producer, &duplicate(i - 3)).await;
+        }
+    }
+    for i in events.len() - 3..events.len() {
+        send_event(&producer, &duplicate(i)).await;
+    }
+
+    let (process, log) = Recording::new(Inboxed::new(effects.inbox().await, effects.clone()));
+    let running =
+        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
+    support::eventually(WAIT, "every copy settled", || {
+        let settled = log.lock().unwrap().len();
+        async move { (settled >= 60).then_some(()) }
+    })
+    .await;
+    running.stop().await;
+
+    assert_eq!(count_ok(&log, Outcome::Handled), 30);
+    assert_eq!(count_ok(&log, Outcome::Duplicate), 30);
+    assert_eq!(log.lock().unwrap().len(), 60, "no failures, no third copy");
+    let done = effects.all().await;
+    assert_eq!(done.len(), 30, "one effect per event");
+    for ev in &events {
+        assert_eq!(effects.count(ev.event_id).await, 1);
+    }
+    // Per key, effects happened in publishing order.
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for (_, key, seq) in done {
+        if let Some(prev) = last.insert(key.clone(), seq) {
+            assert!(seq > prev, "key {key}: seq {seq} after {prev}");
+        }
+    }
+    // Shutdown committed everything that was settled.
+    for (committed, high) in committed(&group, &topic, 3).await {
+        assert_eq!(committed.unwrap_or(0), high);
+    }
+}
+
+#[tokio::test]
+async fn crash_between_business_commit_and_offset_commit_is_skipped_on_redelivery() {
+    let effects = Effects::new().await;
+    let inbox = effects.inbox().await;
+    let topic = support::topic(1).await;
+    let dead = support::topic(1).await;
+    let group = support::unique("g");
+    let producer = producer();
+    let [a, b, c] = [0, 1, 2].map(|seq| event_with(&topic, "k", seq, json!({})));
+    for ev in [&a, &b, &c] {
+        send_event(&producer, ev).await;
+    }
+
+    // First run: b's business transaction commits, then the process "dies".
+    let (crashed_tx, mut crashed) = tokio::sync::mpsc::unbounded_channel();
+    let crashing = CrashAfter {
+        inner: Inboxed::new(inbox.clone(), effects.clone()),
+        event_id: b.event_id,
+        crashed: crashed_tx,
+    };
+    let first =
+        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), crashing).unwrap());
+    tokio::time::timeout(WAIT, crashed.recv())
+        .await
+        .expect("b handled")
+        .unwrap();
+    first.task.abort();
+    assert!(first.task.await.unwrap_err().is_cancelled());
+    assert_eq!(
+        effects.count(b.event_id).await,
+        1,
+        "b's effect is committed"
+    );
+    let (committed_after_crash, _) = committed(&group, &topic, 1).await[0];
+    assert!(
+        committed_after_crash.unwrap_or(0) <= 1,
+        "b's offset (1) was not committed: {committed_after_crash:?}"
+    );
+
+    // Second run in the same group: b comes again and the inbox skips it.
+    let (process, log) = Recording::new(Inboxed::new(inbox, effects.clone()));
+    let second =
+        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
+    support::eventually(WAIT, "c handled", || {
+        let handled = results(&log, c.event_id).contains(&Ok(Outcome::Handled));
+        async move { handled.then_some(()) }
+    })
+    .await;
+    second.stop().await;
+
+    assert_eq!(results(&log, b.event_id), [Ok(Outcome::Duplicate)]);
+    assert!(results(&log, a.event_id)
+        .iter()
+        .all(|r| *r == Ok(Outcome::Duplicate)));
+    for ev in [&a, &b, &c] {
+        assert_eq!(effects.count(ev.event_id).await, 1, "{}", ev.event_id);
+    }
+    assert_eq!(committed(&group, &topic, 1).await[0], (Some(3), 3));
+}
+
+#[tokio::test]
+async fn unhandleable_messages_are_dead_lettered_and_the_partition_keeps_flowing() {
+    let effects = Effects::new().await;
+    let inbox = effects.inbox().await;
+    let topic = support::topic(1).await;
+    let dead = support::topic(1).await;
+    let group = support::unique("g");
+    let producer = producer();
+
+    let first = event_with(&topic, "k", 0, json!({}));
+    let tenant = BTreeMap::from([("tenant".to_owned(), "acme".to_owned())]);
+    // Not JSON, and no event_id header: no way to know which event it is.
+    let garbage = b"\x00not json".to_vec();
+    // An event_id header, but the body is not an envelope.
+    let not_envelope_id = Uuid::new_v4();
+    let not_envelope = json!({ "event_id": not_envelope_id, "hello": 1 }).to_string();
+    let not_envelope_headers =
+        BTreeMap::from([("event_id".to_owned(), not_envelope_id.to_string())]);
+    // A valid event the handler rejects for good.
+    let poison = event_with(&topic, "k", 3, json!({ "poison": true }));
+    let last = event_with(&topic, "k", 4, json!({}));
+
+    send_event(&producer, &first).await;
+    send(&producer, &topic, "k", &garbage, &tenant).await;
+    send(
+        &producer,
+        &topic,
+        "k",
+        not_envelope.as_bytes(),
+        &not_envelope_headers,
+    )
+    .await;
+    send_event(&producer, &poison).await;
+    send_event(&producer, &last).await;
+
+    let (process, log) = Recording::new(Inboxed::new(inbox.clone(), effects.clone()));
+    let running =
+        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
+    support::eventually(WAIT, "the event behind the bad ones handled", || {
+        let handled = results(&log, last.event_id).contains(&Ok(Outcome::Handled));
+        async move { handled.then_some(()) }
+    })
+    .await;
+    let dead_letters = read_topic(&dead, 3).await;
+    running.stop().await;
+
+    let done: Vec<Uuid> = effects.all().await.into_iter().map(|e| e.0).collect();
+    assert_eq!(done, [first.event_id, last.event_id]);
+    let expected: [(&[u8], i64, &str, &str); 3] = [
+        (&garbage, 1, "DECODE", "no event_id header"),
+        (
+            not_envelope.as_bytes(),
+            2,
+            "DECODE",
+            "not an event envelope",
+        ),
+        (
+            &poison.payload,
+            3,
+            "HANDLER",
+            "event handler failed: poison event",
+        ),
+    ];
+    for (msg, (payload, offset, code, reason)) in dead_letters.iter().zip(expected) {
+        assert_eq!(msg.payload(), Some(payload), "payload kept");
+        assert_eq!(msg.key(), Some(&b"k"[..]), "key kept");
+        let dlq_reason = header(msg, DLQ_REASON).unwrap();
+        assert!(dlq_reason.contains(reason), "{dlq_reason}");
+        assert_eq!(header(msg, DLQ_ERROR_CODE).as_deref(), Some(code));
+        assert_eq!(header(msg, DLQ_SOURCE_TOPIC).as_deref(), Some(&*topic));
+        assert_eq!(header(msg, DLQ_PARTITION).as_deref(), Some("0"));
+        assert_eq!(
+            header(msg, DLQ_OFFSET).as_deref(),
+            Some(&*offset.to_string())
+        );
+        assert_eq!(header(msg, DLQ_CONSUMER_GROUP).as_deref(), Some(&*group));
+    }
+    assert_eq!(header(&dead_letters[0], "tenant").as_deref(), Some("acme"));
+    assert_eq!(
+        header(&dead_letters[2], "event_id"),
+        Some(poison.event_id.to_string()),
+        "original headers kept"
+    );
+    // The rejected event left no inbox row: replayed after a fix, it is handled.
+    let mut tx = inbox.pool().begin().await.unwrap();
+    assert!(inbox.claim(&mut tx, &group, poison.event_id).await.unwrap());
+    tx.rollback().await.unwrap();
+    assert_eq!(committed(&group, &topic, 1).await[0], (Some(5), 5));
+}
+
+#[tokio::test]
+async fn retriable_failures_are_retried_in_place_never_skipped() {
+    let effects = Effects::new().await;
+    let topic = support::topic(1).await;
+    let dead = support::topic(1).await;
+    let group = support::unique("g");
+    let producer = producer();
+    let flaky = event_with(&topic, "k", 0, json!({ "fail_times": 3 }));
+    let next = event_with(&topic, "k", 1, json!({}));
+    send_event(&producer, &flaky).await;
+    send_event(&producer, &next).await;
+
+    let (process, log) = Recording::new(Inboxed::new(effects.inbox().await, effects.clone()));
+    let running =
+        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
+    support::eventually(WAIT, "both handled", || {
+        let handled = results(&log, next.event_id).contains(&Ok(Outcome::Handled));
+        async move { handled.then_some(()) }
+    })
+    .await;
+    running.stop().await;
+
+    assert_eq!(
+        results(&log, flaky.event_id),
+        [
+            Err(ErrorCode::Handler),
+            Err(ErrorCode::Handler),
+            Err(ErrorCode::Handler),
+            Ok(Outcome::Handled)
+        ]
+    );
+    let order: Vec<Uuid> = effects.all().await.into_iter().map(|e| e.0).collect();
+    assert_eq!(
+        order,
+        [flaky.event_id, next.event_id],
+        "nothing overtook the retried event"
+    );
+}
+
+fn idempotency(url: &str, policy: RedisDownPolicy) -> Idempotency {
+    let mut cfg = IdempotencyConfig::new(support::unique("svc"), policy);
+    cfg.timeout = Duration::from_millis(500);
+    Idempotency::new(url, cfg, HORIZON).unwrap()
+}
+
+async fn redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(support::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis must be reachable at OUTPOST_REDIS_URL (run `make services`)")
+}
+
+#[tokio::test]
+async fn redis_duplicates_are_skipped_from_the_header_without_parsing() {
+    let effects = Effects::new().await;
+    let topic = support::topic(3).await;
+    let dead = support::topic(1).await;
+    let group = support::unique("g");
+    let producer = producer();
+    let events: Vec<OutboxEvent> = (0..20)
+        .map(|i| event_with(&topic, &format!("k{}", i % 4), i / 4, json!({})))
+        .collect();
+    // Each duplicate follows two events later (another key), with the right event_id
+    // header and a body that does not even parse: only a header lookup can skip it.
+    let duplicate = |i: usize| {
+        let mut copy = events[i].clone();
+        copy.payload = b"{ truncated".to_vec();
+        copy
+    };
+    for (i, ev) in events.iter().enumerate() {
+        send_event(&producer, ev).await;
+        if i >= 2 {
+            send_event(&producer, &duplicate(i - 2)).await;
+        }
+    }
+    for i in events.len() - 2..events.len() {
+        send_event(&producer, &duplicate(i)).await;
+    }
+
+    let idem = idempotency(&support::redis_url(), RedisDownPolicy::FailClosed);
+    let keys: Vec<String> = events
+        .iter()
+        .map(|e| idem.key(&group, e.event_id))
+        .collect();
+    let (process, log) = Recording::new(Idempotent::new(idem, effects.clone()));
+    let running =
+        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
+    support::eventually(WAIT, "every copy settled", || {
+        let settled = log.lock().unwrap().len();
+        async move { (settled >= 40).then_some(()) }
+    })
+    .await;
+    running.stop().await;
+
+    assert_eq!(count_ok(&log, Outcome::Handled), 20);
+    assert_eq!(count_ok(&log, Outcome::Duplicate), 20);
+    assert_eq!(log.lock().unwrap().len(), 40);
+    for ev in &events {
+        assert_eq!(effects.count(ev.event_id).await, 1);
+    }
+    let mut conn = redis().await;
+    for key in keys {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(value.as_deref(), Some("completed"), "{key}");
+    }
+}
+
+#[tokio::test]
+async fn redis_two_phase_marks_processing_then_completed_and_releases_on_failure() {
+    let idem = idempotency(&support::redis_url(), RedisDownPolicy::FailClosed);
+    let mut conn = redis().await;
+    let group = support::unique("g");
+    let state_conn = conn.clone();
+    let state = move |key: String| {
+        let mut conn = state_conn.clone();
+        async move {
+            let value: Option<String> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let ttl: i64 = redis::cmd("TTL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            (value, ttl)
+        }
+    };
+
+    // Success: processing (short TTL) → completed (long TTL) → duplicate.
+    let ok = Uuid::new_v4();
+    assert_eq!(idem.claim(&group, ok).await.unwrap(), Claim::Acquired);
+    let (value, ttl) = state(idem.key(&group, ok)).await;
+    assert_eq!(value.as_deref(), Some("processing"));
+    assert!((1..=300).contains(&ttl), "{ttl}");
+    assert_eq!(idem.claim(&group, ok).await.unwrap(), Claim::InProgress);
+    idem.complete(&group, ok).await.unwrap();
+    let (value, ttl) = state(idem.key(&group, ok)).await;
+    assert_eq!(value.as_deref(), Some("completed"));
+    assert!(ttl > 24 * 3600 - 60, "{ttl}");
+    assert_eq!(idem.claim(&group, ok).await.unwrap(), Claim::Duplicate);
+    // Releasing never erases a completed mark; another group has its own key.
+    idem.release(&group, ok).await.unwrap();
+    assert_eq!(idem.claim(&group, ok).await.unwrap(), Claim::Duplicate);
+    let other_group = support::unique("g");
+    assert_eq!(idem.claim(&other_group, ok).await.unwrap(), Claim::Acquired);
+
+    // Failure: the claim is deleted, so the retry acquires it again at once.
+    let failed = Uuid::new_v4();
+    assert_eq!(idem.claim(&group, failed).await.unwrap(), Claim::Acquired);
+    idem.release(&group, failed).await.unwrap();
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(idem.key(&group, failed))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+    assert_eq!(idem.claim(&group, failed).await.unwrap(), Claim::Acquired);
+
+    // Through the consumer's process: a failing handler leaves no key behind.
+    let effects = Effects::new().await;
+    let process = Idempotent::new(idem, effects.clone());
+    let env = EventEnvelope::new(
+        "t.v1",
+        "tests",
+        json!({ "key": "k", "seq": 0, "fail_times": 1 }),
+    );
+    let received = Received {
+        group_id: group.clone(),
+        topic: "t".into(),
+        partition: 0,
+        offset: 0,
+        key: None,
+        headers: BTreeMap::new(),
+        payload: serde_json::to_vec(&env).unwrap(),
+        event_id: env.event_id,
+    };
+    let err = process.process(&received).await.unwrap_err();
+    assert!(err.is_retriable());
+    let key = process.idempotency().key(&group, env.event_id);
+    assert_eq!(state(key.clone()).await.0, None, "claim released");
+    assert_eq!(process.process(&received).await.unwrap(), Outcome::Handled);
+    assert_eq!(state(key).await.0.as_deref(), Some("completed"));
+    assert_eq!(
+        process.process(&received).await.unwrap(),
+        Outcome::Duplicate
+    );
+    assert_eq!(effects.count(env.event_id).await, 1);
+}
+
+/// Nothing listens on port 1: connections are refused at once.
+const REDIS_DOWN: &str = "redis://127.0.0.1:1";
+
+#[tokio::test]
+async fn redis_down_fail_open_keeps_handling_without_the_check() {
+    let idem = idempotency(REDIS_DOWN, RedisDownPolicy::FailOpen);
+    assert_eq!(
+        idem.claim("g", Uuid::new_v4()).await.unwrap(),
+        Claim::Unchecked
+    );
+    let effects = Effects::new().await;
+    let topic = support::topic(1).await;
+    let dead = support::topic(1).await;
+    let group = support::unique("g");
+    let producer = producer();
+    let a = event_with(&topic, "k", 0, json!({}));
+    let b = event_with(&topic, "k", 1, json!({}));
+    for ev in [&a, &b, &a] {
+        send_event(&producer, ev).await;
+    }
+
+    let (process, log) = Recording::new(Idempotent::new(idem, effects.clone()));
+    let running =
+        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
+    support::eventually(WAIT, "all three handled", || {
+        let handled = count_ok(&log, Outcome::Handled);
+        async move { (handled == 3).then_some(()) }
+    })
+    .await;
+    running.stop().await;
+
+    // The price of fail-open: a duplicate during the outage takes effect again.
+    assert_eq!(effects.count(a.event_id).await, 2);
+    assert_eq!(effects.count(b.event_id).await, 1);
+    assert_eq!(committed(&group, &topic, 1).await[0], (Some(3), 3));
+}
+
+#[tokio::test]
+async fn redis_down_fail_closed_refuses_and_commits_nothing() {
+    let idem = idempotency(REDIS_DOWN, RedisDownPolicy::FailClosed);
+    let err = idem.claim("g", Uuid::new_v4()).await.unwrap_err();
+    assert!(err.is_retriable());
+    assert_eq!(err.code(), ErrorCode::Idempotency);
+    let effects = Effects::new().await;
+    let topic = support::topic(1).await;
+    let dead = support::topic(1).await;
+    let group = support::unique("g");
+    let producer = producer();
+    let a = event_with(&topic, "k", 0, json!({}));
+    send_event(&producer, &a).await;
+
+    let (process, log) = Recording::new(Idempotent::new(idem, effects.clone()));
+    let refusing =
+        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
+    support::eventually(WAIT, "three refused attempts", || {
+        let attempts = results(&log, a.event_id).len();
+        async move { (attempts >= 3).then_some(()) }
+    })
+    .await;
+    refusing.stop().await;
+    assert!(results(&log, a.event_id)
+        .iter()
+        .all(|r| *r == Err(ErrorCode::Idempotency)));
+    assert_eq!(effects.count(a.event_id).await, 0, "handler never ran");
+    assert_eq!(
+        committed(&group, &topic, 1).await[0],
+        (None, 1),
+        "no offset committed"
+    );
+
+    // Redis back: the same group gets the event again and handles it.
+    let idem = idempotency(&support::redis_url(), RedisDownPolicy::FailClosed);
+    let (process, log) = Recording::new(Idempotent::new(idem, effects.clone()));
+    let recovered =
+        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
+    support::eventually(WAIT, "handled once Redis answers", || {
+        let handled = results(&log, a.event_id).contains(&Ok(Outcome::Handled));
+        async move { handled.then_some(()) }
+    })
+    .await;
+    recovered.stop().await;
+    assert_eq!(effects.count(a.event_id).await, 1);
+}
+
+#[tokio::test]
+async fn inbox_keeps_rows_past_the_retry_horizon_then_cleans_them_up() {
+    let effects = Effects::new().await;
+    let table = InboxTable::new(&effects.schema).unwrap();
+    let hour = Duration::from_secs(3600);
+    let short = InboxConfig {
+        retention: hour,
+        ..InboxConfig::default()
+    };
+    let err = Inbox::new(effects.pool.clone(), table.clone(), short, hour).unwrap_err();
+    assert!(err.to_string().contains("retention"), "{err}");
+
+    let config = InboxConfig {
+        retention: 2 * hour,
+        cleanup_batch: 2,
+        ..InboxConfig::default()
+    };
+    let inbox = Inbox::new(effects.pool.clone(), table, config, hour).unwrap();
+    inbox.migrate().await.unwrap();
+    inbox.migrate().await.unwrap();
+    let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    let mut tx = inbox.pool().begin().await.unwrap();
+    for id in &ids {
+        assert!(inbox.claim(&mut tx, "g", *id).await.unwrap());
+        assert!(!inbox.claim(&mut tx, "g", *id).await.unwrap());
+    }
+    assert!(inbox.claim(&mut tx, "other", ids[0]).await.unwrap());
+    tx.commit().await.unwrap();
+    sqlx::query(&format!(
+        "UPDATE {} SET processed_at = now() - interval '3 hours' \
+         WHERE consumer_group = 'g' AND event_id = ANY($1)",
+        inbox.table()
+    ))
+    .bind(&ids[..3])
+    .execute(inbox.pool())
+    .await
+    .unwrap();
+
+    assert_eq!(inbox.cleanup().await.unwrap(), 3);
+    assert_eq!(inbox.cleanup().await.unwrap(), 0);
+    let mut tx = inbox.pool().begin().await.unwrap();
+    assert!(
+        inbox.claim(&mut tx, "g", ids[0]).await.unwrap(),
+        "forgotten"
+    );
+    assert!(
+        !inbox.claim(&mut tx, "g", ids[4]).await.unwrap(),
+        "remembered"
+    );
+    assert!(!inbox.claim(&mut tx, "other", ids[0]).await.unwrap());
+    tx.rollback().await.unwrap();
+}
