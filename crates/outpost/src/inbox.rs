@@ -26,6 +26,7 @@ use uuid::Uuid;
 use crate::consumer::{Outcome, Process, Received};
 use crate::envelope::EventEnvelope;
 use crate::error::{Error, Result};
+use crate::publisher::{OutboxTx, Publisher};
 use crate::table::OutboxTable;
 
 /// Default inbox table name inside the service's schema.
@@ -351,6 +352,71 @@ impl<H: InboxHandler> Process for Inboxed<H> {
         // A commit that fails ambiguously is retried: if it did commit, the retry is a
         // duplicate.
         tx.commit().await.map_err(err("commit"))?;
+        Ok(Outcome::Handled)
+    }
+}
+
+/// The business side of a service that consumes and publishes: handle one event, writing
+/// business rows and staging the events it causes through `tx`.
+///
+/// Contract: as [`InboxHandler`]'s; the inbox row, the business writes and the staged
+/// events commit together, and the events are then dispatched in the publisher's mode.
+pub trait PublishingHandler: Send + Sync {
+    /// Handles `event`, received as `received`, writing and publishing through `tx`.
+    ///
+    /// # Errors
+    /// Whatever the handler reports; see [`InboxHandler`]'s contract.
+    fn handle(
+        &self,
+        event: &EventEnvelope<serde_json::Value>,
+        received: &Received,
+        tx: &mut OutboxTx,
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// A [`Process`] for consume-then-publish services: one transaction holds the inbox row,
+/// the handler's writes and the events it stages; after commit they are dispatched (in
+/// the transactional mode: produced at once, the relay as the net).
+///
+/// The publisher's outbox and the inbox must live in the same database.
+#[derive(Debug, Clone)]
+pub struct InboxedPublishing<H> {
+    inbox: Inbox,
+    publisher: Publisher,
+    handler: H,
+}
+
+impl<H: PublishingHandler> InboxedPublishing<H> {
+    /// Guards `handler` with `inbox`, publishing through `publisher`.
+    pub fn new(inbox: Inbox, publisher: Publisher, handler: H) -> Self {
+        Self {
+            inbox,
+            publisher,
+            handler,
+        }
+    }
+
+    /// The handler.
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+}
+
+impl<H: PublishingHandler> Process for InboxedPublishing<H> {
+    async fn process(&self, received: &Received) -> Result<Outcome> {
+        let mut tx = self.publisher.begin().await?;
+        if !self
+            .inbox
+            .claim(tx.transaction(), &received.group_id, received.event_id)
+            .await?
+        {
+            tx.rollback().await?;
+            return Ok(Outcome::Duplicate);
+        }
+        // Dropping `tx` on any error below rolls back the inbox row, writes and events.
+        let event = received.decode()?;
+        self.handler.handle(&event, received, &mut tx).await?;
+        tx.commit().await?;
         Ok(Outcome::Handled)
     }
 }

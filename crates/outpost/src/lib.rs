@@ -59,7 +59,9 @@ pub use envelope::{Aggregate, EventEnvelope, OutboxEvent};
 pub use environment::Environment;
 pub use error::{Error, ErrorCode, ErrorDetail, Result};
 pub use idempotency::{Idempotency, IdempotencyConfig, Idempotent, RedisDownPolicy};
-pub use inbox::{Inbox, InboxConfig, InboxHandler, InboxTable, Inboxed};
+pub use inbox::{
+    Inbox, InboxConfig, InboxHandler, InboxTable, Inboxed, InboxedPublishing, PublishingHandler,
+};
 pub use producer::{ErrorClass, KafkaProducer, ProducerConfig};
 pub use publisher::{Dispatch, Mode, OutboxTx, PublishPath, Publisher, PublisherConfig, Staged};
 pub use relay::{BatchReport, Relay, RelayConfig};
