@@ -67,6 +67,14 @@ pub struct Cli {
     /// least twice the delivery timeout).
     #[arg(long, env = "OUTPOST_LEASE_MS", global = true)]
     pub lease_ms: Option<u64>,
+    /// How long published rows are kept before the relay deletes them, in seconds.
+    #[arg(
+        long,
+        env = "OUTPOST_RETENTION_SECS",
+        default_value_t = 3600,
+        global = true
+    )]
+    pub retention_secs: u64,
     /// Extra librdkafka producer property, KEY=VALUE (repeatable).
     #[arg(long = "kafka-option", value_name = "KEY=VALUE", global = true)]
     pub kafka_options: Vec<String>,

@@ -91,6 +91,7 @@ impl Settings {
             relay.poll.max_interval = Duration::from_millis(ms);
             relay.poll.min_interval = relay.poll.min_interval.min(relay.poll.max_interval);
         }
+        relay.retention = Duration::from_secs(cli.retention_secs);
         relay.lease = match cli.lease_ms {
             Some(ms) => Duration::from_millis(ms),
             None => relay
