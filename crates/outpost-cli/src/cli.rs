@@ -55,6 +55,14 @@ pub struct Cli {
     /// Longest idle polling interval in milliseconds (overrides the environment default).
     #[arg(long, env = "OUTPOST_POLL_MAX_MS", global = true)]
     pub poll_max_ms: Option<u64>,
+    /// Shortest polling interval in milliseconds, used after activity or a wake-up
+    /// (default 10).
+    #[arg(long, env = "OUTPOST_POLL_MIN_MS", global = true)]
+    pub poll_min_ms: Option<u64>,
+    /// Wait after a failed relay iteration in milliseconds (overrides the environment
+    /// default: 1 s testing, 10 s development, 30 s production).
+    #[arg(long, env = "OUTPOST_ERROR_BACKOFF_MS", global = true)]
+    pub error_backoff_ms: Option<u64>,
     /// Kafka delivery timeout in milliseconds (message.timeout.ms).
     #[arg(
         long,

@@ -91,6 +91,12 @@ impl Settings {
             relay.poll.max_interval = Duration::from_millis(ms);
             relay.poll.min_interval = relay.poll.min_interval.min(relay.poll.max_interval);
         }
+        if let Some(ms) = cli.poll_min_ms {
+            relay.poll.min_interval = Duration::from_millis(ms);
+        }
+        if let Some(ms) = cli.error_backoff_ms {
+            relay.poll.error_backoff = Duration::from_millis(ms);
+        }
         relay.retention = Duration::from_secs(cli.retention_secs);
         relay.lease = match cli.lease_ms {
             Some(ms) => Duration::from_millis(ms),
@@ -100,18 +106,7 @@ impl Settings {
         };
         relay
             .validate(producer.delivery_timeout + producer.queue_timeout)
-            .map_err(|e| match e {
-                Error::Configuration {
-                    setting,
-                    expected,
-                    got,
-                } if setting == "lease" => Error::Configuration {
-                    setting: "OUTPOST_LEASE_MS (--lease-ms)".into(),
-                    expected,
-                    got,
-                },
-                other => other,
-            })?;
+            .map_err(name_cli_setting)?;
         Ok(Self {
             database,
             database_url: redact(&cli.database_url),
@@ -154,6 +149,32 @@ impl Settings {
 
     pub fn producer(&self) -> Result<Arc<KafkaProducer>, Error> {
         KafkaProducer::new(self.producer.clone()).map(Arc::new)
+    }
+}
+
+/// Names the flag and variable behind a library field in a configuration error.
+fn name_cli_setting(e: Error) -> Error {
+    match e {
+        Error::Configuration {
+            setting,
+            expected,
+            got,
+        } => {
+            let setting = match setting.as_str() {
+                "lease" => "OUTPOST_LEASE_MS (--lease-ms)".to_owned(),
+                "poll.max_interval" => {
+                    "OUTPOST_POLL_MAX_MS (--poll-max-ms) / OUTPOST_POLL_MIN_MS (--poll-min-ms)"
+                        .to_owned()
+                }
+                _ => setting,
+            };
+            Error::Configuration {
+                setting,
+                expected,
+                got,
+            }
+        }
+        other => other,
     }
 }
 
