@@ -85,7 +85,13 @@ pub struct PublisherConfig {
     /// Kafka-first: the longest a direct publish may take before the event goes to the
     /// outbox (default 1 s).
     pub direct_deadline: Duration,
-    /// Kafka-first circuit breaker.
+    /// Transactional: the longest `commit()` waits for eager dispatch after the database
+    /// commit before leaving the events to the relay (default 5 s; it only matters when
+    /// Kafka is slow or down, and after a few failures the circuit opens and commits stop
+    /// waiting at all).
+    pub dispatch_deadline: Duration,
+    /// Circuit breaker: Kafka-first skips Kafka while it is open, and the transactional
+    /// mode skips eager dispatch (the relay delivers).
     pub breaker: BreakerConfig,
     /// Delivery settings shared with the relay (lease, backoff, attempt budget, rows per
     /// key); use the relay's, so the eager path settles rows exactly as the relay would.
@@ -101,6 +107,7 @@ impl PublisherConfig {
             service,
             mode: Mode::default(),
             direct_deadline: Duration::from_secs(1),
+            dispatch_deadline: Duration::from_secs(5),
             breaker: BreakerConfig::default(),
         }
     }
@@ -168,6 +175,13 @@ impl Publisher {
     ) -> Result<Self> {
         validate_service(&config.service)?;
         config.delivery.validate(longest_send(&producer))?;
+        if config.dispatch_deadline.is_zero() {
+            return Err(Error::config(
+                "dispatch_deadline",
+                "a positive duration",
+                "0",
+            ));
+        }
         if config.direct_deadline.is_zero() {
             return Err(Error::config("direct_deadline", "a positive duration", "0"));
         }
@@ -271,7 +285,39 @@ impl Publisher {
         dispatch
     }
 
+    /// Eager dispatch, bounded by `dispatch_deadline` and skipped while the circuit is
+    /// open, so a Kafka outage never makes `commit()` wait out delivery timeouts. A
+    /// dispatch that outlives the deadline finishes (and settles its rows) in the
+    /// background; its events count as left to the relay.
     async fn dispatch_eagerly(&self, staged: &[Staged]) -> Dispatch {
+        let left = Dispatch {
+            eager_published: 0,
+            left_to_relay: staged.len(),
+        };
+        let allowed = {
+            let mut breaker = self.inner.breaker.lock().unwrap_or_else(|p| p.into_inner());
+            breaker.allow(Instant::now())
+        };
+        if !allowed {
+            crate::metrics::eager(&self.inner.config.service, 0, staged.len());
+            return left;
+        }
+        let publisher = self.clone();
+        let staged = staged.to_vec();
+        let task = tokio::spawn(async move { publisher.dispatch_now(&staged).await });
+        match tokio::time::timeout(self.inner.config.dispatch_deadline, task).await {
+            Ok(Ok(dispatch)) => dispatch,
+            Ok(Err(_)) => left,
+            Err(_) => {
+                // Kafka is too slow to wait for: count it, so the circuit opens and later
+                // commits stop waiting.
+                self.breaker(|b| b.on_failure(Instant::now()));
+                left
+            }
+        }
+    }
+
+    async fn dispatch_now(&self, staged: &[Staged]) -> Dispatch {
         let inner = &self.inner;
         let service = inner.config.service.as_str();
         let mut keys: Vec<String> = staged.iter().map(|s| s.event_key.clone()).collect();
@@ -300,8 +346,13 @@ impl Publisher {
         };
         let claim_took = claimed_at.elapsed();
         let claimed_ids: Vec<(i64, Uuid)> = claimed.iter().map(|r| (r.id, r.event_id)).collect();
-        let (outcomes, _, _) = inner.delivery.deliver(claimed, claimed_at).await;
+        let (outcomes, report, transient) = inner.delivery.deliver(claimed, claimed_at).await;
         let deliver_took = claimed_at.elapsed() - claim_took;
+        if transient {
+            self.breaker(|b| b.on_failure(Instant::now()));
+        } else if report.published > 0 {
+            self.breaker(|b| b.on_success());
+        }
         if let Err(e) = inner.store.settle(inner.owner, &outcomes).await {
             // Acked rows stay leased until the lease lapses; the relay then sends them
             // again (same bytes, same event id).

@@ -1258,3 +1258,50 @@ async fn kafka_first_probe_abandoned_by_its_caller_does_not_wedge_the_circuit() 
         "failed probe reopens"
     );
 }
+
+/// A Kafka outage must not make every transactional commit wait out delivery timeouts:
+/// eager dispatch is bounded by `dispatch_deadline`, and once the circuit opens, commits
+/// skip it and leave their events to the relay at once.
+#[tokio::test]
+async fn transactional_commits_stop_waiting_once_kafka_is_known_down() {
+    let store = support::store().await;
+    let mut dead = support::producer_config("127.0.0.1:1");
+    dead.delivery_timeout = Duration::from_secs(30); // the default: far longer than we wait
+    let mut cfg = publisher_config(&support::unique("svc"), Mode::Transactional);
+    cfg.dispatch_deadline = Duration::from_millis(200);
+    cfg.breaker.failure_threshold = 2;
+    cfg.breaker.open_for = Duration::from_secs(60);
+    cfg.delivery.lease = Duration::from_secs(70);
+    let publisher = Publisher::new(
+        store.clone(),
+        Arc::new(KafkaProducer::new(dead).unwrap()),
+        Waker::None,
+        cfg,
+    )
+    .unwrap();
+    let mut took = Vec::new();
+    for seq in 0..6 {
+        let mut tx = publisher.begin().await.unwrap();
+        let key = format!("k{seq}"); // distinct keys: no row waits behind another
+        tx.publish(&support::event("t", &key, seq)).await.unwrap();
+        let started = Instant::now();
+        let dispatch = tx.commit().await.unwrap();
+        took.push(started.elapsed());
+        assert_eq!(dispatch.eager_published, 0);
+        assert_eq!(dispatch.left_to_relay, 1);
+    }
+    println!("commit durations with Kafka down: {took:?}");
+    for t in &took[..2] {
+        assert!(
+            *t < Duration::from_secs(2),
+            "bounded by the deadline: {t:?}"
+        );
+    }
+    for t in &took[2..] {
+        assert!(
+            *t < Duration::from_millis(150),
+            "circuit open, no wait: {t:?}"
+        );
+    }
+    assert_eq!(support::count_status(&store, "pending").await, 6);
+}
