@@ -116,10 +116,8 @@ impl Sql {
         Self {
             stage: format!(
                 "INSERT INTO {t} (event_id, aggregate_type, aggregate_id, event_type, topic, \
-                 event_key, payload, headers, correlation_id, lease_owner, lease_until) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
-                         CASE WHEN $10::uuid IS NULL THEN NULL \
-                              ELSE clock_timestamp() + make_interval(secs => $11) END) \
+                 event_key, payload, headers, correlation_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                  ON CONFLICT (event_id) DO NOTHING RETURNING id"
             ),
             claim: claim_sql(t, ""),
@@ -303,20 +301,6 @@ impl OutboxStore {
         tx: &mut Transaction<'_, Postgres>,
         event: &OutboxEvent,
     ) -> Result<Option<i64>> {
-        self.stage_leased(tx, event, None).await
-    }
-
-    /// Like [`stage`](Self::stage), but the row starts leased to `lease.0` for `lease.1`, so
-    /// no relay takes it while its owner dispatches it right after commit.
-    ///
-    /// # Errors
-    /// [`Error::OutboxStorage`] when the insert fails.
-    pub async fn stage_leased(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        event: &OutboxEvent,
-        lease: Option<(Uuid, Duration)>,
-    ) -> Result<Option<i64>> {
         let row = sqlx::query(&self.sql.stage)
             .bind(event.event_id)
             .bind(&event.aggregate_type)
@@ -327,8 +311,6 @@ impl OutboxStore {
             .bind(&event.payload)
             .bind(Json(&event.headers))
             .bind(event.correlation_id)
-            .bind(lease.map(|l| l.0))
-            .bind(lease.map_or(0.0, |l| l.1.as_secs_f64()))
             .fetch_optional(&mut **tx)
             .await
             .map_err(|e| Error::storage_with("stage", context_of(event), e))?;
