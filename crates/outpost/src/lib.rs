@@ -1,35 +1,40 @@
 //! Outpost: reliable, instant event publishing for Rust services on PostgreSQL and Kafka.
 //!
 //! ```text
-//!  business transaction                         relay (any number of replicas)
-//!  ┌──────────────────────────┐   commit   ┌───────────────────────────────────────┐
-//!  │ UPDATE your tables       │──────────▶ │ claim heads of keys (SKIP LOCKED+lease)│
-//!  │ OutboxStore::stage(tx,e) │            │ produce: many keys in flight, one per  │
-//!  └──────────────────────────┘            │   key; idempotent, acks=all            │
-//!           │ after commit: Waker::nudge   │ settle: published / retry+backoff /    │
-//!           └──── Redis LPUSH or NOTIFY ──▶│   dead (parked with its reason)        │
-//!                 (hint; relay also polls) └───────────────────┬───────────────────┘
-//!                                                              ▼
-//!                                                            Kafka
+//!  service                                      relay (any number of replicas)
+//!  ┌───────────────────────────┐  commit  ┌────────────────────────────────────────┐
+//!  │ publisher.begin()         │────────▶ │ claim key heads (SKIP LOCKED + lease)  │
+//!  │ UPDATE your tables        │          │ produce: many keys in flight, one per  │
+//!  │ tx.publish(event) (stage) │          │   key; idempotent, acks=all            │
+//!  │ tx.commit()               │          │ settle: published / retry + backoff /  │
+//!  └──────┬──────────────┬─────┘          │   dead (parked with its reason)        │
+//!         │ eager: claim │ else: wake     └───────────────────┬────────────────────┘
+//!         │ + produce    │ (Redis/NOTIFY,                     │
+//!         │ + settle     │  relay also polls)                 │
+//!         ▼              └──────────────────▶ relay           ▼
+//!       Kafka ◀───────────────────────────────────────────── Kafka
+//!         │
+//!         ▼ consumer: event_id (header first) → inbox dedup → handler → offset
 //! ```
 //!
 //! Guarantees: at-least-once delivery; a duplicate carries the same `event_id` and the
-//! same bytes; events of one key reach Kafka in staging order, also across retries and
-//! replicas; a row is `published` only after the broker acknowledged it.
+//! same bytes; events of one key reach Kafka in staging order, also across retries,
+//! replicas and the eager path; a row is `published` only after the broker acknowledged
+//! it; with the inbox, a consumer's effect happens once.
 //!
 //! Modules, in pipeline order:
 //! - [`envelope`]: the HuleEdu-compatible [`EventEnvelope`], serialized once into an [`OutboxEvent`].
+//! - [`publisher`]: the API services call: transactional (eager after commit), Kafka-first, outbox-only.
+//! - [`breaker`]: the circuit breaker that lets publishing skip a Kafka known to be down.
 //! - [`table`]: the validated `schema.table` name of a service's outbox.
 //! - [`store`]: all SQL: migrate, stage in the caller's transaction, claim, settle, retention.
 //! - [`wake`]: wake-up hints (Redis `LPUSH`/`BLPOP`, PostgreSQL `NOTIFY`) on `outbox:wake:{service}`.
+//! - [`relay`]: the worker tying claim → produce → settle together, with graceful shutdown.
 //! - [`poll`]: adaptive polling between wake-ups.
 //! - [`environment`]: per-environment defaults (testing, development, production).
 //! - [`backoff`]: exponential retry delays with jitter.
-//! - [`producer`]: the Kafka producer, error classes (transient / retriable / permanent), rebuild when fenced.
 //! - [`delivery`]: sending claimed rows (pipelined across keys, one in flight per key) and classifying outcomes.
-//! - [`relay`]: the worker tying claim → produce → settle together, with graceful shutdown.
-//! - [`breaker`]: the circuit breaker Kafka-first publishing uses.
-//! - [`publisher`]: the API services call: transactional (eager after commit), Kafka-first, outbox-only.
+//! - [`producer`]: the Kafka producer, error classes (transient / retriable / permanent), rebuild when fenced.
 //! - [`consumer`]: the consuming side: event id header-first, dedup, handle, then commit; dead-letters what cannot be handled.
 //! - [`inbox`]: the PostgreSQL inbox: handler writes and "event processed" commit together (exactly-once effect; recommended).
 //! - [`idempotency`]: HuleEdu-style Redis two-phase dedup, fail-open or fail-closed when Redis is down.
@@ -37,17 +42,17 @@
 //! - [`metrics`]: metric names and their recording, on the `metrics` facade.
 
 pub mod envelope;
+pub mod publisher;
+pub mod breaker;
 pub mod table;
 pub mod store;
 pub mod wake;
+pub mod relay;
 pub mod poll;
 pub mod environment;
 pub mod backoff;
-pub mod producer;
 pub mod delivery;
-pub mod relay;
-pub mod breaker;
-pub mod publisher;
+pub mod producer;
 pub mod consumer;
 pub mod inbox;
 pub mod idempotency;
