@@ -336,3 +336,44 @@ async fn oversized_events_are_parked_once_and_do_not_block_a_good_one() {
     .unwrap();
     assert_eq!(idle.run_once().await.unwrap().claimed, 0);
 }
+
+/// Wake-ups are hints: with Redis unreachable (listener and writer) and NOTIFY pointing at
+/// a database that refuses connections, the relay warns and keeps delivering by polling.
+#[tokio::test]
+async fn unreachable_wake_up_transports_degrade_to_polling() {
+    let brokers = support::brokers();
+    let store = support::store().await;
+    let topic = support::topic(1).await;
+    let collector = support::Collector::start(&brokers, &topic, 1);
+    let service = support::unique("svc");
+    let signal = WakeSignal::new();
+    let listeners = CancellationToken::new();
+    signal
+        .listen_redis("redis://127.0.0.1:1", &service, listeners.clone())
+        .unwrap();
+    let dead_db = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(200))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/test")
+        .unwrap();
+    signal
+        .listen_notify(dead_db.clone(), &service, listeners.clone())
+        .unwrap();
+    assert!(Waker::redis("redis://127.0.0.1:1", &service).await.is_err());
+    let failing_notify = Waker::notify(dead_db, &service).unwrap();
+    assert!(failing_notify.try_nudge().await.is_err());
+
+    let relay = Relay::new(
+        store.clone(),
+        support::producer(&brokers),
+        support::relay_config(&service),
+    )
+    .unwrap()
+    .with_wake_signal(signal);
+    let running = spawn(relay);
+    let staged = support::stage_committed(&store, &topic, 2, 6).await;
+    failing_notify.nudge().await; // logs a warning, never fails the caller
+    let ids: Vec<Uuid> = staged.iter().map(|e| e.event_id).collect();
+    collector.wait_for(&ids, Duration::from_secs(20)).await;
+    running.stop().await;
+    listeners.cancel();
+}
