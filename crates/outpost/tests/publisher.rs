@@ -6,12 +6,9 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
-use metrics_util::registry::{AtomicStorage, Registry};
 use outpost::breaker::BreakerConfig;
 use outpost::metrics::{CIRCUIT_STATE, DIRECT_PUBLISHES, EAGER_DISPATCH, FALLBACKS};
 use outpost::{
@@ -25,69 +22,6 @@ use sqlx::PgConnection;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-// ---------------------------------------------------------------------------------------
-// Metrics: a recorder that can be read without draining it (tests run in parallel).
-// ---------------------------------------------------------------------------------------
-
-#[derive(Debug)]
-struct TestRecorder(Registry<Key, AtomicStorage>);
-
-impl Recorder for TestRecorder {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        self.0
-            .get_or_create_counter(key, |c| Counter::from_arc(Arc::clone(c)))
-    }
-    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
-        self.0
-            .get_or_create_gauge(key, |g| Gauge::from_arc(Arc::clone(g)))
-    }
-    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-        self.0
-            .get_or_create_histogram(key, |h| Histogram::from_arc(Arc::clone(h)))
-    }
-}
-
-fn metrics() -> &'static Registry<Key, AtomicStorage> {
-    static RECORDER: OnceLock<&'static TestRecorder> = OnceLock::new();
-    let recorder = RECORDER.get_or_init(|| {
-        let recorder: &'static TestRecorder = Box::leak(Box::new(TestRecorder(Registry::atomic())));
-        metrics::set_global_recorder(recorder).expect("install recorder");
-        recorder
-    });
-    &recorder.0
-}
-
-/// A counter's count or a gauge's value for one service (tests use unique service names),
-/// summed over the series that carry all of `labels`.
-fn metric(name: &str, service: &str, labels: &[(&str, &str)]) -> f64 {
-    let registry = metrics();
-    let mine = |key: &Key| {
-        key.name() == name
-            && key
-                .labels()
-                .any(|l| l.key() == "service" && l.value() == service)
-            && labels
-                .iter()
-                .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v))
-    };
-    let counters: u64 = registry
-        .get_counter_handles()
-        .into_iter()
-        .filter(|(k, _)| mine(k))
-        .map(|(_, c)| c.load(Ordering::Relaxed))
-        .sum();
-    let gauges: f64 = registry
-        .get_gauge_handles()
-        .into_iter()
-        .filter(|(k, _)| mine(k))
-        .map(|(_, g)| f64::from_bits(g.load(Ordering::Relaxed)))
-        .sum();
-    counters as f64 + gauges
-}
 
 // ---------------------------------------------------------------------------------------
 // Shared helpers.
@@ -242,7 +176,7 @@ fn assert_same_bytes(consumed: &[support::Consumed], events: &[OutboxEvent]) {
 
 #[tokio::test]
 async fn transactional_eager_path_alone_delivers_committed_events_and_never_rolled_back_ones() {
-    metrics();
+    support::metrics();
     let brokers = support::brokers();
     let store = support::store().await;
     let items = items_table(&store).await;
@@ -334,15 +268,15 @@ async fn transactional_eager_path_alone_delivers_committed_events_and_never_roll
         "every business write has its event (plus the lone publish)"
     );
 
-    let hits = metric(EAGER_DISPATCH, &service, &[("result", "hit")]);
-    let misses = metric(EAGER_DISPATCH, &service, &[("result", "miss")]);
+    let hits = support::metric(EAGER_DISPATCH, &service, &[("result", "hit")]);
+    let misses = support::metric(EAGER_DISPATCH, &service, &[("result", "miss")]);
     assert_eq!(hits, committed.len() as f64);
     assert_eq!(misses, 0.0);
 }
 
 #[tokio::test]
 async fn transactional_relay_delivers_when_dispatch_is_skipped_or_failing() {
-    metrics();
+    support::metrics();
     let brokers = support::brokers();
     let store = support::store().await;
     let items = items_table(&store).await;
@@ -444,20 +378,23 @@ async fn transactional_relay_delivers_when_dispatch_is_skipped_or_failing() {
 
     assert_eq!(left, 5);
     assert_eq!(
-        metric(EAGER_DISPATCH, &fail_service, &[("result", "miss")]),
+        support::metric(EAGER_DISPATCH, &fail_service, &[("result", "miss")]),
         5.0
     );
     assert_eq!(
-        metric(EAGER_DISPATCH, &fail_service, &[("result", "hit")]),
+        support::metric(EAGER_DISPATCH, &fail_service, &[("result", "hit")]),
         0.0
     );
     // Skipped dispatch records nothing; outbox-only never dispatches eagerly.
-    assert_eq!(metric(EAGER_DISPATCH, &service, &[("result", "hit")]), 0.0);
+    assert_eq!(
+        support::metric(EAGER_DISPATCH, &service, &[("result", "hit")]),
+        0.0
+    );
 }
 
 #[tokio::test]
 async fn eager_dispatch_never_overtakes_an_older_pending_event_of_its_key() {
-    metrics();
+    support::metrics();
     let brokers = support::brokers();
     let store = support::store().await;
     let topic = support::topic(2).await;
@@ -572,8 +509,14 @@ async fn eager_dispatch_never_overtakes_an_older_pending_event_of_its_key() {
     running.stop().await;
     support::assert_key_order(&consumed);
     assert_eq!(consumed.len(), all.len(), "no duplicates");
-    assert_eq!(metric(EAGER_DISPATCH, &service, &[("result", "hit")]), 1.0);
-    assert_eq!(metric(EAGER_DISPATCH, &service, &[("result", "miss")]), 2.0);
+    assert_eq!(
+        support::metric(EAGER_DISPATCH, &service, &[("result", "hit")]),
+        1.0
+    );
+    assert_eq!(
+        support::metric(EAGER_DISPATCH, &service, &[("result", "miss")]),
+        2.0
+    );
 }
 
 fn ids_of_claimed(rows: &[outpost::store::ClaimedEvent]) -> Vec<Uuid> {
@@ -582,7 +525,7 @@ fn ids_of_claimed(rows: &[outpost::store::ClaimedEvent]) -> Vec<Uuid> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactional_eager_and_relay_together_deliver_each_event_exactly_once_in_key_order() {
-    metrics();
+    support::metrics();
     let brokers = support::brokers();
     let store = support::store().await;
     let items = items_table(&store).await;
@@ -641,8 +584,8 @@ async fn transactional_eager_and_relay_together_deliver_each_event_exactly_once_
     assert_same_bytes(&consumed, &committed);
     let stored = messages_in_topic(&brokers, &topic, 4).await;
     let consumed = collector.snapshot();
-    let hits = metric(EAGER_DISPATCH, &service, &[("result", "hit")]);
-    let misses = metric(EAGER_DISPATCH, &service, &[("result", "miss")]);
+    let hits = support::metric(EAGER_DISPATCH, &service, &[("result", "hit")]);
+    let misses = support::metric(EAGER_DISPATCH, &service, &[("result", "miss")]);
     println!(
         "{} events: eager hits {hits}, misses {misses}; {stored} messages in the topic, {} consumed",
         committed.len(),
@@ -873,7 +816,7 @@ enum Outage {
 }
 
 async fn kafka_first_survives(outage: Outage) {
-    metrics();
+    support::metrics();
     let mut broker = support::PrivateBroker::start().await;
     let brokers = broker.brokers();
     let store = support::store().await;
@@ -950,7 +893,11 @@ async fn kafka_first_survives(outage: Outage) {
     for t in &took[2..] {
         assert!(*t < Duration::from_millis(100), "circuit open: {t:?}");
     }
-    assert_eq!(metric(CIRCUIT_STATE, &service, &[]), 2.0, "circuit open");
+    assert_eq!(
+        support::metric(CIRCUIT_STATE, &service, &[]),
+        2.0,
+        "circuit open"
+    );
 
     // The outbox holds the same envelopes: same event ids, same bytes, same headers.
     let rows = outbox_rows(&store, &via_outbox).await;
@@ -983,7 +930,7 @@ async fn kafka_first_survives(outage: Outage) {
         via_outbox.push(ev);
     }
     assert_eq!(
-        metric(FALLBACKS, &service, &[("reason", "key_pending")]),
+        support::metric(FALLBACKS, &service, &[("reason", "key_pending")]),
         16.0
     );
 
@@ -1001,7 +948,11 @@ async fn kafka_first_survives(outage: Outage) {
         assert!(Instant::now() < give_up, "circuit never closed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(metric(CIRCUIT_STATE, &service, &[]), 0.0, "circuit closed");
+    assert_eq!(
+        support::metric(CIRCUIT_STATE, &service, &[]),
+        0.0,
+        "circuit closed"
+    );
 
     // The relay delivers the outbox; nothing is parked.
     let running = relay(&store, &brokers, &service, &signal);
@@ -1045,23 +996,23 @@ async fn kafka_first_survives(outage: Outage) {
         consumed.len() - distinct.len()
     );
 
-    let failed = metric(DIRECT_PUBLISHES, &service, &[("outcome", "failed")]);
+    let failed = support::metric(DIRECT_PUBLISHES, &service, &[("outcome", "failed")]);
     assert!(failed >= 2.0, "{failed}");
     assert_eq!(
-        metric(FALLBACKS, &service, &[("reason", "timeout")])
-            + metric(FALLBACKS, &service, &[("reason", "kafka_error")]),
+        support::metric(FALLBACKS, &service, &[("reason", "timeout")])
+            + support::metric(FALLBACKS, &service, &[("reason", "kafka_error")]),
         failed
     );
     assert_eq!(
-        metric(DIRECT_PUBLISHES, &service, &[("outcome", "acked")]),
+        support::metric(DIRECT_PUBLISHES, &service, &[("outcome", "acked")]),
         direct.len() as f64
     );
     assert_eq!(
-        metric(FALLBACKS, &service, &[]),
+        support::metric(FALLBACKS, &service, &[]),
         via_outbox.len() as f64,
         "one fallback per outbox event"
     );
-    assert!(metric(FALLBACKS, &service, &[("reason", "circuit_open")]) >= 2.0);
+    assert!(support::metric(FALLBACKS, &service, &[("reason", "circuit_open")]) >= 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1076,7 +1027,7 @@ async fn kafka_first_with_broker_killed_falls_back_within_the_deadline_and_keeps
 
 #[tokio::test]
 async fn kafka_first_with_kafka_and_database_down_returns_a_structured_error() {
-    metrics();
+    support::metrics();
     let service = support::unique("svc");
     let pool = PgPoolOptions::new()
         .acquire_timeout(Duration::from_secs(1))
@@ -1130,20 +1081,20 @@ async fn kafka_first_with_kafka_and_database_down_returns_a_structured_error() {
     }
     // Nothing reported as published, by any path.
     assert_eq!(
-        metric(DIRECT_PUBLISHES, &service, &[("outcome", "acked")]),
+        support::metric(DIRECT_PUBLISHES, &service, &[("outcome", "acked")]),
         0.0
     );
     assert_eq!(
-        metric(DIRECT_PUBLISHES, &service, &[("outcome", "failed")]),
+        support::metric(DIRECT_PUBLISHES, &service, &[("outcome", "failed")]),
         2.0
     );
-    assert_eq!(metric(FALLBACKS, &service, &[]), 0.0);
-    assert_eq!(metric(CIRCUIT_STATE, &service, &[]), 2.0);
+    assert_eq!(support::metric(FALLBACKS, &service, &[]), 0.0);
+    assert_eq!(support::metric(CIRCUIT_STATE, &service, &[]), 2.0);
 }
 
 #[tokio::test]
 async fn kafka_first_returns_permanent_errors_and_stores_nothing() {
-    metrics();
+    support::metrics();
     let brokers = support::brokers();
     let store = support::store().await;
     let topic = support::topic(1).await;
@@ -1188,16 +1139,16 @@ async fn kafka_first_returns_permanent_errors_and_stores_nothing() {
         "the outbox cannot help: not stored"
     );
     assert_eq!(
-        metric(DIRECT_PUBLISHES, &service, &[("outcome", "rejected")]),
+        support::metric(DIRECT_PUBLISHES, &service, &[("outcome", "rejected")]),
         1.0
     );
     assert_eq!(
-        metric(DIRECT_PUBLISHES, &service, &[("outcome", "acked")]),
+        support::metric(DIRECT_PUBLISHES, &service, &[("outcome", "acked")]),
         1.0
     );
-    assert_eq!(metric(FALLBACKS, &service, &[]), 0.0);
+    assert_eq!(support::metric(FALLBACKS, &service, &[]), 0.0);
     assert_eq!(
-        metric(CIRCUIT_STATE, &service, &[]),
+        support::metric(CIRCUIT_STATE, &service, &[]),
         0.0,
         "the broker answered"
     );
@@ -1205,7 +1156,7 @@ async fn kafka_first_returns_permanent_errors_and_stores_nothing() {
 
 #[tokio::test]
 async fn kafka_first_probe_abandoned_by_its_caller_does_not_wedge_the_circuit() {
-    metrics();
+    support::metrics();
     let service = support::unique("svc");
     let store = support::store().await;
     let mut cfg = kafka_first_config(&service, Duration::from_millis(200));
@@ -1227,7 +1178,7 @@ async fn kafka_first_probe_abandoned_by_its_caller_does_not_wedge_the_circuit() 
         publisher.publish(&next()).await.unwrap(),
         PublishPath::Outbox
     );
-    assert_eq!(metric(CIRCUIT_STATE, &service, &[]), 2.0);
+    assert_eq!(support::metric(CIRCUIT_STATE, &service, &[]), 2.0);
 
     // Once the circuit lets a probe through, its caller gives up on it mid-send.
     support::eventually(Duration::from_secs(5), "a probe is abandoned", || {
@@ -1243,17 +1194,18 @@ async fn kafka_first_probe_abandoned_by_its_caller_does_not_wedge_the_circuit() 
 
     // The breaker still probes Kafka again after `open_for`, instead of waiting for the
     // abandoned probe forever and sending everything to the outbox.
-    let timeouts = metric(FALLBACKS, &service, &[("reason", "timeout")]);
+    let timeouts = support::metric(FALLBACKS, &service, &[("reason", "timeout")]);
     support::eventually(Duration::from_secs(5), "another probe", || {
         let (publisher, ev, service) = (publisher.clone(), next(), service.clone());
         async move {
             assert_eq!(publisher.publish(&ev).await.unwrap(), PublishPath::Outbox);
-            (metric(FALLBACKS, &service, &[("reason", "timeout")]) > timeouts).then_some(())
+            (support::metric(FALLBACKS, &service, &[("reason", "timeout")]) > timeouts)
+                .then_some(())
         }
     })
     .await;
     assert_eq!(
-        metric(CIRCUIT_STATE, &service, &[]),
+        support::metric(CIRCUIT_STATE, &service, &[]),
         2.0,
         "failed probe reopens"
     );

@@ -3,79 +3,12 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
 
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
-use metrics_util::registry::{AtomicStorage, Registry};
 use std::time::{Duration, Instant};
 
 use outpost::{OutboxStore, Relay, WakeSignal, Waker};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-/// A recorder that can be read without draining it (tests run in parallel and share it).
-#[derive(Debug)]
-struct TestRecorder(Registry<Key, AtomicStorage>);
-
-impl Recorder for TestRecorder {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        self.0
-            .get_or_create_counter(key, |c| Counter::from_arc(Arc::clone(c)))
-    }
-    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
-        self.0
-            .get_or_create_gauge(key, |g| Gauge::from_arc(Arc::clone(g)))
-    }
-    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-        self.0
-            .get_or_create_histogram(key, |h| Histogram::from_arc(Arc::clone(h)))
-    }
-}
-
-fn metrics() -> &'static Registry<Key, AtomicStorage> {
-    static RECORDER: OnceLock<&'static TestRecorder> = OnceLock::new();
-    let recorder = RECORDER.get_or_init(|| {
-        let recorder: &'static TestRecorder = Box::leak(Box::new(TestRecorder(Registry::atomic())));
-        metrics::set_global_recorder(recorder).expect("install recorder");
-        recorder
-    });
-    &recorder.0
-}
-
-/// The value of a metric for one service (tests use unique service names): a counter's
-/// count, a gauge's value, a histogram's number of samples.
-fn metric(name: &str, service: &str) -> f64 {
-    let registry = metrics();
-    let mine = |key: &Key| {
-        key.name() == name
-            && key
-                .labels()
-                .any(|l| l.key() == "service" && l.value() == service)
-    };
-    let counters: u64 = registry
-        .get_counter_handles()
-        .into_iter()
-        .filter(|(k, _)| mine(k))
-        .map(|(_, c)| c.load(Ordering::Relaxed))
-        .sum();
-    let gauges: f64 = registry
-        .get_gauge_handles()
-        .into_iter()
-        .filter(|(k, _)| mine(k))
-        .map(|(_, g)| f64::from_bits(g.load(Ordering::Relaxed)))
-        .sum();
-    let samples = registry
-        .get_histogram_handles()
-        .into_iter()
-        .filter(|(k, _)| mine(k))
-        .map(|(_, h)| h.data().len())
-        .sum::<usize>();
-    counters as f64 + gauges + samples as f64
-}
 
 struct Running {
     shutdown: CancellationToken,
@@ -101,7 +34,7 @@ fn spawn(relay: Relay) -> Running {
 
 #[tokio::test]
 async fn committed_events_arrive_byte_for_byte_and_rolled_back_ones_never() {
-    metrics();
+    support::metrics();
     let brokers = support::brokers();
     let store = support::store().await;
     let topic = support::topic(2).await;
@@ -144,10 +77,22 @@ async fn committed_events_arrive_byte_for_byte_and_rolled_back_ones_never() {
     assert_eq!(support::count_status(&store, "published").await, 30);
 
     // Metrics are truthful: every publish counted, the backlog drained to zero.
-    assert_eq!(metric(outpost::metrics::EVENTS_PUBLISHED, &service), 30.0);
-    assert_eq!(metric(outpost::metrics::PUBLISH_LATENCY, &service), 30.0);
-    assert_eq!(metric(outpost::metrics::BACKLOG, &service), 0.0);
-    assert_eq!(metric(outpost::metrics::OLDEST_PENDING, &service), 0.0);
+    assert_eq!(
+        support::metric(outpost::metrics::EVENTS_PUBLISHED, &service, &[]),
+        30.0
+    );
+    assert_eq!(
+        support::metric(outpost::metrics::PUBLISH_LATENCY, &service, &[]),
+        30.0
+    );
+    assert_eq!(
+        support::metric(outpost::metrics::BACKLOG, &service, &[]),
+        0.0
+    );
+    assert_eq!(
+        support::metric(outpost::metrics::OLDEST_PENDING, &service, &[]),
+        0.0
+    );
 }
 
 #[tokio::test]
@@ -267,7 +212,7 @@ async fn notify_wake_up_beats_the_production_poll_interval() {
 
 #[tokio::test]
 async fn oversized_events_are_parked_once_and_do_not_block_a_good_one() {
-    metrics();
+    support::metrics();
     let brokers = support::brokers();
     let store = support::store().await;
     let topic = support::topic(2).await;
@@ -320,7 +265,10 @@ async fn oversized_events_are_parked_once_and_do_not_block_a_good_one() {
         assert_eq!(attempts, 1, "parked after one attempt");
         assert!(error.contains("MessageSizeTooLarge"), "{error}");
     }
-    assert_eq!(metric(outpost::metrics::EVENTS_PARKED, &service), 150.0);
+    assert_eq!(
+        support::metric(outpost::metrics::EVENTS_PARKED, &service, &[]),
+        150.0
+    );
     assert_eq!(
         collector.snapshot().len(),
         1,

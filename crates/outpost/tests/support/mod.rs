@@ -6,9 +6,12 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use metrics_util::registry::{AtomicStorage, Registry};
 use outpost::{
     Aggregate, Environment, EventEnvelope, KafkaProducer, OutboxEvent, OutboxStore, OutboxTable,
     ProducerConfig, RelayConfig,
@@ -397,4 +400,72 @@ impl Drop for PrivateBroker {
         }
         self.kill();
     }
+}
+
+/// A metrics recorder that can be read without draining it (tests in one binary run in
+/// parallel and share it; each uses a unique service label).
+#[derive(Debug)]
+struct TestRecorder(Registry<Key, AtomicStorage>);
+
+impl Recorder for TestRecorder {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        self.0
+            .get_or_create_counter(key, |c| Counter::from_arc(Arc::clone(c)))
+    }
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        self.0
+            .get_or_create_gauge(key, |g| Gauge::from_arc(Arc::clone(g)))
+    }
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        self.0
+            .get_or_create_histogram(key, |h| Histogram::from_arc(Arc::clone(h)))
+    }
+}
+
+/// Installs the test recorder (once per test binary) and returns its registry.
+pub fn metrics() -> &'static Registry<Key, AtomicStorage> {
+    static RECORDER: OnceLock<&'static TestRecorder> = OnceLock::new();
+    let recorder = RECORDER.get_or_init(|| {
+        let recorder: &'static TestRecorder = Box::leak(Box::new(TestRecorder(Registry::atomic())));
+        metrics::set_global_recorder(recorder).expect("install recorder");
+        recorder
+    });
+    &recorder.0
+}
+
+/// For one service, summed over the series carrying all of `labels`: a counter's count, a
+/// gauge's value, a histogram's number of samples.
+pub fn metric(name: &str, service: &str, labels: &[(&str, &str)]) -> f64 {
+    let registry = metrics();
+    let mine = |key: &Key| {
+        key.name() == name
+            && key
+                .labels()
+                .any(|l| l.key() == "service" && l.value() == service)
+            && labels
+                .iter()
+                .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v))
+    };
+    let counters: u64 = registry
+        .get_counter_handles()
+        .into_iter()
+        .filter(|(k, _)| mine(k))
+        .map(|(_, c)| c.load(Ordering::Relaxed))
+        .sum();
+    let gauges: f64 = registry
+        .get_gauge_handles()
+        .into_iter()
+        .filter(|(k, _)| mine(k))
+        .map(|(_, g)| f64::from_bits(g.load(Ordering::Relaxed)))
+        .sum();
+    let samples: usize = registry
+        .get_histogram_handles()
+        .into_iter()
+        .filter(|(k, _)| mine(k))
+        .map(|(_, h)| h.data().len())
+        .sum();
+    counters as f64 + gauges + samples as f64
 }
