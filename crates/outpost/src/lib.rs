@@ -39,6 +39,7 @@
 //! - [`inbox`]: the PostgreSQL inbox: handler writes and "event processed" commit together (exactly-once effect; recommended).
 //! - [`idempotency`]: HuleEdu-style Redis two-phase dedup, fail-open or fail-closed when Redis is down.
 //! - [`error`]: structured errors ([`Error`], [`ErrorDetail`]) that say whether retrying helps.
+//! - `testkit` (feature `testkit`): a private tansu broker to pause or kill, and a collector, for fault-injection tests.
 //! - [`metrics`]: metric names and their recording, on the `metrics` facade.
 
 pub mod envelope;
@@ -58,6 +59,8 @@ pub mod inbox;
 pub mod idempotency;
 pub mod error;
 pub mod metrics;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use consumer::{Consumer, ConsumerConfig, Handler, Outcome, Process, Received};
 pub use envelope::{Aggregate, EventEnvelope, OutboxEvent};

@@ -3,11 +3,8 @@
 #![allow(dead_code, missing_docs)]
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
@@ -16,10 +13,6 @@ use outpost::{
     Aggregate, Environment, EventEnvelope, KafkaProducer, OutboxEvent, OutboxStore, OutboxTable,
     ProducerConfig, RelayConfig,
 };
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
 
@@ -134,114 +127,34 @@ pub async fn stage_committed(
     staged
 }
 
-/// One consumed message.
-#[derive(Debug, Clone)]
-pub struct Consumed {
-    pub event_id: Uuid,
-    pub key: String,
-    pub payload: Vec<u8>,
-    pub headers: BTreeMap<String, String>,
-    pub partition: i32,
-    pub offset: i64,
-    pub at: Instant,
+pub use outpost::testkit::Consumed;
+
+/// The per-key sequence number test events carry in `data.seq`.
+pub fn seq(c: &Consumed) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(&c.payload).unwrap();
+    v["data"]["seq"].as_u64().unwrap()
 }
 
-impl Consumed {
-    pub fn seq(&self) -> u64 {
-        let v: serde_json::Value = serde_json::from_slice(&self.payload).unwrap();
-        v["data"]["seq"].as_u64().unwrap()
-    }
-}
-
-/// Reads every partition of a topic from the beginning (no group, no rebalance waits).
-pub struct Collector {
-    seen: Arc<Mutex<Vec<Consumed>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+/// The test kit's collector, failing the test instead of returning errors.
+pub struct Collector(outpost::testkit::Collector);
 
 impl Collector {
     pub fn start(brokers: &str, topic: &str, partitions: i32) -> Self {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", unique("collector"))
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "5")
-            .set("reconnect.backoff.max.ms", "200")
-            .set("topic.metadata.refresh.interval.ms", "500")
-            .create()
-            .expect("consumer");
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&tpl).expect("assign");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&seen);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok(msg) = consumer.recv().await else {
-                    continue;
-                };
-                let headers: BTreeMap<String, String> = msg
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_owned(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let Some(event_id) = headers.get("event_id").and_then(|s| s.parse().ok()) else {
-                    continue;
-                };
-                let consumed = Consumed {
-                    event_id,
-                    key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
-                    payload: msg.payload().unwrap_or_default().to_vec(),
-                    headers,
-                    partition: msg.partition(),
-                    offset: msg.offset(),
-                    at: Instant::now(),
-                };
-                sink.lock().unwrap().push(consumed);
-            }
-        });
-        Self { seen, task }
+        Self(outpost::testkit::Collector::start(brokers, topic, partitions).expect("collector"))
     }
 
     pub fn snapshot(&self) -> Vec<Consumed> {
-        self.seen.lock().unwrap().clone()
+        self.0.snapshot()
     }
 
     /// Waits until `ids` were all seen, or panics after `timeout`.
     pub async fn wait_for(&self, ids: &[Uuid], timeout: Duration) -> Vec<Consumed> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let seen = self.snapshot();
-            let got: std::collections::HashSet<Uuid> = seen.iter().map(|c| c.event_id).collect();
-            let missing = ids.iter().filter(|id| !got.contains(id)).count();
-            if missing == 0 {
-                return seen;
-            }
-            assert!(
-                Instant::now() < deadline,
+        match self.0.wait_for(ids, timeout).await {
+            Ok(seen) => seen,
+            Err(missing) => panic!(
                 "{missing} of {} events not consumed within {timeout:?}",
                 ids.len()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            ),
         }
     }
 }
@@ -254,7 +167,7 @@ pub fn assert_key_order(consumed: &[Consumed]) {
         if !first_seen.insert(c.event_id) {
             continue;
         }
-        let seq = c.seq();
+        let seq = seq(c);
         if let Some(prev) = last.get(&c.key) {
             assert!(
                 seq > *prev,
@@ -296,109 +209,40 @@ pub async fn count_status(store: &OutboxStore, status: &str) -> i64 {
     .unwrap()
 }
 
-fn tansu_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("OUTPOST_TANSU_BIN") {
-        return PathBuf::from(p);
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let recorded = std::fs::read_to_string(root.join(".tools/tansu-bin"))
-        .expect("tansu not installed: run `make services` (or set OUTPOST_TANSU_BIN)");
-    PathBuf::from(recorded.trim())
-}
-
-/// A tansu broker of the test's own, on a free port, that the test may pause or kill.
-pub struct PrivateBroker {
-    pub port: u16,
-    child: Option<Child>,
-}
+/// The test kit's private broker, failing the test instead of returning errors.
+pub struct PrivateBroker(outpost::testkit::TansuBroker);
 
 impl PrivateBroker {
     pub async fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut broker = Self { port, child: None };
-        broker.spawn().await;
-        broker
+        Self(
+            outpost::testkit::TansuBroker::start()
+                .await
+                .expect("private tansu broker (run `make services`, or set OUTPOST_TANSU_BIN)"),
+        )
     }
 
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    async fn spawn(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn tansu");
-        self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.port);
-        eventually(
-            Duration::from_secs(10),
-            "private broker accepts connections",
-            || {
-                let addr = addr.clone();
-                async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
-            },
-        )
-        .await;
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
-        let ok = Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
+        self.0.brokers()
     }
 
     /// SIGSTOP: the broker hangs, connections stay open.
     pub fn pause(&self) {
-        self.signal("-STOP");
+        self.0.pause().expect("SIGSTOP");
     }
 
     /// SIGCONT.
     pub fn resume(&self) {
-        self.signal("-CONT");
+        self.0.resume().expect("SIGCONT");
     }
 
     /// SIGKILL: the broker is gone, with its (memory) state.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.0.kill();
     }
 
     /// Starts a new broker on the same port.
     pub async fn restart(&mut self) {
-        self.kill();
-        self.spawn().await;
-    }
-}
-
-impl Drop for PrivateBroker {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_ref() {
-            let _ = Command::new("kill")
-                .args(["-CONT", &child.id().to_string()])
-                .status();
-        }
-        self.kill();
+        self.0.restart().await.expect("restart tansu");
     }
 }
 
