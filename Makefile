@@ -1,5 +1,5 @@
 # outpost: demo, tests and local services.
-# `make test` is what CI runs (via .ci/run); `make demo` runs the quickstart.
+# `make test` is what CI runs (via .ci/run); `make demo` runs the HuleEdu pipeline demo.
 SHELL := /bin/bash
 
 # Where the demo and the integration tests find their services; override
@@ -16,9 +16,9 @@ all: test
 services:
 	bash scripts/services.sh
 
-## demo: start the services and run the quickstart against them
+## demo: start the services and run the HuleEdu batch pipeline on them (instant vs baseline)
 demo: services
-	cargo run --release -p outpost-cli --bin outpost -- quickstart --events 1000
+	cargo run --release -p outpost-cli --bin outpost -- demo
 
 ## test: formatting, clippy and the whole test suite against live services
 test: services

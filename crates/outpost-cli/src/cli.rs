@@ -153,6 +153,30 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the HuleEdu batch pipeline (BOS, File Service, ELS, Spellchecker) on Outpost:
+    /// a batch of essays through every phase, timed hop by hop, then the same in the
+    /// relay-only baseline HuleEdu had, for comparison.
+    Demo {
+        /// Essays in the batch (the shipped corpus has 25, two of them invalid; more reuse
+        /// its files).
+        #[arg(long, default_value_t = 25)]
+        essays: usize,
+        /// Also run the relay-only baseline (default, except with --outage).
+        #[arg(long, overrides_with = "no_baseline")]
+        baseline: bool,
+        /// Skip the baseline.
+        #[arg(long)]
+        no_baseline: bool,
+        /// Run on a private broker and pause it (SIGSTOP) for 5 s mid-run.
+        #[arg(long)]
+        outage: bool,
+        /// Print one JSON object instead of text (progress still goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Directory of essay files (default: the shipped corpus).
+        #[arg(long)]
+        corpus: Option<std::path::PathBuf>,
+    },
     /// Show pending count, oldest pending age and parked events.
     Status,
     /// Put parked (dead) events back in line.

@@ -1,6 +1,8 @@
-//! `outpost`: migrate the outbox table, run the relay, try it out with `quickstart`.
+//! `outpost`: migrate the outbox table, run the relay, try it out with `quickstart` and
+//! `demo`.
 
 mod cli;
+mod demo;
 mod quickstart;
 mod settings;
 
@@ -122,6 +124,7 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Demo { .. } => demo::run(&cli).await?,
         Command::Status => {
             let backlog = store.backlog().await?;
             println!(

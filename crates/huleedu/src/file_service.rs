@@ -1,0 +1,467 @@
+//! The File Service: takes a batch's essay files, validates them, stores their text in the
+//! Content Service and announces each outcome with HuleEdu's four publishing methods.
+//!
+//! It keeps no business state worth a transaction (only an `uploads` log), so, as
+//! HuleEdu's File Service did in July 2025, it publishes Kafka-first: straight to the
+//! broker, and into its own outbox (same bytes, same event id) when the broker fails, for
+//! its relay to deliver. The window that design leaves (a crash after the upload row is
+//! written and before the broker acks) is the reason every other service uses the
+//! transactional mode.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use chrono::Utc;
+use outpost::{Aggregate, Mode, OutboxEvent, PublishPath, Publisher};
+use sqlx::postgres::PgPool;
+use tracing::info;
+use uuid::Uuid;
+
+use crate::content::{ContentKind, ContentStore};
+use crate::error::{Error, Result};
+use crate::events::{
+    topic, BatchFileChangedV1, EssayContentProvisionedV1, EssayValidationFailedV1, Topics,
+    ValidationErrorDetail,
+};
+
+/// The File Service's name (`source_service` of its events).
+pub const SERVICE: &str = "file-service";
+
+/// Validation error code: the file has no text.
+pub const EMPTY_CONTENT: &str = "EMPTY_CONTENT";
+/// Validation error code: too few words to assess.
+pub const CONTENT_TOO_SHORT: &str = "CONTENT_TOO_SHORT";
+/// Validation error code: the file is larger than allowed.
+pub const CONTENT_TOO_LONG: &str = "CONTENT_TOO_LONG";
+
+/// Limits a file must meet to be provisioned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidationRules {
+    /// Fewest words an essay may have (default 20).
+    pub min_words: usize,
+    /// Largest file accepted, in bytes (default 50 000).
+    pub max_bytes: usize,
+}
+
+impl Default for ValidationRules {
+    fn default() -> Self {
+        Self {
+            min_words: 20,
+            max_bytes: 50_000,
+        }
+    }
+}
+
+/// The outcome of validating one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Validation {
+    /// The extracted text, ready to be stored.
+    Valid(String),
+    /// Why the file was rejected.
+    Invalid {
+        /// `EMPTY_CONTENT`, `CONTENT_TOO_SHORT` or `CONTENT_TOO_LONG`.
+        code: &'static str,
+        /// For the teacher.
+        message: String,
+    },
+}
+
+/// Validates a plain-text file: size first (without reading it as text), then content.
+pub fn validate(bytes: &[u8], rules: ValidationRules) -> Validation {
+    if bytes.len() > rules.max_bytes {
+        return Validation::Invalid {
+            code: CONTENT_TOO_LONG,
+            message: format!(
+                "file has {} bytes; at most {} allowed",
+                bytes.len(),
+                rules.max_bytes
+            ),
+        };
+    }
+    let text = String::from_utf8_lossy(bytes).trim().to_owned();
+    if text.is_empty() {
+        return Validation::Invalid {
+            code: EMPTY_CONTENT,
+            message: "file contains no text".into(),
+        };
+    }
+    let words = text.split_whitespace().count();
+    if words < rules.min_words {
+        return Validation::Invalid {
+            code: CONTENT_TOO_SHORT,
+            message: format!(
+                "essay has {words} words; at least {} needed",
+                rules.min_words
+            ),
+        };
+    }
+    Validation::Valid(text)
+}
+
+/// Who is uploading into which batch (HuleEdu's request context).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadContext {
+    /// The batch.
+    pub batch_id: String,
+    /// The teacher.
+    pub user_id: String,
+    /// Correlation id of the request.
+    pub correlation_id: Uuid,
+}
+
+/// A file added to a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    /// Its id.
+    pub file_upload_id: String,
+    /// File name.
+    pub filename: String,
+    /// Where the raw file is stored.
+    pub raw_file_storage_id: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+}
+
+/// The service.
+#[derive(Debug)]
+pub struct FileService {
+    publisher: Publisher,
+    content: ContentStore,
+    topics: Topics,
+    rules: ValidationRules,
+    fell_back: AtomicUsize,
+}
+
+impl FileService {
+    /// The File Service publishing through `publisher` (Kafka-first in the instant mode),
+    /// whose pool's `search_path` is its schema.
+    pub fn new(publisher: Publisher, content: ContentStore, topics: Topics) -> Self {
+        Self {
+            publisher,
+            content,
+            topics,
+            rules: ValidationRules::default(),
+            fell_back: AtomicUsize::new(0),
+        }
+    }
+
+    fn pool(&self) -> &PgPool {
+        self.publisher.store().pool()
+    }
+
+    /// The validation limits.
+    pub fn rules(&self) -> ValidationRules {
+        self.rules
+    }
+
+    /// Kafka-first events that went to the outbox because the broker failed.
+    pub fn fallbacks(&self) -> usize {
+        self.fell_back.load(Ordering::Relaxed)
+    }
+
+    /// Creates the uploads table if it does not exist.
+    ///
+    /// # Errors
+    /// [`Error::Database`] when the DDL fails.
+    pub async fn migrate(&self) -> Result<()> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS uploads ( \
+               file_upload_id        TEXT PRIMARY KEY, \
+               batch_id              TEXT NOT NULL, \
+               filename              TEXT NOT NULL, \
+               size_bytes            BIGINT NOT NULL, \
+               raw_file_storage_id   TEXT NOT NULL, \
+               text_storage_id       TEXT, \
+               validation_error_code TEXT, \
+               state                 TEXT NOT NULL, \
+               updated_at            TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())",
+        )
+        .execute(self.pool())
+        .await
+        .map_err(Error::db(SERVICE, "migrate"))?;
+        Ok(())
+    }
+
+    /// Receives a file into the batch: stores it raw, logs the upload and announces it
+    /// (`publish_batch_file_added_v1`).
+    ///
+    /// # Errors
+    /// [`Error::Database`] when storing fails, [`Error::Outpost`] when the event could be
+    /// neither produced nor stored in the outbox.
+    pub async fn add_file(
+        &self,
+        ctx: &UploadContext,
+        filename: &str,
+        bytes: &[u8],
+    ) -> Result<Upload> {
+        let raw_file_storage_id = self
+            .content
+            .store(ContentKind::RawFile, bytes)
+            .await
+            .map_err(Error::db(SERVICE, "store_raw_file"))?;
+        let upload = Upload {
+            file_upload_id: Uuid::new_v4().to_string(),
+            filename: filename.to_owned(),
+            raw_file_storage_id,
+            size_bytes: bytes.len() as u64,
+        };
+        sqlx::query(
+            "INSERT INTO uploads (file_upload_id, batch_id, filename, size_bytes, \
+             raw_file_storage_id, state) VALUES ($1, $2, $3, $4, $5, 'added')",
+        )
+        .bind(&upload.file_upload_id)
+        .bind(&ctx.batch_id)
+        .bind(filename)
+        .bind(i64::try_from(bytes.len()).unwrap_or(i64::MAX))
+        .bind(&upload.raw_file_storage_id)
+        .execute(self.pool())
+        .await
+        .map_err(Error::db(SERVICE, "add_file"))?;
+        self.publish_batch_file_added_v1(&self.file_changed(ctx, &upload, "batch.file.added"))
+            .await?;
+        Ok(upload)
+    }
+
+    /// Validates an added file; stores its text and announces it
+    /// (`publish_essay_content_provisioned`), or announces why it was rejected
+    /// (`publish_essay_validation_failed`). Returns the validation outcome.
+    ///
+    /// # Errors
+    /// As [`add_file`](Self::add_file).
+    pub async fn process_file(
+        &self,
+        ctx: &UploadContext,
+        upload: &Upload,
+        bytes: &[u8],
+    ) -> Result<Validation> {
+        let validation = validate(bytes, self.rules);
+        let now = Utc::now();
+        match &validation {
+            Validation::Valid(text) => {
+                let text_storage_id = self
+                    .content
+                    .store(ContentKind::ExtractedText, text.as_bytes())
+                    .await
+                    .map_err(Error::db(SERVICE, "store_text"))?;
+                self.set_state(upload, "provisioned", Some(&text_storage_id), None)
+                    .await?;
+                self.publish_essay_content_provisioned(&EssayContentProvisionedV1 {
+                    event: "essay.content.provisioned".into(),
+                    batch_id: ctx.batch_id.clone(),
+                    file_upload_id: upload.file_upload_id.clone(),
+                    original_file_name: upload.filename.clone(),
+                    raw_file_storage_id: upload.raw_file_storage_id.clone(),
+                    text_storage_id,
+                    file_size_bytes: upload.size_bytes,
+                    content_md5_hash: None,
+                    correlation_id: ctx.correlation_id,
+                    timestamp: now,
+                })
+                .await?;
+            }
+            Validation::Invalid { code, message } => {
+                self.set_state(upload, "validation_failed", None, Some(code))
+                    .await?;
+                let details = serde_json::json!({ "filename": upload.filename });
+                self.publish_essay_validation_failed(&EssayValidationFailedV1 {
+                    event: "essay.validation.failed".into(),
+                    batch_id: ctx.batch_id.clone(),
+                    file_upload_id: upload.file_upload_id.clone(),
+                    original_file_name: upload.filename.clone(),
+                    raw_file_storage_id: upload.raw_file_storage_id.clone(),
+                    validation_error_code: (*code).to_owned(),
+                    validation_error_detail: ValidationErrorDetail {
+                        error_code: (*code).to_owned(),
+                        message: message.clone(),
+                        correlation_id: ctx.correlation_id,
+                        timestamp: now,
+                        service: SERVICE.into(),
+                        operation: "validate_content".into(),
+                        details: details.as_object().cloned().unwrap_or_default(),
+                    },
+                    file_size_bytes: upload.size_bytes,
+                    correlation_id: ctx.correlation_id,
+                    timestamp: now,
+                })
+                .await?;
+            }
+        }
+        Ok(validation)
+    }
+
+    /// Removes a file the teacher withdrew before it was processed, and announces it
+    /// (`publish_batch_file_removed_v1`). Returns `false` (and announces nothing) when the
+    /// file was already processed or removed.
+    ///
+    /// # Errors
+    /// As [`add_file`](Self::add_file).
+    pub async fn remove_file(&self, ctx: &UploadContext, upload: &Upload) -> Result<bool> {
+        let removed = sqlx::query(
+            "UPDATE uploads SET state = 'removed', updated_at = clock_timestamp() \
+             WHERE file_upload_id = $1 AND state = 'added'",
+        )
+        .bind(&upload.file_upload_id)
+        .execute(self.pool())
+        .await
+        .map_err(Error::db(SERVICE, "remove_file"))?
+        .rows_affected()
+            == 1;
+        if removed {
+            self.publish_batch_file_removed_v1(&self.file_changed(
+                ctx,
+                upload,
+                "batch.file.removed",
+            ))
+            .await?;
+        }
+        Ok(removed)
+    }
+
+    async fn set_state(
+        &self,
+        upload: &Upload,
+        state: &str,
+        text_storage_id: Option<&str>,
+        error_code: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE uploads SET state = $2, text_storage_id = $3, validation_error_code = $4, \
+             updated_at = clock_timestamp() WHERE file_upload_id = $1",
+        )
+        .bind(&upload.file_upload_id)
+        .bind(state)
+        .bind(text_storage_id)
+        .bind(error_code)
+        .execute(self.pool())
+        .await
+        .map_err(Error::db(SERVICE, "set_state"))?;
+        Ok(())
+    }
+
+    fn file_changed(
+        &self,
+        ctx: &UploadContext,
+        upload: &Upload,
+        event: &str,
+    ) -> BatchFileChangedV1 {
+        BatchFileChangedV1 {
+            event: event.into(),
+            batch_id: ctx.batch_id.clone(),
+            file_upload_id: upload.file_upload_id.clone(),
+            filename: upload.filename.clone(),
+            user_id: ctx.user_id.clone(),
+            correlation_id: ctx.correlation_id,
+            timestamp: Utc::now(),
+        }
+    }
+
+    /// `EssayContentProvisionedV1` → ELS, key file_upload_id.
+    ///
+    /// # Errors
+    /// [`Error::Outpost`] when the event could be neither produced nor stored.
+    pub async fn publish_essay_content_provisioned(
+        &self,
+        data: &EssayContentProvisionedV1,
+    ) -> Result<PublishPath> {
+        let aggregate = Aggregate::new("file_upload", &data.file_upload_id);
+        self.send(self.topics.event(
+            topic::ESSAY_CONTENT_PROVISIONED,
+            SERVICE,
+            data.correlation_id,
+            aggregate,
+            data,
+        )?)
+        .await
+    }
+
+    /// `EssayValidationFailedV1` → ELS, key file_upload_id.
+    ///
+    /// # Errors
+    /// [`Error::Outpost`] when the event could be neither produced nor stored.
+    pub async fn publish_essay_validation_failed(
+        &self,
+        data: &EssayValidationFailedV1,
+    ) -> Result<PublishPath> {
+        let aggregate = Aggregate::new("file_upload", &data.file_upload_id);
+        self.send(self.topics.event(
+            topic::ESSAY_VALIDATION_FAILED,
+            SERVICE,
+            data.correlation_id,
+            aggregate,
+            data,
+        )?)
+        .await
+    }
+
+    /// `BatchFileAddedV1` → teacher notifications, key batch_id.
+    ///
+    /// # Errors
+    /// [`Error::Outpost`] when the event could be neither produced nor stored.
+    pub async fn publish_batch_file_added_v1(
+        &self,
+        data: &BatchFileChangedV1,
+    ) -> Result<PublishPath> {
+        let aggregate = Aggregate::new("batch", &data.batch_id);
+        self.send(self.topics.event(
+            topic::BATCH_FILE_ADDED,
+            SERVICE,
+            data.correlation_id,
+            aggregate,
+            data,
+        )?)
+        .await
+    }
+
+    /// `BatchFileRemovedV1` → teacher notifications, key batch_id.
+    ///
+    /// # Errors
+    /// [`Error::Outpost`] when the event could be neither produced nor stored.
+    pub async fn publish_batch_file_removed_v1(
+        &self,
+        data: &BatchFileChangedV1,
+    ) -> Result<PublishPath> {
+        let aggregate = Aggregate::new("batch", &data.batch_id);
+        self.send(self.topics.event(
+            topic::BATCH_FILE_REMOVED,
+            SERVICE,
+            data.correlation_id,
+            aggregate,
+            data,
+        )?)
+        .await
+    }
+
+    async fn send(&self, event: OutboxEvent) -> Result<PublishPath> {
+        let path = self.publisher.publish(&event).await?;
+        // In the outbox-only mode every event takes the outbox; only Kafka-first falls back.
+        if path == PublishPath::Outbox && self.publisher.mode() == Mode::KafkaFirst {
+            self.fell_back.fetch_add(1, Ordering::Relaxed);
+            info!(topic = event.event_type, event_id = %event.event_id, "published through the outbox");
+        }
+        Ok(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_what_is_wrong() {
+        let rules = ValidationRules {
+            min_words: 3,
+            max_bytes: 40,
+        };
+        assert_eq!(
+            validate(b"one two three", rules),
+            Validation::Valid("one two three".into())
+        );
+        let code = |bytes: &[u8]| match validate(bytes, rules) {
+            Validation::Invalid { code, .. } => code,
+            Validation::Valid(_) => "valid",
+        };
+        assert_eq!(code(b""), EMPTY_CONTENT);
+        assert_eq!(code(b" \n\t "), EMPTY_CONTENT);
+        assert_eq!(code(b"too short"), CONTENT_TOO_SHORT);
+        assert_eq!(code(&[b'a'; 41]), CONTENT_TOO_LONG);
+    }
+}
