@@ -9,14 +9,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Command as StdCommand, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use outpost::testkit::{Collector, Consumed};
 use outpost::{Aggregate, EventEnvelope, OutboxEvent, OutboxStore, OutboxTable};
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
@@ -328,79 +324,10 @@ async fn counts(store: &OutboxStore) -> Counts {
     }
 }
 
-/// One consumed message.
-#[derive(Debug, Clone)]
-struct Consumed {
-    event_id: Uuid,
-    key: String,
-    payload: Vec<u8>,
-}
-
-impl Consumed {
-    fn seq(&self) -> u64 {
-        let v: serde_json::Value = serde_json::from_slice(&self.payload).expect("json payload");
-        v["data"]["seq"].as_u64().expect("data.seq")
-    }
-}
-
-/// Reads every partition of a topic from the beginning (assigned, no group rebalance).
-struct Collector {
-    seen: Arc<Mutex<Vec<Consumed>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Collector {
-    fn start(brokers: &str, topic: &str, partitions: i32) -> Self {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", unique("cli_collector"))
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "5")
-            .set("reconnect.backoff.max.ms", "200")
-            .set("topic.metadata.refresh.interval.ms", "500")
-            .create()
-            .expect("consumer");
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .expect("partition");
-        }
-        consumer.assign(&tpl).expect("assign");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&seen);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok(msg) = consumer.recv().await else {
-                    continue;
-                };
-                let event_id = msg.headers().and_then(|h| {
-                    h.iter()
-                        .find(|h| h.key == "event_id")
-                        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
-                });
-                let Some(event_id) = event_id else {
-                    continue;
-                };
-                sink.lock().expect("lock").push(Consumed {
-                    event_id,
-                    key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
-                    payload: msg.payload().unwrap_or_default().to_vec(),
-                });
-            }
-        });
-        Self { seen, task }
-    }
-
-    fn snapshot(&self) -> Vec<Consumed> {
-        self.seen.lock().expect("lock").clone()
-    }
+/// The per-key sequence number the test events carry in `data.seq`.
+fn seq(c: &Consumed) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(&c.payload).expect("json payload");
+    v["data"]["seq"].as_u64().expect("data.seq")
 }
 
 /// A relay child process; killed (SIGKILL) if the test ends while it runs.
@@ -485,7 +412,7 @@ async fn relay_killed_mid_batch_and_restarted_loses_nothing() {
     let mut next_seq = BTreeMap::new();
     let mut staged: HashMap<Uuid, Staged> = HashMap::new();
     stage(&store, &topic, KEYS, EVENTS, &mut next_seq, &mut staged).await;
-    let collector = Collector::start(&brokers, &topic, PARTITIONS);
+    let collector = Collector::start(&brokers, &topic, PARTITIONS).expect("collector");
     println!("staged {} events in {:?}", staged.len(), started.elapsed());
 
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
@@ -633,7 +560,7 @@ async fn relay_killed_mid_batch_and_restarted_loses_nothing() {
         if !first_seen.insert(c.event_id) {
             continue;
         }
-        let seq = c.seq();
+        let seq = seq(c);
         if let Some(prev) = last.get(&c.key) {
             assert!(
                 seq > *prev,
