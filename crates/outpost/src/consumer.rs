@@ -540,6 +540,7 @@ impl<P: Process> Consumer<P> {
             Ok(received) => self.process.process(&received).await,
             Err(e) => Err(e),
         };
+        let group = self.config.group_id.as_str();
         match outcome {
             Ok(outcome) => {
                 debug!(
@@ -549,10 +550,24 @@ impl<P: Process> Consumer<P> {
                     ?outcome,
                     "message settled"
                 );
+                crate::metrics::consumed(
+                    group,
+                    match outcome {
+                        Outcome::Handled => "handled",
+                        Outcome::Duplicate => "duplicate",
+                    },
+                );
                 Ok(())
             }
-            Err(e) if e.is_retriable() => Err(e),
-            Err(e) => self.dead_letter(msg, &e).await,
+            Err(e) if e.is_retriable() => {
+                crate::metrics::consumed(group, "retried");
+                Err(e)
+            }
+            Err(e) => {
+                self.dead_letter(msg, &e).await?;
+                crate::metrics::consumed(group, "dead_lettered");
+                Ok(())
+            }
         }
     }
 

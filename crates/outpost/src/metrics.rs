@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::producer::ErrorClass;
 use crate::wake::WakeSource;
 
-/// Counter: events staged, by `service` (the outbox schema).
+/// Counter: events staged, by `service` (`OutboxStore::with_service`; default the schema).
 pub const EVENTS_STAGED: &str = "outpost_events_staged_total";
 /// Counter: events acked by the broker and marked published, by `service`, `topic`.
 pub const EVENTS_PUBLISHED: &str = "outpost_events_published_total";
@@ -107,4 +107,12 @@ pub(crate) fn eager(service: &str, hits: usize, misses: usize) {
         .increment(hits as u64);
     metrics::counter!(EAGER_DISPATCH, "service" => service.to_owned(), "result" => "miss")
         .increment(misses as u64);
+}
+
+/// Counter: consumed messages by consumer `group` and `outcome` (handled, duplicate,
+/// retried, dead_lettered).
+pub const CONSUMED: &str = "outpost_consumed_total";
+
+pub(crate) fn consumed(group: &str, outcome: &'static str) {
+    metrics::counter!(CONSUMED, "group" => group.to_owned(), "outcome" => outcome).increment(1);
 }

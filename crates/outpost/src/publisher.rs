@@ -193,6 +193,7 @@ impl Publisher {
             ));
         }
         let delivery = Delivery::new(Arc::clone(&producer), &config.delivery);
+        let store = store.with_service(&config.service);
         Ok(Self {
             mode: config.mode,
             inner: Arc::new(Inner {

@@ -139,6 +139,7 @@ impl Relay {
     ) -> Result<Self> {
         config.validate(longest_send(&producer))?;
         let delivery = Delivery::new(Arc::clone(&producer), &config);
+        let store = store.with_service(&config.service);
         Ok(Self {
             store,
             producer,

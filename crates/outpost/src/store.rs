@@ -198,13 +198,27 @@ pub struct OutboxStore {
     pool: PgPool,
     table: OutboxTable,
     sql: std::sync::Arc<Sql>,
+    service: String,
 }
 
 impl OutboxStore {
     /// A store over `table`, using `pool` for the relay's own statements.
     pub fn new(pool: PgPool, table: OutboxTable) -> Self {
         let sql = std::sync::Arc::new(Sql::new(&table));
-        Self { pool, table, sql }
+        Self {
+            pool,
+            service: table.schema().to_owned(),
+            table,
+            sql,
+        }
+    }
+
+    /// Labels this store's metrics with `service` (default: the schema name). Relays and
+    /// publishers set it to their service name, so staged and published counts line up.
+    #[must_use]
+    pub fn with_service(mut self, service: impl Into<String>) -> Self {
+        self.service = service.into();
+        self
     }
 
     /// The table this store works on.
@@ -314,7 +328,7 @@ impl OutboxStore {
             .fetch_optional(&mut **tx)
             .await
             .map_err(|e| Error::storage_with("stage", context_of(event), e))?;
-        crate::metrics::staged(self.table.schema());
+        crate::metrics::staged(&self.service);
         Ok(row.map(|r| r.get::<i64, _>(0)))
     }
 

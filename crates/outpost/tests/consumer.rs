@@ -386,6 +386,7 @@ async fn inbox_every_event_delivered_twice_takes_effect_once() {
     let effects = Effects::new().await;
     let topic = support::topic(3).await;
     let dead = support::topic(1).await;
+    support::metrics(); // record from the start
     let group = support::unique("g");
     let producer = producer();
 
@@ -424,6 +425,13 @@ async fn inbox_every_event_delivered_twice_takes_effect_once() {
     assert_eq!(count_ok(&log, Outcome::Handled), 30);
     assert_eq!(count_ok(&log, Outcome::Duplicate), 30);
     assert_eq!(log.lock().unwrap().len(), 60, "no failures, no third copy");
+    let consumed = |outcome| {
+        support::metric_with(
+            outpost::metrics::CONSUMED,
+            &[("group", group.as_str()), ("outcome", outcome)],
+        )
+    };
+    assert_eq!((consumed("handled"), consumed("duplicate")), (30.0, 30.0));
     let done = effects.all().await;
     assert_eq!(done.len(), 30, "one effect per event");
     for ev in &events {

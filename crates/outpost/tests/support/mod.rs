@@ -147,6 +147,15 @@ impl Collector {
         self.0.snapshot()
     }
 
+    /// Waits until `ids` were all seen; `Err(missing)` after `timeout`.
+    pub async fn try_wait_for(
+        &self,
+        ids: &[Uuid],
+        timeout: Duration,
+    ) -> Result<Vec<Consumed>, usize> {
+        self.0.wait_for(ids, timeout).await
+    }
+
     /// Waits until `ids` were all seen, or panics after `timeout`.
     pub async fn wait_for(&self, ids: &[Uuid], timeout: Duration) -> Vec<Consumed> {
         match self.0.wait_for(ids, timeout).await {
@@ -283,12 +292,16 @@ pub fn metrics() -> &'static Registry<Key, AtomicStorage> {
 /// For one service, summed over the series carrying all of `labels`: a counter's count, a
 /// gauge's value, a histogram's number of samples.
 pub fn metric(name: &str, service: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut all = vec![("service", service)];
+    all.extend_from_slice(labels);
+    metric_with(name, &all)
+}
+
+/// Like [`metric`], for series selected by `labels` alone.
+pub fn metric_with(name: &str, labels: &[(&str, &str)]) -> f64 {
     let registry = metrics();
     let mine = |key: &Key| {
         key.name() == name
-            && key
-                .labels()
-                .any(|l| l.key() == "service" && l.value() == service)
             && labels
                 .iter()
                 .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v))
