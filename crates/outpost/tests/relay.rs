@@ -117,8 +117,24 @@ async fn three_relays_deliver_each_event_once_in_key_order() {
     if let Err(missing) = collector.try_wait_for(&ids, Duration::from_secs(60)).await {
         // Say which side lost track: rows still pending point at the relays, rows marked
         // published but never read point at the broker or the collector.
+        let watermarks = {
+            use rdkafka::consumer::Consumer;
+            let probe: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()
+                .unwrap();
+            (0..4)
+                .map(|p| probe.fetch_watermarks(&topic, p, Duration::from_secs(5)))
+                .collect::<Vec<_>>()
+        };
+        let snapshot = collector.snapshot();
+        let mut read: Vec<(i32, i64)> = snapshot.iter().map(|c| (c.partition, c.offset)).collect();
+        read.sort_unstable();
         panic!(
-            "{missing} of 600 events not consumed within 60 s; table: {} pending, {} published, {} dead",
+            "{missing} of 600 events not consumed within 60 s; broker watermarks {watermarks:?}; \
+             collector read {} messages ({:?} first/last); table: {} pending, {} published, {} dead",
+            read.len(),
+            (read.first(), read.last()),
             support::count_status(&store, "pending").await,
             support::count_status(&store, "published").await,
             support::count_status(&store, "dead").await,
