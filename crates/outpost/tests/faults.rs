@@ -79,9 +79,47 @@ async fn survive(outage: Outage) {
         }
     }
 
-    let collector = support::Collector::start(&brokers, &topic, 2);
+    // The relay's producer may have re-created the topic (auto-create, broker default
+    // partition count) before we did: read every partition it has.
+    let partitions = {
+        use rdkafka::consumer::Consumer;
+        let probe: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        let metadata = probe
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .unwrap();
+        i32::try_from(metadata.topics()[0].partitions().len()).unwrap()
+    };
+    let collector = support::Collector::start(&brokers, &topic, partitions);
     let after: Vec<Uuid> = staged[40..].iter().map(|e| e.event_id).collect();
-    consumed.extend(collector.wait_for(&after, Duration::from_secs(60)).await);
+    match collector
+        .try_wait_for(&after, Duration::from_secs(60))
+        .await
+    {
+        Ok(seen) => consumed.extend(seen),
+        Err(missing) => {
+            use rdkafka::consumer::Consumer;
+            let probe: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()
+                .unwrap();
+            let reported = probe
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                .map(|m| m.topics()[0].partitions().len());
+            let watermarks: Vec<_> = (0..partitions)
+                .map(|p| probe.fetch_watermarks(&topic, p, Duration::from_secs(5)))
+                .collect();
+            panic!(
+                "{missing} of 40 events not consumed within 60 s; topic partitions {reported:?}, \
+                 watermarks {watermarks:?}; collector read {}; table: {} pending, {} published",
+                collector.snapshot().len(),
+                support::count_status(&store, "pending").await,
+                support::count_status(&store, "published").await,
+            );
+        }
+    }
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(15), task)
         .await
