@@ -81,17 +81,7 @@ async fn survive(outage: Outage) {
 
     // The relay's producer may have re-created the topic (auto-create, broker default
     // partition count) before we did: read every partition it has.
-    let partitions = {
-        use rdkafka::consumer::Consumer;
-        let probe: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .create()
-            .unwrap();
-        let metadata = probe
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .unwrap();
-        i32::try_from(metadata.topics()[0].partitions().len()).unwrap()
-    };
+    let partitions = support::partitions_of(&brokers, &topic);
     let collector = support::Collector::start(&brokers, &topic, partitions);
     let after: Vec<Uuid> = staged[40..].iter().map(|e| e.event_id).collect();
     match collector

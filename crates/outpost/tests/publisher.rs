@@ -920,7 +920,11 @@ async fn kafka_first_survives(outage: Outage) {
                 .unwrap();
         }
     }
-    let collector = collector.unwrap_or_else(|| support::Collector::start(&brokers, &topic, 2));
+    // A metadata request may have re-created the topic with the broker's default partition
+    // count before we did: read every partition it has.
+    let collector = collector.unwrap_or_else(|| {
+        support::Collector::start(&brokers, &topic, support::partitions_of(&brokers, &topic))
+    });
 
     // With the broker back but the relay not yet run, later events of those keys still
     // follow their predecessors through the outbox.

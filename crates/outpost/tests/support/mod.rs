@@ -75,6 +75,20 @@ pub async fn topic_on(brokers: &str, partitions: i32) -> String {
     name
 }
 
+/// How many partitions `topic` has now. After a broker restart a client's metadata request
+/// can re-create a topic (auto-create, broker default count) before the test does.
+pub fn partitions_of(brokers: &str, topic: &str) -> i32 {
+    use rdkafka::consumer::Consumer;
+    let probe: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let metadata = probe
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    i32::try_from(metadata.topics()[0].partitions().len()).unwrap()
+}
+
 /// Producer settings suited to tests: short timeouts so outages surface quickly.
 pub fn producer_config(brokers: &str) -> ProducerConfig {
     let mut cfg = ProducerConfig::new(brokers);
