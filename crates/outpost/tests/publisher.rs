@@ -27,27 +27,7 @@ use uuid::Uuid;
 // Shared helpers.
 // ---------------------------------------------------------------------------------------
 
-struct Running {
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<outpost::Result<()>>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(15), self.task)
-            .await
-            .expect("relay drains and stops")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-fn spawn(relay: Relay) -> Running {
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(relay.run(shutdown.clone().cancelled_owned()));
-    Running { shutdown, task }
-}
+use support::{spawn, Running};
 
 fn relay(store: &OutboxStore, brokers: &str, service: &str, signal: &WakeSignal) -> Running {
     let relay = Relay::new(

@@ -10,27 +10,7 @@ use outpost::{OutboxStore, Relay, WakeSignal, Waker};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-struct Running {
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<outpost::Result<()>>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("relay drains and stops")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-fn spawn(relay: Relay) -> Running {
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(relay.run(shutdown.clone().cancelled_owned()));
-    Running { shutdown, task }
-}
+use support::spawn;
 
 #[tokio::test]
 async fn committed_events_arrive_byte_for_byte_and_rolled_back_ones_never() {

@@ -340,3 +340,28 @@ pub fn metric_with(name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum();
     counters as f64 + gauges + samples as f64
 }
+
+/// A relay running in the background until [`Running::stop`].
+pub struct Running {
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<outpost::Result<()>>,
+}
+
+impl Running {
+    /// Signals shutdown and waits for the relay to drain and stop.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("relay drains and stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Runs `relay` in the background.
+pub fn spawn(relay: outpost::Relay) -> Running {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(relay.run(shutdown.clone().cancelled_owned()));
+    Running { shutdown, task }
+}
