@@ -21,7 +21,10 @@ use uuid::Uuid;
 use crate::content::{ContentKind, ContentStore};
 use crate::els::essay_state;
 use crate::error::{handler_db, Error, Result};
-use crate::events::{decode, topic, EntityRef, SpellcheckCompleted, SpellcheckRequested, Topics};
+use crate::events::{
+    decode, topic, EntityRef, ProcessingStage, SpellcheckCompleted, SpellcheckRequested,
+    StorageReferenceMetadata, Topics, CORRECTED_TEXT,
+};
 use crate::spelling::Dictionary;
 
 /// The Spellchecker's service name (`source_service` of its events).
@@ -35,7 +38,7 @@ pub const CONSUMES: [&str; 1] = [topic::ESSAY_SPELLCHECK_REQUESTED];
 pub struct CheckResult {
     /// The essay.
     pub essay_id: String,
-    /// `spellchecked_success` or `spellchecked_failed`.
+    /// `spellchecked_success` or `spellcheck_failed`.
     pub status: String,
     /// Words corrected.
     pub corrections: i32,
@@ -143,6 +146,7 @@ impl Spellchecker {
             debug!(essay_id, "this text was already checked");
             return Ok(());
         }
+        let started_at = Utc::now();
         // A missing text is the essay's failure, not the pipeline's: report it failed so
         // the batch can still conclude.
         let text = self
@@ -175,7 +179,7 @@ impl Spellchecker {
                     text_storage_id = request.text_storage_id,
                     "text not found"
                 );
-                (essay_state::SPELLCHECKED_FAILED, None, 0, 0)
+                (essay_state::SPELLCHECK_FAILED, None, 0, 0)
             }
         };
         sqlx::query(
@@ -194,17 +198,39 @@ impl Spellchecker {
         .execute(&mut **tx)
         .await
         .map_err(handler_db)?;
+        let event_name = "essay.spellcheck.completed";
+        // The request's metadata carries on (as in HuleEdu), now saying how it ended.
+        let mut system_metadata = request.system_metadata;
+        let now = Utc::now();
+        system_metadata.timestamp = now;
+        system_metadata.started_at = Some(started_at);
+        system_metadata.completed_at = Some(now);
+        system_metadata.event = Some(event_name.to_owned());
+        system_metadata.processing_stage = Some(if corrected_id.is_some() {
+            ProcessingStage::Completed
+        } else {
+            system_metadata
+                .error_info
+                .insert("reason".into(), "text not found".into());
+            system_metadata.error_info.insert(
+                "text_storage_id".into(),
+                request.text_storage_id.clone().into(),
+            );
+            ProcessingStage::Failed
+        });
         let result = SpellcheckCompleted {
-            event_name: "essay.spellcheck.completed".into(),
+            event_name: event_name.into(),
             entity_ref: EntityRef {
                 entity_id: essay_id.to_owned(),
                 entity_type: "essay".into(),
                 parent_id: Some(batch_id.to_owned()),
             },
-            timestamp: Utc::now(),
+            timestamp: now,
             status: status.to_owned(),
+            system_metadata,
             original_text_storage_id: request.text_storage_id.clone(),
-            corrected_text_storage_id: corrected_id,
+            storage_metadata: corrected_id
+                .map(|id| StorageReferenceMetadata::single(CORRECTED_TEXT, id)),
             corrections_made: corrections,
         };
         tx.publish(&self.topics.event(
