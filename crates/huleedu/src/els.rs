@@ -1002,25 +1002,7 @@ impl EssayLifecycle {
         language: &str,
         event: &EventEnvelope<serde_json::Value>,
     ) -> outpost::Result<()> {
-        let essay_ref = EntityRef {
-            entity_id: essay.essay_id.clone(),
-            entity_type: "essay".into(),
-            parent_id: Some(batch_id.to_owned()),
-        };
-        let event_name = "essay.spellcheck.requested";
-        let data = SpellcheckRequested {
-            event_name: event_name.into(),
-            system_metadata: SystemProcessingMetadata::new(
-                essay_ref.clone(),
-                ProcessingStage::Pending,
-                event_name,
-            ),
-            entity_ref: essay_ref,
-            timestamp: Utc::now(),
-            status: essay_state::AWAITING_SPELLCHECK.into(),
-            text_storage_id: essay.text_storage_id.clone(),
-            language: language.to_owned(),
-        };
+        let data = spellcheck_request(batch_id, essay, language);
         let aggregate = Aggregate::new("essay", &essay.essay_id);
         self.stage(
             tx,
@@ -1085,5 +1067,32 @@ impl PublishingHandler for EssayLifecycle {
                 "ELS does not handle {other}"
             ))),
         }
+    }
+}
+
+/// The request to check `essay` of `batch_id` in `language`, as HuleEdu's ELS makes it.
+pub(crate) fn spellcheck_request(
+    batch_id: &str,
+    essay: &EssayRef,
+    language: &str,
+) -> SpellcheckRequested {
+    let essay_ref = EntityRef {
+        entity_id: essay.essay_id.clone(),
+        entity_type: "essay".into(),
+        parent_id: Some(batch_id.to_owned()),
+    };
+    let event_name = "essay.spellcheck.requested";
+    SpellcheckRequested {
+        event_name: event_name.into(),
+        system_metadata: SystemProcessingMetadata::new(
+            essay_ref.clone(),
+            ProcessingStage::Pending,
+            event_name,
+        ),
+        entity_ref: essay_ref,
+        timestamp: Utc::now(),
+        status: essay_state::AWAITING_SPELLCHECK.into(),
+        text_storage_id: essay.text_storage_id.clone(),
+        language: language.to_owned(),
     }
 }

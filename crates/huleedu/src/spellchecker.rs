@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use outpost::{
     Aggregate, Error as OutpostError, EventEnvelope, OutboxTx, Publisher, PublishingHandler,
     Received,
@@ -22,7 +22,7 @@ use crate::content::{ContentKind, ContentStore};
 use crate::els::essay_state;
 use crate::error::{handler_db, Error, Result};
 use crate::events::{
-    decode, topic, EntityRef, ProcessingStage, SpellcheckCompleted, SpellcheckRequested,
+    decode, topic, ProcessingStage, SpellcheckCompleted, SpellcheckRequested,
     StorageReferenceMetadata, Topics, CORRECTED_TEXT,
 };
 use crate::spelling::Dictionary;
@@ -198,49 +198,58 @@ impl Spellchecker {
         .execute(&mut **tx)
         .await
         .map_err(handler_db)?;
-        let event_name = "essay.spellcheck.completed";
-        // The request's metadata carries on (as in HuleEdu), now saying how it ended.
-        let mut system_metadata = request.system_metadata;
-        let now = Utc::now();
-        system_metadata.timestamp = now;
-        system_metadata.started_at = Some(started_at);
-        system_metadata.completed_at = Some(now);
-        system_metadata.event = Some(event_name.to_owned());
-        system_metadata.processing_stage = Some(if corrected_id.is_some() {
-            ProcessingStage::Completed
-        } else {
-            system_metadata
-                .error_info
-                .insert("reason".into(), "text not found".into());
-            system_metadata.error_info.insert(
-                "text_storage_id".into(),
-                request.text_storage_id.clone().into(),
-            );
-            ProcessingStage::Failed
-        });
-        let result = SpellcheckCompleted {
-            event_name: event_name.into(),
-            entity_ref: EntityRef {
-                entity_id: essay_id.to_owned(),
-                entity_type: "essay".into(),
-                parent_id: Some(batch_id.to_owned()),
-            },
-            timestamp: now,
-            status: status.to_owned(),
-            system_metadata,
-            original_text_storage_id: request.text_storage_id.clone(),
-            storage_metadata: corrected_id
-                .map(|id| StorageReferenceMetadata::single(CORRECTED_TEXT, id)),
-            corrections_made: corrections,
-        };
+        let result = completed(request, started_at, corrected_id, corrections);
         tx.publish(&self.topics.event(
             topic::ESSAY_SPELLCHECK_COMPLETED,
             SERVICE,
             event.correlation_id,
-            Aggregate::new("essay", essay_id),
+            Aggregate::new("essay", &result.entity_ref.entity_id),
             &result,
         )?)
         .await
+    }
+}
+
+/// The result of checking `request`'s text, begun at `started_at`: its corrected text
+/// stored as `corrected` with `corrections` made, or (`None`) the text was not found.
+fn completed(
+    request: SpellcheckRequested,
+    started_at: DateTime<Utc>,
+    corrected: Option<String>,
+    corrections: u32,
+) -> SpellcheckCompleted {
+    let event_name = "essay.spellcheck.completed";
+    // The request's metadata carries on (as in HuleEdu), now saying how it ended.
+    let mut system_metadata = request.system_metadata;
+    let now = Utc::now();
+    system_metadata.timestamp = now;
+    system_metadata.started_at = Some(started_at);
+    system_metadata.completed_at = Some(now);
+    system_metadata.event = Some(event_name.to_owned());
+    let (status, stage) = if corrected.is_some() {
+        (
+            essay_state::SPELLCHECKED_SUCCESS,
+            ProcessingStage::Completed,
+        )
+    } else {
+        let info = &mut system_metadata.error_info;
+        info.insert("reason".into(), "text not found".into());
+        info.insert(
+            "text_storage_id".into(),
+            request.text_storage_id.clone().into(),
+        );
+        (essay_state::SPELLCHECK_FAILED, ProcessingStage::Failed)
+    };
+    system_metadata.processing_stage = Some(stage);
+    SpellcheckCompleted {
+        event_name: event_name.into(),
+        entity_ref: request.entity_ref,
+        timestamp: now,
+        status: status.to_owned(),
+        system_metadata,
+        original_text_storage_id: request.text_storage_id,
+        storage_metadata: corrected.map(|id| StorageReferenceMetadata::single(CORRECTED_TEXT, id)),
+        corrections_made: corrections,
     }
 }
 
@@ -256,6 +265,51 @@ impl PublishingHandler for Spellchecker {
             other => Err(OutpostError::permanent(format!(
                 "the spellchecker does not handle {other}"
             ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use outpost::EventEnvelope;
+
+    use super::*;
+    use crate::contract::Contract;
+    use crate::els;
+    use crate::events::EssayRef;
+
+    /// Both outcomes of a check, from a request as ELS makes it, follow HuleEdu's schema
+    /// (the pipeline runs only ever see the successful one).
+    #[test]
+    fn results_follow_the_wire_contract() {
+        let contract = Contract::new();
+        let essay = EssayRef {
+            essay_id: Uuid::new_v4().to_string(),
+            text_storage_id: Uuid::new_v4().to_string(),
+        };
+        let request = els::spellcheck_request("batch-1", &essay, "en");
+        let check = |base: &str, data: serde_json::Value| {
+            let envelope = EventEnvelope::new(base, SERVICE, data);
+            contract.check_event(base, Some(&serde_json::to_vec(&envelope).unwrap()))
+        };
+        assert_eq!(
+            check(
+                topic::ESSAY_SPELLCHECK_REQUESTED,
+                serde_json::to_value(&request).unwrap()
+            ),
+            Vec::<String>::new()
+        );
+        for corrected in [Some(Uuid::new_v4().to_string()), None] {
+            let result = completed(request.clone(), Utc::now(), corrected.clone(), 3);
+            assert_eq!(result.corrected_text_storage_id(), corrected.as_deref());
+            assert_eq!(
+                check(
+                    topic::ESSAY_SPELLCHECK_COMPLETED,
+                    serde_json::to_value(&result).unwrap()
+                ),
+                Vec::<String>::new(),
+                "{result:?}"
+            );
         }
     }
 }
