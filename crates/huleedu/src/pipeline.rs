@@ -412,8 +412,8 @@ impl Pipeline {
         }
     }
 
-    /// Stops consumers (after the message in hand), relays (after the batch in hand) and
-    /// listeners, and waits for them. Then deletes the run's topics when they are its own
+    /// Stops consumers (after the message in hand), relays (after the batch in hand),
+    /// publishers (their eager dispatches in flight) and listeners, and waits for them. Then deletes the run's topics when they are its own
     /// (a long-lived tansu slows down as topics pile up); the schemas stay for inspection.
     ///
     /// # Errors
@@ -431,6 +431,11 @@ impl Pipeline {
                 Ok(Err(e)) => warn!(task = name, error = %e, "task panicked"),
                 Err(_) => warn!(task = name, "did not stop within 15 s"),
             }
+        }
+        // Eager dispatches still in flight finish and settle, or the relays of the next
+        // run would send their events a second time.
+        for node in &self.nodes {
+            node.publisher.shutdown(Duration::from_secs(5)).await;
         }
         for listener in std::mem::take(&mut self.listeners) {
             let _ = listener.await;

@@ -216,6 +216,7 @@ async fn run_mode(
         latencies.push(msg.at.duration_since(*t0));
         last_at = last_at.max(msg.at);
     }
+    publisher.shutdown(Duration::from_secs(5)).await;
     shutdown.cancel();
     relay_task.await??;
     consumer.abort();
