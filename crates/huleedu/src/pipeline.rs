@@ -650,6 +650,9 @@ async fn connect(database_url: &str, schema: &str) -> Result<PgPool> {
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(10))
+        // A broken connection fails its statement, which is retried; a ping before every
+        // acquire would cost a round trip on the hot path.
+        .test_before_acquire(false)
         .connect_with(options)
         .await
         .map_err(db("connect"))?;

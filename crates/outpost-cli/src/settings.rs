@@ -138,6 +138,9 @@ impl Settings {
         PgPoolOptions::new()
             .max_connections(10)
             .acquire_timeout(Duration::from_secs(5))
+            // A broken connection fails its statement, which is retried; a ping before every
+            // acquire would cost a round trip on the hot path.
+            .test_before_acquire(false)
             .connect_with(self.database.clone())
             .await
             .map_err(|e| fail(&e))

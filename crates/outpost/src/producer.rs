@@ -77,6 +77,10 @@ impl ProducerConfig {
             .set("client.id", "outpost")
             .set("acks", "all")
             .set("enable.idempotence", "true")
+            // A batch failed in a way that would leave a gap (later batches of its partition
+            // landing without it) stops the producer instead: the later rows of the key fail
+            // too, and the relay resends them after the failed one.
+            .set("enable.gapless.guarantee", "true")
             .set("linger.ms", self.linger.as_millis().to_string())
             .set(
                 "message.timeout.ms",
@@ -289,6 +293,7 @@ pub struct KafkaProducer {
     current: RwLock<(u64, Arc<FutureProducer>)>,
     /// Last ack or rebuild; timeouts long after it mean this instance is stuck.
     last_progress: std::sync::Mutex<std::time::Instant>,
+    last_purge: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl fmt::Debug for KafkaProducer {
@@ -312,6 +317,7 @@ impl KafkaProducer {
             config,
             current: RwLock::new((0, Arc::new(producer))),
             last_progress: std::sync::Mutex::new(std::time::Instant::now()),
+            last_purge: std::sync::Mutex::new(None),
         })
     }
 
@@ -474,6 +480,31 @@ impl KafkaProducer {
             Ok(rt) => drop(rt.spawn_blocking(move || drop(old))),
             Err(_) => drop(old),
         }
+    }
+
+    /// Fails every message still waiting in librdkafka's queues (never sent) with
+    /// `PurgeQueue`; messages already on the wire are left to resolve.
+    ///
+    /// librdkafka times messages out one by one: when an earlier message of a partition
+    /// timed out and the broker answers again before the later ones time out, those would
+    /// land without it. Purging the queue as soon as the first one fails closes that window:
+    /// every later message fails too, and its key is sent again from the failed row.
+    pub fn purge_queued(&self) {
+        let now = std::time::Instant::now();
+        {
+            let mut last = self.last_purge.lock().unwrap_or_else(|p| p.into_inner());
+            // A burst of failures needs one purge, not one per message.
+            if last.is_some_and(|t| now.duration_since(t) < Duration::from_millis(20)) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let (_, producer) = self.snapshot();
+        producer.purge(
+            rdkafka::producer::PurgeConfig::default()
+                .queue()
+                .non_blocking(),
+        );
     }
 
     /// Waits up to `timeout` for queued messages to be delivered, off the async runtime's

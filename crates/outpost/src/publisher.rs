@@ -409,7 +409,12 @@ impl Publisher {
                 }
                 Err(failure) => {
                     match failure.class {
-                        ErrorClass::Transient => probe.failed(),
+                        ErrorClass::Transient => {
+                            // See `KafkaProducer::purge_queued`: nothing queued after a
+                            // timed-out row may land without it.
+                            inner.producer.purge_queued();
+                            probe.failed();
+                        }
                         ErrorClass::Retriable | ErrorClass::Permanent => probe.answered(),
                     }
                     let verdict = inner.policy.verdict(service, row, &failure);

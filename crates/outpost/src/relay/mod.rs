@@ -559,6 +559,9 @@ impl<'r> Engine<'r> {
                     self.published_at_transient = self.report.published;
                 }
                 if matches!(verdict, Settlement::Retry { .. }) {
+                    if state.failure.is_none() && failure.class == ErrorClass::Transient {
+                        self.relay.producer.purge_queued();
+                    }
                     let earlier = state.failure.as_ref().is_none_or(|(id, ..)| event.id < *id);
                     if earlier {
                         state.failure = Some((event.id, verdict, failure.class));
