@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
@@ -199,11 +201,18 @@ pub struct Consumed {
     pub at: Instant,
 }
 
+/// The header that marks a [`Collector`]'s fence; fences are never collected.
+const FENCE_HEADER: &str = "outpost_test_fence";
+
 /// Reads every partition of a topic from the beginning (assigned, no consumer group, so
 /// no rebalance waits) and keeps what carries an `event_id` header.
 #[derive(Debug)]
 pub struct Collector {
+    brokers: String,
+    topic: String,
+    partitions: i32,
     seen: Arc<Mutex<Vec<Consumed>>>,
+    fences: Arc<Mutex<HashSet<Uuid>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -239,7 +248,8 @@ impl Collector {
         }
         consumer.assign(&tpl).map_err(bad)?;
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&seen);
+        let fences = Arc::new(Mutex::new(HashSet::new()));
+        let (sink, fence_sink) = (Arc::clone(&seen), Arc::clone(&fences));
         let task = tokio::spawn(async move {
             loop {
                 let Ok(msg) = consumer.recv().await else {
@@ -259,6 +269,10 @@ impl Collector {
                 let Some(event_id) = headers.get("event_id").and_then(|s| s.parse().ok()) else {
                     continue;
                 };
+                if headers.contains_key(FENCE_HEADER) {
+                    lock(&fence_sink).insert(event_id);
+                    continue;
+                }
                 let consumed = Consumed {
                     event_id,
                     key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
@@ -268,20 +282,81 @@ impl Collector {
                     offset: msg.offset(),
                     at: Instant::now(),
                 };
-                sink.lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(consumed);
+                lock(&sink).push(consumed);
             }
         });
-        Ok(Self { seen, task })
+        Ok(Self {
+            brokers: brokers.to_owned(),
+            topic: topic.to_owned(),
+            partitions,
+            seen,
+            fences,
+            task,
+        })
     }
 
     /// Everything read so far, in arrival order.
     pub fn snapshot(&self) -> Vec<Consumed> {
-        self.seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        lock(&self.seen).clone()
+    }
+
+    /// Everything the topic held when this was called, read to its end: writes a fence
+    /// to every partition and waits until all fences were read. Unlike a count taken from
+    /// watermarks (tansu's lag the log end) or a quiet period (a slow reader looks quiet),
+    /// this cannot stop early. Fences are never collected; a message still in some
+    /// producer's queue is not covered.
+    ///
+    /// # Errors
+    /// [`Error::KafkaPublish`] when a fence is not acked, [`Error::KafkaConsume`] when the
+    /// fences are not all read within `timeout`.
+    pub async fn read_to_end(&self, timeout: Duration) -> Result<Vec<Consumed>> {
+        let deadline = Instant::now() + timeout;
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("acks", "all")
+            .set("linger.ms", "0")
+            .create()
+            .map_err(|e| Error::config("collector", "a producer for fences", e.to_string()))?;
+        let mut fences = Vec::new();
+        for partition in 0..self.partitions {
+            let fence = Uuid::new_v4();
+            let id = fence.to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "event_id",
+                    value: Some(&id),
+                })
+                .insert(Header {
+                    key: FENCE_HEADER,
+                    value: Some("1"),
+                });
+            let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.topic)
+                .partition(partition)
+                .key("fence")
+                .payload(&b""[..])
+                .headers(headers);
+            producer
+                .send(record, deadline.saturating_duration_since(Instant::now()))
+                .await
+                .map_err(|(source, _)| Error::KafkaPublish {
+                    topic: self.topic.clone(),
+                    class: crate::producer::classify(&source),
+                    source,
+                })?;
+            fences.push(fence);
+        }
+        loop {
+            if fences.iter().all(|f| lock(&self.fences).contains(f)) {
+                return Ok(self.snapshot());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::KafkaConsume {
+                    operation: "read_to_end",
+                    source: KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Waits until every id in `ids` was read; returns everything read, or how many are
@@ -308,4 +383,11 @@ impl Collector {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// The collector's state stays usable after a test thread panicked holding it.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
