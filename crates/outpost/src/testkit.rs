@@ -64,17 +64,26 @@ impl TansuBroker {
     /// # Errors
     /// [`Error::Configuration`] when it cannot be started or never listens.
     pub async fn start_with(bin: &Path) -> Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| Error::config("port", "a free local port", e.to_string()))?
-            .port();
-        let mut broker = Self {
-            bin: bin.to_owned(),
-            port,
-            child: None,
-        };
-        broker.spawn().await?;
-        Ok(broker)
+        // A port free when picked can be taken before the broker binds it (by another
+        // test's broker restarting on the port it had); then try another.
+        let mut attempts = 0;
+        loop {
+            let port = free_port()?;
+            let mut broker = Self {
+                bin: bin.to_owned(),
+                port,
+                child: None,
+            };
+            match broker.spawn().await {
+                Err(Error::Configuration { setting, .. })
+                    if setting == "tansu.port" && attempts < 5 =>
+                {
+                    attempts += 1;
+                }
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(broker),
+            }
+        }
     }
 
     async fn spawn(&mut self) -> Result<()> {
@@ -93,23 +102,42 @@ impl TansuBroker {
                     format!("{}: {e}", self.bin.display()),
                 )
             })?;
+        let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(self.brokers())
-            .await
-            .is_err()
-        {
+        loop {
+            // A connection alone could reach another process listening on the port (this
+            // broker then fails to bind and exits): a test would talk to a broker it
+            // neither pauses nor kills.
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                return Err(Error::config(
+                    "tansu.port",
+                    "a port the broker can listen on",
+                    format!("{} ({status}; taken by another process?)", self.port),
+                ));
+            }
+            let ours = match listener_owned_by(pid, self.port) {
+                Some(ours) => ours,
+                None => tokio::net::TcpStream::connect(self.brokers()).await.is_ok(),
+            };
+            if ours {
+                return Ok(());
+            }
             if Instant::now() >= deadline {
                 self.kill();
                 return Err(Error::config(
                     "tansu",
                     "a broker that listens within 10 s",
-                    format!("nothing on port {}", self.port),
+                    format!("nothing of its own on port {}", self.port),
                 ));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok(())
     }
 
     /// Its bootstrap address, `127.0.0.1:port`.
@@ -180,6 +208,57 @@ impl Drop for TansuBroker {
         let _ = self.resume();
         self.kill();
     }
+}
+
+/// A free local port that no broker of this process has had: a killed broker's port stays
+/// its own for a restart.
+fn free_port() -> Result<u16> {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| Error::config("port", "a free local port", e.to_string()))?
+            .port();
+        let mut given = lock(&GIVEN);
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+}
+
+/// Whether process `pid` holds the socket listening on `port` (Linux: `/proc/net/tcp*`
+/// and `/proc/<pid>/fd`); `None` where that cannot be told.
+fn listener_owned_by(pid: u32, port: u16) -> Option<bool> {
+    let mut inodes = Vec::new();
+    let mut readable = false;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        readable = true;
+        // Columns: sl local_address rem_address st ... inode; `0A` is LISTEN.
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let local_port = cols
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && cols.get(3) == Some(&"0A") {
+                if let Some(inode) = cols.get(9) {
+                    inodes.push(format!("socket:[{inode}]"));
+                }
+            }
+        }
+    }
+    if !readable {
+        return None;
+    }
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    }))
 }
 
 /// One message read back by a [`Collector`].
@@ -390,4 +469,21 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_is_told_from_its_owner() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // `None` off Linux: the broker start then falls back to connecting.
+        if let Some(ours) = listener_owned_by(std::process::id(), port) {
+            assert!(ours);
+            drop(listener);
+            assert_eq!(listener_owned_by(std::process::id(), port), Some(false));
+        }
+    }
 }

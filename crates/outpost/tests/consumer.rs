@@ -752,6 +752,8 @@ async fn inbox_statement_timeout_is_retried_not_dead_lettered() {
     let (effects, topic, dead, group, producer) = case(1).await;
     let a = event_with(&topic, "k", 0, json!({}));
     let b = event_with(&topic, "k", 1, json!({}));
+    // Migrated through a patient pool: the migration lock is shared with other tests.
+    effects.inbox().await;
     // The consumer's connections give up on any statement after 200 ms.
     let options: sqlx::postgres::PgConnectOptions = support::database_url().parse().unwrap();
     let impatient = sqlx::postgres::PgPoolOptions::new()
@@ -766,7 +768,6 @@ async fn inbox_statement_timeout_is_retried_not_dead_lettered() {
         HORIZON,
     )
     .unwrap();
-    inbox.migrate().await.unwrap();
     // Another transaction locks the inbox table, so the claim's insert times out (57014).
     let mut locker = effects.pool.begin().await.unwrap();
     sqlx::query(&format!("LOCK TABLE {} IN EXCLUSIVE MODE", inbox.table()))

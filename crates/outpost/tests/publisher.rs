@@ -836,7 +836,11 @@ async fn kafka_first_survives(outage: Outage) {
         let started = Instant::now();
         let path = publisher.publish(&ev).await.expect("stored in the outbox");
         took.push(started.elapsed());
-        assert_eq!(path, PublishPath::Outbox);
+        assert_eq!(
+            path,
+            PublishPath::Outbox,
+            "call {i} in the outage, calls took {took:?}"
+        );
         via_outbox.push(ev);
     }
     let ms = |d: &[Duration]| d.iter().map(Duration::as_millis).collect::<Vec<_>>();
