@@ -192,9 +192,9 @@ impl Collector {
 
 /// How many messages were read: distinct (partition, offset) pairs, so a reader that
 /// read some offsets again (after an offset reset) does not count them twice.
-pub fn messages(consumed: &[Consumed]) -> usize {
+pub fn messages<'a>(consumed: impl IntoIterator<Item = &'a Consumed>) -> usize {
     consumed
-        .iter()
+        .into_iter()
         .map(|c| (c.partition, c.offset))
         .collect::<std::collections::HashSet<_>>()
         .len()
