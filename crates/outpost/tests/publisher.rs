@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use outpost::breaker::BreakerConfig;
 use outpost::metrics::{CIRCUIT_STATE, DIRECT_PUBLISHES, EAGER_DISPATCH, FALLBACKS};
+use outpost::store::KeyRelease;
 use outpost::{
     Dispatch, Environment, ErrorCode, KafkaProducer, Mode, OutboxEvent, OutboxStore, OutboxTable,
     PublishPath, Publisher, PublisherConfig, Relay, Settlement, WakeSignal, Waker,
@@ -433,13 +434,19 @@ async fn eager_dispatch_never_overtakes_an_older_pending_event_of_its_key() {
         .settle(
             failed_owner,
             &[(
-                claimed[0].id,
+                claimed[0].rows[0].id,
                 Settlement::Retry {
                     delay: Duration::from_secs(60),
                     error: "broker unavailable".into(),
                     budgeted: false,
+                    transient: true,
                 },
             )],
+            &[KeyRelease {
+                key: "c".into(),
+                backoff: Some(Duration::from_secs(60)),
+                transient: true,
+            }],
         )
         .await
         .unwrap();
@@ -462,10 +469,10 @@ async fn eager_dispatch_never_overtakes_an_older_pending_event_of_its_key() {
 
     // Once the older events are free again the relay delivers each key in order.
     store
-        .settle(other, &[(held[0].id, Settlement::Released)])
+        .settle(other, &[], &[KeyRelease::done("b".into())])
         .await
         .unwrap();
-    store.pull_forward_retries().await.unwrap();
+    store.pull_forward_transient().await.unwrap();
     let signal = WakeSignal::new();
     let running = relay(&store, &brokers, &service, &signal);
     let all = [a0, a1, b0, b1, c0, c1];
@@ -486,8 +493,10 @@ async fn eager_dispatch_never_overtakes_an_older_pending_event_of_its_key() {
     );
 }
 
-fn ids_of_claimed(rows: &[outpost::store::ClaimedEvent]) -> Vec<Uuid> {
-    rows.iter().map(|r| r.event_id).collect()
+fn ids_of_claimed(keys: &[outpost::store::ClaimedKey]) -> Vec<Uuid> {
+    keys.iter()
+        .flat_map(|k| k.rows.iter().map(|r| r.event_id))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -699,8 +708,10 @@ async fn publisher_killed_after_commits_loses_no_committed_event() {
     // What the crashes left behind, then the relay as the net.
     let pending_left = support::count_status(&store, "pending").await;
     let leased_left: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM {} WHERE status = 'pending' AND lease_owner IS NOT NULL",
-        store.table()
+        "SELECT count(*) FROM {} e JOIN {} k ON k.event_key = e.event_key \
+         WHERE e.status = 'pending' AND k.lease_owner IS NOT NULL",
+        store.table(),
+        store.table().keys()
     ))
     .fetch_one(store.pool())
     .await

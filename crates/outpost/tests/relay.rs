@@ -144,8 +144,8 @@ async fn three_relays_deliver_each_event_once_in_key_order() {
             .iter()
             .filter(|(_, cs)| support::messages(cs.iter().copied()) > 1)
         {
-            let attempts: i32 = sqlx::query_scalar(&format!(
-                "SELECT attempts FROM {} WHERE event_id = $1",
+            let row: (i32, Option<i32>, Option<i64>) = sqlx::query_as(&format!(
+                "SELECT attempts, kafka_partition, kafka_offset FROM {} WHERE event_id = $1",
                 store.table()
             ))
             .bind(id)
@@ -157,7 +157,10 @@ async fn three_relays_deliver_each_event_once_in_key_order() {
                 .iter()
                 .map(|c| (c.partition, c.offset, c.at.duration_since(first)))
                 .collect();
-            twice.push(format!("{id}: attempts {attempts}, read at {at:?}"));
+            twice.push(format!(
+                "{id}: row (attempts, partition, offset) {row:?}; read (partition, offset, \
+                 after the first) {at:?}"
+            ));
         }
         panic!(
             "an event was delivered twice: {} messages for 600 events; {twice:#?}",
