@@ -218,7 +218,10 @@ fn lease_too_short_names_outpost_lease_ms() {
     assert_bad_setting(
         &["--lease-ms", "10", "relay"],
         &[],
-        &["OUTPOST_LEASE_MS", "twice the delivery plus queue timeout"],
+        &[
+            "OUTPOST_LEASE_MS",
+            "twice the delivery plus request timeout",
+        ],
         FAST,
     );
     assert_bad_setting(
@@ -227,7 +230,10 @@ fn lease_too_short_names_outpost_lease_ms() {
             ("OUTPOST_LEASE_MS", "1500"),
             ("OUTPOST_DELIVERY_TIMEOUT_MS", "1000"),
         ],
-        &["OUTPOST_LEASE_MS", "twice the delivery plus queue timeout"],
+        &[
+            "OUTPOST_LEASE_MS",
+            "twice the delivery plus request timeout",
+        ],
         FAST,
     );
 }
@@ -299,18 +305,21 @@ async fn stage(
 #[derive(Debug, Clone, Copy, Default)]
 struct Counts {
     pending: i64,
-    /// Pending rows under a live lease: a batch in some relay's hands.
+    /// Pending rows whose key is under a live lease: in some relay's hands.
     leased: i64,
     published: i64,
     dead: i64,
 }
 
 async fn counts(store: &OutboxStore) -> Counts {
+    // Leases are held per key, in the keys table.
     let (pending, leased, published, dead): (i64, i64, i64, i64) = sqlx::query_as(&format!(
         "SELECT count(*) FILTER (WHERE status = 'pending'), \
-                count(*) FILTER (WHERE status = 'pending' AND lease_until > now()), \
+                count(*) FILTER (WHERE status = 'pending' AND event_key IN ( \
+                    SELECT event_key FROM {} WHERE lease_until > now())), \
                 count(*) FILTER (WHERE status = 'published'), \
                 count(*) FILTER (WHERE status = 'dead') FROM {}",
+        store.table().keys(),
         store.table()
     ))
     .fetch_one(store.pool())
