@@ -66,25 +66,10 @@ impl Error {
     }
 }
 
-/// Classifies a database error met inside an event handler: connection trouble, pool
-/// exhaustion, serialization failures and deadlocks heal when the event is handled again;
-/// anything else (a constraint or a bug) would fail the same way forever, so the event is
-/// dead-lettered instead of holding its partition.
+/// Classifies a database error met inside an event handler as Outpost's consumer does
+/// ([`outpost::error::database_is_retriable`]): retried in place unless the data or the
+/// statement is at fault (SQLSTATE classes 22, 23, 42, 0A), because a dead-lettered event
+/// lets the next event of its key be applied without it.
 pub(crate) fn handler_db(err: sqlx::Error) -> outpost::Error {
-    let retriable = match &err {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => matches!(
-            db.code().as_deref(),
-            Some("40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300")
-        ),
-        _ => false,
-    };
-    if retriable {
-        outpost::Error::retriable(err)
-    } else {
-        outpost::Error::permanent(err)
-    }
+    outpost::Error::database(err)
 }

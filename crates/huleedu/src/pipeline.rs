@@ -672,6 +672,10 @@ fn kafka_err(operation: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaE
 /// Commits `group`'s offsets at the beginning of `topics` (where a new group starts
 /// anyway), so the broker knows the group before its consumer joins: tansu lists a group,
 /// and so lets [`wait_for_groups`] see it join, only once it has stored offsets.
+///
+/// The beginning is offset 0, not a watermark (tansu's can be wrong): a run's topics are
+/// its own, and should a log start later, the consumer's `auto.offset.reset=earliest`
+/// moves it from 0 to the first message there is.
 async fn register_group(
     brokers: &str,
     group: &str,
@@ -697,11 +701,8 @@ async fn register_group(
                 .flat_map(|t| t.partitions().iter().map(|p| p.id()))
                 .collect();
             for partition in partitions {
-                let (low, _) = consumer
-                    .fetch_watermarks(topic, partition, timeout)
-                    .map_err(kafka_err(format!("watermarks of {topic}")))?;
                 offsets
-                    .add_partition_offset(topic, partition, Offset::Offset(low))
+                    .add_partition_offset(topic, partition, Offset::Offset(0))
                     .map_err(kafka_err("offset list"))?;
             }
         }

@@ -312,6 +312,7 @@ struct Counts {
 }
 
 async fn counts(store: &OutboxStore) -> Counts {
+    // Leases are held per key, in the keys table.
     let (pending, leased, published, dead): (i64, i64, i64, i64) = sqlx::query_as(&format!(
         "SELECT count(*) FILTER (WHERE status = 'pending'), \
                 count(*) FILTER (WHERE status = 'pending' AND k.lease_until > now()), \

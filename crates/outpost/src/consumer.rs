@@ -14,8 +14,10 @@
 //!    are revoked and at shutdown. Nothing is ever committed past an unsettled message.
 //!
 //! A retriable failure seeks the partition back to the message and tries it again after a
-//! backoff, so nothing behind it overtakes it. A permanent failure, or a message that is
-//! not an envelope, goes to the dead-letter topic with its reason (original key, payload
+//! backoff, so nothing behind it overtakes it. Database errors are retriable unless the
+//! data or the statement is at fault (see [`database_is_retriable`]): a dead-lettered
+//! event would let the next event of its key be applied without it. A permanent failure,
+//! or a message that is not an envelope, goes to the dead-letter topic with its reason (original key, payload
 //! and headers kept, `dlq_*` headers added) and the partition moves on.
 //!
 //! Delivery stays at-least-once: after a crash, the messages since the last commit arrive
@@ -43,7 +45,7 @@
 //!             .bind(event.data["batch_id"].as_str())
 //!             .execute(&mut **tx)
 //!             .await
-//!             .map_err(Error::retriable)?;
+//!             .map_err(Error::database)?;
 //!         Ok(())
 //!     }
 //! }
@@ -71,6 +73,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -87,7 +90,7 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::envelope::EventEnvelope;
-use crate::error::{Error, Result};
+use crate::error::{database_is_retriable, Error, Result};
 use crate::producer::{classify, validate_brokers};
 
 /// The header the event id is read from before falling back to the body.
@@ -346,7 +349,8 @@ pub enum Outcome {
 /// Contract: return `Ok` only once the effect is durable (committed); the event is then
 /// marked completed and never handled again. An error must leave no effect behind: a
 /// [retriable](Error::retriable) one makes the consumer hand the same event over again
-/// after a backoff, a [permanent](Error::permanent) one dead-letters it.
+/// after a backoff, a [permanent](Error::permanent) one dead-letters it; report database
+/// errors with [`Error::database`], which tells the two apart by SQLSTATE.
 pub trait Handler: Send + Sync {
     /// Handles `event`, received as `received`.
     ///
@@ -377,7 +381,8 @@ pub trait Process: Send + Sync {
 /// A Kafka consumer that settles each message with a [`Process`] before committing it.
 pub struct Consumer<P> {
     config: ConsumerConfig,
-    consumer: StreamConsumer,
+    // Shared with the blocking-pool threads that seek and commit.
+    consumer: Arc<StreamConsumer>,
     dead_letters: FutureProducer,
     process: P,
 }
@@ -418,7 +423,7 @@ impl<P: Process> Consumer<P> {
         })?;
         Ok(Self {
             config,
-            consumer,
+            consumer: Arc::new(consumer),
             dead_letters,
             process,
         })
@@ -490,7 +495,7 @@ impl<P: Process> Consumer<P> {
             };
             stuck.insert(partition, (msg.offset(), attempts));
             let delay = self.config.retry.delay(attempts);
-            if failure.is_retriable() {
+            if retry_in_place(&failure) {
                 warn!(
                     group,
                     topic = msg.topic(),
@@ -512,17 +517,25 @@ impl<P: Process> Consumer<P> {
                     "message can be neither handled nor dead-lettered; partition held",
                 );
             }
-            if let Err(e) = self.rewind(&msg) {
+            let at = (msg.topic().to_owned(), msg.partition(), msg.offset());
+            drop(msg);
+            if let Err(e) = self.rewind(at).await {
                 break Err(e);
             }
-            drop(msg);
             tokio::select! {
                 biased;
                 () = &mut shutdown => break Ok(()),
                 () = tokio::time::sleep(delay) => {}
             }
         };
-        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+        let consumer = Arc::clone(&self.consumer);
+        // A synchronous commit waits for the broker; on a runtime thread it would stall
+        // every other task scheduled there.
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        match committed {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => warn!(
                 group,
@@ -559,7 +572,7 @@ impl<P: Process> Consumer<P> {
                 );
                 Ok(())
             }
-            Err(e) if e.is_retriable() => {
+            Err(e) if retry_in_place(&e) => {
                 crate::metrics::consumed(group, "retried");
                 Err(e)
             }
@@ -649,19 +662,29 @@ impl<P: Process> Consumer<P> {
         }
     }
 
-    /// Seeks `msg`'s partition back to it, so it is the next message of that partition.
-    fn rewind(&self, msg: &BorrowedMessage<'_>) -> Result<()> {
-        let Err(source) = self.consumer.seek(
-            msg.topic(),
-            msg.partition(),
-            Offset::Offset(msg.offset()),
-            Duration::from_secs(5),
-        ) else {
+    /// Seeks the partition back to the message at `(topic, partition, offset)`, so it is
+    /// the next message of that partition.
+    async fn rewind(&self, (topic, partition, offset): (String, i32, i64)) -> Result<()> {
+        let consumer = Arc::clone(&self.consumer);
+        // librdkafka's seek blocks until the fetcher acknowledges it (up to the timeout).
+        let (topic, sought) = tokio::task::spawn_blocking(move || {
+            let sought = consumer.seek(
+                &topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(5),
+            );
+            (topic, sought)
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let Err(source) = sought else {
             return Ok(());
         };
-        let still_assigned = self.consumer.assignment().map_or(true, |a| {
-            a.find_partition(msg.topic(), msg.partition()).is_some()
-        });
+        let still_assigned = self
+            .consumer
+            .assignment()
+            .map_or(true, |a| a.find_partition(&topic, partition).is_some());
         if still_assigned {
             // Going on would hand over later messages of this partition and commit past
             // this one; stopping leaves it to be delivered again.
@@ -671,11 +694,22 @@ impl<P: Process> Consumer<P> {
             });
         }
         debug!(
-            topic = msg.topic(),
-            partition = msg.partition(),
-            "partition revoked; its new owner handles the message"
+            topic,
+            partition, "partition revoked; its new owner handles the message"
         );
         Ok(())
+    }
+}
+
+/// Whether `err` makes the consumer try the message again (after a backoff) rather than
+/// dead-letter it. Storage errors, also the outbox's met by a publishing handler, are
+/// judged as database errors by [`database_is_retriable`].
+fn retry_in_place(err: &Error) -> bool {
+    match err {
+        Error::OutboxStorage { source, .. } | Error::InboxStorage { source, .. } => {
+            database_is_retriable(source)
+        }
+        other => other.is_retriable(),
     }
 }
 
@@ -776,5 +810,23 @@ mod tests {
         assert_eq!(explain(&err), "event handler failed: unknown essay");
         let undecodable = Error::Decode { reason: "x".into() };
         assert_eq!(explain(&undecodable), "undecodable message: x");
+    }
+
+    #[test]
+    fn storage_errors_are_judged_as_database_errors() {
+        // A publishing handler's outbox insert that lost its connection mid-protocol: the
+        // relay may judge it otherwise, the consumer retries the event in place.
+        let lost = Error::storage("stage", sqlx::Error::Protocol("unexpected eof".into()));
+        assert!(retry_in_place(&lost));
+        let inbox = Error::InboxStorage {
+            operation: "claim",
+            source: sqlx::Error::PoolTimedOut,
+        };
+        assert!(retry_in_place(&inbox));
+        let missing = Error::storage("stage", sqlx::Error::RowNotFound);
+        assert!(!retry_in_place(&missing));
+        assert!(retry_in_place(&Error::retriable("downstream")));
+        assert!(!retry_in_place(&Error::permanent("unknown essay")));
+        assert!(!retry_in_place(&Error::Decode { reason: "x".into() }));
     }
 }

@@ -196,6 +196,16 @@ impl Error {
         }
     }
 
+    /// A handler's database failure, classified by [`database_is_retriable`]: retried in
+    /// place unless the data or the statement is at fault. Use it as
+    /// `.map_err(Error::database)` on the handler's queries.
+    pub fn database(source: sqlx::Error) -> Self {
+        Self::Handler {
+            retriable: database_is_retriable(&source),
+            source: Box::new(source),
+        }
+    }
+
     pub(crate) fn storage(operation: &'static str, source: sqlx::Error) -> Self {
         Self::OutboxStorage {
             operation,
@@ -239,9 +249,8 @@ impl Error {
     /// an undecodable message.
     pub fn is_retriable(&self) -> bool {
         match self {
-            Self::OutboxStorage { source, .. } | Self::InboxStorage { source, .. } => {
-                storage_is_retriable(source)
-            }
+            Self::OutboxStorage { source, .. } => storage_is_retriable(source),
+            Self::InboxStorage { source, .. } => database_is_retriable(source),
             Self::KafkaPublish { class, .. } => *class != ErrorClass::Permanent,
             Self::Configuration { .. } | Self::Serialization(_) | Self::Decode { .. } => false,
             Self::WakeUp { .. } | Self::Idempotency { .. } => true,
@@ -339,6 +348,39 @@ fn storage_is_retriable(err: &sqlx::Error) -> bool {
     }
 }
 
+/// SQLSTATE classes that fail the same way however often the statement is retried: data
+/// exceptions (22), integrity constraint violations (23), syntax errors and access rule
+/// violations (42), unsupported features (0A).
+const PERMANENT_SQLSTATE_CLASSES: [&str; 4] = ["22", "23", "42", "0A"];
+
+/// Whether a consumer retries a database error in place rather than dead-lettering it.
+///
+/// Retriable by default: a dead-lettered event is skipped, so the next event of its key
+/// is applied without it, while a retried one only holds its partition until the database
+/// is back (statement timeouts 57014, read-only transactions during a failover 25006,
+/// connection exceptions 08xxx, resource shortages 53xxx, protocol and I/O errors, ...).
+/// Permanent are only the SQLSTATE classes 22, 23, 42 and 0A, and client-side errors that
+/// a retry reproduces (a missing row, a column or type the query does not match, a value
+/// that does not encode or decode).
+pub fn database_is_retriable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => !db
+            .code()
+            .is_some_and(|code| PERMANENT_SQLSTATE_CLASSES.contains(&code.get(..2).unwrap_or(""))),
+        sqlx::Error::Configuration(_)
+        | sqlx::Error::InvalidArgument(_)
+        | sqlx::Error::RowNotFound
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Encode(_)
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::InvalidSavePointStatement => false,
+        _ => true,
+    }
+}
+
 /// HuleEdu-compatible structured error description.
 #[derive(Debug, Clone, Serialize)]
 pub struct ErrorDetail {
@@ -414,5 +456,112 @@ mod tests {
         };
         assert!(inbox.is_retriable());
         assert_eq!(ErrorCode::InboxStorage.to_string(), "INBOX_STORAGE");
+    }
+
+    /// A server error carrying only a SQLSTATE, as PostgreSQL reports it.
+    #[derive(Debug)]
+    struct Sqlstate(&'static str);
+
+    impl fmt::Display for Sqlstate {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Sqlstate {}
+
+    impl sqlx::error::DatabaseError for Sqlstate {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn server(code: &'static str) -> sqlx::Error {
+        sqlx::Error::Database(Box::new(Sqlstate(code)))
+    }
+
+    #[test]
+    fn database_errors_are_retriable_unless_data_or_statement_is_at_fault() {
+        let retriable = [
+            "57014", // statement timeout
+            "25006", // read-only transaction (failover)
+            "08006", // connection failure
+            "08P01", // protocol violation
+            "53100", // disk full
+            "53200", // out of memory
+            "53300", // too many connections
+            "40001", // serialization failure
+            "40P01", // deadlock
+            "55P03", // lock not available
+            "57P01", // admin shutdown
+            "XX000", // internal error
+            "P0001", // raised by a trigger: may depend on state that changes
+        ];
+        for code in retriable {
+            assert!(database_is_retriable(&server(code)), "{code}");
+            let err = Error::database(server(code));
+            assert!(err.is_retriable(), "{code}");
+            assert_eq!(err.code(), ErrorCode::Handler);
+        }
+        let permanent = [
+            "22012", // division by zero
+            "22P02", // invalid text representation
+            "23505", // unique violation
+            "23503", // foreign key violation
+            "42P01", // undefined table
+            "42601", // syntax error
+            "0A000", // feature not supported
+        ];
+        for code in permanent {
+            assert!(!database_is_retriable(&server(code)), "{code}");
+            assert!(!Error::database(server(code)).is_retriable(), "{code}");
+            let inbox = Error::InboxStorage {
+                operation: "claim",
+                source: server(code),
+            };
+            assert!(!inbox.is_retriable(), "{code}");
+        }
+        let client_side_retriable = [
+            sqlx::Error::Protocol("unexpected message".into()),
+            sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into()),
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::WorkerCrashed,
+        ];
+        for err in &client_side_retriable {
+            assert!(database_is_retriable(err), "{err}");
+        }
+        let client_side_permanent = [
+            sqlx::Error::RowNotFound,
+            sqlx::Error::ColumnNotFound("essays".into()),
+            sqlx::Error::Decode("not a uuid".into()),
+        ];
+        for err in &client_side_permanent {
+            assert!(!database_is_retriable(err), "{err}");
+        }
+        let timed_out = Error::InboxStorage {
+            operation: "claim",
+            source: server("57014"),
+        };
+        assert!(timed_out.is_retriable());
+        assert_eq!(
+            timed_out.detail("els", "consume", None).details["retriable"],
+            true
+        );
     }
 }

@@ -300,7 +300,7 @@ impl Inbox {
 /// when this returns `Ok`, so the writes and the inbox row take effect together, once. On
 /// error everything is rolled back: a [retriable](Error::retriable) error makes the
 /// consumer hand the event over again after a backoff, a [permanent](Error::permanent) one
-/// dead-letters it. Side effects outside `tx` (HTTP calls, other stores) are not covered.
+/// dead-letters it ([`Error::database`] picks one for a database error). Side effects outside `tx` (HTTP calls, other stores) are not covered.
 pub trait InboxHandler: Send + Sync {
     /// Handles `event`, received as `received`, writing through `tx`.
     ///

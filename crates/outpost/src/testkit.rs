@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
@@ -62,17 +64,26 @@ impl TansuBroker {
     /// # Errors
     /// [`Error::Configuration`] when it cannot be started or never listens.
     pub async fn start_with(bin: &Path) -> Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| Error::config("port", "a free local port", e.to_string()))?
-            .port();
-        let mut broker = Self {
-            bin: bin.to_owned(),
-            port,
-            child: None,
-        };
-        broker.spawn().await?;
-        Ok(broker)
+        // A port free when picked can be taken before the broker binds it (by another
+        // test's broker restarting on the port it had); then try another.
+        let mut attempts = 0;
+        loop {
+            let port = free_port()?;
+            let mut broker = Self {
+                bin: bin.to_owned(),
+                port,
+                child: None,
+            };
+            match broker.spawn().await {
+                Err(Error::Configuration { setting, .. })
+                    if setting == "tansu.port" && attempts < 5 =>
+                {
+                    attempts += 1;
+                }
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(broker),
+            }
+        }
     }
 
     async fn spawn(&mut self) -> Result<()> {
@@ -91,23 +102,42 @@ impl TansuBroker {
                     format!("{}: {e}", self.bin.display()),
                 )
             })?;
+        let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(self.brokers())
-            .await
-            .is_err()
-        {
+        loop {
+            // A connection alone could reach another process listening on the port (this
+            // broker then fails to bind and exits): a test would talk to a broker it
+            // neither pauses nor kills.
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                return Err(Error::config(
+                    "tansu.port",
+                    "a port the broker can listen on",
+                    format!("{} ({status}; taken by another process?)", self.port),
+                ));
+            }
+            let ours = match listener_owned_by(pid, self.port) {
+                Some(ours) => ours,
+                None => tokio::net::TcpStream::connect(self.brokers()).await.is_ok(),
+            };
+            if ours {
+                return Ok(());
+            }
             if Instant::now() >= deadline {
                 self.kill();
                 return Err(Error::config(
                     "tansu",
                     "a broker that listens within 10 s",
-                    format!("nothing on port {}", self.port),
+                    format!("nothing of its own on port {}", self.port),
                 ));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok(())
     }
 
     /// Its bootstrap address, `127.0.0.1:port`.
@@ -180,6 +210,57 @@ impl Drop for TansuBroker {
     }
 }
 
+/// A free local port that no broker of this process has had: a killed broker's port stays
+/// its own for a restart.
+fn free_port() -> Result<u16> {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| Error::config("port", "a free local port", e.to_string()))?
+            .port();
+        let mut given = lock(&GIVEN);
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+}
+
+/// Whether process `pid` holds the socket listening on `port` (Linux: `/proc/net/tcp*`
+/// and `/proc/<pid>/fd`); `None` where that cannot be told.
+fn listener_owned_by(pid: u32, port: u16) -> Option<bool> {
+    let mut inodes = Vec::new();
+    let mut readable = false;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        readable = true;
+        // Columns: sl local_address rem_address st ... inode; `0A` is LISTEN.
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let local_port = cols
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && cols.get(3) == Some(&"0A") {
+                if let Some(inode) = cols.get(9) {
+                    inodes.push(format!("socket:[{inode}]"));
+                }
+            }
+        }
+    }
+    if !readable {
+        return None;
+    }
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    }))
+}
+
 /// A message's headers, values as lossy UTF-8 (of a repeated key, the last wins).
 pub fn headers_of(msg: &impl Message) -> BTreeMap<String, String> {
     msg.headers()
@@ -213,11 +294,18 @@ pub struct Consumed {
     pub at: Instant,
 }
 
+/// The header that marks a [`Collector`]'s fence; fences are never collected.
+const FENCE_HEADER: &str = "outpost_test_fence";
+
 /// Reads every partition of a topic from the beginning (assigned, no consumer group, so
 /// no rebalance waits) and keeps what carries an `event_id` header.
 #[derive(Debug)]
 pub struct Collector {
+    brokers: String,
+    topic: String,
+    partitions: i32,
     seen: Arc<Mutex<Vec<Consumed>>>,
+    fences: Arc<Mutex<HashSet<Uuid>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -253,7 +341,8 @@ impl Collector {
         }
         consumer.assign(&tpl).map_err(bad)?;
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&seen);
+        let fences = Arc::new(Mutex::new(HashSet::new()));
+        let (sink, fence_sink) = (Arc::clone(&seen), Arc::clone(&fences));
         let task = tokio::spawn(async move {
             loop {
                 let Ok(msg) = consumer.recv().await else {
@@ -263,6 +352,10 @@ impl Collector {
                 let Some(event_id) = headers.get("event_id").and_then(|s| s.parse().ok()) else {
                     continue;
                 };
+                if headers.contains_key(FENCE_HEADER) {
+                    lock(&fence_sink).insert(event_id);
+                    continue;
+                }
                 let consumed = Consumed {
                     event_id,
                     key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
@@ -272,20 +365,81 @@ impl Collector {
                     offset: msg.offset(),
                     at: Instant::now(),
                 };
-                sink.lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(consumed);
+                lock(&sink).push(consumed);
             }
         });
-        Ok(Self { seen, task })
+        Ok(Self {
+            brokers: brokers.to_owned(),
+            topic: topic.to_owned(),
+            partitions,
+            seen,
+            fences,
+            task,
+        })
     }
 
     /// Everything read so far, in arrival order.
     pub fn snapshot(&self) -> Vec<Consumed> {
-        self.seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        lock(&self.seen).clone()
+    }
+
+    /// Everything the topic held when this was called, read to its end: writes a fence
+    /// to every partition and waits until all fences were read. Unlike a count taken from
+    /// watermarks (tansu's lag the log end) or a quiet period (a slow reader looks quiet),
+    /// this cannot stop early. Fences are never collected; a message still in some
+    /// producer's queue is not covered.
+    ///
+    /// # Errors
+    /// [`Error::KafkaPublish`] when a fence is not acked, [`Error::KafkaConsume`] when the
+    /// fences are not all read within `timeout`.
+    pub async fn read_to_end(&self, timeout: Duration) -> Result<Vec<Consumed>> {
+        let deadline = Instant::now() + timeout;
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("acks", "all")
+            .set("linger.ms", "0")
+            .create()
+            .map_err(|e| Error::config("collector", "a producer for fences", e.to_string()))?;
+        let mut fences = Vec::new();
+        for partition in 0..self.partitions {
+            let fence = Uuid::new_v4();
+            let id = fence.to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "event_id",
+                    value: Some(&id),
+                })
+                .insert(Header {
+                    key: FENCE_HEADER,
+                    value: Some("1"),
+                });
+            let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.topic)
+                .partition(partition)
+                .key("fence")
+                .payload(&b""[..])
+                .headers(headers);
+            producer
+                .send(record, deadline.saturating_duration_since(Instant::now()))
+                .await
+                .map_err(|(source, _)| Error::KafkaPublish {
+                    topic: self.topic.clone(),
+                    class: crate::producer::classify(&source),
+                    source,
+                })?;
+            fences.push(fence);
+        }
+        loop {
+            if fences.iter().all(|f| lock(&self.fences).contains(f)) {
+                return Ok(self.snapshot());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::KafkaConsume {
+                    operation: "read_to_end",
+                    source: KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Waits until every id in `ids` was read; returns everything read, or how many are
@@ -310,6 +464,30 @@ impl Collector {
                 return Err(missing);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The collector's state stays usable after a test thread panicked holding it.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_is_told_from_its_owner() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // `None` off Linux: the broker start then falls back to connecting.
+        if let Some(ours) = listener_owned_by(std::process::id(), port) {
+            assert!(ours);
+            drop(listener);
+            assert_eq!(listener_owned_by(std::process::id(), port), Some(false));
         }
     }
 }

@@ -101,6 +101,26 @@ impl Effects {
         Ok(())
     }
 
+    /// The statements of the event's `sql` (`{schema}` filled in) to run before its
+    /// effect: on every attempt, or with `sql_times: n` on the first n only.
+    fn sql(&self, event: &EventEnvelope<serde_json::Value>) -> Vec<String> {
+        let Some(statements) = event.data["sql"].as_array() else {
+            return Vec::new();
+        };
+        if let Some(n) = event.data["sql_times"].as_u64() {
+            let mut left = self.failures_left.lock().unwrap();
+            let left = left.entry(event.event_id).or_insert(n as u32);
+            if *left == 0 {
+                return Vec::new();
+            }
+            *left -= 1;
+        }
+        statements
+            .iter()
+            .map(|s| s.as_str().unwrap().replace("{schema}", &self.schema))
+            .collect()
+    }
+
     fn insert_sql(&self) -> String {
         format!(
             "INSERT INTO {}.effects (event_id, key, seq) VALUES ($1, $2, $3)",
@@ -143,6 +163,12 @@ impl InboxHandler for Effects {
         tx: &mut Transaction<'_, Postgres>,
     ) -> outpost::Result<()> {
         self.check(event)?;
+        for statement in self.sql(event) {
+            sqlx::query(&statement)
+                .execute(&mut **tx)
+                .await
+                .map_err(Error::database)?;
+        }
         let (key, seq) = key_and_seq(event);
         sqlx::query(&self.insert_sql())
             .bind(event.event_id)
@@ -150,7 +176,7 @@ impl InboxHandler for Effects {
             .bind(seq)
             .execute(&mut **tx)
             .await
-            .map_err(Error::retriable)?;
+            .map_err(Error::database)?;
         Ok(())
     }
 }
@@ -203,6 +229,24 @@ impl<P: Process> Process for Recording<P> {
         self.log.lock().unwrap().push((received.event_id, entry));
         result
     }
+}
+
+/// Waits until `id` was handled.
+async fn wait_handled(log: &Log, id: Uuid, what: &str) {
+    support::eventually(WAIT, what, || {
+        let handled = results(log, id).contains(&Ok(Outcome::Handled));
+        async move { handled.then_some(()) }
+    })
+    .await;
+}
+
+/// Waits until `id` was tried at least `n` times.
+async fn wait_attempts(log: &Log, id: Uuid, n: usize, what: &str) {
+    support::eventually(WAIT, what, || {
+        let attempts = results(log, id).len();
+        async move { (attempts >= n).then_some(()) }
+    })
+    .await;
 }
 
 fn results(log: &Log, id: Uuid) -> Vec<Result<Outcome, ErrorCode>> {
@@ -264,6 +308,20 @@ impl Running {
     }
 }
 
+/// What most tests start from, all their own: the business, a topic with `partitions`
+/// partitions, a dead-letter topic, a group, and a producer.
+async fn case(partitions: i32) -> (Effects, String, String, String, FutureProducer) {
+    let effects = Effects::new().await;
+    let topic = support::topic(partitions).await;
+    let dead = support::topic(1).await;
+    (effects, topic, dead, support::unique("g"), producer())
+}
+
+/// A consumer of `topic` in `group`, dead-lettering to `dead`, running `process`.
+fn start<P: Process + 'static>(group: &str, topic: &str, dead: &str, process: P) -> Running {
+    Running::start(Consumer::new(consumer_config(group, topic, dead), process).unwrap())
+}
+
 fn producer() -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", support::brokers())
@@ -273,13 +331,15 @@ fn producer() -> FutureProducer {
         .unwrap()
 }
 
+/// Sends one message and returns its partition and offset (from the delivery report:
+/// tansu's watermarks can lag the log end, the offsets it acknowledges do not).
 async fn send(
     producer: &FutureProducer,
     topic: &str,
     key: &str,
     payload: &[u8],
     headers: &BTreeMap<String, String>,
-) {
+) -> (i32, i64) {
     let mut owned = OwnedHeaders::new();
     for (k, v) in headers {
         owned = owned.insert(Header {
@@ -297,11 +357,12 @@ async fn send(
         )
         .await
         .map_err(|(e, _)| e)
-        .expect("test message acked");
+        .map(|d| (d.partition, d.offset))
+        .expect("test message acked")
 }
 
-async fn send_event(producer: &FutureProducer, ev: &OutboxEvent) {
-    send(producer, &ev.topic, &ev.event_key, &ev.payload, &ev.headers).await;
+async fn send_event(producer: &FutureProducer, ev: &OutboxEvent) -> (i32, i64) {
+    send(producer, &ev.topic, &ev.event_key, &ev.payload, &ev.headers).await
 }
 
 /// An event whose data is `{key, seq}` plus `extra`'s fields.
@@ -340,9 +401,8 @@ async fn read_topic(topic: &str, n: usize) -> Vec<OwnedMessage> {
     got
 }
 
-/// The group's committed offset per partition (`None`: nothing committed), next to the
-/// partition's high watermark.
-async fn committed(group: &str, topic: &str, partitions: i32) -> Vec<(Option<i64>, i64)> {
+/// The group's committed offset per partition (`None`: nothing committed).
+async fn committed(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
     let (group, topic) = (group.to_owned(), topic.to_owned());
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = ClientConfig::new()
@@ -358,16 +418,12 @@ async fn committed(group: &str, topic: &str, partitions: i32) -> Vec<(Option<i64
             .committed_offsets(tpl, Duration::from_secs(5))
             .unwrap();
         (0..partitions)
-            .map(|p| {
-                let committed = match offsets.find_partition(&topic, p).unwrap().offset() {
+            .map(
+                |p| match offsets.find_partition(&topic, p).unwrap().offset() {
                     Offset::Offset(o) => Some(o),
                     _ => None,
-                };
-                let (_, high) = consumer
-                    .fetch_watermarks(&topic, p, Duration::from_secs(5))
-                    .unwrap();
-                (committed, high)
-            })
+                },
+            )
             .collect()
     })
     .await
@@ -402,19 +458,24 @@ async fn inbox_every_event_delivered_twice_takes_effect_once() {
         }
         copy
     };
+    // Each partition's end: one past the last offset the broker acknowledged there.
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    let mut sent = |(partition, offset): (i32, i64)| {
+        let end = ends.entry(partition).or_default();
+        *end = (*end).max(offset + 1);
+    };
     for (i, ev) in events.iter().enumerate() {
-        send_event(&producer, ev).await;
+        sent(send_event(&producer, ev).await);
         if i >= 3 {
-            send_event(&producer, &duplicate(i - 3)).await;
+            sent(send_event(&producer, &duplicate(i - 3)).await);
         }
     }
     for i in events.len() - 3..events.len() {
-        send_event(&producer, &duplicate(i)).await;
+        sent(send_event(&producer, &duplicate(i)).await);
     }
 
     let (process, log) = Recording::new(Inboxed::new(effects.inbox().await, effects.clone()));
-    let running =
-        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
+    let running = start(&group, &topic, &dead, process);
     support::eventually(WAIT, "every copy settled", || {
         let settled = log.lock().unwrap().len();
         async move { (settled >= 60).then_some(()) }
@@ -445,8 +506,9 @@ async fn inbox_every_event_delivered_twice_takes_effect_once() {
         }
     }
     // Shutdown committed everything that was settled.
-    for (committed, high) in committed(&group, &topic, 3).await {
-        assert_eq!(committed.unwrap_or(0), high);
+    for (partition, committed) in (0..).zip(committed(&group, &topic, 3).await) {
+        let end = ends.get(&partition).copied().unwrap_or(0);
+        assert_eq!(committed.unwrap_or(0), end, "partition {partition}");
     }
 }
 
@@ -459,8 +521,9 @@ async fn crash_between_business_commit_and_offset_commit_is_skipped_on_redeliver
     let group = support::unique("g");
     let producer = producer();
     let [a, b, c] = [0, 1, 2].map(|seq| event_with(&topic, "k", seq, json!({})));
+    let mut offsets = Vec::new();
     for ev in [&a, &b, &c] {
-        send_event(&producer, ev).await;
+        offsets.push(send_event(&producer, ev).await.1);
     }
 
     // First run: b's business transaction commits, then the process "dies".
@@ -470,8 +533,7 @@ async fn crash_between_business_commit_and_offset_commit_is_skipped_on_redeliver
         event_id: b.event_id,
         crashed: crashed_tx,
     };
-    let first =
-        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), crashing).unwrap());
+    let first = start(&group, &topic, &dead, crashing);
     tokio::time::timeout(WAIT, crashed.recv())
         .await
         .expect("b handled")
@@ -483,21 +545,17 @@ async fn crash_between_business_commit_and_offset_commit_is_skipped_on_redeliver
         1,
         "b's effect is committed"
     );
-    let (committed_after_crash, _) = committed(&group, &topic, 1).await[0];
+    let committed_after_crash = committed(&group, &topic, 1).await[0];
     assert!(
-        committed_after_crash.unwrap_or(0) <= 1,
-        "b's offset (1) was not committed: {committed_after_crash:?}"
+        committed_after_crash.unwrap_or(0) <= offsets[1],
+        "b's offset ({}) was not committed: {committed_after_crash:?}",
+        offsets[1]
     );
 
     // Second run in the same group: b comes again and the inbox skips it.
     let (process, log) = Recording::new(Inboxed::new(inbox, effects.clone()));
-    let second =
-        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
-    support::eventually(WAIT, "c handled", || {
-        let handled = results(&log, c.event_id).contains(&Ok(Outcome::Handled));
-        async move { handled.then_some(()) }
-    })
-    .await;
+    let second = start(&group, &topic, &dead, process);
+    wait_handled(&log, c.event_id, "c handled").await;
     second.stop().await;
 
     assert_eq!(results(&log, b.event_id), [Ok(Outcome::Duplicate)]);
@@ -507,7 +565,7 @@ async fn crash_between_business_commit_and_offset_commit_is_skipped_on_redeliver
     for ev in [&a, &b, &c] {
         assert_eq!(effects.count(ev.event_id).await, 1, "{}", ev.event_id);
     }
-    assert_eq!(committed(&group, &topic, 1).await[0], (Some(3), 3));
+    assert_eq!(committed(&group, &topic, 1).await[0], Some(offsets[2] + 1));
 }
 
 #[tokio::test]
@@ -533,8 +591,8 @@ async fn unhandleable_messages_are_dead_lettered_and_the_partition_keeps_flowing
     let last = event_with(&topic, "k", 4, json!({}));
 
     send_event(&producer, &first).await;
-    send(&producer, &topic, "k", &garbage, &tenant).await;
-    send(
+    let (_, garbage_at) = send(&producer, &topic, "k", &garbage, &tenant).await;
+    let (_, not_envelope_at) = send(
         &producer,
         &topic,
         "k",
@@ -542,33 +600,28 @@ async fn unhandleable_messages_are_dead_lettered_and_the_partition_keeps_flowing
         &not_envelope_headers,
     )
     .await;
-    send_event(&producer, &poison).await;
-    send_event(&producer, &last).await;
+    let (_, poison_at) = send_event(&producer, &poison).await;
+    let end = send_event(&producer, &last).await.1 + 1;
 
     let (process, log) = Recording::new(Inboxed::new(inbox.clone(), effects.clone()));
-    let running =
-        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
-    support::eventually(WAIT, "the event behind the bad ones handled", || {
-        let handled = results(&log, last.event_id).contains(&Ok(Outcome::Handled));
-        async move { handled.then_some(()) }
-    })
-    .await;
+    let running = start(&group, &topic, &dead, process);
+    wait_handled(&log, last.event_id, "the event behind the bad ones handled").await;
     let dead_letters = read_topic(&dead, 3).await;
     running.stop().await;
 
     let done: Vec<Uuid> = effects.all().await.into_iter().map(|e| e.0).collect();
     assert_eq!(done, [first.event_id, last.event_id]);
     let expected: [(&[u8], i64, &str, &str); 3] = [
-        (&garbage, 1, "DECODE", "no event_id header"),
+        (&garbage, garbage_at, "DECODE", "no event_id header"),
         (
             not_envelope.as_bytes(),
-            2,
+            not_envelope_at,
             "DECODE",
             "not an event envelope",
         ),
         (
             &poison.payload,
-            3,
+            poison_at,
             "HANDLER",
             "event handler failed: poison event",
         ),
@@ -597,29 +650,20 @@ async fn unhandleable_messages_are_dead_lettered_and_the_partition_keeps_flowing
     let mut tx = inbox.pool().begin().await.unwrap();
     assert!(inbox.claim(&mut tx, &group, poison.event_id).await.unwrap());
     tx.rollback().await.unwrap();
-    assert_eq!(committed(&group, &topic, 1).await[0], (Some(5), 5));
+    assert_eq!(committed(&group, &topic, 1).await[0], Some(end));
 }
 
 #[tokio::test]
 async fn retriable_failures_are_retried_in_place_never_skipped() {
-    let effects = Effects::new().await;
-    let topic = support::topic(1).await;
-    let dead = support::topic(1).await;
-    let group = support::unique("g");
-    let producer = producer();
+    let (effects, topic, dead, group, producer) = case(1).await;
     let flaky = event_with(&topic, "k", 0, json!({ "fail_times": 3 }));
     let next = event_with(&topic, "k", 1, json!({}));
     send_event(&producer, &flaky).await;
     send_event(&producer, &next).await;
 
     let (process, log) = Recording::new(Inboxed::new(effects.inbox().await, effects.clone()));
-    let running =
-        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
-    support::eventually(WAIT, "both handled", || {
-        let handled = results(&log, next.event_id).contains(&Ok(Outcome::Handled));
-        async move { handled.then_some(()) }
-    })
-    .await;
+    let running = start(&group, &topic, &dead, process);
+    wait_handled(&log, next.event_id, "both handled").await;
     running.stop().await;
 
     assert_eq!(
@@ -639,6 +683,118 @@ async fn retriable_failures_are_retried_in_place_never_skipped() {
     );
 }
 
+#[tokio::test]
+async fn database_errors_are_retried_in_place_unless_the_data_or_statement_is_at_fault() {
+    let (effects, topic, dead, group, producer) = case(1).await;
+    // A real statement timeout (57014) on the first two attempts: the database is slow,
+    // not the event wrong.
+    let slow = event_with(
+        &topic,
+        "k",
+        0,
+        json!({
+            "sql": ["SET LOCAL statement_timeout = 100", "SELECT pg_sleep(10)"],
+            "sql_times": 2
+        }),
+    );
+    // A unique violation (23505) and a division by zero (22012) repeat on every attempt.
+    let duplicate = event_with(
+        &topic,
+        "k",
+        1,
+        json!({ "sql": [
+            "CREATE TABLE {schema}.names (name TEXT PRIMARY KEY)",
+            "INSERT INTO {schema}.names VALUES ('taken'), ('taken')"
+        ] }),
+    );
+    let bad_data = event_with(&topic, "k", 2, json!({ "sql": ["SELECT 1 / 0"] }));
+    let last = event_with(&topic, "k", 3, json!({}));
+    for ev in [&slow, &duplicate, &bad_data, &last] {
+        send_event(&producer, ev).await;
+    }
+
+    let (process, log) = Recording::new(Inboxed::new(effects.inbox().await, effects.clone()));
+    let running = start(&group, &topic, &dead, process);
+    wait_handled(&log, last.event_id, "the last event handled").await;
+    let dead_letters = read_topic(&dead, 2).await;
+    running.stop().await;
+
+    assert_eq!(
+        results(&log, slow.event_id),
+        [
+            Err(ErrorCode::Handler),
+            Err(ErrorCode::Handler),
+            Ok(Outcome::Handled)
+        ],
+        "a statement timeout is retried in place"
+    );
+    for ev in [&duplicate, &bad_data] {
+        assert_eq!(
+            results(&log, ev.event_id),
+            [Err(ErrorCode::Handler)],
+            "dead-lettered at once"
+        );
+    }
+    let done: Vec<Uuid> = effects.all().await.into_iter().map(|e| e.0).collect();
+    assert_eq!(done, [slow.event_id, last.event_id], "in key order");
+    let reasons: Vec<(Option<String>, String)> = dead_letters
+        .iter()
+        .map(|m| (header(m, "event_id"), header(m, DLQ_REASON).unwrap()))
+        .collect();
+    assert_eq!(reasons[0].0, Some(duplicate.event_id.to_string()));
+    assert!(reasons[0].1.contains("duplicate key"), "{reasons:?}");
+    assert_eq!(reasons[1].0, Some(bad_data.event_id.to_string()));
+    assert!(reasons[1].1.contains("division by zero"), "{reasons:?}");
+}
+
+#[tokio::test]
+async fn inbox_statement_timeout_is_retried_not_dead_lettered() {
+    let (effects, topic, dead, group, producer) = case(1).await;
+    let a = event_with(&topic, "k", 0, json!({}));
+    let b = event_with(&topic, "k", 1, json!({}));
+    // Migrated through a patient pool: the migration lock is shared with other tests.
+    effects.inbox().await;
+    // The consumer's connections give up on any statement after 200 ms.
+    let options: sqlx::postgres::PgConnectOptions = support::database_url().parse().unwrap();
+    let impatient = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options.options([("statement_timeout", "200")]))
+        .await
+        .unwrap();
+    let inbox = Inbox::new(
+        impatient,
+        InboxTable::new(&effects.schema).unwrap(),
+        InboxConfig::default(),
+        HORIZON,
+    )
+    .unwrap();
+    // Another transaction locks the inbox table, so the claim's insert times out (57014).
+    let mut locker = effects.pool.begin().await.unwrap();
+    sqlx::query(&format!("LOCK TABLE {} IN EXCLUSIVE MODE", inbox.table()))
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    send_event(&producer, &a).await;
+    send_event(&producer, &b).await;
+
+    let (process, log) = Recording::new(Inboxed::new(inbox, effects.clone()));
+    let running = start(&group, &topic, &dead, process);
+    wait_attempts(&log, a.event_id, 2, "two timed-out claims").await;
+    locker.commit().await.unwrap();
+    wait_handled(&log, b.event_id, "both handled once the lock is gone").await;
+    running.stop().await;
+
+    let attempts = results(&log, a.event_id);
+    let (last, failed) = attempts.split_last().unwrap();
+    assert_eq!(*last, Ok(Outcome::Handled), "{attempts:?}");
+    assert!(
+        failed.len() >= 2 && failed.iter().all(|r| *r == Err(ErrorCode::InboxStorage)),
+        "{attempts:?}"
+    );
+    let done: Vec<Uuid> = effects.all().await.into_iter().map(|e| e.0).collect();
+    assert_eq!(done, [a.event_id, b.event_id]);
+}
+
 fn idempotency(url: &str, policy: RedisDownPolicy) -> Idempotency {
     let mut cfg = IdempotencyConfig::new(support::unique("svc"), policy);
     cfg.timeout = Duration::from_millis(500);
@@ -655,11 +811,7 @@ async fn redis() -> redis::aio::MultiplexedConnection {
 
 #[tokio::test]
 async fn redis_duplicates_are_skipped_from_the_header_without_parsing() {
-    let effects = Effects::new().await;
-    let topic = support::topic(3).await;
-    let dead = support::topic(1).await;
-    let group = support::unique("g");
-    let producer = producer();
+    let (effects, topic, dead, group, producer) = case(3).await;
     let events: Vec<OutboxEvent> = (0..20)
         .map(|i| event_with(&topic, &format!("k{}", i % 4), i / 4, json!({})))
         .collect();
@@ -686,8 +838,7 @@ async fn redis_duplicates_are_skipped_from_the_header_without_parsing() {
         .map(|e| idem.key(&group, e.event_id))
         .collect();
     let (process, log) = Recording::new(Idempotent::new(idem, effects.clone()));
-    let running =
-        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
+    let running = start(&group, &topic, &dead, process);
     support::eventually(WAIT, "every copy settled", || {
         let settled = log.lock().unwrap().len();
         async move { (settled >= 40).then_some(()) }
@@ -806,20 +957,16 @@ async fn redis_down_fail_open_keeps_handling_without_the_check() {
         idem.claim("g", Uuid::new_v4()).await.unwrap(),
         Claim::Unchecked
     );
-    let effects = Effects::new().await;
-    let topic = support::topic(1).await;
-    let dead = support::topic(1).await;
-    let group = support::unique("g");
-    let producer = producer();
+    let (effects, topic, dead, group, producer) = case(1).await;
     let a = event_with(&topic, "k", 0, json!({}));
     let b = event_with(&topic, "k", 1, json!({}));
+    let mut end = 0;
     for ev in [&a, &b, &a] {
-        send_event(&producer, ev).await;
+        end = send_event(&producer, ev).await.1 + 1;
     }
 
     let (process, log) = Recording::new(Idempotent::new(idem, effects.clone()));
-    let running =
-        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
+    let running = start(&group, &topic, &dead, process);
     support::eventually(WAIT, "all three handled", || {
         let handled = count_ok(&log, Outcome::Handled);
         async move { (handled == 3).then_some(()) }
@@ -830,7 +977,7 @@ async fn redis_down_fail_open_keeps_handling_without_the_check() {
     // The price of fail-open: a duplicate during the outage takes effect again.
     assert_eq!(effects.count(a.event_id).await, 2);
     assert_eq!(effects.count(b.event_id).await, 1);
-    assert_eq!(committed(&group, &topic, 1).await[0], (Some(3), 3));
+    assert_eq!(committed(&group, &topic, 1).await[0], Some(end));
 }
 
 #[tokio::test]
@@ -839,22 +986,13 @@ async fn redis_down_fail_closed_refuses_and_commits_nothing() {
     let err = idem.claim("g", Uuid::new_v4()).await.unwrap_err();
     assert!(err.is_retriable());
     assert_eq!(err.code(), ErrorCode::Idempotency);
-    let effects = Effects::new().await;
-    let topic = support::topic(1).await;
-    let dead = support::topic(1).await;
-    let group = support::unique("g");
-    let producer = producer();
+    let (effects, topic, dead, group, producer) = case(1).await;
     let a = event_with(&topic, "k", 0, json!({}));
     send_event(&producer, &a).await;
 
     let (process, log) = Recording::new(Idempotent::new(idem, effects.clone()));
-    let refusing =
-        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
-    support::eventually(WAIT, "three refused attempts", || {
-        let attempts = results(&log, a.event_id).len();
-        async move { (attempts >= 3).then_some(()) }
-    })
-    .await;
+    let refusing = start(&group, &topic, &dead, process);
+    wait_attempts(&log, a.event_id, 3, "three refused attempts").await;
     refusing.stop().await;
     assert!(results(&log, a.event_id)
         .iter()
@@ -862,20 +1000,15 @@ async fn redis_down_fail_closed_refuses_and_commits_nothing() {
     assert_eq!(effects.count(a.event_id).await, 0, "handler never ran");
     assert_eq!(
         committed(&group, &topic, 1).await[0],
-        (None, 1),
+        None,
         "no offset committed"
     );
 
     // Redis back: the same group gets the event again and handles it.
     let idem = idempotency(&support::redis_url(), RedisDownPolicy::FailClosed);
     let (process, log) = Recording::new(Idempotent::new(idem, effects.clone()));
-    let recovered =
-        Running::start(Consumer::new(consumer_config(&group, &topic, &dead), process).unwrap());
-    support::eventually(WAIT, "handled once Redis answers", || {
-        let handled = results(&log, a.event_id).contains(&Ok(Outcome::Handled));
-        async move { handled.then_some(()) }
-    })
-    .await;
+    let recovered = start(&group, &topic, &dead, process);
+    wait_handled(&log, a.event_id, "handled once Redis answers").await;
     recovered.stop().await;
     assert_eq!(effects.count(a.event_id).await, 1);
 }

@@ -116,29 +116,6 @@ async fn wait_drained(store: &OutboxStore) {
     .await;
 }
 
-/// Messages stored in `topic` (sum of the partitions' high minus low watermarks): what the
-/// broker holds, independent of consumer lag.
-async fn messages_in_topic(brokers: &str, topic: &str, partitions: i32) -> i64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .create()
-            .unwrap();
-        (0..partitions)
-            .map(|p| {
-                let (low, high) = consumer
-                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                    .unwrap();
-                high - low
-            })
-            .sum()
-    })
-    .await
-    .unwrap()
-}
-
 /// Every consumed message carries the exact bytes and headers that were staged.
 fn assert_same_bytes(consumed: &[support::Consumed], events: &[OutboxEvent]) {
     let by_id: HashMap<Uuid, &OutboxEvent> = events.iter().map(|e| (e.event_id, e)).collect();
@@ -219,15 +196,20 @@ async fn transactional_eager_path_alone_delivers_committed_events_and_never_roll
     assert_eq!(publisher.publish(&lone).await.unwrap(), PublishPath::Direct);
     committed.push(lone);
 
-    let consumed = collector
+    collector
         .wait_for(&ids(&committed), Duration::from_secs(20))
         .await;
+    let consumed = collector.read_to_end().await;
     let ghost_ids: HashSet<Uuid> = ids(&ghosts).into_iter().collect();
     assert!(
         consumed.iter().all(|c| !ghost_ids.contains(&c.event_id)),
         "a rolled-back event was published"
     );
-    assert_eq!(consumed.len(), committed.len(), "no duplicates");
+    assert_eq!(
+        support::messages(&consumed),
+        committed.len(),
+        "no duplicates"
+    );
     support::assert_key_order(&consumed);
     assert_same_bytes(&consumed, &committed);
 
@@ -349,8 +331,12 @@ async fn transactional_relay_delivers_when_dispatch_is_skipped_or_failing() {
     running.stop().await;
     support::assert_key_order(&consumed);
     assert_same_bytes(&consumed, &committed);
-    let consumed = collector.snapshot();
-    assert_eq!(consumed.len(), committed.len(), "no duplicates");
+    let consumed = collector.read_to_end().await;
+    assert_eq!(
+        support::messages(&consumed),
+        committed.len(),
+        "no duplicates"
+    );
     assert_eq!(support::count_status(&store, "dead").await, 0);
     assert_eq!(
         support::count_status(&store, "published").await,
@@ -490,12 +476,13 @@ async fn eager_dispatch_never_overtakes_an_older_pending_event_of_its_key() {
     let signal = WakeSignal::new();
     let running = relay(&store, &brokers, &service, &signal);
     let all = [a0, a1, b0, b1, c0, c1];
-    let consumed = collector
+    collector
         .wait_for(&ids(&all), Duration::from_secs(20))
         .await;
     running.stop().await;
+    let consumed = collector.read_to_end().await;
     support::assert_key_order(&consumed);
-    assert_eq!(consumed.len(), all.len(), "no duplicates");
+    assert_eq!(support::messages(&consumed), all.len(), "no duplicates");
     assert_eq!(
         support::metric(EAGER_DISPATCH, &service, &[("result", "hit")]),
         1.0
@@ -571,21 +558,19 @@ async fn transactional_eager_and_relay_together_deliver_each_event_exactly_once_
     listeners.cancel();
     support::assert_key_order(&consumed);
     assert_same_bytes(&consumed, &committed);
-    let stored = messages_in_topic(&brokers, &topic, 4).await;
-    let consumed = collector.snapshot();
+    // Counted from what was read: tansu's high watermarks undercount batched records.
+    let consumed = collector.read_to_end().await;
+    let stored = support::messages(&consumed);
     let hits = support::metric(EAGER_DISPATCH, &service, &[("result", "hit")]);
     let misses = support::metric(EAGER_DISPATCH, &service, &[("result", "miss")]);
     println!(
-        "{} events: eager hits {hits}, misses {misses}; {stored} messages in the topic, {} consumed",
+        "{} events: eager hits {hits}, misses {misses}; {stored} messages in the topic, {} read",
         committed.len(),
         consumed.len()
     );
-    assert_eq!(stored, committed.len() as i64, "a message was sent twice");
-    assert_eq!(
-        consumed.len(),
-        committed.len(),
-        "a message was consumed twice"
-    );
+    assert_eq!(stored, committed.len(), "a message was sent twice");
+    let distinct: HashSet<Uuid> = consumed.iter().map(|c| c.event_id).collect();
+    assert_eq!(distinct.len(), committed.len());
     assert_eq!(support::count_status(&store, "dead").await, 0);
     assert!(hits > 0.0, "the eager path delivered nothing");
     assert_eq!(hits + misses, committed.len() as f64);
@@ -862,7 +847,11 @@ async fn kafka_first_survives(outage: Outage) {
         let started = Instant::now();
         let path = publisher.publish(&ev).await.expect("stored in the outbox");
         took.push(started.elapsed());
-        assert_eq!(path, PublishPath::Outbox);
+        assert_eq!(
+            path,
+            PublishPath::Outbox,
+            "call {i} in the outage, calls took {took:?}"
+        );
         via_outbox.push(ev);
     }
     let ms = |d: &[Duration]| d.iter().map(Duration::as_millis).collect::<Vec<_>>();
@@ -875,14 +864,19 @@ async fn kafka_first_survives(outage: Outage) {
         },
         ms(&took)
     );
+    // Margins a loaded machine meets: a call that ignored the deadline would wait for
+    // the producer's delivery timeout (1.5 s) instead.
     for t in &took[..2] {
         assert!(
-            *t >= DEADLINE && *t < DEADLINE + Duration::from_millis(500),
+            *t >= DEADLINE && *t < DEADLINE + Duration::from_secs(1),
             "{t:?}"
         );
     }
     for t in &took[2..] {
-        assert!(*t < Duration::from_millis(100), "circuit open: {t:?}");
+        assert!(
+            *t < DEADLINE,
+            "circuit open, the deadline is not waited for: {t:?}"
+        );
     }
     assert_eq!(
         support::metric(CIRCUIT_STATE, &service, &[]),
@@ -1068,9 +1062,11 @@ async fn kafka_first_with_kafka_and_database_down_returns_a_structured_error() {
         took.iter().map(Duration::as_millis).collect::<Vec<_>>()
     );
     for (i, t) in took.iter().enumerate() {
+        // Bounded by the deadline and the pool's acquire timeout (1 s), with a margin a
+        // loaded machine meets.
         let direct = if i < 2 { DEADLINE } else { Duration::ZERO };
         assert!(
-            *t < direct + Duration::from_secs(1) + Duration::from_millis(500),
+            *t < direct + Duration::from_secs(1) + Duration::from_secs(3),
             "call {i}: {t:?}"
         );
     }
@@ -1124,9 +1120,10 @@ async fn kafka_first_returns_permanent_errors_and_stores_nothing() {
     assert_eq!(err.code(), ErrorCode::KafkaPublish);
     assert!(!err.is_retriable(), "{err}");
 
-    let consumed = collector
+    collector
         .wait_for(&[good.event_id], Duration::from_secs(10))
         .await;
+    let consumed = collector.read_to_end().await;
     assert_eq!(consumed.len(), 1);
     assert_eq!(
         row_count(&store).await,
@@ -1215,7 +1212,8 @@ async fn transactional_commits_stop_waiting_once_kafka_is_known_down() {
     let mut dead = support::producer_config("127.0.0.1:1");
     dead.delivery_timeout = Duration::from_secs(30); // the default: far longer than we wait
     let mut cfg = publisher_config(&support::unique("svc"), Mode::Transactional);
-    cfg.dispatch_deadline = Duration::from_millis(200);
+    // Long enough that a commit skipping dispatch stays far below it on a loaded machine.
+    cfg.dispatch_deadline = Duration::from_secs(2);
     cfg.breaker.failure_threshold = 2;
     cfg.breaker.open_for = Duration::from_secs(60);
     cfg.delivery.lease = Duration::from_secs(70);
@@ -1238,16 +1236,17 @@ async fn transactional_commits_stop_waiting_once_kafka_is_known_down() {
         assert_eq!(dispatch.left_to_relay, 1);
     }
     println!("commit durations with Kafka down: {took:?}");
+    let deadline = Duration::from_secs(2);
     for t in &took[..2] {
         assert!(
-            *t < Duration::from_secs(2),
-            "bounded by the deadline: {t:?}"
+            *t < deadline + Duration::from_secs(5),
+            "bounded by the deadline, not the 30 s delivery timeout: {t:?}"
         );
     }
     for t in &took[2..] {
         assert!(
-            *t < Duration::from_millis(150),
-            "circuit open, no wait: {t:?}"
+            *t < deadline,
+            "circuit open, no wait for the deadline: {t:?}"
         );
     }
     assert_eq!(support::count_status(&store, "pending").await, 6);

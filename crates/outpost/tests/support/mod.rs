@@ -170,6 +170,14 @@ impl Collector {
         self.0.wait_for(ids, timeout).await
     }
 
+    /// Everything the topic holds, read to its end (through fences, not watermarks).
+    pub async fn read_to_end(&self) -> Vec<Consumed> {
+        self.0
+            .read_to_end(Duration::from_secs(30))
+            .await
+            .expect("collector reads the topic to its end")
+    }
+
     /// Waits until `ids` were all seen, or panics after `timeout`.
     pub async fn wait_for(&self, ids: &[Uuid], timeout: Duration) -> Vec<Consumed> {
         match self.0.wait_for(ids, timeout).await {
@@ -180,6 +188,16 @@ impl Collector {
             ),
         }
     }
+}
+
+/// How many messages were read: distinct (partition, offset) pairs, so a reader that
+/// read some offsets again (after an offset reset) does not count them twice.
+pub fn messages<'a>(consumed: impl IntoIterator<Item = &'a Consumed>) -> usize {
+    consumed
+        .into_iter()
+        .map(|c| (c.partition, c.offset))
+        .collect::<std::collections::HashSet<_>>()
+        .len()
 }
 
 /// Checks that, per key, first deliveries arrive in increasing sequence order.
