@@ -29,6 +29,7 @@
 //! - [`table`]: the validated `schema.table` name of a service's outbox.
 //! - [`store`]: all SQL: migrate, stage in the caller's transaction, claim, settle, retention.
 //! - [`wake`]: wake-up hints (Redis `LPUSH`/`BLPOP`, PostgreSQL `NOTIFY`) on `outbox:wake:{service}`.
+//! - [`admin`]: operator queries: status at a glance, parked rows in full, purge.
 //! - [`relay`]: the worker tying claim → produce → settle together, with graceful shutdown.
 //! - [`poll`]: adaptive polling between wake-ups.
 //! - [`environment`]: per-environment defaults (testing, development, production).
@@ -48,6 +49,7 @@ pub mod breaker;
 pub mod table;
 pub mod store;
 pub mod wake;
+pub mod admin;
 pub mod relay;
 pub mod poll;
 pub mod environment;
@@ -62,6 +64,7 @@ pub mod metrics;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+pub use admin::{OutboxAdmin, OutboxStatus, ParkedEvent};
 pub use consumer::{Consumer, ConsumerConfig, Handler, Outcome, Process, Received};
 pub use envelope::{Aggregate, EventEnvelope, OutboxEvent};
 pub use environment::Environment;

@@ -24,6 +24,11 @@ pub const OLDEST_PENDING: &str = "outpost_oldest_pending_seconds";
 pub const POLL_INTERVAL: &str = "outpost_poll_interval_seconds";
 /// Counter: wake-ups received, by `source` (redis, notify, local).
 pub const WAKEUPS: &str = "outpost_wakeups_total";
+/// Histogram (seconds): wake-up hint sent by a writer → received by the relay's listener,
+/// which wakes the relay to claim at once; by `service`, `source` (redis, notify). Only
+/// hints that carry their send time (Outpost's [`crate::Waker`]) are timed; writer and
+/// relay clocks must agree.
+pub const WAKEUP_LATENCY: &str = "outpost_wakeup_latency_seconds";
 /// Counter: relay iterations that failed (database errors), by `service`.
 pub const RELAY_ERRORS: &str = "outpost_relay_errors_total";
 /// Counter: Kafka producers replaced after being fenced.
@@ -64,6 +69,11 @@ pub(crate) fn poll_interval(service: &str, interval: Duration) {
 
 pub(crate) fn wakeup(source: WakeSource) {
     metrics::counter!(WAKEUPS, "source" => source.as_str()).increment(1);
+}
+
+pub(crate) fn wakeup_latency(service: &str, source: WakeSource, seconds: f64) {
+    metrics::histogram!(WAKEUP_LATENCY, "service" => service.to_owned(), "source" => source.as_str())
+        .record(seconds);
 }
 
 pub(crate) fn relay_error(service: &str) {
