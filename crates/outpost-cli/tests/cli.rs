@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use outpost::testkit::{Collector, Consumed};
 use outpost::{Aggregate, EventEnvelope, OutboxEvent, OutboxStore, OutboxTable};
-use sqlx::postgres::PgPool;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 

@@ -13,7 +13,7 @@ use outpost::{OutboxStore, OutboxTable};
 use serde_json::{json, Value};
 use support::{
     assert_bad_setting, brokers, database_url, eventually, free_port, http_get, outpost_std, pool,
-    redis_url, stage_one, unique, Daemon,
+    stage_one, unique, Daemon,
 };
 use uuid::Uuid;
 
