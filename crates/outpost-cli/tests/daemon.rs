@@ -13,34 +13,11 @@ use outpost::{OutboxStore, OutboxTable};
 use serde_json::{json, Value};
 use support::{
     assert_bad_setting, brokers, database_url, eventually, free_port, http_get, outpost_std, pool,
-    stage_one, unique, Daemon,
+    stage_one, unique, Daemon, Scratch,
 };
 use uuid::Uuid;
 
 const FAST: Duration = Duration::from_secs(10);
-
-/// A scratch directory removed at the end of the test.
-struct Scratch(std::path::PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(unique("outpost-ops"));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Polls `url` until it answers `status`; returns the body.
 async fn wait_http(url: &str, status: u16, daemon: &mut Daemon) -> String {

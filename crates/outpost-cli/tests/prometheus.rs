@@ -19,7 +19,9 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use outpost::testkit::Collector;
 use outpost::{OutboxStore, OutboxTable, Waker};
 use serde_json::{json, Value};
-use support::{brokers, eventually, free_port, pool, stage_one, unique, Daemon};
+use support::{
+    brokers, eventually, free_port, pool, single_service, stage_one, unique, Daemon, Scratch,
+};
 use tokio::process::{Child, Command};
 
 /// Every metric name Outpost records (what a dashboard or alert may name).
@@ -179,8 +181,8 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_sees_the_relay_deliver_drain_and_park() {
-    let dir = std::env::temp_dir().join(unique("outpost-prom"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new();
+    let dir = &scratch.0;
     let own = serve_own_metrics().await;
     let service = unique("ops_prom");
     let topic = unique("ops_prom");
@@ -206,27 +208,18 @@ async fn prometheus_sees_the_relay_deliver_drain_and_park() {
     sqlx::query(&hold).execute(&pool).await.unwrap();
 
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut relay = Daemon::spawn(
-        &[
-            "--service",
-            &service,
-            "--schema",
-            &service,
-            "--environment",
-            "testing",
-            "--wake",
-            "notify",
-            "--poll-max-ms",
-            "500",
-            "--http-addr",
-            &addr,
-            "--kafka-option",
-            "message.max.bytes=1000",
-        ],
-        &[],
-        &dir.join("relay.log"),
-    );
-    let prom = Prometheus::start(&dir, &addr, &own);
+    let mut args = single_service(&service);
+    args.extend([
+        "--wake",
+        "notify",
+        "--poll-max-ms",
+        "500",
+        "--http-addr",
+        &addr,
+    ]);
+    args.extend(["--kafka-option", "message.max.bytes=1000"]);
+    let mut relay = Daemon::spawn(&args, &[], &dir.join("relay.log"));
+    let prom = Prometheus::start(dir, &addr, &own);
     let on = |metric: &str| format!("{metric}{{service=\"{service}\"}}");
 
     prom.until("up{job=\"outpost-relay\"}", |v| v == 1.0).await;
@@ -366,5 +359,4 @@ async fn prometheus_sees_the_relay_deliver_drain_and_park() {
         );
     }
     assert!(relay.terminate().await.success());
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -24,6 +24,7 @@
 //!
 //! Modules, in pipeline order:
 //! - [`envelope`]: the HuleEdu-compatible [`EventEnvelope`], serialized once into an [`OutboxEvent`].
+//! - [`trace`]: W3C `traceparent` from the envelope's metadata (or, feature `opentelemetry`, the caller's span) into the headers.
 //! - [`publisher`]: the API services call: transactional (eager after commit), Kafka-first, outbox-only.
 //! - [`breaker`]: the circuit breaker that lets publishing skip a Kafka known to be down.
 //! - [`table`]: the validated `schema.table` name of a service's outbox.
@@ -44,6 +45,9 @@
 //! - [`metrics`]: metric names and their recording, on the `metrics` facade.
 
 pub mod envelope;
+pub mod trace;
+#[cfg(feature = "opentelemetry")]
+pub mod otel;
 pub mod publisher;
 pub mod breaker;
 pub mod table;
