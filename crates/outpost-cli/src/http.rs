@@ -28,16 +28,19 @@ const LATENCY_BUCKETS: &[f64] = &[
     120.0, 300.0,
 ];
 
-/// Installs the Prometheus recorder as the process's `metrics` recorder.
+/// Installs the Prometheus recorder as the process's `metrics` recorder, with Outpost's
+/// help texts.
 ///
 /// # Errors
 /// When a recorder is already installed.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
         .context("histogram buckets")?
         .install_recorder()
-        .context("cannot install the Prometheus recorder")
+        .context("cannot install the Prometheus recorder")?;
+    outpost::metrics::describe();
+    Ok(handle)
 }
 
 /// What `/readyz` checks.

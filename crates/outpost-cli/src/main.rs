@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Command, LogFormat, Wake};
-use outpost::WakeSignal;
+use outpost::{OutboxStore, WakeSignal};
 use settings::{ServiceSettings, Settings};
 
 /// Exit code for bad settings (as opposed to a runtime failure).
@@ -79,8 +79,11 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
     let store = settings.store(pool.clone());
     match cli.command {
         Command::Migrate => {
-            store.migrate().await?;
-            println!("migrated {}", store.table());
+            for service in &settings.services {
+                let store = OutboxStore::new(pool.clone(), service.table.clone());
+                store.migrate().await?;
+                println!("migrated {}", store.table());
+            }
         }
         Command::Relay => daemon::run(&settings, pool).await?,
         Command::Quickstart {
@@ -108,10 +111,8 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         Command::Status { json } => status::run(&settings, &pool, json).await?,
         Command::Dead { command } => dead::run(&settings, &pool, command).await?,
         Command::Requeue { ids } => {
-            let n = store
-                .requeue(if ids.is_empty() { None } else { Some(&ids) })
-                .await?;
-            println!("requeued {n} event(s)");
+            let all = ids.is_empty();
+            dead::run(&settings, &pool, cli::DeadCommand::Requeue { ids, all }).await?;
         }
     }
     Ok(())

@@ -24,7 +24,8 @@
 //!
 //! Modules, in pipeline order:
 //! - [`envelope`]: the HuleEdu-compatible [`EventEnvelope`], serialized once into an [`OutboxEvent`].
-//! - [`trace`]: W3C `traceparent` from the envelope's metadata (or, feature `opentelemetry`, the caller's span) into the headers.
+//! - [`trace`]: W3C `traceparent` from the envelope's metadata into the headers, and back out for consumers.
+//! - `otel` (feature `opentelemetry`): the same from and to OpenTelemetry span contexts.
 //! - [`publisher`]: the API services call: transactional (eager after commit), Kafka-first, outbox-only.
 //! - [`breaker`]: the circuit breaker that lets publishing skip a Kafka known to be down.
 //! - [`table`]: the validated `schema.table` name of a service's outbox.

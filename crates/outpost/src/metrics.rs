@@ -126,3 +126,61 @@ pub const CONSUMED: &str = "outpost_consumed_total";
 pub(crate) fn consumed(group: &str, outcome: &'static str) {
     metrics::counter!(CONSUMED, "group" => group.to_owned(), "outcome" => outcome).increment(1);
 }
+
+/// Gives every metric above its help text (exporters print it as `# HELP`); call once
+/// after installing a recorder.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(EVENTS_STAGED, "Events staged in the outbox");
+    describe_counter!(
+        EVENTS_PUBLISHED,
+        "Events acked by the broker and marked published"
+    );
+    describe_counter!(
+        EVENTS_RETRIED,
+        "Failed delivery attempts scheduled for retry"
+    );
+    describe_counter!(EVENTS_PARKED, "Events parked (dead), once per event");
+    describe_histogram!(
+        PUBLISH_LATENCY,
+        Unit::Seconds,
+        "Staging to broker acknowledgement"
+    );
+    describe_gauge!(BACKLOG, "Pending outbox rows");
+    describe_gauge!(
+        OLDEST_PENDING,
+        Unit::Seconds,
+        "Age of the oldest pending row"
+    );
+    describe_gauge!(
+        POLL_INTERVAL,
+        Unit::Seconds,
+        "The relay's current idle polling interval"
+    );
+    describe_counter!(WAKEUPS, "Wake-ups received by relays");
+    describe_histogram!(
+        WAKEUP_LATENCY,
+        Unit::Seconds,
+        "Wake-up hint sent to received by the relay"
+    );
+    describe_counter!(RELAY_ERRORS, "Relay iterations that failed");
+    describe_counter!(
+        PRODUCER_REBUILDS,
+        "Kafka producers replaced after being fenced"
+    );
+    describe_counter!(ROWS_CLEANED, "Published rows deleted by retention");
+    describe_counter!(DIRECT_PUBLISHES, "Kafka-first direct publishes by outcome");
+    describe_counter!(
+        FALLBACKS,
+        "Kafka-first events stored in the outbox instead, by reason"
+    );
+    describe_gauge!(
+        CIRCUIT_STATE,
+        "Kafka-first circuit: 0 closed, 1 half-open, 2 open"
+    );
+    describe_counter!(
+        EAGER_DISPATCH,
+        "Transactional events after commit: eager hit or miss"
+    );
+    describe_counter!(CONSUMED, "Consumed messages by outcome");
+}
