@@ -131,56 +131,67 @@ pub(crate) fn consumed(group: &str, outcome: &'static str) {
 /// after installing a recorder.
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(EVENTS_STAGED, "Events staged in the outbox");
-    describe_counter!(
-        EVENTS_PUBLISHED,
-        "Events acked by the broker and marked published"
-    );
-    describe_counter!(
-        EVENTS_RETRIED,
-        "Failed delivery attempts scheduled for retry"
-    );
-    describe_counter!(EVENTS_PARKED, "Events parked (dead), once per event");
+    let counters = [
+        (EVENTS_STAGED, "Events staged in the outbox"),
+        (
+            EVENTS_PUBLISHED,
+            "Events acked by the broker and marked published",
+        ),
+        (
+            EVENTS_RETRIED,
+            "Failed delivery attempts scheduled for retry",
+        ),
+        (EVENTS_PARKED, "Events parked (dead), once per event"),
+        (WAKEUPS, "Wake-ups received by relays"),
+        (RELAY_ERRORS, "Relay iterations that failed"),
+        (
+            PRODUCER_REBUILDS,
+            "Kafka producers replaced after being fenced",
+        ),
+        (ROWS_CLEANED, "Published rows deleted by retention"),
+        (DIRECT_PUBLISHES, "Kafka-first direct publishes by outcome"),
+        (
+            FALLBACKS,
+            "Kafka-first events stored in the outbox instead, by reason",
+        ),
+        (
+            EAGER_DISPATCH,
+            "Transactional events after commit: eager hit or miss",
+        ),
+        (CONSUMED, "Consumed messages by outcome"),
+    ];
+    for (name, help) in counters {
+        describe_counter!(name, help);
+    }
+    let gauges = [
+        (BACKLOG, Unit::Count, "Pending outbox rows"),
+        (
+            OLDEST_PENDING,
+            Unit::Seconds,
+            "Age of the oldest pending row",
+        ),
+        (
+            POLL_INTERVAL,
+            Unit::Seconds,
+            "The relay's current idle polling interval",
+        ),
+        (
+            CIRCUIT_STATE,
+            Unit::Count,
+            "Kafka-first circuit: 0 closed, 1 half-open, 2 open",
+        ),
+    ];
+    for (name, unit, help) in gauges {
+        describe_gauge!(name, unit, help);
+    }
     describe_histogram!(
         PUBLISH_LATENCY,
         Unit::Seconds,
         "Staging to broker acknowledgement"
     );
-    describe_gauge!(BACKLOG, "Pending outbox rows");
-    describe_gauge!(
-        OLDEST_PENDING,
-        Unit::Seconds,
-        "Age of the oldest pending row"
-    );
-    describe_gauge!(
-        POLL_INTERVAL,
-        Unit::Seconds,
-        "The relay's current idle polling interval"
-    );
-    describe_counter!(WAKEUPS, "Wake-ups received by relays");
     describe_histogram!(
         WAKEUP_LATENCY,
         Unit::Seconds,
         "Wake-up hint sent to received by the relay"
     );
-    describe_counter!(RELAY_ERRORS, "Relay iterations that failed");
-    describe_counter!(
-        PRODUCER_REBUILDS,
-        "Kafka producers replaced after being fenced"
-    );
-    describe_counter!(ROWS_CLEANED, "Published rows deleted by retention");
-    describe_counter!(DIRECT_PUBLISHES, "Kafka-first direct publishes by outcome");
-    describe_counter!(
-        FALLBACKS,
-        "Kafka-first events stored in the outbox instead, by reason"
-    );
-    describe_gauge!(
-        CIRCUIT_STATE,
-        "Kafka-first circuit: 0 closed, 1 half-open, 2 open"
-    );
-    describe_counter!(
-        EAGER_DISPATCH,
-        "Transactional events after commit: eager hit or miss"
-    );
-    describe_counter!(CONSUMED, "Consumed messages by outcome");
 }
