@@ -93,6 +93,13 @@ impl CircuitBreaker {
         self.probing = false;
     }
 
+    /// The probe let through by [`allow`](Self::allow) ended without asking Kafka anything
+    /// (nothing to send, or the caller gave up before sending): the next call may probe.
+    /// Outside a probe this does nothing.
+    pub fn release_probe(&mut self) {
+        self.probing = false;
+    }
+
     /// A transient failure (or a timeout) at `now`.
     pub fn on_failure(&mut self, now: Instant) {
         self.failures = self.failures.saturating_add(1);
@@ -132,6 +139,27 @@ mod tests {
         b.on_success();
         assert_eq!(b.state(later), CircuitState::Closed);
         assert!(b.allow(later));
+    }
+
+    #[test]
+    fn a_released_probe_lets_the_next_call_probe() {
+        let cfg = BreakerConfig {
+            failure_threshold: 1,
+            open_for: Duration::from_millis(10),
+        };
+        let mut b = CircuitBreaker::new(cfg);
+        let t0 = Instant::now();
+        b.on_failure(t0);
+        let later = t0 + Duration::from_millis(10);
+        assert!(b.allow(later));
+        assert!(!b.allow(later), "one probe at a time");
+        b.release_probe();
+        assert!(
+            b.allow(later),
+            "a released probe does not wedge the circuit"
+        );
+        b.on_success();
+        assert_eq!(b.state(later), CircuitState::Closed);
     }
 
     #[test]

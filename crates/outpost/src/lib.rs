@@ -36,7 +36,6 @@
 //! - [`poll`]: adaptive polling between wake-ups.
 //! - [`environment`]: per-environment defaults (testing, development, production).
 //! - [`backoff`]: exponential retry delays with jitter.
-//! - [`delivery`]: sending claimed rows (pipelined across keys, one in flight per key) and classifying outcomes.
 //! - [`producer`]: the Kafka producer, error classes (transient / retriable / permanent), rebuild when fenced.
 //! - [`consumer`]: the consuming side: event id header-first, dedup, handle, then commit; dead-letters what cannot be handled.
 //! - [`inbox`]: the PostgreSQL inbox: handler writes and "event processed" commit together (exactly-once effect; recommended).
@@ -59,7 +58,6 @@ pub mod relay;
 pub mod poll;
 pub mod environment;
 pub mod backoff;
-pub mod delivery;
 pub mod producer;
 pub mod consumer;
 pub mod inbox;

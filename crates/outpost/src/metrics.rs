@@ -6,7 +6,8 @@ use std::time::Duration;
 use crate::producer::ErrorClass;
 use crate::wake::WakeSource;
 
-/// Counter: events staged, by `service` (`OutboxStore::with_service`; default the schema).
+/// Counter: events staged and committed through a `Publisher`, by `service` (a stage
+/// that found its `event_id` already staged, or was rolled back, is not counted).
 pub const EVENTS_STAGED: &str = "outpost_events_staged_total";
 /// Counter: events acked by the broker and marked published, by `service`, `topic`.
 pub const EVENTS_PUBLISHED: &str = "outpost_events_published_total";
@@ -33,11 +34,19 @@ pub const WAKEUP_LATENCY: &str = "outpost_wakeup_latency_seconds";
 pub const RELAY_ERRORS: &str = "outpost_relay_errors_total";
 /// Counter: Kafka producers replaced after being fenced.
 pub const PRODUCER_REBUILDS: &str = "outpost_producer_rebuilds_total";
+/// Counter: a later event of a key acked after an earlier one failed (the failed one is
+/// then delivered after it), by `service`. Only a broker recovering between the two
+/// messages' timeouts can cause it; it should stay 0.
+pub const ORDER_BREAKS: &str = "outpost_order_breaks_total";
 /// Counter: published rows deleted by retention, by `service`.
 pub const ROWS_CLEANED: &str = "outpost_rows_cleaned_total";
 
-pub(crate) fn staged(service: &str) {
-    metrics::counter!(EVENTS_STAGED, "service" => service.to_owned()).increment(1);
+pub(crate) fn staged(service: &str, committed: usize) {
+    metrics::counter!(EVENTS_STAGED, "service" => service.to_owned()).increment(committed as u64);
+}
+
+pub(crate) fn order_break(service: &str) {
+    metrics::counter!(ORDER_BREAKS, "service" => service.to_owned()).increment(1);
 }
 
 pub(crate) fn published(service: &str, topic: &str, latency: Duration) {

@@ -132,7 +132,9 @@ pub enum ErrorClass {
     /// The broker is unreachable, slow or moving leaders: retry later, without consuming
     /// the attempt budget and without ever parking the event.
     Transient,
-    /// Unexpected failure: retry later, counting against the attempt budget.
+    /// Unexpected or per-topic failure (unknown topic or partition, corrupt message):
+    /// retry later, counting against the attempt budget, then park. It says nothing about
+    /// the broker as a whole, so it never trips a circuit breaker.
     Retriable,
     /// This record can never be accepted (too large, topic not authorized, invalid topic):
     /// park it at once.
@@ -171,7 +173,6 @@ pub fn classify_code(code: RDKafkaErrorCode) -> ErrorClass {
         C::MessageSizeTooLarge
         | C::InvalidMessageSize
         | C::MessageBatchTooLarge
-        | C::InvalidMessage
         | C::InvalidRecord
         | C::BadMessage
         | C::InvalidTimestamp
@@ -204,9 +205,6 @@ pub fn classify_code(code: RDKafkaErrorCode) -> ErrorClass {
         | C::FencedLeaderEpoch
         | C::UnknownLeaderEpoch
         | C::KafkaStorageError
-        | C::UnknownTopicOrPartition
-        | C::UnknownTopic
-        | C::UnknownPartition
         | C::ThrottlingQuotaExceeded
         | C::PurgeQueue
         | C::PurgeInflight
@@ -269,6 +267,22 @@ pub struct Acked {
     pub offset: i64,
 }
 
+/// The wait for one queued message's acknowledgement (see [`KafkaProducer::enqueue`]).
+pub type PendingAck = std::pin::Pin<
+    Box<dyn std::future::Future<Output = std::result::Result<Acked, SendFailure>> + Send>,
+>;
+
+fn kafka_headers(headers: &BTreeMap<String, String>) -> OwnedHeaders {
+    let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len());
+    for (name, value) in headers {
+        kafka_headers = kafka_headers.insert(Header {
+            key: name,
+            value: Some(value.as_bytes()),
+        });
+    }
+    kafka_headers
+}
+
 /// An idempotent, acks=all Kafka producer that replaces itself when fenced.
 pub struct KafkaProducer {
     config: ProducerConfig,
@@ -318,6 +332,71 @@ impl KafkaProducer {
         (guard.0, Arc::clone(&guard.1))
     }
 
+    /// Queues one message with librdkafka now and returns the wait for its acknowledgement.
+    /// Messages queued one after another for the same partition reach it in that order
+    /// (idempotent producer), so a caller can keep many of one key in flight.
+    ///
+    /// # Errors
+    /// [`SendFailure`] when the message cannot even be queued: `QueueFull` (transient: try
+    /// again once acks have drained the queue) or a local permanent error.
+    pub fn enqueue(
+        self: &Arc<Self>,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &BTreeMap<String, String>,
+    ) -> std::result::Result<PendingAck, SendFailure> {
+        let (generation, producer) = self.snapshot();
+        let record = FutureRecord::to(topic)
+            .key(key)
+            .payload(payload)
+            .headers(kafka_headers(headers));
+        match producer.send_result(record) {
+            Ok(delivery) => {
+                let this = Arc::clone(self);
+                Ok(Box::pin(async move {
+                    let result = match delivery.await {
+                        Ok(Ok(d)) => Ok(Acked {
+                            partition: d.partition,
+                            offset: d.offset,
+                        }),
+                        Ok(Err((error, _))) => Err(error),
+                        Err(_canceled) => Err(KafkaError::Canceled),
+                    };
+                    this.outcome(generation, &producer, result)
+                }))
+            }
+            Err((error, _)) => Err(self.outcome(generation, &producer, Err(error)).unwrap_err()),
+        }
+    }
+
+    /// Records progress or replaces a fenced/stuck producer, and classifies the failure.
+    fn outcome(
+        &self,
+        generation: u64,
+        producer: &FutureProducer,
+        result: std::result::Result<Acked, KafkaError>,
+    ) -> std::result::Result<Acked, SendFailure> {
+        match result {
+            Ok(acked) => {
+                self.progressed();
+                Ok(acked)
+            }
+            Err(error) => {
+                if needs_rebuild(&error)
+                    || producer.client().fatal_error().is_some()
+                    || self.stuck(&error)
+                {
+                    self.rebuild(generation, &error);
+                }
+                Err(SendFailure {
+                    class: classify(&error),
+                    error,
+                })
+            }
+        }
+    }
+
     /// Produces one message and waits for the broker's acknowledgement.
     ///
     /// # Errors
@@ -331,41 +410,21 @@ impl KafkaProducer {
         headers: &BTreeMap<String, String>,
     ) -> Result<Acked, SendFailure> {
         let (generation, producer) = self.snapshot();
-        let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len());
-        for (name, value) in headers {
-            kafka_headers = kafka_headers.insert(Header {
-                key: name,
-                value: Some(value.as_bytes()),
-            });
-        }
         let record = FutureRecord::to(topic)
             .key(key)
             .payload(payload)
-            .headers(kafka_headers);
-        match producer
+            .headers(kafka_headers(headers));
+        let result = match producer
             .send(record, Timeout::After(self.config.queue_timeout))
             .await
         {
-            Ok(delivery) => {
-                self.progressed();
-                Ok(Acked {
-                    partition: delivery.partition,
-                    offset: delivery.offset,
-                })
-            }
-            Err((error, _)) => {
-                if needs_rebuild(&error)
-                    || producer.client().fatal_error().is_some()
-                    || self.stuck(&error)
-                {
-                    self.rebuild(generation, &error);
-                }
-                Err(SendFailure {
-                    class: classify(&error),
-                    error,
-                })
-            }
-        }
+            Ok(delivery) => Ok(Acked {
+                partition: delivery.partition,
+                offset: delivery.offset,
+            }),
+            Err((error, _)) => Err(error),
+        };
+        self.outcome(generation, &producer, result)
     }
 
     fn progressed(&self) {
@@ -388,19 +447,40 @@ impl KafkaProducer {
     }
 
     fn rebuild(&self, seen_generation: u64, cause: &KafkaError) {
-        let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
-        if guard.0 != seen_generation {
+        if self.generation() != seen_generation {
             return; // another task already replaced it
         }
-        match Self::build(&self.config) {
-            Ok(fresh) => {
-                warn!(error = %cause, generation = guard.0 + 1, "replacing fenced kafka producer");
-                crate::metrics::producer_rebuilt();
-                *guard = (guard.0 + 1, Arc::new(fresh));
-                self.progressed();
+        // Built outside the lock: sends keep reading the current producer meanwhile.
+        let fresh = match Self::build(&self.config) {
+            Ok(fresh) => Arc::new(fresh),
+            Err(e) => {
+                warn!(error = %e, "could not rebuild kafka producer");
+                return;
             }
-            Err(e) => warn!(error = %e, "could not rebuild kafka producer"),
+        };
+        let old = {
+            let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
+            if guard.0 != seen_generation {
+                return;
+            }
+            warn!(error = %cause, generation = guard.0 + 1, "replacing fenced kafka producer");
+            crate::metrics::producer_rebuilt();
+            std::mem::replace(&mut *guard, (seen_generation + 1, fresh)).1
+        };
+        self.progressed();
+        // Dropping the last handle of a producer flushes and joins its threads: never on a
+        // runtime worker.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || drop(old))),
+            Err(_) => drop(old),
         }
+    }
+
+    /// Waits up to `timeout` for queued messages to be delivered, off the async runtime's
+    /// worker threads.
+    pub async fn flush_async(self: &Arc<Self>, timeout: Duration) {
+        let this = Arc::clone(self);
+        let _ = tokio::task::spawn_blocking(move || this.flush(timeout)).await;
     }
 
     /// Waits up to `timeout` for queued messages to be delivered.

@@ -22,16 +22,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::{PgConnection, Postgres, Transaction};
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::breaker::{BreakerConfig, CircuitBreaker, CircuitState};
-use crate::delivery::{longest_send, Delivery};
 use crate::envelope::OutboxEvent;
 use crate::error::{Error, EventContext, Result};
 use crate::producer::{ErrorClass, KafkaProducer};
-use crate::relay::RelayConfig;
-use crate::store::OutboxStore;
+use crate::relay::settling::{RowOutcome, SettleOp, Settler};
+use crate::relay::verdict::RetryPolicy;
+use crate::relay::{longest_send, RelayConfig};
+use crate::store::{KeyLock, KeyRelease, OutboxStore, Settlement};
 use crate::wake::{validate_service, Waker};
 use crate::Environment;
 
@@ -96,6 +98,10 @@ pub struct PublisherConfig {
     /// Delivery settings shared with the relay (lease, backoff, attempt budget, rows per
     /// key); use the relay's, so the eager path settles rows exactly as the relay would.
     pub delivery: RelayConfig,
+    /// How staging locks an event's key (default [`KeyLock::Exclusive`]: transactions
+    /// staging the same key commit one after the other, so Kafka sees them in commit
+    /// order). [`KeyLock::Shared`] is for callers that already serialize per key.
+    pub key_lock: KeyLock,
 }
 
 impl PublisherConfig {
@@ -109,6 +115,7 @@ impl PublisherConfig {
             direct_deadline: Duration::from_secs(1),
             dispatch_deadline: Duration::from_secs(5),
             breaker: BreakerConfig::default(),
+            key_lock: KeyLock::default(),
         }
     }
 }
@@ -126,12 +133,13 @@ struct Inner {
     producer: Arc<KafkaProducer>,
     waker: Waker,
     config: PublisherConfig,
-    delivery: Delivery,
+    policy: RetryPolicy,
     owner: Uuid,
     breaker: Mutex<CircuitBreaker>,
-    /// Keys with an event this publisher sent to the outbox that may still be pending:
-    /// later events of those keys follow it there, so they cannot overtake it.
-    fallback_keys: Mutex<HashSet<String>>,
+    /// Settles eager dispatches; concurrent commits share its statements.
+    settler: Settler,
+    /// Eager dispatches still running (they outlive a `commit()` that stopped waiting).
+    dispatches: TaskTracker,
 }
 
 /// An event staged in a transaction that has not been dispatched yet.
@@ -142,6 +150,8 @@ pub struct Staged {
     pub event_id: Uuid,
     /// Its partition key.
     pub event_key: String,
+    /// Whether this stage inserted the row (`false`: the event id was staged before).
+    pub inserted: bool,
 }
 
 /// What happened right after a commit.
@@ -192,19 +202,22 @@ impl Publisher {
                 "0",
             ));
         }
-        let delivery = Delivery::new(Arc::clone(&producer), &config.delivery);
-        let store = store.with_service(&config.service);
+        let store = store
+            .with_service(&config.service)
+            .with_key_lock(config.key_lock);
+        let owner = Uuid::new_v4();
         Ok(Self {
             mode: config.mode,
             inner: Arc::new(Inner {
+                settler: Settler::start(store.clone(), owner, config.delivery.lease / 2),
                 store,
                 producer,
                 waker,
                 breaker: Mutex::new(CircuitBreaker::new(config.breaker)),
+                policy: config.delivery.retry_policy(),
                 config,
-                delivery,
-                owner: Uuid::new_v4(),
-                fallback_keys: Mutex::new(HashSet::new()),
+                owner,
+                dispatches: TaskTracker::new(),
             }),
         })
     }
@@ -259,10 +272,11 @@ impl Publisher {
         tx: &mut Transaction<'_, Postgres>,
         event: &OutboxEvent,
     ) -> Result<Staged> {
-        self.inner.store.stage(tx, event).await?;
+        let inserted = self.inner.store.stage(tx, event).await?.is_some();
         Ok(Staged {
             event_id: event.event_id,
             event_key: event.event_key.clone(),
+            inserted,
         })
     }
 
@@ -273,6 +287,8 @@ impl Publisher {
         if staged.is_empty() {
             return Dispatch::default();
         }
+        let committed = staged.iter().filter(|s| s.inserted).count();
+        crate::metrics::staged(&self.inner.config.service, committed);
         let dispatch = match self.mode {
             Mode::Transactional => self.dispatch_eagerly(&staged).await,
             Mode::OutboxOnly | Mode::KafkaFirst => Dispatch {
@@ -289,23 +305,23 @@ impl Publisher {
     /// Eager dispatch, bounded by `dispatch_deadline` and skipped while the circuit is
     /// open, so a Kafka outage never makes `commit()` wait out delivery timeouts. A
     /// dispatch that outlives the deadline finishes (and settles its rows) in the
-    /// background; its events count as left to the relay.
+    /// background, tracked so [`shutdown`](Self::shutdown) can wait for it; its events
+    /// count as left to the relay.
     async fn dispatch_eagerly(&self, staged: &[Staged]) -> Dispatch {
         let left = Dispatch {
             eager_published: 0,
             left_to_relay: staged.len(),
         };
-        let allowed = {
-            let mut breaker = self.inner.breaker.lock().unwrap_or_else(|p| p.into_inner());
-            breaker.allow(Instant::now())
-        };
-        if !allowed {
+        let Some(probe) = Probe::take(self) else {
             crate::metrics::eager(&self.inner.config.service, 0, staged.len());
             return left;
-        }
+        };
         let publisher = self.clone();
         let staged = staged.to_vec();
-        let task = tokio::spawn(async move { publisher.dispatch_now(&staged).await });
+        let task = self
+            .inner
+            .dispatches
+            .spawn(async move { publisher.dispatch_now(&staged, probe).await });
         match tokio::time::timeout(self.inner.config.dispatch_deadline, task).await {
             Ok(Ok(dispatch)) => dispatch,
             Ok(Err(_)) => left,
@@ -318,13 +334,15 @@ impl Publisher {
         }
     }
 
-    async fn dispatch_now(&self, staged: &[Staged]) -> Dispatch {
+    /// Claims the keys just written (one statement), sends their rows, many per key, and
+    /// settles them with whatever other commits are settling (one shared statement).
+    async fn dispatch_now(&self, staged: &[Staged], mut probe: Probe) -> Dispatch {
         let inner = &self.inner;
         let service = inner.config.service.as_str();
         let mut keys: Vec<String> = staged.iter().map(|s| s.event_key.clone()).collect();
         keys.sort();
         keys.dedup();
-        let claimed_at = Instant::now();
+        let started = Instant::now();
         let claimed = match inner
             .store
             .claim_keys(
@@ -335,7 +353,7 @@ impl Publisher {
             )
             .await
         {
-            Ok(rows) => rows,
+            Ok(keys) => keys,
             Err(e) => {
                 warn!(error = %e, "eager dispatch could not claim; leaving events to the relay");
                 crate::metrics::eager(service, 0, staged.len());
@@ -345,44 +363,130 @@ impl Publisher {
                 };
             }
         };
-        let claim_took = claimed_at.elapsed();
-        let claimed_ids: Vec<(i64, Uuid)> = claimed.iter().map(|r| (r.id, r.event_id)).collect();
-        let (outcomes, report, transient) = inner.delivery.deliver(claimed, claimed_at).await;
-        let deliver_took = claimed_at.elapsed() - claim_took;
-        if transient {
-            self.breaker(|b| b.on_failure(Instant::now()));
-        } else if report.published > 0 {
-            self.breaker(|b| b.on_success());
+        let claim_took = started.elapsed();
+        // Every row is queued before any ack is awaited: librdkafka keeps a key's rows in
+        // this order on its partition.
+        let mut sends = Vec::new();
+        for key in &claimed {
+            for row in &key.rows {
+                let ack =
+                    inner
+                        .producer
+                        .enqueue(&row.topic, &row.event_key, &row.payload, &row.headers);
+                sends.push(async move {
+                    let result = match ack {
+                        Ok(ack) => ack.await,
+                        Err(failure) => Err(failure),
+                    };
+                    (row, result)
+                });
+            }
         }
-        if let Err(e) = inner.store.settle(inner.owner, &outcomes).await {
-            // Acked rows stay leased until the lease lapses; the relay then sends them
-            // again (same bytes, same event id).
-            warn!(error = %e, "eager dispatch could not settle; the relay will redeliver");
+        let results = futures::future::join_all(sends).await;
+        let mut op = SettleOp::default();
+        let mut failed: std::collections::HashMap<&str, (i64, Settlement)> =
+            std::collections::HashMap::new();
+        let mut published = HashSet::new();
+        for (row, result) in results {
+            let latency = (chrono::Utc::now() - row.created_at)
+                .to_std()
+                .unwrap_or_default();
+            let (settlement, class) = match result {
+                Ok(acked) => {
+                    probe.answered();
+                    published.insert(row.event_id);
+                    (
+                        Settlement::Published {
+                            partition: acked.partition,
+                            offset: acked.offset,
+                        },
+                        None,
+                    )
+                }
+                Err(failure) => {
+                    match failure.class {
+                        ErrorClass::Transient => probe.failed(),
+                        ErrorClass::Retriable | ErrorClass::Permanent => probe.answered(),
+                    }
+                    let verdict = inner.policy.verdict(service, row, &failure);
+                    if matches!(verdict, Settlement::Retry { .. }) {
+                        let first = failed
+                            .get(row.event_key.as_str())
+                            .is_none_or(|(id, _)| row.id < *id);
+                        if first {
+                            failed.insert(&row.event_key, (row.id, verdict));
+                        }
+                        continue;
+                    }
+                    (verdict, Some(failure.class))
+                }
+            };
+            op.rows.push(RowOutcome {
+                id: row.id,
+                settlement,
+                topic: row.topic.clone(),
+                latency,
+                class,
+            });
         }
-        let published: HashSet<Uuid> = outcomes
-            .iter()
-            .filter(|(_, o)| *o == crate::store::Settlement::Published)
-            .filter_map(|(id, _)| claimed_ids.iter().find(|(cid, _)| cid == id))
-            .map(|(_, event_id)| *event_id)
-            .collect();
+        for key in &claimed {
+            match failed.remove(key.key.as_str()) {
+                Some((id, settlement)) => {
+                    let (delay, transient) = match &settlement {
+                        Settlement::Retry {
+                            delay, transient, ..
+                        } => (Some(*delay), *transient),
+                        _ => (None, false),
+                    };
+                    op.rows.push(RowOutcome {
+                        id,
+                        settlement,
+                        topic: String::new(),
+                        latency: Duration::ZERO,
+                        class: Some(if transient {
+                            ErrorClass::Transient
+                        } else {
+                            ErrorClass::Retriable
+                        }),
+                    });
+                    op.release.push(KeyRelease {
+                        key: key.key.clone(),
+                        backoff: delay,
+                        transient,
+                    });
+                }
+                // An empty key row stays behind; a relay deletes it when it next claims it.
+                None => op.release.push(KeyRelease::done(key.key.clone())),
+            }
+        }
+        drop(probe);
+        let (done, settled) = tokio::sync::oneshot::channel();
+        op.done = Some(done);
+        inner.settler.send(op);
+        let _ = settled.await;
         let hits = staged
             .iter()
             .filter(|s| published.contains(&s.event_id))
             .count();
         let misses = staged.len() - hits;
         crate::metrics::eager(service, hits, misses);
-        debug!(
-            hits,
-            misses,
-            ?claim_took,
-            ?deliver_took,
-            total = ?claimed_at.elapsed(),
-            "eager dispatch"
-        );
+        debug!(hits, misses, ?claim_took, total = ?started.elapsed(), "eager dispatch");
         Dispatch {
             eager_published: hits,
             left_to_relay: misses,
         }
+    }
+
+    /// Waits (at most `timeout`) for eager dispatches still running in the background and
+    /// for their settle statements, so a deploy does not cut sends off mid-flight (which
+    /// would make the relay send those events again). Call it before the process exits;
+    /// publishing after it still works.
+    pub async fn shutdown(&self, timeout: Duration) {
+        let inner = &self.inner;
+        inner.dispatches.close();
+        let _ = tokio::time::timeout(timeout, inner.dispatches.wait()).await;
+        inner.dispatches.reopen();
+        let _ = tokio::time::timeout(timeout, inner.settler.flush()).await;
     }
 
     /// Publishes one event without a business transaction.
@@ -411,7 +515,15 @@ impl Publisher {
         }
         let inner = &self.inner;
         let service = inner.config.service.as_str();
-        if self.key_waits_in_outbox(&event.event_key).await {
+        // Any publisher process may have left an event of this key in the outbox; a direct
+        // send must not overtake it. If the database cannot answer, the outbox could not
+        // take the event either: go direct.
+        if inner
+            .store
+            .has_pending_key(&event.event_key)
+            .await
+            .unwrap_or(false)
+        {
             return self.fall_back(event, "key_pending").await;
         }
         let (allowed, probe) = {
@@ -456,6 +568,14 @@ impl Publisher {
                     source: failure.error,
                 });
             }
+            Ok(Ok(Err(failure))) if failure.class == ErrorClass::Retriable => {
+                // A per-topic problem (unknown topic, corrupt message): the broker answered,
+                // so the circuit stays closed; the relay retries it within its budget.
+                self.breaker(|b| b.on_success());
+                crate::metrics::direct(service, "failed");
+                debug!(error = %failure, "direct publish failed");
+                return self.fall_back(event, "kafka_error").await;
+            }
             Ok(Ok(Err(failure))) => {
                 debug!(error = %failure, "direct publish failed");
                 "kafka_error"
@@ -475,28 +595,6 @@ impl Publisher {
         let mut breaker = self.inner.breaker.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut breaker);
         crate::metrics::circuit(&self.inner.config.service, breaker.state(Instant::now()));
-    }
-
-    async fn key_waits_in_outbox(&self, key: &str) -> bool {
-        let inner = &self.inner;
-        let known = inner
-            .fallback_keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(key);
-        if !known {
-            return false;
-        }
-        // If the check fails, assume it still waits: order matters more than latency.
-        let waiting = inner.store.has_pending_key(key).await.unwrap_or(true);
-        if !waiting {
-            inner
-                .fallback_keys
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(key);
-        }
-        waiting
     }
 
     async fn fall_back(&self, event: &OutboxEvent, reason: &'static str) -> Result<PublishPath> {
@@ -529,15 +627,62 @@ impl Publisher {
                 source,
             ));
         }
-        inner
-            .fallback_keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(event.event_key.clone());
+        crate::metrics::staged(&inner.config.service, 1);
         crate::metrics::fallback(&inner.config.service, reason);
         info!(event_id = %event.event_id, topic = %event.topic, path = "outbox", reason, "published");
         inner.waker.nudge().await;
         Ok(PublishPath::Outbox)
+    }
+}
+
+/// Permission to try Kafka from the circuit breaker. When it was the half-open probe it is
+/// resolved on every path: an answer from the broker closes the circuit, a transient
+/// failure reopens it, and a probe dropped without either (nothing was claimed, the claim
+/// failed, the task died) is released so the next call can probe.
+struct Probe {
+    publisher: Publisher,
+    answered: bool,
+    failed: bool,
+}
+
+impl Probe {
+    fn take(publisher: &Publisher) -> Option<Self> {
+        let allowed = {
+            let mut breaker = publisher
+                .inner
+                .breaker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            breaker.allow(Instant::now())
+        };
+        allowed.then(|| Self {
+            publisher: publisher.clone(),
+            answered: false,
+            failed: false,
+        })
+    }
+
+    fn answered(&mut self) {
+        self.answered = true;
+    }
+
+    fn failed(&mut self) {
+        self.failed = true;
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let (answered, failed) = (self.answered, self.failed);
+        self.publisher.breaker(|b| {
+            if failed {
+                b.on_failure(Instant::now());
+            } else if answered {
+                b.on_success();
+            } else {
+                b.release_probe();
+            }
+        });
     }
 }
 
@@ -582,7 +727,11 @@ impl OutboxTx {
     /// Commits, then runs the mode's post-commit step.
     ///
     /// # Errors
-    /// [`Error::OutboxStorage`] when the commit fails (nothing was published).
+    /// [`Error::OutboxStorage`] when the commit fails. Usually nothing was committed then;
+    /// but when the connection broke while the server was committing (an I/O error after
+    /// `COMMIT` was sent), the transaction may have committed, and its events are then
+    /// delivered by the relay. A caller that retries after such an error should reuse the
+    /// same `event_id`s: staging is idempotent on them, so a retry never adds a duplicate.
     pub async fn commit(self) -> Result<Dispatch> {
         self.tx
             .commit()

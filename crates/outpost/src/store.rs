@@ -1,12 +1,27 @@
-//! All SQL against the outbox table: migrate, stage, claim, settle, clean up.
+//! All SQL against a service's outbox: migrate, stage, claim keys, fetch, settle, release,
+//! clean up.
 //!
-//! Rows move `pending → published` (acked by the broker) or `pending → dead` (parked with
-//! its reason). A relay claims a row by leasing it (`lease_owner`, `lease_until`); a lease
-//! that lapses (crashed relay) makes the row claimable again.
+//! Two tables per service:
+//! - the **events** table: one row per staged event, `pending → published` (acked by the
+//!   broker, with the partition and offset it landed at) or `pending → dead` (parked with
+//!   its reason);
+//! - the **keys** table: one row per key that may have pending events. It is where
+//!   ownership lives: a sender (relay or eager path) leases a *key*, never single rows, so
+//!   one key has one owner at a time, whatever happens to its rows (late commits, requeues,
+//!   retries). A key that waits for a retry carries `next_attempt_at` and holds back only
+//!   itself. Claiming walks this small table, never the backlog, so its cost does not grow
+//!   with the number of pending events.
 //!
-//! Per-key order: a relay only claims the *head* of a key (its oldest pending row) together
-//! with the rows right behind it. While the head is leased nobody else can claim any row of
-//! that key, and a head that waits for a retry holds back only its own key.
+//! Commit order per key: staging takes a transaction-scoped advisory lock on the key before
+//! the row gets its id, so two transactions staging the same key serialize, and ids of one
+//! key are in commit order (the order in which the state changes became true). Callers who
+//! already serialize per key can take the lock shared ([`KeyLock::Shared`]): no waiting,
+//! ids then follow insert order.
+//!
+//! Key rows are deleted only by an owner that finds its key drained, inside a transaction
+//! holding the key's advisory lock exclusively (`pg_try_advisory_xact_lock`): a writer that
+//! is mid-transaction on the key holds the lock (shared or exclusive), so the delete is
+//! skipped and the key row kept; a writer that starts later waits and re-inserts the row.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,10 +36,10 @@ use crate::envelope::OutboxEvent;
 use crate::error::{Error, EventContext, Result};
 use crate::table::OutboxTable;
 
-/// A row claimed by a relay, ready to be produced.
+/// A pending row handed to its key's owner, ready to be produced.
 #[derive(Debug, Clone)]
 pub struct ClaimedEvent {
-    /// Row id (staging order).
+    /// Row id (commit order within a key).
     pub id: i64,
     /// The envelope's event id.
     pub event_id: Uuid,
@@ -44,29 +59,58 @@ pub struct ClaimedEvent {
     pub created_at: DateTime<Utc>,
 }
 
-/// What became of one claimed row.
+/// A key leased by one owner, with the first pending rows of it (oldest first).
+#[derive(Debug, Clone)]
+pub struct ClaimedKey {
+    /// The key.
+    pub key: String,
+    /// Its pending rows in id order, at most the number asked for.
+    pub rows: Vec<ClaimedEvent>,
+}
+
+/// What became of one delivered (or failed) row.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Settlement {
-    /// The broker acknowledged it.
-    Published,
-    /// Try again after `delay`; `budgeted` failures count against the attempt budget.
+    /// The broker acknowledged it at `partition`/`offset`.
+    Published {
+        /// Partition it landed in.
+        partition: i32,
+        /// Offset within the partition.
+        offset: i64,
+    },
+    /// Try again after `delay`; the row's key waits (holding back only itself).
     Retry {
-        /// How long to wait before the next attempt.
+        /// How long the key waits before the next attempt.
         delay: Duration,
         /// Why it failed.
         error: String,
         /// Whether this failure consumes the attempt budget.
         budgeted: bool,
+        /// Whether the failure said the broker was unavailable (such keys are pulled
+        /// forward once the broker answers again).
+        transient: bool,
     },
-    /// Parked for an operator; never selected again by the relay.
+    /// Parked for an operator; never selected again by a relay.
     Dead {
         /// Why it was parked.
         error: String,
         /// Whether this last failure counts against the attempt budget.
         budgeted: bool,
     },
-    /// Not attempted (an earlier row of its key failed); give the lease back.
+    /// Not attempted; the row stays pending as it was.
     Released,
+}
+
+/// How staging locks the event's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyLock {
+    /// Transactions staging the same key wait for each other, so a key's row ids follow
+    /// commit order (default).
+    #[default]
+    Exclusive,
+    /// No waiting: for callers that already serialize their writes per key (for example
+    /// by locking the aggregate's row); ids then follow insert order.
+    Shared,
 }
 
 /// Row counts by status, for operators.
@@ -101,54 +145,122 @@ struct Sql {
     stage: String,
     claim: String,
     claim_keys: String,
+    fetch: String,
+    renew: String,
+    settle: String,
+    try_lock_keys: String,
+    delete_drained: String,
     has_pending_key: String,
-    published: String,
-    retry: String,
-    dead: String,
-    release: String,
+    pull_forward: String,
     backlog: String,
     cleanup: String,
-    pull_forward: String,
 }
 
+/// The returned columns of a claimed or fetched row.
+const ROW_COLUMNS: &str =
+    "e.id, e.event_id, e.topic, e.event_key, e.payload, e.headers, e.attempts, e.failures, e.created_at";
+
 impl Sql {
-    fn new(t: &OutboxTable) -> Self {
+    fn new(t: &OutboxTable, lock: KeyLock) -> Self {
+        let k = t.keys();
+        let lock_id = |key: &str| format!("hashtextextended('{}' || {key}, 0)", t.lock_namespace());
+        let lock_fn = match lock {
+            KeyLock::Exclusive => "pg_advisory_xact_lock",
+            KeyLock::Shared => "pg_advisory_xact_lock_shared",
+        };
+        let claim = |filter: &str| {
+            format!(
+                "WITH free AS ( \
+                     SELECT event_key FROM {k} \
+                     WHERE next_attempt_at <= now() \
+                       AND (lease_until IS NULL OR lease_until < now()) {filter} \
+                     ORDER BY next_attempt_at LIMIT $2 \
+                     FOR UPDATE SKIP LOCKED), \
+                 leased AS ( \
+                     UPDATE {k} k SET lease_owner = $1, \
+                         lease_until = now() + make_interval(secs => $4) \
+                     FROM free WHERE k.event_key = free.event_key \
+                     RETURNING k.event_key) \
+                 SELECT leased.event_key AS claimed_key, {ROW_COLUMNS} \
+                 FROM leased LEFT JOIN LATERAL ( \
+                     SELECT * FROM {t} e WHERE e.status = 'pending' \
+                       AND e.event_key = leased.event_key \
+                     ORDER BY e.id LIMIT $3) e ON true"
+            )
+        };
         Self {
+            // The lock is taken before the INSERT draws the row's id (the CTE is read first),
+            // and the key row is inserted under it.
             stage: format!(
-                "INSERT INTO {t} (event_id, aggregate_type, aggregate_id, event_type, topic, \
+                "WITH lock AS (SELECT {lock_fn}({}) AS locked), \
+                 key AS (INSERT INTO {k} (event_key) SELECT $6::text FROM lock \
+                         ON CONFLICT (event_key) DO NOTHING) \
+                 INSERT INTO {t} (event_id, aggregate_type, aggregate_id, event_type, topic, \
                  event_key, payload, headers, correlation_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                 ON CONFLICT (event_id) DO NOTHING RETURNING id"
+                 SELECT $1::uuid, $2::text, $3::text, $4::text, $5::text, $6::text, $7::bytea, \
+                        $8::jsonb, $9::uuid FROM lock \
+                 ON CONFLICT (event_id) DO NOTHING RETURNING id",
+                lock_id("$6::text")
             ),
-            claim: claim_sql(t, ""),
-            claim_keys: claim_sql(t, "AND h.event_key = ANY($5)"),
+            claim: claim(""),
+            claim_keys: claim("AND event_key = ANY($5)"),
+            // Only an owner with a live lease reads further rows of its keys.
+            fetch: format!(
+                "SELECT c.event_key AS claimed_key, {ROW_COLUMNS} \
+                 FROM UNNEST($2::text[], $3::bigint[]) AS c(event_key, after) \
+                 JOIN {k} k ON k.event_key = c.event_key AND k.lease_owner = $1 \
+                           AND k.lease_until > now() \
+                 CROSS JOIN LATERAL ( \
+                     SELECT * FROM {t} e WHERE e.status = 'pending' \
+                       AND e.event_key = c.event_key AND e.id > c.after \
+                     ORDER BY e.id LIMIT $4) e"
+            ),
+            renew: format!(
+                "UPDATE {k} SET lease_until = now() + make_interval(secs => $2) \
+                 WHERE lease_owner = $1 AND event_key = ANY($3)"
+            ),
+            // One statement settles every row of a batch and hands its keys back: an acked
+            // row is published whoever holds its key now (the broker has it); failures and
+            // releases apply only to keys this owner still holds.
+            settle: format!(
+                "WITH published AS ( \
+                     UPDATE {t} t SET status = 'published', published_at = clock_timestamp(), \
+                         attempts = t.attempts + 1, last_error = NULL, \
+                         kafka_partition = u.partition, kafka_offset = u.kafka_offset \
+                     FROM UNNEST($1::bigint[], $2::int[], $3::bigint[]) \
+                          AS u(id, partition, kafka_offset) \
+                     WHERE t.id = u.id AND t.status = 'pending'), \
+                 failed AS ( \
+                     UPDATE {t} t SET attempts = t.attempts + 1, \
+                         failures = t.failures + u.budget, last_error = u.err, \
+                         status = CASE WHEN u.dead THEN 'dead' ELSE 'pending' END \
+                     FROM UNNEST($4::bigint[], $5::int[], $6::text[], $7::bool[]) \
+                          AS u(id, budget, err, dead) \
+                     WHERE t.id = u.id AND t.status = 'pending' \
+                       AND EXISTS (SELECT 1 FROM {k} k WHERE k.event_key = t.event_key \
+                                   AND k.lease_owner = $11)) \
+                 UPDATE {k} k SET lease_owner = NULL, lease_until = NULL, \
+                     next_attempt_at = CASE WHEN u.delay_ms IS NULL THEN k.next_attempt_at \
+                         ELSE now() + u.delay_ms * interval '1 millisecond' END, \
+                     backoff_transient = COALESCE(u.transient, false) \
+                 FROM UNNEST($8::text[], $9::float8[], $10::bool[]) AS u(key, delay_ms, transient) \
+                 WHERE k.event_key = u.key AND k.lease_owner = $11"
+            ),
+            try_lock_keys: format!(
+                "SELECT key FROM UNNEST($1::text[]) AS key WHERE pg_try_advisory_xact_lock({})",
+                lock_id("key")
+            ),
+            delete_drained: format!(
+                "DELETE FROM {k} k WHERE k.event_key = ANY($1) AND k.lease_owner = $2 \
+                 AND NOT EXISTS (SELECT 1 FROM {t} e WHERE e.status = 'pending' \
+                                 AND e.event_key = k.event_key)"
+            ),
             has_pending_key: format!(
                 "SELECT EXISTS (SELECT 1 FROM {t} WHERE status = 'pending' AND event_key = $1)"
             ),
-            // An acked row is published whoever holds the lease: the broker has it.
-            published: format!(
-                "UPDATE {t} SET status = 'published', published_at = clock_timestamp(), \
-                 attempts = attempts + 1, lease_owner = NULL, lease_until = NULL, last_error = NULL \
-                 WHERE id = ANY($1) AND status = 'pending'"
-            ),
-            retry: format!(
-                "UPDATE {t} t SET attempts = t.attempts + 1, failures = t.failures + u.budget, \
-                 next_attempt_at = now() + u.delay_ms * interval '1 millisecond', \
-                 last_error = u.err, lease_owner = NULL, lease_until = NULL \
-                 FROM UNNEST($1::bigint[], $2::float8[], $3::text[], $4::int[]) \
-                      AS u(id, delay_ms, err, budget) \
-                 WHERE t.id = u.id AND t.status = 'pending' AND t.lease_owner = $5"
-            ),
-            dead: format!(
-                "UPDATE {t} t SET status = 'dead', attempts = t.attempts + 1, \
-                 failures = t.failures + u.budget, last_error = u.err, \
-                 lease_owner = NULL, lease_until = NULL \
-                 FROM UNNEST($1::bigint[], $2::text[], $3::int[]) AS u(id, err, budget) \
-                 WHERE t.id = u.id AND t.status = 'pending' AND t.lease_owner = $4"
-            ),
-            release: format!(
-                "UPDATE {t} SET lease_owner = NULL, lease_until = NULL \
-                 WHERE id = ANY($1) AND lease_owner = $2 AND status = 'pending'"
+            pull_forward: format!(
+                "UPDATE {k} SET next_attempt_at = now(), backoff_transient = false \
+                 WHERE backoff_transient AND next_attempt_at > now()"
             ),
             backlog: format!(
                 "SELECT count(*)::bigint AS pending, \
@@ -159,66 +271,51 @@ impl Sql {
                 "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE status = 'published' \
                  AND published_at < now() - make_interval(secs => $1) LIMIT $2)"
             ),
-            pull_forward: format!(
-                "UPDATE {t} SET next_attempt_at = now() \
-                 WHERE status = 'pending' AND next_attempt_at > now()"
-            ),
         }
     }
 }
 
-/// Heads are locked (SKIP LOCKED) before the chain behind them is leased, so two
-/// claimers can never hold rows of the same key at once.
-fn claim_sql(t: &OutboxTable, head_filter: &str) -> String {
-    format!(
-        "WITH heads AS ( \
-             SELECT h.id, h.event_key FROM {t} h \
-             WHERE h.status = 'pending' AND h.next_attempt_at <= now() \
-               AND (h.lease_until IS NULL OR h.lease_until < now()) {head_filter} \
-               AND NOT EXISTS (SELECT 1 FROM {t} o WHERE o.status = 'pending' \
-                               AND o.event_key = h.event_key AND o.id < h.id) \
-             ORDER BY h.id LIMIT $2 \
-             FOR UPDATE OF h SKIP LOCKED), \
-         chain AS ( \
-             SELECT f.id FROM heads CROSS JOIN LATERAL ( \
-                 SELECT c.id FROM {t} c WHERE c.status = 'pending' \
-                   AND c.event_key = heads.event_key AND c.id >= heads.id \
-                 ORDER BY c.id LIMIT $3) f) \
-         UPDATE {t} t SET lease_owner = $1, \
-             lease_until = now() + make_interval(secs => $4) \
-         FROM chain WHERE t.id = chain.id \
-         RETURNING t.id, t.event_id, t.topic, t.event_key, t.payload, t.headers, \
-                   t.attempts, t.failures, t.created_at"
-    )
-}
-
-/// Handle on one service's outbox table.
+/// Handle on one service's outbox.
 #[derive(Debug, Clone)]
 pub struct OutboxStore {
     pool: PgPool,
     table: OutboxTable,
     sql: std::sync::Arc<Sql>,
     service: String,
+    lock: KeyLock,
 }
 
 impl OutboxStore {
     /// A store over `table`, using `pool` for the relay's own statements.
     pub fn new(pool: PgPool, table: OutboxTable) -> Self {
-        let sql = std::sync::Arc::new(Sql::new(&table));
+        let sql = std::sync::Arc::new(Sql::new(&table, KeyLock::default()));
         Self {
             pool,
             service: table.schema().to_owned(),
             table,
             sql,
+            lock: KeyLock::default(),
         }
     }
 
-    /// Labels this store's metrics with `service` (default: the schema name). Relays and
-    /// publishers set it to their service name, so staged and published counts line up.
+    /// Labels this store's metrics with `service` (default: the schema name).
     #[must_use]
     pub fn with_service(mut self, service: impl Into<String>) -> Self {
         self.service = service.into();
         self
+    }
+
+    /// How staging locks keys (default [`KeyLock::Exclusive`]: commit order per key).
+    #[must_use]
+    pub fn with_key_lock(mut self, lock: KeyLock) -> Self {
+        self.lock = lock;
+        self.sql = std::sync::Arc::new(Sql::new(&self.table, lock));
+        self
+    }
+
+    /// The service name metrics are labelled with.
+    pub fn service(&self) -> &str {
+        &self.service
     }
 
     /// The table this store works on.
@@ -231,17 +328,19 @@ impl OutboxStore {
         &self.pool
     }
 
-    /// Creates the schema, table and indexes if they do not exist (idempotent, safe to run
-    /// from several processes at once).
+    /// Creates the schema, tables and indexes if they do not exist (idempotent, safe to run
+    /// from several processes at once), and gives every pending row's key a key row (a table
+    /// written by an older version, or a key row lost by hand, heals here).
     ///
     /// # Errors
     /// [`Error::OutboxStorage`] when the DDL fails.
     pub async fn migrate(&self) -> Result<()> {
         let t = &self.table;
+        let k = t.keys();
         let schema = t.schema();
-        let pending = t.derived("pending");
         let key_pending = t.derived("key_pending");
         let published = t.derived("published");
+        let keys_due = t.derived("keys_due");
         let ddl = [
             format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""),
             format!(
@@ -260,19 +359,16 @@ impl OutboxStore {
                                    CHECK (status IN ('pending', 'published', 'dead')), \
                    attempts        INT NOT NULL DEFAULT 0, \
                    failures        INT NOT NULL DEFAULT 0, \
-                   next_attempt_at TIMESTAMPTZ NOT NULL DEFAULT now(), \
-                   lease_owner     UUID, \
-                   lease_until     TIMESTAMPTZ, \
                    last_error      TEXT, \
                    created_at      TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), \
-                   published_at    TIMESTAMPTZ)"
+                   published_at    TIMESTAMPTZ, \
+                   kafka_partition INT, \
+                   kafka_offset    BIGINT)"
             ),
-            // Claiming scans pending rows in id order; the key index answers "is there an
-            // older pending row of this key" and finds the chain behind a head. Neither
-            // indexes the lease columns, so leasing stays a cheap update.
-            format!(
-                "CREATE INDEX IF NOT EXISTS \"{pending}\" ON {t} (id) WHERE status = 'pending'"
-            ),
+            format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS kafka_partition INT"),
+            format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS kafka_offset BIGINT"),
+            // Fetching a key's next rows and "does this key still have pending rows" both
+            // walk this index from (key, after): published rows leave it.
             format!(
                 "CREATE INDEX IF NOT EXISTS \"{key_pending}\" ON {t} (event_key, id) \
                  WHERE status = 'pending'"
@@ -280,6 +376,20 @@ impl OutboxStore {
             format!(
                 "CREATE INDEX IF NOT EXISTS \"{published}\" ON {t} (published_at) \
                  WHERE status = 'published'"
+            ),
+            // Lease updates change no indexed column, so they stay HOT with room per page.
+            format!(
+                "CREATE TABLE IF NOT EXISTS {k} ( \
+                   event_key         TEXT PRIMARY KEY, \
+                   next_attempt_at   TIMESTAMPTZ NOT NULL DEFAULT now(), \
+                   backoff_transient BOOLEAN NOT NULL DEFAULT false, \
+                   lease_owner       UUID, \
+                   lease_until       TIMESTAMPTZ) WITH (fillfactor = 70)"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS \"{keys_due}\" ON {k} (next_attempt_at)"),
+            format!(
+                "INSERT INTO {k} (event_key) SELECT DISTINCT event_key FROM {t} \
+                 WHERE status = 'pending' ON CONFLICT (event_key) DO NOTHING"
             ),
         ];
         let mut tx = self
@@ -303,6 +413,11 @@ impl OutboxStore {
 
     /// Stages `event` inside the caller's transaction; it is visible to relays only once the
     /// caller commits, and gone if the caller rolls back. Never commits.
+    ///
+    /// With [`KeyLock::Exclusive`] (the default) this waits while another open transaction
+    /// has staged an event of the same key, until that one commits or rolls back. Two
+    /// transactions that stage two keys in opposite orders can deadlock; PostgreSQL then
+    /// aborts one of them (SQLSTATE 40P01, retriable): stage keys in a stable order.
     ///
     /// Returns the row id, or `None` when an event with this `event_id` was already staged
     /// (staging is idempotent on `event_id`).
@@ -328,28 +443,27 @@ impl OutboxStore {
             .fetch_optional(&mut **tx)
             .await
             .map_err(|e| Error::storage_with("stage", context_of(event), e))?;
-        crate::metrics::staged(&self.service);
         Ok(row.map(|r| r.get::<i64, _>(0)))
     }
 
-    /// Leases up to `heads` key heads, each with at most `per_key` rows of its key, to
-    /// `owner` for `lease`. Returned rows are in staging order.
+    /// Leases up to `keys` free keys (not leased, not backing off) to `owner` for `lease`,
+    /// each with its first `per_key` pending rows. A key may come back with no rows: it
+    /// drained after its row was written; [`release`](Self::release) it as drained.
     ///
     /// # Errors
     /// [`Error::OutboxStorage`] when the query fails.
     pub async fn claim(
         &self,
         owner: Uuid,
-        heads: usize,
+        keys: usize,
         per_key: usize,
         lease: Duration,
-    ) -> Result<Vec<ClaimedEvent>> {
-        self.claim_where(owner, heads, per_key, lease, None).await
+    ) -> Result<Vec<ClaimedKey>> {
+        self.claim_where(owner, keys, per_key, lease, None).await
     }
 
-    /// Like [`claim`](Self::claim), restricted to the given keys (the eager path claims
-    /// what a transaction just staged, with whatever is pending ahead of it on its keys
-    /// respected: a key whose head is elsewhere is skipped).
+    /// Like [`claim`](Self::claim), for the given keys only (the eager path claims the keys
+    /// a transaction just wrote; a key owned elsewhere or backing off is skipped).
     ///
     /// # Errors
     /// [`Error::OutboxStorage`] when the query fails.
@@ -359,9 +473,175 @@ impl OutboxStore {
         keys: &[String],
         per_key: usize,
         lease: Duration,
-    ) -> Result<Vec<ClaimedEvent>> {
+    ) -> Result<Vec<ClaimedKey>> {
         self.claim_where(owner, keys.len(), per_key, lease, Some(keys))
             .await
+    }
+
+    async fn claim_where(
+        &self,
+        owner: Uuid,
+        keys: usize,
+        per_key: usize,
+        lease: Duration,
+        only: Option<&[String]>,
+    ) -> Result<Vec<ClaimedKey>> {
+        let sql = if only.is_some() {
+            &self.sql.claim_keys
+        } else {
+            &self.sql.claim
+        };
+        let mut query = sqlx::query(sql)
+            .bind(owner)
+            .bind(i64::try_from(keys).unwrap_or(i64::MAX))
+            .bind(i64::try_from(per_key).unwrap_or(i64::MAX))
+            .bind(lease.as_secs_f64());
+        if let Some(only) = only {
+            query = query.bind(only);
+        }
+        let rows = query
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| Error::storage("claim", e))?;
+        Ok(group_by_key(rows))
+    }
+
+    /// The next rows (at most `per_key` each, ids above the given one) of keys `owner`
+    /// holds under a live lease. Keys no longer held come back absent.
+    ///
+    /// # Errors
+    /// [`Error::OutboxStorage`] when the query fails.
+    pub async fn fetch(
+        &self,
+        owner: Uuid,
+        after: &[(String, i64)],
+        per_key: usize,
+    ) -> Result<Vec<ClaimedKey>> {
+        let (keys, ids): (Vec<&str>, Vec<i64>) =
+            after.iter().map(|(k, id)| (k.as_str(), *id)).unzip();
+        let rows = sqlx::query(&self.sql.fetch)
+            .bind(owner)
+            .bind(&keys)
+            .bind(&ids)
+            .bind(i64::try_from(per_key).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| Error::storage("fetch", e))?;
+        Ok(group_by_key(rows))
+    }
+
+    /// Extends `owner`'s lease on `keys` by `lease` from now; returns how many it still held.
+    ///
+    /// # Errors
+    /// [`Error::OutboxStorage`] when the update fails.
+    pub async fn renew(&self, owner: Uuid, keys: &[String], lease: Duration) -> Result<u64> {
+        let done = sqlx::query(&self.sql.renew)
+            .bind(owner)
+            .bind(lease.as_secs_f64())
+            .bind(keys)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| Error::storage("renew", e))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Records what happened to rows and hands keys back, in one statement.
+    ///
+    /// `keys` are the keys `owner` is done with, each with an optional back-off (`Some`
+    /// after a failed row: the key is not claimable before it). Keys still held after this
+    /// are unaffected.
+    ///
+    /// # Errors
+    /// [`Error::OutboxStorage`] when the update fails; nothing is recorded, the keys stay
+    /// leased until their lease lapses and the rows are then delivered again (same bytes,
+    /// same event id).
+    pub async fn settle(
+        &self,
+        owner: Uuid,
+        rows: &[(i64, Settlement)],
+        keys: &[KeyRelease],
+    ) -> Result<()> {
+        let mut published = (Vec::new(), Vec::new(), Vec::new());
+        let mut failed = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (id, outcome) in rows {
+            match outcome {
+                Settlement::Published { partition, offset } => {
+                    published.0.push(*id);
+                    published.1.push(*partition);
+                    published.2.push(*offset);
+                }
+                Settlement::Retry {
+                    error, budgeted, ..
+                } => {
+                    failed.0.push(*id);
+                    failed.1.push(i32::from(*budgeted));
+                    failed.2.push(truncate(error));
+                    failed.3.push(false);
+                }
+                Settlement::Dead { error, budgeted } => {
+                    failed.0.push(*id);
+                    failed.1.push(i32::from(*budgeted));
+                    failed.2.push(truncate(error));
+                    failed.3.push(true);
+                }
+                Settlement::Released => {}
+            }
+        }
+        let release_keys: Vec<&str> = keys.iter().map(|k| k.key.as_str()).collect();
+        let delays: Vec<Option<f64>> = keys
+            .iter()
+            .map(|k| k.backoff.map(|d| d.as_secs_f64() * 1000.0))
+            .collect();
+        let transient: Vec<bool> = keys.iter().map(|k| k.transient).collect();
+        sqlx::query(&self.sql.settle)
+            .bind(&published.0)
+            .bind(&published.1)
+            .bind(&published.2)
+            .bind(&failed.0)
+            .bind(&failed.1)
+            .bind(&failed.2)
+            .bind(&failed.3)
+            .bind(&release_keys)
+            .bind(&delays)
+            .bind(&transient)
+            .bind(owner)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| Error::storage("settle", e))?;
+        Ok(())
+    }
+
+    /// Deletes the key rows of `keys` (held by `owner`) that have no pending row left, and
+    /// hands the others back. Keys a writer is staging into right now are kept (see the
+    /// module doc); so are keys whose rows were requeued meanwhile.
+    ///
+    /// # Errors
+    /// [`Error::OutboxStorage`] when the transaction fails (the keys stay leased until
+    /// their lease lapses; nothing is lost).
+    pub async fn release_drained(&self, owner: Uuid, keys: &[String]) -> Result<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let err = |e| Error::storage("release", e);
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        // The delete below runs in a statement of its own, so its snapshot is taken after
+        // the locks: every writer that committed before them is visible to it.
+        let unlocked: Vec<String> = sqlx::query_scalar(&self.sql.try_lock_keys)
+            .bind(keys)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err)?;
+        let deleted = sqlx::query(&self.sql.delete_drained)
+            .bind(&unlocked)
+            .bind(owner)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?
+            .rows_affected();
+        let rest: Vec<KeyRelease> = keys.iter().map(|k| KeyRelease::done(k.clone())).collect();
+        tx.commit().await.map_err(err)?;
+        self.settle(owner, &[], &rest).await?;
+        Ok(deleted)
     }
 
     /// Whether any row of `key` is waiting for delivery.
@@ -376,123 +656,17 @@ impl OutboxStore {
             .map_err(|e| Error::storage("has_pending_key", e))
     }
 
-    async fn claim_where(
-        &self,
-        owner: Uuid,
-        heads: usize,
-        per_key: usize,
-        lease: Duration,
-        keys: Option<&[String]>,
-    ) -> Result<Vec<ClaimedEvent>> {
-        let sql = if keys.is_some() {
-            &self.sql.claim_keys
-        } else {
-            &self.sql.claim
-        };
-        let mut query = sqlx::query(sql)
-            .bind(owner)
-            .bind(i64::try_from(heads).unwrap_or(i64::MAX))
-            .bind(i64::try_from(per_key).unwrap_or(i64::MAX))
-            .bind(lease.as_secs_f64());
-        if let Some(keys) = keys {
-            query = query.bind(keys);
-        }
-        let rows = query
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| Error::storage("claim", e))?;
-        let mut events = rows
-            .into_iter()
-            .map(|r| {
-                let headers: Json<BTreeMap<String, String>> = r.get("headers");
-                ClaimedEvent {
-                    id: r.get("id"),
-                    event_id: r.get("event_id"),
-                    topic: r.get("topic"),
-                    event_key: r.get("event_key"),
-                    payload: r.get("payload"),
-                    headers: headers.0,
-                    attempts: r.get("attempts"),
-                    failures: r.get("failures"),
-                    created_at: r.get("created_at"),
-                }
-            })
-            .collect::<Vec<_>>();
-        events.sort_by_key(|e| e.id);
-        Ok(events)
-    }
-
-    /// Records what happened to claimed rows, in one transaction.
+    /// Makes keys that back off after a *transient* failure (broker unavailable) due now;
+    /// keys backing off after other failures keep their delay. Used once the broker answers.
     ///
     /// # Errors
-    /// [`Error::OutboxStorage`] when the update fails; the rows stay leased until the lease
-    /// lapses and are then delivered again (same bytes, same event id).
-    pub async fn settle(&self, owner: Uuid, outcomes: &[(i64, Settlement)]) -> Result<()> {
-        let mut published = Vec::new();
-        let (mut retry_ids, mut retry_delay, mut retry_err, mut retry_budget) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut dead_ids, mut dead_err, mut dead_budget) = (Vec::new(), Vec::new(), Vec::new());
-        let mut released = Vec::new();
-        for (id, outcome) in outcomes {
-            match outcome {
-                Settlement::Published => published.push(*id),
-                Settlement::Retry {
-                    delay,
-                    error,
-                    budgeted,
-                } => {
-                    retry_ids.push(*id);
-                    retry_delay.push(delay.as_secs_f64() * 1000.0);
-                    retry_err.push(truncate(error));
-                    retry_budget.push(i32::from(*budgeted));
-                }
-                Settlement::Dead { error, budgeted } => {
-                    dead_ids.push(*id);
-                    dead_err.push(truncate(error));
-                    dead_budget.push(i32::from(*budgeted));
-                }
-                Settlement::Released => released.push(*id),
-            }
-        }
-        let err = |e| Error::storage("settle", e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
-        if !published.is_empty() {
-            sqlx::query(&self.sql.published)
-                .bind(&published)
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-        }
-        if !retry_ids.is_empty() {
-            sqlx::query(&self.sql.retry)
-                .bind(&retry_ids)
-                .bind(&retry_delay)
-                .bind(&retry_err)
-                .bind(&retry_budget)
-                .bind(owner)
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-        }
-        if !dead_ids.is_empty() {
-            sqlx::query(&self.sql.dead)
-                .bind(&dead_ids)
-                .bind(&dead_err)
-                .bind(&dead_budget)
-                .bind(owner)
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-        }
-        if !released.is_empty() {
-            sqlx::query(&self.sql.release)
-                .bind(&released)
-                .bind(owner)
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-        }
-        tx.commit().await.map_err(err)
+    /// [`Error::OutboxStorage`] when the update fails.
+    pub async fn pull_forward_transient(&self) -> Result<u64> {
+        let done = sqlx::query(&self.sql.pull_forward)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| Error::storage("pull_forward", e))?;
+        Ok(done.rows_affected())
     }
 
     /// Pending count and age of the oldest pending row.
@@ -525,18 +699,6 @@ impl OutboxStore {
         Ok(done.rows_affected())
     }
 
-    /// Makes every row waiting for a retry due now (used once the broker is back).
-    ///
-    /// # Errors
-    /// [`Error::OutboxStorage`] when the update fails.
-    pub async fn pull_forward_retries(&self) -> Result<u64> {
-        let done = sqlx::query(&self.sql.pull_forward)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| Error::storage("pull_forward", e))?;
-        Ok(done.rows_affected())
-    }
-
     /// Parked rows, oldest first.
     ///
     /// # Errors
@@ -564,23 +726,106 @@ impl OutboxStore {
             .collect())
     }
 
-    /// Puts parked rows back in line at their original position (all of them when `ids` is
-    /// `None`); returns how many.
+    /// Puts parked rows back in line (all of them when `ids` is `None`); returns how many.
+    ///
+    /// A requeued row keeps its id, so it goes out before the rows of its key that are
+    /// still pending; rows of its key that were delivered while it was parked stay
+    /// delivered, so it reaches Kafka after them. It never gets a second owner: its key's
+    /// current owner (if any) keeps the key, and the row is sent by whoever holds the key
+    /// next.
     ///
     /// # Errors
     /// [`Error::OutboxStorage`] when the update fails.
     pub async fn requeue(&self, ids: Option<&[i64]>) -> Result<u64> {
         let t = &self.table;
-        let done = sqlx::query(&format!(
-            "UPDATE {t} SET status = 'pending', failures = 0, next_attempt_at = now() \
-             WHERE status = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1))"
+        let k = t.keys();
+        let ns = t.lock_namespace();
+        let err = |e| Error::storage("requeue", e);
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        // Shared key locks (in key order, so two requeues cannot deadlock) keep a relay from
+        // deleting a key row between the update and the insert below.
+        sqlx::query(&format!(
+            "SELECT pg_advisory_xact_lock_shared(hashtextextended('{ns}' || event_key, 0)) \
+             FROM (SELECT DISTINCT event_key FROM {t} WHERE status = 'dead' \
+                   AND ($1::bigint[] IS NULL OR id = ANY($1)) ORDER BY event_key) d"
         ))
         .bind(ids)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
-        .map_err(|e| Error::storage("requeue", e))?;
-        Ok(done.rows_affected())
+        .map_err(err)?;
+        let done = sqlx::query(&format!(
+            "WITH requeued AS ( \
+                 UPDATE {t} SET status = 'pending', failures = 0 \
+                 WHERE status = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1)) \
+                 RETURNING event_key), \
+             keyed AS (INSERT INTO {k} (event_key) SELECT DISTINCT event_key FROM requeued \
+                       ON CONFLICT (event_key) DO NOTHING) \
+             SELECT count(*) FROM requeued"
+        ))
+        .bind(ids)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err)?
+        .get::<i64, _>(0);
+        tx.commit().await.map_err(err)?;
+        Ok(u64::try_from(done).unwrap_or(0))
     }
+}
+
+/// A key its owner is done with, for [`OutboxStore::settle`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyRelease {
+    /// The key.
+    pub key: String,
+    /// Not claimable again before this delay (after a failed row).
+    pub backoff: Option<Duration>,
+    /// The failure said the broker was unavailable.
+    pub transient: bool,
+}
+
+impl KeyRelease {
+    /// Handed back, claimable at once.
+    pub fn done(key: String) -> Self {
+        Self {
+            key,
+            backoff: None,
+            transient: false,
+        }
+    }
+}
+
+fn group_by_key(rows: Vec<sqlx::postgres::PgRow>) -> Vec<ClaimedKey> {
+    let mut keys: Vec<ClaimedKey> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for r in rows {
+        let key: String = r.get("claimed_key");
+        let slot = *index.entry(key.clone()).or_insert_with(|| {
+            keys.push(ClaimedKey {
+                key,
+                rows: Vec::new(),
+            });
+            keys.len() - 1
+        });
+        let Some(id) = r.get::<Option<i64>, _>("id") else {
+            continue; // a key with no pending row left
+        };
+        let headers: Json<BTreeMap<String, String>> = r.get("headers");
+        keys[slot].rows.push(ClaimedEvent {
+            id,
+            event_id: r.get("event_id"),
+            topic: r.get("topic"),
+            event_key: r.get("event_key"),
+            payload: r.get("payload"),
+            headers: headers.0,
+            attempts: r.get("attempts"),
+            failures: r.get("failures"),
+            created_at: r.get("created_at"),
+        });
+    }
+    for k in &mut keys {
+        k.rows.sort_by_key(|e| e.id);
+    }
+    keys
 }
 
 fn context_of(event: &OutboxEvent) -> EventContext {

@@ -49,6 +49,17 @@ impl OutboxTable {
         &self.table
     }
 
+    /// The quoted name of the keys table that goes with this outbox (`"schema"."table_keys"`).
+    pub fn keys(&self) -> String {
+        format!("\"{}\".\"{}_keys\"", self.schema, self.table)
+    }
+
+    /// The prefix of this outbox's advisory lock ids (identifiers are validated, so it is
+    /// safe inside a SQL string literal).
+    pub(crate) fn lock_namespace(&self) -> String {
+        format!("outpost:{}.{}:", self.schema, self.table)
+    }
+
     /// An index or constraint name derived from the table's, e.g. `event_outbox_pending`.
     pub(crate) fn derived(&self, suffix: &str) -> String {
         format!("{}_{suffix}", self.table)

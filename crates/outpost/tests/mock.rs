@@ -9,7 +9,7 @@
 //! Faults are injected with `MockCluster::request_errors` (a FIFO stack consumed one error
 //! per Produce request, cluster-wide), `topic_error` and `broker_down`/`broker_up`. Where
 //! the victim of an injected error must be deterministic, the relay runs with
-//! `max_in_flight = 1`, so keys are delivered one after another in staging order.
+//! `max_in_flight = 1`, so rows are delivered one after another, oldest key first.
 
 mod support;
 
@@ -36,8 +36,10 @@ struct RowState {
     attempts: i32,
     failures: i32,
     last_error: Option<String>,
+    /// Who holds the row's key.
     lease_owner: Option<Uuid>,
-    /// `next_attempt_at - clock_timestamp()`, in milliseconds (positive: in the future).
+    /// The key's `next_attempt_at - clock_timestamp()`, in milliseconds (positive: the key
+    /// backs off).
     due_in_ms: f64,
 }
 
@@ -138,8 +140,8 @@ impl Harness {
     /// Waits until no pending row waits for a retry any more.
     async fn wait_all_due(&self, timeout: Duration) {
         let sql = format!(
-            "SELECT count(*) FROM {} WHERE status = 'pending' AND next_attempt_at > now()",
-            self.store.table()
+            "SELECT count(*) FROM {} WHERE next_attempt_at > now()",
+            self.store.table().keys()
         );
         support::eventually(timeout, "every retry delay has elapsed", || {
             let sql = sql.clone();
@@ -156,10 +158,11 @@ impl Harness {
 
     async fn row(&self, ev: &OutboxEvent) -> RowState {
         let r = sqlx::query(&format!(
-            "SELECT status, attempts, failures, last_error, lease_owner, \
-             (EXTRACT(EPOCH FROM next_attempt_at - clock_timestamp()) * 1000)::float8 AS due \
-             FROM {} WHERE event_id = $1",
-            self.store.table()
+            "SELECT e.status, e.attempts, e.failures, e.last_error, k.lease_owner, \
+             COALESCE(EXTRACT(EPOCH FROM k.next_attempt_at - clock_timestamp()) * 1000, 0)::float8 AS due \
+             FROM {} e LEFT JOIN {} k ON k.event_key = e.event_key WHERE e.event_id = $1",
+            self.store.table(),
+            self.store.table().keys()
         ))
         .bind(ev.event_id)
         .fetch_one(self.store.pool())
@@ -234,17 +237,18 @@ async fn message_too_large_parks_the_row_and_unblocks_its_key() {
     let a2 = h.stage("a", 1).await;
     h.inject(&[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE]);
 
-    // Heads a1 and b1; a1 goes first and takes the injected error.
-    assert_eq!(h.run_once().await, report(2, 1, 0, 1, 0));
+    // One row in flight at a time: a1 (the oldest key) goes first and takes the error.
+    assert_eq!(h.run_once().await, report(1, 0, 0, 1, 0));
     assert_parked_once(&h.row(&a1).await, "MessageSizeTooLarge");
-    assert_eq!(h.row(&b1).await.status, "published");
     let a2_row = h.row(&a2).await;
     assert_eq!((a2_row.status.as_str(), a2_row.attempts), ("pending", 0));
 
-    // The parked head no longer holds back its key.
+    // The parked row no longer holds back its key; the other key is unaffected.
     assert_eq!(h.run_once().await, report(1, 1, 0, 0, 0));
+    h.drain(Duration::from_secs(10)).await;
     let a2_row = h.row(&a2).await;
     assert_eq!((a2_row.status.as_str(), a2_row.attempts), ("published", 1));
+    assert_eq!(h.row(&b1).await.status, "published");
     assert_eq!(h.run_once().await, BatchReport::default());
     assert_eq!(
         h.producer.generation(),
@@ -540,7 +544,8 @@ async fn internally_retried_errors_deliver_in_the_same_iteration() {
 /// An unclassified broker error (UNKNOWN_SERVER_ERROR, which librdkafka hands straight to
 /// the application) counts against the budget: with max_attempts = 3 the row is parked on
 /// its third budgeted failure, never before; a transient error in between (throttling)
-/// costs nothing; the row behind it is released meanwhile and delivered once it is parked.
+/// costs nothing; the row behind it (in flight in the same request) is never delivered
+/// before it, and is delivered once it is parked.
 #[tokio::test]
 async fn retriable_errors_park_after_the_attempt_budget() {
     let h = Harness::new(
@@ -573,6 +578,8 @@ async fn retriable_errors_park_after_the_attempt_budget() {
     for (error, attempts, failures, class) in steps {
         h.inject(&[error]);
         let rep = h.run_until_claimed(Duration::from_secs(5)).await;
+        // Both rows went out in the same request, so the error failed both; only the
+        // first is recorded, the key backs off, and `next` is never delivered before it.
         assert_eq!(rep, report(2, 0, 1, 0, 1), "{error:?}");
         let row = h.row(&head).await;
         assert_eq!(
@@ -587,12 +594,14 @@ async fn retriable_errors_park_after_the_attempt_budget() {
         assert_eq!(h.row(&next).await.attempts, 0);
     }
 
-    // Third budgeted failure: parked, and the key moves on in the same batch.
+    // Third budgeted failure: parked; `next`, failed by the same request, is retried and
+    // delivered once its key's back-off is over.
     h.inject(&[E::RD_KAFKA_RESP_ERR_UNKNOWN]);
     assert_eq!(
         h.run_until_claimed(Duration::from_secs(5)).await,
-        report(2, 1, 0, 1, 0)
+        report(2, 0, 1, 1, 0)
     );
+    h.drain(Duration::from_secs(10)).await;
     let row = h.row(&head).await;
     assert_eq!((row.status.as_str(), row.attempts), ("dead", 4), "{row:?}");
     // The parking failure is the third budgeted one; `failures` records only the two
@@ -675,20 +684,19 @@ async fn fencing_errors_rebuild_the_producer() {
     support::assert_key_order(&seen);
 }
 
-/// A batch that would take longer than its lease (slow broker: 400 ms per ack, 12 rows of
-/// one key, lease 4 s = twice the 1.5 s delivery + 0.5 s queue timeout, the least
-/// `RelayConfig::validate` accepts) must still not be delivered twice by a second relay
+/// A batch on a slow broker (400 ms per ack, 12 rows of one key, lease 6 s = twice the
+/// 1.5 s delivery + 1.5 s request timeout, the least `RelayConfig::validate` accepts) must still not be delivered twice by a second relay
 /// that claims the rows once the first relay's lease has lapsed: the first relay stops
 /// starting sends that could outlive its lease and hands the rest back.
 #[tokio::test]
 async fn a_batch_outliving_its_lease_is_not_delivered_twice() {
-    let h = Harness::new(|_| {}, |r| r.lease = Duration::from_secs(4)).await;
+    let h = Harness::new(|_| {}, |r| r.lease = Duration::from_secs(6)).await;
     let staged = support::stage_committed(&h.store, &h.topic, 1, 12).await;
     h.mock
         .broker_round_trip_time(-1, Duration::from_millis(400))
         .unwrap();
     let mut other = support::relay_config(&support::unique("mock"));
-    other.lease = Duration::from_secs(4);
+    other.lease = Duration::from_secs(6);
     let relay2 = Relay::new(
         h.store.clone(),
         support::producer(&h.mock.bootstrap_servers()),
@@ -697,9 +705,8 @@ async fn a_batch_outliving_its_lease_is_not_delivered_twice() {
     .unwrap();
     let first_done = std::sync::atomic::AtomicBool::new(false);
     let lapsed_sql = format!(
-        "SELECT coalesce(bool_or(lease_until < clock_timestamp()), false) FROM {} \
-         WHERE status = 'pending'",
-        h.store.table()
+        "SELECT coalesce(bool_or(lease_until < clock_timestamp()), false) FROM {}",
+        h.store.table().keys()
     );
     let pool = h.store.pool();
     let (first, second) = tokio::join!(

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use outpost::breaker::BreakerConfig;
 use outpost::metrics::{CIRCUIT_STATE, DIRECT_PUBLISHES, EAGER_DISPATCH, FALLBACKS};
+use outpost::store::KeyRelease;
 use outpost::{
     Dispatch, Environment, ErrorCode, KafkaProducer, Mode, OutboxEvent, OutboxStore, OutboxTable,
     PublishPath, Publisher, PublisherConfig, Relay, Settlement, WakeSignal, Waker,
@@ -447,13 +448,19 @@ async fn eager_dispatch_never_overtakes_an_older_pending_event_of_its_key() {
         .settle(
             failed_owner,
             &[(
-                claimed[0].id,
+                claimed[0].rows[0].id,
                 Settlement::Retry {
                     delay: Duration::from_secs(60),
                     error: "broker unavailable".into(),
                     budgeted: false,
+                    transient: true,
                 },
             )],
+            &[KeyRelease {
+                key: "c".into(),
+                backoff: Some(Duration::from_secs(60)),
+                transient: true,
+            }],
         )
         .await
         .unwrap();
@@ -476,10 +483,10 @@ async fn eager_dispatch_never_overtakes_an_older_pending_event_of_its_key() {
 
     // Once the older events are free again the relay delivers each key in order.
     store
-        .settle(other, &[(held[0].id, Settlement::Released)])
+        .settle(other, &[], &[KeyRelease::done("b".into())])
         .await
         .unwrap();
-    store.pull_forward_retries().await.unwrap();
+    store.pull_forward_transient().await.unwrap();
     let signal = WakeSignal::new();
     let running = relay(&store, &brokers, &service, &signal);
     let all = [a0, a1, b0, b1, c0, c1];
@@ -499,8 +506,10 @@ async fn eager_dispatch_never_overtakes_an_older_pending_event_of_its_key() {
     );
 }
 
-fn ids_of_claimed(rows: &[outpost::store::ClaimedEvent]) -> Vec<Uuid> {
-    rows.iter().map(|r| r.event_id).collect()
+fn ids_of_claimed(keys: &[outpost::store::ClaimedKey]) -> Vec<Uuid> {
+    keys.iter()
+        .flat_map(|k| k.rows.iter().map(|r| r.event_id))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

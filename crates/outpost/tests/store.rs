@@ -1,13 +1,43 @@
-//! Outbox store against real PostgreSQL: staging in the caller's transaction, claiming,
-//! leases, per-key heads, settling, retention.
+//! Outbox store against real PostgreSQL: staging in the caller's transaction, commit order
+//! per key, key leases (one owner per key), settling, requeue, retention.
 
 mod support;
 
 use std::time::Duration;
 
-use outpost::store::Settlement;
-use outpost::OutboxTable;
+use outpost::store::{ClaimedKey, KeyLock, KeyRelease, Settlement};
+use outpost::{OutboxStore, OutboxTable};
 use uuid::Uuid;
+
+const LEASE: Duration = Duration::from_secs(30);
+
+fn published() -> Settlement {
+    Settlement::Published {
+        partition: 0,
+        offset: 0,
+    }
+}
+
+fn ids(keys: &[ClaimedKey]) -> Vec<i64> {
+    keys.iter()
+        .flat_map(|k| k.rows.iter().map(|r| r.id))
+        .collect()
+}
+
+/// Publishes every claimed row and hands the keys back as drained.
+async fn publish_all(store: &OutboxStore, owner: Uuid, keys: &[ClaimedKey]) {
+    let rows: Vec<_> = ids(keys).into_iter().map(|id| (id, published())).collect();
+    store.settle(owner, &rows, &[]).await.unwrap();
+    let names: Vec<String> = keys.iter().map(|k| k.key.clone()).collect();
+    store.release_drained(owner, &names).await.unwrap();
+}
+
+async fn key_rows(store: &OutboxStore) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {}", store.table().keys()))
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
 
 #[tokio::test]
 async fn rollback_stages_nothing_and_commit_stores_exact_bytes() {
@@ -22,15 +52,13 @@ async fn rollback_stages_nothing_and_commit_stores_exact_bytes() {
     store.stage(&mut tx, &committed).await.unwrap();
     tx.commit().await.unwrap();
 
-    let owner = Uuid::new_v4();
-    let claimed = store
-        .claim(owner, 10, 10, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let claimed = store.claim(Uuid::new_v4(), 10, 10, LEASE).await.unwrap();
     assert_eq!(claimed.len(), 1);
-    assert_eq!(claimed[0].event_id, committed.event_id);
-    assert_eq!(claimed[0].payload, committed.payload);
-    assert_eq!(claimed[0].headers, committed.headers);
+    let rows = &claimed[0].rows;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].event_id, committed.event_id);
+    assert_eq!(rows[0].payload, committed.payload);
+    assert_eq!(rows[0].headers, committed.headers);
 }
 
 #[tokio::test]
@@ -45,44 +73,54 @@ async fn staging_is_idempotent_on_event_id() {
 }
 
 #[tokio::test]
-async fn claims_only_key_heads_and_the_rows_behind_them() {
+async fn a_key_has_one_owner_until_it_is_handed_back() {
     let store = support::store().await;
     support::stage_committed(&store, "t", 2, 10).await; // k0: 5 rows, k1: 5 rows
-    let a = Uuid::new_v4();
-    let b = Uuid::new_v4();
-    let lease = Duration::from_secs(30);
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
 
-    let first = store.claim(a, 1, 3, lease).await.unwrap();
-    assert_eq!(first.len(), 3);
-    assert!(first.iter().all(|e| e.event_key == first[0].event_key));
-    assert!(first.windows(2).all(|w| w[0].id < w[1].id));
+    let first = store.claim(a, 1, 3, LEASE).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let mine = &first[0];
+    assert_eq!(mine.rows.len(), 3, "the first rows of the key");
+    assert!(mine.rows.windows(2).all(|w| w[0].id < w[1].id));
 
     // The other key is free; the first key is held entirely by `a`.
-    let second = store.claim(b, 10, 10, lease).await.unwrap();
-    assert_eq!(second.len(), 5);
-    assert!(second.iter().all(|e| e.event_key != first[0].event_key));
-    assert!(store.claim(b, 10, 10, lease).await.unwrap().is_empty());
+    let second = store.claim(b, 10, 10, LEASE).await.unwrap();
+    assert_eq!(second.len(), 1);
+    assert_ne!(second[0].key, mine.key);
+    assert_eq!(second[0].rows.len(), 5);
+    assert!(store.claim(b, 10, 10, LEASE).await.unwrap().is_empty());
 
-    // Publishing the head of a's chain does not free the rest of the key for b.
+    // Settling some rows does not free the key; `a` reads further rows of it.
     store
-        .settle(a, &[(first[0].id, Settlement::Published)])
+        .settle(a, &[(mine.rows[0].id, published())], &[])
         .await
         .unwrap();
-    assert!(store.claim(b, 10, 10, lease).await.unwrap().is_empty());
+    assert!(store.claim(b, 10, 10, LEASE).await.unwrap().is_empty());
+    let more = store
+        .fetch(a, &[(mine.key.clone(), mine.rows[2].id)], 10)
+        .await
+        .unwrap();
+    assert_eq!(more[0].rows.len(), 2);
+    // Another owner reads nothing of a key it does not hold.
+    assert!(store
+        .fetch(b, &[(mine.key.clone(), 0)], 10)
+        .await
+        .unwrap()
+        .is_empty());
 
-    // Releasing the remainder makes the key claimable again, from its new head.
-    let rest: Vec<_> = first[1..]
-        .iter()
-        .map(|e| (e.id, Settlement::Released))
-        .collect();
-    store.settle(a, &rest).await.unwrap();
-    let again = store.claim(b, 10, 10, lease).await.unwrap();
-    assert_eq!(again.first().map(|e| e.id), Some(first[1].id));
-    assert_eq!(again.len(), 4);
+    // Handing the key back makes it claimable again, from its oldest pending row.
+    store
+        .settle(a, &[], &[KeyRelease::done(mine.key.clone())])
+        .await
+        .unwrap();
+    let again = store.claim(b, 10, 10, LEASE).await.unwrap();
+    assert_eq!(again[0].rows.first().map(|e| e.id), Some(mine.rows[1].id));
+    assert_eq!(again[0].rows.len(), 4);
 }
 
 #[tokio::test]
-async fn concurrent_claims_never_overlap() {
+async fn concurrent_claims_never_overlap_and_drained_keys_are_deleted() {
     let store = support::store().await;
     support::stage_committed(&store, "t", 50, 400).await;
     let mut tasks = Vec::new();
@@ -92,16 +130,12 @@ async fn concurrent_claims_never_overlap() {
             let owner = Uuid::new_v4();
             let mut mine = Vec::new();
             loop {
-                let got = store
-                    .claim(owner, 5, 3, Duration::from_secs(30))
-                    .await
-                    .unwrap();
+                let got = store.claim(owner, 5, 3, LEASE).await.unwrap();
                 if got.is_empty() {
                     break;
                 }
-                let done: Vec<_> = got.iter().map(|e| (e.id, Settlement::Published)).collect();
-                store.settle(owner, &done).await.unwrap();
-                mine.extend(got.into_iter().map(|e| e.id));
+                publish_all(&store, owner, &got).await;
+                mine.extend(ids(&got));
             }
             mine
         }));
@@ -113,10 +147,11 @@ async fn concurrent_claims_never_overlap() {
     let unique: std::collections::HashSet<_> = all.iter().copied().collect();
     assert_eq!(all.len(), 400, "every row claimed");
     assert_eq!(unique.len(), 400, "no row claimed twice");
+    assert_eq!(key_rows(&store).await, 0, "drained keys leave no key row");
 }
 
 #[tokio::test]
-async fn lapsed_lease_makes_rows_claimable_again() {
+async fn lapsed_lease_makes_a_key_claimable_again_and_its_old_owner_powerless() {
     let store = support::store().await;
     support::stage_committed(&store, "t", 1, 2).await;
     let crashed = Uuid::new_v4();
@@ -124,97 +159,250 @@ async fn lapsed_lease_makes_rows_claimable_again() {
         .claim(crashed, 10, 10, Duration::from_millis(200))
         .await
         .unwrap();
-    assert_eq!(got.len(), 2);
+    assert_eq!(ids(&got).len(), 2);
     let survivor = Uuid::new_v4();
     assert!(store
-        .claim(survivor, 10, 10, Duration::from_secs(5))
+        .claim(survivor, 10, 10, LEASE)
         .await
         .unwrap()
         .is_empty());
-    let again = support::eventually(Duration::from_secs(5), "lease lapses", || {
+    let again = support::eventually(Duration::from_secs(10), "lease lapses", || {
         let store = store.clone();
         async move {
-            let rows = store
-                .claim(survivor, 10, 10, Duration::from_secs(5))
-                .await
-                .unwrap();
-            (!rows.is_empty()).then_some(rows)
+            let keys = store.claim(survivor, 10, 10, LEASE).await.unwrap();
+            (!keys.is_empty()).then_some(keys)
         }
     })
     .await;
+    let again = ids(&again);
     assert_eq!(again.len(), 2);
-    // The crashed owner can no longer schedule a retry on rows it lost.
+    // The crashed owner can no longer record a failure, back its key off, or renew.
     store
         .settle(
             crashed,
             &[(
-                again[0].id,
+                again[0],
                 Settlement::Retry {
                     delay: Duration::from_secs(60),
                     error: "late".into(),
                     budgeted: true,
+                    transient: false,
                 },
             )],
+            &[KeyRelease {
+                key: "k0".into(),
+                backoff: Some(Duration::from_secs(60)),
+                transient: false,
+            }],
         )
         .await
         .unwrap();
+    assert_eq!(
+        store.renew(crashed, &["k0".into()], LEASE).await.unwrap(),
+        0
+    );
     let failures: i32 = sqlx::query_scalar(&format!(
         "SELECT failures FROM {} WHERE id = $1",
         store.table()
     ))
-    .bind(again[0].id)
+    .bind(again[0])
     .fetch_one(store.pool())
     .await
     .unwrap();
     assert_eq!(failures, 0);
+    assert_eq!(
+        store.renew(survivor, &["k0".into()], LEASE).await.unwrap(),
+        1
+    );
 }
 
 #[tokio::test]
-async fn retry_waits_holds_back_only_its_key_and_dead_rows_are_never_claimed() {
+async fn retry_holds_back_only_its_key_and_dead_rows_are_never_claimed() {
     let store = support::store().await;
     support::stage_committed(&store, "t", 2, 4).await;
     let owner = Uuid::new_v4();
-    let lease = Duration::from_secs(30);
-    let rows = store.claim(owner, 10, 10, lease).await.unwrap();
-    let k0: Vec<_> = rows.iter().filter(|e| e.event_key == "k0").collect();
-    let k1: Vec<_> = rows.iter().filter(|e| e.event_key == "k1").collect();
-    let outcomes = vec![
+    let keys = store.claim(owner, 10, 10, LEASE).await.unwrap();
+    let k0 = keys.iter().find(|k| k.key == "k0").unwrap();
+    let k1 = keys.iter().find(|k| k.key == "k1").unwrap();
+    let rows = vec![
         (
-            k0[0].id,
+            k0.rows[0].id,
             Settlement::Retry {
                 delay: Duration::from_secs(60),
                 error: "broker down".into(),
                 budgeted: false,
+                transient: true,
             },
         ),
-        (k0[1].id, Settlement::Released),
         (
-            k1[0].id,
+            k1.rows[0].id,
             Settlement::Dead {
                 error: "too large".into(),
                 budgeted: false,
             },
         ),
-        (k1[1].id, Settlement::Released),
     ];
-    store.settle(owner, &outcomes).await.unwrap();
-    let next = store.claim(owner, 10, 10, lease).await.unwrap();
+    let release = vec![
+        KeyRelease {
+            key: "k0".into(),
+            backoff: Some(Duration::from_secs(60)),
+            transient: true,
+        },
+        KeyRelease::done("k1".into()),
+    ];
+    store.settle(owner, &rows, &release).await.unwrap();
+    let next = store.claim(owner, 10, 10, LEASE).await.unwrap();
+    assert_eq!(next.len(), 1, "k0 waits for its retry");
     assert_eq!(
-        next.len(),
-        1,
-        "k0 waits for its retry; k1 continues past its dead head"
+        ids(&next),
+        vec![k1.rows[1].id],
+        "k1 continues past its dead row"
     );
-    assert_eq!(next[0].id, k1[1].id);
     assert_eq!(support::count_status(&store, "dead").await, 1);
 
-    // Requeue puts the dead row back at its original position, ahead of its key.
+    // Once the broker answers, keys backing off after a transient failure are due at once.
+    assert_eq!(store.pull_forward_transient().await.unwrap(), 1);
     store
-        .settle(owner, &[(next[0].id, Settlement::Released)])
+        .settle(owner, &[], &[KeyRelease::done("k1".into())])
         .await
         .unwrap();
+    let due = store.claim(owner, 10, 10, LEASE).await.unwrap();
+    assert_eq!(due.len(), 2);
+    store
+        .settle(
+            owner,
+            &[],
+            &due.iter()
+                .map(|k| KeyRelease::done(k.key.clone()))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+
+    // Requeue puts the dead row back at its original position, ahead of its key.
     assert_eq!(store.requeue(None).await.unwrap(), 1);
-    let after = store.claim(owner, 10, 10, lease).await.unwrap();
-    assert_eq!(after.first().map(|e| e.id), Some(k1[0].id));
+    let after = store.claim(owner, 10, 10, LEASE).await.unwrap();
+    let k1 = after.iter().find(|k| k.key == "k1").unwrap();
+    assert_eq!(k1.rows.first().map(|e| e.id), Some(rows[1].0));
+}
+
+/// Two writers stage the same key without locking anything of their own: the one that
+/// starts second waits for the first to commit, so row ids follow commit order.
+#[tokio::test]
+async fn writers_of_one_key_commit_in_id_order() {
+    let store = support::store().await;
+    let first = support::event("t", "k", 0);
+    let second = support::event("t", "k", 1);
+    let mut t1 = store.pool().begin().await.unwrap();
+    let id1 = store.stage(&mut t1, &first).await.unwrap().unwrap();
+    let writer = {
+        let store = store.clone();
+        let second = second.clone();
+        tokio::spawn(async move {
+            let mut t2 = store.pool().begin().await.unwrap();
+            let id2 = store.stage(&mut t2, &second).await.unwrap().unwrap();
+            t2.commit().await.unwrap();
+            id2
+        })
+    };
+    // The second writer is blocked on the key while the first is open.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!writer.is_finished(), "second writer waits for the first");
+    assert_eq!(support::count_status(&store, "pending").await, 0);
+    t1.commit().await.unwrap();
+    let id2 = writer.await.unwrap();
+    assert!(id1 < id2);
+}
+
+/// With shared key locks (for callers that serialize on their own), an older row can
+/// commit after a younger one is already in flight: it still never gets a second owner.
+#[tokio::test]
+async fn a_late_commit_of_an_older_row_waits_for_the_key_owner() {
+    let store = support::store().await.with_key_lock(KeyLock::Shared);
+    // The key already has its key row (earlier events), so neither writer waits on it.
+    sqlx::query(&format!(
+        "INSERT INTO {} (event_key) VALUES ('k')",
+        store.table().keys()
+    ))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let older = support::event("t", "k", 0);
+    let younger = support::event("t", "k", 1);
+    let mut late = store.pool().begin().await.unwrap();
+    let older_id = store.stage(&mut late, &older).await.unwrap().unwrap();
+    let mut tx = store.pool().begin().await.unwrap();
+    store.stage(&mut tx, &younger).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let (x, y) = (Uuid::new_v4(), Uuid::new_v4());
+    let held = store.claim(x, 10, 10, LEASE).await.unwrap();
+    assert_eq!(held[0].rows.len(), 1, "only the younger row is committed");
+    late.commit().await.unwrap();
+    assert!(
+        store.claim(y, 10, 10, LEASE).await.unwrap().is_empty(),
+        "the key is in flight at x: y must not get the older row"
+    );
+    // x finishes; the key is not deleted (a row is pending) and goes to the next owner.
+    publish_all(&store, x, &held).await;
+    let next = store.claim(y, 10, 10, LEASE).await.unwrap();
+    assert_eq!(ids(&next), vec![older_id]);
+}
+
+/// A writer staging into a key while its owner finds it drained: the key row survives.
+#[tokio::test]
+async fn a_drained_key_is_kept_while_a_writer_stages_into_it() {
+    let store = support::store().await;
+    support::stage_committed(&store, "t", 1, 1).await;
+    let owner = Uuid::new_v4();
+    let held = store.claim(owner, 10, 10, LEASE).await.unwrap();
+    let mut writer = store.pool().begin().await.unwrap();
+    store
+        .stage(&mut writer, &support::event("t", "k0", 9))
+        .await
+        .unwrap();
+    publish_all(&store, owner, &held).await;
+    assert_eq!(
+        key_rows(&store).await,
+        1,
+        "key row kept for the open writer"
+    );
+    writer.commit().await.unwrap();
+    let next = store.claim(owner, 10, 10, LEASE).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].rows.len(), 1, "the writer's row is claimable");
+}
+
+/// Requeueing a parked row while its key is in flight elsewhere does not give the key a
+/// second owner; the row goes out once the key is handed back.
+#[tokio::test]
+async fn requeue_while_its_key_is_in_flight_waits_for_the_owner() {
+    let store = support::store().await;
+    support::stage_committed(&store, "t", 1, 3).await;
+    let (x, y) = (Uuid::new_v4(), Uuid::new_v4());
+    let keys = store.claim(x, 10, 1, LEASE).await.unwrap();
+    let parked = keys[0].rows[0].id;
+    store
+        .settle(
+            x,
+            &[(
+                parked,
+                Settlement::Dead {
+                    error: "rejected".into(),
+                    budgeted: false,
+                },
+            )],
+            &[],
+        )
+        .await
+        .unwrap();
+    let rest = store.fetch(x, &[("k0".into(), parked)], 10).await.unwrap();
+    assert_eq!(rest[0].rows.len(), 2, "x goes on with the key");
+    assert_eq!(store.requeue(Some(&[parked])).await.unwrap(), 1);
+    assert!(store.claim(y, 10, 10, LEASE).await.unwrap().is_empty());
+    publish_all(&store, x, &rest).await;
+    let next = store.claim(y, 10, 10, LEASE).await.unwrap();
+    assert_eq!(ids(&next), vec![parked]);
 }
 
 #[tokio::test]
@@ -226,12 +414,8 @@ async fn backlog_and_retention() {
     assert_eq!(b.pending, 6);
     assert!(b.oldest_pending > Duration::ZERO);
     let owner = Uuid::new_v4();
-    let rows = store
-        .claim(owner, 10, 10, Duration::from_secs(5))
-        .await
-        .unwrap();
-    let done: Vec<_> = rows.iter().map(|e| (e.id, Settlement::Published)).collect();
-    store.settle(owner, &done).await.unwrap();
+    let keys = store.claim(owner, 10, 10, LEASE).await.unwrap();
+    publish_all(&store, owner, &keys).await;
     let b = store.backlog().await.unwrap();
     assert_eq!((b.pending, b.oldest_pending), (0, Duration::ZERO));
 

@@ -1,0 +1,255 @@
+//! Claiming: the keys a relay owns, what it still has to send of each, and when a key is
+//! finished (drained, failed, or out of lease) and goes back.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use crate::store::{ClaimedEvent, ClaimedKey, KeyRelease, Settlement};
+
+/// One owned key.
+#[derive(Debug, Default)]
+pub(crate) struct KeyState {
+    /// Fetched rows not sent yet, in id order.
+    pub(crate) queued: VecDeque<ClaimedEvent>,
+    /// Rows sent and not yet acked or failed.
+    pub(crate) in_flight: usize,
+    /// Highest row id fetched: the next fetch starts after it.
+    pub(crate) after: i64,
+    /// The last read returned fewer rows than asked: the key had nothing more then.
+    pub(crate) drained: bool,
+    /// The earliest failed row (to retry) with its settlement; nothing more of the key is
+    /// sent once set, so nothing overtakes it.
+    pub(crate) failure: Option<(i64, Settlement, crate::producer::ErrorClass)>,
+}
+
+/// What to do with a key after looking at it.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Next {
+    /// Rows are queued: send them.
+    Send,
+    /// Queue empty but more may wait in the table: fetch.
+    Fetch,
+    /// Waiting for acks.
+    Wait,
+    /// Finished: hand it back.
+    Release(Release),
+}
+
+/// How a finished key goes back.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Release {
+    /// With the failed row's retry recorded and the key's back-off.
+    Failed(i64, Settlement, crate::producer::ErrorClass),
+    /// Nothing more to send: delete its key row if still empty.
+    Drained,
+    /// Stopping or out of lease: hand it back as it is.
+    Plain,
+}
+
+/// The keys this relay owns.
+#[derive(Debug, Default)]
+pub(crate) struct Keys {
+    keys: HashMap<String, KeyState>,
+    /// Keys that changed since they were last looked at.
+    dirty: HashSet<String>,
+}
+
+impl Keys {
+    /// Rows read and not sent yet, over all keys.
+    pub(crate) fn queued_rows(&self) -> usize {
+        self.keys.values().map(|k| k.queued.len()).sum()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.keys.keys().cloned().collect()
+    }
+
+    /// Marks `key` to be looked at in the next review.
+    pub(crate) fn touch(&mut self, key: &str) {
+        self.dirty.insert(key.to_owned());
+    }
+
+    pub(crate) fn get_mut(&mut self, key: &str) -> Option<&mut KeyState> {
+        self.dirty.insert(key.to_owned());
+        self.keys.get_mut(key)
+    }
+
+    /// Takes in freshly claimed keys (`asked` rows per key were requested).
+    pub(crate) fn claimed(&mut self, claimed: Vec<ClaimedKey>, asked: usize) {
+        for ClaimedKey { key, rows } in claimed {
+            let state = self.keys.entry(key.clone()).or_default();
+            state.drained = rows.len() < asked;
+            if let Some(last) = rows.last() {
+                state.after = last.id;
+            }
+            state.queued.extend(rows);
+            self.dirty.insert(key);
+        }
+    }
+
+    /// Takes in rows fetched for owned keys; `asked` keys were asked for `per_key` rows.
+    pub(crate) fn fetched(
+        &mut self,
+        asked: &[(String, i64)],
+        got: Vec<ClaimedKey>,
+        per_key: usize,
+    ) {
+        let mut got: HashMap<String, Vec<ClaimedEvent>> =
+            got.into_iter().map(|k| (k.key, k.rows)).collect();
+        for (key, _) in asked {
+            let Some(state) = self.keys.get_mut(key) else {
+                continue;
+            };
+            let rows = got.remove(key).unwrap_or_default();
+            state.drained = rows.len() < per_key;
+            if let Some(last) = rows.last() {
+                state.after = last.id;
+            }
+            state.queued.extend(rows);
+            self.dirty.insert(key.clone());
+        }
+    }
+
+    /// Every owned key drops its queued rows (stopping, or the lease is running out).
+    pub(crate) fn drop_queued(&mut self) {
+        for (key, state) in &mut self.keys {
+            state.queued.clear();
+            self.dirty.insert(key.clone());
+        }
+    }
+
+    /// Looks at every key that changed: what each needs next. Finished keys are removed.
+    /// `once`: no further reads; a key whose read rows are done goes back.
+    pub(crate) fn review(&mut self, refill_below: usize, stopping: bool, once: bool) -> Review {
+        let mut review = Review::default();
+        for key in std::mem::take(&mut self.dirty) {
+            let Some(state) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            match next(state, refill_below, stopping, once) {
+                Next::Send => review.send.push(key),
+                Next::Fetch => review.fetch.push((key, state.after)),
+                Next::Wait => {}
+                Next::Release(release) => {
+                    self.keys.remove(&key);
+                    review.release.push((key, release));
+                }
+            }
+        }
+        review
+    }
+
+    /// Rows queued for `key`, to send in order.
+    pub(crate) fn queue(&mut self, key: &str) -> Option<&mut KeyState> {
+        self.keys.get_mut(key)
+    }
+}
+
+/// The outcome of [`Keys::review`].
+#[derive(Debug, Default)]
+pub(crate) struct Review {
+    pub(crate) send: Vec<String>,
+    pub(crate) fetch: Vec<(String, i64)>,
+    pub(crate) release: Vec<(String, Release)>,
+}
+
+impl Release {
+    /// The key's part of a settle statement.
+    pub(crate) fn key_release(&self, key: &str) -> Option<KeyRelease> {
+        match self {
+            Self::Failed(
+                _,
+                Settlement::Retry {
+                    delay, transient, ..
+                },
+                _,
+            ) => Some(KeyRelease {
+                key: key.to_owned(),
+                backoff: Some(*delay),
+                transient: *transient,
+            }),
+            Self::Failed(..) | Self::Plain => Some(KeyRelease::done(key.to_owned())),
+            Self::Drained => None,
+        }
+    }
+}
+
+fn next(state: &KeyState, refill_below: usize, stopping: bool, once: bool) -> Next {
+    if let Some((id, settlement, class)) = &state.failure {
+        if state.in_flight == 0 {
+            return Next::Release(Release::Failed(*id, settlement.clone(), *class));
+        }
+        return Next::Wait;
+    }
+    if stopping {
+        return if state.in_flight == 0 {
+            Next::Release(Release::Plain)
+        } else {
+            Next::Wait
+        };
+    }
+    if !state.queued.is_empty() {
+        return Next::Send;
+    }
+    if !state.drained && !once {
+        return if state.in_flight < refill_below {
+            Next::Fetch
+        } else {
+            Next::Wait
+        };
+    }
+    match (state.in_flight, state.drained) {
+        (0, true) => Next::Release(Release::Drained),
+        (0, false) => Next::Release(Release::Plain),
+        _ => Next::Wait,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::producer::ErrorClass;
+    use std::time::Duration;
+
+    fn retry() -> Settlement {
+        Settlement::Retry {
+            delay: Duration::from_millis(100),
+            error: "x".into(),
+            budgeted: false,
+            transient: true,
+        }
+    }
+
+    #[test]
+    fn a_failed_key_waits_for_its_in_flight_rows_then_goes_back_with_the_failure() {
+        let mut s = KeyState {
+            in_flight: 2,
+            failure: Some((7, retry(), ErrorClass::Transient)),
+            ..KeyState::default()
+        };
+        assert_eq!(next(&s, 10, false, false), Next::Wait);
+        s.in_flight = 0;
+        assert!(matches!(
+            next(&s, 10, false, false),
+            Next::Release(Release::Failed(7, _, _))
+        ));
+    }
+
+    #[test]
+    fn a_key_is_refilled_before_it_runs_dry_and_released_once_drained() {
+        let mut s = KeyState {
+            in_flight: 3,
+            ..KeyState::default()
+        };
+        assert_eq!(next(&s, 5, false, false), Next::Fetch);
+        assert_eq!(next(&s, 2, false, false), Next::Wait);
+        s.drained = true;
+        assert_eq!(next(&s, 5, false, false), Next::Wait);
+        s.in_flight = 0;
+        assert_eq!(next(&s, 5, false, false), Next::Release(Release::Drained));
+        assert_eq!(next(&s, 5, true, false), Next::Release(Release::Plain));
+    }
+}

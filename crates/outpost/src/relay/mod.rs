@@ -1,0 +1,672 @@
+//! The relay: a streaming engine that owns keys, keeps many rows of each in flight, and
+//! settles acks as they arrive; woken by hints, polling adaptively as the safety net.
+//!
+//! ```text
+//!  claim keys (+ first rows) ──▶ keys owned ──▶ send: queue rows with the producer,
+//!        ▲   (claiming)            │  ▲        many per key, in id order (sending)
+//!        │                         │  └─ fetch more rows of a key before it runs dry
+//!  wake-up / poll (poll)           ▼
+//!                     acks ──▶ settle: batched statements; keys handed back when drained,
+//!                                      failed (with back-off) or out of lease (settling)
+//! ```
+//!
+//! Nothing of a key is sent once one of its rows failed: the key goes back with that row's
+//! back-off once its rows in flight have resolved, and the next owner starts at the failed
+//! row. A slow key holds back only itself; claims go on while sends are in flight.
+
+mod claiming;
+mod sending;
+pub(crate) mod settling;
+pub(crate) mod verdict;
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::backoff::Backoff;
+use crate::environment::Environment;
+use crate::error::{Error, Result};
+use crate::poll::{PollConfig, PollSchedule};
+use crate::producer::{ErrorClass, KafkaProducer};
+use crate::store::{OutboxStore, Settlement};
+use crate::wake::{validate_service, WakeSignal};
+
+use claiming::{Keys, Release};
+use sending::{Sender, Sent};
+use settling::{RowOutcome, SettleOp, Settler};
+use verdict::RetryPolicy;
+
+/// Relay settings; build with [`RelayConfig::new`] and adjust fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayConfig {
+    /// Service name: metric label and wake-up key `outbox:wake:{service}`.
+    pub service: String,
+    /// Keys claimed per claim statement (default 500).
+    pub batch_size: usize,
+    /// Rows of one key read per statement, and the most of one key in flight at once
+    /// (default 500).
+    pub per_key: usize,
+    /// How long a key's lease lasts; the owner renews it every third of it, and a crashed
+    /// relay's keys come back once it lapses (default 90 s; at least twice the longest send,
+    /// i.e. delivery plus request timeout). No send starts once it could outlast the lease,
+    /// so a second relay never sends the same rows while the first still might.
+    pub lease: Duration,
+    /// Polling bounds (defaults per [`Environment`]).
+    pub poll: PollConfig,
+    /// Retry schedule for failed deliveries (default 100 ms doubling to 10 s).
+    pub backoff: Backoff,
+    /// Unclassified failures allowed before an event is parked (default 10). Transient
+    /// failures (broker down, timeouts) never count; permanent ones park at once.
+    pub max_attempts: u32,
+    /// How long published rows are kept before deletion (default 1 h).
+    pub retention: Duration,
+    /// How often retention runs (default 60 s).
+    pub cleanup_interval: Duration,
+    /// Most rows deleted per cleanup statement (default 10 000).
+    pub cleanup_batch: i64,
+    /// Most rows read and not yet settled at once (default 20 000).
+    pub max_in_flight: usize,
+    /// Most payload bytes read and not yet settled at once (default 32 MiB).
+    pub max_in_flight_bytes: usize,
+    /// How often the backlog gauges are refreshed (default 1 s).
+    pub backlog_interval: Duration,
+}
+
+impl RelayConfig {
+    /// Defaults for `service` in `env`.
+    pub fn new(service: impl Into<String>, env: Environment) -> Self {
+        Self {
+            service: service.into(),
+            batch_size: 500,
+            per_key: 500,
+            lease: Duration::from_secs(90),
+            poll: PollConfig::for_environment(env),
+            backoff: Backoff::default(),
+            max_attempts: 10,
+            retention: Duration::from_secs(3600),
+            cleanup_interval: Duration::from_secs(60),
+            cleanup_batch: 10_000,
+            max_in_flight: 20_000,
+            max_in_flight_bytes: 32 << 20,
+            backlog_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// Checks the settings against each other and against the producer's timeouts.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] naming the first bad field.
+    pub fn validate(&self, longest_send: Duration) -> Result<()> {
+        validate_service(&self.service)?;
+        let positive = [
+            ("batch_size", self.batch_size),
+            ("per_key", self.per_key),
+            ("max_in_flight", self.max_in_flight),
+            ("max_in_flight_bytes", self.max_in_flight_bytes),
+            ("max_attempts", self.max_attempts as usize),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(Error::config(name, "a positive integer", "0"));
+            }
+        }
+        if self.poll.min_interval > self.poll.max_interval || self.poll.max_interval.is_zero() {
+            return Err(Error::config(
+                "poll.max_interval",
+                "positive and not below poll.min_interval",
+                format!("{:?}", self.poll.max_interval),
+            ));
+        }
+        if self.lease < longest_send * 2 {
+            return Err(Error::config(
+                "lease",
+                format!("at least twice the delivery plus request timeout ({longest_send:?})"),
+                format!("{:?}", self.lease),
+            ));
+        }
+        if self.backoff.initial.is_zero() || self.backoff.max < self.backoff.initial {
+            return Err(Error::config(
+                "backoff",
+                "initial > 0 and max >= initial",
+                format!("{:?}", self.backoff),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            backoff: self.backoff,
+            max_attempts: self.max_attempts,
+        }
+    }
+}
+
+/// The longest one queued message can stay unresolved: librdkafka fails it after the
+/// delivery timeout, but a request already on the wire then may still land up to a request
+/// timeout later.
+pub(crate) fn longest_send(producer: &KafkaProducer) -> Duration {
+    let c = producer.config();
+    c.delivery_timeout + c.request_timeout.min(c.delivery_timeout)
+}
+
+/// What one [`Relay::run_once`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Rows claimed.
+    pub claimed: usize,
+    /// Rows acked and marked published.
+    pub published: usize,
+    /// Rows whose key was scheduled for another attempt.
+    pub retried: usize,
+    /// Rows parked.
+    pub parked: usize,
+    /// Rows handed back unattempted (behind a failed row of their key, or out of lease).
+    pub released: usize,
+}
+
+/// Delivers one outbox table's pending rows to Kafka.
+#[derive(Debug)]
+pub struct Relay {
+    store: OutboxStore,
+    producer: Arc<KafkaProducer>,
+    config: RelayConfig,
+    owner: Uuid,
+    wake: WakeSignal,
+}
+
+impl Relay {
+    /// A relay over `store`, producing with `producer`.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] when `config` is invalid.
+    pub fn new(
+        store: OutboxStore,
+        producer: Arc<KafkaProducer>,
+        config: RelayConfig,
+    ) -> Result<Self> {
+        config.validate(longest_send(&producer))?;
+        let store = store.with_service(&config.service);
+        Ok(Self {
+            store,
+            producer,
+            config,
+            owner: Uuid::new_v4(),
+            wake: WakeSignal::new(),
+        })
+    }
+
+    /// Uses `signal` for wake-ups (share it with listeners or in-process writers).
+    #[must_use]
+    pub fn with_wake_signal(mut self, signal: WakeSignal) -> Self {
+        self.wake = signal;
+        self
+    }
+
+    /// The signal that wakes this relay.
+    pub fn wake_signal(&self) -> WakeSignal {
+        self.wake.clone()
+    }
+
+    /// This relay's lease owner id.
+    pub fn owner(&self) -> Uuid {
+        self.owner
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// Claims one batch of keys, delivers the rows claimed with them, settles everything
+    /// and hands the keys back (for tests and tools; [`run`](Self::run) streams instead).
+    ///
+    /// # Errors
+    /// [`Error::OutboxStorage`] when claiming fails.
+    pub async fn run_once(&self) -> Result<BatchReport> {
+        let mut engine = Engine::new(self);
+        engine.once = true;
+        let claimed = engine.claim().await?;
+        let report = engine.finish().await;
+        Ok(BatchReport {
+            claimed,
+            released: claimed.saturating_sub(report.published + report.retried + report.parked),
+            ..report
+        })
+    }
+
+    /// Runs until `shutdown` resolves, then stops claiming, waits for the acks of what is
+    /// in flight, settles them, hands every key back, flushes the producer and returns.
+    ///
+    /// Database errors are logged and retried after `poll.error_backoff`.
+    ///
+    /// # Errors
+    /// Currently never; reserved for unrecoverable start-up failures.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let shutdown = pin!(shutdown.fuse());
+        let service = self.config.service.clone();
+        info!(service, owner = %self.owner, "relay started");
+        let mut engine = Engine::new(&self);
+        engine.stream(shutdown).await;
+        drop(engine);
+        self.producer.flush_async(Duration::from_secs(5)).await;
+        info!(service, "relay stopped");
+        Ok(())
+    }
+
+    /// Deletes published rows older than the retention, in bounded batches.
+    pub async fn cleanup(&self) -> u64 {
+        cleanup(&self.store, &self.config).await
+    }
+}
+
+/// The state of one running relay.
+struct Engine<'r> {
+    relay: &'r Relay,
+    keys: Keys,
+    sender: Sender,
+    settler: Settler,
+    policy: RetryPolicy,
+    schedule: PollSchedule,
+    /// Every owned key's lease lasts at least until then.
+    lease_valid_until: Instant,
+    last_renewal: Instant,
+    /// Look at the table now (woken, or the last claim was full).
+    claim_due: bool,
+    next_poll: Instant,
+    /// A transient failure was seen; the next ack pulls backed-off keys forward.
+    saw_transient: bool,
+    published_at_transient: usize,
+    stopping: bool,
+    /// `run_once`: no further claims or reads.
+    once: bool,
+    report: BatchReport,
+}
+
+impl<'r> Engine<'r> {
+    fn new(relay: &'r Relay) -> Self {
+        let c = &relay.config;
+        let now = Instant::now();
+        Self {
+            relay,
+            keys: Keys::default(),
+            sender: Sender::new(
+                Arc::clone(&relay.producer),
+                c.max_in_flight,
+                c.max_in_flight_bytes,
+                c.per_key,
+            ),
+            settler: Settler::start(relay.store.clone(), relay.owner, c.lease / 2),
+            policy: c.retry_policy(),
+            schedule: PollSchedule::new(c.poll),
+            lease_valid_until: now + c.lease,
+            last_renewal: now,
+            claim_due: true,
+            next_poll: now,
+            saw_transient: false,
+            published_at_transient: 0,
+            stopping: false,
+            once: false,
+            report: BatchReport::default(),
+        }
+    }
+
+    /// The last moment a send may start: it must resolve before any owned lease lapses.
+    fn send_deadline(&self) -> Instant {
+        self.lease_valid_until
+            .checked_sub(longest_send(&self.relay.producer))
+            .unwrap_or_else(Instant::now)
+    }
+
+    /// Claims free keys while there is room; returns the rows claimed.
+    async fn claim(&mut self) -> Result<usize> {
+        let c = &self.relay.config;
+        let room = self.sender.room().saturating_sub(self.keys.queued_rows());
+        let want = c
+            .batch_size
+            .min(room / c.per_key.max(1))
+            .max(usize::from(room > 0));
+        if want == 0 {
+            return Ok(0);
+        }
+        let per_key = c.per_key.min(room.max(1));
+        let claimed = self
+            .relay
+            .store
+            .claim(self.relay.owner, want, per_key, c.lease)
+            .await?;
+        let keys = claimed.len();
+        let rows = claimed.iter().map(|k| k.rows.len()).sum();
+        self.keys.claimed(claimed, per_key);
+        // A full claim means more keys are free: claim again without waiting.
+        self.claim_due = keys >= want && !self.once;
+        Ok(rows)
+    }
+
+    /// Reads the next rows of owned keys that are about to run dry.
+    async fn fetch(&mut self, asked: Vec<(String, i64)>) {
+        if asked.is_empty() {
+            return;
+        }
+        let per_key = self.relay.config.per_key;
+        match self
+            .relay
+            .store
+            .fetch(self.relay.owner, &asked, per_key)
+            .await
+        {
+            Ok(got) => self.keys.fetched(&asked, got, per_key),
+            Err(e) => {
+                // Keys stay owned; they are read again after the next ack or at release.
+                warn!(error = %e, "reading further rows failed");
+                self.keys.fetched(&asked, Vec::new(), usize::MAX);
+            }
+        }
+    }
+
+    /// Extends the lease of every owned key when a third of it has passed.
+    async fn renew(&mut self) {
+        let lease = self.relay.config.lease;
+        if self.last_renewal.elapsed() < lease / 3 {
+            return;
+        }
+        let started = Instant::now();
+        if self.keys.is_empty() {
+            self.last_renewal = started;
+            self.lease_valid_until = started + lease;
+            return;
+        }
+        match self
+            .relay
+            .store
+            .renew(self.relay.owner, &self.keys.names(), lease)
+            .await
+        {
+            Ok(_) => {
+                self.last_renewal = started;
+                self.lease_valid_until = started + lease;
+            }
+            Err(e) => warn!(error = %e, "lease renewal failed; sends stop before the lease lapses"),
+        }
+    }
+
+    /// One pass over what changed: hand back finished keys, read further rows, send.
+    async fn step(&mut self) {
+        let c = &self.relay.config;
+        let out_of_lease = Instant::now() >= self.send_deadline();
+        let winding_down = self.stopping || out_of_lease;
+        if winding_down && !self.keys.is_empty() {
+            self.keys.drop_queued();
+        }
+        let refill_below = c.per_key / 2 + 1;
+        let review = self.keys.review(refill_below, winding_down, self.once);
+        self.release(review.release);
+        if !review.fetch.is_empty() {
+            self.fetch(review.fetch).await;
+            let again = self.keys.review(refill_below, winding_down, self.once);
+            self.release(again.release);
+            let until = self.send_deadline();
+            self.sender.pump(&mut self.keys, &again.send, until);
+        }
+        let until = self.send_deadline();
+        self.sender.pump(&mut self.keys, &review.send, until);
+    }
+
+    /// Claims when due (woken, polled, or the last claim was full) and there is room.
+    async fn claim_if_due(&mut self) {
+        if self.stopping || !(self.claim_due || Instant::now() >= self.next_poll) {
+            return;
+        }
+        let c = &self.relay.config;
+        match self.claim().await {
+            Ok(rows) => {
+                let wait = self.schedule.after_batch(rows, 1);
+                self.next_poll = Instant::now() + wait;
+            }
+            Err(e) => {
+                crate::metrics::relay_error(&c.service);
+                warn!(error = %e, source = ?std::error::Error::source(&e), "claim failed");
+                self.claim_due = false;
+                self.next_poll = Instant::now() + self.schedule.after_error();
+            }
+        }
+        crate::metrics::poll_interval(&c.service, self.schedule.current());
+    }
+
+    /// Streams until `shutdown`, then drains what is in flight.
+    async fn stream(
+        &mut self,
+        mut shutdown: std::pin::Pin<&mut futures::future::Fuse<impl Future<Output = ()>>>,
+    ) {
+        let housekeeping = tokio_util::sync::CancellationToken::new();
+        let chores = tokio::spawn(housekeep(
+            self.relay.store.clone(),
+            self.relay.config.clone(),
+            housekeeping.clone(),
+        ));
+        loop {
+            self.claim_if_due().await;
+            self.step().await;
+            self.renew().await;
+            if self.stopping && self.keys.is_empty() {
+                break;
+            }
+            let lease = self.relay.config.lease;
+            let wake_at = if self.stopping {
+                self.last_renewal + lease / 3
+            } else {
+                self.next_poll.min(self.last_renewal + lease / 3)
+            };
+            tokio::select! {
+                biased;
+                sent = self.sender.next() => {
+                    self.on_sent(sent);
+                    while let Some(sent) = self.sender.ready() {
+                        self.on_sent(sent);
+                    }
+                    self.after_acks().await;
+                }
+                () = &mut shutdown, if !self.stopping => self.stopping = true,
+                () = self.settler.keys_released(), if !self.stopping => self.claim_due = true,
+                () = self.relay.wake.notified(), if !self.stopping => {
+                    self.schedule.on_wake();
+                    self.claim_due = true;
+                }
+                () = tokio::time::sleep_until(wake_at.into()) => {}
+            }
+        }
+        self.settler.flush().await;
+        housekeeping.cancel();
+        let _ = chores.await;
+    }
+
+    /// After an outage the broker answers again: keys that backed off because it was down
+    /// need not wait out their delays.
+    async fn after_acks(&mut self) {
+        if self.saw_transient && self.report.published > self.published_at_transient {
+            self.saw_transient = false;
+            match self.relay.store.pull_forward_transient().await {
+                Ok(keys) => info!(keys, "broker answers again; retrying backed-off keys now"),
+                Err(e) => warn!(error = %e, "could not pull backed-off keys forward"),
+            }
+        }
+    }
+
+    fn release(&mut self, finished: Vec<(String, Release)>) {
+        if finished.is_empty() {
+            return;
+        }
+        let mut op = SettleOp::default();
+        for (key, release) in finished {
+            if let Release::Failed(id, settlement, class) = &release {
+                self.report.retried += 1;
+                op.rows.push(RowOutcome {
+                    id: *id,
+                    settlement: settlement.clone(),
+                    topic: String::new(),
+                    latency: Duration::ZERO,
+                    class: Some(*class),
+                });
+            }
+            match release.key_release(&key) {
+                Some(r) => op.release.push(r),
+                None => op.drained.push(key),
+            }
+        }
+        self.settler.send(op);
+    }
+
+    /// Records one finished send.
+    fn on_sent(&mut self, sent: Sent) {
+        let Sent { event, result } = sent;
+        let latency = (chrono::Utc::now() - event.created_at)
+            .to_std()
+            .unwrap_or_default();
+        let Some(state) = self.keys.get_mut(&event.event_key) else {
+            return;
+        };
+        state.in_flight -= 1;
+        let (settlement, class) = match result {
+            Ok(acked) => {
+                if let Some((failed, ..)) = &state.failure {
+                    if event.id > *failed {
+                        // Only possible when the broker came back between the two messages'
+                        // timeouts; the failed one is retried after it.
+                        warn!(key = %event.event_key, failed, overtook = event.id, "a later event of a key was acked after an earlier one failed");
+                        crate::metrics::order_break(&self.relay.config.service);
+                    }
+                }
+                self.report.published += 1;
+                (
+                    Settlement::Published {
+                        partition: acked.partition,
+                        offset: acked.offset,
+                    },
+                    None,
+                )
+            }
+            Err(failure) => {
+                let verdict = self
+                    .policy
+                    .verdict(&self.relay.config.service, &event, &failure);
+                if failure.class == ErrorClass::Transient {
+                    self.saw_transient = true;
+                    self.published_at_transient = self.report.published;
+                }
+                if matches!(verdict, Settlement::Retry { .. }) {
+                    let earlier = state.failure.as_ref().is_none_or(|(id, ..)| event.id < *id);
+                    if earlier {
+                        state.failure = Some((event.id, verdict, failure.class));
+                    }
+                    return;
+                }
+                self.report.parked += 1;
+                (verdict, Some(failure.class))
+            }
+        };
+        self.settler.send(SettleOp {
+            rows: vec![RowOutcome {
+                id: event.id,
+                settlement,
+                topic: event.topic,
+                latency,
+                class,
+            }],
+            ..SettleOp::default()
+        });
+    }
+
+    /// Sends until every owned key is finished (`run_once`).
+    async fn finish(&mut self) -> BatchReport {
+        loop {
+            self.step().await;
+            if self.keys.is_empty() {
+                break;
+            }
+            let sent = self.sender.next().await;
+            self.on_sent(sent);
+            while let Some(sent) = self.sender.ready() {
+                self.on_sent(sent);
+            }
+        }
+        self.settler.flush().await;
+        self.report
+    }
+}
+
+/// Backlog gauges and retention, off the sending loop (a count over a large backlog, or a
+/// large delete, must not hold acks back).
+async fn housekeep(
+    store: OutboxStore,
+    config: RelayConfig,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut last_cleanup = Instant::now();
+    loop {
+        if let Ok(b) = store.backlog().await {
+            crate::metrics::backlog(&config.service, b.pending, b.oldest_pending);
+        }
+        if stop.is_cancelled() {
+            break; // the last reading is taken after the relay's final settle
+        }
+        if last_cleanup.elapsed() >= config.cleanup_interval {
+            cleanup(&store, &config).await;
+            last_cleanup = Instant::now();
+        }
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = tokio::time::sleep(config.backlog_interval) => {}
+        }
+    }
+}
+
+/// Deletes published rows older than the retention, in bounded batches.
+async fn cleanup(store: &OutboxStore, config: &RelayConfig) -> u64 {
+    let mut total = 0;
+    loop {
+        match store.cleanup(config.retention, config.cleanup_batch).await {
+            Ok(n) => {
+                total += n;
+                if n < u64::try_from(config.cleanup_batch).unwrap_or(0) {
+                    break;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "retention cleanup failed");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        crate::metrics::cleaned(&config.service, total);
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation_names_the_field() {
+        let mut c = RelayConfig::new("els", Environment::Testing);
+        assert!(c.validate(Duration::from_secs(5)).is_ok());
+        c.lease = Duration::from_secs(5);
+        let e = c.validate(Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("invalid setting lease"));
+        c = RelayConfig::new("bad name", Environment::Testing);
+        assert!(c.validate(Duration::from_secs(1)).is_err());
+        c = RelayConfig::new("els", Environment::Testing);
+        c.batch_size = 0;
+        assert!(c
+            .validate(Duration::from_secs(1))
+            .unwrap_err()
+            .to_string()
+            .contains("batch_size"));
+    }
+}

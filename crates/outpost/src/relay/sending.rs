@@ -1,0 +1,147 @@
+//! Sending: queue owned keys' rows with the producer, many per key, within the caps on
+//! rows and bytes in flight, and collect the acknowledgements as they come.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+
+use crate::producer::{Acked, KafkaProducer, SendFailure};
+use crate::store::ClaimedEvent;
+
+use super::claiming::Keys;
+
+/// A finished send.
+#[derive(Debug)]
+pub(crate) struct Sent {
+    pub(crate) event: ClaimedEvent,
+    pub(crate) result: Result<Acked, SendFailure>,
+}
+
+type InFlightSend = std::pin::Pin<Box<dyn std::future::Future<Output = Sent> + Send>>;
+
+/// The sends in flight.
+pub(crate) struct Sender {
+    producer: Arc<KafkaProducer>,
+    in_flight: FuturesUnordered<InFlightSend>,
+    rows: usize,
+    bytes: usize,
+    max_rows: usize,
+    max_bytes: usize,
+    per_key: usize,
+    /// librdkafka's queue was full: wait for an ack before queueing more.
+    queue_full: bool,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("rows", &self.rows)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sender {
+    pub(crate) fn new(
+        producer: Arc<KafkaProducer>,
+        max_rows: usize,
+        max_bytes: usize,
+        per_key: usize,
+    ) -> Self {
+        Self {
+            producer,
+            in_flight: FuturesUnordered::new(),
+            rows: 0,
+            bytes: 0,
+            max_rows,
+            max_bytes,
+            per_key,
+            queue_full: false,
+        }
+    }
+
+    /// Room for more rows (claims and fetches stop asking when there is none).
+    pub(crate) fn room(&self) -> usize {
+        if self.bytes >= self.max_bytes {
+            return 0;
+        }
+        self.max_rows.saturating_sub(self.rows)
+    }
+
+    /// Queues rows of `send` keys in order, while the caps allow and `until` (the last
+    /// moment a send may start within the lease) has not passed. Keys it could not finish
+    /// are marked to be looked at again.
+    pub(crate) fn pump(&mut self, keys: &mut Keys, send: &[String], until: Instant) {
+        for (i, key) in send.iter().enumerate() {
+            let Some(state) = keys.queue(key) else {
+                continue;
+            };
+            let mut blocked = false;
+            while state.in_flight < self.per_key && state.failure.is_none() {
+                if self.queue_full || self.room() == 0 || Instant::now() >= until {
+                    blocked = true;
+                    break;
+                }
+                let Some(event) = state.queued.pop_front() else {
+                    break;
+                };
+                let ack = match self.producer.enqueue(
+                    &event.topic,
+                    &event.event_key,
+                    &event.payload,
+                    &event.headers,
+                ) {
+                    Err(failure) if is_queue_full(&failure) => {
+                        state.queued.push_front(event);
+                        self.queue_full = true;
+                        blocked = true;
+                        break;
+                    }
+                    Ok(ack) => futures::future::Either::Left(ack),
+                    // Refused before queueing: handled like a failed ack.
+                    Err(failure) => {
+                        futures::future::Either::Right(std::future::ready(Err(failure)))
+                    }
+                };
+                state.in_flight += 1;
+                self.rows += 1;
+                self.bytes += event.payload.len();
+                self.in_flight.push(Box::pin(async move {
+                    Sent {
+                        result: ack.await,
+                        event,
+                    }
+                }));
+            }
+            if blocked {
+                send[i..].iter().for_each(|k| keys.touch(k));
+                return;
+            }
+            keys.touch(key);
+        }
+    }
+
+    /// The next finished send; pending forever when nothing is in flight.
+    pub(crate) async fn next(&mut self) -> Sent {
+        match self.in_flight.next().await {
+            Some(sent) => {
+                self.rows -= 1;
+                self.bytes = self.bytes.saturating_sub(sent.event.payload.len());
+                self.queue_full = false;
+                sent
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A finished send if one is ready now.
+    pub(crate) fn ready(&mut self) -> Option<Sent> {
+        futures::FutureExt::now_or_never(self.next())
+    }
+}
+
+fn is_queue_full(failure: &SendFailure) -> bool {
+    failure.error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::QueueFull)
+}

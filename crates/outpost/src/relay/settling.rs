@@ -1,0 +1,180 @@
+//! Settling: recording acks and failures in the outbox, batched. Whatever arrived while the
+//! previous statement ran goes out in the next one, so under load one statement settles
+//! hundreds of rows, and when idle a single ack is settled at once.
+//!
+//! Operations are applied in the order they were sent, and a key is handed back only in a
+//! statement that also settles (or follows) every row of it: no other owner can see a key
+//! whose acked rows still look pending.
+
+use std::time::{Duration, Instant};
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::warn;
+use uuid::Uuid;
+
+use crate::producer::ErrorClass;
+use crate::store::{KeyRelease, OutboxStore, Settlement};
+
+/// Most rows or keys folded into one settle statement.
+const MAX_BATCH: usize = 2000;
+
+/// A row's outcome with what its metrics need.
+#[derive(Debug)]
+pub(crate) struct RowOutcome {
+    pub(crate) id: i64,
+    pub(crate) settlement: Settlement,
+    pub(crate) topic: String,
+    /// Staging to acknowledgement (or failure).
+    pub(crate) latency: Duration,
+    pub(crate) class: Option<ErrorClass>,
+}
+
+/// One unit of work for the settler.
+#[derive(Debug, Default)]
+pub(crate) struct SettleOp {
+    pub(crate) rows: Vec<RowOutcome>,
+    pub(crate) release: Vec<KeyRelease>,
+    pub(crate) drained: Vec<String>,
+    pub(crate) done: Option<oneshot::Sender<()>>,
+}
+
+/// Handle of a settling task; cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Settler {
+    tx: mpsc::UnboundedSender<SettleOp>,
+    released: Arc<Notify>,
+}
+
+impl Settler {
+    /// Starts the task for `owner`. It ends once every handle is dropped and the queue is
+    /// empty; a statement that fails is retried (rows and keys stay leased meanwhile) until
+    /// it succeeds or `give_up_after` has passed since the first failure.
+    pub(crate) fn start(store: OutboxStore, owner: Uuid, give_up_after: Duration) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let released = Arc::new(Notify::new());
+        tokio::spawn(run(store, owner, rx, give_up_after, Arc::clone(&released)));
+        Self { tx, released }
+    }
+
+    /// Resolves after keys were handed back: rows written meanwhile (which the owner did
+    /// not read) are claimable now, by this owner as well.
+    pub(crate) async fn keys_released(&self) {
+        self.released.notified().await;
+    }
+
+    /// Queues `op`.
+    pub(crate) fn send(&self, op: SettleOp) {
+        if let Err(lost) = self.tx.send(op) {
+            // Only after the task died; the leases lapse and the rows are delivered again.
+            warn!(
+                rows = lost.0.rows.len(),
+                "settler gone; rows will be redelivered"
+            );
+        }
+    }
+
+    /// Resolves once everything queued before it has been written (or given up on).
+    pub(crate) async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        self.send(SettleOp {
+            done: Some(done),
+            ..SettleOp::default()
+        });
+        let _ = wait.await;
+    }
+}
+
+async fn run(
+    store: OutboxStore,
+    owner: Uuid,
+    mut rx: mpsc::UnboundedReceiver<SettleOp>,
+    give_up_after: Duration,
+    released: Arc<Notify>,
+) {
+    let service = store.service().to_owned();
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let mut size = batch[0].rows.len() + batch[0].release.len();
+        while size < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => {
+                    size += op.rows.len() + op.release.len();
+                    batch.push(op);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut rows = Vec::new();
+        let mut release = Vec::new();
+        let mut drained = Vec::new();
+        let mut done = Vec::new();
+        for op in batch {
+            rows.extend(op.rows);
+            release.extend(op.release);
+            drained.extend(op.drained);
+            done.extend(op.done);
+        }
+        let settlements: Vec<(i64, Settlement)> =
+            rows.iter().map(|r| (r.id, r.settlement.clone())).collect();
+        let written = retry(give_up_after, || {
+            store.settle(owner, &settlements, &release)
+        })
+        .await;
+        if written {
+            count(&service, &rows);
+            if !drained.is_empty() {
+                retry(give_up_after, || store.release_drained(owner, &drained)).await;
+            }
+            if !drained.is_empty() || !release.is_empty() {
+                released.notify_one();
+            }
+        }
+        for d in done {
+            let _ = d.send(());
+        }
+    }
+}
+
+/// Runs `op` until it succeeds, backing off, for at most `give_up_after`.
+async fn retry<T, F, Fut>(give_up_after: Duration, mut op: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::Result<T>>,
+{
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Ok(_) => return true,
+            Err(e) if started.elapsed() >= give_up_after => {
+                warn!(error = %e, "could not settle; leases lapse and the rows are delivered again");
+                return false;
+            }
+            Err(e) => {
+                warn!(error = %e, "settle failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Metrics count what was written, never what was only attempted.
+fn count(service: &str, rows: &[RowOutcome]) {
+    for row in rows {
+        match &row.settlement {
+            Settlement::Published { .. } => {
+                crate::metrics::published(service, &row.topic, row.latency);
+            }
+            Settlement::Retry { .. } => {
+                crate::metrics::retried(service, row.class.unwrap_or(ErrorClass::Retriable));
+            }
+            Settlement::Dead { .. } => {
+                crate::metrics::parked(service, row.class.unwrap_or(ErrorClass::Retriable));
+            }
+            Settlement::Released => {}
+        }
+    }
+}
