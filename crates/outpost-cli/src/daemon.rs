@@ -15,14 +15,18 @@ use tracing::info;
 use crate::http::{self, Readiness};
 use crate::settings::Settings;
 
-/// Runs every service's relay (and the HTTP server, if configured) until shutdown.
-pub async fn run(settings: &Settings, pool: PgPool) -> anyhow::Result<()> {
+/// Runs every service's relay (and the HTTP server, if configured) until `shutdown` is
+/// cancelled.
+pub async fn run(
+    settings: &Settings,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     // Installed before any relay records, so no early sample is lost.
     let metrics = match settings.http_addr {
         Some(_) => Some(http::install_recorder()?),
         None => None,
     };
-    let shutdown = CancellationToken::new();
     let producer = settings.producer()?;
     let mut relays = Vec::with_capacity(settings.services.len());
     for service in &settings.services {
@@ -58,12 +62,6 @@ pub async fn run(settings: &Settings, pool: PgPool) -> anyhow::Result<()> {
     for relay in relays {
         tasks.spawn(relay.run(shutdown.clone().cancelled_owned()));
     }
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        crate::shutdown_signal().await;
-        info!("shutdown requested; draining");
-        token.cancel();
-    });
     let mut first_error = None;
     while let Some(done) = tasks.join_next().await {
         let result = done

@@ -16,6 +16,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches};
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Command, LogFormat, Wake};
@@ -75,6 +76,10 @@ fn one_line(message: &str) -> String {
 }
 
 async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    if matches!(cli.command, Command::Relay) {
+        cancel_on_signal(shutdown.clone());
+    }
     let pool = settings.connect().await?;
     let store = settings.store(pool.clone());
     match cli.command {
@@ -85,7 +90,7 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 println!("migrated {}", store.table());
             }
         }
-        Command::Relay => daemon::run(&settings, pool).await?,
+        Command::Relay => daemon::run(&settings, pool, shutdown).await?,
         Command::Quickstart {
             events,
             keys,
@@ -161,26 +166,35 @@ pub(crate) fn start_listener(
     Ok(())
 }
 
-/// Resolves on ctrl-c or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Cancels `token` on the first ctrl-c or SIGTERM. On Unix the handlers are in place when
+/// this returns, so a signal that arrives while the daemon is still starting up (migrating,
+/// connecting) is not lost: the relays then drain at once.
+pub(crate) fn cancel_on_signal(token: CancellationToken) {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = signal(SignalKind::terminate())
+            .and_then(|term| signal(SignalKind::interrupt()).map(|int| (term, int)));
+        tokio::spawn(async move {
+            match signals {
+                Ok((mut term, mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+            info!("shutdown requested; draining");
+            token.cancel();
+        });
     }
     #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        info!("shutdown requested; draining");
+        token.cancel();
+    });
 }

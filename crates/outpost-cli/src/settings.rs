@@ -199,7 +199,9 @@ impl Settings {
             environment,
             retention: Duration::from_secs(retention_secs),
             lease: lease_ms.map(Duration::from_millis),
-            longest_send: producer.delivery_timeout + producer.queue_timeout,
+            // The relay's own bound on one send (it checks the lease against it again).
+            longest_send: producer.delivery_timeout
+                + producer.request_timeout.min(producer.delivery_timeout),
         };
         let services = select_services(cli, &layers, file.as_ref())?
             .into_iter()

@@ -130,7 +130,10 @@ fn lease_too_short_names_outpost_lease_ms() {
     assert_bad_setting(
         &["--lease-ms", "10", "relay"],
         &[],
-        &["OUTPOST_LEASE_MS", "twice the delivery plus queue timeout"],
+        &[
+            "OUTPOST_LEASE_MS",
+            "twice the delivery plus request timeout",
+        ],
         FAST,
     );
     assert_bad_setting(
@@ -139,7 +142,10 @@ fn lease_too_short_names_outpost_lease_ms() {
             ("OUTPOST_LEASE_MS", "1500"),
             ("OUTPOST_DELIVERY_TIMEOUT_MS", "1000"),
         ],
-        &["OUTPOST_LEASE_MS", "twice the delivery plus queue timeout"],
+        &[
+            "OUTPOST_LEASE_MS",
+            "twice the delivery plus request timeout",
+        ],
         FAST,
     );
 }
@@ -202,7 +208,7 @@ async fn stage(
 #[derive(Debug, Clone, Copy, Default)]
 struct Counts {
     pending: i64,
-    /// Pending rows under a live lease: a batch in some relay's hands.
+    /// Pending rows whose key is under a live lease: in some relay's hands.
     leased: i64,
     published: i64,
     dead: i64,
@@ -211,10 +217,12 @@ struct Counts {
 async fn counts(store: &OutboxStore) -> Counts {
     let (pending, leased, published, dead): (i64, i64, i64, i64) = sqlx::query_as(&format!(
         "SELECT count(*) FILTER (WHERE status = 'pending'), \
-                count(*) FILTER (WHERE status = 'pending' AND lease_until > now()), \
+                count(*) FILTER (WHERE status = 'pending' AND k.lease_until > now()), \
                 count(*) FILTER (WHERE status = 'published'), \
-                count(*) FILTER (WHERE status = 'dead') FROM {}",
-        store.table()
+                count(*) FILTER (WHERE status = 'dead') \
+         FROM {} t LEFT JOIN {} k USING (event_key)",
+        store.table(),
+        store.table().keys()
     ))
     .fetch_one(store.pool())
     .await
@@ -394,7 +402,17 @@ async fn relay_killed_mid_batch_and_restarted_loses_nothing() {
     assert_eq!(final_counts.dead, 0, "no event should be parked");
     assert_eq!(final_counts.published, staged.len() as i64);
 
-    // Graceful shutdown on SIGTERM.
+    // Graceful shutdown on SIGTERM, once the relay is up (the first one may have
+    // delivered everything before the second finished starting).
+    eventually(
+        Duration::from_secs(60),
+        || format!("the second relay to start; log:\n{}", second.log()),
+        || {
+            let started = second.log().contains("relay started");
+            async move { started.then_some(()) }
+        },
+    )
+    .await;
     let pid = second.pid().to_string();
     let term = StdCommand::new("kill")
         .args(["-TERM", &pid])

@@ -141,7 +141,10 @@ pub(crate) fn consumed(group: &str, outcome: &'static str) {
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     let counters = [
-        (EVENTS_STAGED, "Events staged in the outbox"),
+        (
+            EVENTS_STAGED,
+            "Events staged and committed through a Publisher",
+        ),
         (
             EVENTS_PUBLISHED,
             "Events acked by the broker and marked published",
