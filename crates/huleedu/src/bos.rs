@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::error::{handler_db, Error, Result};
 use crate::events::{
     decode, topic, BatchEssaysReady, BatchEssaysRegistered, ElsBatchPhaseOutcomeV1, EntityRef,
-    SpellcheckInitiateCommand, SystemProcessingMetadata, Topics,
+    ProcessingStage, SpellcheckInitiateCommand, SystemProcessingMetadata, Topics,
 };
 
 /// BOS's service name (`source_service` of its events).
@@ -137,15 +137,15 @@ impl BatchOrchestrator {
             batch_id: batch_id.clone(),
             expected_essay_count: request.expected_essay_count,
             essay_ids: essay_ids.clone(),
-            metadata: SystemProcessingMetadata {
-                entity: EntityRef {
+            metadata: SystemProcessingMetadata::new(
+                EntityRef {
                     entity_id: batch_id.clone(),
                     entity_type: "batch".into(),
                     parent_id: None,
                 },
-                timestamp: Utc::now(),
-                processing_stage: Some("pending".into()),
-            },
+                ProcessingStage::Pending,
+                "batch.essays.registered",
+            ),
             course_code: request.course_code.clone(),
             essay_instructions: request.essay_instructions.clone(),
             user_id: request.user_id.clone(),

@@ -6,7 +6,7 @@
 //! that stage into the handler's transaction.
 //!
 //! Essay states: `awaiting_content` → `ready_for_processing` → `awaiting_spellcheck` →
-//! `spellchecked_success` (or `spellchecked_failed`); every change is appended to
+//! `spellchecked_success` (or `spellcheck_failed`); every change is appended to
 //! `essay_transitions` with the event that caused it. Batch states: `awaiting_content` →
 //! `ready` → `spellcheck_in_progress` → `spellcheck_completed`.
 //!
@@ -33,8 +33,8 @@ use crate::events::{
     decode, topic, BatchEssaysReady, BatchEssaysRegistered, BatchPhaseConcluded,
     BatchPhaseProgress, ElsBatchPhaseOutcomeV1, EntityRef, EssayContentProvisionedV1, EssayRef,
     EssaySlotAssignedV1, EssayStatusUpdated, EssayValidationFailedV1, ExcessContentProvisionedV1,
-    SpellcheckCompleted, SpellcheckInitiateCommand, SpellcheckRequested, SystemProcessingMetadata,
-    Topics,
+    ProcessingStage, SpellcheckCompleted, SpellcheckInitiateCommand, SpellcheckRequested,
+    SystemProcessingMetadata, Topics,
 };
 
 /// ELS's service name (`source_service` of its events).
@@ -63,7 +63,7 @@ pub mod essay_state {
     /// Checked.
     pub const SPELLCHECKED_SUCCESS: &str = "spellchecked_success";
     /// The spellchecker could not check it.
-    pub const SPELLCHECKED_FAILED: &str = "spellchecked_failed";
+    pub const SPELLCHECK_FAILED: &str = "spellcheck_failed";
 }
 
 /// Batch states.
@@ -456,7 +456,7 @@ impl EssayLifecycle {
         let done = if result.status == essay_state::SPELLCHECKED_SUCCESS {
             essay_state::SPELLCHECKED_SUCCESS
         } else {
-            essay_state::SPELLCHECKED_FAILED
+            essay_state::SPELLCHECK_FAILED
         };
         if !self
             .transition(tx, essay_id, essay_state::AWAITING_SPELLCHECK, done, event)
@@ -467,7 +467,7 @@ impl EssayLifecycle {
         }
         sqlx::query("UPDATE essays SET corrected_text_storage_id = $2 WHERE essay_id = $1")
             .bind(essay_id)
-            .bind(&result.corrected_text_storage_id)
+            .bind(result.corrected_text_storage_id())
             .execute(&mut **tx)
             .await
             .map_err(handler_db)?;
@@ -480,7 +480,7 @@ impl EssayLifecycle {
         )
         .bind(batch_id)
         .bind(essay_state::SPELLCHECKED_SUCCESS)
-        .bind(essay_state::SPELLCHECKED_FAILED)
+        .bind(essay_state::SPELLCHECK_FAILED)
         .fetch_one(&mut **tx)
         .await
         .map_err(handler_db)?;
@@ -681,11 +681,12 @@ impl EssayLifecycle {
                 batch_id: batch_id.to_owned(),
                 total_files_processed: u32::try_from(assigned + failed).ok(),
                 ready_essays,
-                metadata: SystemProcessingMetadata {
-                    entity: batch.clone(),
-                    timestamp: Utc::now(),
-                    processing_stage: Some("content_ready".into()),
-                },
+                // Content collection is what completed: every slot is filled or failed.
+                metadata: SystemProcessingMetadata::new(
+                    batch.clone(),
+                    ProcessingStage::Completed,
+                    "batch.essays.ready",
+                ),
                 batch_entity: batch,
                 course_code: row.get(2),
                 course_language: "en".into(),
@@ -717,7 +718,7 @@ impl EssayLifecycle {
         )
         .bind(batch_id)
         .bind(essay_state::SPELLCHECKED_SUCCESS)
-        .bind(essay_state::SPELLCHECKED_FAILED)
+        .bind(essay_state::SPELLCHECK_FAILED)
         .fetch_all(&mut **tx)
         .await
         .map_err(handler_db)?;
@@ -1001,17 +1002,7 @@ impl EssayLifecycle {
         language: &str,
         event: &EventEnvelope<serde_json::Value>,
     ) -> outpost::Result<()> {
-        let data = SpellcheckRequested {
-            event_name: "essay.spellcheck.requested".into(),
-            entity_ref: EntityRef {
-                entity_id: essay.essay_id.clone(),
-                entity_type: "essay".into(),
-                parent_id: Some(batch_id.to_owned()),
-            },
-            timestamp: Utc::now(),
-            text_storage_id: essay.text_storage_id.clone(),
-            language: language.to_owned(),
-        };
+        let data = spellcheck_request(batch_id, essay, language);
         let aggregate = Aggregate::new("essay", &essay.essay_id);
         self.stage(
             tx,
@@ -1076,5 +1067,32 @@ impl PublishingHandler for EssayLifecycle {
                 "ELS does not handle {other}"
             ))),
         }
+    }
+}
+
+/// The request to check `essay` of `batch_id` in `language`, as HuleEdu's ELS makes it.
+pub(crate) fn spellcheck_request(
+    batch_id: &str,
+    essay: &EssayRef,
+    language: &str,
+) -> SpellcheckRequested {
+    let essay_ref = EntityRef {
+        entity_id: essay.essay_id.clone(),
+        entity_type: "essay".into(),
+        parent_id: Some(batch_id.to_owned()),
+    };
+    let event_name = "essay.spellcheck.requested";
+    SpellcheckRequested {
+        event_name: event_name.into(),
+        system_metadata: SystemProcessingMetadata::new(
+            essay_ref.clone(),
+            ProcessingStage::Pending,
+            event_name,
+        ),
+        entity_ref: essay_ref,
+        timestamp: Utc::now(),
+        status: essay_state::AWAITING_SPELLCHECK.into(),
+        text_storage_id: essay.text_storage_id.clone(),
+        language: language.to_owned(),
     }
 }

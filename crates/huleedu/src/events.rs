@@ -6,6 +6,8 @@
 //! As in HuleEdu, an event's type is its (base) topic name; a run's topics may carry a
 //! suffix, its event types never do.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use outpost::{Aggregate, EventEnvelope, OutboxEvent};
 use serde::de::DeserializeOwned;
@@ -149,16 +151,91 @@ pub struct EntityRef {
     pub parent_id: Option<String>,
 }
 
+/// `ProcessingStage`: where an entity's processing stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessingStage {
+    /// Not started.
+    Pending,
+    /// Set up, not yet running.
+    Initialized,
+    /// Running.
+    Processing,
+    /// Finished.
+    Completed,
+    /// Gave up.
+    Failed,
+    /// Withdrawn.
+    Cancelled,
+}
+
 /// `SystemProcessingMetadata`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SystemProcessingMetadata {
     /// The entity processed.
     pub entity: EntityRef,
-    /// When processing started.
+    /// When this metadata was written.
     pub timestamp: DateTime<Utc>,
-    /// Processing stage name.
+    /// When processing started.
     #[serde(default)]
-    pub processing_stage: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    /// When processing ended.
+    #[serde(default)]
+    pub completed_at: Option<DateTime<Utc>>,
+    /// Processing stage.
+    #[serde(default)]
+    pub processing_stage: Option<ProcessingStage>,
+    /// The event (a `ProcessingEvent` value) this metadata travels with.
+    #[serde(default)]
+    pub event: Option<String>,
+    /// What went wrong, when something did (an object, never null, in HuleEdu's model).
+    #[serde(default)]
+    pub error_info: serde_json::Map<String, serde_json::Value>,
+}
+
+impl SystemProcessingMetadata {
+    /// Metadata written now for `event` about `entity` at `stage`.
+    pub fn new(entity: EntityRef, stage: ProcessingStage, event: &str) -> Self {
+        Self {
+            entity,
+            timestamp: Utc::now(),
+            started_at: None,
+            completed_at: None,
+            processing_stage: Some(stage),
+            event: Some(event.to_owned()),
+            error_info: serde_json::Map::new(),
+        }
+    }
+}
+
+/// `ContentType` key of the corrected text in a [`StorageReferenceMetadata`].
+pub const CORRECTED_TEXT: &str = "corrected_text";
+
+/// `StorageReferenceMetadata`: where a result's content is stored, by content type.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageReferenceMetadata {
+    /// Content type (`ContentType` value) → named storage ids (HuleEdu names the only
+    /// one `default`).
+    #[serde(default)]
+    pub references: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl StorageReferenceMetadata {
+    /// A single reference: `content_type` stored as `storage_id`.
+    pub fn single(content_type: &str, storage_id: String) -> Self {
+        let named = BTreeMap::from([("default".to_owned(), storage_id)]);
+        Self {
+            references: BTreeMap::from([(content_type.to_owned(), named)]),
+        }
+    }
+
+    /// The storage id of `content_type`, if referenced.
+    pub fn get(&self, content_type: &str) -> Option<&str> {
+        self.references
+            .get(content_type)?
+            .get("default")
+            .map(String::as_str)
+    }
 }
 
 /// `BatchEssaysRegistered`.
@@ -372,6 +449,10 @@ pub struct SpellcheckRequested {
     pub entity_ref: EntityRef,
     /// When.
     pub timestamp: DateTime<Utc>,
+    /// The essay's status once requested (`awaiting_spellcheck`).
+    pub status: String,
+    /// Processing metadata, carried on into the result.
+    pub system_metadata: SystemProcessingMetadata,
     /// Where the text is.
     pub text_storage_id: String,
     /// Language.
@@ -387,15 +468,24 @@ pub struct SpellcheckCompleted {
     pub entity_ref: EntityRef,
     /// When.
     pub timestamp: DateTime<Utc>,
-    /// `spellchecked_success` or `spellchecked_failed`.
+    /// `spellchecked_success` or `spellcheck_failed`.
     pub status: String,
+    /// The request's processing metadata, completed (or failed).
+    pub system_metadata: SystemProcessingMetadata,
     /// Where the original text was.
     pub original_text_storage_id: String,
-    /// Where the corrected text is.
+    /// Where the corrected text is ([`CORRECTED_TEXT`]), when there is one.
     #[serde(default)]
-    pub corrected_text_storage_id: Option<String>,
+    pub storage_metadata: Option<StorageReferenceMetadata>,
     /// How many words were corrected.
     pub corrections_made: u32,
+}
+
+impl SpellcheckCompleted {
+    /// Where the corrected text is, when there is one.
+    pub fn corrected_text_storage_id(&self) -> Option<&str> {
+        self.storage_metadata.as_ref()?.get(CORRECTED_TEXT)
+    }
 }
 
 /// `ELSBatchPhaseOutcomeV1`.

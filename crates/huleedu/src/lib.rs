@@ -27,6 +27,7 @@
 //! - [`run`]: one batch through the pipeline: the client's side, progress, the report.
 //! - [`timeline`]: what was consumed when: per-hop latency, duplicates.
 //! - [`counters`]: Outpost's path counters (eager misses, fallbacks) read back in process.
+//! - [`contract`]: HuleEdu's wire contract (JSON Schemas), checked on what a run put on Kafka.
 //! - [`error`]: the pipeline's errors.
 
 pub mod events;
@@ -42,6 +43,7 @@ pub mod pipeline;
 pub mod run;
 pub mod timeline;
 pub mod counters;
+pub mod contract;
 pub mod error;
 
 pub use error::{Error, Result};

@@ -59,7 +59,7 @@ use crate::timeline::Timeline;
 const RETRY_HORIZON: Duration = Duration::from_secs(24 * 3600);
 
 /// The services that consume (each has a dead-letter topic).
-const CONSUMERS: [&str; 4] = ["bos", "els", "spellchecker", "observer"];
+pub(crate) const CONSUMERS: [&str; 4] = ["bos", "els", "spellchecker", "observer"];
 
 /// How events get from a committed transaction to Kafka.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use outpost::{
     Aggregate, Error as OutpostError, EventEnvelope, OutboxTx, Publisher, PublishingHandler,
     Received,
@@ -21,7 +21,10 @@ use uuid::Uuid;
 use crate::content::{ContentKind, ContentStore};
 use crate::els::essay_state;
 use crate::error::{handler_db, Error, Result};
-use crate::events::{decode, topic, EntityRef, SpellcheckCompleted, SpellcheckRequested, Topics};
+use crate::events::{
+    decode, topic, ProcessingStage, SpellcheckCompleted, SpellcheckRequested,
+    StorageReferenceMetadata, Topics, CORRECTED_TEXT,
+};
 use crate::spelling::Dictionary;
 
 /// The Spellchecker's service name (`source_service` of its events).
@@ -35,7 +38,7 @@ pub const CONSUMES: [&str; 1] = [topic::ESSAY_SPELLCHECK_REQUESTED];
 pub struct CheckResult {
     /// The essay.
     pub essay_id: String,
-    /// `spellchecked_success` or `spellchecked_failed`.
+    /// `spellchecked_success` or `spellcheck_failed`.
     pub status: String,
     /// Words corrected.
     pub corrections: i32,
@@ -143,6 +146,7 @@ impl Spellchecker {
             debug!(essay_id, "this text was already checked");
             return Ok(());
         }
+        let started_at = Utc::now();
         // A missing text is the essay's failure, not the pipeline's: report it failed so
         // the batch can still conclude.
         let text = self
@@ -175,7 +179,7 @@ impl Spellchecker {
                     text_storage_id = request.text_storage_id,
                     "text not found"
                 );
-                (essay_state::SPELLCHECKED_FAILED, None, 0, 0)
+                (essay_state::SPELLCHECK_FAILED, None, 0, 0)
             }
         };
         sqlx::query(
@@ -194,27 +198,58 @@ impl Spellchecker {
         .execute(&mut **tx)
         .await
         .map_err(handler_db)?;
-        let result = SpellcheckCompleted {
-            event_name: "essay.spellcheck.completed".into(),
-            entity_ref: EntityRef {
-                entity_id: essay_id.to_owned(),
-                entity_type: "essay".into(),
-                parent_id: Some(batch_id.to_owned()),
-            },
-            timestamp: Utc::now(),
-            status: status.to_owned(),
-            original_text_storage_id: request.text_storage_id.clone(),
-            corrected_text_storage_id: corrected_id,
-            corrections_made: corrections,
-        };
+        let result = completed(request, started_at, corrected_id, corrections);
         tx.publish(&self.topics.event(
             topic::ESSAY_SPELLCHECK_COMPLETED,
             SERVICE,
             event.correlation_id,
-            Aggregate::new("essay", essay_id),
+            Aggregate::new("essay", &result.entity_ref.entity_id),
             &result,
         )?)
         .await
+    }
+}
+
+/// The result of checking `request`'s text, begun at `started_at`: its corrected text
+/// stored as `corrected` with `corrections` made, or (`None`) the text was not found.
+fn completed(
+    request: SpellcheckRequested,
+    started_at: DateTime<Utc>,
+    corrected: Option<String>,
+    corrections: u32,
+) -> SpellcheckCompleted {
+    let event_name = "essay.spellcheck.completed";
+    // The request's metadata carries on (as in HuleEdu), now saying how it ended.
+    let mut system_metadata = request.system_metadata;
+    let now = Utc::now();
+    system_metadata.timestamp = now;
+    system_metadata.started_at = Some(started_at);
+    system_metadata.completed_at = Some(now);
+    system_metadata.event = Some(event_name.to_owned());
+    let (status, stage) = if corrected.is_some() {
+        (
+            essay_state::SPELLCHECKED_SUCCESS,
+            ProcessingStage::Completed,
+        )
+    } else {
+        let info = &mut system_metadata.error_info;
+        info.insert("reason".into(), "text not found".into());
+        info.insert(
+            "text_storage_id".into(),
+            request.text_storage_id.clone().into(),
+        );
+        (essay_state::SPELLCHECK_FAILED, ProcessingStage::Failed)
+    };
+    system_metadata.processing_stage = Some(stage);
+    SpellcheckCompleted {
+        event_name: event_name.into(),
+        entity_ref: request.entity_ref,
+        timestamp: now,
+        status: status.to_owned(),
+        system_metadata,
+        original_text_storage_id: request.text_storage_id,
+        storage_metadata: corrected.map(|id| StorageReferenceMetadata::single(CORRECTED_TEXT, id)),
+        corrections_made: corrections,
     }
 }
 
@@ -230,6 +265,51 @@ impl PublishingHandler for Spellchecker {
             other => Err(OutpostError::permanent(format!(
                 "the spellchecker does not handle {other}"
             ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use outpost::EventEnvelope;
+
+    use super::*;
+    use crate::contract::Contract;
+    use crate::els;
+    use crate::events::EssayRef;
+
+    /// Both outcomes of a check, from a request as ELS makes it, follow HuleEdu's schema
+    /// (the pipeline runs only ever see the successful one).
+    #[test]
+    fn results_follow_the_wire_contract() {
+        let contract = Contract::new();
+        let essay = EssayRef {
+            essay_id: Uuid::new_v4().to_string(),
+            text_storage_id: Uuid::new_v4().to_string(),
+        };
+        let request = els::spellcheck_request("batch-1", &essay, "en");
+        let check = |base: &str, data: serde_json::Value| {
+            let envelope = EventEnvelope::new(base, SERVICE, data);
+            contract.check_event(base, Some(&serde_json::to_vec(&envelope).unwrap()))
+        };
+        assert_eq!(
+            check(
+                topic::ESSAY_SPELLCHECK_REQUESTED,
+                serde_json::to_value(&request).unwrap()
+            ),
+            Vec::<String>::new()
+        );
+        for corrected in [Some(Uuid::new_v4().to_string()), None] {
+            let result = completed(request.clone(), Utc::now(), corrected.clone(), 3);
+            assert_eq!(result.corrected_text_storage_id(), corrected.as_deref());
+            assert_eq!(
+                check(
+                    topic::ESSAY_SPELLCHECK_COMPLETED,
+                    serde_json::to_value(&result).unwrap()
+                ),
+                Vec::<String>::new(),
+                "{result:?}"
+            );
         }
     }
 }

@@ -350,6 +350,12 @@ async fn a_broker_paused_mid_pipeline_loses_nothing() {
         "the File Service published during the pause, so some events took its outbox"
     );
     assert_every_phase_happened_once(&pipeline, &report).await;
+    // What took the File Service's outbox and the relays follows the contract too.
+    let checked = huleedu::contract::check_run(&pipeline, &report, WAIT)
+        .await
+        .unwrap();
+    assert!(checked.is_clean(), "{checked:#?}");
+    assert!(checked.checked >= report.expected.total());
     pipeline.shutdown().await.unwrap();
 }
 

@@ -6,11 +6,15 @@
 //!
 //! `--outage` runs on a private tansu broker and pauses it mid-run; `--json` prints one
 //! JSON object instead of the tables.
+//!
+//! Every message a run put on Kafka is read back and checked against HuleEdu's wire
+//! contract (`huleedu::contract`); the summary ends with how many were valid.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use huleedu::contract::{self, ContractReport};
 use huleedu::corpus::{self, CorpusFile, CORPUS_DIR};
 use huleedu::events::Topics;
 use huleedu::{Outage, Pipeline, PipelineConfig, RunMode, RunReport};
@@ -21,6 +25,9 @@ use crate::cli::{Cli, Command};
 
 /// How long `--outage` keeps the broker paused.
 const PAUSE: Duration = Duration::from_secs(5);
+
+/// How long reading a run's messages back for the contract check may take.
+const READ_BACK: Duration = Duration::from_secs(60);
 
 /// Runs the demo as `cli`'s `demo` subcommand asks.
 ///
@@ -46,18 +53,41 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         modes.push(RunMode::Baseline);
     }
     let mut reports = Vec::new();
+    let mut contracts = Vec::new();
     for mode in modes {
-        let report = run_mode(cli, mode, &files, outage).await?;
+        let (report, contract) = run_mode(cli, mode, &files, outage).await?;
         if !json {
             print_report(&report);
         }
         reports.push(report);
+        contracts.push(contract);
     }
+    let contract = ContractReport::merged(&contracts);
     if json {
-        println!("{}", to_json(&reports));
-    } else if let [instant, baseline] = reports.as_slice() {
-        print_comparison(instant, baseline);
+        let mut out = to_json(&reports);
+        out["contract_valid"] = json!(contract.valid);
+        out["contract_checked"] = json!(contract.checked);
+        println!("{out}");
+    } else {
+        if let [instant, baseline] = reports.as_slice() {
+            print_comparison(instant, baseline);
+        }
+        println!();
+        for v in contract.violations.iter().take(10) {
+            println!("  invalid: {v}");
+        }
+        for (topic, n) in &contract.unread {
+            println!("  not read back: {n} on {topic}");
+        }
+        println!("{}", contract.summary());
     }
+    anyhow::ensure!(
+        contract.is_clean(),
+        "{} of {} messages break the wire contract, {} expected events not read back",
+        contract.checked - contract.valid,
+        contract.checked,
+        contract.unread.values().sum::<usize>()
+    );
     let lost: usize = reports.iter().map(|r| r.lost).sum();
     anyhow::ensure!(lost == 0, "{lost} events never reached their consumer");
     for r in &reports {
@@ -76,7 +106,7 @@ async fn run_mode(
     mode: RunMode,
     files: &[CorpusFile],
     outage: bool,
-) -> anyhow::Result<RunReport> {
+) -> anyhow::Result<(RunReport, ContractReport)> {
     let label = mode.as_str();
     let say =
         move |t: Duration, line: &str| eprintln!("[{label:>8} {:6.2} s] {line}", t.as_secs_f64());
@@ -118,9 +148,15 @@ async fn run_mode(
         after_files: files.len() / 2,
         pause_for: PAUSE,
     });
-    let report = pipeline.run_batch(files, outage, &say).await;
+    // Checked before the shutdown, which deletes the run's topics.
+    let checked = match pipeline.run_batch(files, outage, &say).await {
+        Ok(report) => contract::check_run(&pipeline, &report, READ_BACK)
+            .await
+            .map(|c| (report, c)),
+        Err(e) => Err(e),
+    };
     pipeline.shutdown().await?;
-    Ok(report?)
+    Ok(checked?)
 }
 
 fn ms(d: Duration) -> f64 {

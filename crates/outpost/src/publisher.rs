@@ -37,6 +37,10 @@ use crate::store::{KeyLock, KeyRelease, OutboxStore, Settlement};
 use crate::wake::{validate_service, Waker};
 use crate::Environment;
 
+/// The longest Kafka-first waits for the database to say whether the key has an event
+/// waiting in the outbox.
+const KEY_CHECK_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// How a publisher gets events to Kafka.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
@@ -516,14 +520,11 @@ impl Publisher {
         let inner = &self.inner;
         let service = inner.config.service.as_str();
         // Any publisher process may have left an event of this key in the outbox; a direct
-        // send must not overtake it. If the database cannot answer, the outbox could not
-        // take the event either: go direct.
-        if inner
-            .store
-            .has_pending_key(&event.event_key)
-            .await
-            .unwrap_or(false)
-        {
+        // send must not overtake it. If the database cannot answer at once, the outbox could
+        // not take the event either: go direct.
+        let check = inner.store.has_pending_key(&event.event_key);
+        let pending = tokio::time::timeout(KEY_CHECK_TIMEOUT, check).await;
+        if matches!(pending, Ok(Ok(true))) {
             return self.fall_back(event, "key_pending").await;
         }
         let (allowed, probe) = {

@@ -168,7 +168,7 @@ impl Sql {
             KeyLock::Exclusive => "pg_advisory_xact_lock",
             KeyLock::Shared => "pg_advisory_xact_lock_shared",
         };
-        let claim = |filter: &str| {
+        let lease_keys = |filter: &str| {
             format!(
                 "WITH free AS ( \
                      SELECT event_key FROM {k} \
@@ -178,16 +178,23 @@ impl Sql {
                      FOR UPDATE SKIP LOCKED), \
                  leased AS ( \
                      UPDATE {k} k SET lease_owner = $1, \
-                         lease_until = now() + make_interval(secs => $4) \
+                         lease_until = now() + make_interval(secs => $3) \
                      FROM free WHERE k.event_key = free.event_key \
-                     RETURNING k.event_key) \
-                 SELECT leased.event_key AS claimed_key, {ROW_COLUMNS} \
-                 FROM leased LEFT JOIN LATERAL ( \
-                     SELECT * FROM {t} e WHERE e.status = 'pending' \
-                       AND e.event_key = leased.event_key \
-                     ORDER BY e.id LIMIT $3) e ON true"
+                     RETURNING k.event_key)"
             )
         };
+        // A key handed back by a statement that committed after this one's snapshot is
+        // still claimed (the lock re-reads the key row), but this snapshot would show its
+        // just-published rows as pending: the rows are locked too, which re-reads each one
+        // and skips those that are no longer pending.
+        let claim_with_rows = format!(
+            "{} SELECT leased.event_key AS claimed_key, {ROW_COLUMNS} \
+             FROM leased LEFT JOIN LATERAL ( \
+                 SELECT * FROM {t} e WHERE e.status = 'pending' \
+                   AND e.event_key = leased.event_key \
+                 ORDER BY e.id LIMIT $4 FOR UPDATE) e ON true",
+            lease_keys("AND event_key = ANY($5)")
+        );
         Self {
             // The lock is taken before the INSERT draws the row's id (the CTE is read first),
             // and the key row is inserted under it.
@@ -202,8 +209,10 @@ impl Sql {
                  ON CONFLICT (event_id) DO NOTHING RETURNING id",
                 lock_id("$6::text")
             ),
-            claim: claim(""),
-            claim_keys: claim("AND event_key = ANY($5)"),
+            // The relay reads the rows of the keys it leased in a second statement, whose
+            // snapshot is taken after the lease (see `claim_with_rows`).
+            claim: format!("{} SELECT event_key FROM leased", lease_keys("")),
+            claim_keys: claim_with_rows,
             // Only an owner with a live lease reads further rows of its keys.
             fetch: format!(
                 "SELECT c.event_key AS claimed_key, {ROW_COLUMNS} \
@@ -486,20 +495,36 @@ impl OutboxStore {
         lease: Duration,
         only: Option<&[String]>,
     ) -> Result<Vec<ClaimedKey>> {
-        let sql = if only.is_some() {
-            &self.sql.claim_keys
-        } else {
-            &self.sql.claim
+        let keys = i64::try_from(keys).unwrap_or(i64::MAX);
+        let Some(only) = only else {
+            let leased: Vec<String> = sqlx::query_scalar(&self.sql.claim)
+                .bind(owner)
+                .bind(keys)
+                .bind(lease.as_secs_f64())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| Error::storage("claim", e))?;
+            if leased.is_empty() {
+                return Ok(Vec::new());
+            }
+            let from_start: Vec<(String, i64)> = leased.iter().map(|k| (k.clone(), 0)).collect();
+            let mut found = self.fetch(owner, &from_start, per_key).await?;
+            for key in leased {
+                if !found.iter().any(|k| k.key == key) {
+                    found.push(ClaimedKey {
+                        key,
+                        rows: Vec::new(),
+                    });
+                }
+            }
+            return Ok(found);
         };
-        let mut query = sqlx::query(sql)
+        let rows = sqlx::query(&self.sql.claim_keys)
             .bind(owner)
-            .bind(i64::try_from(keys).unwrap_or(i64::MAX))
+            .bind(keys)
+            .bind(lease.as_secs_f64())
             .bind(i64::try_from(per_key).unwrap_or(i64::MAX))
-            .bind(lease.as_secs_f64());
-        if let Some(only) = only {
-            query = query.bind(only);
-        }
-        let rows = query
+            .bind(only)
             .fetch_all(&self.pool)
             .await
             .map_err(|e| Error::storage("claim", e))?;

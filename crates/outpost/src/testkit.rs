@@ -180,6 +180,20 @@ impl Drop for TansuBroker {
     }
 }
 
+/// A message's headers, values as lossy UTF-8 (of a repeated key, the last wins).
+pub fn headers_of(msg: &impl Message) -> BTreeMap<String, String> {
+    msg.headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    let value = String::from_utf8_lossy(h.value.unwrap_or_default());
+                    (h.key.to_owned(), value.into_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// One message read back by a [`Collector`].
 #[derive(Debug, Clone)]
 pub struct Consumed {
@@ -245,17 +259,7 @@ impl Collector {
                 let Ok(msg) = consumer.recv().await else {
                     continue;
                 };
-                let headers: BTreeMap<String, String> = msg
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                let value = String::from_utf8_lossy(h.value.unwrap_or_default());
-                                (h.key.to_owned(), value.into_owned())
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let headers = headers_of(&msg);
                 let Some(event_id) = headers.get("event_id").and_then(|s| s.parse().ok()) else {
                     continue;
                 };

@@ -723,8 +723,10 @@ async fn publisher_killed_after_commits_loses_no_committed_event() {
     // What the crashes left behind, then the relay as the net.
     let pending_left = support::count_status(&store, "pending").await;
     let leased_left: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM {} WHERE status = 'pending' AND lease_owner IS NOT NULL",
-        store.table()
+        "SELECT count(*) FROM {} e JOIN {} k ON k.event_key = e.event_key \
+         WHERE e.status = 'pending' AND k.lease_owner IS NOT NULL",
+        store.table(),
+        store.table().keys()
     ))
     .fetch_one(store.pool())
     .await

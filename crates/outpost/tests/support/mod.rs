@@ -365,3 +365,17 @@ pub fn spawn(relay: outpost::Relay) -> Running {
     let task = tokio::spawn(relay.run(shutdown.clone().cancelled_owned()));
     Running { shutdown, task }
 }
+
+/// Everything `collector` has read once nothing new arrived for `quiet` (at least `seen`
+/// messages are already there): a duplicate sent late still gets counted.
+pub async fn settled(collector: &Collector, seen: usize, quiet: Duration) -> Vec<Consumed> {
+    let mut count = seen;
+    loop {
+        tokio::time::sleep(quiet).await;
+        let now = collector.snapshot();
+        if now.len() == count {
+            return now;
+        }
+        count = now.len();
+    }
+}

@@ -1,0 +1,165 @@
+//! Publisher edge cases against real PostgreSQL and tansu: a half-open probe that has
+//! nothing to send, and Kafka-first order across publisher processes.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost::breaker::CircuitState;
+use outpost::metrics::{CIRCUIT_STATE, FALLBACKS};
+use outpost::{
+    Environment, KafkaProducer, Mode, PublishPath, Publisher, PublisherConfig, Relay, WakeSignal,
+    Waker,
+};
+use uuid::Uuid;
+
+fn config(service: &str, mode: Mode) -> PublisherConfig {
+    let mut cfg = PublisherConfig::new(service, Environment::Testing);
+    cfg.mode = mode;
+    cfg.delivery = support::relay_config(service);
+    cfg.dispatch_deadline = Duration::from_millis(500);
+    cfg.direct_deadline = Duration::from_millis(500);
+    cfg
+}
+
+/// The eager path takes the half-open probe; when that probe finds nothing to claim (its
+/// key is held by someone else) it must give the probe back, so that once Kafka answers
+/// the circuit closes and commits are dispatched eagerly again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_that_claims_nothing_does_not_wedge_the_circuit() {
+    support::metrics();
+    let broker = support::PrivateBroker::start().await;
+    let topic = support::topic_on(&broker.brokers(), 1).await;
+    let store = support::store().await;
+    let service = support::unique("probe");
+    let mut cfg = config(&service, Mode::Transactional);
+    cfg.breaker.failure_threshold = 1;
+    cfg.breaker.open_for = Duration::from_millis(300);
+    // Long enough for a fresh broker's first ack (the producer id handshake).
+    cfg.dispatch_deadline = Duration::from_secs(3);
+    let publisher = Publisher::new(
+        store.clone(),
+        support::producer(&broker.brokers()),
+        Waker::None,
+        cfg,
+    )
+    .unwrap();
+    let commit = |key: &str, seq: usize| {
+        let publisher = publisher.clone();
+        let ev = support::event(&topic, key, seq);
+        async move {
+            let mut tx = publisher.begin().await.unwrap();
+            tx.publish(&ev).await.unwrap();
+            tx.commit().await.unwrap()
+        }
+    };
+    // Warm the producer up, then open the circuit with the broker paused.
+    assert_eq!(commit("warm", 0).await.eager_published, 1);
+    broker.pause();
+    assert_eq!(commit("a", 0).await.eager_published, 0);
+    assert_eq!(
+        support::metric(CIRCUIT_STATE, &service, &[]),
+        2.0,
+        "one failure opens the circuit"
+    );
+    broker.resume();
+
+    // Half-open: the next commit is the probe, and its key is held by another owner.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let other = Uuid::new_v4();
+    let mut tx = store.pool().begin().await.unwrap();
+    store
+        .stage(&mut tx, &support::event(&topic, "held", 0))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let held = store
+        .claim_keys(other, &["held".to_owned()], 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+    let probe = commit("held", 1).await;
+    assert_eq!(probe.eager_published, 0, "the probe's key is elsewhere");
+
+    // Kafka answers again: the very next commit probes, is acked, and closes the circuit.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seq = 0;
+    loop {
+        seq += 1;
+        if commit("b", seq).await.eager_published == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the circuit never closed after an empty probe"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        support::metric(CIRCUIT_STATE, &service, &[]),
+        CircuitState::Closed.as_gauge()
+    );
+    publisher.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Two publisher processes on one outbox: while one of them has an event of a key waiting
+/// in the outbox (Kafka failed it), the other, with a healthy Kafka, must not send a
+/// later event of that key directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_first_never_overtakes_an_event_another_process_left_in_the_outbox() {
+    support::metrics();
+    let brokers = support::brokers();
+    let topic = support::topic(1).await;
+    let collector = support::Collector::start(&brokers, &topic, 1);
+    let store = support::store().await;
+    let service = support::unique("kf");
+    let cut_off = Publisher::new(
+        store.clone(),
+        Arc::new(KafkaProducer::new(support::producer_config("127.0.0.1:1")).unwrap()),
+        Waker::None,
+        config(&service, Mode::KafkaFirst),
+    )
+    .unwrap();
+    let healthy = Publisher::new(
+        store.clone(),
+        support::producer(&brokers),
+        Waker::None,
+        config(&service, Mode::KafkaFirst),
+    )
+    .unwrap();
+    let first = support::event(&topic, "k", 0);
+    let second = support::event(&topic, "k", 1);
+    let unrelated = support::event(&topic, "other", 0);
+    assert_eq!(cut_off.publish(&first).await.unwrap(), PublishPath::Outbox);
+    assert_eq!(
+        healthy.publish(&unrelated).await.unwrap(),
+        PublishPath::Direct
+    );
+    assert_eq!(
+        healthy.publish(&second).await.unwrap(),
+        PublishPath::Outbox,
+        "an older event of the key waits in the outbox"
+    );
+    assert_eq!(
+        support::metric(FALLBACKS, &service, &[("reason", "key_pending")]),
+        1.0
+    );
+
+    let relay = Relay::new(
+        store.clone(),
+        support::producer(&brokers),
+        support::relay_config(&service),
+    )
+    .unwrap()
+    .with_wake_signal(WakeSignal::new());
+    let running = support::spawn(relay);
+    let seen = collector
+        .wait_for(
+            &[first.event_id, second.event_id, unrelated.event_id],
+            Duration::from_secs(30),
+        )
+        .await;
+    running.stop().await;
+    support::assert_key_order(&seen);
+}
