@@ -12,7 +12,8 @@ export OUTPOST_BROKERS ?= 127.0.0.1:9092
 
 all: test
 
-## services: install (if needed) and start PostgreSQL, Redis and the tansu broker
+## services: install (if needed) and start PostgreSQL, Redis and the tansu broker; install
+## Prometheus (the tests start their own server)
 services:
 	bash scripts/services.sh
 
@@ -20,10 +21,12 @@ services:
 demo: services
 	cargo run --release -p outpost-cli --bin outpost -- demo
 
-## test: formatting, clippy and the whole test suite against live services
+## test: formatting, clippy, the Prometheus rules and the whole test suite against live services
 test: services
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool check config deploy/prometheus/prometheus.yml
 	OUTPOST_TANSU_BIN="$${OUTPOST_TANSU_BIN:-$$(cat .tools/tansu-bin)}" cargo test --workspace
 
 ## broker-stop: kill the tansu broker on 127.0.0.1:9092 started by `make services`

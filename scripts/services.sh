@@ -4,6 +4,7 @@
 #   PostgreSQL  127.0.0.1:5432  (user postgres, trust auth, database "test")
 #   Redis       127.0.0.1:6379
 #   tansu       127.0.0.1:9092  (Kafka protocol, memory storage)
+#   prometheus  installed only (prometheus + promtool): tests start their own server
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -168,6 +169,21 @@ else
   wait_for 30 redis redis_up
 fi
 echo "redis: $redis_status (127.0.0.1:$REDIS_PORT)"
+
+# ---------------------------------------------------------------- Prometheus
+# Tests run their own prometheus (temporary config and data, free port) against a
+# relay, and `make test` runs promtool on deploy/prometheus/. The package's own service
+# is not wanted: it would hold port 9090 and scrape nothing of ours.
+if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+  prom_status="already installed"
+else
+  apt_install --no-install-recommends prometheus >/dev/null
+  prom_status="installed"
+  if [ -d /run/systemd/system ]; then
+    "${SUDO[@]}" systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+fi
+echo "prometheus: $prom_status ($(prometheus --version 2>&1 | head -1))"
 
 # --------------------------------------------------------------------- tansu
 bash "$ROOT/scripts/kafka-setup.sh"

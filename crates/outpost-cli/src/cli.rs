@@ -1,6 +1,9 @@
 //! Command-line definition.
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
 
 /// Outpost: transactional outbox relay and tools for PostgreSQL + Kafka.
 #[derive(Debug, Parser)]
@@ -11,6 +14,7 @@ pub struct Cli {
         long,
         env = "OUTPOST_DATABASE_URL",
         default_value = "postgres://postgres@127.0.0.1:5432/test",
+        hide_env_values = true,
         global = true
     )]
     pub database_url: String,
@@ -27,6 +31,7 @@ pub struct Cli {
         long,
         env = "OUTPOST_REDIS_URL",
         default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true,
         global = true
     )]
     pub redis_url: String,
@@ -86,13 +91,40 @@ pub struct Cli {
     /// Extra librdkafka producer property, KEY=VALUE (repeatable).
     #[arg(long = "kafka-option", value_name = "KEY=VALUE", global = true)]
     pub kafka_options: Vec<String>,
+    /// TOML file with shared settings and one `[[service]]` table per outbox; flags and
+    /// environment variables override it.
+    #[arg(long, env = "OUTPOST_CONFIG", value_name = "PATH", global = true)]
+    pub config: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz on this address (relay only), e.g.
+    /// 127.0.0.1:9464.
+    #[arg(
+        long,
+        env = "OUTPOST_HTTP_ADDR",
+        value_name = "HOST:PORT",
+        global = true
+    )]
+    pub http_addr: Option<String>,
+    /// Log line format on stderr.
+    #[arg(long, env = "OUTPOST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// Wake-up transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Wake {
     /// Redis LPUSH/BLPOP on outbox:wake:{service}.
     Redis,
@@ -177,11 +209,63 @@ pub enum Command {
         #[arg(long)]
         corpus: Option<std::path::PathBuf>,
     },
-    /// Show pending count, oldest pending age and parked events.
-    Status,
+    /// Show pending count, oldest pending age, parked and recently published events per
+    /// service.
+    Status {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect, requeue or purge parked (dead) events.
+    Dead {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
     /// Put parked (dead) events back in line.
     Requeue {
         /// Row ids to requeue; all parked rows when omitted.
         ids: Vec<i64>,
+    },
+}
+
+/// Dead-letter subcommands. With several services configured, `--service` picks the one
+/// whose row ids are meant (`list` shows all services without it).
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// List parked events, oldest first.
+    List {
+        /// Print a JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Most events listed per service.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Show one parked event: headers, reason, attempts and payload.
+    Show {
+        /// Row id (from `dead list`).
+        id: i64,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put parked events back in line at their original position.
+    Requeue {
+        /// Row ids to requeue.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<i64>,
+        /// Requeue every parked event.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete parked events for good.
+    Purge {
+        /// Row ids to delete.
+        #[arg(required_unless_present = "older_than", conflicts_with = "older_than")]
+        ids: Vec<i64>,
+        /// Delete parked events staged longer ago than this (e.g. 7d, 12h, 30m).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
     },
 }

@@ -1,49 +1,52 @@
-//! `outpost`: migrate the outbox table, run the relay, try it out with `quickstart` and
-//! `demo`.
+//! `outpost`: migrate the outbox table, run the relay (one daemon for many services, with
+//! /metrics and health), inspect and repair it (`status`, `dead`), try it out with
+//! `quickstart` and `demo`.
 
 mod cli;
+mod config;
+mod daemon;
+mod dead;
 mod demo;
+mod http;
 mod quickstart;
 mod settings;
+mod status;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
-use cli::{Cli, Command, Wake};
-use outpost::{Relay, WakeSignal};
-use settings::Settings;
+use cli::{Cli, Command, LogFormat, Wake};
+use outpost::{OutboxStore, WakeSignal};
+use settings::{ServiceSettings, Settings};
 
 /// Exit code for bad settings (as opposed to a runtime failure).
 const EXIT_CONFIG: u8 = 2;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
             eprintln!("{}", one_line(&e.to_string()));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let settings = match Settings::from_cli(&cli) {
+    let settings = match Settings::from_cli(&cli, &matches) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    init_logging(settings.log_format);
     match run(cli, settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -73,28 +76,21 @@ fn one_line(message: &str) -> String {
 }
 
 async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    if matches!(cli.command, Command::Relay) {
+        cancel_on_signal(shutdown.clone());
+    }
     let pool = settings.connect().await?;
     let store = settings.store(pool.clone());
     match cli.command {
         Command::Migrate => {
-            store.migrate().await?;
-            println!("migrated {}", store.table());
+            for service in &settings.services {
+                let store = OutboxStore::new(pool.clone(), service.table.clone());
+                store.migrate().await?;
+                println!("migrated {}", store.table());
+            }
         }
-        Command::Relay => {
-            store.migrate().await?;
-            let shutdown = CancellationToken::new();
-            let signal = WakeSignal::new();
-            start_listener(&cli, &settings, &signal, pool, &shutdown)?;
-            let relay = Relay::new(store, settings.producer()?, settings.relay.clone())?
-                .with_wake_signal(signal);
-            let token = shutdown.clone();
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                info!("shutdown requested; draining");
-                token.cancel();
-            });
-            relay.run(shutdown.cancelled_owned()).await?;
-        }
+        Command::Relay => daemon::run(&settings, pool, shutdown).await?,
         Command::Quickstart {
             events,
             keys,
@@ -102,16 +98,8 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             concurrency,
             json,
         } => {
-            let reports = quickstart::run(
-                &cli,
-                &settings,
-                store,
-                &mode.modes(),
-                events,
-                keys,
-                concurrency,
-            )
-            .await?;
+            let reports =
+                quickstart::run(&settings, store, &mode.modes(), events, keys, concurrency).await?;
             if json {
                 let out = match reports.as_slice() {
                     [one] => serde_json::to_value(one)?,
@@ -125,84 +113,88 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             }
         }
         Command::Demo { .. } => demo::run(&cli).await?,
-        Command::Status => {
-            let backlog = store.backlog().await?;
-            println!(
-                "{}: pending {} (oldest {:.3} s)",
-                store.table(),
-                backlog.pending,
-                backlog.oldest_pending.as_secs_f64()
-            );
-            for dead in store.dead(100).await? {
-                println!(
-                    "dead id={} event_id={} topic={} key={} attempts={} error={}",
-                    dead.id,
-                    dead.event_id,
-                    dead.topic,
-                    dead.event_key,
-                    dead.attempts,
-                    dead.last_error.unwrap_or_default()
-                );
-            }
-        }
+        Command::Status { json } => status::run(&settings, &pool, json).await?,
+        Command::Dead { command } => dead::run(&settings, &pool, command).await?,
         Command::Requeue { ids } => {
-            let n = store
-                .requeue(if ids.is_empty() { None } else { Some(&ids) })
-                .await?;
-            println!("requeued {n} event(s)");
+            let all = ids.is_empty();
+            dead::run(&settings, &pool, cli::DeadCommand::Requeue { ids, all }).await?;
         }
     }
     Ok(())
 }
 
-/// Starts the configured wake-up listener feeding `signal`.
+/// Writes logs to stderr as text or JSON lines, filtered by `OUTPOST_LOG` (default warn).
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
+}
+
+/// Starts `service`'s wake-up listener feeding `signal`.
 pub(crate) fn start_listener(
-    cli: &Cli,
     settings: &Settings,
+    service: &ServiceSettings,
     signal: &WakeSignal,
     pool: sqlx::PgPool,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let service = &settings.relay.service;
-    match cli.wake {
+    let name = &service.name;
+    match service.wake {
         Wake::Redis => {
             signal
-                .listen_redis(&cli.redis_url, service, shutdown.clone())
+                .listen_redis(&settings.redis_url, name, shutdown.clone())
                 .map_err(|_| {
                     outpost::Error::config(
-                        "OUTPOST_REDIS_URL (--redis-url)",
+                        "OUTPOST_REDIS_URL (--redis-url, redis_url)",
                         "redis://host[:port][/db]",
-                        &cli.redis_url,
+                        settings::redact(&settings.redis_url),
                     )
                 })?;
         }
         Wake::Notify => {
-            signal.listen_notify(pool, service, shutdown.clone())?;
+            signal.listen_notify(pool, name, shutdown.clone())?;
         }
         Wake::None => {}
     }
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Cancels `token` on the first ctrl-c or SIGTERM. On Unix the handlers are in place when
+/// this returns, so a signal that arrives while the daemon is still starting up (migrating,
+/// connecting) is not lost: the relays then drain at once.
+pub(crate) fn cancel_on_signal(token: CancellationToken) {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = signal(SignalKind::terminate())
+            .and_then(|term| signal(SignalKind::interrupt()).map(|int| (term, int)));
+        tokio::spawn(async move {
+            match signals {
+                Ok((mut term, mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+            info!("shutdown requested; draining");
+            token.cancel();
+        });
     }
     #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        info!("shutdown requested; draining");
+        token.cancel();
+    });
 }

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::cli::{Cli, Wake};
+use crate::cli::Wake;
 use crate::settings::Settings;
 
 const PARTITIONS: i32 = 4;
@@ -82,7 +82,6 @@ struct Received {
 
 /// Runs quickstart for each of `modes` in turn.
 pub async fn run(
-    cli: &Cli,
     settings: &Settings,
     store: OutboxStore,
     modes: &[Mode],
@@ -96,13 +95,12 @@ pub async fn run(
     for &mode in modes {
         let keys = keys.max(1);
         let concurrency = concurrency.clamp(1, keys);
-        reports.push(run_mode(cli, settings, &store, mode, events, keys, concurrency).await?);
+        reports.push(run_mode(settings, &store, mode, events, keys, concurrency).await?);
     }
     Ok(reports)
 }
 
 async fn run_mode(
-    cli: &Cli,
     settings: &Settings,
     store: &OutboxStore,
     mode: Mode,
@@ -111,23 +109,39 @@ async fn run_mode(
     concurrency: usize,
 ) -> anyhow::Result<Report> {
     let topic = format!("outpost.quickstart.{}", Uuid::new_v4().simple());
-    outpost::producer::create_topic(&cli.brokers, &topic, PARTITIONS, Duration::from_secs(10))
-        .await
-        .with_context(|| format!("cannot create topic on OUTPOST_BROKERS={}", cli.brokers))?;
+    outpost::producer::create_topic(
+        &settings.brokers,
+        &topic,
+        PARTITIONS,
+        Duration::from_secs(10),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "cannot create topic on OUTPOST_BROKERS={}",
+            settings.brokers
+        )
+    })?;
 
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let consumer = consume(&cli.brokers, &topic, tx)?;
+    let consumer = consume(&settings.brokers, &topic, tx)?;
 
     let shutdown = CancellationToken::new();
     let signal = WakeSignal::new();
     let pool = store.pool().clone();
-    crate::start_listener(cli, settings, &signal, pool.clone(), &shutdown)?;
+    crate::start_listener(
+        settings,
+        &settings.services[0],
+        &signal,
+        pool.clone(),
+        &shutdown,
+    )?;
     let producer = settings.producer()?;
     let relay = Relay::new(store.clone(), Arc::clone(&producer), settings.relay.clone())?
         .with_wake_signal(signal);
     let relay_task = tokio::spawn(relay.run(shutdown.clone().cancelled_owned()));
-    let waker = match cli.wake {
-        Wake::Redis => match Waker::redis(&cli.redis_url, &settings.relay.service).await {
+    let waker = match settings.wake {
+        Wake::Redis => match Waker::redis(&settings.redis_url, &settings.relay.service).await {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "redis unavailable; relying on polling");
@@ -233,7 +247,7 @@ async fn run_mode(
     let report = Report {
         mode: mode.as_str(),
         environment: format!("{:?}", settings.environment).to_lowercase(),
-        wake: format!("{:?}", cli.wake).to_lowercase(),
+        wake: format!("{:?}", settings.wake).to_lowercase(),
         topic,
         warm_up_ms,
         staged: events,

@@ -13,107 +13,19 @@ use std::time::{Duration, Instant};
 
 use outpost::testkit::{Collector, Consumed};
 use outpost::{Aggregate, EventEnvelope, OutboxEvent, OutboxStore, OutboxTable};
-use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+mod support;
 
-/// Settings the tests pass explicitly; removed from the inherited environment so a
-/// developer's shell cannot change what a test checks.
-const SETTING_VARS: &[&str] = &[
-    "OUTPOST_SCHEMA",
-    "OUTPOST_SERVICE",
-    "OUTPOST_ENVIRONMENT",
-    "OUTPOST_WAKE",
-    "OUTPOST_POLL_MAX_MS",
-    "OUTPOST_DELIVERY_TIMEOUT_MS",
-    "OUTPOST_LEASE_MS",
-    "OUTPOST_LOG",
-    "RUST_BACKTRACE",
-    "RUST_LIB_BACKTRACE",
-];
-
-fn database_url() -> String {
-    std::env::var("OUTPOST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-fn brokers() -> String {
-    std::env::var("OUTPOST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", &Uuid::new_v4().simple().to_string()[..12])
-}
-
-/// `outpost` with valid database and broker settings and nothing else inherited.
-fn outpost_std() -> StdCommand {
-    let mut cmd = StdCommand::new(BIN);
-    for var in SETTING_VARS {
-        cmd.env_remove(var);
-    }
-    cmd.env("OUTPOST_DATABASE_URL", database_url())
-        .env("OUTPOST_BROKERS", brokers())
-        .stdin(Stdio::null());
-    cmd
-}
+use support::{
+    assert_bad_setting, brokers, database_url, eventually, outpost_std, pool, unique, BIN,
+    SETTING_VARS,
+};
 
 // ---------------------------------------------------------------------------------------
 // Bad settings
 // ---------------------------------------------------------------------------------------
-
-/// Runs `outpost` with `args` (plus `env`), expecting it to fail within `within` with exactly
-/// one stderr line that contains every string of `mentions`.
-fn assert_bad_setting(args: &[&str], env: &[(&str, &str)], mentions: &[&str], within: Duration) {
-    let mut cmd = outpost_std();
-    cmd.args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let started = Instant::now();
-    let out = cmd.output().expect("run outpost");
-    let took = started.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let context = format!(
-        "outpost {args:?} env {env:?}: status {:?}, took {took:?}\n--- stderr ---\n{stderr}--- stdout ---\n{stdout}",
-        out.status
-    );
-    assert!(!out.status.success(), "expected failure; {context}");
-    assert!(
-        out.status.code().is_some_and(|c| c != 0),
-        "expected a non-zero exit code, not a signal; {context}"
-    );
-    assert!(!stderr.contains("panicked"), "panic; {context}");
-    assert!(!stderr.contains("RUST_BACKTRACE"), "panic note; {context}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "expected exactly one stderr line; {context}"
-    );
-    assert_eq!(
-        stderr.lines().count(),
-        1,
-        "expected no blank lines either; {context}"
-    );
-    for m in mentions {
-        assert!(
-            lines[0].contains(m),
-            "stderr should mention {m:?}; {context}"
-        );
-    }
-    assert!(
-        took < within,
-        "took {took:?}, expected under {within:?}; {context}"
-    );
-    println!(
-        "outpost {args:?} {env:?} -> {:?} in {took:?}: {}",
-        out.status.code(),
-        lines[0]
-    );
-}
 
 const FAST: Duration = Duration::from_secs(5);
 
@@ -241,15 +153,6 @@ fn lease_too_short_names_outpost_lease_ms() {
 // ---------------------------------------------------------------------------------------
 // Crash and restart
 // ---------------------------------------------------------------------------------------
-
-async fn pool() -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(&database_url())
-        .await
-        .expect("PostgreSQL must be reachable at OUTPOST_DATABASE_URL (run `make services`)")
-}
 
 /// One staged event, as the test remembers it.
 #[derive(Debug, Clone)]
@@ -382,26 +285,6 @@ impl RelayProcess {
     }
 }
 
-/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
-async fn eventually<T, F, Fut>(timeout: Duration, what: impl Fn() -> String, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?}: {}",
-            what()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_killed_mid_batch_and_restarted_loses_nothing() {
     const PARTITIONS: i32 = 4;
@@ -520,7 +403,17 @@ async fn relay_killed_mid_batch_and_restarted_loses_nothing() {
     assert_eq!(final_counts.dead, 0, "no event should be parked");
     assert_eq!(final_counts.published, staged.len() as i64);
 
-    // Graceful shutdown on SIGTERM.
+    // Graceful shutdown on SIGTERM, once the relay is up (the first one may have
+    // delivered everything before the second finished starting).
+    eventually(
+        Duration::from_secs(60),
+        || format!("the second relay to start; log:\n{}", second.log()),
+        || {
+            let started = second.log().contains("relay started");
+            async move { started.then_some(()) }
+        },
+    )
+    .await;
     let pid = second.pid().to_string();
     let term = StdCommand::new("kill")
         .args(["-TERM", &pid])

@@ -289,6 +289,23 @@ pub struct Received {
 }
 
 impl Received {
+    /// The producer's W3C `traceparent` header, when it carries a valid one: start the
+    /// handler's span as its child to continue the trace.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.headers
+            .get(crate::trace::TRACEPARENT)
+            .map(String::as_str)
+            .filter(|p| p.parse::<crate::trace::TraceParent>().is_ok())
+    }
+
+    /// The `tracestate` header that goes with [`traceparent`](Self::traceparent).
+    pub fn tracestate(&self) -> Option<&str> {
+        self.traceparent()?;
+        self.headers
+            .get(crate::trace::TRACESTATE)
+            .map(String::as_str)
+    }
+
     /// Parses the payload as an envelope.
     ///
     /// # Errors

@@ -171,7 +171,7 @@ impl OutboxEvent {
             .and_then(|m| m.get("partition_key"))
             .and_then(|v| v.as_str())
             .map_or_else(|| aggregate.aggregate_id.clone(), str::to_owned);
-        let headers = BTreeMap::from([
+        let mut headers = BTreeMap::from([
             ("event_id".to_owned(), envelope.event_id.to_string()),
             ("event_type".to_owned(), envelope.event_type.clone()),
             ("trace_id".to_owned(), envelope.correlation_id.to_string()),
@@ -188,6 +188,7 @@ impl OutboxEvent {
             ),
             ("content_type".to_owned(), CONTENT_TYPE_JSON.to_owned()),
         ]);
+        headers.extend(crate::trace::from_metadata(envelope.metadata.as_ref()));
         Ok(Self {
             event_id: envelope.event_id,
             event_type: envelope.event_type.clone(),

@@ -24,11 +24,14 @@
 //!
 //! Modules, in pipeline order:
 //! - [`envelope`]: the HuleEdu-compatible [`EventEnvelope`], serialized once into an [`OutboxEvent`].
+//! - [`trace`]: W3C `traceparent` from the envelope's metadata into the headers, and back out for consumers.
+//! - `otel` (feature `opentelemetry`): the same from and to OpenTelemetry span contexts.
 //! - [`publisher`]: the API services call: transactional (eager after commit), Kafka-first, outbox-only.
 //! - [`breaker`]: the circuit breaker that lets publishing skip a Kafka known to be down.
 //! - [`table`]: the validated `schema.table` name of a service's outbox.
 //! - [`store`]: all SQL: migrate, stage in the caller's transaction, claim, settle, retention.
 //! - [`wake`]: wake-up hints (Redis `LPUSH`/`BLPOP`, PostgreSQL `NOTIFY`) on `outbox:wake:{service}`.
+//! - [`admin`]: operator queries: status at a glance, parked rows in full, purge.
 //! - [`relay`]: the worker tying claim → produce → settle together, with graceful shutdown.
 //! - [`poll`]: adaptive polling between wake-ups.
 //! - [`environment`]: per-environment defaults (testing, development, production).
@@ -42,11 +45,15 @@
 //! - [`metrics`]: metric names and their recording, on the `metrics` facade.
 
 pub mod envelope;
+pub mod trace;
+#[cfg(feature = "opentelemetry")]
+pub mod otel;
 pub mod publisher;
 pub mod breaker;
 pub mod table;
 pub mod store;
 pub mod wake;
+pub mod admin;
 pub mod relay;
 pub mod poll;
 pub mod environment;
@@ -60,6 +67,7 @@ pub mod metrics;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+pub use admin::{OutboxAdmin, OutboxStatus, ParkedEvent};
 pub use consumer::{Consumer, ConsumerConfig, Handler, Outcome, Process, Received};
 pub use envelope::{Aggregate, EventEnvelope, OutboxEvent};
 pub use environment::Environment;

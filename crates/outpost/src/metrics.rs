@@ -25,6 +25,11 @@ pub const OLDEST_PENDING: &str = "outpost_oldest_pending_seconds";
 pub const POLL_INTERVAL: &str = "outpost_poll_interval_seconds";
 /// Counter: wake-ups received, by `source` (redis, notify, local).
 pub const WAKEUPS: &str = "outpost_wakeups_total";
+/// Histogram (seconds): wake-up hint sent by a writer → received by the relay's listener,
+/// which wakes the relay to claim at once; by `service`, `source` (redis, notify). Only
+/// hints that carry their send time (Outpost's [`crate::Waker`]) are timed; writer and
+/// relay clocks must agree.
+pub const WAKEUP_LATENCY: &str = "outpost_wakeup_latency_seconds";
 /// Counter: relay iterations that failed (database errors), by `service`.
 pub const RELAY_ERRORS: &str = "outpost_relay_errors_total";
 /// Counter: Kafka producers replaced after being fenced.
@@ -73,6 +78,11 @@ pub(crate) fn poll_interval(service: &str, interval: Duration) {
 
 pub(crate) fn wakeup(source: WakeSource) {
     metrics::counter!(WAKEUPS, "source" => source.as_str()).increment(1);
+}
+
+pub(crate) fn wakeup_latency(service: &str, source: WakeSource, seconds: f64) {
+    metrics::histogram!(WAKEUP_LATENCY, "service" => service.to_owned(), "source" => source.as_str())
+        .record(seconds);
 }
 
 pub(crate) fn relay_error(service: &str) {
@@ -124,4 +134,76 @@ pub const CONSUMED: &str = "outpost_consumed_total";
 
 pub(crate) fn consumed(group: &str, outcome: &'static str) {
     metrics::counter!(CONSUMED, "group" => group.to_owned(), "outcome" => outcome).increment(1);
+}
+
+/// Gives every metric above its help text (exporters print it as `# HELP`); call once
+/// after installing a recorder.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    let counters = [
+        (
+            EVENTS_STAGED,
+            "Events staged and committed through a Publisher",
+        ),
+        (
+            EVENTS_PUBLISHED,
+            "Events acked by the broker and marked published",
+        ),
+        (
+            EVENTS_RETRIED,
+            "Failed delivery attempts scheduled for retry",
+        ),
+        (EVENTS_PARKED, "Events parked (dead), once per event"),
+        (WAKEUPS, "Wake-ups received by relays"),
+        (RELAY_ERRORS, "Relay iterations that failed"),
+        (
+            PRODUCER_REBUILDS,
+            "Kafka producers replaced after being fenced",
+        ),
+        (ROWS_CLEANED, "Published rows deleted by retention"),
+        (DIRECT_PUBLISHES, "Kafka-first direct publishes by outcome"),
+        (
+            FALLBACKS,
+            "Kafka-first events stored in the outbox instead, by reason",
+        ),
+        (
+            EAGER_DISPATCH,
+            "Transactional events after commit: eager hit or miss",
+        ),
+        (CONSUMED, "Consumed messages by outcome"),
+    ];
+    for (name, help) in counters {
+        describe_counter!(name, help);
+    }
+    let gauges = [
+        (BACKLOG, Unit::Count, "Pending outbox rows"),
+        (
+            OLDEST_PENDING,
+            Unit::Seconds,
+            "Age of the oldest pending row",
+        ),
+        (
+            POLL_INTERVAL,
+            Unit::Seconds,
+            "The relay's current idle polling interval",
+        ),
+        (
+            CIRCUIT_STATE,
+            Unit::Count,
+            "Kafka-first circuit: 0 closed, 1 half-open, 2 open",
+        ),
+    ];
+    for (name, unit, help) in gauges {
+        describe_gauge!(name, unit, help);
+    }
+    describe_histogram!(
+        PUBLISH_LATENCY,
+        Unit::Seconds,
+        "Staging to broker acknowledgement"
+    );
+    describe_histogram!(
+        WAKEUP_LATENCY,
+        Unit::Seconds,
+        "Wake-up hint sent to received by the relay"
+    );
 }

@@ -140,7 +140,7 @@ impl Waker {
                 let mut conn = conn.clone();
                 redis::pipe()
                     .atomic()
-                    .lpush(key, 1)
+                    .lpush(key, sent_at_millis())
                     .ignore()
                     .ltrim(key, 0, 0)
                     .ignore()
@@ -151,8 +151,9 @@ impl Waker {
                         source: Box::new(e),
                     })
             }
-            Self::Notify { pool, channel } => sqlx::query("SELECT pg_notify($1, '')")
+            Self::Notify { pool, channel } => sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(channel)
+                .bind(sent_at_millis().to_string())
                 .execute(pool)
                 .await
                 .map(|_| ())
@@ -166,6 +167,32 @@ impl Waker {
             }
             Self::None => Ok(()),
         }
+    }
+}
+
+/// What a hint carries: when it was sent (milliseconds since the Unix epoch), so the
+/// listener can record how long it took to arrive.
+fn sent_at_millis() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Records hint sent → relay woken, when the hint says when it was sent. Hints from other
+/// writers (HuleEdu pushes `"wake"` or `1`) carry no time and are not timed.
+fn record_delay(service: &str, source: WakeSource, payload: &str) {
+    // Anything before 2020 is not a send time.
+    const EARLIEST: i64 = 1_577_836_800_000;
+    if let Some(sent) = payload
+        .trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|&ms| ms >= EARLIEST)
+    {
+        let waited = chrono::Utc::now()
+            .timestamp_millis()
+            .saturating_sub(sent)
+            .max(0);
+        #[allow(clippy::cast_precision_loss)]
+        crate::metrics::wakeup_latency(service, source, waited as f64 / 1000.0);
     }
 }
 
@@ -215,6 +242,7 @@ impl WakeSignal {
         let client = redis_client(url)?;
         let key = wake_key(service);
         let signal = self.clone();
+        let service = service.to_owned();
         Ok(tokio::spawn(async move {
             // BLPOP blocks its connection, so it gets one of its own, with no response
             // timeout shorter than the BLPOP timeout.
@@ -243,8 +271,9 @@ impl WakeSignal {
                         r = blpop.query_async(&mut conn) => r,
                     };
                     match popped {
-                        Ok(Some(_)) => {
+                        Ok(Some((_, payload))) => {
                             failures = 0;
+                            record_delay(&service, WakeSource::Redis, &payload);
                             signal.wake(WakeSource::Redis);
                         }
                         Ok(None) => failures = 0,
@@ -274,6 +303,7 @@ impl WakeSignal {
         validate_service(service)?;
         let channel = wake_key(service);
         let signal = self.clone();
+        let service = service.to_owned();
         Ok(tokio::spawn(async move {
             let mut failures = 0u32;
             while !shutdown.is_cancelled() {
@@ -299,8 +329,9 @@ impl WakeSignal {
                         n = listener.try_recv() => n,
                     };
                     match next {
-                        Ok(Some(_)) => {
+                        Ok(Some(notification)) => {
                             failures = 0;
+                            record_delay(&service, WakeSource::Notify, notification.payload());
                             signal.wake(WakeSource::Notify);
                         }
                         Ok(None) => {

@@ -1,0 +1,94 @@
+//! `outpost relay`: one relay per configured service in one process, sharing a database
+//! pool and a Kafka producer, plus the HTTP endpoints, until ctrl-c or SIGTERM; then every
+//! relay drains (finishes and settles its batch) before the process exits.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use outpost::metrics::{EVENTS_PARKED, EVENTS_RETRIED, RELAY_ERRORS};
+use outpost::{ErrorClass, OutboxStore, Relay, WakeSignal};
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::http::{self, Readiness};
+use crate::settings::Settings;
+
+/// Runs every service's relay (and the HTTP server, if configured) until `shutdown` is
+/// cancelled.
+pub async fn run(
+    settings: &Settings,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    // Installed before any relay records, so no early sample is lost.
+    let metrics = match settings.http_addr {
+        Some(_) => Some(http::install_recorder()?),
+        None => None,
+    };
+    let producer = settings.producer()?;
+    let mut relays = Vec::with_capacity(settings.services.len());
+    for service in &settings.services {
+        let store = OutboxStore::new(pool.clone(), service.table.clone());
+        store
+            .migrate()
+            .await
+            .with_context(|| format!("cannot migrate the outbox of service {}", service.name))?;
+        if metrics.is_some() {
+            zero_counters(&service.name);
+        }
+        let signal = WakeSignal::new();
+        crate::start_listener(settings, service, &signal, pool.clone(), &shutdown)?;
+        relays.push(
+            Relay::new(store, Arc::clone(&producer), service.relay.clone())?
+                .with_wake_signal(signal),
+        );
+    }
+    let mut tasks = JoinSet::new();
+    if let (Some(addr), Some(metrics)) = (settings.http_addr, metrics) {
+        let readiness = Readiness::new(settings, pool.clone())?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on OUTPOST_HTTP_ADDR={addr}"))?;
+        info!(%addr, "serving /metrics, /healthz, /readyz");
+        tasks.spawn(http::serve(
+            listener,
+            metrics,
+            readiness,
+            shutdown.clone().cancelled_owned(),
+        ));
+    }
+    for relay in relays {
+        tasks.spawn(relay.run(shutdown.clone().cancelled_owned()));
+    }
+    let mut first_error = None;
+    while let Some(done) = tasks.join_next().await {
+        let result = done
+            .context("a relay task panicked")
+            .and_then(|r| r.map_err(anyhow::Error::from));
+        if let Err(e) = result {
+            // One broken task stops the daemon rather than leaving a service silently
+            // unrelayed; the others still drain.
+            shutdown.cancel();
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Exports `service`'s failure counters at 0 from the start: Prometheus sees no increase
+/// in a series that first appears at 1, so a relay that parks an event right after
+/// starting would otherwise never trip `increase(...) > 0` alerts.
+fn zero_counters(service: &str) {
+    let service = service.to_owned();
+    for class in [ErrorClass::Retriable, ErrorClass::Permanent] {
+        metrics::counter!(EVENTS_PARKED, "service" => service.clone(), "class" => class.as_str())
+            .increment(0);
+    }
+    for class in [ErrorClass::Transient, ErrorClass::Retriable] {
+        metrics::counter!(EVENTS_RETRIED, "service" => service.clone(), "class" => class.as_str())
+            .increment(0);
+    }
+    metrics::counter!(RELAY_ERRORS, "service" => service).increment(0);
+}
