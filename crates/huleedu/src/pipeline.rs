@@ -196,8 +196,13 @@ impl Pipeline {
         let counters = Counters::install();
         let topics = &config.topics;
         for t in &all_topics(topics) {
-            outpost::producer::create_topic(&config.brokers, t, config.partitions, config.timeout)
-                .await?;
+            outpost::kafka::producer::create_topic(
+                &config.brokers,
+                t,
+                config.partitions,
+                config.timeout,
+            )
+            .await?;
         }
 
         let shutdown = CancellationToken::new();

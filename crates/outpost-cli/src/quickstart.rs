@@ -109,7 +109,7 @@ async fn run_mode(
     concurrency: usize,
 ) -> anyhow::Result<Report> {
     let topic = format!("outpost.quickstart.{}", Uuid::new_v4().simple());
-    outpost::producer::create_topic(
+    outpost::kafka::producer::create_topic(
         &settings.brokers,
         &topic,
         PARTITIONS,

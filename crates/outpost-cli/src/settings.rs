@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::ArgMatches;
-use outpost::producer::validate_brokers;
+use outpost::kafka::producer::validate_brokers;
 use outpost::{
     Environment, Error, KafkaProducer, OutboxStore, OutboxTable, ProducerConfig, RelayConfig,
 };
@@ -350,7 +350,7 @@ impl Candidate {
             (Some(prefix), Some(f)) => f.key(&format!("{prefix}{field}")),
             _ => flag.to_owned(),
         };
-        outpost::wake::validate_service(&self.name).map_err(|_| {
+        outpost::relay::wake::validate_service(&self.name).map_err(|_| {
             Error::config(
                 name_of("name", "OUTPOST_SERVICE (--service)"),
                 "1-48 characters of [A-Za-z0-9_.-]",

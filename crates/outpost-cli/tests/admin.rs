@@ -29,7 +29,7 @@ async fn outbox() -> Outbox {
     let store = OutboxStore::new(pool().await, OutboxTable::new(&schema).unwrap());
     store.migrate().await.unwrap();
     let topic = unique("ops_admin");
-    outpost::producer::create_topic(&brokers(), &topic, 1, Duration::from_secs(10))
+    outpost::kafka::producer::create_topic(&brokers(), &topic, 1, Duration::from_secs(10))
         .await
         .unwrap();
     // Anything above 1000 bytes is refused by librdkafka itself: a permanent failure,

@@ -295,7 +295,7 @@ async fn relay_killed_mid_batch_and_restarted_loses_nothing() {
     let schema = unique("crash");
     let service = unique("cli_crash");
     let topic = unique("outpost.cli.crash").replace('_', ".");
-    outpost::producer::create_topic(&brokers, &topic, PARTITIONS, Duration::from_secs(10))
+    outpost::kafka::producer::create_topic(&brokers, &topic, PARTITIONS, Duration::from_secs(10))
         .await
         .expect("create topic");
     let store = OutboxStore::new(pool().await, OutboxTable::new(&schema).expect("schema"));

@@ -45,7 +45,7 @@ async fn one_daemon_relays_every_configured_service() {
     let (els, bos) = (unique("ops_els"), unique("ops_bos"));
     let bos_schema = unique("ops_bos_schema");
     let topic = unique("ops_daemon");
-    outpost::producer::create_topic(&brokers(), &topic, 2, FAST)
+    outpost::kafka::producer::create_topic(&brokers(), &topic, 2, FAST)
         .await
         .unwrap();
     // The file's broker list is wrong on purpose: OUTPOST_BROKERS must win.

@@ -207,7 +207,7 @@ async fn prometheus_sees_the_relay_deliver_drain_and_park() {
     let own = serve_own_metrics().await;
     let service = unique("ops_prom");
     let topic = unique("ops_prom");
-    outpost::producer::create_topic(&brokers(), &topic, 1, Duration::from_secs(10))
+    outpost::kafka::producer::create_topic(&brokers(), &topic, 1, Duration::from_secs(10))
         .await
         .unwrap();
     let pool = pool().await;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry::Context;
-use outpost::trace::{TRACEPARENT, TRACESTATE};
+use outpost::event::trace::{TRACEPARENT, TRACESTATE};
 use outpost::{
     Aggregate, Consumer, ConsumerConfig, EventEnvelope, OutboxEvent, OutboxStore, OutboxTable,
     Outcome, Process, Received,
@@ -48,7 +48,7 @@ async fn traceparent_reaches_kafka_and_the_handler_unchanged() {
     const FROM_METADATA: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let service = unique("ops_trace");
     let topic = unique("ops_trace");
-    outpost::producer::create_topic(&brokers(), &topic, 1, Duration::from_secs(10))
+    outpost::kafka::producer::create_topic(&brokers(), &topic, 1, Duration::from_secs(10))
         .await
         .unwrap();
     let store = OutboxStore::new(pool().await, OutboxTable::new(&service).unwrap());

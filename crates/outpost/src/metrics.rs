@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use crate::producer::ErrorClass;
-use crate::wake::WakeSource;
+use crate::error::ErrorClass;
 
 /// Counter: events staged and committed through a `Publisher`, by `service` (a stage
 /// that found its `event_id` already staged, or was rolled back, is not counted).
@@ -76,12 +75,12 @@ pub(crate) fn poll_interval(service: &str, interval: Duration) {
     metrics::gauge!(POLL_INTERVAL, "service" => service.to_owned()).set(interval.as_secs_f64());
 }
 
-pub(crate) fn wakeup(source: WakeSource) {
-    metrics::counter!(WAKEUPS, "source" => source.as_str()).increment(1);
+pub(crate) fn wakeup(source: &'static str) {
+    metrics::counter!(WAKEUPS, "source" => source).increment(1);
 }
 
-pub(crate) fn wakeup_latency(service: &str, source: WakeSource, seconds: f64) {
-    metrics::histogram!(WAKEUP_LATENCY, "service" => service.to_owned(), "source" => source.as_str())
+pub(crate) fn wakeup_latency(service: &str, source: &'static str, seconds: f64) {
+    metrics::histogram!(WAKEUP_LATENCY, "service" => service.to_owned(), "source" => source)
         .record(seconds);
 }
 
@@ -117,8 +116,9 @@ pub(crate) fn fallback(service: &str, reason: &'static str) {
     metrics::counter!(FALLBACKS, "service" => service.to_owned(), "reason" => reason).increment(1);
 }
 
-pub(crate) fn circuit(service: &str, state: crate::breaker::CircuitState) {
-    metrics::gauge!(CIRCUIT_STATE, "service" => service.to_owned()).set(state.as_gauge());
+/// `gauge`: 0 closed, 1 half-open, 2 open.
+pub(crate) fn circuit(service: &str, gauge: f64) {
+    metrics::gauge!(CIRCUIT_STATE, "service" => service.to_owned()).set(gauge);
 }
 
 pub(crate) fn eager(service: &str, hits: usize, misses: usize) {

@@ -423,7 +423,7 @@ impl Collector {
                 .await
                 .map_err(|(source, _)| Error::KafkaPublish {
                     topic: self.topic.clone(),
-                    class: crate::producer::classify(&source),
+                    class: crate::error::classify(&source),
                     source,
                 })?;
             fences.push(fence);

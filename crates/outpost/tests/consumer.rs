@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use outpost::consumer::{
+use outpost::consuming::consumer::{
     DLQ_CONSUMER_GROUP, DLQ_ERROR_CODE, DLQ_OFFSET, DLQ_PARTITION, DLQ_REASON, DLQ_SOURCE_TOPIC,
 };
-use outpost::idempotency::Claim;
+use outpost::consuming::idempotency::Claim;
 use outpost::{
     Aggregate, Consumer, ConsumerConfig, Error, ErrorCode, EventEnvelope, Handler, Idempotency,
     IdempotencyConfig, Idempotent, Inbox, InboxConfig, InboxHandler, InboxTable, Inboxed,

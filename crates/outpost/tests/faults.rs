@@ -73,7 +73,7 @@ async fn survive(outage: Outage) {
         Outage::KillAndRestart => {
             broker.restart().await;
             // Memory storage lost the topic; recreate it as an operator would.
-            outpost::producer::create_topic(&brokers, &topic, 2, Duration::from_secs(10))
+            outpost::kafka::producer::create_topic(&brokers, &topic, 2, Duration::from_secs(10))
                 .await
                 .unwrap();
         }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost::store::KeyLock;
+use outpost::outbox::store::KeyLock;
 use outpost::{OutboxStore, Publisher, PublisherConfig, Relay, WakeSignal, Waker};
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;

@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outpost::breaker::BreakerConfig;
 use outpost::metrics::{CIRCUIT_STATE, DIRECT_PUBLISHES, EAGER_DISPATCH, FALLBACKS};
-use outpost::store::KeyRelease;
+use outpost::outbox::store::KeyRelease;
+use outpost::publishing::breaker::BreakerConfig;
 use outpost::{
     Dispatch, Environment, ErrorCode, KafkaProducer, Mode, OutboxEvent, OutboxStore, OutboxTable,
     PublishPath, Publisher, PublisherConfig, Relay, Settlement, WakeSignal, Waker,
@@ -493,7 +493,7 @@ async fn eager_dispatch_never_overtakes_an_older_pending_event_of_its_key() {
     );
 }
 
-fn ids_of_claimed(keys: &[outpost::store::ClaimedKey]) -> Vec<Uuid> {
+fn ids_of_claimed(keys: &[outpost::outbox::store::ClaimedKey]) -> Vec<Uuid> {
     keys.iter()
         .flat_map(|k| k.rows.iter().map(|r| r.event_id))
         .collect()
@@ -900,7 +900,7 @@ async fn kafka_first_survives(outage: Outage) {
         Outage::Kill => {
             broker.restart().await;
             // Memory storage lost the topic; recreate it as an operator would.
-            outpost::producer::create_topic(&brokers, &topic, 2, Duration::from_secs(10))
+            outpost::kafka::producer::create_topic(&brokers, &topic, 2, Duration::from_secs(10))
                 .await
                 .unwrap();
         }

@@ -6,8 +6,8 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outpost::breaker::CircuitState;
 use outpost::metrics::{CIRCUIT_STATE, FALLBACKS};
+use outpost::publishing::breaker::CircuitState;
 use outpost::{
     Environment, KafkaProducer, Mode, PublishPath, Publisher, PublisherConfig, Relay, WakeSignal,
     Waker,

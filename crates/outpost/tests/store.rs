@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use outpost::store::{ClaimedKey, KeyLock, KeyRelease, Settlement};
+use outpost::outbox::store::{ClaimedKey, KeyLock, KeyRelease, Settlement};
 use outpost::{OutboxStore, OutboxTable};
 use uuid::Uuid;
 

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::store::{ClaimedEvent, ClaimedKey, KeyRelease, Settlement};
+use crate::outbox::store::{ClaimedEvent, ClaimedKey, KeyRelease, Settlement};
 
 /// One owned key.
 #[derive(Debug, Default)]
@@ -18,7 +18,7 @@ pub(crate) struct KeyState {
     pub(crate) drained: bool,
     /// The earliest failed row (to retry) with its settlement; nothing more of the key is
     /// sent once set, so nothing overtakes it.
-    pub(crate) failure: Option<(i64, Settlement, crate::producer::ErrorClass)>,
+    pub(crate) failure: Option<(i64, Settlement, crate::error::ErrorClass)>,
 }
 
 /// What to do with a key after looking at it.
@@ -38,7 +38,7 @@ pub(crate) enum Next {
 #[derive(Debug, PartialEq)]
 pub(crate) enum Release {
     /// With the failed row's retry recorded and the key's back-off.
-    Failed(i64, Settlement, crate::producer::ErrorClass),
+    Failed(i64, Settlement, crate::error::ErrorClass),
     /// Nothing more to send: delete its key row if still empty.
     Drained,
     /// Stopping or out of lease: hand it back as it is.
@@ -211,7 +211,7 @@ fn next(state: &KeyState, refill_below: usize, stopping: bool, once: bool) -> Ne
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::producer::ErrorClass;
+    use crate::error::ErrorClass;
     use std::time::Duration;
 
     fn retry() -> Settlement {

@@ -15,9 +15,11 @@
 //! row. A slow key holds back only itself; claims go on while sends are in flight.
 
 mod claiming;
+pub mod poll;
 mod sending;
 pub(crate) mod settling;
 pub(crate) mod verdict;
+pub mod wake;
 
 use std::future::Future;
 use std::pin::pin;
@@ -30,11 +32,12 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::environment::Environment;
+use crate::error::ErrorClass;
 use crate::error::{Error, Result};
-use crate::poll::{PollConfig, PollSchedule};
-use crate::producer::{ErrorClass, KafkaProducer};
-use crate::store::{OutboxStore, Settlement};
-use crate::wake::{validate_service, WakeSignal};
+use crate::kafka::producer::KafkaProducer;
+use crate::outbox::store::{OutboxStore, Settlement};
+use crate::relay::poll::{PollConfig, PollSchedule};
+use crate::relay::wake::{validate_service, WakeSignal};
 
 use claiming::{Keys, Release};
 use sending::{Sender, Sent};

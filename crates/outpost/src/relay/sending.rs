@@ -7,8 +7,8 @@ use std::time::Instant;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 
-use crate::producer::{Acked, KafkaProducer, SendFailure};
-use crate::store::ClaimedEvent;
+use crate::kafka::producer::{Acked, KafkaProducer, SendFailure};
+use crate::outbox::store::ClaimedEvent;
 
 use super::claiming::Keys;
 

@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::warn;
 use uuid::Uuid;
 
-use crate::producer::ErrorClass;
-use crate::store::{KeyRelease, OutboxStore, Settlement};
+use crate::error::ErrorClass;
+use crate::outbox::store::{KeyRelease, OutboxStore, Settlement};
 
 /// Most rows or keys folded into one settle statement.
 const MAX_BATCH: usize = 2000;

@@ -5,8 +5,9 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use crate::backoff::Backoff;
-use crate::producer::{ErrorClass, SendFailure};
-use crate::store::{ClaimedEvent, Settlement};
+use crate::error::ErrorClass;
+use crate::kafka::producer::SendFailure;
+use crate::outbox::store::{ClaimedEvent, Settlement};
 
 /// The retry policy shared by the relay and the eager path.
 #[derive(Debug, Clone, Copy, PartialEq)]

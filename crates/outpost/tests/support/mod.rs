@@ -69,7 +69,7 @@ pub async fn topic(partitions: i32) -> String {
 
 pub async fn topic_on(brokers: &str, partitions: i32) -> String {
     let name = unique("outpost.test").replace('_', ".");
-    outpost::producer::create_topic(brokers, &name, partitions, Duration::from_secs(10))
+    outpost::kafka::producer::create_topic(brokers, &name, partitions, Duration::from_secs(10))
         .await
         .expect("create topic");
     name

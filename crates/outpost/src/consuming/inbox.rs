@@ -3,7 +3,7 @@
 //! however often it is delivered. The recommended way to consume Outpost events.
 //!
 //! A duplicate is recognised from its event id alone (header first, see
-//! [`consumer`](crate::consumer)), before its body is parsed. Two consumers handling the
+//! [`consumer`](crate::consuming::consumer)), before its body is parsed. Two consumers handling the
 //! same event at once (a rebalance) serialize on the inbox row: the second waits until the
 //! first commits and then skips, or until it rolls back and then handles it.
 //!
@@ -23,11 +23,11 @@ use sqlx::{Postgres, Transaction};
 use tracing::{debug, warn};
 use uuid::Uuid;
 
-use crate::consumer::{Outcome, Process, Received};
-use crate::envelope::EventEnvelope;
+use crate::consuming::consumer::{Outcome, Process, Received};
 use crate::error::{Error, Result};
-use crate::publisher::{OutboxTx, Publisher};
-use crate::table::OutboxTable;
+use crate::event::envelope::EventEnvelope;
+use crate::outbox::table::OutboxTable;
+use crate::publishing::publisher::{OutboxTx, Publisher};
 
 /// Default inbox table name inside the service's schema.
 pub const DEFAULT_INBOX_TABLE: &str = "event_inbox";

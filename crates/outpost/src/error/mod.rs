@@ -7,7 +7,9 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::producer::ErrorClass;
+mod class;
+
+pub use class::{classify, classify_code, ErrorClass};
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -255,9 +257,7 @@ impl Error {
             Self::Configuration { .. } | Self::Serialization(_) | Self::Decode { .. } => false,
             Self::WakeUp { .. } | Self::Idempotency { .. } => true,
             Self::Handler { retriable, .. } => *retriable,
-            Self::KafkaConsume { source, .. } => {
-                crate::producer::classify(source) != ErrorClass::Permanent
-            }
+            Self::KafkaConsume { source, .. } => classify(source) != ErrorClass::Permanent,
         }
     }
 

@@ -188,7 +188,9 @@ impl OutboxEvent {
             ),
             ("content_type".to_owned(), CONTENT_TYPE_JSON.to_owned()),
         ]);
-        headers.extend(crate::trace::from_metadata(envelope.metadata.as_ref()));
+        headers.extend(crate::event::trace::from_metadata(
+            envelope.metadata.as_ref(),
+        ));
         Ok(Self {
             event_id: envelope.event_id,
             event_type: envelope.event_type.clone(),

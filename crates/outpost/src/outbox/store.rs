@@ -32,9 +32,9 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use crate::envelope::OutboxEvent;
 use crate::error::{Error, EventContext, Result};
-use crate::table::OutboxTable;
+use crate::event::envelope::OutboxEvent;
+use crate::outbox::table::OutboxTable;
 
 /// A pending row handed to its key's owner, ready to be produced.
 #[derive(Debug, Clone)]
@@ -457,7 +457,7 @@ impl OutboxStore {
 
     /// Leases up to `keys` free keys (not leased, not backing off) to `owner` for `lease`,
     /// each with its first `per_key` pending rows. A key may come back with no rows: it
-    /// drained after its row was written; [`release`](Self::release) it as drained.
+    /// drained after its row was written; hand it back with [`release_drained`](Self::release_drained).
     ///
     /// # Errors
     /// [`Error::OutboxStorage`] when the query fails.

@@ -1,5 +1,5 @@
 //! HuleEdu-style two-phase idempotency on Redis, for handlers whose effects cannot share a
-//! transaction with an [`Inbox`](crate::inbox::Inbox) (prefer the inbox when they can).
+//! transaction with an [`Inbox`](crate::consuming::inbox::Inbox) (prefer the inbox when they can).
 //!
 //! One key per consumer group and event, `outpost:idempotency:{service}:{group}:{event_id}`:
 //!
@@ -24,9 +24,9 @@ use tokio::sync::Mutex;
 use tracing::warn;
 use uuid::Uuid;
 
-use crate::consumer::{Handler, Outcome, Process, Received};
+use crate::consuming::consumer::{Handler, Outcome, Process, Received};
 use crate::error::{Error, Result};
-use crate::wake::validate_service;
+use crate::relay::wake::validate_service;
 
 const PROCESSING: &str = "processing";
 const COMPLETED: &str = "completed";

@@ -26,15 +26,16 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use crate::breaker::{BreakerConfig, CircuitBreaker, CircuitState};
-use crate::envelope::OutboxEvent;
+use crate::error::ErrorClass;
 use crate::error::{Error, EventContext, Result};
-use crate::producer::{ErrorClass, KafkaProducer};
+use crate::event::envelope::OutboxEvent;
+use crate::kafka::producer::KafkaProducer;
+use crate::outbox::store::{KeyLock, KeyRelease, OutboxStore, Settlement};
+use crate::publishing::breaker::{BreakerConfig, CircuitBreaker, CircuitState};
 use crate::relay::settling::{RowOutcome, SettleOp, Settler};
 use crate::relay::verdict::RetryPolicy;
+use crate::relay::wake::{validate_service, Waker};
 use crate::relay::{longest_send, RelayConfig};
-use crate::store::{KeyLock, KeyRelease, OutboxStore, Settlement};
-use crate::wake::{validate_service, Waker};
 use crate::Environment;
 
 /// The longest Kafka-first waits for the database to say whether the key has an event
@@ -537,7 +538,7 @@ impl Publisher {
             let now = Instant::now();
             let probe = breaker.state(now) != CircuitState::Closed;
             let allowed = breaker.allow(now);
-            crate::metrics::circuit(service, breaker.state(now));
+            crate::metrics::circuit(service, breaker.state(now).as_gauge());
             (allowed, allowed && probe)
         };
         if !allowed {
@@ -600,7 +601,10 @@ impl Publisher {
     fn breaker(&self, f: impl FnOnce(&mut CircuitBreaker)) {
         let mut breaker = self.inner.breaker.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut breaker);
-        crate::metrics::circuit(&self.inner.config.service, breaker.state(Instant::now()));
+        crate::metrics::circuit(
+            &self.inner.config.service,
+            breaker.state(Instant::now()).as_gauge(),
+        );
     }
 
     async fn fall_back(&self, event: &OutboxEvent, reason: &'static str) -> Result<PublishPath> {

@@ -6,8 +6,8 @@
 //! 1. The event id comes from the `event_id` header; only a message without one has its body
 //!    parsed for it. A duplicate is recognised without parsing its JSON.
 //! 2. The [`Process`] skips a duplicate, or decodes the envelope and runs the handler:
-//!    [`Inboxed`](crate::inbox::Inboxed) (PostgreSQL inbox, exactly-once effect; the
-//!    recommended one) or [`Idempotent`](crate::idempotency::Idempotent) (Redis, HuleEdu's
+//!    [`Inboxed`](crate::consuming::inbox::Inboxed) (PostgreSQL inbox, exactly-once effect; the
+//!    recommended one) or [`Idempotent`](crate::consuming::idempotency::Idempotent) (Redis, HuleEdu's
 //!    two-phase scheme).
 //! 3. Once the message is settled (handled, skipped, or dead-lettered) its offset is
 //!    *stored*; librdkafka commits stored offsets every `commit_interval`, when partitions
@@ -89,9 +89,10 @@ use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::envelope::EventEnvelope;
+use crate::error::classify;
 use crate::error::{database_is_retriable, Error, Result};
-use crate::producer::{classify, validate_brokers};
+use crate::event::envelope::EventEnvelope;
+use crate::kafka::producer::validate_brokers;
 
 /// The header the event id is read from before falling back to the body.
 pub const EVENT_ID_HEADER: &str = "event_id";
@@ -293,16 +294,16 @@ impl Received {
     /// handler's span as its child to continue the trace.
     pub fn traceparent(&self) -> Option<&str> {
         self.headers
-            .get(crate::trace::TRACEPARENT)
+            .get(crate::event::trace::TRACEPARENT)
             .map(String::as_str)
-            .filter(|p| p.parse::<crate::trace::TraceParent>().is_ok())
+            .filter(|p| p.parse::<crate::event::trace::TraceParent>().is_ok())
     }
 
     /// The `tracestate` header that goes with [`traceparent`](Self::traceparent).
     pub fn tracestate(&self) -> Option<&str> {
         self.traceparent()?;
         self.headers
-            .get(crate::trace::TRACESTATE)
+            .get(crate::event::trace::TRACESTATE)
             .map(String::as_str)
     }
 
@@ -360,7 +361,7 @@ pub enum Outcome {
     Duplicate,
 }
 
-/// The business side of consuming with [`Idempotent`](crate::idempotency::Idempotent):
+/// The business side of consuming with [`Idempotent`](crate::consuming::idempotency::Idempotent):
 /// what to do with one decoded event.
 ///
 /// Contract: return `Ok` only once the effect is durable (committed); the event is then

@@ -5,9 +5,9 @@
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry::Context;
 
-use crate::consumer::Received;
-use crate::envelope::OutboxEvent;
-use crate::trace::{TraceParent, TRACEPARENT, TRACESTATE};
+use crate::consuming::consumer::Received;
+use crate::event::envelope::OutboxEvent;
+use crate::event::trace::{TraceParent, TRACEPARENT, TRACESTATE};
 
 impl OutboxEvent {
     /// Carries `cx`'s span as the event's trace headers. A `traceparent` the envelope's
@@ -68,7 +68,7 @@ impl Received {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::{Aggregate, EventEnvelope};
+    use crate::event::envelope::{Aggregate, EventEnvelope};
     use serde_json::json;
 
     fn event() -> OutboxEvent {

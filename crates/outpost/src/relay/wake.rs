@@ -192,7 +192,7 @@ fn record_delay(service: &str, source: WakeSource, payload: &str) {
             .saturating_sub(sent)
             .max(0);
         #[allow(clippy::cast_precision_loss)]
-        crate::metrics::wakeup_latency(service, source, waited as f64 / 1000.0);
+        crate::metrics::wakeup_latency(service, source.as_str(), waited as f64 / 1000.0);
     }
 }
 
@@ -218,7 +218,7 @@ impl WakeSignal {
 
     /// Wakes the relay.
     pub fn wake(&self, source: WakeSource) {
-        crate::metrics::wakeup(source);
+        crate::metrics::wakeup(source.as_str());
         self.notify.notify_one();
     }
 

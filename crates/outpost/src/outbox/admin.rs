@@ -13,8 +13,8 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::store::OutboxStore;
-use crate::table::OutboxTable;
+use crate::outbox::store::OutboxStore;
+use crate::outbox::table::OutboxTable;
 
 /// One outbox table's state, as `outpost status` shows it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

@@ -1,0 +1,6 @@
+//! The outbox store: the events table and the keys table of one service, and all SQL
+//! against them (staging in the caller's transaction, key leases, settling, operator views).
+
+pub mod admin;
+pub mod store;
+pub mod table;

@@ -1,0 +1,5 @@
+//! Publishing: the API services call (transactional with eager dispatch, Kafka-first,
+//! outbox-only) and the circuit breaker that lets it skip a Kafka known to be down.
+
+pub mod breaker;
+pub mod publisher;
