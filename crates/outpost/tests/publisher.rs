@@ -872,12 +872,13 @@ async fn kafka_first_survives(outage: Outage) {
             "{t:?}"
         );
     }
-    for t in &took[2..] {
-        assert!(
-            *t < DEADLINE,
-            "circuit open, the deadline is not waited for: {t:?}"
-        );
-    }
+    // With the circuit open no call tries Kafka at all (counted, not timed: on a loaded
+    // machine the outbox write alone can take longer than the deadline).
+    assert_eq!(
+        support::metric(DIRECT_PUBLISHES, &service, &[("outcome", "failed")]),
+        2.0,
+        "only the first two calls tried Kafka; calls took {took:?}"
+    );
     assert_eq!(
         support::metric(CIRCUIT_STATE, &service, &[]),
         2.0,

@@ -4,3 +4,5 @@
 pub mod consumer;
 pub mod idempotency;
 pub mod inbox;
+#[cfg(feature = "opentelemetry")]
+pub mod otel;
