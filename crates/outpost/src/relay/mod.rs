@@ -330,14 +330,13 @@ impl<'r> Engine<'r> {
     async fn claim(&mut self) -> Result<usize> {
         let c = &self.relay.config;
         let room = self.sender.room().saturating_sub(self.keys.queued_rows());
-        let want = c
-            .batch_size
-            .min(room / c.per_key.max(1))
-            .max(usize::from(room > 0));
+        let want = c.batch_size.min(room);
         if want == 0 {
             return Ok(0);
         }
-        let per_key = c.per_key.min(room.max(1));
+        // The first read of each key shares the room; a key with more rows gets `per_key`
+        // at a time from its refills.
+        let per_key = c.per_key.min(room / want).max(1);
         let claimed = self
             .relay
             .store
