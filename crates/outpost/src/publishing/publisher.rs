@@ -38,6 +38,9 @@ use crate::relay::wake::{validate_service, Waker};
 use crate::relay::{longest_send, RelayConfig};
 use crate::Environment;
 
+/// Most rows of one key an eager dispatch sends (its own and older ones still pending).
+const EAGER_ROWS_PER_KEY: usize = 32;
+
 /// The longest Kafka-first waits for the database to say whether the key has an event
 /// waiting in the outbox.
 const KEY_CHECK_TIMEOUT: Duration = Duration::from_millis(100);
@@ -353,7 +356,9 @@ impl Publisher {
             .claim_keys(
                 inner.owner,
                 &keys,
-                inner.config.delivery.per_key.max(staged.len()),
+                // A key with a backlog is the relay's to drain: the commit only helps out
+                // with a few rows ahead of its own, so it never waits for a whole backlog.
+                EAGER_ROWS_PER_KEY.max(staged.len()),
                 inner.config.delivery.lease,
             )
             .await
