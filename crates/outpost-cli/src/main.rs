@@ -1,6 +1,7 @@
 //! `outpost`: migrate the outbox table, run the relay, try it out with `quickstart` and
-//! `demo`.
+//! `demo`, measure it with `bench`.
 
+mod bench;
 mod cli;
 mod demo;
 mod quickstart;
@@ -125,6 +126,9 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             }
         }
         Command::Demo { .. } => demo::run(&cli).await?,
+        Command::Bench { quick, json, plans } => {
+            bench::run(&cli, &settings, quick, json, plans).await?;
+        }
         Command::Status => {
             let backlog = store.backlog().await?;
             println!(
