@@ -8,7 +8,7 @@ export OUTPOST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 export OUTPOST_REDIS_URL ?= redis://127.0.0.1:6379
 export OUTPOST_BROKERS ?= 127.0.0.1:9092
 
-.PHONY: all demo test services broker-stop
+.PHONY: all demo bench test services broker-stop
 
 all: test
 
@@ -21,7 +21,12 @@ services:
 demo: services
 	cargo run --release -p outpost-cli --bin outpost -- demo
 
+## bench: the full benchmark (release build; minutes): raw limits and Outpost side by side
+bench: services
+	cargo run --release -p outpost-cli --bin outpost -- bench --plans
+
 ## test: formatting, clippy, the Prometheus rules and the whole test suite against live services
+## (it includes `outpost bench --quick --json`, crates/outpost-cli/tests/bench.rs)
 test: services
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings

@@ -209,6 +209,19 @@ pub enum Command {
         #[arg(long)]
         corpus: Option<std::path::PathBuf>,
     },
+    /// Measure the raw produce and INSERT+COMMIT limits and Outpost's latencies, drain
+    /// rates and relay memory side by side (see BENCHMARKS.md); use a release build.
+    Bench {
+        /// Small sizes: checks the command works (seconds), not the figures.
+        #[arg(long)]
+        quick: bool,
+        /// Print one JSON object instead of the table (progress goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Also print the EXPLAIN ANALYZE plans of the relay's claim statements.
+        #[arg(long)]
+        plans: bool,
+    },
     /// Show pending count, oldest pending age, parked and recently published events per
     /// service.
     Status {

@@ -1,7 +1,8 @@
 //! `outpost`: migrate the outbox table, run the relay (one daemon for many services, with
 //! /metrics and health), inspect and repair it (`status`, `dead`), try it out with
-//! `quickstart` and `demo`.
+//! `quickstart` and `demo`, measure it with `bench`.
 
+mod bench;
 mod cli;
 mod config;
 mod daemon;
@@ -115,6 +116,9 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         Command::Demo { .. } => demo::run(&cli).await?,
         Command::Status { json } => status::run(&settings, &pool, json).await?,
         Command::Dead { command } => dead::run(&settings, &pool, command).await?,
+        Command::Bench { quick, json, plans } => {
+            bench::run(&cli, &settings, quick, json, plans).await?;
+        }
         Command::Requeue { ids } => {
             let all = ids.is_empty();
             dead::run(&settings, &pool, cli::DeadCommand::Requeue { ids, all }).await?;
