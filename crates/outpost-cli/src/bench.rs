@@ -52,38 +52,38 @@ struct Sizes {
     drain: usize,
     drain_keys: [usize; 3],
     relays: [usize; 2],
-    /// Backlog sizes of the claim-cost plans; the last two are also drained, to compare
-    /// the rate of a large backlog with a smaller one's.
+    /// Backlog sizes of the claim-cost plans; the many-key ones are each drained, and the
+    /// largest one's rate is compared with the one before it.
     backlogs: [usize; 3],
     explain_keys: usize,
 }
 
 impl Sizes {
     fn new(quick: bool) -> Self {
-        if quick {
-            Self {
-                sequential: 100,
-                pipelined: 2_000,
-                commits: 100,
-                fallback: 5,
-                drain: 2_000,
-                drain_keys: [1, 16, 2_000],
-                relays: [1, 3],
-                backlogs: [500, 1_000, 4_000],
-                explain_keys: 100,
-            }
+        // Sequential samples (sends, commits, Kafka-first publishes), pipelined sends,
+        // wake-ups, drained events, claim-cost backlogs, keys of the many-key backlogs.
+        let (sequential, pipelined, fallback, drain, backlogs, explain_keys) = if quick {
+            (100, 2_000, 5, 2_000, [500, 1_000, 4_000], 100)
         } else {
-            Self {
-                sequential: 2_000,
-                pipelined: 100_000,
-                commits: 2_000,
-                fallback: 200,
-                drain: 100_000,
-                drain_keys: [1, 16, 100_000],
-                relays: [1, 3],
-                backlogs: [10_000, 100_000, 1_000_000],
-                explain_keys: EXPLAIN_KEYS,
-            }
+            (
+                2_000,
+                100_000,
+                200,
+                100_000,
+                [10_000, 100_000, 1_000_000],
+                EXPLAIN_KEYS,
+            )
+        };
+        Self {
+            sequential,
+            pipelined,
+            commits: sequential,
+            fallback,
+            drain,
+            drain_keys: [1, 16, drain],
+            relays: [1, 3],
+            backlogs,
+            explain_keys,
         }
     }
 }
@@ -195,7 +195,8 @@ impl Template {
         ev
     }
 
-    /// The payload as text with its event id replaced by `placeholder`, for SQL to fill in.
+    /// The payload as text and the headers as JSON, for SQL to put a fresh event id into
+    /// both (the template's id is what it replaces).
     fn payload_sql(&self) -> (String, Value) {
         let payload = String::from_utf8_lossy(&self.event.payload).into_owned();
         let headers = serde_json::to_value(&self.event.headers).unwrap_or_default();
