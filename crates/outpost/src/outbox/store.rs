@@ -168,6 +168,8 @@ impl Sql {
             KeyLock::Exclusive => "pg_advisory_xact_lock",
             KeyLock::Shared => "pg_advisory_xact_lock_shared",
         };
+        // The lease is written by primary key: an `UPDATE ... FROM free` join was planned as
+        // a scan of the whole keys table, per claim.
         let lease_keys = |filter: &str| {
             format!(
                 "WITH free AS ( \
@@ -179,7 +181,7 @@ impl Sql {
                  leased AS ( \
                      UPDATE {k} k SET lease_owner = $1, \
                          lease_until = now() + make_interval(secs => $3) \
-                     FROM free WHERE k.event_key = free.event_key \
+                     WHERE k.event_key = ANY(ARRAY(SELECT event_key FROM free)) \
                      RETURNING k.event_key)"
             )
         };
@@ -213,12 +215,15 @@ impl Sql {
             // snapshot is taken after the lease (see `claim_with_rows`).
             claim: format!("{} SELECT event_key FROM leased", lease_keys("")),
             claim_keys: claim_with_rows,
-            // Only an owner with a live lease reads further rows of its keys.
+            // Only an owner with a live lease reads further rows of its keys. Keys are looked
+            // up by primary key (never a scan of the keys table), so the cost follows the
+            // keys asked for, not the keys pending.
             fetch: format!(
-                "SELECT c.event_key AS claimed_key, {ROW_COLUMNS} \
+                "WITH own AS (SELECT event_key FROM {k} WHERE event_key = ANY($2) \
+                              AND lease_owner = $1 AND lease_until > now()) \
+                 SELECT c.event_key AS claimed_key, {ROW_COLUMNS} \
                  FROM UNNEST($2::text[], $3::bigint[]) AS c(event_key, after) \
-                 JOIN {k} k ON k.event_key = c.event_key AND k.lease_owner = $1 \
-                           AND k.lease_until > now() \
+                 JOIN own ON own.event_key = c.event_key \
                  CROSS JOIN LATERAL ( \
                      SELECT * FROM {t} e WHERE e.status = 'pending' \
                        AND e.event_key = c.event_key AND e.id > c.after \

@@ -76,7 +76,8 @@ pub struct RelayConfig {
     pub max_in_flight: usize,
     /// Most payload bytes read and not yet settled at once (default 32 MiB).
     pub max_in_flight_bytes: usize,
-    /// How often the backlog gauges are refreshed (default 1 s).
+    /// How often the backlog gauges are refreshed (default 5 s; the count reads every
+    /// pending row).
     pub backlog_interval: Duration,
 }
 
@@ -96,7 +97,7 @@ impl RelayConfig {
             cleanup_batch: 10_000,
             max_in_flight: 20_000,
             max_in_flight_bytes: 32 << 20,
-            backlog_interval: Duration::from_secs(1),
+            backlog_interval: Duration::from_secs(5),
         }
     }
 
