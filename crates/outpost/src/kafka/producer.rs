@@ -81,6 +81,10 @@ impl ProducerConfig {
             // landing without it) stops the producer instead: the later rows of the key fail
             // too, and the relay resends them after the failed one.
             .set("enable.gapless.guarantee", "true")
+            // One request on the wire per broker: when a request times out, the rows
+            // queued behind it have not been sent, and `purge_queued` fails them before
+            // librdkafka can resend them under a new epoch without the timed-out one.
+            .set("max.in.flight.requests.per.connection", "1")
             .set("linger.ms", self.linger.as_millis().to_string())
             .set(
                 "message.timeout.ms",
