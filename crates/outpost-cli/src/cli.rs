@@ -76,8 +76,8 @@ pub struct Cli {
         global = true
     )]
     pub delivery_timeout_ms: u64,
-    /// How long a relay's claim stays exclusive, in milliseconds (default: 60 s, and at
-    /// least twice the delivery timeout).
+    /// How long a relay's lease on a key lasts, in milliseconds; the relay renews it while
+    /// it works (default: 90 s, and at least twice the delivery plus request timeout).
     #[arg(long, env = "OUTPOST_LEASE_MS", global = true)]
     pub lease_ms: Option<u64>,
     /// How long published rows are kept before the relay deletes them, in seconds.
