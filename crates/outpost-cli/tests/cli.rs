@@ -455,7 +455,7 @@ async fn relay_killed_mid_batch_and_restarted_loses_nothing() {
     let duplicates: usize = copies.values().map(|n| n - 1).sum();
     let duplicated_events = copies.values().filter(|n| **n > 1).count();
 
-    // First deliveries of each key arrive in staging order.
+    // First deliveries of each key arrive in the order they were staged (and committed).
     let mut first_seen = HashSet::new();
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
     for c in &consumed {

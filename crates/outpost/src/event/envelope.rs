@@ -145,7 +145,8 @@ pub struct OutboxEvent {
     pub aggregate_id: String,
     /// Destination topic.
     pub topic: String,
-    /// Partition key; events with one key are delivered in staging order.
+    /// Partition key; events with one key are delivered in the commit order of the
+    /// transactions that staged them.
     pub event_key: String,
     /// The serialized envelope, sent byte for byte.
     pub payload: Vec<u8>,

@@ -3,9 +3,9 @@
 //! - [`Mode::Transactional`] (the default, and the one to use for state changes): the event
 //!   is staged in the caller's transaction; right after commit it is produced and its row
 //!   settled on the ack, so latency is one broker round trip. If that dispatch fails, or
-//!   the process dies after commit, the relay delivers the row. The eager path claims the
-//!   row with the same lease the relay uses, so the two never both send it, and it only
-//!   claims the head of a key: it never overtakes an older pending event of the same key.
+//!   the process dies after commit, the relay delivers the row. The eager path leases the
+//!   row's *key* exactly as the relay does, so the two never both send it, and it sends
+//!   the key's pending rows oldest first: it never overtakes an older event of the key.
 //! - [`Mode::KafkaFirst`] (HuleEdu's July 2025 pattern, for callers with no database state
 //!   to protect): produce directly with a bounded deadline; on a transient failure store
 //!   the same bytes (same `event_id`) in the outbox in a transaction of its own and wake
