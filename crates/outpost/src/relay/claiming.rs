@@ -80,6 +80,12 @@ impl Keys {
     /// Takes in freshly claimed keys (`asked` rows per key were requested).
     pub(crate) fn claimed(&mut self, claimed: Vec<ClaimedKey>, asked: usize) {
         for ClaimedKey { key, rows } in claimed {
+            if self.keys.contains_key(&key) {
+                // Our own lease ran out (a slow renewal) and the claim took the key again:
+                // its rows are already queued or in flight here; reading them twice would
+                // send them twice.
+                continue;
+            }
             let state = self.keys.entry(key.clone()).or_default();
             state.drained = rows.len() < asked;
             if let Some(last) = rows.last() {
@@ -236,6 +242,31 @@ mod tests {
             next(&s, 10, false, false),
             Next::Release(Release::Failed(7, _, _))
         ));
+    }
+
+    #[test]
+    fn a_key_claimed_again_by_its_owner_is_not_read_twice() {
+        let row = |id| ClaimedEvent {
+            id,
+            event_id: uuid::Uuid::new_v4(),
+            topic: "t".into(),
+            event_key: "k".into(),
+            payload: Vec::new(),
+            headers: Default::default(),
+            attempts: 0,
+            failures: 0,
+            created_at: chrono::Utc::now(),
+        };
+        let mut keys = Keys::default();
+        let claim = |ids: &[i64]| {
+            vec![ClaimedKey {
+                key: "k".into(),
+                rows: ids.iter().map(|&id| row(id)).collect(),
+            }]
+        };
+        keys.claimed(claim(&[1, 2]), 10);
+        keys.claimed(claim(&[1, 2, 3]), 10);
+        assert_eq!(keys.queued_rows(), 2);
     }
 
     #[test]

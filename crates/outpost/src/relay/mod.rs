@@ -453,9 +453,10 @@ impl<'r> Engine<'r> {
             housekeeping.clone(),
         ));
         loop {
+            // Renewing first: a claim after a late renewal would find our own keys free.
+            self.renew().await;
             self.claim_if_due().await;
             self.step().await;
-            self.renew().await;
             if self.stopping && self.keys.is_empty() {
                 break;
             }
