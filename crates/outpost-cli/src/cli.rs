@@ -68,6 +68,16 @@ pub struct Cli {
     /// default: 1 s testing, 10 s development, 30 s production).
     #[arg(long, env = "OUTPOST_ERROR_BACKOFF_MS", global = true)]
     pub error_backoff_ms: Option<u64>,
+    /// Keys claimed per claim statement (default 500).
+    #[arg(long, env = "OUTPOST_BATCH_SIZE", global = true)]
+    pub batch_size: Option<usize>,
+    /// Most rows read and not yet settled at once, per service (default 20000).
+    #[arg(long, env = "OUTPOST_MAX_IN_FLIGHT", global = true)]
+    pub max_in_flight: Option<usize>,
+    /// Topic override, STAGED=PRODUCED: events staged for topic STAGED are produced to
+    /// PRODUCED (repeatable; wins over the file's `topics` per topic).
+    #[arg(long = "topic", value_name = "STAGED=PRODUCED", global = true)]
+    pub topics: Vec<String>,
     /// Kafka delivery timeout in milliseconds (message.timeout.ms).
     #[arg(
         long,

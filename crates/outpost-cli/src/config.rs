@@ -31,6 +31,11 @@ pub struct ConfigFile {
     pub poll_min_ms: Option<u64>,
     pub poll_max_ms: Option<u64>,
     pub error_backoff_ms: Option<u64>,
+    pub batch_size: Option<usize>,
+    pub max_in_flight: Option<usize>,
+    /// Topic overrides for every service: staged topic = produced topic.
+    #[serde(default)]
+    pub topics: BTreeMap<String, String>,
     /// librdkafka producer properties.
     #[serde(default)]
     pub kafka_options: BTreeMap<String, String>,
@@ -49,6 +54,11 @@ pub struct ServiceFile {
     pub poll_min_ms: Option<u64>,
     pub poll_max_ms: Option<u64>,
     pub error_backoff_ms: Option<u64>,
+    pub batch_size: Option<usize>,
+    pub max_in_flight: Option<usize>,
+    /// This service's topic overrides, over the top-level ones.
+    #[serde(default)]
+    pub topics: BTreeMap<String, String>,
 }
 
 impl ServiceFile {
@@ -59,28 +69,41 @@ impl ServiceFile {
             poll_min_ms: self.poll_min_ms,
             poll_max_ms: self.poll_max_ms,
             error_backoff_ms: self.error_backoff_ms,
+            batch_size: self.batch_size,
+            max_in_flight: self.max_in_flight,
+            topics: self.topics.clone(),
         }
         .or(file.defaults())
     }
 }
 
 /// Settings a service may set for itself or inherit from the top level.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ServiceOptions {
     pub wake: Option<Wake>,
     pub poll_min_ms: Option<u64>,
     pub poll_max_ms: Option<u64>,
     pub error_backoff_ms: Option<u64>,
+    pub batch_size: Option<usize>,
+    pub max_in_flight: Option<usize>,
+    /// Staged topic = produced topic.
+    pub topics: BTreeMap<String, String>,
 }
 
 impl ServiceOptions {
     /// `self`, falling back to `defaults` field by field.
+    /// Topic overrides merge entry by entry, `self`'s winning.
     pub fn or(self, defaults: Self) -> Self {
+        let mut topics = defaults.topics;
+        topics.extend(self.topics);
         Self {
             wake: self.wake.or(defaults.wake),
             poll_min_ms: self.poll_min_ms.or(defaults.poll_min_ms),
             poll_max_ms: self.poll_max_ms.or(defaults.poll_max_ms),
             error_backoff_ms: self.error_backoff_ms.or(defaults.error_backoff_ms),
+            batch_size: self.batch_size.or(defaults.batch_size),
+            max_in_flight: self.max_in_flight.or(defaults.max_in_flight),
+            topics,
         }
     }
 }
@@ -93,6 +116,9 @@ impl ConfigFile {
             poll_min_ms: self.poll_min_ms,
             poll_max_ms: self.poll_max_ms,
             error_backoff_ms: self.error_backoff_ms,
+            batch_size: self.batch_size,
+            max_in_flight: self.max_in_flight,
+            topics: self.topics.clone(),
         }
     }
 

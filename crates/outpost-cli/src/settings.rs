@@ -384,13 +384,52 @@ impl Candidate {
         if let Some(ms) = cli.error_backoff_ms.or(self.options.error_backoff_ms) {
             relay.poll.error_backoff = Duration::from_millis(ms);
         }
+        if let Some(n) = cli.batch_size.or(self.options.batch_size) {
+            relay.batch_size = n;
+        }
+        if let Some(n) = cli.max_in_flight.or(self.options.max_in_flight) {
+            relay.max_in_flight = n;
+        }
+        relay.topics = self.options.topics;
+        for flag in &cli.topics {
+            let (from, to) = flag
+                .split_once('=')
+                .filter(|(from, _)| !from.trim().is_empty())
+                .ok_or_else(|| {
+                    Error::config("--topic", "STAGED=PRODUCED (two topic names)", flag)
+                })?;
+            relay.topics.insert(from.trim().into(), to.trim().into());
+        }
+        let topic_key = |from: &str| {
+            let from_flag = cli
+                .topics
+                .iter()
+                .any(|f| f.split_once('=').is_some_and(|(f, _)| f.trim() == from));
+            if from_flag || file.is_none() {
+                "--topic".to_owned()
+            } else {
+                name_of(&format!("topics.\"{from}\""), "--topic")
+            }
+        };
         relay.retention = globals.retention;
         relay.lease = globals
             .lease
             .unwrap_or_else(|| relay.lease.max(globals.longest_send * 2));
-        relay
-            .validate(globals.longest_send)
-            .map_err(name_cli_setting)?;
+        relay.validate(globals.longest_send).map_err(|e| match e {
+            Error::Configuration {
+                setting,
+                expected,
+                got,
+            } if setting.starts_with("topics.") => {
+                let from = setting["topics.".len()..].trim_matches('"');
+                Error::Configuration {
+                    setting: topic_key(from),
+                    expected,
+                    got,
+                }
+            }
+            other => name_cli_setting(other),
+        })?;
         Ok(ServiceSettings {
             name: self.name,
             table,
@@ -410,6 +449,10 @@ fn name_cli_setting(e: Error) -> Error {
         } => {
             let setting = match setting.as_str() {
                 "lease" => "OUTPOST_LEASE_MS (--lease-ms)".to_owned(),
+                "batch_size" => "OUTPOST_BATCH_SIZE (--batch-size, batch_size)".to_owned(),
+                "max_in_flight" => {
+                    "OUTPOST_MAX_IN_FLIGHT (--max-in-flight, max_in_flight)".to_owned()
+                }
                 "poll.max_interval" => "OUTPOST_POLL_MAX_MS (--poll-max-ms, poll_max_ms) / \
                      OUTPOST_POLL_MIN_MS (--poll-min-ms, poll_min_ms)"
                     .to_owned(),

@@ -249,7 +249,7 @@ struct RelayProcess {
 }
 
 impl RelayProcess {
-    fn spawn(schema: &str, service: &str, log: PathBuf) -> Self {
+    fn spawn(schema: &str, service: &str, log: PathBuf, extra: &[&str]) -> Self {
         let file = std::fs::File::create(&log).expect("relay log file");
         let mut cmd = Command::new(BIN);
         for var in SETTING_VARS {
@@ -260,6 +260,7 @@ impl RelayProcess {
             .args(["--schema", schema, "--service", service])
             .args(["--environment", "testing", "--wake", "none"])
             .args(["--delivery-timeout-ms", "1000", "--lease-ms", "4000"])
+            .args(extra)
             .arg("relay")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -308,7 +309,14 @@ async fn relay_killed_mid_batch_and_restarted_loses_nothing() {
     println!("staged {} events in {:?}", staged.len(), started.elapsed());
 
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let mut first = RelayProcess::spawn(&schema, &service, tmp.join(format!("{schema}.1.log")));
+    // A relay with a few rows in flight at a time, so that the kill lands mid-backlog
+    // rather than after a full-speed relay has already drained it.
+    let mut first = RelayProcess::spawn(
+        &schema,
+        &service,
+        tmp.join(format!("{schema}.1.log")),
+        &["--batch-size", "4", "--max-in-flight", "40"],
+    );
 
     // Kill the first relay mid-batch: some rows published, a batch leased, and part of
     // that batch already acknowledged by the broker but not yet marked published. Should
@@ -325,7 +333,7 @@ async fn relay_killed_mid_batch_and_restarted_loses_nothing() {
         let c = counts(&store).await;
         let consumed: HashSet<Uuid> = collector.snapshot().iter().map(|c| c.event_id).collect();
         let in_hand_acked = i64::try_from(consumed.len()).expect("count") > c.published;
-        if c.published > 0 && c.leased > 0 && in_hand_acked {
+        if c.published > 0 && c.leased > 0 && in_hand_acked && c.pending > 100 {
             first.child.start_kill().expect("SIGKILL relay");
             break (c, consumed.len());
         }
@@ -365,7 +373,8 @@ async fn relay_killed_mid_batch_and_restarted_loses_nothing() {
     // The second relay finishes the job, including the killed relay's leased rows once
     // their lease lapses.
     let restarted = Instant::now();
-    let mut second = RelayProcess::spawn(&schema, &service, tmp.join(format!("{schema}.2.log")));
+    let mut second =
+        RelayProcess::spawn(&schema, &service, tmp.join(format!("{schema}.2.log")), &[]);
     let ids: Vec<Uuid> = staged.keys().copied().collect();
     let consumed = eventually(
         Duration::from_secs(90),

@@ -45,6 +45,8 @@ async fn one_daemon_relays_every_configured_service() {
     let (els, bos) = (unique("ops_els"), unique("ops_bos"));
     let bos_schema = unique("ops_bos_schema");
     let topic = unique("ops_daemon");
+    // Never created: without the override the relay would produce elsewhere.
+    let staged = format!("{topic}.staged");
     outpost::kafka::producer::create_topic(&brokers(), &topic, 2, FAST)
         .await
         .unwrap();
@@ -56,6 +58,7 @@ async fn one_daemon_relays_every_configured_service() {
 brokers = "127.0.0.1:1"
 environment = "testing"
 poll_max_ms = 300
+batch_size = 50
 
 [[service]]
 name = "{els}"
@@ -66,6 +69,9 @@ name = "{bos}"
 schema = "{bos_schema}"
 wake = "redis"
 poll_max_ms = 200
+
+[service.topics]                 # this service stages under another name
+"{staged}" = "{topic}"
 "#
         ),
     );
@@ -102,12 +108,12 @@ poll_max_ms = 200
     let pool = pool().await;
     let collector = Collector::start(&brokers(), &topic, 2).unwrap();
     let mut ids = Vec::new();
-    for schema in [&els, &bos_schema] {
+    for (schema, staged_topic) in [(&els, &topic), (&bos_schema, &staged)] {
         let store = OutboxStore::new(pool.clone(), OutboxTable::new(schema).unwrap());
         // The daemon migrated both tables at start.
         for n in 0..5 {
             ids.push(
-                stage_one(&store, &topic, &format!("k{n}"), json!({"n": n}))
+                stage_one(&store, staged_topic, &format!("k{n}"), json!({"n": n}))
                     .await
                     .event_id,
             );
@@ -267,6 +273,16 @@ fn bad_config_files_fail_with_one_line_naming_the_key() {
             &["environment in", "testing, development, production"],
         ),
         (
+            "topic.toml",
+            "[[service]]\nname = \"a\"\n[service.topics]\n\"x\" = \"bad topic\"\n",
+            &["service[0].topics.\"x\"", "Kafka topic name", "topic.toml"],
+        ),
+        (
+            "batch.toml",
+            "batch_size = 0\n",
+            &["batch_size", "positive integer"],
+        ),
+        (
             "addr.toml",
             "http_addr = \"localhost\"\n",
             &["http_addr in", "ip:port"],
@@ -303,6 +319,13 @@ fn bad_config_files_fail_with_one_line_naming_the_key() {
         &["--config", &two, "dead", "show", "1"],
         &[],
         &["OUTPOST_SERVICE (--service)", "row ids are per service"],
+        FAST,
+    );
+    assert_eq!(code, 2);
+    let code = assert_bad_setting(
+        &["--config", &two, "--topic", "no-equals-sign", "status"],
+        &[],
+        &["--topic", "STAGED=PRODUCED"],
         FAST,
     );
     assert_eq!(code, 2);

@@ -167,3 +167,58 @@ async fn kafka_first_never_overtakes_an_event_another_process_left_in_the_outbox
     running.stop().await;
     support::assert_key_order(&seen);
 }
+
+/// One topic map, three paths: the eager path after a commit, a Kafka-first direct send
+/// and the relay all produce an event staged for the old topic to the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_overrides_apply_on_the_eager_direct_and_relay_paths() {
+    let brokers = support::brokers();
+    let topic = support::topic(1).await;
+    // Never created: an event produced there instead would be missing below.
+    let staged_topic = format!("{topic}.old");
+    let collector = support::Collector::start(&brokers, &topic, 1);
+    let store = support::store().await;
+    let service = support::unique("retarget");
+    let mut cfg = config(&service, Mode::Transactional);
+    cfg.delivery
+        .topics
+        .insert(staged_topic.clone(), topic.clone());
+    cfg.direct_deadline = Duration::from_secs(10);
+    cfg.dispatch_deadline = Duration::from_secs(10);
+    let relay_config = cfg.delivery.clone();
+    let publisher =
+        Publisher::new(store.clone(), support::producer(&brokers), Waker::None, cfg).unwrap();
+
+    let eager = support::event(&staged_topic, "eager", 0);
+    let mut tx = publisher.begin().await.unwrap();
+    tx.publish(&eager).await.unwrap();
+    assert_eq!(tx.commit().await.unwrap().eager_published, 1);
+
+    let direct = support::event(&staged_topic, "direct", 0);
+    assert_eq!(
+        publisher
+            .with_mode(Mode::KafkaFirst)
+            .publish(&direct)
+            .await
+            .unwrap(),
+        PublishPath::Direct
+    );
+
+    let relayed = support::event(&staged_topic, "relayed", 0);
+    let mut tx = store.pool().begin().await.unwrap();
+    store.stage(&mut tx, &relayed).await.unwrap();
+    tx.commit().await.unwrap();
+    let relay = Relay::new(store.clone(), support::producer(&brokers), relay_config)
+        .unwrap()
+        .with_wake_signal(WakeSignal::new());
+    let running = support::spawn(relay);
+    let seen = collector
+        .wait_for(
+            &[eager.event_id, direct.event_id, relayed.event_id],
+            Duration::from_secs(30),
+        )
+        .await;
+    running.stop().await;
+    publisher.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(support::messages(&seen), 3);
+}

@@ -351,7 +351,7 @@ impl Publisher {
         keys.sort();
         keys.dedup();
         let started = Instant::now();
-        let claimed = match inner
+        let mut claimed = match inner
             .store
             .claim_keys(
                 inner.owner,
@@ -374,6 +374,7 @@ impl Publisher {
             }
         };
         let claim_took = started.elapsed();
+        inner.config.delivery.retarget(&mut claimed);
         // Every row is queued before any ack is awaited: librdkafka keeps a key's rows in
         // this order on its partition.
         let mut sends = Vec::new();
@@ -558,7 +559,8 @@ impl Publisher {
         // after a broker restart) would then never run: the circuit would never close.
         let send = {
             let producer = Arc::clone(&inner.producer);
-            let (topic, key) = (event.topic.clone(), event.event_key.clone());
+            let topic = inner.config.delivery.topic_for(&event.topic).to_owned();
+            let key = event.event_key.clone();
             let (payload, headers) = (event.payload.clone(), event.headers.clone());
             tokio::spawn(async move { producer.send(&topic, &key, &payload, &headers).await })
         };

@@ -21,6 +21,7 @@ pub(crate) mod settling;
 pub(crate) mod verdict;
 pub mod wake;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
@@ -35,7 +36,7 @@ use crate::environment::Environment;
 use crate::error::ErrorClass;
 use crate::error::{Error, Result};
 use crate::kafka::producer::KafkaProducer;
-use crate::outbox::store::{OutboxStore, Settlement};
+use crate::outbox::store::{ClaimedKey, OutboxStore, Settlement};
 use crate::relay::poll::{PollConfig, PollSchedule};
 use crate::relay::wake::{validate_service, WakeSignal};
 
@@ -79,6 +80,11 @@ pub struct RelayConfig {
     /// How often the backlog gauges are refreshed (default 5 s; the count reads every
     /// pending row).
     pub backlog_interval: Duration,
+    /// Topic overrides (default none): an event staged for topic `K` is produced to
+    /// `topics[K]`; other topics are produced as staged. For a deployment that renames
+    /// topics (a staging prefix, a migration to a new topic) without touching the code that
+    /// stages. The stored row keeps the staged topic; metrics and logs show the produced one.
+    pub topics: BTreeMap<String, String>,
 }
 
 impl RelayConfig {
@@ -98,6 +104,24 @@ impl RelayConfig {
             max_in_flight: 20_000,
             max_in_flight_bytes: 32 << 20,
             backlog_interval: Duration::from_secs(5),
+            topics: BTreeMap::new(),
+        }
+    }
+
+    /// The topic an event staged for `staged` is produced to (see [`Self::topics`]).
+    pub fn topic_for<'a>(&'a self, staged: &'a str) -> &'a str {
+        self.topics.get(staged).map_or(staged, String::as_str)
+    }
+
+    /// Points claimed rows at the topics they are produced to.
+    pub(crate) fn retarget(&self, keys: &mut [ClaimedKey]) {
+        if self.topics.is_empty() {
+            return;
+        }
+        for row in keys.iter_mut().flat_map(|k| k.rows.iter_mut()) {
+            if let Some(to) = self.topics.get(&row.topic) {
+                row.topic.clone_from(to);
+            }
         }
     }
 
@@ -133,6 +157,15 @@ impl RelayConfig {
                 format!("{:?}", self.lease),
             ));
         }
+        for (from, to) in &self.topics {
+            if !is_topic_name(to) {
+                return Err(Error::config(
+                    format!("topics.\"{from}\""),
+                    "a Kafka topic name: 1-249 of [A-Za-z0-9._-], not `.` or `..`",
+                    to,
+                ));
+            }
+        }
         if self.backoff.initial.is_zero() || self.backoff.max < self.backoff.initial {
             return Err(Error::config(
                 "backoff",
@@ -149,6 +182,16 @@ impl RelayConfig {
             max_attempts: self.max_attempts,
         }
     }
+}
+
+/// Kafka's own rule for a topic name.
+fn is_topic_name(name: &str) -> bool {
+    (1..=249).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// The longest one queued message can stay unresolved: librdkafka fails it after the
@@ -338,11 +381,12 @@ impl<'r> Engine<'r> {
         // The first read of each key shares the room; a key with more rows gets `per_key`
         // at a time from its refills.
         let per_key = c.per_key.min(room / want).max(1);
-        let claimed = self
+        let mut claimed = self
             .relay
             .store
             .claim(self.relay.owner, want, per_key, c.lease)
             .await?;
+        c.retarget(&mut claimed);
         let keys = claimed.len();
         let rows = claimed.iter().map(|k| k.rows.len()).sum();
         self.keys.claimed(claimed, per_key);
@@ -363,7 +407,10 @@ impl<'r> Engine<'r> {
             .fetch(self.relay.owner, &asked, per_key)
             .await
         {
-            Ok(got) => self.keys.fetched(&asked, got, per_key),
+            Ok(mut got) => {
+                self.relay.config.retarget(&mut got);
+                self.keys.fetched(&asked, got, per_key);
+            }
             Err(e) => {
                 // Keys stay owned; they are read again after the next ack or at release.
                 warn!(error = %e, "reading further rows failed");
