@@ -31,6 +31,7 @@ test: services
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	promtool check rules deploy/prometheus/alerts.yml
+	promtool test rules deploy/prometheus/alerts.test.yml
 	promtool check config deploy/prometheus/prometheus.yml
 	OUTPOST_TANSU_BIN="$${OUTPOST_TANSU_BIN:-$$(cat .tools/tansu-bin)}" cargo test --workspace
 

@@ -380,4 +380,11 @@ async fn prometheus_sees_the_relay_deliver_drain_and_park() {
         );
     }
     assert!(relay.terminate().await.success());
+    // The relay is gone: its scrape fails and the relay-down alert starts its `for`.
+    prom.until("up{job=\"outpost-relay\"}", |v| v == 0.0).await;
+    prom.until(
+        "ALERTS{alertname=\"OutpostRelayDown\",job=\"outpost-relay\",alertstate=\"pending\"}",
+        |v| v == 1.0,
+    )
+    .await;
 }

@@ -24,10 +24,10 @@ pub const OLDEST_PENDING: &str = "outpost_oldest_pending_seconds";
 pub const POLL_INTERVAL: &str = "outpost_poll_interval_seconds";
 /// Counter: wake-ups received, by `source` (redis, notify, local).
 pub const WAKEUPS: &str = "outpost_wakeups_total";
-/// Histogram (seconds): wake-up hint sent by a writer → received by the relay's listener,
-/// which wakes the relay to claim at once; by `service`, `source` (redis, notify). Only
-/// hints that carry their send time (Outpost's [`crate::Waker`]) are timed; writer and
-/// relay clocks must agree.
+/// Histogram (seconds): wake-up hint sent by a writer → the relay's next claim returned
+/// (every row committed before the hint is then claimed, by this relay or another owner);
+/// by `service`, `source` (redis, notify). Only hints that carry their send time (Outpost's
+/// [`crate::Waker`]) are timed; writer and relay clocks must agree.
 pub const WAKEUP_LATENCY: &str = "outpost_wakeup_latency_seconds";
 /// Counter: relay iterations that failed (database errors), by `service`.
 pub const RELAY_ERRORS: &str = "outpost_relay_errors_total";
@@ -79,9 +79,15 @@ pub(crate) fn wakeup(source: &'static str) {
     metrics::counter!(WAKEUPS, "source" => source).increment(1);
 }
 
-pub(crate) fn wakeup_latency(service: &str, source: &'static str, seconds: f64) {
+/// `sent_at_ms`: the hint's send time, milliseconds since the Unix epoch.
+pub(crate) fn wakeup_latency(service: &str, source: &'static str, sent_at_ms: i64) {
+    let waited = chrono::Utc::now()
+        .timestamp_millis()
+        .saturating_sub(sent_at_ms)
+        .max(0);
+    #[allow(clippy::cast_precision_loss)]
     metrics::histogram!(WAKEUP_LATENCY, "service" => service.to_owned(), "source" => source)
-        .record(seconds);
+        .record(waited as f64 / 1000.0);
 }
 
 pub(crate) fn relay_error(service: &str) {
@@ -204,6 +210,6 @@ pub fn describe() {
     describe_histogram!(
         WAKEUP_LATENCY,
         Unit::Seconds,
-        "Wake-up hint sent to received by the relay"
+        "Wake-up hint sent to the relay's next claim returned"
     );
 }

@@ -198,6 +198,7 @@ const WOKEN_WITHIN: Duration = Duration::from_secs(4);
 /// A relay idling at [`IDLE`] is woken by a hint after commit; the slowest of the
 /// staged→consumed latencies after the first.
 async fn wake_up_latency(via_redis: bool) -> Duration {
+    support::metrics();
     let brokers = support::brokers();
     let store = support::store().await;
     let topic = support::topic(1).await;
@@ -240,6 +241,17 @@ async fn wake_up_latency(via_redis: bool) -> Duration {
     }
     running.stop().await;
     listeners.cancel();
+    // Each timed hint is timed once, by the claim that followed it.
+    let source = if via_redis { "redis" } else { "notify" };
+    assert_eq!(
+        support::metric(
+            outpost::metrics::WAKEUP_LATENCY,
+            &service,
+            &[("source", source)]
+        ),
+        3.0,
+        "hint sent → claimed samples"
+    );
     latencies[1..].iter().max().copied().unwrap()
 }
 

@@ -381,11 +381,17 @@ impl<'r> Engine<'r> {
         // The first read of each key shares the room; a key with more rows gets `per_key`
         // at a time from its refills.
         let per_key = c.per_key.min(room / want).max(1);
+        // Taken before the claim: a hint arriving during it may be for rows committed after
+        // its snapshot, and is timed by the next claim.
+        let hint = self.relay.wake.take_hint();
         let mut claimed = self
             .relay
             .store
             .claim(self.relay.owner, want, per_key, c.lease)
             .await?;
+        if let Some((sent, source)) = hint {
+            crate::metrics::wakeup_latency(&c.service, source.as_str(), sent);
+        }
         c.retarget(&mut claimed);
         let keys = claimed.len();
         let rows = claimed.iter().map(|k| k.rows.len()).sum();

@@ -5,7 +5,7 @@
 //! even when no relay listens), `BLPOP` on the relay side. PostgreSQL: `pg_notify` on the
 //! same name after commit, `LISTEN` on the relay side.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::AsyncConnectionConfig;
@@ -176,24 +176,16 @@ fn sent_at_millis() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// Records hint sent → relay woken, when the hint says when it was sent. Hints from other
-/// writers (HuleEdu pushes `"wake"` or `1`) carry no time and are not timed.
-fn record_delay(service: &str, source: WakeSource, payload: &str) {
+/// The send time a hint carries, when it carries one. Hints from other writers (HuleEdu
+/// pushes `"wake"` or `1`) carry no time and are not timed.
+fn sent_at(payload: &str) -> Option<i64> {
     // Anything before 2020 is not a send time.
     const EARLIEST: i64 = 1_577_836_800_000;
-    if let Some(sent) = payload
+    payload
         .trim()
         .parse::<i64>()
         .ok()
         .filter(|&ms| ms >= EARLIEST)
-    {
-        let waited = chrono::Utc::now()
-            .timestamp_millis()
-            .saturating_sub(sent)
-            .max(0);
-        #[allow(clippy::cast_precision_loss)]
-        crate::metrics::wakeup_latency(service, source.as_str(), waited as f64 / 1000.0);
-    }
 }
 
 fn redis_client(url: &str) -> Result<redis::Client> {
@@ -208,6 +200,8 @@ fn redis_client(url: &str) -> Result<redis::Client> {
 #[derive(Debug, Clone, Default)]
 pub struct WakeSignal {
     notify: Arc<Notify>,
+    /// The oldest timed hint not yet followed by a claim: (sent, ms since the epoch; source).
+    hint: Arc<Mutex<Option<(i64, WakeSource)>>>,
 }
 
 impl WakeSignal {
@@ -220,6 +214,27 @@ impl WakeSignal {
     pub fn wake(&self, source: WakeSource) {
         crate::metrics::wakeup(source.as_str());
         self.notify.notify_one();
+    }
+
+    /// Wakes the relay for a hint whose payload may carry its send time; the relay's next
+    /// claim then records hint sent → claimed ([`crate::metrics::WAKEUP_LATENCY`]).
+    fn hinted(&self, source: WakeSource, payload: &str) {
+        if let Some(sent) = sent_at(payload) {
+            let mut hint = self.hint.lock().unwrap_or_else(PoisonError::into_inner);
+            if hint.is_none_or(|(oldest, _)| sent < oldest) {
+                *hint = Some((sent, source));
+            }
+        }
+        self.wake(source);
+    }
+
+    /// Takes the oldest timed hint received since the last call (the relay calls it just
+    /// before it claims, and times the hint once the claim returned).
+    pub(crate) fn take_hint(&self) -> Option<(i64, WakeSource)> {
+        self.hint
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     /// Resolves at the next wake-up.
@@ -242,7 +257,6 @@ impl WakeSignal {
         let client = redis_client(url)?;
         let key = wake_key(service);
         let signal = self.clone();
-        let service = service.to_owned();
         Ok(tokio::spawn(async move {
             // BLPOP blocks its connection, so it gets one of its own, with no response
             // timeout shorter than the BLPOP timeout.
@@ -273,8 +287,7 @@ impl WakeSignal {
                     match popped {
                         Ok(Some((_, payload))) => {
                             failures = 0;
-                            record_delay(&service, WakeSource::Redis, &payload);
-                            signal.wake(WakeSource::Redis);
+                            signal.hinted(WakeSource::Redis, &payload);
                         }
                         Ok(None) => failures = 0,
                         Err(e) => {
@@ -303,7 +316,6 @@ impl WakeSignal {
         validate_service(service)?;
         let channel = wake_key(service);
         let signal = self.clone();
-        let service = service.to_owned();
         Ok(tokio::spawn(async move {
             let mut failures = 0u32;
             while !shutdown.is_cancelled() {
@@ -331,8 +343,7 @@ impl WakeSignal {
                     match next {
                         Ok(Some(notification)) => {
                             failures = 0;
-                            record_delay(&service, WakeSource::Notify, notification.payload());
-                            signal.wake(WakeSource::Notify);
+                            signal.hinted(WakeSource::Notify, notification.payload());
                         }
                         Ok(None) => {
                             // Connection lost: notifications may have been missed, so poll.
