@@ -71,7 +71,7 @@ pub struct Cli {
     /// Keys claimed per claim statement (default 500).
     #[arg(long, env = "OUTPOST_BATCH_SIZE", global = true)]
     pub batch_size: Option<usize>,
-    /// Most rows read and not yet settled at once, per service (default 20000).
+    /// Most rows read and not yet settled at once, per service (default 5000).
     #[arg(long, env = "OUTPOST_MAX_IN_FLIGHT", global = true)]
     pub max_in_flight: Option<usize>,
     /// Topic override, STAGED=PRODUCED: events staged for topic STAGED are produced to

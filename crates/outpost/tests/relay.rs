@@ -384,3 +384,66 @@ async fn unreachable_wake_up_transports_degrade_to_polling() {
     running.stop().await;
     listeners.cancel();
 }
+
+/// A relay whose settle statement is held up (here by a lock on the event row) longer
+/// than its lease keeps the key leased until the settle is written: a second relay must
+/// not claim the key and send the acked row again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_settle_keeps_the_key_leased_so_no_other_relay_resends() {
+    let brokers = support::brokers();
+    let store = support::store().await;
+    let topic = support::topic(1).await;
+    let collector = support::Collector::start(&brokers, &topic, 1);
+    let service = support::unique("slowsettle");
+    let cfg = support::relay_config(&service);
+    let lease = cfg.lease;
+    let event = support::stage_committed(&store, &topic, 1, 1)
+        .await
+        .remove(0);
+
+    // Holds the row: the relay can read and send it, but not mark it published.
+    let mut blocker = store.pool().begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT id FROM {} WHERE event_id = $1 FOR UPDATE",
+        store.table()
+    ))
+    .bind(event.event_id)
+    .fetch_one(&mut *blocker)
+    .await
+    .unwrap();
+
+    let first = spawn(
+        Relay::new(store.clone(), support::producer(&brokers), cfg.clone())
+            .unwrap()
+            .with_wake_signal(WakeSignal::new()),
+    );
+    collector
+        .wait_for(&[event.event_id], Duration::from_secs(30))
+        .await;
+    let second = spawn(
+        Relay::new(store.clone(), support::producer(&brokers), cfg)
+            .unwrap()
+            .with_wake_signal(WakeSignal::new()),
+    );
+    // Two leases long the settle stays blocked; the second relay polls all along.
+    tokio::time::sleep(lease * 2).await;
+    assert_eq!(
+        support::count_status(&store, "pending").await,
+        1,
+        "the settle was held up"
+    );
+    blocker.rollback().await.unwrap();
+    support::eventually(Duration::from_secs(30), "the row published", || {
+        let store = store.clone();
+        async move { (support::count_status(&store, "published").await == 1).then_some(()) }
+    })
+    .await;
+    let seen = support::settled(&collector, 1, Duration::from_secs(2)).await;
+    second.stop().await;
+    first.stop().await;
+    assert_eq!(
+        support::messages(&seen),
+        1,
+        "the acked row was sent again by the second relay"
+    );
+}

@@ -150,6 +150,28 @@ struct Inner {
     dispatches: TaskTracker,
 }
 
+impl Inner {
+    /// Runs `work` while renewing the lease on `keys` every third of it: a slow ack or
+    /// settle must not let the lease lapse while acked rows are not yet marked published,
+    /// or a relay would claim the key and send them again.
+    async fn holding<T>(&self, keys: &[String], work: impl std::future::Future<Output = T>) -> T {
+        let lease = self.config.delivery.lease;
+        let mut work = std::pin::pin!(work);
+        let mut renewals =
+            tokio::time::interval_at(tokio::time::Instant::now() + lease / 3, lease / 3);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = renewals.tick() => {
+                    if let Err(e) = self.store.renew(self.owner, keys, lease).await {
+                        warn!(error = %e, "eager dispatch could not renew its lease");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// An event staged in a transaction that has not been dispatched yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use = "pass it to Publisher::after_commit once the transaction has committed"]
@@ -393,7 +415,8 @@ impl Publisher {
                 });
             }
         }
-        let results = futures::future::join_all(sends).await;
+        let held: Vec<String> = claimed.iter().map(|k| k.key.clone()).collect();
+        let results = inner.holding(&held, futures::future::join_all(sends)).await;
         let mut op = SettleOp::default();
         let mut failed: std::collections::HashMap<&str, (i64, Settlement)> =
             std::collections::HashMap::new();
@@ -479,7 +502,7 @@ impl Publisher {
         let (done, settled) = tokio::sync::oneshot::channel();
         op.done = Some(done);
         inner.settler.send(op);
-        let _ = settled.await;
+        let _ = inner.holding(&held, settled).await;
         let hits = staged
             .iter()
             .filter(|s| published.contains(&s.event_id))

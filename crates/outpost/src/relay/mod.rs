@@ -73,12 +73,13 @@ pub struct RelayConfig {
     pub cleanup_interval: Duration,
     /// Most rows deleted per cleanup statement (default 10 000).
     pub cleanup_batch: i64,
-    /// Most rows read and not yet settled at once (default 20 000).
+    /// Most rows read and not yet settled at once (default 5 000).
     pub max_in_flight: usize,
-    /// Most payload bytes read and not yet settled at once (default 32 MiB).
+    /// Most payload bytes read and not yet settled at once (default 8 MiB).
     pub max_in_flight_bytes: usize,
-    /// How often the backlog gauges are refreshed (default 5 s; the count reads every
-    /// pending row).
+    /// How often the backlog gauges are refreshed (default 5 s). The count reads every
+    /// pending row, so on a deep backlog it waits at least twenty times as long as the last
+    /// count took.
     pub backlog_interval: Duration,
     /// Topic overrides (default none): an event staged for topic `K` is produced to
     /// `topics[K]`; other topics are produced as staged. For a deployment that renames
@@ -101,8 +102,8 @@ impl RelayConfig {
             retention: Duration::from_secs(3600),
             cleanup_interval: Duration::from_secs(60),
             cleanup_batch: 10_000,
-            max_in_flight: 20_000,
-            max_in_flight_bytes: 32 << 20,
+            max_in_flight: 5_000,
+            max_in_flight_bytes: 8 << 20,
             backlog_interval: Duration::from_secs(5),
             topics: BTreeMap::new(),
         }
@@ -183,6 +184,9 @@ impl RelayConfig {
         }
     }
 }
+
+/// Fewest rows of a key read by one statement when the room allows it.
+const MIN_READ: usize = 64;
 
 /// Kafka's own rule for a topic name.
 fn is_topic_name(name: &str) -> bool {
@@ -318,6 +322,8 @@ struct Engine<'r> {
     keys: Keys,
     sender: Sender,
     settler: Settler,
+    /// Keys handed back whose settle op (numbered) the settler has not written yet.
+    settling: Vec<(String, u64)>,
     policy: RetryPolicy,
     schedule: PollSchedule,
     /// Every owned key's lease lasts at least until then.
@@ -349,6 +355,7 @@ impl<'r> Engine<'r> {
                 c.per_key,
             ),
             settler: Settler::start(relay.store.clone(), relay.owner, c.lease / 2),
+            settling: Vec::new(),
             policy: c.retry_policy(),
             schedule: PollSchedule::new(c.poll),
             lease_valid_until: now + c.lease,
@@ -372,12 +379,13 @@ impl<'r> Engine<'r> {
 
     /// Claims free keys while there is room; returns the rows claimed.
     async fn claim(&mut self) -> Result<usize> {
-        let c = &self.relay.config;
-        let room = self.sender.room().saturating_sub(self.keys.queued_rows());
-        let want = c.batch_size.min(room);
-        if want == 0 {
+        let room = self.room();
+        if room < self.worth_reading() {
+            // Claimed again once acks made room (`claim_due` stays set).
             return Ok(0);
         }
+        let c = &self.relay.config;
+        let want = c.batch_size.min(room);
         // The first read of each key shares the room; a key with more rows gets `per_key`
         // at a time from its refills.
         let per_key = c.per_key.min(room / want).max(1);
@@ -401,12 +409,49 @@ impl<'r> Engine<'r> {
         Ok(rows)
     }
 
+    /// Rows that may still be read: the caps' room less the rows read and not sent, and
+    /// less the acked rows the settler has not written yet.
+    fn room(&self) -> usize {
+        self.sender
+            .room()
+            .saturating_sub(self.keys.queued_rows() + self.settler.unwritten_rows())
+    }
+
+    /// The least room a claim or a read waits for: a quarter of the row cap, or one row
+    /// when no ack and no settle is outstanding (nothing would wake the relay for more).
+    fn worth_reading(&self) -> usize {
+        if self.sender.room() >= self.relay.config.max_in_flight
+            && self.settler.unwritten_rows() == 0
+        {
+            1
+        } else {
+            (self.relay.config.max_in_flight / 4).max(1)
+        }
+    }
+
     /// Reads the next rows of owned keys that are about to run dry.
-    async fn fetch(&mut self, asked: Vec<(String, i64)>) {
+    async fn fetch(&mut self, mut asked: Vec<(String, i64)>) {
+        // Rows read wait in memory until they are sent, so reads stay within the room the
+        // caps leave. A read waits until that room is worth a statement: reading one row
+        // per key as each ack frees a slot would cost a round trip per row.
+        let room = self.room();
+        let chunk = self
+            .relay
+            .config
+            .per_key
+            .min((room / asked.len().max(1)).max(MIN_READ));
+        let keys = (room / chunk).min(asked.len());
+        if keys == 0 || room < self.worth_reading().min(asked.len() * chunk) {
+            asked.iter().for_each(|(key, _)| self.keys.touch(key));
+            return;
+        }
+        for (key, _) in asked.drain(keys..) {
+            self.keys.touch(&key);
+        }
         if asked.is_empty() {
             return;
         }
-        let per_key = self.relay.config.per_key;
+        let per_key = chunk;
         match self
             .relay
             .store
@@ -432,15 +477,19 @@ impl<'r> Engine<'r> {
             return;
         }
         let started = Instant::now();
-        if self.keys.is_empty() {
+        let written = self.settler.written();
+        self.settling.retain(|(_, number)| *number > written);
+        if self.keys.is_empty() && self.settling.is_empty() {
             self.last_renewal = started;
             self.lease_valid_until = started + lease;
             return;
         }
+        let mut names = self.keys.names();
+        names.extend(self.settling.iter().map(|(key, _)| key.clone()));
         match self
             .relay
             .store
-            .renew(self.relay.owner, &self.keys.names(), lease)
+            .renew(self.relay.owner, &names, lease)
             .await
         {
             Ok(_) => {
@@ -466,6 +515,10 @@ impl<'r> Engine<'r> {
             self.fetch(review.fetch).await;
             let again = self.keys.review(refill_below, winding_down, self.once);
             self.release(again.release);
+            // Keys left unread for want of room are read after the next acks.
+            for (key, _) in &again.fetch {
+                self.keys.touch(key);
+            }
             let until = self.send_deadline();
             self.sender.pump(&mut self.keys, &again.send, until);
         }
@@ -530,6 +583,8 @@ impl<'r> Engine<'r> {
                 }
                 () = &mut shutdown, if !self.stopping => self.stopping = true,
                 () = self.settler.keys_released(), if !self.stopping => self.claim_due = true,
+                // Written settles free room under the caps for reads and claims.
+                () = self.settler.progressed() => {}
                 () = self.relay.wake.notified(), if !self.stopping => {
                     self.schedule.on_wake();
                     self.claim_due = true;
@@ -575,7 +630,17 @@ impl<'r> Engine<'r> {
                 None => op.drained.push(key),
             }
         }
-        self.settler.send(op);
+        let keys: Vec<String> = op
+            .release
+            .iter()
+            .map(|r| r.key.clone())
+            .chain(op.drained.iter().cloned())
+            .collect();
+        let number = self.settler.send(op);
+        // Acked rows of these keys may still wait in the settler: until it has written
+        // them, the keys stay leased (renewed), or another relay would send them again.
+        self.settling
+            .extend(keys.into_iter().map(|key| (key, number)));
     }
 
     /// Records one finished send.
@@ -668,9 +733,13 @@ async fn housekeep(
 ) {
     let mut last_cleanup = Instant::now();
     loop {
+        let counted = Instant::now();
         if let Ok(b) = store.backlog().await {
             crate::metrics::backlog(&config.service, b.pending, b.oldest_pending);
         }
+        // The count reads every pending row: on a deep backlog it is spaced out so that it
+        // takes at most a twentieth of one database core from the drain itself.
+        let pause = config.backlog_interval.max(counted.elapsed() * 20);
         if stop.is_cancelled() {
             break; // the last reading is taken after the relay's final settle
         }
@@ -680,7 +749,7 @@ async fn housekeep(
         }
         tokio::select! {
             () = stop.cancelled() => {}
-            () = tokio::time::sleep(config.backlog_interval) => {}
+            () = tokio::time::sleep(pause) => {}
         }
     }
 }

@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -45,6 +46,15 @@ pub(crate) struct SettleOp {
 pub(crate) struct Settler {
     tx: mpsc::UnboundedSender<SettleOp>,
     released: Arc<Notify>,
+    /// Ops queued so far; an op's number is the count after it was queued (numbers follow
+    /// queue order for ops sent by one task, which is how the relay uses them).
+    queued: Arc<AtomicU64>,
+    /// Ops written (or given up on) so far, in queue order.
+    written: Arc<AtomicU64>,
+    /// Rows queued and not written yet.
+    unwritten_rows: Arc<AtomicUsize>,
+    /// Notified after every statement batch.
+    progress: Arc<Notify>,
 }
 
 impl Settler {
@@ -54,8 +64,46 @@ impl Settler {
     pub(crate) fn start(store: OutboxStore, owner: Uuid, give_up_after: Duration) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let released = Arc::new(Notify::new());
-        tokio::spawn(run(store, owner, rx, give_up_after, Arc::clone(&released)));
-        Self { tx, released }
+        let written = Arc::new(AtomicU64::new(0));
+        let unwritten_rows = Arc::new(AtomicUsize::new(0));
+        let progress = Arc::new(Notify::new());
+        tokio::spawn(run(
+            store,
+            owner,
+            rx,
+            give_up_after,
+            Arc::clone(&released),
+            Progress {
+                ops_written: Arc::clone(&written),
+                unwritten_rows: Arc::clone(&unwritten_rows),
+                notify: Arc::clone(&progress),
+            },
+        ));
+        Self {
+            tx,
+            released,
+            queued: Arc::new(AtomicU64::new(0)),
+            written,
+            unwritten_rows,
+            progress,
+        }
+    }
+
+    /// Resolves after the settler wrote a batch (room under the caps may have freed up).
+    pub(crate) async fn progressed(&self) {
+        self.progress.notified().await;
+    }
+
+    /// Rows queued and not written yet: the relay counts them against its in-flight cap,
+    /// so a settler that falls behind slows the sends instead of piling up outcomes.
+    pub(crate) fn unwritten_rows(&self) -> usize {
+        self.unwritten_rows.load(Ordering::Acquire)
+    }
+
+    /// How many ops have been written (or given up on): the op numbered `n` by
+    /// [`Self::send`] is done once this reaches `n`.
+    pub(crate) fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
     }
 
     /// Resolves after keys were handed back: rows written meanwhile (which the owner did
@@ -64,8 +112,11 @@ impl Settler {
         self.released.notified().await;
     }
 
-    /// Queues `op`.
-    pub(crate) fn send(&self, op: SettleOp) {
+    /// Queues `op`; returns its number (see [`Self::written`]).
+    pub(crate) fn send(&self, op: SettleOp) -> u64 {
+        let number = self.queued.fetch_add(1, Ordering::AcqRel) + 1;
+        self.unwritten_rows
+            .fetch_add(op.rows.len(), Ordering::AcqRel);
         if let Err(lost) = self.tx.send(op) {
             // Only after the task died; the leases lapse and the rows are delivered again.
             warn!(
@@ -73,6 +124,7 @@ impl Settler {
                 "settler gone; rows will be redelivered"
             );
         }
+        number
     }
 
     /// Resolves once everything queued before it has been written (or given up on).
@@ -86,12 +138,20 @@ impl Settler {
     }
 }
 
+/// What the settling task reports back to its handles.
+struct Progress {
+    ops_written: Arc<AtomicU64>,
+    unwritten_rows: Arc<AtomicUsize>,
+    notify: Arc<Notify>,
+}
+
 async fn run(
     store: OutboxStore,
     owner: Uuid,
     mut rx: mpsc::UnboundedReceiver<SettleOp>,
     give_up_after: Duration,
     released: Arc<Notify>,
+    progress: Progress,
 ) {
     let service = store.service().to_owned();
     while let Some(first) = rx.recv().await {
@@ -106,6 +166,7 @@ async fn run(
                 Err(_) => break,
             }
         }
+        let ops = batch.len() as u64;
         let mut rows = Vec::new();
         let mut release = Vec::new();
         let mut drained = Vec::new();
@@ -131,6 +192,11 @@ async fn run(
                 released.notify_one();
             }
         }
+        progress.ops_written.fetch_add(ops, Ordering::AcqRel);
+        progress
+            .unwritten_rows
+            .fetch_sub(rows.len(), Ordering::AcqRel);
+        progress.notify.notify_one();
         for d in done {
             let _ = d.send(());
         }
