@@ -292,6 +292,9 @@ pub struct Consumed {
     pub offset: i64,
     /// When it was read.
     pub at: Instant,
+    /// The message's producer timestamp (ms since the epoch): a copy made by a client
+    /// retry keeps it, a second send of the row does not.
+    pub produced_at_ms: Option<i64>,
 }
 
 /// The header that marks a [`Collector`]'s fence; fences are never collected.
@@ -364,6 +367,7 @@ impl Collector {
                     partition: msg.partition(),
                     offset: msg.offset(),
                     at: Instant::now(),
+                    produced_at_ms: msg.timestamp().to_millis(),
                 };
                 lock(&sink).push(consumed);
             }

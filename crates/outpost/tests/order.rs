@@ -82,19 +82,19 @@ async fn run(lock: KeyLock) -> (usize, usize, Vec<(Uuid, Uuid)>, usize) {
     let signal = WakeSignal::new();
     let mut relays = Vec::new();
     for _ in 0..3 {
-        let mut cfg = support::relay_config(&service);
+        let mut cfg = support::patient_relay_config(&service);
         cfg.batch_size = 3;
-        let relay = Relay::new(store.clone(), support::producer(&brokers), cfg)
+        let relay = Relay::new(store.clone(), support::patient_producer(&brokers), cfg)
             .unwrap()
             .with_wake_signal(signal.clone());
         relays.push(support::spawn(relay));
     }
     let mut config = PublisherConfig::new(&service, outpost::Environment::Testing);
-    config.delivery = support::relay_config(&service);
+    config.delivery = support::patient_relay_config(&service);
     config.key_lock = lock;
     let publisher = Publisher::new(
         store.clone(),
-        support::producer(&brokers),
+        support::patient_producer(&brokers),
         Waker::Local(signal.clone()),
         config,
     )
@@ -142,12 +142,12 @@ async fn run(lock: KeyLock) -> (usize, usize, Vec<(Uuid, Uuid)>, usize) {
     for r in relays {
         r.stop().await;
     }
-    let mut copies: HashMap<Uuid, Vec<(i32, i64)>> = HashMap::new();
+    let mut copies: HashMap<Uuid, Vec<(i32, i64, Option<i64>)>> = HashMap::new();
     for c in &consumed {
         copies
             .entry(c.event_id)
             .or_default()
-            .push((c.partition, c.offset));
+            .push((c.partition, c.offset, c.produced_at_ms));
     }
     for (id, at) in copies.iter().filter(|(_, v)| v.len() > 1) {
         let row: (i32, Option<i32>, Option<i64>) = sqlx::query_as(&format!(
@@ -158,7 +158,10 @@ async fn run(lock: KeyLock) -> (usize, usize, Vec<(Uuid, Uuid)>, usize) {
         .fetch_one(store.pool())
         .await
         .unwrap();
-        println!("{id} delivered at {at:?}; row (attempts, partition, offset) {row:?}");
+        println!(
+            "{id} delivered at (partition, offset, producer timestamp) {at:?}; \
+             row (attempts, partition, offset) {row:?}"
+        );
     }
     let eager = support::metric(
         outpost::metrics::EAGER_DISPATCH,
