@@ -447,3 +447,26 @@ async fn a_slow_settle_keeps_the_key_leased_so_no_other_relay_resends() {
         "the acked row was sent again by the second relay"
     );
 }
+
+/// Caps smaller than a read's usual size (here 10 rows in flight, reads of 64) still
+/// drain every key: reads shrink to the room there is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_with_tiny_caps_still_drains_every_key() {
+    let brokers = support::brokers();
+    let store = support::store().await;
+    let topic = support::topic(2).await;
+    let collector = support::Collector::start(&brokers, &topic, 2);
+    let staged = support::stage_committed(&store, &topic, 5, 300).await;
+    let mut cfg = support::relay_config(&support::unique("tiny"));
+    cfg.max_in_flight = 10;
+    cfg.batch_size = 2;
+    let running = spawn(
+        Relay::new(store.clone(), support::producer(&brokers), cfg)
+            .unwrap()
+            .with_wake_signal(WakeSignal::new()),
+    );
+    let ids: Vec<Uuid> = staged.iter().map(|e| e.event_id).collect();
+    let consumed = collector.wait_for(&ids, Duration::from_secs(60)).await;
+    running.stop().await;
+    support::assert_key_order(&consumed);
+}

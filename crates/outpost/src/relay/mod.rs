@@ -439,7 +439,9 @@ impl<'r> Engine<'r> {
             .relay
             .config
             .per_key
-            .min((room / asked.len().max(1)).max(MIN_READ));
+            .min((room / asked.len().max(1)).max(MIN_READ))
+            .min(room)
+            .max(1);
         let keys = (room / chunk).min(asked.len());
         if keys == 0 || room < self.worth_reading().min(asked.len() * chunk) {
             asked.iter().for_each(|(key, _)| self.keys.touch(key));
