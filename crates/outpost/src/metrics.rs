@@ -37,11 +37,19 @@ pub const PRODUCER_REBUILDS: &str = "outpost_producer_rebuilds_total";
 /// then delivered after it), by `service`. Only a broker recovering between the two
 /// messages' timeouts can cause it; it should stay 0.
 pub const ORDER_BREAKS: &str = "outpost_order_breaks_total";
+/// Counter: owned keys whose lease lapsed before the relay renewed it (the relay stalled
+/// for longer than the lease), by `service`. What the relay had acked and not yet recorded
+/// may then be delivered again by the key's next owner; it should stay 0.
+pub const LEASES_LOST: &str = "outpost_leases_lost_total";
 /// Counter: published rows deleted by retention, by `service`.
 pub const ROWS_CLEANED: &str = "outpost_rows_cleaned_total";
 
 pub(crate) fn staged(service: &str, committed: usize) {
     metrics::counter!(EVENTS_STAGED, "service" => service.to_owned()).increment(committed as u64);
+}
+
+pub(crate) fn leases_lost(service: &str, keys: usize) {
+    metrics::counter!(LEASES_LOST, "service" => service.to_owned()).increment(keys as u64);
 }
 
 pub(crate) fn order_break(service: &str) {
@@ -167,6 +175,10 @@ pub fn describe() {
             "Kafka producers replaced after being fenced",
         ),
         (ROWS_CLEANED, "Published rows deleted by retention"),
+        (
+            LEASES_LOST,
+            "Owned keys whose lease lapsed before the relay renewed it",
+        ),
         (DIRECT_PUBLISHES, "Kafka-first direct publishes by outcome"),
         (
             FALLBACKS,

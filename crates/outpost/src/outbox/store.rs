@@ -231,7 +231,7 @@ impl Sql {
             ),
             renew: format!(
                 "UPDATE {k} SET lease_until = now() + make_interval(secs => $2) \
-                 WHERE lease_owner = $1 AND event_key = ANY($3)"
+                 WHERE lease_owner = $1 AND event_key = ANY($3) RETURNING event_key"
             ),
             // One statement settles every row of a batch and hands its keys back: an acked
             // row is published whoever holds its key now (the broker has it); failures and
@@ -560,19 +560,25 @@ impl OutboxStore {
         Ok(group_by_key(rows))
     }
 
-    /// Extends `owner`'s lease on `keys` by `lease` from now; returns how many it still held.
+    /// Extends `owner`'s lease on `keys` by `lease` from now; returns the keys it still
+    /// held. A key missing from the answer was lost (the lease lapsed and another owner may
+    /// have it): its owner must send nothing more of it.
     ///
     /// # Errors
     /// [`Error::OutboxStorage`] when the update fails.
-    pub async fn renew(&self, owner: Uuid, keys: &[String], lease: Duration) -> Result<u64> {
-        let done = sqlx::query(&self.sql.renew)
+    pub async fn renew(
+        &self,
+        owner: Uuid,
+        keys: &[String],
+        lease: Duration,
+    ) -> Result<Vec<String>> {
+        sqlx::query_scalar(&self.sql.renew)
             .bind(owner)
             .bind(lease.as_secs_f64())
             .bind(keys)
-            .execute(&self.pool)
+            .fetch_all(&self.pool)
             .await
-            .map_err(|e| Error::storage("renew", e))?;
-        Ok(done.rows_affected())
+            .map_err(|e| Error::storage("renew", e))
     }
 
     /// Records what happened to rows and hands keys back, in one statement.

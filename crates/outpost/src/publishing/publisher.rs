@@ -163,8 +163,15 @@ impl Inner {
             tokio::select! {
                 out = &mut work => return out,
                 _ = renewals.tick() => {
-                    if let Err(e) = self.store.renew(self.owner, keys, lease).await {
-                        warn!(error = %e, "eager dispatch could not renew its lease");
+                    match self.store.renew(self.owner, keys, lease).await {
+                        Ok(held) if held.len() < keys.len() => {
+                            // Its sends are already queued; the key's next owner may send
+                            // some of them again.
+                            warn!(lost = keys.len() - held.len(), "eager dispatch stalled past its lease");
+                            crate::metrics::leases_lost(&self.config.service, keys.len() - held.len());
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "eager dispatch could not renew its lease"),
                     }
                 }
             }

@@ -19,6 +19,9 @@ pub(crate) struct KeyState {
     /// The earliest failed row (to retry) with its settlement; nothing more of the key is
     /// sent once set, so nothing overtakes it.
     pub(crate) failure: Option<(i64, Settlement, crate::error::ErrorClass)>,
+    /// The lease lapsed and was not renewed (the relay stalled): another owner may be
+    /// sending this key, so nothing more of it is sent; acks still in flight are recorded.
+    pub(crate) lost: bool,
 }
 
 /// What to do with a key after looking at it.
@@ -43,6 +46,8 @@ pub(crate) enum Release {
     Drained,
     /// Stopping or out of lease: hand it back as it is.
     Plain,
+    /// The lease was lost: nothing to hand back.
+    Lost,
 }
 
 /// The keys this relay owns.
@@ -63,8 +68,13 @@ impl Keys {
         self.keys.is_empty()
     }
 
+    /// The keys whose lease this relay renews (lost ones are not).
     pub(crate) fn names(&self) -> Vec<String> {
-        self.keys.keys().cloned().collect()
+        self.keys
+            .iter()
+            .filter(|(_, state)| !state.lost)
+            .map(|(key, _)| key.clone())
+            .collect()
     }
 
     /// Marks `key` to be looked at in the next review.
@@ -117,6 +127,21 @@ impl Keys {
             state.queued.extend(rows);
             self.dirty.insert(key.clone());
         }
+    }
+
+    /// Keys whose lease a renewal found lapsed: their queued rows are dropped and nothing
+    /// more of them is read or sent. Returns how many owned keys were lost.
+    pub(crate) fn lose(&mut self, lost: impl IntoIterator<Item = String>) -> usize {
+        let mut count = 0;
+        for key in lost {
+            if let Some(state) = self.keys.get_mut(&key) {
+                state.lost = true;
+                state.queued.clear();
+                self.dirty.insert(key);
+                count += 1;
+            }
+        }
+        count
     }
 
     /// Every owned key drops its queued rows (stopping, or the lease is running out).
@@ -178,12 +203,20 @@ impl Release {
                 transient: *transient,
             }),
             Self::Failed(..) | Self::Plain => Some(KeyRelease::done(key.to_owned())),
-            Self::Drained => None,
+            Self::Drained | Self::Lost => None,
         }
     }
 }
 
 fn next(state: &KeyState, refill_below: usize, stopping: bool, once: bool) -> Next {
+    if state.lost {
+        // A failure of a lost key is not recorded either: the new owner retries the row.
+        return if state.in_flight == 0 {
+            Next::Release(Release::Lost)
+        } else {
+            Next::Wait
+        };
+    }
     if let Some((id, settlement, class)) = &state.failure {
         if state.in_flight == 0 {
             return Next::Release(Release::Failed(*id, settlement.clone(), *class));
@@ -244,9 +277,8 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_key_claimed_again_by_its_owner_is_not_read_twice() {
-        let row = |id| ClaimedEvent {
+    fn row(id: i64) -> ClaimedEvent {
+        ClaimedEvent {
             id,
             event_id: uuid::Uuid::new_v4(),
             topic: "t".into(),
@@ -256,7 +288,11 @@ mod tests {
             attempts: 0,
             failures: 0,
             created_at: chrono::Utc::now(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_key_claimed_again_by_its_owner_is_not_read_twice() {
         let mut keys = Keys::default();
         let claim = |ids: &[i64]| {
             vec![ClaimedKey {
@@ -267,6 +303,27 @@ mod tests {
         keys.claimed(claim(&[1, 2]), 10);
         keys.claimed(claim(&[1, 2, 3]), 10);
         assert_eq!(keys.queued_rows(), 2);
+    }
+
+    #[test]
+    fn a_lost_key_sends_nothing_more_and_goes_back_without_a_release() {
+        let mut keys = Keys::default();
+        keys.claimed(
+            vec![ClaimedKey {
+                key: "k".into(),
+                rows: vec![row(1), row(2)],
+            }],
+            10,
+        );
+        keys.queue("k").unwrap().in_flight = 1;
+        assert_eq!(keys.lose(["k".to_owned(), "other".to_owned()]), 1);
+        assert_eq!(keys.queued_rows(), 0);
+        let review = keys.review(5, false, false);
+        assert!(review.send.is_empty() && review.fetch.is_empty() && review.release.is_empty());
+        keys.get_mut("k").unwrap().in_flight = 0;
+        let review = keys.review(5, false, false);
+        assert_eq!(review.release, vec![("k".to_owned(), Release::Lost)]);
+        assert_eq!(Release::Lost.key_release("k"), None);
     }
 
     #[test]

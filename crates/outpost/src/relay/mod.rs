@@ -494,9 +494,22 @@ impl<'r> Engine<'r> {
             .renew(self.relay.owner, &names, lease)
             .await
         {
-            Ok(_) => {
+            Ok(held) => {
                 self.last_renewal = started;
                 self.lease_valid_until = started + lease;
+                if held.len() < names.len() {
+                    let held: std::collections::HashSet<String> = held.into_iter().collect();
+                    names.retain(|k| !held.contains(k));
+                    self.settling.retain(|(key, _)| held.contains(key));
+                    let lost = self.keys.lose(names);
+                    if lost > 0 {
+                        // Only a relay stalled for longer than the rest of its lease gets
+                        // here; what it had acked and not settled may be sent again by the
+                        // key's next owner.
+                        warn!(keys = lost, "lease lapsed before it was renewed; those keys are left to their next owner");
+                        crate::metrics::leases_lost(&self.relay.config.service, lost);
+                    }
+                }
             }
             Err(e) => warn!(error = %e, "lease renewal failed; sends stop before the lease lapses"),
         }
@@ -612,6 +625,10 @@ impl<'r> Engine<'r> {
     }
 
     fn release(&mut self, finished: Vec<(String, Release)>) {
+        let finished: Vec<_> = finished
+            .into_iter()
+            .filter(|(_, release)| *release != Release::Lost)
+            .collect();
         if finished.is_empty() {
             return;
         }
