@@ -1065,3 +1065,158 @@ async fn inbox_keeps_rows_past_the_retry_horizon_then_cleans_them_up() {
     assert!(!inbox.claim(&mut tx, "other", ids[0]).await.unwrap());
     tx.rollback().await.unwrap();
 }
+
+/// Sends `ev` to `partition` (whatever its key hashes to); returns the offset.
+async fn send_to(producer: &FutureProducer, ev: &OutboxEvent, partition: i32) -> i64 {
+    let mut owned = OwnedHeaders::new();
+    for (k, v) in &ev.headers {
+        owned = owned.insert(Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    producer
+        .send(
+            FutureRecord::to(&ev.topic)
+                .key(&ev.event_key)
+                .partition(partition)
+                .payload(&ev.payload)
+                .headers(owned),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("test message acked")
+        .offset
+}
+
+#[tokio::test]
+async fn a_partition_backing_off_holds_back_only_itself() {
+    let (effects, topic, dead, group, producer) = case(3).await;
+    let schema = effects.schema.clone();
+    sqlx::query(&format!(
+        "CREATE TABLE {schema}.gate (open BOOLEAN NOT NULL)"
+    ))
+    .execute(&effects.pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!("INSERT INTO {schema}.gate VALUES (false)"))
+        .execute(&effects.pool)
+        .await
+        .unwrap();
+    // Fails retriably (serialization failure) until the test opens the gate.
+    let gate = "DO $$ BEGIN IF NOT (SELECT open FROM {schema}.gate) THEN \
+                RAISE EXCEPTION 'gate closed' USING ERRCODE = '40001'; END IF; END $$";
+    let stuck = event_with(&topic, "stuck", 0, json!({ "sql": [gate] }));
+    send_to(&producer, &stuck, 0).await;
+    let behind: Vec<OutboxEvent> = (1..=5)
+        .map(|seq| event_with(&topic, "stuck", seq, json!({})))
+        .collect();
+    for ev in &behind {
+        send_to(&producer, ev, 0).await;
+    }
+    let others: Vec<OutboxEvent> = (0..20)
+        .map(|i| event_with(&topic, &format!("k{}", i % 2), i / 2, json!({})))
+        .collect();
+    for (i, ev) in (0..).zip(&others) {
+        send_to(&producer, ev, 1 + i % 2).await;
+    }
+
+    let mut config = consumer_config(&group, &topic, &dead);
+    // One worker: a partition waiting out its backoff must not hold it.
+    config.concurrent_partitions = 1;
+    let (process, log) = Recording::new(Inboxed::new(effects.inbox().await, effects.clone()));
+    let running = Running::start(Consumer::new(config, process).unwrap());
+    for ev in &others {
+        wait_handled(&log, ev.event_id, "the other partitions go on").await;
+    }
+    assert!(
+        results(&log, stuck.event_id).len() >= 2,
+        "the stuck event was retried meanwhile"
+    );
+    for ev in &behind {
+        assert!(
+            results(&log, ev.event_id).is_empty(),
+            "nothing overtakes the stuck event on its partition"
+        );
+    }
+    sqlx::query(&format!("UPDATE {schema}.gate SET open = true"))
+        .execute(&effects.pool)
+        .await
+        .unwrap();
+    for ev in &behind {
+        wait_handled(
+            &log,
+            ev.event_id,
+            "the partition resumes after the gate opens",
+        )
+        .await;
+    }
+    running.stop().await;
+    let stuck_key: Vec<i64> = effects
+        .all()
+        .await
+        .into_iter()
+        .filter(|(_, key, _)| key == "stuck")
+        .map(|(_, _, seq)| seq)
+        .collect();
+    assert_eq!(stuck_key, vec![0, 1, 2, 3, 4, 5], "in partition order");
+}
+
+#[tokio::test]
+async fn a_consumer_joining_mid_run_takes_partitions_over_without_loss_or_reordering() {
+    let (effects, topic, dead, group, producer) = case(3).await;
+    support::metrics();
+    let keys = 6;
+    let per_key = 60;
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    let mut events = Vec::new();
+    for seq in 0..per_key {
+        for k in 0..keys {
+            // Slow enough that the second consumer joins while the first is mid-stream.
+            let ev = event_with(
+                &topic,
+                &format!("k{k}"),
+                seq,
+                json!({ "sql": ["SELECT pg_sleep(0.004)"] }),
+            );
+            let (partition, offset) = send_event(&producer, &ev).await;
+            let end = ends.entry(partition).or_default();
+            *end = (*end).max(offset + 1);
+            events.push(ev);
+        }
+    }
+    let inbox = effects.inbox().await;
+    let (first, log) = Recording::new(Inboxed::new(inbox.clone(), effects.clone()));
+    let first = start(&group, &topic, &dead, first);
+    support::eventually(WAIT, "the first consumer is under way", || {
+        let handled = count_ok(&log, Outcome::Handled);
+        async move { (handled >= 40).then_some(()) }
+    })
+    .await;
+    let (second, second_log) = Recording::new(Inboxed::new(inbox, effects.clone()));
+    let second = start(&group, &topic, &dead, second);
+    let total = events.len();
+    support::eventually(Duration::from_secs(60), "every event took effect", || {
+        let effects = effects.clone();
+        async move { (effects.all().await.len() >= total).then_some(()) }
+    })
+    .await;
+    let took_over = count_ok(&second_log, Outcome::Handled);
+    first.stop().await;
+    second.stop().await;
+
+    let done = effects.all().await;
+    assert_eq!(done.len(), total, "one effect per event");
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for (_, key, seq) in done {
+        if let Some(prev) = last.insert(key.clone(), seq) {
+            assert!(seq > prev, "key {key}: seq {seq} after {prev}");
+        }
+    }
+    assert!(took_over > 0, "the second consumer handled some partitions");
+    for (partition, committed) in (0..).zip(committed(&group, &topic, 3).await) {
+        let end = ends.get(&partition).copied().unwrap_or(0);
+        assert_eq!(committed.unwrap_or(0), end, "partition {partition}");
+    }
+}

@@ -1,7 +1,8 @@
 //! The consumer helper: read the event id (header first), deduplicate, decode, handle, and
 //! only then let the offset be committed.
 //!
-//! A [`Consumer`] handles one message at a time, so each partition is handled in order:
+//! A [`Consumer`] handles the messages of one partition one at a time, in order, and
+//! several partitions at once (`concurrent_partitions`); see `partitions.rs`:
 //!
 //! 1. The event id comes from the `event_id` header; only a message without one has its body
 //!    parsed for it. A duplicate is recognised without parsing its JSON.
@@ -13,8 +14,8 @@
 //!    *stored*; librdkafka commits stored offsets every `commit_interval`, when partitions
 //!    are revoked and at shutdown. Nothing is ever committed past an unsettled message.
 //!
-//! A retriable failure seeks the partition back to the message and tries it again after a
-//! backoff, so nothing behind it overtakes it. Database errors are retriable unless the
+//! A retriable failure holds the partition at the message and tries it again after a
+//! backoff, so nothing behind it overtakes it; other partitions go on meanwhile. Database errors are retriable unless the
 //! data or the statement is at fault (see [`database_is_retriable`]): a dead-lettered
 //! event would let the next event of its key be applied without it. A permanent failure,
 //! or a message that is not an envelope, goes to the dead-letter topic with its reason (original key, payload
@@ -69,21 +70,21 @@
 //! # }
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message as _, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use rdkafka::Offset;
 use serde::Deserialize;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
@@ -93,6 +94,8 @@ use crate::error::classify;
 use crate::error::{database_is_retriable, Error, Result};
 use crate::event::envelope::EventEnvelope;
 use crate::kafka::producer::validate_brokers;
+
+use super::partitions::{Batch, Ended, Key, Partitions, Rebalancing};
 
 /// The header the event id is read from before falling back to the body.
 pub const EVENT_ID_HEADER: &str = "event_id";
@@ -131,6 +134,12 @@ pub struct ConsumerConfig {
     pub commit_interval: Duration,
     /// How long a dead-letter send may take until acked (`message.timeout.ms`, default 10 s).
     pub dead_letter_timeout: Duration,
+    /// Partitions handled at once (default 8); each partition's messages are still handled
+    /// one at a time, in order.
+    pub concurrent_partitions: usize,
+    /// Messages received and waiting per partition before its fetching is paused (default
+    /// 500).
+    pub partition_buffer: usize,
     /// Extra librdkafka properties for the consumer, applied after Outpost's own (for
     /// example `session.timeout.ms`, `auto.offset.reset`, security settings). The offset
     /// store and auto-commit settings are Outpost's and rejected here.
@@ -158,6 +167,8 @@ impl ConsumerConfig {
             },
             commit_interval: Duration::from_secs(1),
             dead_letter_timeout: Duration::from_secs(10),
+            concurrent_partitions: 8,
+            partition_buffer: 500,
             librdkafka: BTreeMap::new(),
             dead_letter_librdkafka: BTreeMap::new(),
         }
@@ -210,6 +221,14 @@ impl ConsumerConfig {
                 "at least 100 ms",
                 format!("{:?}", self.dead_letter_timeout),
             ));
+        }
+        for (name, value) in [
+            ("concurrent_partitions", self.concurrent_partitions),
+            ("partition_buffer", self.partition_buffer),
+        ] {
+            if value == 0 {
+                return Err(Error::config(name, "a positive integer", "0"));
+            }
         }
         if let Some(key) = MANAGED.iter().find(|k| self.librdkafka.contains_key(**k)) {
             return Err(Error::config(
@@ -383,9 +402,9 @@ pub trait Handler: Send + Sync {
 
 /// What a [`Consumer`] runs for each message: deduplicate, decode, handle.
 ///
-/// Contract: called for one message at a time, in partition order; the same event may
-/// also be in progress in another consumer of the group (after a rebalance), which the
-/// implementation must tolerate. `Ok` settles the message and lets its offset be committed;
+/// Contract: called for one message of a partition at a time, in partition order, and
+/// for several partitions at once; the same event may also be in progress in another
+/// consumer of the group (after a rebalance), which the implementation must tolerate. `Ok` settles the message and lets its offset be committed;
 /// a retriable error makes the consumer call again with the same message after a backoff;
 /// any other error dead-letters it.
 pub trait Process: Send + Sync {
@@ -400,7 +419,7 @@ pub trait Process: Send + Sync {
 pub struct Consumer<P> {
     config: ConsumerConfig,
     // Shared with the blocking-pool threads that seek and commit.
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<Rebalancing>>,
     dead_letters: FutureProducer,
     process: P,
 }
@@ -421,13 +440,16 @@ impl<P: Process> Consumer<P> {
     /// [`Error::Configuration`] for invalid settings or librdkafka properties.
     pub fn new(config: ConsumerConfig, process: P) -> Result<Self> {
         config.validate()?;
-        let consumer: StreamConsumer = config.consumer_config().create().map_err(|e| {
-            Error::config(
-                "librdkafka",
-                "valid librdkafka consumer properties",
-                e.to_string(),
-            )
-        })?;
+        let consumer: StreamConsumer<Rebalancing> = config
+            .consumer_config()
+            .create_with_context(Rebalancing::default())
+            .map_err(|e| {
+                Error::config(
+                    "librdkafka",
+                    "valid librdkafka consumer properties",
+                    e.to_string(),
+                )
+            })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topics)
@@ -452,100 +474,68 @@ impl<P: Process> Consumer<P> {
         &self.config
     }
 
-    /// Consumes until `shutdown` resolves, then finishes the message in hand, commits the
-    /// stored offsets and returns. A message waiting out a retry backoff at shutdown is
-    /// left uncommitted and comes again on the next run.
+    /// Consumes until `shutdown` resolves, then lets every worker finish the message in
+    /// hand, commits the stored offsets and returns. Queued messages, and a message waiting
+    /// out a retry backoff, are left uncommitted and come again on the next run.
     ///
     /// # Errors
-    /// [`Error::KafkaConsume`] when the consumer hits a fatal error, or cannot seek back to
-    /// a message it must retry (it stops rather than skip it).
+    /// [`Error::KafkaConsume`] when the consumer hits a fatal error.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let mut shutdown = pin!(shutdown.fuse());
         let group = self.config.group_id.as_str();
-        // The message each partition is held at, and how often it has failed.
-        let mut stuck: HashMap<(String, i32), (i64, u32)> = HashMap::new();
+        let mut parts = Partitions::new(self.config.partition_buffer);
+        let mut running = FuturesUnordered::new();
+        let mut backoffs = FuturesUnordered::new();
         let mut recv_failures = 0u32;
+        let mut recv_after: Option<tokio::time::Instant> = None;
         info!(group, topics = ?self.config.topics, "consumer started");
         let result = loop {
-            let next = tokio::select! {
-                biased;
-                () = &mut shutdown => break Ok(()),
-                next = self.consumer.recv() => next,
-            };
-            let msg = match next {
-                Ok(msg) => {
-                    recv_failures = 0;
-                    msg
-                }
-                Err(e) => {
-                    if self.consumer.client().fatal_error().is_some() {
-                        break Err(Error::KafkaConsume {
-                            operation: "recv",
-                            source: e,
-                        });
-                    }
-                    recv_failures += 1;
-                    warn!(group, error = %e, "kafka consumer error");
-                    tokio::select! {
-                        biased;
-                        () = &mut shutdown => break Ok(()),
-                        () = tokio::time::sleep(self.config.retry.delay(recv_failures)) => {}
-                    }
-                    continue;
-                }
-            };
-            let partition = (msg.topic().to_owned(), msg.partition());
-            let failure = match self.settle(&msg).await {
-                Ok(()) => {
-                    stuck.remove(&partition);
-                    if let Err(e) = self.consumer.store_offset_from_message(&msg) {
-                        // Typically the partition was revoked meanwhile: its new owner gets
-                        // the message again and skips it as a duplicate.
-                        debug!(group, error = %e, "offset not stored");
-                    }
-                    continue;
-                }
-                Err(failure) => failure,
-            };
-            let attempts = match stuck.get(&partition) {
-                Some(&(offset, n)) if offset == msg.offset() => n + 1,
-                _ => 1,
-            };
-            stuck.insert(partition, (msg.offset(), attempts));
-            let delay = self.config.retry.delay(attempts);
-            if retry_in_place(&failure) {
-                warn!(
-                    group,
-                    topic = msg.topic(),
-                    partition = msg.partition(),
-                    offset = msg.offset(),
-                    attempts,
-                    error = explain(&failure),
-                    ?delay,
-                    "handling failed; will retry",
-                );
-            } else {
-                error!(
-                    group,
-                    topic = msg.topic(),
-                    partition = msg.partition(),
-                    offset = msg.offset(),
-                    attempts,
-                    error = explain(&failure),
-                    "message can be neither handled nor dead-lettered; partition held",
-                );
-            }
-            let at = (msg.topic().to_owned(), msg.partition(), msg.offset());
-            drop(msg);
-            if let Err(e) = self.rewind(at).await {
-                break Err(e);
+            while running.len() < self.config.concurrent_partitions {
+                let Some(batch) = parts.next_batch(&*self.consumer) else {
+                    break;
+                };
+                running.push(self.work(batch));
             }
             tokio::select! {
                 biased;
                 () = &mut shutdown => break Ok(()),
-                () = tokio::time::sleep(delay) => {}
+                () = self.consumer.context().revoked() => {
+                    parts.revoke(self.consumer.context().take());
+                }
+                Some((key, generation, ended)) = running.next() => {
+                    if let Some(delay) = parts.ended(&key, generation, ended) {
+                        backoffs.push(async move {
+                            tokio::time::sleep(delay).await;
+                            (key, generation)
+                        });
+                    }
+                }
+                Some((key, generation)) = backoffs.next() => parts.due(&key, generation),
+                () = sleep_until(recv_after) => recv_after = None,
+                next = self.consumer.recv(), if recv_after.is_none() => match next {
+                    Ok(msg) => {
+                        recv_failures = 0;
+                        parts.push(msg.detach(), &*self.consumer);
+                    }
+                    Err(e) => {
+                        if self.consumer.client().fatal_error().is_some() {
+                            break Err(Error::KafkaConsume {
+                                operation: "recv",
+                                source: e,
+                            });
+                        }
+                        recv_failures += 1;
+                        warn!(group, error = %e, "kafka consumer error");
+                        recv_after = Some(
+                            tokio::time::Instant::now() + self.config.retry.delay(recv_failures),
+                        );
+                    }
+                },
             }
         };
+        // Workers finish the message in hand; what is queued comes again on the next run.
+        parts.cancel_all();
+        while running.next().await.is_some() {}
         let consumer = Arc::clone(&self.consumer);
         // A synchronous commit waits for the broker; on a runtime thread it would stall
         // every other task scheduled there.
@@ -565,8 +555,69 @@ impl<P: Process> Consumer<P> {
         result
     }
 
+    /// Settles a partition's queued messages in order, storing each one's offset once it
+    /// is settled; stops at the first that fails (to be tried again after a backoff) or
+    /// when cancelled.
+    async fn work(&self, batch: Batch) -> (Key, u64, Ended) {
+        let Batch {
+            key,
+            generation,
+            mut messages,
+            mut attempts,
+            cancel,
+        } = batch;
+        let group = self.config.group_id.as_str();
+        let ended = loop {
+            if cancel.is_cancelled() {
+                break Ended::Cancelled;
+            }
+            let Some(msg) = messages.front() else {
+                break Ended::Done;
+            };
+            match self.settle(msg).await {
+                Ok(()) => {
+                    attempts = 0;
+                    if let Err(e) = self.consumer.store_offset(&key.0, key.1, msg.offset()) {
+                        // The partition was revoked meanwhile: its new owner gets the
+                        // message again and skips it as a duplicate.
+                        debug!(group, error = %e, "offset not stored");
+                    }
+                    messages.pop_front();
+                }
+                Err(failure) => {
+                    attempts += 1;
+                    let delay = self.config.retry.delay(attempts);
+                    let span = tracing::info_span!(
+                        "message",
+                        group,
+                        topic = msg.topic(),
+                        partition = msg.partition(),
+                        offset = msg.offset(),
+                        attempts,
+                    );
+                    let _in = span.enter();
+                    let error = explain(&failure);
+                    if retry_in_place(&failure) {
+                        warn!(error, ?delay, "handling failed; will retry");
+                    } else {
+                        error!(
+                            error,
+                            "message can be neither handled nor dead-lettered; partition held"
+                        );
+                    }
+                    break Ended::Retry {
+                        rest: messages,
+                        attempts,
+                        delay,
+                    };
+                }
+            }
+        };
+        (key, generation, ended)
+    }
+
     /// Handles, skips or dead-letters one message. An error means it is not settled.
-    async fn settle(&self, msg: &BorrowedMessage<'_>) -> Result<()> {
+    async fn settle(&self, msg: &OwnedMessage) -> Result<()> {
         let outcome = match self.received(msg) {
             Ok(received) => self.process.process(&received).await,
             Err(e) => Err(e),
@@ -602,7 +653,7 @@ impl<P: Process> Consumer<P> {
         }
     }
 
-    fn received(&self, msg: &BorrowedMessage<'_>) -> Result<Received> {
+    fn received(&self, msg: &OwnedMessage) -> Result<Received> {
         let mut headers = BTreeMap::new();
         if let Some(all) = msg.headers() {
             for h in all.iter() {
@@ -627,7 +678,7 @@ impl<P: Process> Consumer<P> {
 
     /// Sends `msg` to the dead-letter topic as it was (key, payload, headers) plus `dlq_*`
     /// headers, and waits for the ack.
-    async fn dead_letter(&self, msg: &BorrowedMessage<'_>, failure: &Error) -> Result<()> {
+    async fn dead_letter(&self, msg: &OwnedMessage, failure: &Error) -> Result<()> {
         let reason = explain(failure);
         let code = failure.code().to_string();
         let partition = msg.partition().to_string();
@@ -640,7 +691,7 @@ impl<P: Process> Consumer<P> {
             (DLQ_OFFSET, offset.as_str()),
             (DLQ_CONSUMER_GROUP, self.config.group_id.as_str()),
         ];
-        let mut headers = msg.headers().map_or_else(OwnedHeaders::new, |h| h.detach());
+        let mut headers = msg.headers().cloned().unwrap_or_default();
         for (key, value) in added {
             headers = headers.insert(Header {
                 key,
@@ -679,43 +730,13 @@ impl<P: Process> Consumer<P> {
             }),
         }
     }
+}
 
-    /// Seeks the partition back to the message at `(topic, partition, offset)`, so it is
-    /// the next message of that partition.
-    async fn rewind(&self, (topic, partition, offset): (String, i32, i64)) -> Result<()> {
-        let consumer = Arc::clone(&self.consumer);
-        // librdkafka's seek blocks until the fetcher acknowledges it (up to the timeout).
-        let (topic, sought) = tokio::task::spawn_blocking(move || {
-            let sought = consumer.seek(
-                &topic,
-                partition,
-                Offset::Offset(offset),
-                Duration::from_secs(5),
-            );
-            (topic, sought)
-        })
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-        let Err(source) = sought else {
-            return Ok(());
-        };
-        let still_assigned = self
-            .consumer
-            .assignment()
-            .map_or(true, |a| a.find_partition(&topic, partition).is_some());
-        if still_assigned {
-            // Going on would hand over later messages of this partition and commit past
-            // this one; stopping leaves it to be delivered again.
-            return Err(Error::KafkaConsume {
-                operation: "seek",
-                source,
-            });
-        }
-        debug!(
-            topic,
-            partition, "partition revoked; its new owner handles the message"
-        );
-        Ok(())
+/// Resolves at `at`; never when there is none.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -4,5 +4,6 @@
 pub mod consumer;
 pub mod idempotency;
 pub mod inbox;
+mod partitions;
 #[cfg(feature = "opentelemetry")]
 pub mod otel;

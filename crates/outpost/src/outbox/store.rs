@@ -149,6 +149,7 @@ struct Sql {
     renew: String,
     settle: String,
     try_lock_keys: String,
+    release: String,
     delete_drained: String,
     has_pending_key: String,
     pull_forward: String,
@@ -259,6 +260,10 @@ impl Sql {
                      backoff_transient = COALESCE(u.transient, false) \
                  FROM UNNEST($8::text[], $9::float8[], $10::bool[]) AS u(key, delay_ms, transient) \
                  WHERE k.event_key = u.key AND k.lease_owner = $11"
+            ),
+            release: format!(
+                "UPDATE {k} SET lease_owner = NULL, lease_until = NULL \
+                 WHERE event_key = ANY($1) AND lease_owner = $2"
             ),
             try_lock_keys: format!(
                 "SELECT key FROM UNNEST($1::text[]) AS key WHERE pg_try_advisory_xact_lock({})",
@@ -651,6 +656,11 @@ impl OutboxStore {
     /// hands the others back. Keys a writer is staging into right now are kept (see the
     /// module doc); so are keys whose rows were requeued meanwhile.
     ///
+    /// One transaction: were the hand-back a statement of its own, a writer could re-create
+    /// a deleted key in between, this owner claim the new key row, and the late hand-back
+    /// free that fresh lease while its rows are in flight (another owner would then send
+    /// them again).
+    ///
     /// # Errors
     /// [`Error::OutboxStorage`] when the transaction fails (the keys stay leased until
     /// their lease lapses; nothing is lost).
@@ -674,9 +684,13 @@ impl OutboxStore {
             .await
             .map_err(err)?
             .rows_affected();
-        let rest: Vec<KeyRelease> = keys.iter().map(|k| KeyRelease::done(k.clone())).collect();
+        sqlx::query(&self.sql.release)
+            .bind(keys)
+            .bind(owner)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
         tx.commit().await.map_err(err)?;
-        self.settle(owner, &[], &rest).await?;
         Ok(deleted)
     }
 

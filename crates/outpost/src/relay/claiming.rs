@@ -147,6 +147,12 @@ impl Keys {
     /// Every owned key drops its queued rows (stopping, or the lease is running out).
     pub(crate) fn drop_queued(&mut self) {
         for (key, state) in &mut self.keys {
+            if let Some(first) = state.queued.front() {
+                // Should the key stay (rows in flight, then a late renewal), the dropped
+                // rows are read again rather than skipped.
+                state.after = first.id - 1;
+                state.drained = false;
+            }
             state.queued.clear();
             self.dirty.insert(key.clone());
         }
@@ -303,6 +309,24 @@ mod tests {
         keys.claimed(claim(&[1, 2]), 10);
         keys.claimed(claim(&[1, 2, 3]), 10);
         assert_eq!(keys.queued_rows(), 2);
+    }
+
+    #[test]
+    fn rows_dropped_while_out_of_lease_are_read_again_not_skipped() {
+        let mut keys = Keys::default();
+        keys.claimed(
+            vec![ClaimedKey {
+                key: "k".into(),
+                rows: vec![row(4), row(5), row(6)],
+            }],
+            3,
+        );
+        let state = keys.queue("k").unwrap();
+        state.queued.pop_front();
+        state.in_flight = 1;
+        keys.drop_queued();
+        let review = keys.review(5, false, false);
+        assert_eq!(review.fetch, vec![("k".to_owned(), 4)]);
     }
 
     #[test]

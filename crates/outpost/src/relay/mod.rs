@@ -403,6 +403,7 @@ impl<'r> Engine<'r> {
         c.retarget(&mut claimed);
         let keys = claimed.len();
         let rows = claimed.iter().map(|k| k.rows.len()).sum();
+        trace_read(self.relay.owner, "claimed", &claimed);
         self.keys.claimed(claimed, per_key);
         // A full claim means more keys are free: claim again without waiting.
         self.claim_due = keys >= want && !self.once;
@@ -462,6 +463,7 @@ impl<'r> Engine<'r> {
         {
             Ok(mut got) => {
                 self.relay.config.retarget(&mut got);
+                trace_read(self.relay.owner, "fetched", &got);
                 self.keys.fetched(&asked, got, per_key);
             }
             Err(e) => {
@@ -740,6 +742,16 @@ impl<'r> Engine<'r> {
         }
         self.settler.flush().await;
         self.report
+    }
+}
+
+/// Which rows of which keys an owner read (`outpost::send=trace` shows who sent what).
+fn trace_read(owner: Uuid, what: &str, keys: &[ClaimedKey]) {
+    if tracing::enabled!(target: "outpost::send", tracing::Level::TRACE) {
+        for k in keys {
+            let ids: Vec<i64> = k.rows.iter().map(|r| r.id).collect();
+            tracing::trace!(target: "outpost::send", %owner, key = %k.key, ?ids, "{what}");
+        }
     }
 }
 

@@ -105,6 +105,7 @@ impl Sender {
                         futures::future::Either::Right(std::future::ready(Err(failure)))
                     }
                 };
+                tracing::trace!(target: "outpost::send", id = event.id, key = %event.event_key, "produced");
                 state.in_flight += 1;
                 self.rows += 1;
                 self.bytes += event.payload.len();

@@ -179,6 +179,7 @@ async fn run(
         }
         let settlements: Vec<(i64, Settlement)> =
             rows.iter().map(|r| (r.id, r.settlement.clone())).collect();
+        tracing::trace!(target: "outpost::send", %owner, ?settlements, ?release, ?drained, "settling");
         let written = retry(give_up_after, || {
             store.settle(owner, &settlements, &release)
         })

@@ -1,0 +1,386 @@
+//! Partitions: the per-partition queues of a running [`Consumer`](super::consumer::Consumer).
+//!
+//! Each assigned partition's messages wait in a queue of their own and are handled in
+//! order by at most one worker at a time; workers of different partitions run at once, up
+//! to a limit. A partition waiting out a retry backoff holds no worker, and one whose
+//! queue is full is paused at the broker, so neither slows the other partitions down.
+//! A revoked partition's queue is dropped and its worker stops after the message in hand,
+//! whose offset can then no longer be stored: its new owner receives it again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::message::{Message as _, OwnedMessage};
+use rdkafka::{ClientContext, TopicPartitionList};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// A partition: topic and number.
+pub(crate) type Key = (String, i32);
+
+/// Records revocations for the consumer loop (librdkafka calls it while the loop polls).
+#[derive(Debug, Default)]
+pub(crate) struct Rebalancing {
+    revoked: Mutex<Vec<Key>>,
+    notify: Notify,
+}
+
+impl Rebalancing {
+    /// Resolves once partitions were revoked since the last [`Self::take`].
+    pub(crate) async fn revoked(&self) {
+        self.notify.notified().await;
+    }
+
+    /// The partitions revoked since the last call.
+    pub(crate) fn take(&self) -> Vec<Key> {
+        std::mem::take(&mut *self.revoked.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl ClientContext for Rebalancing {}
+
+impl ConsumerContext for Rebalancing {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let keys: Vec<Key> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            self.revoked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(keys);
+            self.notify.notify_one();
+        }
+    }
+}
+
+/// Work handed to a worker: a partition's queued messages, oldest first.
+pub(crate) struct Batch {
+    pub(crate) key: Key,
+    pub(crate) generation: u64,
+    pub(crate) messages: VecDeque<OwnedMessage>,
+    /// Failed attempts of the first message so far.
+    pub(crate) attempts: u32,
+    /// Set when the partition is revoked or the consumer stops.
+    pub(crate) cancel: CancellationToken,
+}
+
+/// How a worker's run over a batch ended.
+pub(crate) enum Ended {
+    /// Every message was settled.
+    Done,
+    /// The first of `rest` failed `attempts` times: try it again after `delay`.
+    Retry {
+        rest: VecDeque<OwnedMessage>,
+        attempts: u32,
+        delay: Duration,
+    },
+    /// Stopped early (revoked, or shutting down) after the message in hand.
+    Cancelled,
+}
+
+struct Partition {
+    generation: u64,
+    queue: VecDeque<OwnedMessage>,
+    /// Failed attempts of the queue's first message.
+    attempts: u32,
+    /// The running worker's token.
+    running: Option<CancellationToken>,
+    /// Waiting out a retry backoff.
+    backing_off: bool,
+    paused: bool,
+    /// Highest offset queued: a copy fetched again (after a pause) is dropped.
+    last_offset: i64,
+}
+
+/// The partitions of a running consumer and their queues.
+pub(crate) struct Partitions {
+    parts: HashMap<Key, Partition>,
+    /// Partitions with queued messages and no worker, in the order they became ready.
+    ready: VecDeque<Key>,
+    /// Revoked partitions whose worker is still finishing its message: a new assignment of
+    /// the partition waits for it, so one partition never has two workers.
+    finishing: HashMap<Key, u64>,
+    buffer: usize,
+    next_generation: u64,
+}
+
+impl Partitions {
+    /// `buffer`: messages queued per partition before it is paused.
+    pub(crate) fn new(buffer: usize) -> Self {
+        Self {
+            parts: HashMap::new(),
+            ready: VecDeque::new(),
+            finishing: HashMap::new(),
+            buffer,
+            next_generation: 0,
+        }
+    }
+
+    /// Queues a received message; pauses its partition when the queue is full.
+    pub(crate) fn push<C: rdkafka::consumer::Consumer<X>, X: ConsumerContext>(
+        &mut self,
+        msg: OwnedMessage,
+        consumer: &C,
+    ) {
+        let key = (msg.topic().to_owned(), msg.partition());
+        let generation = &mut self.next_generation;
+        let part = self.parts.entry(key.clone()).or_insert_with(|| {
+            *generation += 1;
+            Partition {
+                generation: *generation,
+                queue: VecDeque::new(),
+                attempts: 0,
+                running: None,
+                backing_off: false,
+                paused: false,
+                last_offset: -1,
+            }
+        });
+        if msg.offset() <= part.last_offset {
+            debug!(
+                topic = key.0,
+                partition = key.1,
+                offset = msg.offset(),
+                "copy of a queued message dropped"
+            );
+            return;
+        }
+        part.last_offset = msg.offset();
+        let was_idle = part.queue.is_empty() && part.running.is_none() && !part.backing_off;
+        part.queue.push_back(msg);
+        if was_idle && !self.finishing.contains_key(&key) {
+            self.ready.push_back(key.clone());
+        }
+        if part.queue.len() >= self.buffer && !part.paused {
+            part.paused = set_paused(consumer, &key, true);
+        }
+    }
+
+    /// The next partition to hand to a worker, with its queued messages.
+    pub(crate) fn next_batch<C: rdkafka::consumer::Consumer<X>, X: ConsumerContext>(
+        &mut self,
+        consumer: &C,
+    ) -> Option<Batch> {
+        while let Some(key) = self.ready.pop_front() {
+            let Some(part) = self.parts.get_mut(&key) else {
+                continue;
+            };
+            if part.queue.is_empty() || part.running.is_some() || part.backing_off {
+                continue;
+            }
+            let cancel = CancellationToken::new();
+            part.running = Some(cancel.clone());
+            if part.paused {
+                part.paused = !set_paused(consumer, &key, false);
+            }
+            return Some(Batch {
+                key,
+                generation: part.generation,
+                messages: std::mem::take(&mut part.queue),
+                attempts: std::mem::take(&mut part.attempts),
+                cancel,
+            });
+        }
+        None
+    }
+
+    /// A worker finished its batch. Returns the backoff to wait before the partition's
+    /// next try, when its first message failed.
+    pub(crate) fn ended(&mut self, key: &Key, generation: u64, ended: Ended) -> Option<Duration> {
+        if self.finishing.get(key) == Some(&generation) {
+            self.finishing.remove(key);
+            if self.parts.get(key).is_some_and(|p| !p.queue.is_empty()) {
+                self.ready.push_back(key.clone());
+            }
+            return None;
+        }
+        let part = self
+            .parts
+            .get_mut(key)
+            .filter(|p| p.generation == generation)?;
+        part.running = None;
+        match ended {
+            Ended::Done | Ended::Cancelled => {
+                if !part.queue.is_empty() {
+                    self.ready.push_back(key.clone());
+                }
+                None
+            }
+            Ended::Retry {
+                mut rest,
+                attempts,
+                delay,
+            } => {
+                rest.append(&mut part.queue);
+                part.queue = rest;
+                part.attempts = attempts;
+                part.backing_off = true;
+                Some(delay)
+            }
+        }
+    }
+
+    /// A partition's retry backoff is over.
+    pub(crate) fn due(&mut self, key: &Key, generation: u64) {
+        if let Some(part) = self.parts.get_mut(key) {
+            if part.generation == generation && part.backing_off {
+                part.backing_off = false;
+                self.ready.push_back(key.clone());
+            }
+        }
+    }
+
+    /// Drops what is queued for revoked partitions; their workers stop after the message
+    /// in hand.
+    pub(crate) fn revoke(&mut self, keys: Vec<Key>) {
+        for key in keys {
+            let Some(part) = self.parts.remove(&key) else {
+                continue;
+            };
+            debug!(
+                topic = key.0,
+                partition = key.1,
+                dropped = part.queue.len(),
+                "partition revoked"
+            );
+            if let Some(cancel) = part.running {
+                cancel.cancel();
+                self.finishing.insert(key, part.generation);
+            }
+        }
+    }
+
+    /// Stops every worker after its message in hand (shutdown).
+    pub(crate) fn cancel_all(&mut self) {
+        for part in self.parts.values() {
+            if let Some(cancel) = &part.running {
+                cancel.cancel();
+            }
+        }
+        self.ready.clear();
+    }
+
+    /// Messages queued over all partitions.
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.parts.values().map(|p| p.queue.len()).sum()
+    }
+}
+
+/// Pauses or resumes fetching one partition; returns whether it took effect.
+fn set_paused<C: rdkafka::consumer::Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    (topic, partition): &Key,
+    pause: bool,
+) -> bool {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, *partition);
+    let done = if pause {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    match done {
+        Ok(()) => true,
+        Err(e) => {
+            // Not assigned any more (a revocation is on its way): nothing to hold back.
+            warn!(topic, partition, pause, error = %e, "could not pause or resume a partition");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::message::Timestamp;
+    use rdkafka::ClientConfig;
+
+    fn msg(partition: i32, offset: i64) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(b"x".to_vec()),
+            None,
+            "t".into(),
+            Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        )
+    }
+
+    fn consumer() -> BaseConsumer {
+        // Never connects: pausing an unassigned partition only fails, which is logged.
+        ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("group.id", "unit")
+            .create()
+            .unwrap()
+    }
+
+    #[test]
+    fn one_worker_per_partition_in_offset_order_and_a_retry_holds_back_only_its_partition() {
+        let c = consumer();
+        let mut p = Partitions::new(100);
+        p.push(msg(0, 1), &c);
+        p.push(msg(0, 2), &c);
+        p.push(msg(1, 7), &c);
+        let a = p.next_batch(&c).unwrap();
+        let b = p.next_batch(&c).unwrap();
+        assert!(p.next_batch(&c).is_none(), "each partition has one worker");
+        assert_eq!(a.key.1, 0);
+        let offsets: Vec<i64> = a.messages.iter().map(OwnedMessage::offset).collect();
+        assert_eq!(offsets, vec![1, 2]);
+        p.push(msg(0, 3), &c);
+        p.push(msg(0, 2), &c); // fetched again after a pause: dropped
+        assert!(p.next_batch(&c).is_none(), "partition 0 is busy");
+        let delay = p.ended(
+            &a.key,
+            a.generation,
+            Ended::Retry {
+                rest: a.messages,
+                attempts: 1,
+                delay: Duration::from_millis(5),
+            },
+        );
+        assert_eq!(delay, Some(Duration::from_millis(5)));
+        assert_eq!(p.ended(&b.key, b.generation, Ended::Done), None);
+        p.push(msg(1, 8), &c);
+        let next = p.next_batch(&c).unwrap();
+        assert_eq!(next.key.1, 1, "partition 1 goes on while 0 backs off");
+        assert!(p.next_batch(&c).is_none());
+        p.due(&a.key, a.generation);
+        let again = p.next_batch(&c).unwrap();
+        let offsets: Vec<i64> = again.messages.iter().map(OwnedMessage::offset).collect();
+        assert_eq!(
+            offsets,
+            vec![1, 2, 3],
+            "the failed message first, nothing lost"
+        );
+        assert_eq!(again.attempts, 1);
+    }
+
+    #[test]
+    fn a_revoked_partition_drops_its_queue_and_a_new_assignment_waits_for_the_old_worker() {
+        let c = consumer();
+        let mut p = Partitions::new(100);
+        p.push(msg(0, 1), &c);
+        let old = p.next_batch(&c).unwrap();
+        p.push(msg(0, 2), &c);
+        p.revoke(vec![old.key.clone()]);
+        assert!(old.cancel.is_cancelled());
+        assert_eq!(p.queued(), 0);
+        p.push(msg(0, 1), &c); // the new assignment starts at the committed offset
+        assert!(p.next_batch(&c).is_none(), "the old worker still runs");
+        assert_eq!(p.ended(&old.key, old.generation, Ended::Cancelled), None);
+        let new = p.next_batch(&c).unwrap();
+        assert_ne!(new.generation, old.generation);
+        assert_eq!(new.messages.len(), 1);
+    }
+}
