@@ -82,19 +82,19 @@ async fn run(lock: KeyLock) -> (usize, usize, Vec<(Uuid, Uuid)>, usize) {
     let signal = WakeSignal::new();
     let mut relays = Vec::new();
     for _ in 0..3 {
-        let mut cfg = support::patient_relay_config(&service);
+        let mut cfg = support::relay_config(&service);
         cfg.batch_size = 3;
-        let relay = Relay::new(store.clone(), support::patient_producer(&brokers), cfg)
+        let relay = Relay::new(store.clone(), support::producer(&brokers), cfg)
             .unwrap()
             .with_wake_signal(signal.clone());
         relays.push(support::spawn(relay));
     }
     let mut config = PublisherConfig::new(&service, outpost::Environment::Testing);
-    config.delivery = support::patient_relay_config(&service);
+    config.delivery = support::relay_config(&service);
     config.key_lock = lock;
     let publisher = Publisher::new(
         store.clone(),
-        support::patient_producer(&brokers),
+        support::producer(&brokers),
         Waker::Local(signal.clone()),
         config,
     )

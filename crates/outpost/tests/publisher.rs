@@ -515,28 +515,16 @@ async fn transactional_eager_and_relay_together_deliver_each_event_exactly_once_
     signal
         .listen_redis(&support::redis_url(), &service, listeners.clone())
         .unwrap();
-    // Counting duplicates on the shared broker: producers that wait for a slow produce
-    // rather than retry it (see `support::patient_producer`).
-    let running = spawn(
-        Relay::new(
-            store.clone(),
-            support::patient_producer(&brokers),
-            support::patient_relay_config(&service),
-        )
-        .unwrap()
-        .with_wake_signal(signal.clone()),
-    );
+    let running = relay(&store, &brokers, &service, &signal);
 
     // Four publisher replicas commit concurrently on eight shared keys.
     let mut tasks = Vec::new();
     for _ in 0..4 {
-        let mut config = publisher_config(&service, Mode::Transactional);
-        config.delivery = support::patient_relay_config(&service);
         let publisher = Publisher::new(
             store.clone(),
-            support::patient_producer(&brokers),
+            support::producer(&brokers),
             Waker::redis(&support::redis_url(), &service).await.unwrap(),
-            config,
+            publisher_config(&service, Mode::Transactional),
         )
         .unwrap();
         let (items, topic) = (items.clone(), topic.clone());

@@ -100,25 +100,6 @@ pub fn producer_config(brokers: &str) -> ProducerConfig {
     cfg
 }
 
-/// For tests that inject no broker fault: a produce request the shared broker answers
-/// slowly (it holds every message of the suite in memory) is waited for, not retried by
-/// the client. Suspected cause of rare mid-suite duplicates with the 1 s request timeout
-/// above: a batch retried by librdkafka that tansu appended twice (the copies' producer
-/// timestamps, printed by `order.rs`, tell a client retry from a second send).
-pub fn patient_producer(brokers: &str) -> Arc<KafkaProducer> {
-    let mut cfg = producer_config(brokers);
-    cfg.delivery_timeout = Duration::from_secs(30);
-    cfg.request_timeout = Duration::from_secs(10);
-    Arc::new(KafkaProducer::new(cfg).expect("producer"))
-}
-
-/// [`relay_config`] with a lease long enough for [`patient_producer`]'s timeouts.
-pub fn patient_relay_config(service: &str) -> RelayConfig {
-    let mut cfg = relay_config(service);
-    cfg.lease = Duration::from_secs(90);
-    cfg
-}
-
 pub fn producer(brokers: &str) -> Arc<KafkaProducer> {
     Arc::new(KafkaProducer::new(producer_config(brokers)).expect("producer"))
 }
