@@ -195,9 +195,16 @@ fn print_report(r: &RunReport) {
             ms(hop.p99)
         );
     }
-    let total = r
-        .total
-        .map_or_else(|| "never".to_owned(), |t| format!("{:.0} ms", ms(t)));
+    let total = r.total.map_or_else(
+        || "never".to_owned(),
+        |t| {
+            format!(
+                "{:.0} ms ({:.0} events/s)",
+                ms(t),
+                r.consumed as f64 / t.as_secs_f64()
+            )
+        },
+    );
     println!(
         "  total: {} essays ({} valid, {} invalid), registration → batch {}: {total}",
         r.essays,
@@ -269,6 +276,8 @@ fn to_json(reports: &[RunReport]) -> Value {
             .collect();
         let mut mode = json!({
             "total_ms": r.total.map(|t| round(ms(t))),
+            // Events through the whole pipeline per second of registration → completed.
+            "events_per_second": r.total.map(|t| round(r.consumed as f64 / t.as_secs_f64())),
             "batch_state": r.batch_state,
             "events_consumed": r.consumed,
             "lost": r.lost,

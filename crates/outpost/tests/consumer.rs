@@ -1127,13 +1127,11 @@ async fn a_partition_backing_off_holds_back_only_itself() {
     config.concurrent_partitions = 1;
     let (process, log) = Recording::new(Inboxed::new(effects.inbox().await, effects.clone()));
     let running = Running::start(Consumer::new(config, process).unwrap());
+    wait_attempts(&log, stuck.event_id, 2, "the stuck event is retried").await;
+    // The gate stays closed: whatever is handled now went past a partition backing off.
     for ev in &others {
         wait_handled(&log, ev.event_id, "the other partitions go on").await;
     }
-    assert!(
-        results(&log, stuck.event_id).len() >= 2,
-        "the stuck event was retried meanwhile"
-    );
     for ev in &behind {
         assert!(
             results(&log, ev.event_id).is_empty(),
