@@ -113,7 +113,8 @@ pub struct PipelineConfig {
     /// Suffix of schemas, consumer groups and service names (default: 8 random hex
     /// digits), so runs never share state.
     pub run_id: String,
-    /// Partitions of each topic created (default 3).
+    /// Partitions of each topic created (default 3; a consumer handles its partitions
+    /// concurrently, one message of each at a time).
     pub partitions: i32,
     /// The relays' longest idle wait, and the baseline's fixed polling interval (default
     /// 5 s, HuleEdu's production value).
@@ -653,7 +654,7 @@ async fn connect(database_url: &str, schema: &str) -> Result<PgPool> {
         .map_err(db("parse_database_url"))?
         .options([("search_path", schema), ("client_min_messages", "warning")]);
     let pool = PgPoolOptions::new()
-        .max_connections(4)
+        .max_connections(8)
         .acquire_timeout(Duration::from_secs(10))
         // A broken connection fails its statement, which is retried; a ping before every
         // acquire would cost a round trip on the hot path.

@@ -17,6 +17,10 @@ use crate::file_service::{self, UploadContext, Validation};
 use crate::pipeline::{Pipeline, RunMode};
 use crate::timeline::{Timeline, TopicStats};
 
+/// Files of a batch upload in progress at once (HuleEdu's File Service handles the files
+/// of one upload request concurrently).
+const UPLOADS_AT_ONCE: usize = 16;
+
 /// A broker outage during a run.
 #[derive(Debug, Clone, Copy)]
 pub struct Outage<'a> {
@@ -314,14 +318,20 @@ impl Pipeline {
         })
     }
 
-    /// Uploads `files` one after the other: each is added, then processed.
+    /// Uploads `files` as a teacher's batch upload arrives: several files at once, each
+    /// added, then processed.
     async fn upload(&self, ctx: &UploadContext, files: &[CorpusFile]) -> Result<()> {
-        for file in files {
-            let service = self.file_service();
-            let upload = service.add_file(ctx, &file.name, &file.bytes).await?;
-            service.process_file(ctx, &upload, &file.bytes).await?;
-        }
-        Ok(())
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(files)
+            .map(|file| async move {
+                let service = self.file_service();
+                let upload = service.add_file(ctx, &file.name, &file.bytes).await?;
+                service.process_file(ctx, &upload, &file.bytes).await?;
+                Ok::<_, Error>(())
+            })
+            .buffer_unordered(UPLOADS_AT_ONCE)
+            .try_collect::<()>()
+            .await
     }
 
     /// Waits (up to `timeout`) until no outbox holds a pending row; returns how many are
