@@ -56,12 +56,20 @@ pub(crate) struct Keys {
     keys: HashMap<String, KeyState>,
     /// Keys that changed since they were last looked at.
     dirty: HashSet<String>,
+    /// Rows queued over all keys (kept as they change: summing per call would cost a pass
+    /// over every owned key per read).
+    queued: usize,
 }
 
 impl Keys {
     /// Rows read and not sent yet, over all keys.
     pub(crate) fn queued_rows(&self) -> usize {
-        self.keys.values().map(|k| k.queued.len()).sum()
+        self.queued
+    }
+
+    /// The sender took `n` queued rows (see [`Self::queue`]).
+    pub(crate) fn took(&mut self, n: usize) {
+        self.queued -= n;
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -101,6 +109,7 @@ impl Keys {
             if let Some(last) = rows.last() {
                 state.after = last.id;
             }
+            self.queued += rows.len();
             state.queued.extend(rows);
             self.dirty.insert(key);
         }
@@ -124,6 +133,7 @@ impl Keys {
             if let Some(last) = rows.last() {
                 state.after = last.id;
             }
+            self.queued += rows.len();
             state.queued.extend(rows);
             self.dirty.insert(key.clone());
         }
@@ -136,6 +146,7 @@ impl Keys {
         for key in lost {
             if let Some(state) = self.keys.get_mut(&key) {
                 state.lost = true;
+                self.queued -= state.queued.len();
                 state.queued.clear();
                 self.dirty.insert(key);
                 count += 1;
@@ -153,6 +164,7 @@ impl Keys {
                 state.after = first.id - 1;
                 state.drained = false;
             }
+            self.queued -= state.queued.len();
             state.queued.clear();
             self.dirty.insert(key.clone());
         }
@@ -179,7 +191,7 @@ impl Keys {
         review
     }
 
-    /// Rows queued for `key`, to send in order.
+    /// Rows queued for `key`, to send in order; report what was taken with [`Self::took`].
     pub(crate) fn queue(&mut self, key: &str) -> Option<&mut KeyState> {
         self.keys.get_mut(key)
     }
@@ -324,7 +336,9 @@ mod tests {
         let state = keys.queue("k").unwrap();
         state.queued.pop_front();
         state.in_flight = 1;
+        keys.took(1);
         keys.drop_queued();
+        assert_eq!(keys.queued_rows(), 0);
         let review = keys.review(5, false, false);
         assert_eq!(review.fetch, vec![("k".to_owned(), 4)]);
     }

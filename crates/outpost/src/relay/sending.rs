@@ -79,6 +79,7 @@ impl Sender {
                 continue;
             };
             let mut blocked = false;
+            let mut taken = 0;
             while state.in_flight < self.per_key && state.failure.is_none() {
                 if self.queue_full || self.room() == 0 || Instant::now() >= until {
                     blocked = true;
@@ -87,6 +88,7 @@ impl Sender {
                 let Some(event) = state.queued.pop_front() else {
                     break;
                 };
+                taken += 1;
                 let ack = match self.producer.enqueue(
                     &event.topic,
                     &event.event_key,
@@ -95,6 +97,7 @@ impl Sender {
                 ) {
                     Err(failure) if is_queue_full(&failure) => {
                         state.queued.push_front(event);
+                        taken -= 1;
                         self.queue_full = true;
                         blocked = true;
                         break;
@@ -116,6 +119,7 @@ impl Sender {
                     }
                 }));
             }
+            keys.took(taken);
             if blocked {
                 send[i..].iter().for_each(|k| keys.touch(k));
                 return;
