@@ -170,6 +170,28 @@ impl QuickstartMode {
     }
 }
 
+/// `outpost load --mode`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LoadMode {
+    /// Stage in a transaction, produce right after commit.
+    Transactional,
+    /// Produce directly, outbox on failure.
+    KafkaFirst,
+    /// Stage in a transaction, the relay delivers.
+    OutboxOnly,
+}
+
+impl LoadMode {
+    /// The library mode.
+    pub fn mode(self) -> outpost::Mode {
+        match self {
+            Self::Transactional => outpost::Mode::Transactional,
+            Self::KafkaFirst => outpost::Mode::KafkaFirst,
+            Self::OutboxOnly => outpost::Mode::OutboxOnly,
+        }
+    }
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -244,6 +266,43 @@ pub enum Command {
         /// What to do with them.
         #[command(subcommand)]
         command: DeadCommand,
+    },
+    /// Publish a steady stream of events in one mode, recording every committed one (or,
+    /// Kafka-first, every acknowledged one) in a ledger table; prints one JSON object.
+    Load {
+        /// Publishing mode: transactional, kafka-first or outbox-only.
+        #[arg(long, value_enum)]
+        mode: LoadMode,
+        /// Events per second.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// How long to publish (e.g. 30s, 2m).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        duration: std::time::Duration,
+        /// Distinct partition keys.
+        #[arg(long, default_value_t = 16)]
+        keys: usize,
+        /// Padding bytes in each event's body.
+        #[arg(long, default_value_t = 256)]
+        payload_bytes: usize,
+        /// Topic to publish to (default: a new one with 4 partitions). (`--topic` is the
+        /// global topic override.)
+        #[arg(long, value_name = "TOPIC")]
+        into: Option<String>,
+    },
+    /// Read a topic back and hold it against a ledger written by `load`: committed,
+    /// delivered, missing, duplicates, per-key order violations, parked; one JSON object.
+    Verify {
+        /// The ledger table, `schema.table` (as `load` printed it).
+        #[arg(long)]
+        ledger: String,
+        /// The topic to read (default: the one topic the ledger names). (`--topic` is the
+        /// global topic override.)
+        #[arg(long, value_name = "TOPIC")]
+        from: Option<String>,
+        /// Stop reading after this long without a new ledger event (e.g. 30s).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+        wait: std::time::Duration,
     },
     /// Put parked (dead) events back in line.
     Requeue {

@@ -9,9 +9,11 @@ mod daemon;
 mod dead;
 mod demo;
 mod http;
+mod load;
 mod quickstart;
 mod settings;
 mod status;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -78,7 +80,7 @@ fn one_line(message: &str) -> String {
 
 async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    if matches!(cli.command, Command::Relay) {
+    if matches!(cli.command, Command::Relay | Command::Load { .. }) {
         cancel_on_signal(shutdown.clone());
     }
     let pool = settings.connect().await?;
@@ -118,6 +120,30 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         Command::Dead { command } => dead::run(&settings, &pool, command).await?,
         Command::Bench { quick, json, plans } => {
             bench::run(&cli, &settings, quick, json, plans).await?;
+        }
+        Command::Load {
+            mode,
+            rate,
+            duration,
+            keys,
+            payload_bytes,
+            into,
+        } => {
+            let plan = load::LoadPlan {
+                mode: mode.mode(),
+                rate,
+                duration,
+                keys,
+                payload_bytes,
+                topic: into,
+            };
+            let report = load::run(&settings, store, &plan, shutdown).await?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Verify { ledger, from, wait } => {
+            let verdict =
+                verify::run(&settings.brokers, &store, &ledger, from.as_deref(), wait).await?;
+            println!("{}", serde_json::to_string(&verdict)?);
         }
         Command::Requeue { ids } => {
             let all = ids.is_empty();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use outpost::{
     Aggregate, EventEnvelope, Mode, OutboxEvent, OutboxStore, Publisher, PublisherConfig, Relay,
-    WakeSignal, Waker,
+    WakeSignal,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -19,7 +19,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::cli::Wake;
 use crate::settings::Settings;
 
 const PARTITIONS: i32 = 4;
@@ -108,20 +107,7 @@ async fn run_mode(
     keys: usize,
     concurrency: usize,
 ) -> anyhow::Result<Report> {
-    let topic = format!("outpost.quickstart.{}", Uuid::new_v4().simple());
-    outpost::kafka::producer::create_topic(
-        &settings.brokers,
-        &topic,
-        PARTITIONS,
-        Duration::from_secs(10),
-    )
-    .await
-    .with_context(|| {
-        format!(
-            "cannot create topic on OUTPOST_BROKERS={}",
-            settings.brokers
-        )
-    })?;
+    let topic = settings.new_topic("outpost.quickstart", PARTITIONS).await?;
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let consumer = consume(&settings.brokers, &topic, tx)?;
@@ -140,17 +126,7 @@ async fn run_mode(
     let relay = Relay::new(store.clone(), Arc::clone(&producer), settings.relay.clone())?
         .with_wake_signal(signal);
     let relay_task = tokio::spawn(relay.run(shutdown.clone().cancelled_owned()));
-    let waker = match settings.wake {
-        Wake::Redis => match Waker::redis(&settings.redis_url, &settings.relay.service).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "redis unavailable; relying on polling");
-                Waker::None
-            }
-        },
-        Wake::Notify => Waker::notify(pool.clone(), &settings.relay.service)?,
-        Wake::None => Waker::None,
-    };
+    let waker = settings.waker(pool.clone()).await?;
     let mut config = PublisherConfig::new(&settings.relay.service, settings.environment);
     config.mode = mode;
     config.delivery = settings.relay.clone();

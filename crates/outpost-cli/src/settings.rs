@@ -260,6 +260,41 @@ impl Settings {
     pub fn producer(&self) -> Result<Arc<KafkaProducer>, Error> {
         KafkaProducer::new(self.producer.clone()).map(Arc::new)
     }
+
+    /// Creates a topic named `prefix.<random>` with `partitions` partitions.
+    pub async fn new_topic(&self, prefix: &str, partitions: i32) -> anyhow::Result<String> {
+        let topic = format!("{prefix}.{}", uuid::Uuid::new_v4().simple());
+        outpost::kafka::producer::create_topic(
+            &self.brokers,
+            &topic,
+            partitions,
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create topic on OUTPOST_BROKERS={}: {e}",
+                self.brokers
+            )
+        })?;
+        Ok(topic)
+    }
+
+    /// How a publisher wakes the relay of the first service (Redis unreachable: polling).
+    pub async fn waker(&self, pool: PgPool) -> Result<outpost::Waker, Error> {
+        let service = &self.relay.service;
+        Ok(match self.wake {
+            Wake::Redis => match outpost::Waker::redis(&self.redis_url, service).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "redis unavailable; relying on polling");
+                    outpost::Waker::None
+                }
+            },
+            Wake::Notify => outpost::Waker::notify(pool, service)?,
+            Wake::None => outpost::Waker::None,
+        })
+    }
 }
 
 /// Settings shared by every service.

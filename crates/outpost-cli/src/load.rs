@@ -1,0 +1,188 @@
+//! `outpost load`: publish a steady stream of events in one mode and record, in a ledger
+//! table, every event that was committed (Kafka-first: every publish that returned
+//! success), so that `outpost verify` can tell what a fault cost.
+//!
+//! One task publishes in turn, so per key the ledger's `seq` is the commit order. In the
+//! transactional and outbox-only modes the ledger row is written in the event's own
+//! transaction: a crash can never leave a ledger row without its event, or the reverse.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use outpost::{
+    Aggregate, EventEnvelope, Mode, OutboxEvent, OutboxStore, Publisher, PublisherConfig,
+};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::settings::Settings;
+
+/// Partitions of a topic `load` creates.
+const PARTITIONS: i32 = 4;
+
+/// What to publish.
+#[derive(Debug, Clone)]
+pub struct LoadPlan {
+    pub mode: Mode,
+    /// Events per second.
+    pub rate: f64,
+    pub duration: Duration,
+    pub keys: usize,
+    pub payload_bytes: usize,
+    /// Topic to publish to (created when absent).
+    pub topic: Option<String>,
+}
+
+/// What a run published.
+#[derive(Debug, Serialize)]
+pub struct LoadReport {
+    pub mode: &'static str,
+    pub topic: String,
+    /// The ledger table (`schema.table`), for `outpost verify --ledger`.
+    pub ledger: String,
+    /// Events committed (Kafka-first: acknowledged or stored) and recorded in the ledger.
+    pub committed: u64,
+    /// Of those, events left in the outbox for the relay (Kafka-first fallbacks; every
+    /// event in the outbox-only mode; eager misses in the transactional one).
+    pub via_outbox: u64,
+    /// Publishes that returned an error (not in the ledger).
+    pub failed: u64,
+    pub elapsed_ms: f64,
+    /// Committed events per second achieved.
+    pub rate: f64,
+}
+
+/// The ledger table of `settings`' schema, as `schema.table`.
+pub fn ledger_name(settings: &Settings) -> String {
+    format!("{}.outpost_load_ledger", settings.table.schema())
+}
+
+/// `schema.table` (each part lower-case letters, digits and `_`, quotes allowed), quoted
+/// for SQL.
+pub fn quoted_ledger(name: &str) -> anyhow::Result<String> {
+    let plain = name.replace('"', "");
+    let parts: Vec<&str> = plain.split('.').collect();
+    let valid = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && p.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    anyhow::ensure!(
+        parts.len() == 2 && parts.iter().all(|p| valid(p)),
+        "invalid --ledger {name:?}: expected schema.table (lower-case letters, digits, _)"
+    );
+    Ok(format!("\"{}\".\"{}\"", parts[0], parts[1]))
+}
+
+/// Publishes `plan` until its duration is over or `stop` is cancelled.
+pub async fn run(
+    settings: &Settings,
+    store: OutboxStore,
+    plan: &LoadPlan,
+    stop: CancellationToken,
+) -> anyhow::Result<LoadReport> {
+    anyhow::ensure!(
+        plan.rate.is_finite() && plan.rate > 0.0,
+        "--rate must be a positive number of events per second"
+    );
+    anyhow::ensure!(plan.keys > 0, "--keys must be positive");
+    store.migrate().await?;
+    let ledger_name = ledger_name(settings);
+    let ledger = quoted_ledger(&ledger_name)?;
+    sqlx::query(&format!(
+        "CREATE TABLE IF NOT EXISTS {ledger} (event_id UUID PRIMARY KEY, topic TEXT NOT NULL, \
+         event_key TEXT NOT NULL, seq BIGINT NOT NULL, \
+         committed_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())"
+    ))
+    .execute(store.pool())
+    .await
+    .with_context(|| format!("cannot create the ledger {ledger}"))?;
+    let topic = match &plan.topic {
+        Some(topic) => topic.clone(),
+        None => settings.new_topic("outpost.load", PARTITIONS).await?,
+    };
+    let mut config = PublisherConfig::new(&settings.relay.service, settings.environment);
+    config.mode = plan.mode;
+    config.delivery = settings.relay.clone();
+    let waker = settings.waker(store.pool().clone()).await?;
+    let publisher = Publisher::new(store.clone(), settings.producer()?, waker, config)?;
+
+    let payload = "x".repeat(plan.payload_bytes);
+    let record =
+        format!("INSERT INTO {ledger} (event_id, topic, event_key, seq) VALUES ($1, $2, $3, $4)");
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / plan.rate));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let (mut committed, mut via_outbox, mut failed) = (0u64, 0u64, 0u64);
+    let mut seq = 0i64;
+    while started.elapsed() < plan.duration {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        let key = format!("k{}", seq % plan.keys as i64);
+        let envelope = EventEnvelope::new(
+            "outpost.load.v1",
+            settings.relay.service.clone(),
+            serde_json::json!({ "key": key, "seq": seq, "pad": payload }),
+        );
+        let event = OutboxEvent::from_envelope(&envelope, &topic, Aggregate::new("load", &key))?;
+        let done = publish(&publisher, plan.mode, &event, &record, seq).await;
+        match done {
+            Ok(direct) => {
+                committed += 1;
+                via_outbox += u64::from(!direct);
+            }
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(error = %e, seq, "publish failed; not in the ledger");
+            }
+        }
+        seq += 1;
+    }
+    publisher.shutdown(Duration::from_secs(10)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(LoadReport {
+        mode: plan.mode.as_str(),
+        topic,
+        ledger: ledger_name,
+        committed,
+        via_outbox,
+        failed,
+        elapsed_ms: elapsed * 1000.0,
+        rate: committed as f64 / elapsed.max(f64::EPSILON),
+    })
+}
+
+/// Publishes `event` in `mode` and records it in the ledger once it is safe; true when it
+/// reached Kafka without the relay.
+async fn publish(
+    publisher: &Publisher,
+    mode: Mode,
+    event: &OutboxEvent,
+    record: &str,
+    seq: i64,
+) -> anyhow::Result<bool> {
+    let ledger_row = sqlx::query(record)
+        .bind(event.event_id)
+        .bind(&event.topic)
+        .bind(&event.event_key)
+        .bind(seq);
+    match mode {
+        Mode::KafkaFirst => {
+            // Recorded only after success: the ledger lists what the caller was told
+            // was published (acked, or stored in the outbox).
+            let path = publisher.publish(event).await?;
+            ledger_row.execute(publisher.store().pool()).await?;
+            Ok(path == outpost::PublishPath::Direct)
+        }
+        Mode::Transactional | Mode::OutboxOnly => {
+            let mut tx = publisher.begin().await?;
+            tx.publish(event).await?;
+            ledger_row.execute(&mut *tx).await?;
+            Ok(tx.commit().await?.eager_published > 0)
+        }
+    }
+}
