@@ -304,6 +304,18 @@ pub enum Command {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
         wait: std::time::Duration,
     },
+    /// Run fault scenarios under load on a private broker (broker paused in each mode,
+    /// relays killed) and judge each against its promise; fails when one is broken.
+    Faults {
+        /// Short durations: checks the kit works and the promises hold, in seconds.
+        #[arg(long)]
+        quick: bool,
+        /// Print one JSON object instead of a line per scenario.
+        #[arg(long)]
+        json: bool,
+        /// Scenarios to run (default all).
+        scenarios: Vec<String>,
+    },
     /// Put parked (dead) events back in line.
     Requeue {
         /// Row ids to requeue; all parked rows when omitted.

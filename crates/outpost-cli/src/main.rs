@@ -7,6 +7,7 @@ mod cli;
 mod config;
 mod daemon;
 mod dead;
+mod faults;
 mod demo;
 mod http;
 mod load;
@@ -145,6 +146,11 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 verify::run(&settings.brokers, &store, &ledger, from.as_deref(), wait).await?;
             println!("{}", serde_json::to_string(&verdict)?);
         }
+        Command::Faults {
+            quick,
+            json,
+            scenarios,
+        } => faults::run(quick, json, &scenarios).await?,
         Command::Requeue { ids } => {
             let all = ids.is_empty();
             dead::run(&settings, &pool, cli::DeadCommand::Requeue { ids, all }).await?;

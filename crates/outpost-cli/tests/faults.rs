@@ -1,0 +1,35 @@
+//! `outpost faults --quick` runs in the test suite: every scenario of the fault kit, on a
+//! private broker, must keep its promise (nothing missing, no event of a key after a later
+//! one), and print its figures. RELIABILITY.md has a full run's.
+//!
+//! Needs PostgreSQL, Redis and the tansu binary (`OUTPOST_TANSU_BIN`); run `make services`.
+
+mod support;
+
+use serde_json::Value;
+
+#[test]
+fn every_fault_scenario_keeps_its_promise() {
+    let out = support::outpost_std()
+        .args(["faults", "--quick", "--json"])
+        .output()
+        .expect("run outpost faults");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "outpost faults failed: {stderr}\n{stdout}"
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    let scenarios = report["scenarios"].as_array().expect("scenarios");
+    assert_eq!(scenarios.len(), 4, "{report}");
+    for s in scenarios {
+        let v = &s["verify"];
+        assert_eq!(s["kept"], true, "{s}");
+        assert!(v["committed"].as_u64().unwrap() > 0, "{s}");
+        assert_eq!(v["committed"], v["delivered"], "{s}");
+        assert_eq!(v["missing"], 0, "{s}");
+        assert_eq!(v["order_violations"], 0, "{s}");
+    }
+}
