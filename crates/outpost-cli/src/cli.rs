@@ -289,6 +289,10 @@ pub enum Command {
         /// global topic override.)
         #[arg(long, value_name = "TOPIC")]
         into: Option<String>,
+        /// Make every N-th event a poison one (a 16 KiB body), for relays whose producer
+        /// refuses large messages.
+        #[arg(long, value_name = "N")]
+        poison_every: Option<u32>,
     },
     /// Read a topic back and hold it against a ledger written by `load`: committed,
     /// delivered, missing, duplicates, per-key order violations, parked; one JSON object.

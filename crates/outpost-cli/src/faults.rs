@@ -32,9 +32,13 @@ enum Fault {
     BrokerPause,
     /// SIGKILL one relay at a time, on a period, and start it again.
     RelayKills,
+    /// SIGKILL the Redis the wake-ups go through (a private one), start it again later.
+    RedisDown,
+    /// Every tenth event is larger than the relays' producer accepts.
+    Poison,
 }
 
-const SCENARIOS: [Scenario; 4] = [
+const SCENARIOS: [Scenario; 6] = [
     Scenario {
         name: "broker-pause-transactional",
         mode: "transactional",
@@ -63,7 +67,25 @@ const SCENARIOS: [Scenario; 4] = [
         fault: Fault::RelayKills,
         promise: "0 missing, 0 order violations (duplicates possible: rows acked but not recorded by a killed relay)",
     },
+    Scenario {
+        name: "redis-down",
+        mode: "outbox-only",
+        relays: 1,
+        fault: Fault::RedisDown,
+        promise: "0 missing, 0 order violations (wake-ups lost: the relay polls)",
+    },
+    Scenario {
+        name: "poison",
+        mode: "outbox-only",
+        relays: 1,
+        fault: Fault::Poison,
+        promise: "every poison event parked, every other event delivered, 0 order violations",
+    },
 ];
+
+/// `--poison-every` of the poison scenario, and the largest message its relays accept.
+const POISON_EVERY: u32 = 10;
+const RELAY_MAX_BYTES: usize = 4_000;
 
 /// The relays' lease (twice the 3 s delivery timeout, twice).
 const LEASE_MS: u64 = 12_000;
@@ -161,10 +183,15 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
     let schema = format!("faults_{}", &Uuid::new_v4().simple().to_string()[..12]);
     let logs = std::env::temp_dir().join(&schema);
     std::fs::create_dir_all(&logs)?;
+    // Wake-ups go through a Redis of the scenario's own, so stopping it hurts no one else.
+    let mut redis = PrivateRedis::start()?;
+    let poison = matches!(scenario.fault, Fault::Poison);
     let outpost = Outpost {
         exe: std::env::current_exe()?,
         schema: schema.clone(),
         brokers: brokers.clone(),
+        redis_url: redis.url(),
+        relay_max_bytes: poison.then_some(RELAY_MAX_BYTES),
     };
     outpost.output(&["migrate"]).await?;
     let mut relays = Vec::new();
@@ -172,7 +199,7 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
         relays.push(outpost.relay(&logs, i)?);
     }
     let started = Instant::now();
-    let load = outpost.spawn_load(&logs, scenario.mode, sizes)?;
+    let load = outpost.spawn_load(&logs, scenario.mode, sizes, poison)?;
     tokio::time::sleep(sizes.fault_at).await;
     let fault_started = started.elapsed();
     match scenario.fault {
@@ -193,6 +220,12 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
                 next += 1;
             }
         }
+        Fault::RedisDown => {
+            redis.kill();
+            tokio::time::sleep(sizes.pause).await;
+            redis.restart()?;
+        }
+        Fault::Poison => {}
     }
     let fault_ended = started.elapsed();
     let out = load.wait_with_output().await?;
@@ -214,7 +247,17 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
         relay.wait().await?;
     }
     broker.kill();
-    let kept = verify["missing"] == 0 && verify["order_violations"] == 0;
+    redis.kill();
+    let kept = if poison {
+        // The parked events are the missing ones, and exactly the poison ones.
+        let poisoned = load["poisoned"].as_u64().unwrap_or(0);
+        poisoned > 0
+            && verify["parked"] == poisoned
+            && verify["missing"] == poisoned
+            && verify["order_violations"] == 0
+    } else {
+        verify["missing"] == 0 && verify["order_violations"] == 0
+    };
     Ok(json!({
         "scenario": scenario.name,
         "mode": scenario.mode,
@@ -235,6 +278,9 @@ struct Outpost {
     exe: PathBuf,
     schema: String,
     brokers: String,
+    redis_url: String,
+    /// `message.max.bytes` of the relays' producer (the poison scenario).
+    relay_max_bytes: Option<usize>,
 }
 
 impl Outpost {
@@ -252,6 +298,7 @@ impl Outpost {
             ])
             .args(args)
             .env("OUTPOST_BROKERS", &self.brokers)
+            .env("OUTPOST_REDIS_URL", &self.redis_url)
             .stdin(Stdio::null())
             .kill_on_drop(true);
         cmd
@@ -272,8 +319,15 @@ impl Outpost {
             .create(true)
             .append(true)
             .open(logs.join(format!("relay-{i}.log")))?;
+        let max_bytes = self
+            .relay_max_bytes
+            .map(|b| format!("message.max.bytes={b}"));
+        let mut args = vec!["relay"];
+        if let Some(option) = &max_bytes {
+            args.extend(["--kafka-option", option]);
+        }
         Ok(self
-            .command(&["relay"])
+            .command(&args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?)
@@ -284,26 +338,91 @@ impl Outpost {
         logs: &std::path::Path,
         mode: &str,
         sizes: Sizes,
+        poison: bool,
     ) -> anyhow::Result<Child> {
         // Its warnings go to a file: a pipe nobody reads during the fault would fill and
         // stall the load.
         let log = std::fs::File::create(logs.join("load.log"))?;
         let duration = format!("{}ms", sizes.load.as_millis());
         let rate = sizes.rate.to_string();
+        let every = POISON_EVERY.to_string();
+        let mut args = vec![
+            "load",
+            "--mode",
+            mode,
+            "--rate",
+            &rate,
+            "--duration",
+            &duration,
+            "--keys",
+            "8",
+        ];
+        if poison {
+            args.extend(["--poison-every", &every]);
+        }
         Ok(self
-            .command(&[
-                "load",
-                "--mode",
-                mode,
-                "--rate",
-                &rate,
-                "--duration",
-                &duration,
-                "--keys",
-                "8",
-            ])
+            .command(&args)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()?)
+    }
+}
+
+/// A `redis-server` of one scenario's own, on a free port, without persistence.
+struct PrivateRedis {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    fn start() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut redis = Self { port, child: None };
+        redis.restart()?;
+        Ok(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn restart(&mut self) -> anyhow::Result<()> {
+        let port = self.port.to_string();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context(
+                "faults start a redis-server of their own (is it installed? run `make services`)",
+            )?;
+        self.child = Some(child);
+        // Ready once it accepts connections.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

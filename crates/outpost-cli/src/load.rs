@@ -31,7 +31,12 @@ pub struct LoadPlan {
     pub payload_bytes: usize,
     /// Topic to publish to (created when absent).
     pub topic: Option<String>,
+    /// Every n-th event is a poison one: a body padded to `POISON_BYTES`.
+    pub poison_every: Option<u32>,
 }
+
+/// Body padding of a poison event: more than a producer limited to a few KB accepts.
+pub const POISON_BYTES: usize = 16 * 1024;
 
 /// What a run published.
 #[derive(Debug, Serialize)]
@@ -47,6 +52,8 @@ pub struct LoadReport {
     pub via_outbox: u64,
     /// Publishes that returned an error (not in the ledger).
     pub failed: u64,
+    /// Poison events committed (see `--poison-every`).
+    pub poisoned: u64,
     pub elapsed_ms: f64,
     /// Committed events per second achieved.
     pub rate: f64,
@@ -110,6 +117,8 @@ pub async fn run(
     let publisher = Publisher::new(store.clone(), settings.producer()?, waker, config)?;
 
     let payload = "x".repeat(plan.payload_bytes);
+    let poison_pad = "x".repeat(POISON_BYTES);
+    let mut poisoned = 0u64;
     let record =
         format!("INSERT INTO {ledger} (event_id, topic, event_key, seq) VALUES ($1, $2, $3, $4)");
     let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / plan.rate));
@@ -123,16 +132,21 @@ pub async fn run(
             _ = ticks.tick() => {}
         }
         let key = format!("k{}", seq % plan.keys as i64);
+        let poison = plan
+            .poison_every
+            .is_some_and(|n| n > 0 && (seq + 1) % i64::from(n) == 0);
+        let pad = if poison { &poison_pad } else { &payload };
         let envelope = EventEnvelope::new(
             "outpost.load.v1",
             settings.relay.service.clone(),
-            serde_json::json!({ "key": key, "seq": seq, "pad": payload }),
+            serde_json::json!({ "key": key, "seq": seq, "pad": pad }),
         );
         let event = OutboxEvent::from_envelope(&envelope, &topic, Aggregate::new("load", &key))?;
         let done = publish(&publisher, plan.mode, &event, &record, seq).await;
         match done {
             Ok(direct) => {
                 committed += 1;
+                poisoned += u64::from(poison);
                 via_outbox += u64::from(!direct);
             }
             Err(e) => {
@@ -151,6 +165,7 @@ pub async fn run(
         committed,
         via_outbox,
         failed,
+        poisoned,
         elapsed_ms: elapsed * 1000.0,
         rate: committed as f64 / elapsed.max(f64::EPSILON),
     })

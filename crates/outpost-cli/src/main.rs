@@ -129,6 +129,7 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             keys,
             payload_bytes,
             into,
+            poison_every,
         } => {
             let plan = load::LoadPlan {
                 mode: mode.mode(),
@@ -137,6 +138,7 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 keys,
                 payload_bytes,
                 topic: into,
+                poison_every,
             };
             let report = load::run(&settings, store, &plan, shutdown).await?;
             println!("{}", serde_json::to_string(&report)?);
