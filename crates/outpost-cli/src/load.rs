@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use outpost::{
-    Aggregate, EventEnvelope, Mode, OutboxEvent, OutboxStore, Publisher, PublisherConfig,
+    Aggregate, EventEnvelope, Mode, OutboxEvent, OutboxStore, OutboxTable, Publisher,
+    PublisherConfig,
 };
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -59,28 +60,19 @@ pub struct LoadReport {
     pub rate: f64,
 }
 
-/// The ledger table of `settings`' schema, as `schema.table`.
-pub fn ledger_name(settings: &Settings) -> String {
-    format!("{}.outpost_load_ledger", settings.table.schema())
-}
+/// The ledger's table name inside the outbox's schema.
+const LEDGER_TABLE: &str = "outpost_load_ledger";
 
-/// `schema.table` (each part lower-case letters, digits and `_`, quotes allowed), quoted
-/// for SQL.
-pub fn quoted_ledger(name: &str) -> anyhow::Result<String> {
+/// `--ledger schema.table` (quotes allowed), validated like every table name Outpost puts
+/// into SQL.
+pub fn ledger_table(name: &str) -> anyhow::Result<OutboxTable> {
     let plain = name.replace('"', "");
-    let parts: Vec<&str> = plain.split('.').collect();
-    let valid = |p: &str| {
-        !p.is_empty()
-            && p.len() <= 63
-            && p.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-            && p.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-    };
-    anyhow::ensure!(
-        parts.len() == 2 && parts.iter().all(|p| valid(p)),
-        "invalid --ledger {name:?}: expected schema.table (lower-case letters, digits, _)"
-    );
-    Ok(format!("\"{}\".\"{}\"", parts[0], parts[1]))
+    let invalid =
+        |why: String| anyhow::anyhow!("invalid --ledger {name:?}: expected schema.table ({why})");
+    let (schema, table) = plain
+        .split_once('.')
+        .ok_or_else(|| invalid("no `.`".into()))?;
+    OutboxTable::with_table(schema, table).map_err(|e| invalid(e.to_string()))
 }
 
 /// Publishes `plan` until its duration is over or `stop` is cancelled.
@@ -96,8 +88,7 @@ pub async fn run(
     );
     anyhow::ensure!(plan.keys > 0, "--keys must be positive");
     store.migrate().await?;
-    let ledger_name = ledger_name(settings);
-    let ledger = quoted_ledger(&ledger_name)?;
+    let ledger = OutboxTable::with_table(settings.table.schema(), LEDGER_TABLE)?;
     sqlx::query(&format!(
         "CREATE TABLE IF NOT EXISTS {ledger} (event_id UUID PRIMARY KEY, topic TEXT NOT NULL, \
          event_key TEXT NOT NULL, seq BIGINT NOT NULL, \
@@ -161,7 +152,7 @@ pub async fn run(
     Ok(LoadReport {
         mode: plan.mode.as_str(),
         topic,
-        ledger: ledger_name,
+        ledger: format!("{}.{}", ledger.schema(), ledger.table()),
         committed,
         via_outbox,
         failed,

@@ -18,7 +18,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::load::quoted_ledger;
+use crate::load::ledger_table;
 
 /// How long reading goes on after the last ledger event arrived, for late duplicates.
 const GRACE: Duration = Duration::from_secs(2);
@@ -56,7 +56,7 @@ pub async fn run(
     topic: Option<&str>,
     wait: Duration,
 ) -> anyhow::Result<Verdict> {
-    let quoted = quoted_ledger(ledger)?;
+    let quoted = ledger_table(ledger)?;
     let topic = match topic {
         Some(topic) => topic.to_owned(),
         None => {

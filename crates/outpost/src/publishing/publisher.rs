@@ -403,10 +403,7 @@ impl Publisher {
             }
         };
         let claim_took = started.elapsed();
-        for k in &claimed {
-            let ids: Vec<i64> = k.rows.iter().map(|r| r.id).collect();
-            tracing::trace!(target: "outpost::send", owner = %inner.owner, key = %k.key, ?ids, "claimed (eager)");
-        }
+        crate::relay::trace_read(inner.owner, "claimed (eager)", &claimed);
         inner.config.delivery.retarget(&mut claimed);
         // Every row is queued before any ack is awaited: librdkafka keeps a key's rows in
         // this order on its partition.

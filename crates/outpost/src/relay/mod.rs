@@ -746,7 +746,7 @@ impl<'r> Engine<'r> {
 }
 
 /// Which rows of which keys an owner read (`outpost::send=trace` shows who sent what).
-fn trace_read(owner: Uuid, what: &str, keys: &[ClaimedKey]) {
+pub(crate) fn trace_read(owner: Uuid, what: &str, keys: &[ClaimedKey]) {
     if tracing::enabled!(target: "outpost::send", tracing::Level::TRACE) {
         for k in keys {
             let ids: Vec<i64> = k.rows.iter().map(|r| r.id).collect();
