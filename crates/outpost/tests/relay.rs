@@ -89,10 +89,10 @@ async fn three_relays_deliver_each_event_once_in_key_order() {
     let signal = WakeSignal::new();
     let mut relays = Vec::new();
     for _ in 0..3 {
-        let mut cfg = support::relay_config(&support::unique("svc"));
+        let mut cfg = support::patient_relay_config(&support::unique("svc"));
         cfg.batch_size = 7; // small batches so the relays interleave
         cfg.per_key = 3;
-        let relay = Relay::new(store.clone(), support::producer(&brokers), cfg)
+        let relay = Relay::new(store.clone(), support::patient_producer(&brokers), cfg)
             .unwrap()
             .with_wake_signal(signal.clone());
         relays.push(spawn(relay));
