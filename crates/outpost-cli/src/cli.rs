@@ -307,6 +307,10 @@ pub enum Command {
         /// Stop reading after this long without a new ledger event (e.g. 30s).
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
         wait: std::time::Duration,
+        /// When a fault ended (Unix milliseconds): report `recovery_ms`, how long after it
+        /// the last event committed before it was produced.
+        #[arg(long, value_name = "UNIX_MS")]
+        fault_ended_ms: Option<i64>,
     },
     /// Run fault scenarios under load on a private broker (broker paused in each mode,
     /// relays killed) and judge each against its promise; fails when one is broken.

@@ -5,6 +5,9 @@
 //! One task publishes in turn, so per key the ledger's `seq` is the commit order. In the
 //! transactional and outbox-only modes the ledger row is written in the event's own
 //! transaction: a crash can never leave a ledger row without its event, or the reverse.
+//! In Kafka-first a row is written `pending` before the publish (the caller's own state
+//! change, committed) and turned `committed` once it returned success: a process killed
+//! in between leaves the publish in doubt, which is Kafka-first's documented window.
 
 use std::time::{Duration, Instant};
 
@@ -30,7 +33,7 @@ pub struct LoadPlan {
     pub duration: Duration,
     pub keys: usize,
     pub payload_bytes: usize,
-    /// Topic to publish to (created when absent).
+    /// Topic to publish to (default: the ledger's, else a new one).
     pub topic: Option<String>,
     /// Every n-th event is a poison one: a body padded to `POISON_BYTES`.
     pub poison_every: Option<u32>,
@@ -92,14 +95,25 @@ pub async fn run(
     sqlx::query(&format!(
         "CREATE TABLE IF NOT EXISTS {ledger} (event_id UUID PRIMARY KEY, topic TEXT NOT NULL, \
          event_key TEXT NOT NULL, seq BIGINT NOT NULL, \
+         state TEXT NOT NULL DEFAULT 'committed', \
          committed_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())"
     ))
     .execute(store.pool())
     .await
     .with_context(|| format!("cannot create the ledger {ledger}"))?;
-    let topic = match &plan.topic {
-        Some(topic) => topic.clone(),
-        None => settings.new_topic("outpost.load", PARTITIONS).await?,
+    // A second run on the same schema continues the ledger (its topic, its sequence), so a
+    // publisher killed and started again is judged as one stream.
+    let (last_topic, mut seq): (Option<String>, i64) = sqlx::query_as(&format!(
+        "SELECT (SELECT topic FROM {ledger} ORDER BY seq DESC LIMIT 1), \
+                COALESCE(max(seq) + 1, 0) FROM {ledger}"
+    ))
+    .fetch_one(store.pool())
+    .await
+    .with_context(|| format!("cannot read the ledger {ledger}"))?;
+    let topic = match (&plan.topic, last_topic) {
+        (Some(topic), _) => topic.clone(),
+        (None, Some(topic)) => topic,
+        (None, None) => settings.new_topic("outpost.load", PARTITIONS).await?,
     };
     let mut config = PublisherConfig::new(&settings.relay.service, settings.environment);
     config.mode = plan.mode;
@@ -110,13 +124,20 @@ pub async fn run(
     let payload = "x".repeat(plan.payload_bytes);
     let poison_pad = "x".repeat(POISON_BYTES);
     let mut poisoned = 0u64;
-    let record =
-        format!("INSERT INTO {ledger} (event_id, topic, event_key, seq) VALUES ($1, $2, $3, $4)");
+    let record = format!(
+        "INSERT INTO {ledger} (event_id, topic, event_key, seq, state) VALUES ($1, $2, $3, $4, $5)"
+    );
+    let settle = format!(
+        "UPDATE {ledger} SET state = $2, committed_at = clock_timestamp() WHERE event_id = $1"
+    );
+    let ledger_sql = LedgerSql {
+        record: &record,
+        settle: &settle,
+    };
     let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / plan.rate));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = Instant::now();
     let (mut committed, mut via_outbox, mut failed) = (0u64, 0u64, 0u64);
-    let mut seq = 0i64;
     while started.elapsed() < plan.duration {
         tokio::select! {
             () = stop.cancelled() => break,
@@ -133,7 +154,7 @@ pub async fn run(
             serde_json::json!({ "key": key, "seq": seq, "pad": pad }),
         );
         let event = OutboxEvent::from_envelope(&envelope, &topic, Aggregate::new("load", &key))?;
-        let done = publish(&publisher, plan.mode, &event, &record, seq).await;
+        let done = publish(&publisher, plan.mode, &event, ledger_sql, seq).await;
         match done {
             Ok(direct) => {
                 committed += 1;
@@ -162,32 +183,54 @@ pub async fn run(
     })
 }
 
+/// The ledger's statements: insert a row in a state, and move it to another.
+#[derive(Clone, Copy)]
+struct LedgerSql<'a> {
+    record: &'a str,
+    settle: &'a str,
+}
+
 /// Publishes `event` in `mode` and records it in the ledger once it is safe; true when it
 /// reached Kafka without the relay.
 async fn publish(
     publisher: &Publisher,
     mode: Mode,
     event: &OutboxEvent,
-    record: &str,
+    ledger: LedgerSql<'_>,
     seq: i64,
 ) -> anyhow::Result<bool> {
-    let ledger_row = sqlx::query(record)
-        .bind(event.event_id)
-        .bind(&event.topic)
-        .bind(&event.event_key)
-        .bind(seq);
+    let ledger_row = |state: &'static str| {
+        sqlx::query(ledger.record)
+            .bind(event.event_id)
+            .bind(&event.topic)
+            .bind(&event.event_key)
+            .bind(seq)
+            .bind(state)
+    };
+    let pool = publisher.store().pool();
     match mode {
         Mode::KafkaFirst => {
-            // Recorded only after success: the ledger lists what the caller was told
-            // was published (acked, or stored in the outbox).
-            let path = publisher.publish(event).await?;
-            ledger_row.execute(publisher.store().pool()).await?;
-            Ok(path == outpost::PublishPath::Direct)
+            // `pending` first, as a caller commits its own state before it publishes;
+            // `committed` once publish() returned success (acked, or stored in the
+            // outbox). A kill in between leaves the row pending: the publish in doubt.
+            ledger_row("pending").execute(pool).await?;
+            let outcome = publisher.publish(event).await;
+            let state = if outcome.is_ok() {
+                "committed"
+            } else {
+                "failed"
+            };
+            sqlx::query(ledger.settle)
+                .bind(event.event_id)
+                .bind(state)
+                .execute(pool)
+                .await?;
+            Ok(outcome? == outpost::PublishPath::Direct)
         }
         Mode::Transactional | Mode::OutboxOnly => {
             let mut tx = publisher.begin().await?;
             tx.publish(event).await?;
-            ledger_row.execute(&mut *tx).await?;
+            ledger_row("committed").execute(&mut *tx).await?;
             Ok(tx.commit().await?.eager_published > 0)
         }
     }

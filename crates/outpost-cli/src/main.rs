@@ -143,9 +143,21 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             let report = load::run(&settings, store, &plan, shutdown).await?;
             println!("{}", serde_json::to_string(&report)?);
         }
-        Command::Verify { ledger, from, wait } => {
-            let verdict =
-                verify::run(&settings.brokers, &store, &ledger, from.as_deref(), wait).await?;
+        Command::Verify {
+            ledger,
+            from,
+            wait,
+            fault_ended_ms,
+        } => {
+            let verdict = verify::run(
+                &settings.brokers,
+                &store,
+                &ledger,
+                from.as_deref(),
+                wait,
+                fault_ended_ms,
+            )
+            .await?;
             println!("{}", serde_json::to_string(&verdict)?);
         }
         Command::Faults {

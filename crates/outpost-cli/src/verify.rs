@@ -6,7 +6,7 @@
 //! once every ledger event was seen and nothing new came for a grace period, or when
 //! nothing new came for `wait`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -41,20 +41,48 @@ pub struct Verdict {
     pub order_violations: usize,
     /// Ledger events parked (dead) in the outbox.
     pub parked: i64,
-    /// Messages read whose event is not in the ledger (Kafka-first: acked, but the process
-    /// died before recording it).
+    /// Messages read whose event is not in the ledger, or whose publish returned an error
+    /// (it may land all the same: a send that timed out).
     pub unledgered: usize,
+    /// Kafka-first publishes in doubt: the caller's state was committed, and the process
+    /// ended before publish() returned (the documented window). Not in `committed`.
+    pub in_doubt: usize,
+    /// Of those, the ones that were delivered all the same.
+    pub in_doubt_delivered: usize,
+    /// With `--fault-ended-ms`: how long after the fault ended the last event committed
+    /// before its end was acknowledged by the broker; 0 when all were acknowledged before
+    /// the end; absent when one of them is missing. The acknowledgement time is the outbox
+    /// row's `published_at` (written only after the ack), or for a Kafka-first direct send
+    /// (no row) the time its publish() returned.
+    pub catch_up_ms: Option<i64>,
+    /// With `--fault-ended-ms`: how long after the fault ended the first event committed
+    /// after its end was acknowledged (writers and delivery working again); absent when
+    /// none was committed after it.
+    pub resumed_ms: Option<i64>,
+    /// The larger of the two: when delivery was back to normal.
+    pub recovery_ms: Option<i64>,
     /// Up to 10 missing event ids.
     pub missing_sample: Vec<Uuid>,
 }
 
-/// Reads `topic` and holds it against `ledger`.
+/// One ledger row, as verify needs it.
+struct Ledgered {
+    key: String,
+    seq: i64,
+    /// `committed` or `pending` (in doubt).
+    committed: bool,
+    committed_at_ms: i64,
+}
+
+/// Reads `topic` and holds it against `ledger`; `fault_ended_ms` (Unix milliseconds) asks
+/// for the recovery time after a fault.
 pub async fn run(
     brokers: &str,
     store: &OutboxStore,
     ledger: &str,
     topic: Option<&str>,
     wait: Duration,
+    fault_ended_ms: Option<i64>,
 ) -> anyhow::Result<Verdict> {
     let quoted = ledger_table(ledger)?;
     let topic = match topic {
@@ -75,18 +103,33 @@ pub async fn run(
         }
     };
     let topic = topic.as_str();
-    let rows: Vec<(Uuid, String, i64)> = sqlx::query_as(&format!(
-        "SELECT event_id, event_key, seq FROM {quoted} WHERE topic = $1"
+    let rows: Vec<(Uuid, String, i64, String, i64)> = sqlx::query_as(&format!(
+        "SELECT event_id, event_key, seq, state, \
+                (EXTRACT(EPOCH FROM committed_at) * 1000)::int8 \
+         FROM {quoted} WHERE topic = $1 AND state IN ('committed', 'pending')"
     ))
     .bind(topic)
     .fetch_all(store.pool())
     .await
     .with_context(|| format!("cannot read the ledger {ledger}"))?;
-    let committed: HashMap<Uuid, (String, i64)> = rows
+    let ledgered: HashMap<Uuid, Ledgered> = rows
         .into_iter()
-        .map(|(id, key, seq)| (id, (key, seq)))
+        .map(|(id, key, seq, state, at)| {
+            let row = Ledgered {
+                key,
+                seq,
+                committed: state == "committed",
+                committed_at_ms: at,
+            };
+            (id, row)
+        })
         .collect();
-    let ids: Vec<Uuid> = committed.keys().copied().collect();
+    let committed = ledgered.values().filter(|l| l.committed).count();
+    let ids: Vec<Uuid> = ledgered
+        .iter()
+        .filter(|(_, l)| l.committed)
+        .map(|(id, _)| *id)
+        .collect();
     let parked: i64 = sqlx::query_scalar(&format!(
         "SELECT count(*) FROM {} WHERE status = 'dead' AND event_id = ANY($1)",
         store.table()
@@ -98,14 +141,16 @@ pub async fn run(
 
     // Reading metadata blocks until the broker answers.
     let consumer = tokio::task::block_in_place(|| reader(brokers, topic))?;
-    let mut seen: HashSet<Uuid> = HashSet::new();
+    // Each ledger event read, with its first copy's message timestamp.
+    let mut seen: HashMap<Uuid, i64> = HashMap::new();
+    let mut seen_committed = 0;
     let mut duplicates = 0;
     let mut unledgered = 0;
     let mut order_violations = 0;
     let mut latest: HashMap<String, i64> = HashMap::new();
     let mut last_new = Instant::now();
     loop {
-        let all_seen = seen.len() == committed.len();
+        let all_seen = seen_committed == committed;
         let quiet = if all_seen { GRACE } else { wait };
         let left = quiet.saturating_sub(last_new.elapsed());
         let Ok(next) = tokio::time::timeout(left, consumer.recv()).await else {
@@ -125,38 +170,116 @@ pub async fn run(
             unledgered += 1;
             continue;
         };
-        let Some((key, seq)) = committed.get(&id) else {
+        let Some(row) = ledgered.get(&id) else {
             unledgered += 1;
             continue;
         };
-        if !seen.insert(id) {
+        if seen.contains_key(&id) {
             duplicates += 1;
             continue;
         }
+        seen.insert(id, msg.timestamp().to_millis().unwrap_or(i64::MAX));
+        seen_committed += usize::from(row.committed);
         last_new = Instant::now();
-        let latest = latest.entry(key.clone()).or_insert(*seq);
-        if *seq < *latest {
+        let latest = latest.entry(row.key.clone()).or_insert(row.seq);
+        if row.seq < *latest {
             order_violations += 1;
         }
-        *latest = (*latest).max(*seq);
+        *latest = (*latest).max(row.seq);
     }
-    let missing: Vec<Uuid> = committed
-        .keys()
-        .filter(|id| !seen.contains(id))
-        .copied()
+    let missing: Vec<Uuid> = ledgered
+        .iter()
+        .filter(|(id, l)| l.committed && !seen.contains_key(id))
+        .map(|(id, _)| *id)
         .collect();
+    let in_doubt: Vec<&Uuid> = ledgered
+        .iter()
+        .filter(|(_, l)| !l.committed)
+        .map(|(id, _)| id)
+        .collect();
+    let acked = match fault_ended_ms {
+        Some(_) => acked_at(store, &ledgered, &seen).await?,
+        None => HashMap::new(),
+    };
+    let catch_up_ms = fault_ended_ms.and_then(|end| catch_up(&ledgered, &acked, end));
+    let resumed_ms = fault_ended_ms.and_then(|end| resumed(&ledgered, &acked, end));
+    let recovery_ms = match (catch_up_ms, resumed_ms) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, None) => a,
+        (None, b) => b.filter(|_| missing.is_empty()),
+    };
     Ok(Verdict {
         topic: topic.to_owned(),
         ledger: ledger.to_owned(),
-        committed: committed.len(),
-        delivered: seen.len(),
+        committed,
+        delivered: seen_committed,
         missing: missing.len(),
         duplicates,
         order_violations,
         parked,
         unledgered,
+        in_doubt: in_doubt.len(),
+        in_doubt_delivered: in_doubt.iter().filter(|id| seen.contains_key(id)).count(),
+        catch_up_ms,
+        resumed_ms,
+        recovery_ms,
         missing_sample: missing.into_iter().take(10).collect(),
     })
+}
+
+/// When each delivered ledger event was acknowledged (Unix ms): its outbox row's
+/// `published_at`, or, with no row (a Kafka-first direct send), when publish() returned.
+async fn acked_at(
+    store: &OutboxStore,
+    ledgered: &HashMap<Uuid, Ledgered>,
+    seen: &HashMap<Uuid, i64>,
+) -> anyhow::Result<HashMap<Uuid, i64>> {
+    let ids: Vec<Uuid> = seen.keys().copied().collect();
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(&format!(
+        "SELECT event_id, (EXTRACT(EPOCH FROM published_at) * 1000)::int8 FROM {} \
+         WHERE event_id = ANY($1) AND published_at IS NOT NULL",
+        store.table()
+    ))
+    .bind(&ids)
+    .fetch_all(store.pool())
+    .await
+    .context("cannot read when the events were published")?;
+    let mut acked: HashMap<Uuid, i64> = rows.into_iter().collect();
+    for id in ids {
+        if let Some(row) = ledgered.get(&id) {
+            acked.entry(id).or_insert(row.committed_at_ms);
+        }
+    }
+    Ok(acked)
+}
+
+/// How long after `end` the last event committed before it was acknowledged; `None` when
+/// one of them never was.
+fn catch_up(
+    ledgered: &HashMap<Uuid, Ledgered>,
+    acked: &HashMap<Uuid, i64>,
+    end: i64,
+) -> Option<i64> {
+    let mut last = end;
+    for (id, row) in ledgered {
+        if row.committed && row.committed_at_ms <= end {
+            last = last.max(*acked.get(id)?);
+        }
+    }
+    Some(last - end)
+}
+
+/// How long after `end` the first event committed after it was acknowledged.
+fn resumed(
+    ledgered: &HashMap<Uuid, Ledgered>,
+    acked: &HashMap<Uuid, i64>,
+    end: i64,
+) -> Option<i64> {
+    let (id, _) = ledgered
+        .iter()
+        .filter(|(_, row)| row.committed && row.committed_at_ms > end)
+        .min_by_key(|(_, row)| row.committed_at_ms)?;
+    Some(acked.get(id)? - end)
 }
 
 /// A consumer of every partition of `topic` from its beginning, committing nothing.

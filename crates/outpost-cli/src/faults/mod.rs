@@ -1,20 +1,26 @@
 //! `outpost faults`: fault scenarios under load, each judged against its promise.
 //!
 //! Every scenario runs on a private tansu broker (the testkit's, so pausing it hurts no
-//! one else) and the configured PostgreSQL and Redis, in a schema of its own. It starts
+//! one else), a private Redis, and the configured PostgreSQL (a private one, made with
+//! `initdb`, for the scenario that crashes it), in a schema of its own. It starts
 //! `outpost relay` processes, runs `outpost load` as a process, injects its fault while
 //! the load runs, then reads the topic back with `outpost verify` and judges the figures.
 //! Processes, not tasks: a relay is killed with SIGKILL like a crashed pod.
 
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+mod postgres;
+mod process;
+mod redis;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use outpost::testkit::TansuBroker;
 use serde_json::{json, Value};
-use tokio::process::{Child, Command};
 use uuid::Uuid;
+
+use postgres::PrivatePostgres;
+use process::Outpost;
+use redis::PrivateRedis;
 
 /// One scenario: its name, the promise it checks, and its fault.
 #[derive(Debug, Clone, Copy)]
@@ -36,9 +42,13 @@ enum Fault {
     RedisDown,
     /// Every tenth event is larger than the relays' producer accepts.
     Poison,
+    /// Crash the scenario's own PostgreSQL (`pg_ctl stop -m immediate`), start it again later.
+    PostgresCrash,
+    /// SIGKILL the publishing process (`outpost load`) mid-stream.
+    PublisherKill,
 }
 
-const SCENARIOS: [Scenario; 6] = [
+const SCENARIOS: [Scenario; 9] = [
     Scenario {
         name: "broker-pause-transactional",
         mode: "transactional",
@@ -80,6 +90,27 @@ const SCENARIOS: [Scenario; 6] = [
         relays: 1,
         fault: Fault::Poison,
         promise: "every poison event parked, every other event delivered, 0 order violations",
+    },
+    Scenario {
+        name: "postgres-crash",
+        mode: "transactional",
+        relays: 1,
+        fault: Fault::PostgresCrash,
+        promise: "0 missing, 0 order violations (commits that failed while it was down are not in the ledger)",
+    },
+    Scenario {
+        name: "publisher-kill-transactional",
+        mode: "transactional",
+        relays: 1,
+        fault: Fault::PublisherKill,
+        promise: "0 missing, 0 in doubt, 0 order violations (the ledger row commits with the event)",
+    },
+    Scenario {
+        name: "publisher-kill-kafka-first",
+        mode: "kafka-first",
+        relays: 1,
+        fault: Fault::PublisherKill,
+        promise: "0 missing, 0 order violations; at most 1 publish in doubt per kill (the one in flight: Kafka-first's documented window)",
     },
 ];
 
@@ -162,7 +193,7 @@ pub async fn run(quick: bool, json_out: bool, only: &[String]) -> anyhow::Result
 fn print_result(r: &Value) {
     let v = &r["verify"];
     println!(
-        "{:<28} committed {:>6}  delivered {:>6}  missing {:>3}  duplicates {:>4}  order {:>2}  parked {:>2}  via outbox {:>5}  {}",
+        "{:<30} committed {:>6}  delivered {:>6}  missing {:>3}  duplicates {:>4}  order {:>2}  parked {:>4}  in doubt {:>2}  recovery {:>6} ms  {}",
         r["scenario"].as_str().unwrap_or_default(),
         v["committed"],
         v["delivered"],
@@ -170,7 +201,8 @@ fn print_result(r: &Value) {
         v["duplicates"],
         v["order_violations"],
         v["parked"],
-        r["load"]["via_outbox"],
+        v["in_doubt"],
+        r["recovery_ms"],
         if r["kept"] == true { "kept" } else { "BROKEN" },
     );
 }
@@ -183,14 +215,18 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
     let schema = format!("faults_{}", &Uuid::new_v4().simple().to_string()[..12]);
     let logs = std::env::temp_dir().join(&schema);
     std::fs::create_dir_all(&logs)?;
-    // Wake-ups go through a Redis of the scenario's own, so stopping it hurts no one else.
     let mut redis = PrivateRedis::start()?;
+    let postgres = match scenario.fault {
+        Fault::PostgresCrash => Some(PrivatePostgres::start()?),
+        _ => None,
+    };
     let poison = matches!(scenario.fault, Fault::Poison);
     let outpost = Outpost {
         exe: std::env::current_exe()?,
         schema: schema.clone(),
         brokers: brokers.clone(),
         redis_url: redis.url(),
+        database_url: postgres.as_ref().map(PrivatePostgres::url),
         relay_max_bytes: poison.then_some(RELAY_MAX_BYTES),
     };
     outpost.output(&["migrate"]).await?;
@@ -199,9 +235,10 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
         relays.push(outpost.relay(&logs, i)?);
     }
     let started = Instant::now();
-    let load = outpost.spawn_load(&logs, scenario.mode, sizes, poison)?;
+    let mut load = outpost.spawn_load(&logs, scenario.mode, sizes, sizes.load, poison)?;
     tokio::time::sleep(sizes.fault_at).await;
     let fault_started = started.elapsed();
+    let mut kills = 0u32;
     match scenario.fault {
         Fault::BrokerPause => {
             broker.pause()?;
@@ -210,14 +247,13 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
         }
         Fault::RelayKills => {
             let until = Instant::now() + sizes.load.saturating_sub(sizes.fault_at);
-            let mut next = 0;
             while Instant::now() < until {
                 tokio::time::sleep(sizes.kill_every).await;
-                let victim = next % relays.len();
+                let victim = kills as usize % relays.len();
                 relays[victim].start_kill()?;
                 relays[victim].wait().await?;
                 relays[victim] = outpost.relay(&logs, victim)?;
-                next += 1;
+                kills += 1;
             }
         }
         Fault::RedisDown => {
@@ -225,22 +261,49 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
             tokio::time::sleep(sizes.pause).await;
             redis.restart()?;
         }
+        Fault::PostgresCrash => {
+            let pg = postgres.as_ref().expect("the scenario's PostgreSQL");
+            pg.crash()?;
+            tokio::time::sleep(sizes.pause).await;
+            pg.start_again()?;
+        }
+        Fault::PublisherKill => {
+            // Killed and started again, like a crashing pod; the last one runs to its end.
+            let until = started + sizes.load;
+            loop {
+                load.start_kill()?;
+                load.wait().await?;
+                kills += 1;
+                let left = until.saturating_duration_since(Instant::now());
+                load = outpost.spawn_load(&logs, scenario.mode, sizes, left, poison)?;
+                if left <= sizes.kill_every {
+                    break;
+                }
+                tokio::time::sleep(sizes.kill_every).await;
+            }
+        }
         Fault::Poison => {}
     }
     let fault_ended = started.elapsed();
+    let fault_ended_ms = unix_ms();
     let out = load.wait_with_output().await?;
     anyhow::ensure!(
         out.status.success(),
         "outpost load failed; see {}",
         logs.join("load.log").display()
     );
+    // After publisher kills, this is the last publisher's report; verify judges the
+    // whole ledger.
     let load: Value = serde_json::from_slice(&out.stdout).context("outpost load output")?;
-    let ledger = load["ledger"].as_str().unwrap_or_default().to_owned();
+    let ledger = format!("{schema}.outpost_load_ledger");
     // Long enough for a killed relay's lease to lapse and its keys to be delivered.
     let wait = format!("{}ms", LEASE_MS * 2);
-    let verify = outpost
-        .output(&["verify", "--ledger", &ledger, "--wait", &wait])
-        .await?;
+    let ended = fault_ended_ms.to_string();
+    let mut args = vec!["verify", "--ledger", &ledger, "--wait", &wait];
+    if !poison {
+        args.extend(["--fault-ended-ms", &ended]);
+    }
+    let verify = outpost.output(&args).await?;
     let verify: Value = serde_json::from_slice(&verify).context("outpost verify output")?;
     for mut relay in relays {
         relay.start_kill()?;
@@ -248,15 +311,25 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
     }
     broker.kill();
     redis.kill();
-    let kept = if poison {
+    drop(postgres);
+    let clean = verify["missing"] == 0 && verify["order_violations"] == 0;
+    let kept = match scenario.fault {
         // The parked events are the missing ones, and exactly the poison ones.
-        let poisoned = load["poisoned"].as_u64().unwrap_or(0);
-        poisoned > 0
-            && verify["parked"] == poisoned
-            && verify["missing"] == poisoned
-            && verify["order_violations"] == 0
-    } else {
-        verify["missing"] == 0 && verify["order_violations"] == 0
+        Fault::Poison => {
+            let poisoned = load["poisoned"].as_u64().unwrap_or(0);
+            poisoned > 0
+                && verify["parked"] == poisoned
+                && verify["missing"] == poisoned
+                && verify["order_violations"] == 0
+        }
+        Fault::PublisherKill if scenario.mode == "kafka-first" => {
+            clean
+                && verify["in_doubt"]
+                    .as_u64()
+                    .is_some_and(|n| n <= u64::from(kills))
+        }
+        Fault::PublisherKill => clean && verify["in_doubt"] == 0,
+        _ => clean,
     };
     Ok(json!({
         "scenario": scenario.name,
@@ -265,6 +338,8 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
         "promise": scenario.promise,
         "fault_started_ms": fault_started.as_millis() as u64,
         "fault_ended_ms": fault_ended.as_millis() as u64,
+        "recovery_ms": verify["recovery_ms"],
+        "kills": kills,
         "load": load,
         "verify": verify,
         "kept": kept,
@@ -272,157 +347,9 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
     }))
 }
 
-/// Runs the `outpost` binary on one scenario's schema and broker; the database and Redis
-/// come from the environment, as for this process.
-struct Outpost {
-    exe: PathBuf,
-    schema: String,
-    brokers: String,
-    redis_url: String,
-    /// `message.max.bytes` of the relays' producer (the poison scenario).
-    relay_max_bytes: Option<usize>,
-}
-
-impl Outpost {
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.exe);
-        cmd.args(["--schema", &self.schema, "--service", &self.schema])
-            .args(["--environment", "testing"])
-            // A killed relay's keys come back when its lease lapses: a short one (the
-            // least the delivery timeout allows) keeps the recovery within the run.
-            .args([
-                "--delivery-timeout-ms",
-                "3000",
-                "--lease-ms",
-                &LEASE_MS.to_string(),
-            ])
-            .args(args)
-            .env("OUTPOST_BROKERS", &self.brokers)
-            .env("OUTPOST_REDIS_URL", &self.redis_url)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        cmd
-    }
-
-    async fn output(&self, args: &[&str]) -> anyhow::Result<Vec<u8>> {
-        let out = self.command(args).output().await?;
-        anyhow::ensure!(
-            out.status.success(),
-            "outpost {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(out.stdout)
-    }
-
-    fn relay(&self, logs: &std::path::Path, i: usize) -> anyhow::Result<Child> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(logs.join(format!("relay-{i}.log")))?;
-        let max_bytes = self
-            .relay_max_bytes
-            .map(|b| format!("message.max.bytes={b}"));
-        let mut args = vec!["relay"];
-        if let Some(option) = &max_bytes {
-            args.extend(["--kafka-option", option]);
-        }
-        Ok(self
-            .command(&args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?)
-    }
-
-    fn spawn_load(
-        &self,
-        logs: &std::path::Path,
-        mode: &str,
-        sizes: Sizes,
-        poison: bool,
-    ) -> anyhow::Result<Child> {
-        // Its warnings go to a file: a pipe nobody reads during the fault would fill and
-        // stall the load.
-        let log = std::fs::File::create(logs.join("load.log"))?;
-        let duration = format!("{}ms", sizes.load.as_millis());
-        let rate = sizes.rate.to_string();
-        let every = POISON_EVERY.to_string();
-        let mut args = vec![
-            "load",
-            "--mode",
-            mode,
-            "--rate",
-            &rate,
-            "--duration",
-            &duration,
-            "--keys",
-            "8",
-        ];
-        if poison {
-            args.extend(["--poison-every", &every]);
-        }
-        Ok(self
-            .command(&args)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()?)
-    }
-}
-
-/// A `redis-server` of one scenario's own, on a free port, without persistence.
-struct PrivateRedis {
-    port: u16,
-    child: Option<std::process::Child>,
-}
-
-impl PrivateRedis {
-    fn start() -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut redis = Self { port, child: None };
-        redis.restart()?;
-        Ok(redis)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn restart(&mut self) -> anyhow::Result<()> {
-        let port = self.port.to_string();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context(
-                "faults start a redis-server of their own (is it installed? run `make services`)",
-            )?;
-        self.child = Some(child);
-        // Ready once it accepts connections.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "redis-server did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Now, in Unix milliseconds (what message timestamps are in).
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
