@@ -311,6 +311,10 @@ pub enum Command {
         /// the last event committed before it was produced.
         #[arg(long, value_name = "UNIX_MS")]
         fault_ended_ms: Option<i64>,
+        /// A JSON array of the event ids (null for none) read from the topic before its
+        /// broker lost it (a broker with memory storage killed): counted first.
+        #[arg(long, value_name = "FILE")]
+        read_first: Option<std::path::PathBuf>,
     },
     /// Run fault scenarios under load on a private broker (broker paused in each mode,
     /// relays killed) and judge each against its promise; fails when one is broken.

@@ -148,6 +148,7 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             from,
             wait,
             fault_ended_ms,
+            read_first,
         } => {
             let verdict = verify::run(
                 &settings.brokers,
@@ -156,6 +157,7 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
                 from.as_deref(),
                 wait,
                 fault_ended_ms,
+                read_first.as_deref(),
             )
             .await?;
             println!("{}", serde_json::to_string(&verdict)?);

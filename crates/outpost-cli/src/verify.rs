@@ -83,6 +83,7 @@ pub async fn run(
     topic: Option<&str>,
     wait: Duration,
     fault_ended_ms: Option<i64>,
+    read_first: Option<&std::path::Path>,
 ) -> anyhow::Result<Verdict> {
     let quoted = ledger_table(ledger)?;
     let topic = match topic {
@@ -139,54 +140,46 @@ pub async fn run(
     .await
     .context("cannot count parked events")?;
 
+    let mut tally = Tally::default();
+    // Messages a broker that was then lost had served (`outpost faults` reads them before
+    // it kills a broker with memory storage): they come first, as they did.
+    if let Some(path) = read_first {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --read-first {}", path.display()))?;
+        let earlier: Vec<Option<Uuid>> = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "--read-first {}: expected a JSON array of event ids",
+                path.display()
+            )
+        })?;
+        for id in earlier {
+            tally.record(&ledgered, id, i64::MAX);
+        }
+    }
     // Reading metadata blocks until the broker answers.
     let consumer = tokio::task::block_in_place(|| reader(brokers, topic))?;
-    // Each ledger event read, with its first copy's message timestamp.
-    let mut seen: HashMap<Uuid, i64> = HashMap::new();
-    let mut seen_committed = 0;
-    let mut duplicates = 0;
-    let mut unledgered = 0;
-    let mut order_violations = 0;
-    let mut latest: HashMap<String, i64> = HashMap::new();
     let mut last_new = Instant::now();
     loop {
-        let all_seen = seen_committed == committed;
+        let all_seen = tally.seen_committed == committed;
         let quiet = if all_seen { GRACE } else { wait };
         let left = quiet.saturating_sub(last_new.elapsed());
         let Ok(next) = tokio::time::timeout(left, consumer.recv()).await else {
             break;
         };
         let msg = next.context("reading the topic failed")?;
-        let mut headers = BTreeMap::new();
-        if let Some(all) = msg.headers() {
-            for h in all.iter() {
-                let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
-                headers.entry(h.key.to_owned()).or_insert(value);
-            }
+        let stamp = msg.timestamp().to_millis().unwrap_or(i64::MAX);
+        if tally.record(&ledgered, message_id(&msg), stamp) {
+            last_new = Instant::now();
         }
-        let Ok(id) =
-            outpost::consuming::consumer::event_id(&headers, msg.payload().unwrap_or_default())
-        else {
-            unledgered += 1;
-            continue;
-        };
-        let Some(row) = ledgered.get(&id) else {
-            unledgered += 1;
-            continue;
-        };
-        if seen.contains_key(&id) {
-            duplicates += 1;
-            continue;
-        }
-        seen.insert(id, msg.timestamp().to_millis().unwrap_or(i64::MAX));
-        seen_committed += usize::from(row.committed);
-        last_new = Instant::now();
-        let latest = latest.entry(row.key.clone()).or_insert(row.seq);
-        if row.seq < *latest {
-            order_violations += 1;
-        }
-        *latest = (*latest).max(row.seq);
     }
+    let Tally {
+        seen,
+        seen_committed,
+        duplicates,
+        unledgered,
+        order_violations,
+        ..
+    } = tally;
     let missing: Vec<Uuid> = ledgered
         .iter()
         .filter(|(id, l)| l.committed && !seen.contains_key(id))
@@ -280,6 +273,68 @@ fn resumed(
         .filter(|(_, row)| row.committed && row.committed_at_ms > end)
         .min_by_key(|(_, row)| row.committed_at_ms)?;
     Some(acked.get(id)? - end)
+}
+
+/// What reading found so far.
+#[derive(Default)]
+struct Tally {
+    /// Each ledger event read, with its first copy's message timestamp.
+    seen: HashMap<Uuid, i64>,
+    seen_committed: usize,
+    duplicates: usize,
+    unledgered: usize,
+    order_violations: usize,
+    /// Per key, the highest ledger `seq` read.
+    latest: HashMap<String, i64>,
+}
+
+impl Tally {
+    /// Counts one message read; true when it was a ledger event read for the first time.
+    fn record(&mut self, ledgered: &HashMap<Uuid, Ledgered>, id: Option<Uuid>, stamp: i64) -> bool {
+        let Some((id, row)) = id.and_then(|id| Some((id, ledgered.get(&id)?))) else {
+            self.unledgered += 1;
+            return false;
+        };
+        if self.seen.contains_key(&id) {
+            self.duplicates += 1;
+            return false;
+        }
+        self.seen.insert(id, stamp);
+        self.seen_committed += usize::from(row.committed);
+        let latest = self.latest.entry(row.key.clone()).or_insert(row.seq);
+        if row.seq < *latest {
+            self.order_violations += 1;
+        }
+        *latest = (*latest).max(row.seq);
+        true
+    }
+}
+
+/// The `event_id` of a message (header, else body), if it has one.
+fn message_id(msg: &impl Message) -> Option<Uuid> {
+    let mut headers = BTreeMap::new();
+    if let Some(all) = msg.headers() {
+        for h in all.iter() {
+            let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
+            headers.entry(h.key.to_owned()).or_insert(value);
+        }
+    }
+    outpost::consuming::consumer::event_id(&headers, msg.payload().unwrap_or_default()).ok()
+}
+
+/// Reads every partition of `topic` from its beginning until nothing new came for
+/// `quiet`: the event id of each message (none when it has none), in the order read.
+pub async fn read_ids(
+    brokers: &str,
+    topic: &str,
+    quiet: Duration,
+) -> anyhow::Result<Vec<Option<Uuid>>> {
+    let consumer = tokio::task::block_in_place(|| reader(brokers, topic))?;
+    let mut ids = Vec::new();
+    while let Ok(next) = tokio::time::timeout(quiet, consumer.recv()).await {
+        ids.push(message_id(&next.context("reading the topic failed")?));
+    }
+    Ok(ids)
 }
 
 /// A consumer of every partition of `topic` from its beginning, committing nothing.

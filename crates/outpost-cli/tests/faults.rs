@@ -25,7 +25,7 @@ fn every_fault_scenario_keeps_its_promise() {
     );
     let report: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
     let scenarios = report["scenarios"].as_array().expect("scenarios");
-    assert_eq!(scenarios.len(), 9, "{report}");
+    assert_eq!(scenarios.len(), 10, "{report}");
     for s in scenarios {
         let v = &s["verify"];
         assert_eq!(s["kept"], true, "{s}");

@@ -16,8 +16,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use outpost::testkit::TansuBroker;
 use serde_json::{json, Value};
+use tokio::process::Child;
 use uuid::Uuid;
 
+use crate::verify;
 use postgres::PrivatePostgres;
 use process::Outpost;
 use redis::PrivateRedis;
@@ -46,9 +48,11 @@ enum Fault {
     PostgresCrash,
     /// SIGKILL the publishing process (`outpost load`) mid-stream.
     PublisherKill,
+    /// SIGKILL the broker and start an empty one on its port later.
+    BrokerKill,
 }
 
-const SCENARIOS: [Scenario; 9] = [
+const SCENARIOS: [Scenario; 10] = [
     Scenario {
         name: "broker-pause-transactional",
         mode: "transactional",
@@ -62,6 +66,13 @@ const SCENARIOS: [Scenario; 9] = [
         relays: 1,
         fault: Fault::BrokerPause,
         promise: "0 missing, 0 order violations (duplicates possible: a direct send that timed out may still land)",
+    },
+    Scenario {
+        name: "broker-kill-transactional",
+        mode: "transactional",
+        relays: 1,
+        fault: Fault::BrokerKill,
+        promise: "0 missing, 0 order violations, counting what the killed broker had served before it died (its storage is memory)",
     },
     Scenario {
         name: "broker-pause-outbox-only",
@@ -221,12 +232,19 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
         _ => None,
     };
     let poison = matches!(scenario.fault, Fault::Poison);
+    // A broker killed comes back empty: the kit makes the topic, so it can make it again.
+    let topic = match scenario.fault {
+        Fault::BrokerKill => Some(make_topic(&brokers, &format!("faults.{schema}")).await?),
+        _ => None,
+    };
+    let read_first = logs.join("read-before-kill.json");
     let outpost = Outpost {
         exe: std::env::current_exe()?,
         schema: schema.clone(),
         brokers: brokers.clone(),
         redis_url: redis.url(),
         database_url: postgres.as_ref().map(PrivatePostgres::url),
+        topic: topic.clone(),
         relay_max_bytes: poison.then_some(RELAY_MAX_BYTES),
     };
     outpost.output(&["migrate"]).await?;
@@ -282,6 +300,22 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
                 tokio::time::sleep(sizes.kill_every).await;
             }
         }
+        Fault::BrokerKill => {
+            // Its storage is memory: what it served dies with it. Freeze every publisher,
+            // read all the broker holds (acked means written, so nothing acked is left
+            // unread), then kill it and let the publishers run on into the outage.
+            let topic = topic.as_deref().expect("the scenario's topic");
+            let mut publishers: Vec<&Child> = relays.iter().collect();
+            publishers.push(&load);
+            signal(&publishers, "-STOP")?;
+            let served = verify::read_ids(&brokers, topic, Duration::from_secs(1)).await;
+            broker.kill();
+            signal(&publishers, "-CONT")?;
+            std::fs::write(&read_first, serde_json::to_vec(&served?)?)?;
+            tokio::time::sleep(sizes.pause).await;
+            broker.restart().await?;
+            make_topic(&brokers, topic).await?;
+        }
         Fault::Poison => {}
     }
     let fault_ended = started.elapsed();
@@ -302,6 +336,10 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
     let mut args = vec!["verify", "--ledger", &ledger, "--wait", &wait];
     if !poison {
         args.extend(["--fault-ended-ms", &ended]);
+    }
+    let read_first = read_first.display().to_string();
+    if matches!(scenario.fault, Fault::BrokerKill) {
+        args.extend(["--read-first", &read_first]);
     }
     let verify = outpost.output(&args).await?;
     let verify: Value = serde_json::from_slice(&verify).context("outpost verify output")?;
@@ -345,6 +383,26 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
         "kept": kept,
         "logs": logs,
     }))
+}
+
+/// Creates `topic` with the partitions `outpost load` gives its own; one that exists
+/// already (a producer's metadata request may have made it) is fine.
+async fn make_topic(brokers: &str, topic: &str) -> anyhow::Result<String> {
+    outpost::kafka::producer::create_topic(brokers, topic, 4, Duration::from_secs(10))
+        .await
+        .with_context(|| format!("cannot create topic {topic}"))?;
+    Ok(topic.to_owned())
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to each process.
+fn signal(processes: &[&Child], signal: &str) -> anyhow::Result<()> {
+    for pid in processes.iter().filter_map(|p| p.id()) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+    }
+    Ok(())
 }
 
 /// Now, in Unix milliseconds (what message timestamps are in).

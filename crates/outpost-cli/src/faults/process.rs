@@ -18,6 +18,8 @@ pub(super) struct Outpost {
     pub redis_url: String,
     /// The scenario's own PostgreSQL, when it has one.
     pub database_url: Option<String>,
+    /// The topic `load` publishes to, when the scenario made it (else load makes one).
+    pub topic: Option<String>,
     /// `message.max.bytes` of the relays' producer (the poison scenario).
     pub relay_max_bytes: Option<usize>,
 }
@@ -106,6 +108,9 @@ impl Outpost {
         ];
         if poison {
             args.extend(["--poison-every", &every]);
+        }
+        if let Some(topic) = &self.topic {
+            args.extend(["--into", topic]);
         }
         Ok(self
             .command(&args)
