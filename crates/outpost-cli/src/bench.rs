@@ -445,6 +445,35 @@ impl Bench<'_> {
                 ),
             );
         }
+        let claim_fetch = |c: &Value| {
+            c["claim_ms"].as_f64().unwrap_or(f64::NAN) + c["fetch_ms"].as_f64().unwrap_or(f64::NAN)
+        };
+        let many_keys = |c: &&Value| c["backlog_keys"] == json!(self.sizes.explain_keys);
+        let fresh = scaling
+            .costs
+            .iter()
+            .filter(many_keys)
+            .find(|c| c["published_rows"].is_null());
+        let after = scaling
+            .costs
+            .iter()
+            .filter(many_keys)
+            .find(|c| c["published_rows"].is_number());
+        if let (Some(fresh), Some(after)) = (fresh, after) {
+            let (fresh_ms, after_ms) = (claim_fetch(fresh), claim_fetch(after));
+            lines.push(
+                Line::new(
+                    format!(
+                        "claim+fetch, {} pending over {} published",
+                        after["backlog_rows"], after["published_rows"]
+                    ),
+                    after_ms,
+                    "ms",
+                    Some(fresh_ms),
+                )
+                .target("≤ 2× on an empty table", after_ms <= 2.0 * fresh_ms),
+            );
+        }
         let rss_mb = peak_rss_kb as f64 / 1024.0;
         lines.push(
             Line::new("peak relay RSS (VmHWM) while draining", rss_mb, "MB", None)
@@ -907,6 +936,23 @@ impl Bench<'_> {
                     result = Err(e);
                     break;
                 }
+            }
+        }
+        // Published rows must not weigh on the claim path: the first backlog once more, on
+        // top of every row the drains above published.
+        if result.is_ok() {
+            let rows = self.sizes.backlogs[0];
+            let published: usize = self.sizes.backlogs.iter().sum();
+            match self
+                .drain_with(&many, &fleet, rows, keys, Some(&statements))
+                .await
+            {
+                Ok((_, cost)) => costs.extend(cost.map(|c| {
+                    let mut c = with_shape(c, rows, keys);
+                    c["published_rows"] = json!(published);
+                    c
+                })),
+                Err(e) => result = Err(e),
             }
         }
         let mut fleet = fleet;
@@ -1438,8 +1484,11 @@ fn print_plans(report: &Value) {
         .flatten()
     {
         for which in ["claim", "fetch"] {
+            let published = cost["published_rows"]
+                .as_u64()
+                .map_or(String::new(), |n| format!(", over {n} published rows"));
             println!(
-                "\n-- {which}: {} pending rows, {} key(s)\n{}",
+                "\n-- {which}: {} pending rows, {} key(s){published}\n{}",
                 cost["backlog_rows"],
                 cost["backlog_keys"],
                 cost[format!("{which}_plan")].as_str().unwrap_or("")

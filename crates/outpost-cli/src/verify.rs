@@ -63,6 +63,8 @@ pub struct Verdict {
     pub recovery_ms: Option<i64>,
     /// Up to 10 missing event ids.
     pub missing_sample: Vec<Uuid>,
+    /// Up to 10 event ids read more than once.
+    pub duplicate_sample: Vec<Uuid>,
 }
 
 /// One ledger row, as verify needs it.
@@ -176,6 +178,7 @@ pub async fn run(
         seen,
         seen_committed,
         duplicates,
+        duplicate_sample,
         unledgered,
         order_violations,
         ..
@@ -217,6 +220,7 @@ pub async fn run(
         resumed_ms,
         recovery_ms,
         missing_sample: missing.into_iter().take(10).collect(),
+        duplicate_sample,
     })
 }
 
@@ -282,6 +286,7 @@ struct Tally {
     seen: HashMap<Uuid, i64>,
     seen_committed: usize,
     duplicates: usize,
+    duplicate_sample: Vec<Uuid>,
     unledgered: usize,
     order_violations: usize,
     /// Per key, the highest ledger `seq` read.
@@ -297,6 +302,9 @@ impl Tally {
         };
         if self.seen.contains_key(&id) {
             self.duplicates += 1;
+            if self.duplicate_sample.len() < 10 {
+                self.duplicate_sample.push(id);
+            }
             return false;
         }
         self.seen.insert(id, stamp);

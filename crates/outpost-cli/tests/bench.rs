@@ -85,11 +85,16 @@ fn quick_bench_prints_every_figure_with_its_ratio() {
         assert_eq!(d["acked"], d["events"], "{d}");
         assert!(d["rate"].as_f64().unwrap_or(0.0) > 0.0, "{d}");
     }
-    // Claim cost: three backlog sizes, one key and many keys, each with both plans.
+    // Claim cost: three backlog sizes, one key and many keys, each with both plans; and
+    // the smallest many-key backlog again over every row published before it.
     let costs = report["backlog_scaling"]["claim_cost"]
         .as_array()
         .expect("claim_cost");
-    assert_eq!(costs.len(), 6, "{costs:?}");
+    assert_eq!(costs.len(), 7, "{costs:?}");
+    assert!(
+        costs[6]["published_rows"].as_u64().unwrap() > 0,
+        "{costs:?}"
+    );
     for c in costs {
         assert!(c["claim_ms"].as_f64().is_some(), "{c}");
         assert!(c["fetch_ms"].as_f64().is_some(), "{c}");
@@ -112,8 +117,9 @@ fn quick_bench_prints_every_figure_with_its_ratio() {
         }
     }
     let targets = lines.iter().filter(|l| l["target"].is_string()).count();
-    // commit→ack ×3, Kafka-first, fallback, six drains, the large backlog, RSS.
-    assert_eq!(targets, 13, "{lines:?}");
+    // commit→ack ×3, Kafka-first, fallback, six drains, the large backlog, the claim over
+    // published rows, RSS.
+    assert_eq!(targets, 14, "{lines:?}");
 }
 
 #[test]

@@ -121,7 +121,7 @@ const SCENARIOS: [Scenario; 10] = [
         mode: "kafka-first",
         relays: 1,
         fault: Fault::PublisherKill,
-        promise: "0 missing, 0 order violations; at most 1 publish in doubt per kill (the one in flight: Kafka-first's documented window)",
+        promise: "0 missing, 0 order violations; at most 1 publish in doubt per kill (the one in flight: Kafka-first's documented window); duplicates possible (a direct send slower than its deadline is stored in the outbox, and may land too)",
     },
 ];
 

@@ -146,8 +146,7 @@ impl Keys {
         for key in lost {
             if let Some(state) = self.keys.get_mut(&key) {
                 state.lost = true;
-                self.queued -= state.queued.len();
-                state.queued.clear();
+                self.queued -= std::mem::take(&mut state.queued).len();
                 self.dirty.insert(key);
                 count += 1;
             }
@@ -164,8 +163,7 @@ impl Keys {
                 state.after = first.id - 1;
                 state.drained = false;
             }
-            self.queued -= state.queued.len();
-            state.queued.clear();
+            self.queued -= std::mem::take(&mut state.queued).len();
             self.dirty.insert(key.clone());
         }
     }

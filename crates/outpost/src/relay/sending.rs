@@ -119,6 +119,12 @@ impl Sender {
                     }
                 }));
             }
+            if state.queued.is_empty() {
+                // A drained queue hands its buffer back: thousands of keys each keeping the
+                // buffer of its largest read held most of the relay's memory (heaptrack of a
+                // 1M-row, 10,000-key drain: 33 of 48 MB).
+                state.queued = std::collections::VecDeque::new();
+            }
             keys.took(taken);
             if blocked {
                 send[i..].iter().for_each(|k| keys.touch(k));
