@@ -216,19 +216,21 @@ impl Sql {
             // snapshot is taken after the lease (see `claim_with_rows`).
             claim: format!("{} SELECT event_key FROM leased", lease_keys("")),
             claim_keys: claim_with_rows,
-            // Only an owner with a live lease reads further rows of its keys. Keys are looked
-            // up by primary key (never a scan of the keys table), so the cost follows the
-            // keys asked for, not the keys pending.
+            // Only an owner with a live lease reads further rows of its keys. Each key is
+            // looked up by primary key (never a scan of the keys table), so the cost follows
+            // the keys asked for, not the keys pending. A semi-join per key rather than a
+            // join of the owned keys: the owner filter is estimated at one row, and the join
+            // was planned as a nested loop over the whole UNNEST per owned key (500 keys:
+            // 249,500 rows filtered, 31 of a 35 ms fetch).
             fetch: format!(
-                "WITH own AS (SELECT event_key FROM {k} WHERE event_key = ANY($2) \
-                              AND lease_owner = $1 AND lease_until > now()) \
-                 SELECT c.event_key AS claimed_key, {ROW_COLUMNS} \
+                "SELECT c.event_key AS claimed_key, {ROW_COLUMNS} \
                  FROM UNNEST($2::text[], $3::bigint[]) AS c(event_key, after) \
-                 JOIN own ON own.event_key = c.event_key \
                  CROSS JOIN LATERAL ( \
                      SELECT * FROM {t} e WHERE e.status = 'pending' \
                        AND e.event_key = c.event_key AND e.id > c.after \
-                     ORDER BY e.id LIMIT $4) e"
+                     ORDER BY e.id LIMIT $4) e \
+                 WHERE EXISTS (SELECT 1 FROM {k} o WHERE o.event_key = c.event_key \
+                               AND o.lease_owner = $1 AND o.lease_until > now())"
             ),
             renew: format!(
                 "UPDATE {k} SET lease_until = now() + make_interval(secs => $2) \
