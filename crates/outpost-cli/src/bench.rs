@@ -729,13 +729,18 @@ impl Bench<'_> {
         let (payload, headers) = self.template.payload_sql();
         let mut tx = self.pool.begin().await?;
         sqlx::query(&format!(
-            "INSERT INTO {t} (event_id, aggregate_type, aggregate_id, event_type, topic, \
-               event_key, payload, headers, correlation_id) \
-             SELECT id, 'bench', key, $3, $4, key, \
-                    convert_to(replace($5, $6, id::text), 'UTF8'), \
-                    jsonb_set($7::jsonb, '{{event_id}}', to_jsonb(id::text)), $8::uuid \
-             FROM (SELECT gen_random_uuid() AS id, 'bench-' || (i % $2) AS key \
-                   FROM generate_series(1, $1::bigint) i) g"
+            "WITH staged AS ( \
+                 INSERT INTO {t} (event_id, aggregate_type, aggregate_id, event_type, topic, \
+                   event_key, correlation_id) \
+                 SELECT id, 'bench', key, $3, $4, key, $8::uuid \
+                 FROM (SELECT gen_random_uuid() AS id, 'bench-' || (i % $2) AS key \
+                       FROM generate_series(1, $1::bigint) i) g \
+                 RETURNING id, event_id) \
+             INSERT INTO {p} (id, payload, headers) \
+             SELECT id, convert_to(replace($5, $6, event_id::text), 'UTF8'), \
+                    jsonb_set($7::jsonb, '{{event_id}}', to_jsonb(event_id::text)) \
+             FROM staged",
+            p = t.payloads()
         ))
         .bind(rows as i64)
         .bind(keys as i64)

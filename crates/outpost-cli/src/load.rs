@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::settings::Settings;
 
 /// Partitions of a topic `load` creates.
-const PARTITIONS: i32 = 4;
+pub(crate) const PARTITIONS: i32 = 4;
 
 /// What to publish.
 #[derive(Debug, Clone)]

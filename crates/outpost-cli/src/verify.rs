@@ -6,7 +6,7 @@
 //! once every ledger event was seen and nothing new came for a grace period, or when
 //! nothing new came for `wait`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -155,7 +155,7 @@ pub async fn run(
             )
         })?;
         for id in earlier {
-            tally.record(&ledgered, id, i64::MAX);
+            tally.record(&ledgered, id);
         }
     }
     // Reading metadata blocks until the broker answers.
@@ -169,8 +169,7 @@ pub async fn run(
             break;
         };
         let msg = next.context("reading the topic failed")?;
-        let stamp = msg.timestamp().to_millis().unwrap_or(i64::MAX);
-        if tally.record(&ledgered, message_id(&msg), stamp) {
+        if tally.record(&ledgered, message_id(&msg)) {
             last_new = Instant::now();
         }
     }
@@ -185,7 +184,7 @@ pub async fn run(
     } = tally;
     let missing: Vec<Uuid> = ledgered
         .iter()
-        .filter(|(id, l)| l.committed && !seen.contains_key(id))
+        .filter(|(id, l)| l.committed && !seen.contains(id))
         .map(|(id, _)| *id)
         .collect();
     let in_doubt: Vec<&Uuid> = ledgered
@@ -215,7 +214,7 @@ pub async fn run(
         parked,
         unledgered,
         in_doubt: in_doubt.len(),
-        in_doubt_delivered: in_doubt.iter().filter(|id| seen.contains_key(id)).count(),
+        in_doubt_delivered: in_doubt.iter().filter(|id| seen.contains(*id)).count(),
         catch_up_ms,
         resumed_ms,
         recovery_ms,
@@ -229,9 +228,9 @@ pub async fn run(
 async fn acked_at(
     store: &OutboxStore,
     ledgered: &HashMap<Uuid, Ledgered>,
-    seen: &HashMap<Uuid, i64>,
+    seen: &HashSet<Uuid>,
 ) -> anyhow::Result<HashMap<Uuid, i64>> {
-    let ids: Vec<Uuid> = seen.keys().copied().collect();
+    let ids: Vec<Uuid> = seen.iter().copied().collect();
     let rows: Vec<(Uuid, i64)> = sqlx::query_as(&format!(
         "SELECT event_id, (EXTRACT(EPOCH FROM published_at) * 1000)::int8 FROM {} \
          WHERE event_id = ANY($1) AND published_at IS NOT NULL",
@@ -282,8 +281,8 @@ fn resumed(
 /// What reading found so far.
 #[derive(Default)]
 struct Tally {
-    /// Each ledger event read, with its first copy's message timestamp.
-    seen: HashMap<Uuid, i64>,
+    /// Each ledger event read.
+    seen: HashSet<Uuid>,
     seen_committed: usize,
     duplicates: usize,
     duplicate_sample: Vec<Uuid>,
@@ -295,19 +294,18 @@ struct Tally {
 
 impl Tally {
     /// Counts one message read; true when it was a ledger event read for the first time.
-    fn record(&mut self, ledgered: &HashMap<Uuid, Ledgered>, id: Option<Uuid>, stamp: i64) -> bool {
+    fn record(&mut self, ledgered: &HashMap<Uuid, Ledgered>, id: Option<Uuid>) -> bool {
         let Some((id, row)) = id.and_then(|id| Some((id, ledgered.get(&id)?))) else {
             self.unledgered += 1;
             return false;
         };
-        if self.seen.contains_key(&id) {
+        if !self.seen.insert(id) {
             self.duplicates += 1;
             if self.duplicate_sample.len() < 10 {
                 self.duplicate_sample.push(id);
             }
             return false;
         }
-        self.seen.insert(id, stamp);
         self.seen_committed += usize::from(row.committed);
         let latest = self.latest.entry(row.key.clone()).or_insert(row.seq);
         if row.seq < *latest {

@@ -28,7 +28,7 @@
 //! foundations at the end):
 //! - [`event`]: the HuleEdu-compatible [`EventEnvelope`], serialized once into an
 //!   [`OutboxEvent`]; W3C trace context in its headers.
-//! - [`outbox`]: the store: a service's events and keys tables and all SQL against them
+//! - [`outbox`]: the store: a service's events, payloads and keys tables and all SQL against them
 //!   (stage in the caller's transaction, lease keys, settle, retention, operator views).
 //! - [`kafka`]: the idempotent producer every path sends with; topic administration.
 //! - [`relay`]: the streaming engine (claiming, sending, settling, verdicts), adaptive

@@ -86,9 +86,10 @@ type Row = (String, Vec<u8>, BTreeMap<String, String>, i32);
 async fn outbox_rows(store: &OutboxStore, events: &[OutboxEvent]) -> HashMap<Uuid, Row> {
     type Raw = (Uuid, String, Vec<u8>, Json<BTreeMap<String, String>>, i32);
     let rows: Vec<Raw> = sqlx::query_as(&format!(
-        "SELECT event_id, status, payload, headers, attempts FROM {} \
-             WHERE event_id = ANY($1)",
-        store.table()
+        "SELECT e.event_id, e.status, p.payload, p.headers, e.attempts FROM {} e \
+             JOIN {} p ON p.id = e.id WHERE e.event_id = ANY($1)",
+        store.table(),
+        store.table().payloads()
     ))
     .bind(ids(events))
     .fetch_all(store.pool())

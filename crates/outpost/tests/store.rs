@@ -429,6 +429,59 @@ async fn backlog_and_retention() {
     assert_eq!(store.cleanup(Duration::ZERO, 4).await.unwrap(), 4);
     assert_eq!(store.cleanup(Duration::ZERO, 4).await.unwrap(), 2);
     assert_eq!(support::count_status(&store, "published").await, 0);
+    let payloads: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {}",
+        store.table().payloads()
+    ))
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(payloads, 0, "retention leaves no payload behind");
+}
+
+#[tokio::test]
+async fn a_table_made_before_the_payload_table_keeps_its_pending_rows() {
+    let pool = support::pool().await;
+    let schema = support::unique("legacy");
+    let table = OutboxTable::new(&schema).unwrap();
+    // The layout of earlier releases: payload and headers in the row itself.
+    for ddl in [
+        format!("CREATE SCHEMA \"{schema}\""),
+        format!(
+            "CREATE TABLE {table} ( \
+               id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+               event_id UUID NOT NULL UNIQUE, aggregate_type TEXT NOT NULL, \
+               aggregate_id TEXT NOT NULL, event_type TEXT NOT NULL, topic TEXT NOT NULL, \
+               event_key TEXT NOT NULL, payload BYTEA NOT NULL, \
+               headers JSONB NOT NULL DEFAULT '{{}}', correlation_id UUID, \
+               status TEXT NOT NULL DEFAULT 'pending', attempts INT NOT NULL DEFAULT 0, \
+               failures INT NOT NULL DEFAULT 0, last_error TEXT, \
+               created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), \
+               published_at TIMESTAMPTZ)"
+        ),
+        format!(
+            "INSERT INTO {table} (event_id, aggregate_type, aggregate_id, event_type, topic, \
+               event_key, payload, headers) \
+             VALUES (gen_random_uuid(), 'a', '1', 'e.v1', 't', 'k', '\\x0102'::bytea, \
+                     '{{\"h\": \"v\"}}')"
+        ),
+    ] {
+        sqlx::query(&ddl).execute(&pool).await.unwrap();
+    }
+    let store = outpost::OutboxStore::new(pool.clone(), table);
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+    let claimed = store.claim(Uuid::new_v4(), 10, 10, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 1, "the pending row's key is claimable");
+    let row = &claimed[0].rows[0];
+    assert_eq!(row.payload, vec![1u8, 2]);
+    assert_eq!(row.headers.get("h").map(String::as_str), Some("v"));
+    let mut tx = pool.begin().await.unwrap();
+    store
+        .stage(&mut tx, &support::event("t", "k", 1))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
 }
 
 #[tokio::test]

@@ -388,9 +388,14 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
 /// Creates `topic` with the partitions `outpost load` gives its own; one that exists
 /// already (a producer's metadata request may have made it) is fine.
 async fn make_topic(brokers: &str, topic: &str) -> anyhow::Result<String> {
-    outpost::kafka::producer::create_topic(brokers, topic, 4, Duration::from_secs(10))
-        .await
-        .with_context(|| format!("cannot create topic {topic}"))?;
+    outpost::kafka::producer::create_topic(
+        brokers,
+        topic,
+        crate::load::PARTITIONS,
+        Duration::from_secs(10),
+    )
+    .await
+    .with_context(|| format!("cannot create topic {topic}"))?;
     Ok(topic.to_owned())
 }
 

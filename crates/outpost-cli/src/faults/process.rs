@@ -59,10 +59,7 @@ impl Outpost {
     }
 
     pub fn relay(&self, logs: &Path, i: usize) -> anyhow::Result<Child> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(logs.join(format!("relay-{i}.log")))?;
+        let log = log_file(logs, &format!("relay-{i}.log"))?;
         let max_bytes = self
             .relay_max_bytes
             .map(|b| format!("message.max.bytes={b}"));
@@ -88,10 +85,7 @@ impl Outpost {
     ) -> anyhow::Result<Child> {
         // Its warnings go to a file: a pipe nobody reads during the fault would fill and
         // stall the load.
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(logs.join("load.log"))?;
+        let log = log_file(logs, "load.log")?;
         let duration = format!("{}ms", duration.as_millis());
         let rate = sizes.rate.to_string();
         let every = POISON_EVERY.to_string();
@@ -118,4 +112,12 @@ impl Outpost {
             .stderr(log)
             .spawn()?)
     }
+}
+
+/// `logs/name`, opened for appending: a restarted process continues its predecessor's log.
+fn log_file(logs: &Path, name: &str) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs.join(name))
 }

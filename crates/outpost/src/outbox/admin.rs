@@ -69,8 +69,9 @@ pub struct OutboxAdmin {
     table: OutboxTable,
 }
 
-const PARKED_COLUMNS: &str = "id, event_id, event_type, aggregate_type, aggregate_id, topic, \
-     event_key, attempts, failures, last_error, created_at, headers";
+const PARKED_COLUMNS: &str = "e.id, e.event_id, e.event_type, e.aggregate_type, \
+     e.aggregate_id, e.topic, e.event_key, e.attempts, e.failures, e.last_error, e.created_at, \
+     p.headers";
 
 impl OutboxAdmin {
     /// Admin over the same table and pool as `store`.
@@ -116,7 +117,9 @@ impl OutboxAdmin {
     pub async fn parked(&self, limit: i64) -> Result<Vec<ParkedEvent>> {
         let t = &self.table;
         let rows = sqlx::query(&format!(
-            "SELECT {PARKED_COLUMNS} FROM {t} WHERE status = 'dead' ORDER BY id LIMIT $1"
+            "SELECT {PARKED_COLUMNS} FROM {t} e JOIN {p} p ON p.id = e.id \
+             WHERE e.status = 'dead' ORDER BY e.id LIMIT $1",
+            p = t.payloads()
         ))
         .bind(limit)
         .fetch_all(&self.pool)
@@ -132,7 +135,9 @@ impl OutboxAdmin {
     pub async fn show(&self, id: i64) -> Result<Option<ParkedEvent>> {
         let t = &self.table;
         let row = sqlx::query(&format!(
-            "SELECT {PARKED_COLUMNS}, payload FROM {t} WHERE status = 'dead' AND id = $1"
+            "SELECT {PARKED_COLUMNS}, p.payload FROM {t} e JOIN {p} p ON p.id = e.id \
+             WHERE e.status = 'dead' AND e.id = $1",
+            p = t.payloads()
         ))
         .bind(id)
         .fetch_optional(&self.pool)
@@ -151,14 +156,17 @@ impl OutboxAdmin {
     /// [`Error::OutboxStorage`] when the delete fails.
     pub async fn purge(&self, ids: &[i64]) -> Result<u64> {
         let t = &self.table;
-        let done = sqlx::query(&format!(
-            "DELETE FROM {t} WHERE status = 'dead' AND id = ANY($1)"
+        let done: i64 = sqlx::query_scalar(&format!(
+            "WITH gone AS (DELETE FROM {t} WHERE status = 'dead' AND id = ANY($1) RETURNING id), \
+             body AS (DELETE FROM {p} p USING gone WHERE p.id = gone.id) \
+             SELECT count(*) FROM gone",
+            p = t.payloads()
         ))
         .bind(ids)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await
         .map_err(|e| Error::storage("purge_dead", e))?;
-        Ok(done.rows_affected())
+        Ok(u64::try_from(done).unwrap_or(0))
     }
 
     /// Deletes parked rows staged more than `age` ago; returns how many.
@@ -167,15 +175,18 @@ impl OutboxAdmin {
     /// [`Error::OutboxStorage`] when the delete fails.
     pub async fn purge_older_than(&self, age: Duration) -> Result<u64> {
         let t = &self.table;
-        let done = sqlx::query(&format!(
-            "DELETE FROM {t} WHERE status = 'dead' \
-             AND created_at < clock_timestamp() - make_interval(secs => $1)"
+        let done: i64 = sqlx::query_scalar(&format!(
+            "WITH gone AS (DELETE FROM {t} WHERE status = 'dead' \
+                 AND created_at < clock_timestamp() - make_interval(secs => $1) RETURNING id), \
+             body AS (DELETE FROM {p} p USING gone WHERE p.id = gone.id) \
+             SELECT count(*) FROM gone",
+            p = t.payloads()
         ))
         .bind(age.as_secs_f64())
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await
         .map_err(|e| Error::storage("purge_dead", e))?;
-        Ok(done.rows_affected())
+        Ok(u64::try_from(done).unwrap_or(0))
     }
 }
 

@@ -1,4 +1,4 @@
-//! The outbox store: the events table and the keys table of one service, and all SQL
+//! The outbox store: the events, payloads and keys tables of one service, and all SQL
 //! against them (staging in the caller's transaction, key leases, settling, operator views).
 
 pub mod admin;

@@ -164,6 +164,7 @@ const ROW_COLUMNS: &str =
 impl Sql {
     fn new(t: &OutboxTable, lock: KeyLock) -> Self {
         let k = t.keys();
+        let p = t.payloads();
         let lock_id = |key: &str| format!("hashtextextended('{}' || {key}, 0)", t.lock_namespace());
         let lock_fn = match lock {
             KeyLock::Exclusive => "pg_advisory_xact_lock",
@@ -193,23 +194,27 @@ impl Sql {
         let claim_with_rows = format!(
             "{} SELECT leased.event_key AS claimed_key, {ROW_COLUMNS} \
              FROM leased LEFT JOIN LATERAL ( \
-                 SELECT * FROM {t} e WHERE e.status = 'pending' \
-                   AND e.event_key = leased.event_key \
-                 ORDER BY e.id LIMIT $4 FOR UPDATE) e ON true",
+                 SELECT e.*, p.payload, p.headers FROM {t} e JOIN {p} p ON p.id = e.id \
+                 WHERE e.status = 'pending' AND e.event_key = leased.event_key \
+                 ORDER BY e.id LIMIT $4 FOR UPDATE OF e) e ON true",
             lease_keys("AND event_key = ANY($5)")
         );
         Self {
             // The lock is taken before the INSERT draws the row's id (the CTE is read first),
-            // and the key row is inserted under it.
+            // and the key row is inserted under it. The payload goes to its own table in the
+            // same statement.
             stage: format!(
                 "WITH lock AS (SELECT {lock_fn}({}) AS locked), \
                  key AS (INSERT INTO {k} (event_key) SELECT $6::text FROM lock \
-                         ON CONFLICT (event_key) DO NOTHING) \
-                 INSERT INTO {t} (event_id, aggregate_type, aggregate_id, event_type, topic, \
-                 event_key, payload, headers, correlation_id) \
-                 SELECT $1::uuid, $2::text, $3::text, $4::text, $5::text, $6::text, $7::bytea, \
-                        $8::jsonb, $9::uuid FROM lock \
-                 ON CONFLICT (event_id) DO NOTHING RETURNING id",
+                         ON CONFLICT (event_key) DO NOTHING), \
+                 staged AS (INSERT INTO {t} (event_id, aggregate_type, aggregate_id, \
+                     event_type, topic, event_key, correlation_id) \
+                     SELECT $1::uuid, $2::text, $3::text, $4::text, $5::text, $6::text, \
+                            $9::uuid FROM lock \
+                     ON CONFLICT (event_id) DO NOTHING RETURNING id), \
+                 body AS (INSERT INTO {p} (id, payload, headers) \
+                     SELECT id, $7::bytea, $8::jsonb FROM staged) \
+                 SELECT id FROM staged",
                 lock_id("$6::text")
             ),
             // The relay reads the rows of the keys it leased in a second statement, whose
@@ -226,7 +231,8 @@ impl Sql {
                 "SELECT c.event_key AS claimed_key, {ROW_COLUMNS} \
                  FROM UNNEST($2::text[], $3::bigint[]) AS c(event_key, after) \
                  CROSS JOIN LATERAL ( \
-                     SELECT * FROM {t} e WHERE e.status = 'pending' \
+                     SELECT e.*, p.payload, p.headers FROM {t} e JOIN {p} p ON p.id = e.id \
+                     WHERE e.status = 'pending' \
                        AND e.event_key = c.event_key AND e.id > c.after \
                        AND EXISTS (SELECT 1 FROM {k} o WHERE o.event_key = c.event_key \
                                    AND o.lease_owner = $1 AND o.lease_until > now()) \
@@ -289,8 +295,12 @@ impl Sql {
                  FROM {t} WHERE status = 'pending'"
             ),
             cleanup: format!(
-                "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE status = 'published' \
-                 AND published_at < now() - make_interval(secs => $1) LIMIT $2)"
+                "WITH gone AS (DELETE FROM {t} WHERE id IN (SELECT id FROM {t} \
+                     WHERE status = 'published' \
+                     AND published_at < now() - make_interval(secs => $1) LIMIT $2) \
+                     RETURNING id), \
+                 body AS (DELETE FROM {p} p USING gone WHERE p.id = gone.id) \
+                 SELECT count(*) FROM gone"
             ),
         }
     }
@@ -362,6 +372,7 @@ impl OutboxStore {
         let key_pending = t.derived("key_pending");
         let published = t.derived("published");
         let keys_due = t.derived("keys_due");
+        let p = t.payloads();
         let ddl = [
             format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""),
             format!(
@@ -373,8 +384,6 @@ impl OutboxStore {
                    event_type      TEXT NOT NULL, \
                    topic           TEXT NOT NULL, \
                    event_key       TEXT NOT NULL, \
-                   payload         BYTEA NOT NULL, \
-                   headers         JSONB NOT NULL DEFAULT '{{}}', \
                    correlation_id  UUID, \
                    status          TEXT NOT NULL DEFAULT 'pending' \
                                    CHECK (status IN ('pending', 'published', 'dead')), \
@@ -385,6 +394,29 @@ impl OutboxStore {
                    published_at    TIMESTAMPTZ, \
                    kafka_partition INT, \
                    kafka_offset    BIGINT)"
+            ),
+            // Settling rewrites a row (its status is in the partial indexes' predicates, so
+            // the update is never HOT): with the payload in the row, every settle copied it,
+            // and a backlog larger than the buffer cache paid a full-page image per row after
+            // each checkpoint. The payload lives apart, written once.
+            format!(
+                "CREATE TABLE IF NOT EXISTS {p} ( \
+                   id      BIGINT PRIMARY KEY, \
+                   payload BYTEA NOT NULL, \
+                   headers JSONB NOT NULL DEFAULT '{{}}')"
+            ),
+            // Tables made before the payload table: their payloads move over once.
+            format!(
+                "DO $$ BEGIN \
+                   IF EXISTS (SELECT 1 FROM information_schema.columns \
+                              WHERE table_schema = '{schema}' AND table_name = '{table}' \
+                                AND column_name = 'payload') THEN \
+                     INSERT INTO {p} (id, payload, headers) \
+                       SELECT id, payload, headers FROM {t} ON CONFLICT (id) DO NOTHING; \
+                     ALTER TABLE {t} DROP COLUMN payload, DROP COLUMN headers; \
+                   END IF; \
+                 END $$",
+                table = t.table()
             ),
             format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS kafka_partition INT"),
             format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS kafka_offset BIGINT"),
@@ -742,13 +774,13 @@ impl OutboxStore {
     /// # Errors
     /// [`Error::OutboxStorage`] when the delete fails.
     pub async fn cleanup(&self, retention: Duration, limit: i64) -> Result<u64> {
-        let done = sqlx::query(&self.sql.cleanup)
+        let done: i64 = sqlx::query_scalar(&self.sql.cleanup)
             .bind(retention.as_secs_f64())
             .bind(limit)
-            .execute(&self.pool)
+            .fetch_one(&self.pool)
             .await
             .map_err(|e| Error::storage("cleanup", e))?;
-        Ok(done.rows_affected())
+        Ok(u64::try_from(done).unwrap_or(0))
     }
 
     /// Parked rows, oldest first.

@@ -54,6 +54,13 @@ impl OutboxTable {
         format!("\"{}\".\"{}_keys\"", self.schema, self.table)
     }
 
+    /// The quoted name of the table holding each row's payload and headers
+    /// (`"schema"."table_payloads"`): written once at staging and never updated, so settling a
+    /// row rewrites only its narrow state.
+    pub fn payloads(&self) -> String {
+        format!("\"{}\".\"{}_payloads\"", self.schema, self.table)
+    }
+
     /// The prefix of this outbox's advisory lock ids (identifiers are validated, so it is
     /// safe inside a SQL string literal).
     pub(crate) fn lock_namespace(&self) -> String {

@@ -380,15 +380,20 @@ impl<'r> Engine<'r> {
     /// Claims free keys while there is room; returns the rows claimed.
     async fn claim(&mut self) -> Result<usize> {
         let room = self.room();
-        if room < self.worth_reading() {
-            // Claimed again once acks made room (`claim_due` stays set).
+        let c = &self.relay.config;
+        if room < self.worth_reading() || self.keys.deferred() >= c.batch_size {
+            // Claimed again once acks made room (`claim_due` stays set). With a claim's
+            // worth of owned keys waiting to read, those read first: claiming more would
+            // grow the owned set without bound.
             return Ok(0);
         }
-        let c = &self.relay.config;
         let want = c.batch_size.min(room);
         // The first read of each key shares the room; a key with more rows gets `per_key`
         // at a time from its refills.
-        let per_key = c.per_key.min(room / want).max(1);
+        // One row more than the share: a key that returns no more than its share is known
+        // drained, with no read of nothing to find it out (a 10-row key claimed 10 rows at
+        // a time took a second statement each). It overshoots the room by a row a key.
+        let per_key = c.per_key.min(room / want).max(1) + 1;
         // Taken before the claim: a hint arriving during it may be for rows committed after
         // its snapshot, and is timed by the next claim.
         let hint = self.relay.wake.take_hint();
@@ -445,16 +450,17 @@ impl<'r> Engine<'r> {
             .max(1);
         let keys = (room / chunk).min(asked.len());
         if keys == 0 || room < self.worth_reading().min(asked.len() * chunk) {
-            asked.iter().for_each(|(key, _)| self.keys.touch(key));
+            asked.into_iter().for_each(|(key, _)| self.keys.defer(key));
             return;
         }
         for (key, _) in asked.drain(keys..) {
-            self.keys.touch(&key);
+            self.keys.defer(key);
         }
         if asked.is_empty() {
             return;
         }
-        let per_key = chunk;
+        // One row more, as for a claim.
+        let per_key = chunk + 1;
         match self
             .relay
             .store
@@ -526,15 +532,21 @@ impl<'r> Engine<'r> {
             self.keys.drop_queued();
         }
         let refill_below = c.per_key / 2 + 1;
+        if winding_down {
+            self.keys.recall(usize::MAX);
+        } else if self.keys.deferred() > 0 && self.room() >= self.worth_reading() {
+            // As many as one read can serve.
+            self.keys.recall((self.room() / MIN_READ).max(1));
+        }
         let review = self.keys.review(refill_below, winding_down, self.once);
         self.release(review.release);
         if !review.fetch.is_empty() {
             self.fetch(review.fetch).await;
             let again = self.keys.review(refill_below, winding_down, self.once);
             self.release(again.release);
-            // Keys left unread for want of room are read after the next acks.
-            for (key, _) in &again.fetch {
-                self.keys.touch(key);
+            // Keys left unread for want of room are read once there is room.
+            for (key, _) in again.fetch {
+                self.keys.defer(key);
             }
             let until = self.send_deadline();
             self.sender.pump(&mut self.keys, &again.send, until);
