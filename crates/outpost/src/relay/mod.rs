@@ -188,6 +188,16 @@ impl RelayConfig {
 /// Fewest rows of a key read by one statement when the room allows it.
 const MIN_READ: usize = 64;
 
+/// A read's row count: one over its `share` of the room, so that getting no more than the
+/// share tells the key is drained, but never over the `per_key` setting.
+fn one_over(share: usize, per_key: usize) -> usize {
+    if share < per_key {
+        share + 1
+    } else {
+        share
+    }
+}
+
 /// Kafka's own rule for a topic name.
 fn is_topic_name(name: &str) -> bool {
     (1..=249).contains(&name.len())
@@ -390,10 +400,11 @@ impl<'r> Engine<'r> {
         let want = c.batch_size.min(room);
         // The first read of each key shares the room; a key with more rows gets `per_key`
         // at a time from its refills.
-        // One row more than the share: a key that returns no more than its share is known
-        // drained, with no read of nothing to find it out (a 10-row key claimed 10 rows at
-        // a time took a second statement each). It overshoots the room by a row a key.
-        let per_key = c.per_key.min(room / want).max(1) + 1;
+        // One row more than the share (within `per_key`): a key that returns no more than
+        // its share is known drained, with no read of nothing to find it out (a 10-row key
+        // claimed 10 rows at a time took a second statement each). It overshoots the room
+        // by a row a key.
+        let per_key = one_over(c.per_key.min(room / want).max(1), c.per_key);
         // Taken before the claim: a hint arriving during it may be for rows committed after
         // its snapshot, and is timed by the next claim.
         let hint = self.relay.wake.take_hint();
@@ -459,8 +470,7 @@ impl<'r> Engine<'r> {
         if asked.is_empty() {
             return;
         }
-        // One row more, as for a claim.
-        let per_key = chunk + 1;
+        let per_key = one_over(chunk, self.relay.config.per_key);
         match self
             .relay
             .store
