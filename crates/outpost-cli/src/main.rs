@@ -91,7 +91,11 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             for service in &settings.services {
                 let store = OutboxStore::new(pool.clone(), service.table.clone());
                 store.migrate().await?;
-                println!("migrated {}", store.table());
+                println!(
+                    "migrated {} (stage from SQL with {}(topic, event_key, payload, headers))",
+                    store.table(),
+                    store.table().stage_function()
+                );
             }
         }
         Command::Relay => daemon::run(&settings, pool, shutdown).await?,

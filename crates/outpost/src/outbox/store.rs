@@ -419,6 +419,7 @@ impl OutboxStore {
                 table = t.table()
             ),
             format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS kafka_partition INT"),
+            stage_function(t),
             format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS kafka_offset BIGINT"),
             // Fetching a key's next rows and "does this key still have pending rows" both
             // walk this index from (key, after): published rows leave it.
@@ -876,6 +877,59 @@ impl KeyRelease {
             transient: false,
         }
     }
+}
+
+/// `CREATE OR REPLACE FUNCTION` of [`OutboxTable::stage_function`]: what
+/// [`OutboxStore::stage`] does (the key's exclusive lock, the key row, the event row, its
+/// payload), callable inside any transaction from any language. It returns the row id, or
+/// NULL when the event id was staged already. Headers must be a JSON object of strings;
+/// `event_id` and `event_type` headers are set from the arguments, as the Rust envelope does.
+fn stage_function(t: &OutboxTable) -> String {
+    let f = t.stage_function();
+    let k = t.keys();
+    let p = t.payloads();
+    let ns = t.lock_namespace();
+    format!(
+        "CREATE OR REPLACE FUNCTION {f}( \
+           topic text, event_key text, payload bytea, headers jsonb DEFAULT '{{}}', \
+           event_type text DEFAULT NULL, event_id uuid DEFAULT NULL, \
+           aggregate_type text DEFAULT NULL, aggregate_id text DEFAULT NULL, \
+           correlation_id uuid DEFAULT NULL) \
+         RETURNS bigint LANGUAGE plpgsql AS $fn$ \
+         #variable_conflict use_variable
+         DECLARE \
+           eid uuid := coalesce(event_id, gen_random_uuid()); \
+           kind text := coalesce(event_type, headers->>'event_type', ''); \
+           staged_id bigint; \
+         BEGIN \
+           IF topic IS NULL OR topic = '' OR event_key IS NULL OR payload IS NULL THEN \
+             RAISE EXCEPTION '{f}: topic, event_key and payload are required' \
+               USING ERRCODE = '22004'; \
+           END IF; \
+           IF headers IS NULL OR jsonb_typeof(headers) <> 'object' OR EXISTS ( \
+                SELECT 1 FROM jsonb_each(headers) h WHERE jsonb_typeof(h.value) <> 'string') THEN \
+             RAISE EXCEPTION '{f}: headers must be a JSON object of strings, got %', headers \
+               USING ERRCODE = '22023'; \
+           END IF; \
+           PERFORM pg_advisory_xact_lock(hashtextextended('{ns}' || event_key, 0)); \
+           INSERT INTO {k} AS k (event_key) VALUES (event_key) \
+             ON CONFLICT ON CONSTRAINT \"{table}_keys_pkey\" DO NOTHING; \
+           INSERT INTO {t} AS e (event_id, aggregate_type, aggregate_id, event_type, topic, \
+                                event_key, correlation_id) \
+           VALUES (eid, coalesce(aggregate_type, ''), coalesce(aggregate_id, event_key), kind, \
+                   topic, event_key, correlation_id) \
+           ON CONFLICT ON CONSTRAINT \"{table}_event_id_key\" DO NOTHING \
+           RETURNING e.id INTO staged_id; \
+           IF staged_id IS NOT NULL THEN \
+             INSERT INTO {p} (id, payload, headers) VALUES (staged_id, payload, \
+               headers || jsonb_build_object('event_id', eid::text) \
+                 || CASE WHEN kind = '' THEN '{{}}'::jsonb \
+                         ELSE jsonb_build_object('event_type', kind) END); \
+           END IF; \
+           RETURN staged_id; \
+         END $fn$",
+        table = t.table(),
+    )
 }
 
 fn group_by_key(rows: Vec<sqlx::postgres::PgRow>) -> Vec<ClaimedKey> {

@@ -61,6 +61,17 @@ impl OutboxTable {
         format!("\"{}\".\"{}_payloads\"", self.schema, self.table)
     }
 
+    /// The quoted name of the SQL function that stages an event into this outbox from any
+    /// language: `"schema".stage` for the default table (`outpost.stage(...)` in the default
+    /// schema), `"schema"."table_stage"` for another.
+    pub fn stage_function(&self) -> String {
+        if self.table == DEFAULT_TABLE {
+            format!("\"{}\".stage", self.schema)
+        } else {
+            format!("\"{}\".\"{}_stage\"", self.schema, self.table)
+        }
+    }
+
     /// The prefix of this outbox's advisory lock ids (identifiers are validated, so it is
     /// safe inside a SQL string literal).
     pub(crate) fn lock_namespace(&self) -> String {
