@@ -88,10 +88,14 @@ async fn traceparent_reaches_kafka_and_the_handler_unchanged() {
     }
     tx.commit().await.unwrap();
     let stored: Vec<(Uuid, sqlx::types::Json<BTreeMap<String, String>>)> =
-        sqlx::query_as(&format!("SELECT event_id, headers FROM {}", store.table()))
-            .fetch_all(store.pool())
-            .await
-            .unwrap();
+        sqlx::query_as(&format!(
+            "SELECT e.event_id, p.headers FROM {} e JOIN {} p ON p.id = e.id",
+            store.table(),
+            store.table().payloads()
+        ))
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
     let stored: BTreeMap<Uuid, BTreeMap<String, String>> =
         stored.into_iter().map(|(id, h)| (id, h.0)).collect();
     assert_eq!(stored[&injected.event_id][TRACEPARENT], FROM_METADATA);
