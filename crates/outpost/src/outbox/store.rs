@@ -564,16 +564,15 @@ impl OutboxStore {
             }
             return Ok(found);
         };
-        let rows = sqlx::query(&self.sql.claim_keys)
+        let query = sqlx::query(&self.sql.claim_keys)
             .bind(owner)
             .bind(keys)
             .bind(lease.as_secs_f64())
             .bind(i64::try_from(per_key).unwrap_or(i64::MAX))
-            .bind(only)
-            .fetch_all(&self.pool)
+            .bind(only);
+        group_by_key(query.fetch(&self.pool))
             .await
-            .map_err(|e| Error::storage("claim", e))?;
-        Ok(group_by_key(rows))
+            .map_err(|e| Error::storage("claim", e))
     }
 
     /// The next rows (at most `per_key` each, ids above the given one) of keys `owner`
@@ -589,15 +588,14 @@ impl OutboxStore {
     ) -> Result<Vec<ClaimedKey>> {
         let (keys, ids): (Vec<&str>, Vec<i64>) =
             after.iter().map(|(k, id)| (k.as_str(), *id)).unzip();
-        let rows = sqlx::query(&self.sql.fetch)
+        let query = sqlx::query(&self.sql.fetch)
             .bind(owner)
             .bind(&keys)
             .bind(&ids)
-            .bind(i64::try_from(per_key).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .bind(i64::try_from(per_key).unwrap_or(i64::MAX));
+        group_by_key(query.fetch(&self.pool))
             .await
-            .map_err(|e| Error::storage("fetch", e))?;
-        Ok(group_by_key(rows))
+            .map_err(|e| Error::storage("fetch", e))
     }
 
     /// Extends `owner`'s lease on `keys` by `lease` from now; returns the keys it still
@@ -932,10 +930,16 @@ fn stage_function(t: &OutboxTable) -> String {
     )
 }
 
-fn group_by_key(rows: Vec<sqlx::postgres::PgRow>) -> Vec<ClaimedKey> {
+/// Reads a claim's or fetch's rows as they arrive and groups them by key, in id order.
+/// Streamed, not collected first: a read of thousands of rows held each one twice (the
+/// wire row and the decoded event) until the last had arrived.
+async fn group_by_key(
+    mut rows: impl futures::Stream<Item = sqlx::Result<sqlx::postgres::PgRow>> + Unpin,
+) -> sqlx::Result<Vec<ClaimedKey>> {
+    use futures::TryStreamExt;
     let mut keys: Vec<ClaimedKey> = Vec::new();
     let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    for r in rows {
+    while let Some(r) = rows.try_next().await? {
         let key: String = r.get("claimed_key");
         let slot = *index.entry(key.clone()).or_insert_with(|| {
             keys.push(ClaimedKey {
@@ -963,7 +967,7 @@ fn group_by_key(rows: Vec<sqlx::postgres::PgRow>) -> Vec<ClaimedKey> {
     for k in &mut keys {
         k.rows.sort_by_key(|e| e.id);
     }
-    keys
+    Ok(keys)
 }
 
 fn context_of(event: &OutboxEvent) -> EventContext {
