@@ -219,10 +219,13 @@ pub async fn run(
     let run_id = Uuid::new_v4().simple().to_string()[..10].to_owned();
     // Sixteen writers each hold a connection through commit, and their eager dispatch
     // needs more: the pool must not be what is measured.
+    // Built as the README tells users to (no ping per acquire, no JIT), for the raw phases
+    // and Outpost's alike.
     let pool = PgPoolOptions::new()
         .max_connections(40)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(settings.database.clone())
+        .test_before_acquire(false)
+        .connect_with(settings.database.clone().options([("jit", "off")]))
         .await
         .context("cannot connect to PostgreSQL (OUTPOST_DATABASE_URL)")?;
     let topic = format!("outpost.bench.{run_id}");
