@@ -150,19 +150,11 @@ async fn a_second_transaction_staging_the_same_key_waits_for_the_first_to_end() 
     let call = format!("SELECT {stage}('t', $1, 'x')");
 
     let mut first = pool.begin().await.unwrap();
-    let first_id: Option<i64> = sqlx::query_scalar(&call)
-        .bind(&key)
-        .fetch_one(&mut *first)
-        .await
-        .unwrap();
+    let first_id = stage_key(&mut first, &call, &key).await;
     let (pool2, call2, key2) = (pool.clone(), call.clone(), key.clone());
     let second = tokio::spawn(async move {
         let mut tx = pool2.begin().await.unwrap();
-        let id: Option<i64> = sqlx::query_scalar(&call2)
-            .bind(&key2)
-            .fetch_one(&mut *tx)
-            .await
-            .unwrap();
+        let id = stage_key(&mut tx, &call2, &key2).await;
         tx.commit().await.unwrap();
         id
     });
@@ -191,4 +183,13 @@ async fn a_second_transaction_staging_the_same_key_waits_for_the_first_to_end() 
     first.commit().await.unwrap();
     let second_id = second.await.unwrap();
     assert!(second_id > first_id, "{second_id:?} after {first_id:?}");
+}
+
+/// Runs `call` (a stage with the key as `$1`) in `tx`; the staged row's id.
+async fn stage_key(tx: &mut sqlx::PgConnection, call: &str, key: &str) -> Option<i64> {
+    sqlx::query_scalar(call)
+        .bind(key)
+        .fetch_one(tx)
+        .await
+        .unwrap()
 }

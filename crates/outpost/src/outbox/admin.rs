@@ -156,16 +156,12 @@ impl OutboxAdmin {
     /// [`Error::OutboxStorage`] when the delete fails.
     pub async fn purge(&self, ids: &[i64]) -> Result<u64> {
         let t = &self.table;
-        let done: i64 = sqlx::query_scalar(&format!(
-            "WITH gone AS (DELETE FROM {t} WHERE status = 'dead' AND id = ANY($1) RETURNING id), \
-             body AS (DELETE FROM {p} p USING gone WHERE p.id = gone.id) \
-             SELECT count(*) FROM gone",
-            p = t.payloads()
-        ))
-        .bind(ids)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| Error::storage("purge_dead", e))?;
+        let done: i64 =
+            sqlx::query_scalar(&t.delete_with_payloads("status = 'dead' AND id = ANY($1)"))
+                .bind(ids)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| Error::storage("purge_dead", e))?;
         Ok(u64::try_from(done).unwrap_or(0))
     }
 
@@ -175,12 +171,8 @@ impl OutboxAdmin {
     /// [`Error::OutboxStorage`] when the delete fails.
     pub async fn purge_older_than(&self, age: Duration) -> Result<u64> {
         let t = &self.table;
-        let done: i64 = sqlx::query_scalar(&format!(
-            "WITH gone AS (DELETE FROM {t} WHERE status = 'dead' \
-                 AND created_at < clock_timestamp() - make_interval(secs => $1) RETURNING id), \
-             body AS (DELETE FROM {p} p USING gone WHERE p.id = gone.id) \
-             SELECT count(*) FROM gone",
-            p = t.payloads()
+        let done: i64 = sqlx::query_scalar(&t.delete_with_payloads(
+            "status = 'dead' AND created_at < clock_timestamp() - make_interval(secs => $1)",
         ))
         .bind(age.as_secs_f64())
         .fetch_one(&self.pool)

@@ -165,6 +165,8 @@ impl Sql {
     fn new(t: &OutboxTable, lock: KeyLock) -> Self {
         let k = t.keys();
         let p = t.payloads();
+        // Pending rows with their payloads, for the claim's and the fetch's per-key reads.
+        let rows = format!("SELECT e.*, p.payload, p.headers FROM {t} e JOIN {p} p ON p.id = e.id");
         let lock_id = |key: &str| format!("hashtextextended('{}' || {key}, 0)", t.lock_namespace());
         let lock_fn = match lock {
             KeyLock::Exclusive => "pg_advisory_xact_lock",
@@ -194,8 +196,7 @@ impl Sql {
         let claim_with_rows = format!(
             "{} SELECT leased.event_key AS claimed_key, {ROW_COLUMNS} \
              FROM leased LEFT JOIN LATERAL ( \
-                 SELECT e.*, p.payload, p.headers FROM {t} e JOIN {p} p ON p.id = e.id \
-                 WHERE e.status = 'pending' AND e.event_key = leased.event_key \
+                 {rows} WHERE e.status = 'pending' AND e.event_key = leased.event_key \
                  ORDER BY e.id LIMIT $4 FOR UPDATE OF e) e ON true",
             lease_keys("AND event_key = ANY($5)")
         );
@@ -231,8 +232,7 @@ impl Sql {
                 "SELECT c.event_key AS claimed_key, {ROW_COLUMNS} \
                  FROM UNNEST($2::text[], $3::bigint[]) AS c(event_key, after) \
                  CROSS JOIN LATERAL ( \
-                     SELECT e.*, p.payload, p.headers FROM {t} e JOIN {p} p ON p.id = e.id \
-                     WHERE e.status = 'pending' \
+                     {rows} WHERE e.status = 'pending' \
                        AND e.event_key = c.event_key AND e.id > c.after \
                        AND EXISTS (SELECT 1 FROM {k} o WHERE o.event_key = c.event_key \
                                    AND o.lease_owner = $1 AND o.lease_until > now()) \
@@ -294,14 +294,10 @@ impl Sql {
                  COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at)), 0)::float8 AS age \
                  FROM {t} WHERE status = 'pending'"
             ),
-            cleanup: format!(
-                "WITH gone AS (DELETE FROM {t} WHERE id IN (SELECT id FROM {t} \
-                     WHERE status = 'published' \
-                     AND published_at < now() - make_interval(secs => $1) LIMIT $2) \
-                     RETURNING id), \
-                 body AS (DELETE FROM {p} p USING gone WHERE p.id = gone.id) \
-                 SELECT count(*) FROM gone"
-            ),
+            cleanup: t.delete_with_payloads(&format!(
+                "id IN (SELECT id FROM {t} WHERE status = 'published' \
+                 AND published_at < now() - make_interval(secs => $1) LIMIT $2)"
+            )),
         }
     }
 }

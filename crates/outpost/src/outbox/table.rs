@@ -61,6 +61,17 @@ impl OutboxTable {
         format!("\"{}\".\"{}_payloads\"", self.schema, self.table)
     }
 
+    /// A statement deleting the rows that match `filter` (SQL over this table's columns)
+    /// with their payloads; it returns how many rows went.
+    pub(crate) fn delete_with_payloads(&self, filter: &str) -> String {
+        format!(
+            "WITH gone AS (DELETE FROM {self} WHERE {filter} RETURNING id), \
+             body AS (DELETE FROM {p} p USING gone WHERE p.id = gone.id) \
+             SELECT count(*) FROM gone",
+            p = self.payloads()
+        )
+    }
+
     /// The quoted name of the SQL function that stages an event into this outbox from any
     /// language: `"schema".stage` for the default table (`outpost.stage(...)` in the default
     /// schema), `"schema"."table_stage"` for another.
