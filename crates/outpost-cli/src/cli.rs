@@ -262,6 +262,13 @@ pub enum Command {
         json: bool,
     },
     /// Inspect, requeue or purge parked (dead) events.
+    /// WAL mode: set up and check logical replication, run the WAL relay, and handle its
+    /// dead letters (stream, slot and SQL function named after each service's schema).
+    Wal {
+        /// What to do.
+        #[command(subcommand)]
+        command: WalCommand,
+    },
     Dead {
         /// What to do with them.
         #[command(subcommand)]
@@ -331,6 +338,62 @@ pub enum Command {
     /// Put parked (dead) events back in line.
     Requeue {
         /// Row ids to requeue; all parked rows when omitted.
+        ids: Vec<i64>,
+    },
+}
+
+/// `outpost wal` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum WalCommand {
+    /// Check the server, then create what is missing: slot, publication, the SQL function
+    /// `"<schema>".emit(...)` and the dead-letter table (idempotent). Exits non-zero, having
+    /// created nothing, while the server cannot replicate; says what to change.
+    Init {
+        /// Print a JSON array of reports instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check `wal_level`, slots, senders, the role, WAL retention and the stream's objects;
+    /// change nothing. Exits non-zero when something must be fixed.
+    Doctor {
+        /// Print a JSON array of reports instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the WAL relay of every configured service until SIGTERM or ctrl-c (one leads
+    /// per stream; start more for availability).
+    Relay,
+    /// List or requeue the events the broker refused for good.
+    Dead {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: WalDeadCommand,
+    },
+    /// Drop the slot and publication, so the server stops keeping WAL for them; events
+    /// not yet delivered are lost.
+    Drop {
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// `outpost wal dead` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum WalDeadCommand {
+    /// List dead letters, oldest first.
+    List {
+        /// Print a JSON array per service instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Most letters listed per service.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Emit the given dead letters into the stream again (and delete them).
+    Requeue {
+        /// Dead letter ids (see `list`).
+        #[arg(required = true)]
         ids: Vec<i64>,
     },
 }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
 use outpost::metrics::{EVENTS_PARKED, EVENTS_RETRIED, RELAY_ERRORS};
 use outpost::{ErrorClass, OutboxStore, Relay, WakeSignal};
 use sqlx::PgPool;
@@ -22,11 +23,7 @@ pub async fn run(
     pool: PgPool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // Installed before any relay records, so no early sample is lost.
-    let metrics = match settings.http_addr {
-        Some(_) => Some(http::install_recorder()?),
-        None => None,
-    };
+    let metrics = recorder(settings)?;
     let producer = settings.producer()?;
     let mut relays = Vec::with_capacity(settings.services.len());
     for service in &settings.services {
@@ -46,8 +43,32 @@ pub async fn run(
         );
     }
     let mut tasks = JoinSet::new();
+    serve_http(settings, pool, metrics, &mut tasks, &shutdown).await?;
+    for relay in relays {
+        tasks.spawn(relay.run(shutdown.clone().cancelled_owned()));
+    }
+    join(tasks, &shutdown).await
+}
+
+/// The Prometheus recorder, when an HTTP address is configured; installed before any relay
+/// records, so no early sample is lost.
+pub(crate) fn recorder(settings: &Settings) -> anyhow::Result<Option<PrometheusHandle>> {
+    match settings.http_addr {
+        Some(_) => Ok(Some(http::install_recorder()?)),
+        None => Ok(None),
+    }
+}
+
+/// Serves /metrics, /healthz and /readyz in `tasks` when an address is configured.
+pub(crate) async fn serve_http(
+    settings: &Settings,
+    pool: PgPool,
+    metrics: Option<PrometheusHandle>,
+    tasks: &mut JoinSet<outpost::Result<()>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     if let (Some(addr), Some(metrics)) = (settings.http_addr, metrics) {
-        let readiness = Readiness::new(settings, pool.clone())?;
+        let readiness = Readiness::new(settings, pool)?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on OUTPOST_HTTP_ADDR={addr}"))?;
@@ -59,17 +80,22 @@ pub async fn run(
             shutdown.clone().cancelled_owned(),
         ));
     }
-    for relay in relays {
-        tasks.spawn(relay.run(shutdown.clone().cancelled_owned()));
-    }
+    Ok(())
+}
+
+/// Waits for every task; the first failure cancels the others (which drain) and is
+/// returned: one broken task stops the process rather than leaving a service silently
+/// unrelayed.
+pub(crate) async fn join(
+    mut tasks: JoinSet<outpost::Result<()>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let mut first_error = None;
     while let Some(done) = tasks.join_next().await {
         let result = done
             .context("a relay task panicked")
             .and_then(|r| r.map_err(anyhow::Error::from));
         if let Err(e) = result {
-            // One broken task stops the daemon rather than leaving a service silently
-            // unrelayed; the others still drain.
             shutdown.cancel();
             first_error.get_or_insert(e);
         }

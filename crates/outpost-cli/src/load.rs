@@ -227,7 +227,7 @@ async fn publish(
                 .await?;
             Ok(outcome? == outpost::PublishPath::Direct)
         }
-        Mode::Transactional | Mode::OutboxOnly => {
+        Mode::Transactional | Mode::OutboxOnly | Mode::Wal => {
             let mut tx = publisher.begin().await?;
             tx.publish(event).await?;
             ledger_row("committed").execute(&mut *tx).await?;

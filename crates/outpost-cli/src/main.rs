@@ -15,6 +15,7 @@ mod quickstart;
 mod settings;
 mod status;
 mod verify;
+mod wal;
 
 use std::process::ExitCode;
 
@@ -81,7 +82,14 @@ fn one_line(message: &str) -> String {
 
 async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    if matches!(cli.command, Command::Relay | Command::Load { .. }) {
+    if matches!(
+        cli.command,
+        Command::Relay
+            | Command::Load { .. }
+            | Command::Wal {
+                command: cli::WalCommand::Relay
+            }
+    ) {
         cancel_on_signal(shutdown.clone());
     }
     let pool = settings.connect().await?;
@@ -123,6 +131,7 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         Command::Demo { .. } => demo::run(&cli).await?,
         Command::Status { json } => status::run(&settings, &pool, json).await?,
         Command::Dead { command } => dead::run(&settings, &pool, command).await?,
+        Command::Wal { command } => wal::run(&settings, pool, command, shutdown).await?,
         Command::Bench { quick, json, plans } => {
             bench::run(&cli, &settings, quick, json, plans).await?;
         }

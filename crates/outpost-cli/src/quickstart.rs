@@ -270,7 +270,7 @@ fn event(topic: &str, service: &str, key: &str, seq: usize) -> anyhow::Result<Ou
 async fn publisher_send(publisher: &Publisher, ev: &OutboxEvent) -> anyhow::Result<bool> {
     Ok(match publisher.mode() {
         Mode::KafkaFirst => publisher.publish(ev).await? == outpost::PublishPath::Direct,
-        Mode::Transactional | Mode::OutboxOnly => {
+        Mode::Transactional | Mode::OutboxOnly | Mode::Wal => {
             let mut tx = publisher.begin().await?;
             tx.publish(ev).await?;
             tx.commit().await?.eager_published > 0

@@ -25,6 +25,8 @@ pub struct Settings {
     pub database: PgConnectOptions,
     /// With any password replaced by `***`.
     pub database_url: String,
+    /// As given, password included: only for the WAL relay's replication connection.
+    pub database_secret: Secret,
     pub brokers: String,
     pub redis_url: String,
     pub producer: ProducerConfig,
@@ -39,6 +41,16 @@ pub struct Settings {
     pub services: Vec<ServiceSettings>,
     pub http_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
+}
+
+/// A value never printed: `Debug` shows `***`.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// One outbox the relay serves.
@@ -210,6 +222,7 @@ impl Settings {
         let first = services[0].clone();
         Ok(Self {
             database,
+            database_secret: Secret(database_url.clone()),
             database_url: redact(&database_url),
             brokers,
             redis_url,

@@ -33,6 +33,9 @@
 //! - [`kafka`]: the idempotent producer every path sends with; topic administration.
 //! - [`relay`]: the streaming engine (claiming, sending, settling, verdicts), adaptive
 //!   polling and wake-ups (Redis `LPUSH`/`BLPOP`, PostgreSQL `NOTIFY`).
+//! - [`wal`]: WAL mode: events emitted into PostgreSQL's WAL in the caller's transaction
+//!   (`pg_logical_emit_message`), a leader-elected relay reading them from a logical
+//!   replication slot in commit order, acknowledging the slot only behind the broker.
 //! - [`publishing`]: the API services call (transactional with eager dispatch, Kafka-first,
 //!   outbox-only) and its circuit breaker.
 //! - [`consuming`]: the consumer helper (dedup, handle, commit, dead letters), the
@@ -46,6 +49,7 @@ pub mod event;
 pub mod outbox;
 pub mod kafka;
 pub mod relay;
+pub mod wal;
 pub mod publishing;
 pub mod consuming;
 pub mod error;
@@ -72,3 +76,4 @@ pub use publishing::publisher::{
 };
 pub use relay::wake::{wake_key, WakeSignal, WakeSource, Waker};
 pub use relay::{BatchReport, Relay, RelayConfig};
+pub use wal::{WalRelay, WalRelayConfig, WalStream};

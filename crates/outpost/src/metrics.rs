@@ -150,6 +150,37 @@ pub(crate) fn consumed(group: &str, outcome: &'static str) {
     metrics::counter!(CONSUMED, "group" => group.to_owned(), "outcome" => outcome).increment(1);
 }
 
+/// Gauge (bytes): WAL the server keeps for a WAL-mode stream's slot (from its
+/// `restart_lsn`), by `service`; grows while the relay is stopped or behind.
+pub const WAL_RETAINED: &str = "outpost_wal_retained_bytes";
+/// Gauge: the commit LSN of the last transaction a WAL relay read, by `service`.
+pub const WAL_RECEIVED_LSN: &str = "outpost_wal_received_lsn";
+/// Gauge: the LSN a WAL relay acknowledged (every event up to it acked by the broker),
+/// by `service`.
+pub const WAL_ACKED_LSN: &str = "outpost_wal_acknowledged_lsn";
+/// Gauge (seconds): how long the newest acknowledged LSN waited before a standby status
+/// update told the server, by `service`.
+pub const WAL_FEEDBACK_AGE: &str = "outpost_wal_feedback_age_seconds";
+/// Gauge: 1 while this WAL relay leads its stream (reads the slot), 0 while it waits.
+pub const WAL_LEADER: &str = "outpost_wal_leader";
+
+pub(crate) fn wal_retained(service: &str, bytes: i64) {
+    metrics::gauge!(WAL_RETAINED, "service" => service.to_owned()).set(bytes as f64);
+}
+
+pub(crate) fn wal_lsns(service: &str, received: u64, acked: u64) {
+    metrics::gauge!(WAL_RECEIVED_LSN, "service" => service.to_owned()).set(received as f64);
+    metrics::gauge!(WAL_ACKED_LSN, "service" => service.to_owned()).set(acked as f64);
+}
+
+pub(crate) fn wal_feedback_age(service: &str, age: Duration) {
+    metrics::gauge!(WAL_FEEDBACK_AGE, "service" => service.to_owned()).set(age.as_secs_f64());
+}
+
+pub(crate) fn wal_leader(service: &str, leading: bool) {
+    metrics::gauge!(WAL_LEADER, "service" => service.to_owned()).set(f64::from(u8::from(leading)));
+}
+
 /// Gives every metric above its help text (exporters print it as `# HELP`); call once
 /// after installing a recorder.
 pub fn describe() {
@@ -209,6 +240,31 @@ pub fn describe() {
             CIRCUIT_STATE,
             Unit::Count,
             "Kafka-first circuit: 0 closed, 1 half-open, 2 open",
+        ),
+        (
+            WAL_RETAINED,
+            Unit::Bytes,
+            "WAL the server keeps for the stream's slot",
+        ),
+        (
+            WAL_RECEIVED_LSN,
+            Unit::Count,
+            "Commit LSN of the last transaction the WAL relay read",
+        ),
+        (
+            WAL_ACKED_LSN,
+            Unit::Count,
+            "LSN the WAL relay acknowledged to the slot",
+        ),
+        (
+            WAL_FEEDBACK_AGE,
+            Unit::Seconds,
+            "How long the newest acknowledged LSN waited for a status update",
+        ),
+        (
+            WAL_LEADER,
+            Unit::Count,
+            "1 while this WAL relay reads the slot",
         ),
     ];
     for (name, unit, help) in gauges {

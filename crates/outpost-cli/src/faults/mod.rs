@@ -7,20 +7,20 @@
 //! the load runs, then reads the topic back with `outpost verify` and judges the figures.
 //! Processes, not tasks: a relay is killed with SIGKILL like a crashed pod.
 
-mod postgres;
 mod process;
 mod redis;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use outpost::testkit::postgres::PrivatePostgres;
 use outpost::testkit::TansuBroker;
 use serde_json::{json, Value};
 use tokio::process::Child;
 use uuid::Uuid;
 
 use crate::verify;
-use postgres::PrivatePostgres;
+
 use process::Outpost;
 use redis::PrivateRedis;
 

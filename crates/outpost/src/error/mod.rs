@@ -38,6 +38,8 @@ pub enum ErrorCode {
     InboxStorage,
     /// The Redis idempotency check failed, or another consumer holds the event.
     Idempotency,
+    /// The WAL relay's replication stream failed.
+    WalStream,
 }
 
 impl fmt::Display for ErrorCode {
@@ -53,6 +55,7 @@ impl fmt::Display for ErrorCode {
             Self::KafkaConsume => "KAFKA_CONSUME",
             Self::InboxStorage => "INBOX_STORAGE",
             Self::Idempotency => "IDEMPOTENCY",
+            Self::WalStream => "WAL_STREAM",
         };
         f.write_str(s)
     }
@@ -164,6 +167,17 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The WAL relay's replication connection failed or was refused (slot missing or
+    /// read by another process, server restarting, role without REPLICATION); the relay
+    /// reconnects after its backoff, `outpost wal doctor` says what is wrong.
+    #[error("replication stream of slot {slot} failed")]
+    WalStream {
+        /// The slot being read.
+        slot: String,
+        /// The replication client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Error {
@@ -241,6 +255,7 @@ impl Error {
             Self::KafkaConsume { .. } => ErrorCode::KafkaConsume,
             Self::InboxStorage { .. } => ErrorCode::InboxStorage,
             Self::Idempotency { .. } => ErrorCode::Idempotency,
+            Self::WalStream { .. } => ErrorCode::WalStream,
         }
     }
 
@@ -255,7 +270,7 @@ impl Error {
             Self::InboxStorage { source, .. } => database_is_retriable(source),
             Self::KafkaPublish { class, .. } => *class != ErrorClass::Permanent,
             Self::Configuration { .. } | Self::Serialization(_) | Self::Decode { .. } => false,
-            Self::WakeUp { .. } | Self::Idempotency { .. } => true,
+            Self::WakeUp { .. } | Self::Idempotency { .. } | Self::WalStream { .. } => true,
             Self::Handler { retriable, .. } => *retriable,
             Self::KafkaConsume { source, .. } => classify(source) != ErrorClass::Permanent,
         }
@@ -310,6 +325,9 @@ impl Error {
             }
             Self::Idempotency { operation, .. } => {
                 details.insert("idempotency_operation".into(), (*operation).into());
+            }
+            Self::WalStream { slot, .. } => {
+                details.insert("slot".into(), slot.clone().into());
             }
             Self::Serialization(_)
             | Self::WakeUp { .. }

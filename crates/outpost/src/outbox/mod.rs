@@ -2,5 +2,6 @@
 //! against them (staging in the caller's transaction, key leases, settling, operator views).
 
 pub mod admin;
+pub(crate) mod sql_api;
 pub mod store;
 pub mod table;

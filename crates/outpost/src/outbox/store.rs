@@ -34,6 +34,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, EventContext, Result};
 use crate::event::envelope::OutboxEvent;
+use crate::outbox::sql_api;
 use crate::outbox::table::OutboxTable;
 
 /// A pending row handed to its key's owner, ready to be produced.
@@ -891,20 +892,9 @@ fn stage_function(t: &OutboxTable) -> String {
            correlation_id uuid DEFAULT NULL) \
          RETURNS bigint LANGUAGE plpgsql AS $fn$ \
          #variable_conflict use_variable
-         DECLARE \
-           eid uuid := coalesce(event_id, gen_random_uuid()); \
-           kind text := coalesce(event_type, headers->>'event_type', ''); \
+         DECLARE {declare} \
            staged_id bigint; \
-         BEGIN \
-           IF topic IS NULL OR topic = '' OR event_key IS NULL OR payload IS NULL THEN \
-             RAISE EXCEPTION '{f}: topic, event_key and payload are required' \
-               USING ERRCODE = '22004'; \
-           END IF; \
-           IF headers IS NULL OR jsonb_typeof(headers) <> 'object' OR EXISTS ( \
-                SELECT 1 FROM jsonb_each(headers) h WHERE jsonb_typeof(h.value) <> 'string') THEN \
-             RAISE EXCEPTION '{f}: headers must be a JSON object of strings, got %', headers \
-               USING ERRCODE = '22023'; \
-           END IF; \
+         BEGIN {checks} \
            PERFORM pg_advisory_xact_lock(hashtextextended('{ns}' || event_key, 0)); \
            INSERT INTO {k} AS k (event_key) VALUES (event_key) \
              ON CONFLICT ON CONSTRAINT \"{table}_keys_pkey\" DO NOTHING; \
@@ -915,14 +905,14 @@ fn stage_function(t: &OutboxTable) -> String {
            ON CONFLICT ON CONSTRAINT \"{table}_event_id_key\" DO NOTHING \
            RETURNING e.id INTO staged_id; \
            IF staged_id IS NOT NULL THEN \
-             INSERT INTO {p} (id, payload, headers) VALUES (staged_id, payload, \
-               headers || jsonb_build_object('event_id', eid::text) \
-                 || CASE WHEN kind = '' THEN '{{}}'::jsonb \
-                         ELSE jsonb_build_object('event_type', kind) END); \
+             INSERT INTO {p} (id, payload, headers) VALUES (staged_id, payload, {headers}); \
            END IF; \
            RETURN staged_id; \
          END $fn$",
         table = t.table(),
+        declare = sql_api::DECLARE,
+        checks = sql_api::checks(&f),
+        headers = sql_api::HEADERS,
     )
 }
 

@@ -101,7 +101,7 @@ impl fmt::Display for OutboxTable {
     }
 }
 
-fn validate_identifier(setting: &str, name: &str) -> Result<()> {
+pub(crate) fn validate_identifier(setting: &str, name: &str) -> Result<()> {
     let mut chars = name.chars();
     let ok = name.len() <= 63
         && chars

@@ -15,6 +15,10 @@
 //!   timed out may still land later, as a duplicate with the same `event_id`.
 //! - [`Mode::OutboxOnly`]: stage in the transaction and let the woken relay deliver (the
 //!   design HuleEdu ended with): no work after commit beyond a wake-up hint.
+//! - [`Mode::Wal`]: emit the event into PostgreSQL's WAL in the caller's transaction
+//!   ([`crate::wal::emit`], stream named after the outbox's schema); the stream's
+//!   [`WalRelay`](crate::WalRelay) delivers it in commit order. No table row, no work after
+//!   commit (eager dispatch does not apply).
 
 use std::collections::HashSet;
 use std::ops::{Deref, DerefMut};
@@ -36,6 +40,7 @@ use crate::relay::settling::{RowOutcome, SettleOp, Settler};
 use crate::relay::verdict::RetryPolicy;
 use crate::relay::wake::{validate_service, Waker};
 use crate::relay::{longest_send, RelayConfig};
+use crate::wal::WalStream;
 use crate::Environment;
 
 /// Most rows of one key an eager dispatch sends (its own and older ones still pending).
@@ -55,6 +60,8 @@ pub enum Mode {
     KafkaFirst,
     /// Stage in the caller's transaction; the woken relay delivers.
     OutboxOnly,
+    /// Emit into the WAL in the caller's transaction; the WAL relay delivers.
+    Wal,
 }
 
 impl Mode {
@@ -64,6 +71,7 @@ impl Mode {
             Self::Transactional => "transactional",
             Self::KafkaFirst => "kafka-first",
             Self::OutboxOnly => "outbox-only",
+            Self::Wal => "wal",
         }
     }
 }
@@ -76,9 +84,10 @@ impl std::str::FromStr for Mode {
             "transactional" => Ok(Self::Transactional),
             "kafka-first" => Ok(Self::KafkaFirst),
             "outbox-only" => Ok(Self::OutboxOnly),
+            "wal" => Ok(Self::Wal),
             _ => Err(Error::config(
                 "mode",
-                "one of transactional, kafka-first, outbox-only",
+                "one of transactional, kafka-first, outbox-only, wal",
                 s,
             )),
         }
@@ -148,6 +157,9 @@ struct Inner {
     settler: Settler,
     /// Eager dispatches still running (they outlive a `commit()` that stopped waiting).
     dispatches: TaskTracker,
+    /// The WAL stream named after the outbox's schema (`None` when the schema is too long
+    /// to name a slot).
+    wal: Option<WalStream>,
 }
 
 impl Inner {
@@ -243,6 +255,11 @@ impl Publisher {
             .with_service(&config.service)
             .with_key_lock(config.key_lock);
         let owner = Uuid::new_v4();
+        let wal = match WalStream::new(store.table().schema()) {
+            Ok(stream) => Some(stream),
+            Err(e) if config.mode == Mode::Wal => return Err(e),
+            Err(_) => None,
+        };
         Ok(Self {
             mode: config.mode,
             inner: Arc::new(Inner {
@@ -255,6 +272,7 @@ impl Publisher {
                 config,
                 owner,
                 dispatches: TaskTracker::new(),
+                wal,
             }),
         })
     }
@@ -309,6 +327,21 @@ impl Publisher {
         tx: &mut Transaction<'_, Postgres>,
         event: &OutboxEvent,
     ) -> Result<Staged> {
+        if self.mode == Mode::Wal {
+            let stream = self.inner.wal.as_ref().ok_or_else(|| {
+                Error::config(
+                    "schema",
+                    "at most 55 bytes in WAL mode (the slot is named outpost_<schema>)",
+                    self.inner.store.table().schema(),
+                )
+            })?;
+            crate::wal::emit(tx, stream, event).await?;
+            return Ok(Staged {
+                event_id: event.event_id,
+                event_key: event.event_key.clone(),
+                inserted: true,
+            });
+        }
         let inserted = self.inner.store.stage(tx, event).await?.is_some();
         Ok(Staged {
             event_id: event.event_id,
@@ -332,6 +365,13 @@ impl Publisher {
                 eager_published: 0,
                 left_to_relay: staged.len(),
             },
+            // The WAL relay reads the stream; it needs no wake-up.
+            Mode::Wal => {
+                return Dispatch {
+                    eager_published: 0,
+                    left_to_relay: staged.len(),
+                }
+            }
         };
         if dispatch.left_to_relay > 0 {
             self.inner.waker.nudge().await;

@@ -3,6 +3,10 @@
 //! that is gone, with its memory state), and a collector that reads a topic back.
 //!
 //! It is what Outpost's own acceptance tests and the HuleEdu demo's `--outage` run use.
+//! [`postgres::PrivatePostgres`] is a PostgreSQL of one's own, for crashes and server
+//! settings (WAL mode needs `wal_level=logical`).
+
+pub mod postgres;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::TcpListener;

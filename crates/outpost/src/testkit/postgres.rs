@@ -1,27 +1,44 @@
 //! A private PostgreSQL for one scenario, made with `initdb` in a temporary directory and
-//! listening on a port of its own, so crashing it costs no other test its database.
+//! listening on a port of its own, so crashing it, restarting it or changing server
+//! settings (`wal_level=logical`) costs no other test its database.
 
+use std::io::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use anyhow::Context;
-
 /// A PostgreSQL cluster of one's own; stopped and deleted when dropped.
-pub(super) struct PrivatePostgres {
+#[derive(Debug)]
+pub struct PrivatePostgres {
     bin: PathBuf,
     base: PathBuf,
     port: u16,
+    settings: Vec<(String, String)>,
     /// Run the server programs as the `postgres` OS user: they refuse to run as root.
     as_postgres: bool,
 }
 
 impl PrivatePostgres {
     /// Creates the cluster (trust authentication, user `postgres`) and starts it.
-    pub fn start() -> anyhow::Result<Self> {
-        let bin = bin_dir().context(
-            "faults start a PostgreSQL of their own and need its server programs \
-             (initdb, pg_ctl): set OUTPOST_PG_BIN to their directory, or run `make services`",
-        )?;
+    ///
+    /// # Errors
+    /// When the server programs are missing (set `OUTPOST_PG_BIN` to their directory, or
+    /// run `make services`), or `initdb`/`pg_ctl` fail.
+    pub fn start() -> Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// Like [`start`](Self::start), with server settings (`-c name=value`), e.g.
+    /// `[("wal_level", "logical")]`, kept across restarts.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub fn start_with(settings: &[(&str, &str)]) -> Result<Self> {
+        let bin = bin_dir().map_err(|e| {
+            Error::other(format!(
+                "a private PostgreSQL needs the server programs (initdb, pg_ctl): set \
+                 OUTPOST_PG_BIN to their directory, or run `make services` ({e})"
+            ))
+        })?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -32,13 +49,21 @@ impl PrivatePostgres {
         if as_postgres {
             let uid = id("-u")?;
             let gid = id("-g")?;
-            std::os::unix::fs::chown(&base, Some(uid), Some(gid))
-                .with_context(|| format!("cannot hand {} to the postgres user", base.display()))?;
+            std::os::unix::fs::chown(&base, Some(uid), Some(gid)).map_err(|e| {
+                Error::other(format!(
+                    "cannot hand {} to the postgres user: {e}",
+                    base.display()
+                ))
+            })?;
         }
         let pg = Self {
             bin,
             base,
             port,
+            settings: settings
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             as_postgres,
         };
         pg.run(
@@ -63,19 +88,41 @@ impl PrivatePostgres {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops it cleanly (`fast`: open sessions are ended, a shutdown checkpoint is written).
+    ///
+    /// # Errors
+    /// When `pg_ctl` fails.
+    pub fn stop(&self) -> Result<()> {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"])
+    }
+
     /// Stops it the way a crash does: `immediate` skips the shutdown checkpoint, so the
     /// next start replays the WAL, and every open connection breaks.
-    pub fn crash(&self) -> anyhow::Result<()> {
+    ///
+    /// # Errors
+    /// When `pg_ctl` fails.
+    pub fn crash(&self) -> Result<()> {
         self.run("pg_ctl", &["-D", &self.data(), "-m", "immediate", "stop"])
     }
 
     /// Starts it (again) and waits until it accepts connections.
-    pub fn start_again(&self) -> anyhow::Result<()> {
-        let options = format!(
+    ///
+    /// # Errors
+    /// When `pg_ctl` fails.
+    pub fn start_again(&self) -> Result<()> {
+        let mut options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -k {} -c shared_buffers=32MB",
             self.port,
             self.base.display()
         );
+        for (name, value) in &self.settings {
+            options.push_str(&format!(" -c {name}={value}"));
+        }
         let log = self.base.join("postgres.log");
         self.run(
             "pg_ctl",
@@ -98,7 +145,7 @@ impl PrivatePostgres {
         self.base.join("data").display().to_string()
     }
 
-    fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
+    fn run(&self, program: &str, args: &[&str]) -> Result<()> {
         let path = self.bin.join(program);
         let mut cmd = if self.as_postgres {
             let mut cmd = Command::new("runuser");
@@ -112,12 +159,13 @@ impl PrivatePostgres {
             .current_dir(&self.base)
             .stdin(Stdio::null())
             .output()
-            .with_context(|| format!("cannot run {}", path.display()))?;
-        anyhow::ensure!(
-            out.status.success(),
-            "{program} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+            .map_err(|e| Error::other(format!("cannot run {}: {e}", path.display())))?;
+        if !out.status.success() {
+            return Err(Error::other(format!(
+                "{program} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
         Ok(())
     }
 }
@@ -131,7 +179,7 @@ impl Drop for PrivatePostgres {
 
 /// `OUTPOST_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin` (Debian's layout), else
 /// `pg_config --bindir`.
-fn bin_dir() -> anyhow::Result<PathBuf> {
+fn bin_dir() -> Result<PathBuf> {
     if let Ok(dir) = std::env::var("OUTPOST_PG_BIN") {
         return Ok(PathBuf::from(dir));
     }
@@ -152,7 +200,9 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
     }
     let out = Command::new("pg_config").arg("--bindir").output()?;
     let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    anyhow::ensure!(has_initdb(&bin), "no initdb in {}", bin.display());
+    if !has_initdb(&bin) {
+        return Err(Error::other(format!("no initdb in {}", bin.display())));
+    }
     Ok(bin)
 }
 
@@ -162,11 +212,15 @@ fn is_root() -> bool {
 }
 
 /// `id -u postgres` or `id -g postgres`.
-fn id(which: &str) -> anyhow::Result<u32> {
+fn id(which: &str) -> Result<u32> {
     let out = Command::new("id").args([which, "postgres"]).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "running as root, the private PostgreSQL runs as the `postgres` OS user, and there is none"
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    if !out.status.success() {
+        return Err(Error::other(
+            "running as root, the private PostgreSQL runs as the `postgres` OS user, and there is none",
+        ));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(Error::other)
 }

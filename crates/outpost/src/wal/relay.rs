@@ -1,0 +1,647 @@
+//! The WAL relay: one leader per stream reads the slot (pgoutput protocol 1, messages on,
+//! no streaming of transactions in progress), produces each event of its prefix in stream
+//! order with the idempotent producer, many in flight, and acknowledges a transaction's
+//! end LSN only once all of its events, and all earlier ones, were acked by the broker.
+//!
+//! Protocol 1 sends only committed transactions, each whole, in commit order, so producing
+//! in stream order keeps every key's events in commit order with no locks anywhere.
+//!
+//! - **Leader.** A relay holds a session advisory lock while it reads; the others retry the
+//!   lock every `leader_poll`. A dead leader's connection closes, which frees the lock.
+//! - **At least once.** A restart resumes at the slot's confirmed LSN: whatever followed the
+//!   last acknowledgement may be produced again, with the same `event_id` header.
+//! - **Failures.** A transient produce failure purges librdkafka's queue (every later
+//!   message fails too, so none lands ahead of it), stops reading, and after a backoff sends
+//!   the failed events again in stream order. A permanent one goes to the dead letters and
+//!   counts as delivered. Feedback keeps flowing meanwhile (the replication client answers
+//!   keepalives while the relay does not read), so the server never times the stream out.
+//! - **Idle.** With nothing in flight, a keepalive's WAL position is acknowledged, so the
+//!   slot advances, and keeps no WAL, while no event is emitted.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use pgwire_replication::{
+    FeedbackObserver, Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
+};
+use sqlx::{Connection, PgConnection, PgPool};
+use tracing::{debug, info, warn};
+
+use super::dead::WalDeadLetters;
+use super::message::{decode, WalEvent};
+use super::progress::{Progress, TxnId};
+use super::WalStream;
+use crate::backoff::Backoff;
+use crate::environment::Environment;
+use crate::error::{Error, ErrorClass, Result};
+use crate::kafka::producer::{Acked, KafkaProducer, SendFailure};
+
+/// Settings of a [`WalRelay`]. `Debug` hides the database password.
+#[derive(Clone)]
+pub struct WalRelayConfig {
+    /// Service name: metric label.
+    pub service: String,
+    /// The stream to relay.
+    pub stream: WalStream,
+    /// `postgres://user[:password]@host[:port]/database[?sslmode=...]` of the database the
+    /// stream's slot belongs to; the replication connection is opened with it (the role
+    /// needs the REPLICATION attribute).
+    pub database_url: String,
+    /// Most events read and not yet acked by the broker (default 20 000).
+    pub max_in_flight: usize,
+    /// Most payload bytes read and not yet acked (default 32 MiB).
+    pub max_in_flight_bytes: usize,
+    /// Most time between an acknowledgement and the standby status update that reports it
+    /// (default 1 s; 100 ms in testing).
+    pub status_interval: Duration,
+    /// How often a waiting relay tries to become the leader (default 1 s; 100 ms in
+    /// testing).
+    pub leader_poll: Duration,
+    /// Retry schedule for failed sends (default 100 ms doubling to 10 s).
+    pub backoff: Backoff,
+    /// Wait before reconnecting after the stream or the leadership failed (per
+    /// [`Environment::error_backoff`]).
+    pub reconnect_backoff: Duration,
+    /// How long a stopping relay waits for in-flight sends (default 30 s).
+    pub drain_timeout: Duration,
+    /// How often the slot's retained WAL is measured and the leader's lock connection
+    /// checked (default 5 s; 1 s in testing).
+    pub health_interval: Duration,
+    /// Topic overrides, as [`crate::RelayConfig::topics`].
+    pub topics: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for WalRelayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalRelayConfig")
+            .field("service", &self.service)
+            .field("stream", &self.stream)
+            .field("database_url", &redact(&self.database_url))
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_in_flight_bytes", &self.max_in_flight_bytes)
+            .field("status_interval", &self.status_interval)
+            .field("leader_poll", &self.leader_poll)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WalRelayConfig {
+    /// Defaults for `service` in `env`.
+    pub fn new(
+        service: impl Into<String>,
+        stream: WalStream,
+        database_url: impl Into<String>,
+        env: Environment,
+    ) -> Self {
+        let testing = env == Environment::Testing;
+        Self {
+            service: service.into(),
+            stream,
+            database_url: database_url.into(),
+            max_in_flight: 20_000,
+            max_in_flight_bytes: 32 << 20,
+            status_interval: if testing {
+                Duration::from_millis(100)
+            } else {
+                Duration::from_secs(1)
+            },
+            leader_poll: if testing {
+                Duration::from_millis(100)
+            } else {
+                Duration::from_secs(1)
+            },
+            backoff: Backoff::default(),
+            reconnect_backoff: env.error_backoff(),
+            drain_timeout: Duration::from_secs(30),
+            health_interval: if testing {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(5)
+            },
+            topics: BTreeMap::new(),
+        }
+    }
+
+    /// Checks the settings once.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] naming the faulty setting.
+    pub fn validate(&self) -> Result<()> {
+        replication_config(&self.database_url, &self.stream)?;
+        if self.max_in_flight == 0 {
+            return Err(Error::config("max_in_flight", "at least 1", "0"));
+        }
+        if self.max_in_flight_bytes == 0 {
+            return Err(Error::config("max_in_flight_bytes", "at least 1", "0"));
+        }
+        Ok(())
+    }
+}
+
+/// Builds the replication client's settings from a PostgreSQL URL.
+fn replication_config(database_url: &str, stream: &WalStream) -> Result<ReplicationConfig> {
+    let bad = |why: &str| {
+        Error::config(
+            "database_url",
+            format!("postgres://user[:password]@host[:port]/database ({why})"),
+            redact(database_url),
+        )
+    };
+    let url = url::Url::parse(database_url).map_err(|_| bad("not a URL"))?;
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        return Err(bad("the scheme must be postgres"));
+    }
+    let host = url.host_str().ok_or_else(|| bad("no host"))?.to_owned();
+    let decode = |s: &str| {
+        url::form_urlencoded::parse(s.as_bytes())
+            .map(|(k, v)| {
+                if v.is_empty() {
+                    k
+                } else {
+                    format!("{k}={v}").into()
+                }
+            })
+            .collect::<String>()
+    };
+    let user = match url.username() {
+        "" => "postgres".to_owned(),
+        u => decode(u),
+    };
+    let password = url.password().map(decode).unwrap_or_default();
+    let database = url.path().trim_start_matches('/');
+    let database = if database.is_empty() {
+        user.clone()
+    } else {
+        decode(database)
+    };
+    let tls = match url
+        .query_pairs()
+        .find(|(k, _)| k == "sslmode")
+        .map(|(_, v)| v.into_owned())
+        .as_deref()
+    {
+        None | Some("disable" | "allow" | "prefer") => TlsConfig::disabled(),
+        Some(other) => {
+            return Err(bad(&format!(
+                "sslmode={other} is not supported by the WAL relay's replication connection"
+            )))
+        }
+    };
+    Ok(ReplicationConfig::new(
+        host,
+        user,
+        password,
+        database,
+        stream.slot(),
+        stream.publication(),
+    )
+    .with_port(url.port().unwrap_or(5432))
+    .with_tls(tls)
+    .with_start_lsn(Lsn::ZERO))
+}
+
+/// The URL without its password, for error messages.
+fn redact(database_url: &str) -> String {
+    match url::Url::parse(database_url) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("****"));
+            }
+            url.to_string()
+        }
+        Err(_) => "(not a URL)".to_owned(),
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    leader: AtomicBool,
+    received: AtomicU64,
+    acked: AtomicU64,
+    delivered: AtomicU64,
+    dead: AtomicU64,
+    sessions: AtomicU64,
+}
+
+/// What a [`WalRelay`] has done so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalProgress {
+    /// It leads the stream right now.
+    pub leader: bool,
+    /// Commit LSN of the last transaction read.
+    pub received_lsn: u64,
+    /// The LSN acknowledged to the slot.
+    pub acked_lsn: u64,
+    /// Events acked by the broker.
+    pub delivered: u64,
+    /// Events put in the dead letters.
+    pub dead: u64,
+    /// Replication sessions started (1 + reconnects, while leading).
+    pub sessions: u64,
+}
+
+/// The WAL-mode relay of one stream. Run several for availability: one leads, the others
+/// wait and take over within `leader_poll` of its death.
+#[derive(Debug, Clone)]
+pub struct WalRelay {
+    config: Arc<WalRelayConfig>,
+    pool: PgPool,
+    producer: Arc<KafkaProducer>,
+    dead: WalDeadLetters,
+    shared: Arc<Shared>,
+}
+
+/// One event queued with the producer.
+struct Sending {
+    seq: u64,
+    txn: TxnId,
+    commit_lsn: u64,
+    committed_at: Instant,
+    event: WalEvent,
+}
+
+struct Done {
+    sending: Sending,
+    result: std::result::Result<Acked, SendFailure>,
+}
+
+type InFlight = std::pin::Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// Why a session ended.
+enum Ended {
+    Stopped,
+}
+
+impl WalRelay {
+    /// A relay for `config.stream`; `pool` reaches the same database (leader lock, dead
+    /// letters, slot health).
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] for bad settings.
+    pub fn new(config: WalRelayConfig, pool: PgPool, producer: Arc<KafkaProducer>) -> Result<Self> {
+        config.validate()?;
+        let dead = WalDeadLetters::new(pool.clone(), config.stream.clone());
+        Ok(Self {
+            config: Arc::new(config),
+            pool,
+            producer,
+            dead,
+            shared: Arc::default(),
+        })
+    }
+
+    /// What it has done so far.
+    pub fn progress(&self) -> WalProgress {
+        let s = &self.shared;
+        WalProgress {
+            leader: s.leader.load(Ordering::Relaxed),
+            received_lsn: s.received.load(Ordering::Relaxed),
+            acked_lsn: s.acked.load(Ordering::Relaxed),
+            delivered: s.delivered.load(Ordering::Relaxed),
+            dead: s.dead.load(Ordering::Relaxed),
+            sessions: s.sessions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits to lead, then relays until `shutdown` resolves; then stops reading, waits up to
+    /// `drain_timeout` for the sends in flight, acknowledges what they completed and
+    /// returns. Failures of the stream, the database or the leadership are logged and
+    /// retried after `reconnect_backoff`; they never end the relay.
+    ///
+    /// # Errors
+    /// None today; the `Result` leaves room for fatal conditions.
+    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let mut shutdown = pin!(shutdown.fuse());
+        let service = self.config.service.clone();
+        // The end LSN up to which everything was delivered, across sessions: a new session
+        // may be sent transactions again whose acknowledgement the server never got.
+        let mut delivered_lsn = 0u64;
+        loop {
+            let lock = tokio::select! {
+                lock = self.lead() => lock,
+                () = &mut shutdown => return Ok(()),
+            };
+            let outcome = match lock {
+                Ok(mut conn) => {
+                    self.shared.leader.store(true, Ordering::Relaxed);
+                    crate::metrics::wal_leader(&service, true);
+                    info!(stream = %self.config.stream, "leading the WAL stream");
+                    let outcome = self
+                        .session(&mut conn, &mut shutdown, &mut delivered_lsn)
+                        .await;
+                    self.shared.leader.store(false, Ordering::Relaxed);
+                    crate::metrics::wal_leader(&service, false);
+                    // Closing the session frees the lock for the next leader.
+                    let _ = conn.close().await;
+                    outcome
+                }
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(Ended::Stopped) => return Ok(()),
+                Err(e) => {
+                    crate::metrics::relay_error(&service);
+                    warn!(stream = %self.config.stream, error = %error_chain(&e),
+                          "WAL relay session failed; reconnecting");
+                    tokio::select! {
+                        () = tokio::time::sleep(self.config.reconnect_backoff) => {}
+                        () = &mut shutdown => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Connects and takes the stream's leader lock, retrying every `leader_poll` while
+    /// another relay holds it.
+    async fn lead(&self) -> Result<PgConnection> {
+        let options = self.pool.connect_options();
+        let mut conn = PgConnection::connect_with(&options)
+            .await
+            .map_err(|e| Error::storage("wal_lead", e))?;
+        loop {
+            let got: bool =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                    .bind(self.config.stream.leader_lock())
+                    .fetch_one(&mut conn)
+                    .await
+                    .map_err(|e| Error::storage("wal_lead", e))?;
+            if got {
+                return Ok(conn);
+            }
+            tokio::time::sleep(self.config.leader_poll).await;
+        }
+    }
+
+    #[allow(clippy::too_many_lines)]
+    async fn session(
+        &self,
+        lock: &mut PgConnection,
+        shutdown: &mut std::pin::Pin<&mut futures::future::Fuse<impl Future<Output = ()>>>,
+        delivered_lsn: &mut u64,
+    ) -> Result<Ended> {
+        let cfg = &self.config;
+        let service = cfg.service.clone();
+        let observer_service = service.clone();
+        let repl = replication_config(&cfg.database_url, &cfg.stream)?
+            .with_status_interval(cfg.status_interval)
+            .with_wakeup_interval(cfg.status_interval.max(Duration::from_secs(1)))
+            .with_application_name(format!("outpost-wal-{}", cfg.stream))
+            .with_feedback_observer(FeedbackObserver::new(move |sent| {
+                crate::metrics::wal_feedback_age(&observer_service, sent.pending_for);
+            }));
+        let stream_err = |e: pgwire_replication::PgWireError| Error::WalStream {
+            slot: cfg.stream.slot(),
+            source: Box::new(e),
+        };
+        let mut client = tokio::select! {
+            c = async {
+                let mut c = ReplicationClient::connect(repl).await?;
+                c.wait_started().await?;
+                Ok::<_, pgwire_replication::PgWireError>(c)
+            } => c.map_err(stream_err)?,
+            () = &mut *shutdown => return Ok(Ended::Stopped),
+        };
+        self.shared.sessions.fetch_add(1, Ordering::Relaxed);
+        if *delivered_lsn > 0 {
+            client.update_applied_lsn(Lsn::from_u64(*delivered_lsn));
+        }
+        let prefix = cfg.stream.prefix();
+        let mut progress = Progress::default();
+        let mut sends: FuturesUnordered<InFlight> = FuturesUnordered::new();
+        let mut failed: BTreeMap<u64, Sending> = BTreeMap::new();
+        let mut attempt = 0u32;
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let (mut rows, mut bytes) = (0usize, 0usize);
+        let mut seq = 0u64;
+        // The transaction being read: its queue id, commit LSN, commit time, and whether it
+        // was delivered in an earlier session.
+        let mut current: Option<(TxnId, u64, Instant, bool)> = None;
+        let mut stopping = false;
+        let mut stop_deadline = None;
+        let mut health = tokio::time::interval(cfg.health_interval);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        let ack = |client: &ReplicationClient, lsn: u64, delivered_lsn: &mut u64| {
+            client.update_applied_lsn(Lsn::from_u64(lsn));
+            *delivered_lsn = (*delivered_lsn).max(lsn);
+            self.shared.acked.store(*delivered_lsn, Ordering::Relaxed);
+        };
+
+        loop {
+            if stopping && (sends.is_empty() || stop_deadline.is_some_and(|d| Instant::now() >= d))
+            {
+                break;
+            }
+            let can_read = !stopping
+                && failed.is_empty()
+                && rows < cfg.max_in_flight
+                && bytes < cfg.max_in_flight_bytes;
+            let retry_due = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => futures::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = &mut *shutdown, if !stopping => {
+                    stopping = true;
+                    stop_deadline = Some(Instant::now() + cfg.drain_timeout);
+                }
+                Some(done) = sends.next(), if !sends.is_empty() => {
+                    rows -= 1;
+                    bytes -= done.sending.event.size();
+                    match done.result {
+                        Ok(_) => {
+                            attempt = 0;
+                            if failed.range(..done.sending.seq).any(|(_, f)| f.event.key == done.sending.event.key) {
+                                crate::metrics::order_break(&service);
+                            }
+                            let topic = &done.sending.event.topic;
+                            crate::metrics::published(&service, topic, done.sending.committed_at.elapsed());
+                            self.shared.delivered.fetch_add(1, Ordering::Relaxed);
+                            if let Some(lsn) = progress.done(done.sending.txn) {
+                                ack(&client, lsn, delivered_lsn);
+                            }
+                        }
+                        Err(f) if f.class == ErrorClass::Permanent => {
+                            let s = &done.sending;
+                            let reason = f.to_string();
+                            match self.dead.record(&s.event, s.commit_lsn, "permanent", &reason).await {
+                                Ok(()) => {
+                                    warn!(event_id = %s.event.event_id, topic = %s.event.topic,
+                                          reason, "WAL event dead-lettered");
+                                    crate::metrics::parked(&service, f.class);
+                                    self.shared.dead.fetch_add(1, Ordering::Relaxed);
+                                    if let Some(lsn) = progress.done(s.txn) {
+                                        ack(&client, lsn, delivered_lsn);
+                                    }
+                                }
+                                Err(e) => {
+                                    warn!(error = %error_chain(&e), "could not record a dead letter; retrying the event");
+                                    self.retry_later(&mut failed, done.sending, &mut attempt, &mut retry_at, f.class);
+                                }
+                            }
+                        }
+                        Err(f) => {
+                            debug!(error = %f, "WAL event send failed");
+                            // Every later message queued for the partition fails too, so
+                            // none lands ahead of this one.
+                            self.producer.purge_queued();
+                            self.retry_later(&mut failed, done.sending, &mut attempt, &mut retry_at, f.class);
+                        }
+                    }
+                }
+                () = retry_due, if retry_at.is_some() && sends.is_empty() && !stopping => {
+                    retry_at = None;
+                    for (_, s) in std::mem::take(&mut failed) {
+                        rows += 1;
+                        bytes += s.event.size();
+                        self.send(&mut sends, s);
+                    }
+                }
+                _ = health.tick() => {
+                    let retained: Option<i64> = sqlx::query_scalar(
+                        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
+                         FROM pg_replication_slots WHERE slot_name = $1")
+                        .bind(cfg.stream.slot())
+                        .fetch_optional(&mut *lock)
+                        .await
+                        .map_err(|e| Error::storage("wal_health", e))?
+                        .flatten();
+                    crate::metrics::wal_retained(&service, retained.unwrap_or(0));
+                    crate::metrics::wal_lsns(&service, self.shared.received.load(Ordering::Relaxed), *delivered_lsn);
+                }
+                event = client.recv(), if can_read => {
+                    let Some(event) = event.map_err(stream_err)? else {
+                        return Err(Error::WalStream {
+                            slot: cfg.stream.slot(),
+                            source: "the server ended the replication stream".into(),
+                        });
+                    };
+                    match event {
+                        ReplicationEvent::Begin { final_lsn, .. } => {
+                            let txn = progress.begin();
+                            let lsn = final_lsn.as_u64();
+                            self.shared.received.store(lsn, Ordering::Relaxed);
+                            current = Some((txn, lsn, Instant::now(), lsn < *delivered_lsn));
+                        }
+                        ReplicationEvent::Message { transactional, prefix: p, content, lsn } if p == prefix => {
+                            let Some((txn, commit_lsn, committed_at, replayed)) = current else {
+                                warn!(%lsn, transactional, "a message of this stream outside a transaction was ignored: \
+                                      emit only with pg_logical_emit_message(true, ...)");
+                                continue;
+                            };
+                            if replayed {
+                                continue;
+                            }
+                            match decode(content.clone()) {
+                                Ok(event) => {
+                                    progress.sent(txn);
+                                    rows += 1;
+                                    bytes += event.size();
+                                    seq += 1;
+                                    let s = Sending { seq, txn, commit_lsn, committed_at, event };
+                                    self.send(&mut sends, s);
+                                }
+                                Err(reason) => {
+                                    warn!(%lsn, reason, "a message of this stream is not an Outpost event; dead-lettered");
+                                    self.dead.record_undecodable(&content, commit_lsn, &reason).await?;
+                                    self.shared.dead.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        ReplicationEvent::Commit { end_lsn, .. } => {
+                            if let Some((txn, ..)) = current.take() {
+                                if let Some(lsn) = progress.commit(txn, end_lsn.as_u64()) {
+                                    ack(&client, lsn, delivered_lsn);
+                                }
+                            }
+                        }
+                        // Nothing read is waiting: everything before this position was sent and
+                        // delivered, so the slot may move past it.
+                        ReplicationEvent::KeepAlive { wal_end, .. }
+                            if current.is_none() && progress.is_idle() && wal_end.as_u64() > *delivered_lsn =>
+                        {
+                            ack(&client, wal_end.as_u64(), delivered_lsn);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        // Report the last acknowledgement before closing: stopping does not send one.
+        let deadline = Instant::now() + cfg.status_interval * 3 + Duration::from_millis(500);
+        let metrics = client.metrics();
+        while metrics.last_applied_lsn().as_u64() < progress.acked().max(*delivered_lsn)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
+        Ok(Ended::Stopped)
+    }
+
+    /// Queues `s` with the producer.
+    fn send(&self, sends: &mut FuturesUnordered<InFlight>, s: Sending) {
+        let topic = self
+            .config
+            .topics
+            .get(&s.event.topic)
+            .unwrap_or(&s.event.topic)
+            .clone();
+        match self
+            .producer
+            .enqueue(&topic, &s.event.key, &s.event.payload, &s.event.headers)
+        {
+            Ok(pending) => sends.push(Box::pin(async move {
+                Done {
+                    result: pending.await,
+                    sending: s,
+                }
+            })),
+            // Cannot happen below librdkafka's 100 000-message queue (the in-flight cap is
+            // lower); handled as any failed send.
+            Err(f) => sends.push(Box::pin(async move {
+                Done {
+                    sending: s,
+                    result: Err(f),
+                }
+            })),
+        }
+    }
+
+    fn retry_later(
+        &self,
+        failed: &mut BTreeMap<u64, Sending>,
+        s: Sending,
+        attempt: &mut u32,
+        retry_at: &mut Option<tokio::time::Instant>,
+        class: ErrorClass,
+    ) {
+        crate::metrics::retried(&self.config.service, class);
+        failed.insert(s.seq, s);
+        if retry_at.is_none() {
+            *attempt += 1;
+            *retry_at = Some(tokio::time::Instant::now() + self.config.backoff.delay(*attempt));
+        }
+    }
+}
+
+fn error_chain(e: &Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

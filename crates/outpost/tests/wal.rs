@@ -1,0 +1,599 @@
+//! WAL mode on a private PostgreSQL with `wal_level=logical` (the shared server has no
+//! logical decoding): events emitted in transactions reach Kafka in commit order per key,
+//! rolled-back ones never; one relay leads and another takes over; a broker paused past
+//! `wal_sender_timeout` and a PostgreSQL restart lose nothing; the SQL function stages from
+//! SQL alone; refused events go to the dead letters and can be requeued.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost::testkit::postgres::PrivatePostgres;
+use outpost::testkit::TansuBroker;
+use outpost::wal::{self, setup, WalDeadLetters, WalRelay, WalRelayConfig, WalStream};
+use outpost::{Environment, KafkaProducer, OutboxEvent};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use support::{Collector, Consumed};
+
+/// A private PostgreSQL that can decode logical messages, and a stream initialised on it.
+struct WalDb {
+    pg: PrivatePostgres,
+    pool: PgPool,
+    stream: WalStream,
+}
+
+impl WalDb {
+    async fn start(extra: &[(&'static str, &'static str)]) -> Self {
+        support::init_logging();
+        let mut settings = vec![("wal_level", "logical"), ("track_commit_timestamp", "on")];
+        settings.extend_from_slice(extra);
+        let pg = tokio::task::spawn_blocking(move || PrivatePostgres::start_with(&settings))
+            .await
+            .unwrap()
+            .expect("a private PostgreSQL (initdb, pg_ctl) for WAL mode");
+        let pool = PgPoolOptions::new()
+            .max_connections(12)
+            .connect(&pg.url())
+            .await
+            .unwrap();
+        let stream = WalStream::new(&support::unique("w")).unwrap();
+        let report = setup::init(&pool, &stream).await.unwrap();
+        assert!(report.is_ready(), "{report}");
+        Self { pg, pool, stream }
+    }
+
+    fn relay(
+        &self,
+        producer: Arc<KafkaProducer>,
+        tune: impl FnOnce(&mut WalRelayConfig),
+    ) -> WalRelay {
+        let mut cfg = WalRelayConfig::new(
+            "wal-test",
+            self.stream.clone(),
+            self.pg.url(),
+            Environment::Testing,
+        );
+        cfg.reconnect_backoff = Duration::from_millis(200);
+        cfg.backoff.initial = Duration::from_millis(50);
+        cfg.backoff.max = Duration::from_millis(500);
+        tune(&mut cfg);
+        WalRelay::new(cfg, self.pool.clone(), producer).unwrap()
+    }
+
+    /// The slot's confirmed position, as a number.
+    async fn confirmed(&self) -> u64 {
+        let lsn: Option<i64> = sqlx::query_scalar(
+            "SELECT pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint \
+             FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(self.stream.slot())
+        .fetch_one(&self.pool)
+        .await
+        .unwrap();
+        lsn.unwrap_or(0) as u64
+    }
+
+    async fn drop_slot(&self) {
+        support::eventually(Duration::from_secs(20), "the slot is released", || async {
+            setup::remove(&self.pool, &self.stream).await.ok()
+        })
+        .await;
+    }
+}
+
+struct Running {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<outpost::Result<()>>,
+}
+
+fn spawn(relay: &WalRelay) -> Running {
+    let shutdown = CancellationToken::new();
+    let relay = relay.clone();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move { relay.run(token.cancelled_owned()).await });
+    Running { shutdown, task }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("the WAL relay stops within its drain timeout")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// An event whose payload names its key and per-key sequence number.
+fn event(topic: &str, key: &str, seq: usize) -> OutboxEvent {
+    support::event(topic, key, seq)
+}
+
+/// Emits events `from..from + n` round-robin over `keys` keys (event `i` is number
+/// `i / keys` of key `i % keys`), `per_tx` per transaction.
+async fn emit_committed(
+    db: &WalDb,
+    topic: &str,
+    keys: usize,
+    (from, n): (usize, usize),
+    per_tx: usize,
+) -> Vec<OutboxEvent> {
+    let mut all = Vec::with_capacity(n);
+    let mut i = from;
+    let n = from + n;
+    while i < n {
+        let mut tx = db.pool.begin().await.unwrap();
+        let mut batch = Vec::new();
+        for _ in 0..per_tx.min(n - i) {
+            batch.push(event(topic, &format!("k{}", i % keys), i / keys));
+            i += 1;
+        }
+        wal::emit::emit_all(&mut tx, &db.stream, &batch)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        all.extend(batch);
+    }
+    all
+}
+
+fn ids(events: &[OutboxEvent]) -> Vec<Uuid> {
+    events.iter().map(|e| e.event_id).collect()
+}
+
+/// Every event once at least; per key, first deliveries in sequence order.
+fn assert_complete_and_ordered(consumed: &[Consumed], expected: &[OutboxEvent]) {
+    let seen: HashSet<Uuid> = consumed.iter().map(|c| c.event_id).collect();
+    let missing = expected
+        .iter()
+        .filter(|e| !seen.contains(&e.event_id))
+        .count();
+    assert_eq!(missing, 0, "{missing} events never arrived");
+    support::assert_key_order(consumed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_reach_kafka_in_commit_order_per_key_and_rolled_back_ones_never() {
+    let db = WalDb::start(&[]).await;
+    let brokers = support::brokers();
+    let topic = support::topic(4).await;
+    let collector = Collector::start(&brokers, &topic, 4);
+    let relay = db.relay(support::patient_producer(&brokers), |_| {});
+    let running = spawn(&relay);
+
+    // Eight writers share six keys and lock nothing: commit order alone decides the order
+    // each key's events must have. Every transaction records its id, and the server's
+    // commit timestamps give the order afterwards.
+    let mut writers = Vec::new();
+    for w in 0..8usize {
+        let (pool, stream, topic) = (db.pool.clone(), db.stream.clone(), topic.clone());
+        writers.push(tokio::spawn(async move {
+            let mut committed = Vec::new();
+            let mut rolled_back = Vec::new();
+            for i in 0..40usize {
+                let mut tx = pool.begin().await.unwrap();
+                let xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::xid::text")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
+                let events: Vec<OutboxEvent> = (0..1 + (i % 3))
+                    .map(|j| {
+                        let mut e = event(&topic, &format!("k{}", (w + i + j) % 6), j);
+                        e.headers.insert("xid".into(), xid.clone());
+                        e
+                    })
+                    .collect();
+                wal::emit::emit_all(&mut tx, &stream, &events)
+                    .await
+                    .unwrap();
+                if i % 7 == 3 {
+                    tx.rollback().await.unwrap();
+                    rolled_back.extend(events);
+                } else {
+                    tx.commit().await.unwrap();
+                    committed.extend(events);
+                }
+            }
+            (committed, rolled_back)
+        }));
+    }
+    let (mut committed, mut rolled_back) = (Vec::new(), Vec::new());
+    for w in writers {
+        let (c, r) = w.await.unwrap();
+        committed.extend(c);
+        rolled_back.extend(r);
+    }
+    let consumed = collector
+        .wait_for(&ids(&committed), Duration::from_secs(90))
+        .await;
+    running.stop().await;
+    let consumed = support::settled(&collector, consumed.len(), Duration::from_secs(1)).await;
+
+    let ghosts: HashSet<Uuid> = ids(&rolled_back).into_iter().collect();
+    assert!(!rolled_back.is_empty());
+    assert!(
+        consumed.iter().all(|c| !ghosts.contains(&c.event_id)),
+        "an event of a rolled-back transaction was delivered"
+    );
+    let xids: Vec<String> = committed.iter().map(|e| e.headers["xid"].clone()).collect();
+    let stamps: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
+        "SELECT x, (extract(epoch FROM pg_xact_commit_timestamp(x::xid)) * 1e6)::bigint \
+         FROM unnest($1::text[]) AS x",
+    )
+    .bind(&xids)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    // Per key: commit timestamps never go back; within a transaction, emit order.
+    let mut last: BTreeMap<&str, (i64, &str, u64)> = BTreeMap::new();
+    let mut first = HashSet::new();
+    for c in &consumed {
+        if !first.insert(c.event_id) {
+            continue;
+        }
+        let xid = c.headers["xid"].as_str();
+        let at = stamps[xid];
+        let seq = support::seq(c);
+        if let Some((prev_at, prev_xid, prev_seq)) = last.get(c.key.as_str()) {
+            assert!(
+                at > *prev_at || (at == *prev_at && xid != *prev_xid) || (xid == *prev_xid && seq > *prev_seq),
+                "key {}: transaction {xid} (committed at {at}) delivered after {prev_xid} (at {prev_at})",
+                c.key
+            );
+        }
+        last.insert(c.key.as_str(), (at, xid, seq));
+    }
+    assert_eq!(first.len(), committed.len());
+    assert!(relay.progress().acked_lsn > 0);
+    db.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_relay_waits_and_takes_over_when_the_leader_dies() {
+    let db = WalDb::start(&[]).await;
+    let brokers = support::brokers();
+    let topic = support::topic(2).await;
+    let collector = Collector::start(&brokers, &topic, 2);
+    let first = db.relay(support::patient_producer(&brokers), |_| {});
+    let second = db.relay(support::patient_producer(&brokers), |_| {});
+    let a = spawn(&first);
+    support::eventually(Duration::from_secs(20), "the first relay leads", || async {
+        first.progress().leader.then_some(())
+    })
+    .await;
+    let b = spawn(&second);
+    let early = emit_committed(&db, &topic, 4, (0, 200), 3).await;
+    collector
+        .wait_for(&ids(&early), Duration::from_secs(60))
+        .await;
+    assert!(!second.progress().leader, "only one relay reads the slot");
+    assert_eq!(second.progress().delivered, 0);
+    let acked_before = db.confirmed().await;
+
+    // The leader dies without draining (its task, connections and stream dropped); the
+    // standby takes the lock and resumes at the slot's confirmed position.
+    a.task.abort();
+    let late = emit_committed(&db, &topic, 4, (200, 200), 3).await;
+    support::eventually(
+        Duration::from_secs(30),
+        "the second relay leads",
+        || async { second.progress().leader.then_some(()) },
+    )
+    .await;
+    let mut all = early.clone();
+    all.extend(late.iter().cloned());
+    let consumed = collector
+        .wait_for(&ids(&all), Duration::from_secs(60))
+        .await;
+    b.stop().await;
+    let consumed = support::settled(&collector, consumed.len(), Duration::from_secs(1)).await;
+    assert_complete_and_ordered(&consumed, &all);
+    assert!(second.progress().delivered >= late.len() as u64);
+    assert!(db.confirmed().await > acked_before, "the slot moved on");
+    db.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_paused_past_wal_sender_timeout_loses_nothing_and_keeps_the_stream() {
+    let db = WalDb::start(&[("wal_sender_timeout", "2s")]).await;
+    let broker = TansuBroker::start().await.unwrap();
+    let brokers = broker.brokers();
+    let topic = support::topic_on(&brokers, 2).await;
+    let collector = Collector::start(&brokers, &topic, 2);
+    let mut cfg = support::producer_config(&brokers);
+    cfg.delivery_timeout = std::time::Duration::from_secs(30);
+    cfg.request_timeout = std::time::Duration::from_secs(10);
+    let producer = Arc::new(KafkaProducer::new(cfg).unwrap());
+    // A cap of 20 events in flight makes the relay stop reading while the broker hangs.
+    let relay = db.relay(producer, |c| c.max_in_flight = 20);
+    let running = spawn(&relay);
+    let before = emit_committed(&db, &topic, 3, (0, 30), 1).await;
+    collector
+        .wait_for(&ids(&before), Duration::from_secs(60))
+        .await;
+
+    broker.pause().unwrap();
+    let during = emit_committed(&db, &topic, 3, (30, 200), 2).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    broker.resume().unwrap();
+    let mut all = before.clone();
+    all.extend(during);
+    let consumed = collector
+        .wait_for(&ids(&all), Duration::from_secs(90))
+        .await;
+    assert_eq!(
+        relay.progress().sessions,
+        1,
+        "the server never timed the stream out: feedback kept flowing while the relay waited"
+    );
+    running.stop().await;
+    let consumed = support::settled(&collector, consumed.len(), Duration::from_secs(1)).await;
+    assert_complete_and_ordered(&consumed, &all);
+    db.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_restart_loses_nothing() {
+    let db = WalDb::start(&[]).await;
+    let brokers = support::brokers();
+    let topic = support::topic(2).await;
+    let collector = Collector::start(&brokers, &topic, 2);
+    let relay = db.relay(support::patient_producer(&brokers), |_| {});
+    let running = spawn(&relay);
+    let before = emit_committed(&db, &topic, 3, (0, 100), 2).await;
+    collector
+        .wait_for(&ids(&before), Duration::from_secs(60))
+        .await;
+
+    db.pg.stop().unwrap();
+    db.pg.start_again().unwrap();
+    let after = support::eventually(Duration::from_secs(30), "PostgreSQL is back", || async {
+        match db.pool.acquire().await {
+            Ok(_) => Some(()),
+            Err(_) => None,
+        }
+    });
+    after.await;
+    let after = emit_committed(&db, &topic, 3, (100, 100), 2).await;
+    let mut all = before.clone();
+    all.extend(after);
+    let consumed = collector
+        .wait_for(&ids(&all), Duration::from_secs(90))
+        .await;
+    assert!(relay.progress().sessions >= 2, "the relay reconnected");
+    running.stop().await;
+    let consumed = support::settled(&collector, consumed.len(), Duration::from_secs(1)).await;
+    assert_complete_and_ordered(&consumed, &all);
+    db.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sql_function_emits_from_sql_alone_and_an_idle_slot_still_advances() {
+    let db = WalDb::start(&[]).await;
+    let brokers = support::brokers();
+    let topic = support::topic(1).await;
+    let collector = Collector::start(&brokers, &topic, 1);
+    let relay = db.relay(support::patient_producer(&brokers), |_| {});
+    let running = spawn(&relay);
+    let f = db.stream.emit_function();
+    let call = format!("SELECT {f}($1, $2, $3, $4::jsonb, event_type => 'essay.v1')");
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let ghost: Uuid = sqlx::query_scalar(&call)
+        .bind(&topic)
+        .bind("k")
+        .bind(b"rolled back".to_vec())
+        .bind("{}")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let payload = b"\x00binary\xff{\"not\": json".to_vec();
+    let mut tx = db.pool.begin().await.unwrap();
+    let id: Uuid = sqlx::query_scalar(&call)
+        .bind(&topic)
+        .bind("k")
+        .bind(&payload)
+        .bind(r#"{"source": "psql"}"#)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let bad = sqlx::query(&format!("SELECT {f}('t', 'k', 'x'::bytea, '{{\"n\": 1}}')"))
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert!(
+        bad.to_string()
+            .contains("headers must be a JSON object of strings"),
+        "{bad}"
+    );
+
+    let consumed = collector.wait_for(&[id], Duration::from_secs(60)).await;
+    let got = consumed.iter().find(|c| c.event_id == id).unwrap();
+    assert_eq!(got.payload, payload);
+    assert_eq!(got.key, "k");
+    assert_eq!(got.headers["source"], "psql");
+    assert_eq!(got.headers["event_type"], "essay.v1");
+    assert!(consumed.iter().all(|c| c.event_id != ghost));
+
+    // WAL written by anything else (no events) must not stay retained by an idle slot.
+    sqlx::query("CREATE TABLE filler AS SELECT g FROM generate_series(1, 10000) g")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let written: i64 =
+        sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    support::eventually(
+        Duration::from_secs(30),
+        "the idle slot advances",
+        || async { (db.confirmed().await >= written as u64).then_some(()) },
+    )
+    .await;
+    running.stop().await;
+    db.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_and_foreign_messages_are_dead_lettered_and_requeued() {
+    let db = WalDb::start(&[]).await;
+    let brokers = support::brokers();
+    let topic = support::topic(1).await;
+    let collector = Collector::start(&brokers, &topic, 1);
+    let mut cfg = support::producer_config(&brokers);
+    cfg.delivery_timeout = Duration::from_secs(30);
+    cfg.request_timeout = Duration::from_secs(10);
+    cfg.librdkafka
+        .insert("message.max.bytes".into(), "20000".into());
+    let relay = db.relay(Arc::new(KafkaProducer::new(cfg).unwrap()), |_| {});
+    let running = spawn(&relay);
+
+    let mut huge = event(&topic, "k", 0);
+    huge.payload = vec![b'x'; 50_000];
+    let after = event(&topic, "k", 1);
+    let mut tx = db.pool.begin().await.unwrap();
+    wal::emit(&mut tx, &db.stream, &huge).await.unwrap();
+    sqlx::query("SELECT pg_logical_emit_message(true, $1, 'not an event')")
+        .bind(db.stream.prefix())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    wal::emit(&mut tx, &db.stream, &after).await.unwrap();
+    tx.commit().await.unwrap();
+
+    collector
+        .wait_for(&[after.event_id], Duration::from_secs(60))
+        .await;
+    let dead = WalDeadLetters::new(db.pool.clone(), db.stream.clone());
+    let letters = support::eventually(Duration::from_secs(20), "two dead letters", || async {
+        let l = dead.list(10).await.unwrap();
+        (l.len() == 2).then_some(l)
+    })
+    .await;
+    let refused = letters
+        .iter()
+        .find(|l| l.class == "permanent")
+        .expect("the huge event");
+    assert_eq!(refused.event_id, Some(huge.event_id));
+    assert_eq!(refused.payload_bytes, 50_000);
+    let foreign = letters
+        .iter()
+        .find(|l| l.class == "undecodable")
+        .expect("the foreign message");
+    assert!(foreign.event_id.is_none());
+    assert_eq!(relay.progress().dead, 2);
+
+    // Requeued, it is refused again (same producer limit): it comes back as a new letter,
+    // and the foreign one, which is no event, stays.
+    let requeued = dead
+        .requeue(&letters.iter().map(|l| l.id).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(requeued, 1);
+    support::eventually(
+        Duration::from_secs(20),
+        "the requeued event is refused again",
+        || async {
+            let l = dead.list(10).await.unwrap();
+            (l.len() == 2
+                && l.iter()
+                    .any(|x| x.id > refused.id && x.event_id == Some(huge.event_id)))
+            .then_some(())
+        },
+    )
+    .await;
+    running.stop().await;
+    db.drop_slot().await;
+}
+
+#[tokio::test]
+async fn doctor_says_what_to_change_on_a_server_without_logical_decoding() {
+    // The shared server runs with wal_level=replica.
+    let pool = support::pool().await;
+    let level: String = sqlx::query_scalar("SHOW wal_level")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    if level == "logical" {
+        return; // nothing to check on a server already set up for WAL mode
+    }
+    let stream = WalStream::new(&support::unique("w")).unwrap();
+    let report = setup::init(&pool, &stream).await.unwrap();
+    assert!(!report.is_ready());
+    let text = report.to_string();
+    assert!(
+        text.contains("ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL"),
+        "{text}"
+    );
+    assert!(text.contains("outpost wal init"), "{text}");
+    let schema_made: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(stream.name())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        !schema_made,
+        "init creates nothing while the server cannot replicate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_in_wal_mode_emits_in_the_callers_transaction() {
+    let db = WalDb::start(&[]).await;
+    let brokers = support::brokers();
+    let topic = support::topic(1).await;
+    let collector = Collector::start(&brokers, &topic, 1);
+    let producer = support::patient_producer(&brokers);
+    let relay = db.relay(producer.clone(), |_| {});
+    let running = spawn(&relay);
+    // The outbox's schema names the stream; no outbox table is needed.
+    let store = outpost::OutboxStore::new(
+        db.pool.clone(),
+        outpost::OutboxTable::new(db.stream.name()).unwrap(),
+    );
+    let mut config = outpost::PublisherConfig::new("wal-test", Environment::Testing);
+    config.mode = outpost::Mode::Wal;
+    let waker = outpost::Waker::notify(db.pool.clone(), "wal-test").unwrap();
+    let publisher = outpost::Publisher::new(store, producer, waker, config).unwrap();
+
+    let ghost = event(&topic, "k", 0);
+    let mut tx = publisher.begin().await.unwrap();
+    tx.publish(&ghost).await.unwrap();
+    tx.rollback().await.unwrap();
+    let kept = event(&topic, "k", 1);
+    let mut tx = publisher.begin().await.unwrap();
+    sqlx::query("CREATE TABLE business (n int)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.publish(&kept).await.unwrap();
+    let dispatch = tx.commit().await.unwrap();
+    assert_eq!(dispatch.eager_published, 0);
+    assert_eq!(dispatch.left_to_relay, 1);
+
+    let consumed = collector
+        .wait_for(&[kept.event_id], Duration::from_secs(60))
+        .await;
+    let got = consumed
+        .iter()
+        .find(|c| c.event_id == kept.event_id)
+        .unwrap();
+    assert_eq!(got.payload, kept.payload);
+    running.stop().await;
+    let consumed = support::settled(&collector, consumed.len(), Duration::from_secs(1)).await;
+    assert!(consumed.iter().all(|c| c.event_id != ghost.event_id));
+    db.drop_slot().await;
+}
