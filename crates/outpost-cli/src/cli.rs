@@ -253,6 +253,9 @@ pub enum Command {
         /// Also print the EXPLAIN ANALYZE plans of the relay's claim statements.
         #[arg(long)]
         plans: bool,
+        /// Measure the raw produce limits and WAL mode only.
+        #[arg(long)]
+        wal_only: bool,
     },
     /// Show pending count, oldest pending age, parked and recently published events per
     /// service.

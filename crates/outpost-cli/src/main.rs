@@ -132,8 +132,13 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         Command::Status { json } => status::run(&settings, &pool, json).await?,
         Command::Dead { command } => dead::run(&settings, &pool, command).await?,
         Command::Wal { command } => wal::run(&settings, pool, command, shutdown).await?,
-        Command::Bench { quick, json, plans } => {
-            bench::run(&cli, &settings, quick, json, plans).await?;
+        Command::Bench {
+            quick,
+            json,
+            plans,
+            wal_only,
+        } => {
+            bench::run(&cli, &settings, quick, json, plans, wal_only).await?;
         }
         Command::Load {
             mode,

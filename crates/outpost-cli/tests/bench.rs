@@ -118,8 +118,23 @@ fn quick_bench_prints_every_figure_with_its_ratio() {
     }
     let targets = lines.iter().filter(|l| l["target"].is_string()).count();
     // commit→ack ×3, Kafka-first, fallback, six drains, the large backlog, the claim over
-    // published rows, RSS.
-    assert_eq!(targets, 14, "{lines:?}");
+    // published rows, RSS; WAL mode's two drains and its RSS.
+    assert_eq!(targets, 17, "{lines:?}");
+    // WAL mode, on a PostgreSQL of its own: latencies and one drain of one key and one of
+    // a key per event, each confirmed by the slot.
+    for path in [
+        "wal.insert_commit.p99_ms",
+        "wal.emit_commit.p99_ms",
+        "wal.commit_to_ack.p99_ms",
+        "wal.peak_relay_rss_mb",
+    ] {
+        assert!(number(&report, path) > 0.0, "{path} should be positive");
+    }
+    let wal = report["wal"]["drain"].as_array().expect("wal.drain");
+    assert_eq!(wal.len(), 2, "{wal:?}");
+    for d in wal {
+        assert!(d["rate"].as_f64().unwrap_or(0.0) > 0.0, "{d}");
+    }
 }
 
 #[test]

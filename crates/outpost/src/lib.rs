@@ -18,6 +18,15 @@
 //!         ▼ consumer: event_id (header first) → inbox dedup → handler → offset
 //! ```
 //!
+//! WAL mode, the alternative to the outbox table:
+//!
+//! ```text
+//!  service tx: UPDATE ...; wal::emit(event) ─commit─▶ WAL ─slot, pgoutput v1─▶ WalRelay
+//!  (pg_logical_emit_message, transactional)   committed txns only, in commit   │ leader
+//!                                             order → per-key order for free   ▼ lock
+//!                   slot confirmed ◀── end LSN of txns whose events all acked ── Kafka
+//! ```
+//!
 //! Guarantees: at-least-once delivery; a duplicate carries the same `event_id` and the
 //! same bytes; events of one key reach Kafka in the commit order of their transactions,
 //! across concurrent writers, retries, relay replicas and the eager path; a key has one

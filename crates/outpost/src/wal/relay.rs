@@ -53,12 +53,12 @@ pub struct WalRelayConfig {
     /// stream's slot belongs to; the replication connection is opened with it (the role
     /// needs the REPLICATION attribute).
     pub database_url: String,
-    /// Most events read and not yet acked by the broker (default 20 000).
+    /// Most events read and not yet acked by the broker (default 5 000).
     pub max_in_flight: usize,
-    /// Most payload bytes read and not yet acked (default 32 MiB).
+    /// Most payload bytes read and not yet acked (default 8 MiB).
     pub max_in_flight_bytes: usize,
     /// Most time between an acknowledgement and the standby status update that reports it
-    /// (default 1 s; 100 ms in testing).
+    /// (default 1 s; 10 ms in testing).
     pub status_interval: Duration,
     /// How often a waiting relay tries to become the leader (default 1 s; 100 ms in
     /// testing).
@@ -104,10 +104,10 @@ impl WalRelayConfig {
             service: service.into(),
             stream,
             database_url: database_url.into(),
-            max_in_flight: 20_000,
-            max_in_flight_bytes: 32 << 20,
+            max_in_flight: 2_000,
+            max_in_flight_bytes: 4 << 20,
             status_interval: if testing {
-                Duration::from_millis(100)
+                Duration::from_millis(10)
             } else {
                 Duration::from_secs(1)
             },
@@ -221,6 +221,8 @@ fn redact(database_url: &str) -> String {
 
 #[derive(Debug, Default)]
 struct Shared {
+    /// Woken at each delivery.
+    delivery: tokio::sync::Notify,
     leader: AtomicBool,
     received: AtomicU64,
     acked: AtomicU64,
@@ -309,6 +311,18 @@ impl WalRelay {
         }
     }
 
+    /// Waits until at least `n` events were delivered (acked by the broker) since it was
+    /// built.
+    pub async fn delivered_at_least(&self, n: u64) {
+        loop {
+            let woken = self.shared.delivery.notified();
+            if self.shared.delivered.load(Ordering::Acquire) >= n {
+                return;
+            }
+            woken.await;
+        }
+    }
+
     /// Waits to lead, then relays until `shutdown` resolves; then stops reading, waits up to
     /// `drain_timeout` for the sends in flight, acknowledges what they completed and
     /// returns. Failures of the stream, the database or the leadership are logged and
@@ -391,6 +405,9 @@ impl WalRelay {
         let observer_service = service.clone();
         let repl = replication_config(&cfg.database_url, &cfg.stream)?
             .with_status_interval(cfg.status_interval)
+            // Decoded messages waiting for the relay: bounded memory, not speed (a read
+            // takes what is there).
+            .with_buffer_size(256)
             .with_wakeup_interval(cfg.status_interval.max(Duration::from_secs(1)))
             .with_application_name(format!("outpost-wal-{}", cfg.stream))
             .with_feedback_observer(FeedbackObserver::new(move |sent| {
@@ -466,7 +483,8 @@ impl WalRelay {
                             }
                             let topic = &done.sending.event.topic;
                             crate::metrics::published(&service, topic, done.sending.committed_at.elapsed());
-                            self.shared.delivered.fetch_add(1, Ordering::Relaxed);
+                            self.shared.delivered.fetch_add(1, Ordering::Release);
+                            self.shared.delivery.notify_waiters();
                             if let Some(lsn) = progress.done(done.sending.txn) {
                                 ack(&client, lsn, delivered_lsn);
                             }

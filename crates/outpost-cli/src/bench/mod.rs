@@ -30,6 +30,8 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+mod wal;
+
 use crate::cli::{Cli, Wake};
 use crate::settings::Settings;
 
@@ -56,6 +58,8 @@ struct Sizes {
     /// largest one's rate is compared with the one before it.
     backlogs: [usize; 3],
     explain_keys: usize,
+    /// WAL mode's drains: (events, keys).
+    wal_drains: Vec<(usize, usize)>,
 }
 
 impl Sizes {
@@ -84,6 +88,16 @@ impl Sizes {
             relays: [1, 3],
             backlogs,
             explain_keys,
+            wal_drains: if quick {
+                vec![(drain, 1), (drain, drain)]
+            } else {
+                vec![
+                    (100_000, 1),
+                    (100_000, 100_000),
+                    (1_000_000, 1),
+                    (1_000_000, 100_000),
+                ]
+            },
         }
     }
 }
@@ -214,6 +228,7 @@ pub async fn run(
     quick: bool,
     json: bool,
     plans: bool,
+    wal_only: bool,
 ) -> anyhow::Result<()> {
     let sizes = Sizes::new(quick);
     let run_id = Uuid::new_v4().simple().to_string()[..10].to_owned();
@@ -246,6 +261,7 @@ pub async fn run(
         topic,
         sizes,
         quick,
+        wal_only,
     };
     let load_before = loadavg();
     let outcome = bench.measure().await;
@@ -273,6 +289,7 @@ struct Bench<'a> {
     template: Template,
     sizes: Sizes,
     quick: bool,
+    wal_only: bool,
 }
 
 impl Bench<'_> {
@@ -294,6 +311,23 @@ impl Bench<'_> {
         one.send(&self.template.instance("warm-up")).await?;
         let one_in_flight_rate = one.pipelined(&self.template, s.pipelined).await?;
         drop(one);
+        if self.wal_only {
+            let wal = wal::measure(self, produce_rate).await?;
+            let mut lines = vec![Line::new(
+                "raw produce throughput (pipelined)",
+                produce_rate,
+                "ev/s",
+                None,
+            )];
+            lines.extend(wal.lines);
+            return Ok(json!({
+                "quick": self.quick,
+                "machine": machine(),
+                "raw": { "produce_pipelined_ev_per_s": produce_rate },
+                "wal": wal.report,
+                "lines": lines,
+            }));
+        }
         self.say("raw INSERT+COMMIT");
         let insert = self.raw_insert(s.sequential).await?;
         let budget = insert.p99_ms + produce_seq.p99_ms;
@@ -498,6 +532,9 @@ impl Bench<'_> {
                 .target("< 64 MB", rss_mb < 64.0),
         );
 
+        let wal = wal::measure(self, produce_rate).await?;
+        lines.extend(wal.lines);
+
         Ok(json!({
             "quick": self.quick,
             "machine": machine(),
@@ -517,6 +554,7 @@ impl Bench<'_> {
             "drain": drains,
             "backlog_scaling": { "drains": scaling.drains, "claim_cost": scaling.costs },
             "peak_relay_rss_mb": rss_mb,
+            "wal": wal.report,
             "lines": lines,
         }))
     }
@@ -565,26 +603,7 @@ impl Bench<'_> {
     async fn raw_insert(&self, n: usize) -> anyhow::Result<Latency> {
         let store = self.store("raw").await?;
         let table = format!("\"{}\".raw_insert", store.table().schema());
-        self.pool
-            .execute(
-                format!("CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, payload BYTEA NOT NULL)")
-                    .as_str(),
-            )
-            .await?;
-        let insert = format!("INSERT INTO {table} (payload) VALUES ($1)");
-        let mut samples = Vec::with_capacity(n);
-        for _ in 0..n {
-            let ev = self.template.instance("raw");
-            let t0 = Instant::now();
-            let mut tx = self.pool.begin().await?;
-            sqlx::query(&insert)
-                .bind(&ev.payload)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            samples.push(t0.elapsed());
-        }
-        Ok(Latency::of(samples))
+        insert_commit(&self.pool, &self.template, &table, n).await
     }
 
     /// `writers` tasks each doing begin, publish, commit; the figure is `commit()` alone,
@@ -1226,20 +1245,7 @@ impl Fleet {
     }
 
     fn peak_rss_kb(&self) -> u64 {
-        self.pids()
-            .filter_map(|pid| {
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))?
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .max()
-            .unwrap_or(0)
+        self.pids().map(peak_rss_kb).max().unwrap_or(0)
     }
 
     /// User plus system CPU seconds of the relays so far.
@@ -1263,6 +1269,51 @@ impl Fleet {
             let _ = child.kill().await;
         }
     }
+}
+
+/// `n` INSERT+COMMITs of a template payload into a new `table`, one after the other: the
+/// database's raw limit.
+async fn insert_commit(
+    pool: &PgPool,
+    template: &Template,
+    table: &str,
+    n: usize,
+) -> anyhow::Result<Latency> {
+    pool.execute(
+        format!("CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, payload BYTEA NOT NULL)").as_str(),
+    )
+    .await?;
+    let insert = format!("INSERT INTO {table} (payload) VALUES ($1)");
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let ev = template.instance("raw");
+        let t0 = Instant::now();
+        let mut tx = pool.begin().await?;
+        sqlx::query(&insert)
+            .bind(&ev.payload)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        samples.push(t0.elapsed());
+    }
+    Ok(Latency::of(samples))
+}
+
+/// A process's peak resident memory (VmHWM) in kB; 0 once it is gone.
+fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 /// USER_HZ: 100 on every Linux architecture Outpost runs on.
