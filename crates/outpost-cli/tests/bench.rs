@@ -123,6 +123,7 @@ fn quick_bench_prints_every_figure_with_its_ratio() {
     // WAL mode, on a PostgreSQL of its own: latencies and one drain of one key and one of
     // a key per event, each confirmed by the slot.
     for path in [
+        "wal.produce_pipelined_ev_per_s",
         "wal.insert_commit.p99_ms",
         "wal.emit_commit.p99_ms",
         "wal.commit_to_ack.p99_ms",

@@ -31,6 +31,7 @@ struct WalDb {
 impl WalDb {
     async fn start(extra: &[(&'static str, &'static str)]) -> Self {
         support::init_logging();
+        support::metrics();
         let mut settings = vec![("wal_level", "logical"), ("track_commit_timestamp", "on")];
         settings.extend_from_slice(extra);
         let pg = tokio::task::spawn_blocking(move || PrivatePostgres::start_with(&settings))
@@ -54,7 +55,7 @@ impl WalDb {
         tune: impl FnOnce(&mut WalRelayConfig),
     ) -> WalRelay {
         let mut cfg = WalRelayConfig::new(
-            "wal-test",
+            self.stream.name(),
             self.stream.clone(),
             self.pg.url(),
             Environment::Testing,
@@ -442,7 +443,32 @@ async fn the_sql_function_emits_from_sql_alone_and_an_idle_slot_still_advances()
         || async { (db.confirmed().await >= written as u64).then_some(()) },
     )
     .await;
+    // The gauges say the same (refreshed every second in testing).
+    let service = db.stream.name();
+    support::eventually(
+        Duration::from_secs(30),
+        "the acknowledged-LSN gauge",
+        || async {
+            (support::metric(outpost::metrics::WAL_ACKED_LSN, service, &[]) >= written as f64)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        support::metric(outpost::metrics::WAL_LEADER, service, &[]),
+        1.0
+    );
+    assert_eq!(
+        support::metric(outpost::metrics::EVENTS_PUBLISHED, service, &[]),
+        1.0,
+        "one event published"
+    );
+    assert!(support::metric(outpost::metrics::WAL_RECEIVED_LSN, service, &[]) > 0.0);
     running.stop().await;
+    assert_eq!(
+        support::metric(outpost::metrics::WAL_LEADER, service, &[]),
+        0.0
+    );
     db.drop_slot().await;
 }
 

@@ -312,7 +312,7 @@ impl Bench<'_> {
         let one_in_flight_rate = one.pipelined(&self.template, s.pipelined).await?;
         drop(one);
         if self.wal_only {
-            let wal = wal::measure(self, produce_rate).await?;
+            let wal = wal::measure(self).await?;
             let mut lines = vec![Line::new(
                 "raw produce throughput (pipelined)",
                 produce_rate,
@@ -532,7 +532,7 @@ impl Bench<'_> {
                 .target("< 64 MB", rss_mb < 64.0),
         );
 
-        let wal = wal::measure(self, produce_rate).await?;
+        let wal = wal::measure(self).await?;
         lines.extend(wal.lines);
 
         Ok(json!({
