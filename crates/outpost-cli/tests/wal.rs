@@ -205,6 +205,25 @@ async fn a_wal_relay_killed_mid_stream_resumes_from_the_slot_and_loses_nothing()
     .await
     .unwrap();
     assert!(confirmed.is_some());
+
+    // The operator's view: ready, and nothing dead.
+    let cli = |args: &[&str]| {
+        outpost_std()
+            .args(["--database-url", &pg.url(), "--schema", &schema])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let doctor = cli(&["wal", "doctor"]);
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    assert!(doctor.status.success(), "{report}");
+    assert!(
+        report.contains(&format!("outpost_{schema}: plugin pgoutput")) && !report.contains("FAIL"),
+        "{report}"
+    );
+    let dead = cli(&["wal", "dead", "list", "--json"]);
+    assert!(dead.status.success());
+    assert_eq!(String::from_utf8_lossy(&dead.stdout).trim(), "[]");
     drop(_second);
     pool.close().await;
     drop(pg);

@@ -343,6 +343,45 @@ async fn a_broker_paused_past_wal_sender_timeout_loses_nothing_and_keeps_the_str
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sends_that_time_out_are_sent_again_in_order() {
+    let db = WalDb::start(&[]).await;
+    let broker = TansuBroker::start().await.unwrap();
+    let brokers = broker.brokers();
+    let topic = support::topic_on(&brokers, 2).await;
+    let collector = Collector::start(&brokers, &topic, 2);
+    // Test settings: a send fails after 1.5 s, so a 4 s outage fails every one in flight.
+    let relay = db.relay(support::producer(&brokers), |_| {});
+    let running = spawn(&relay);
+    let before = emit_committed(&db, &topic, 3, (0, 30), 1).await;
+    collector
+        .wait_for(&ids(&before), Duration::from_secs(60))
+        .await;
+
+    broker.pause().unwrap();
+    let during = emit_committed(&db, &topic, 3, (30, 300), 3).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    broker.resume().unwrap();
+    let mut all = before.clone();
+    all.extend(during);
+    let consumed = collector
+        .wait_for(&ids(&all), Duration::from_secs(120))
+        .await;
+    let service = db.stream.name();
+    assert!(
+        support::metric(outpost::metrics::EVENTS_RETRIED, service, &[]) > 0.0,
+        "the outage failed sends, and they were retried"
+    );
+    running.stop().await;
+    let consumed = support::settled(&collector, consumed.len(), Duration::from_secs(1)).await;
+    assert_complete_and_ordered(&consumed, &all);
+    assert_eq!(
+        support::metric(outpost::metrics::ORDER_BREAKS, service, &[]),
+        0.0
+    );
+    db.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_restart_loses_nothing() {
     let db = WalDb::start(&[]).await;
     let brokers = support::brokers();
