@@ -141,7 +141,7 @@ impl PipelineConfig {
             mode,
             topics: Topics::with_suffix(&run_id),
             run_id,
-            partitions: 3,
+            partitions: 8,
             poll_interval: Duration::from_secs(5),
             delivery_timeout: Duration::from_secs(2),
             session_timeout: Duration::from_secs(2),

@@ -133,6 +133,69 @@ fn assert_same_bytes(consumed: &[support::Consumed], events: &[OutboxEvent]) {
 // Transactional mode.
 // ---------------------------------------------------------------------------------------
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_dispatches_later_returns_first_and_shutdown_waits_for_the_dispatch() {
+    support::metrics();
+    let broker = support::PrivateBroker::start().await;
+    let brokers = broker.brokers();
+    let store = support::store().await;
+    let items = items_table(&store).await;
+    let topic = support::topic_on(&brokers, 2).await;
+    let collector = support::Collector::start(&brokers, &topic, 2);
+    let service = support::unique("svc");
+    // No relay and no wake-up target: only the eager path, in the background, can deliver.
+    let publisher = Publisher::new(
+        store.clone(),
+        support::producer(&brokers),
+        Waker::None,
+        publisher_config(&service, Mode::Transactional),
+    )
+    .unwrap();
+
+    // With the broker hanging, commits that waited for their dispatch would take the
+    // dispatch deadline (5 s) each; these return once committed.
+    broker.pause();
+    let commits = async {
+        let mut sent = Vec::new();
+        for i in 0..6 {
+            // A key per commit: a later commit of a key whose earlier dispatch still holds
+            // it leaves its event to the relay (there is none here).
+            let key = format!("k{i}");
+            let mut tx = publisher.begin().await.unwrap();
+            let seq = bump(&mut tx, &items, &key).await;
+            let ev = support::event(&topic, &key, seq);
+            tx.publish(&ev).await.unwrap();
+            tx.commit_and_dispatch_later().await.unwrap();
+            sent.push(ev);
+        }
+        sent
+    };
+    let sent = tokio::time::timeout(Duration::from_secs(10), commits)
+        .await
+        .expect("commits do not wait for Kafka");
+    let resume = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        broker.resume();
+    };
+    // Shutdown waits for every dispatch and its settle, across the outage's end.
+    tokio::join!(publisher.shutdown(Duration::from_secs(60)), resume);
+    assert_eq!(
+        support::count_status(&store, "published").await,
+        6,
+        "every dispatch finished before shutdown returned"
+    );
+    assert_eq!(
+        support::metric(
+            outpost::metrics::EAGER_DISPATCH,
+            &service,
+            &[("result", "hit")]
+        ),
+        6.0
+    );
+    let ids: Vec<_> = sent.iter().map(|e| e.event_id).collect();
+    collector.wait_for(&ids, Duration::from_secs(30)).await;
+}
+
 #[tokio::test]
 async fn transactional_eager_path_alone_delivers_committed_events_and_never_rolled_back_ones() {
     support::metrics();

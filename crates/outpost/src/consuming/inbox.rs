@@ -416,7 +416,9 @@ impl<H: PublishingHandler> Process for InboxedPublishing<H> {
         // Dropping `tx` on any error below rolls back the inbox row, writes and events.
         let event = received.decode()?;
         self.handler.handle(&event, received, &mut tx).await?;
-        tx.commit().await?;
+        // The outbox holds the events once this commits; their dispatch need not hold up
+        // the next message of the partition.
+        tx.commit_and_dispatch_later().await?;
         Ok(Outcome::Handled)
     }
 }

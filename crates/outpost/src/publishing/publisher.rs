@@ -828,6 +828,30 @@ impl OutboxTx {
         Ok(self.publisher.after_commit(self.staged).await)
     }
 
+    /// Commits, then runs the mode's post-commit step in the background (tracked, so
+    /// [`Publisher::shutdown`] waits for it) and returns at once: for callers that need the
+    /// events committed, not yet delivered, before they go on, such as a consumer's handler,
+    /// whose offset may be committed once the outbox holds its events. The events are
+    /// delivered exactly as after [`commit`](Self::commit), by the eager path or the relay.
+    ///
+    /// # Errors
+    /// As [`commit`](Self::commit).
+    pub async fn commit_and_dispatch_later(self) -> Result<()> {
+        self.tx
+            .commit()
+            .await
+            .map_err(|e| Error::storage("commit", e))?;
+        if !self.staged.is_empty() {
+            let publisher = self.publisher.clone();
+            let staged = self.staged;
+            self.publisher
+                .inner
+                .dispatches
+                .spawn(async move { publisher.after_commit(staged).await });
+        }
+        Ok(())
+    }
+
     /// Rolls back: no business change, no event.
     ///
     /// # Errors
