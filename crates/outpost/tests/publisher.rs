@@ -49,6 +49,22 @@ fn publisher_config(service: &str, mode: Mode) -> PublisherConfig {
     cfg
 }
 
+/// A fresh outbox with a business table, a service name, and a transactional publisher
+/// with no relay anywhere and no wake-up target: only its eager path can deliver.
+async fn eager_only(brokers: &str) -> (OutboxStore, String, String, Publisher) {
+    let store = support::store().await;
+    let items = items_table(&store).await;
+    let service = support::unique("svc");
+    let publisher = Publisher::new(
+        store.clone(),
+        support::producer(brokers),
+        Waker::None,
+        publisher_config(&service, Mode::Transactional),
+    )
+    .unwrap();
+    (store, items, service, publisher)
+}
+
 /// A business table next to the outbox: one row per aggregate, its version bumped by
 /// every business transaction (the row lock orders a key's transactions).
 async fn items_table(store: &OutboxStore) -> String {
@@ -138,19 +154,10 @@ async fn a_commit_that_dispatches_later_returns_first_and_shutdown_waits_for_the
     support::metrics();
     let broker = support::PrivateBroker::start().await;
     let brokers = broker.brokers();
-    let store = support::store().await;
-    let items = items_table(&store).await;
     let topic = support::topic_on(&brokers, 2).await;
     let collector = support::Collector::start(&brokers, &topic, 2);
-    let service = support::unique("svc");
-    // No relay and no wake-up target: only the eager path, in the background, can deliver.
-    let publisher = Publisher::new(
-        store.clone(),
-        support::producer(&brokers),
-        Waker::None,
-        publisher_config(&service, Mode::Transactional),
-    )
-    .unwrap();
+    // Only the eager path, in the background, can deliver.
+    let (store, items, service, publisher) = eager_only(&brokers).await;
 
     // With the broker hanging, commits that waited for their dispatch would take the
     // dispatch deadline (5 s) each; these return once committed.
@@ -200,19 +207,10 @@ async fn a_commit_that_dispatches_later_returns_first_and_shutdown_waits_for_the
 async fn transactional_eager_path_alone_delivers_committed_events_and_never_rolled_back_ones() {
     support::metrics();
     let brokers = support::brokers();
-    let store = support::store().await;
-    let items = items_table(&store).await;
     let topic = support::topic(2).await;
     let collector = support::Collector::start(&brokers, &topic, 2);
-    let service = support::unique("svc");
-    // No relay anywhere and no wake-up target: only the eager path can deliver.
-    let publisher = Publisher::new(
-        store.clone(),
-        support::producer(&brokers),
-        Waker::None,
-        publisher_config(&service, Mode::Transactional),
-    )
-    .unwrap();
+    // Only the eager path can deliver.
+    let (store, items, service, publisher) = eager_only(&brokers).await;
 
     let mut committed = Vec::new();
     let mut ghosts = Vec::new();
