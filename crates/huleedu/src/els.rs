@@ -123,6 +123,13 @@ impl EssayLifecycle {
                essay_instructions TEXT NOT NULL, \
                state              TEXT NOT NULL, \
                phase_total        INT)",
+            // Running counts, kept under the batch row's lock: a handler reads them instead
+            // of counting the batch's essays, which made a batch's handling quadratic.
+            "ALTER TABLE batches \
+               ADD COLUMN IF NOT EXISTS assigned             INT NOT NULL DEFAULT 0, \
+               ADD COLUMN IF NOT EXISTS validation_failed    INT NOT NULL DEFAULT 0, \
+               ADD COLUMN IF NOT EXISTS spellcheck_succeeded INT NOT NULL DEFAULT 0, \
+               ADD COLUMN IF NOT EXISTS spellcheck_failed    INT NOT NULL DEFAULT 0",
             "CREATE TABLE IF NOT EXISTS essays ( \
                essay_id                  TEXT PRIMARY KEY, \
                batch_id                  TEXT NOT NULL, \
@@ -133,6 +140,9 @@ impl EssayLifecycle {
                text_storage_id           TEXT, \
                corrected_text_storage_id TEXT)",
             "CREATE INDEX IF NOT EXISTS essays_batch ON essays (batch_id, slot)",
+            // The free slots alone, so finding the first one does not walk the filled ones.
+            "CREATE INDEX IF NOT EXISTS essays_free_slot ON essays (batch_id, slot) \
+               WHERE state = 'awaiting_content'",
             // No unique constraint on purpose: a change applied twice shows as two rows.
             "CREATE TABLE IF NOT EXISTS essay_transitions ( \
                id         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
@@ -265,6 +275,16 @@ impl EssayLifecycle {
             debug!(batch_id = reg.batch_id, "batch already registered");
             return Ok(());
         }
+        // Failures that arrived before the registration.
+        sqlx::query(
+            "UPDATE batches SET validation_failed = \
+               (SELECT count(*) FROM validation_failures WHERE batch_id = $1) \
+             WHERE batch_id = $1",
+        )
+        .bind(&reg.batch_id)
+        .execute(&mut **tx)
+        .await
+        .map_err(handler_db)?;
         sqlx::query(
             "INSERT INTO essays (essay_id, batch_id, slot, state) \
              SELECT id, $2, ord, $3 FROM UNNEST($1::text[]) WITH ORDINALITY AS u(id, ord)",
@@ -349,7 +369,7 @@ impl EssayLifecycle {
         let failure: EssayValidationFailedV1 = decode(event)?;
         let registered = lock_batch(tx, &failure.batch_id).await?.is_some();
         // Kept even before the registration arrives; the registration counts it.
-        sqlx::query(
+        let recorded = sqlx::query(
             "INSERT INTO validation_failures (file_upload_id, batch_id, error_code, failure) \
              VALUES ($1, $2, $3, $4) ON CONFLICT (file_upload_id) DO NOTHING",
         )
@@ -359,8 +379,19 @@ impl EssayLifecycle {
         .bind(Json(&failure))
         .execute(&mut **tx)
         .await
-        .map_err(handler_db)?;
+        .map_err(handler_db)?
+        .rows_affected();
         if registered {
+            if recorded > 0 {
+                sqlx::query(
+                    "UPDATE batches SET validation_failed = validation_failed + 1 \
+                     WHERE batch_id = $1",
+                )
+                .bind(&failure.batch_id)
+                .execute(&mut **tx)
+                .await
+                .map_err(handler_db)?;
+            }
             self.check_ready(tx, &failure.batch_id, event).await?;
         }
         Ok(())
@@ -473,14 +504,16 @@ impl EssayLifecycle {
             .map_err(handler_db)?;
         self.publish_status_update(tx, essay_id, batch_id, done, event.correlation_id)
             .await?;
+        // The transition above happens once per essay, so this counts each result once.
         let row = sqlx::query(
-            "SELECT count(*) FILTER (WHERE e.state = $2), count(*) FILTER (WHERE e.state = $3), \
-                    max(b.phase_total) \
-             FROM batches b JOIN essays e USING (batch_id) WHERE b.batch_id = $1",
+            "UPDATE batches SET \
+               spellcheck_succeeded = spellcheck_succeeded + CASE WHEN $2 THEN 1 ELSE 0 END, \
+               spellcheck_failed = spellcheck_failed + CASE WHEN $2 THEN 0 ELSE 1 END \
+             WHERE batch_id = $1 \
+             RETURNING spellcheck_succeeded::bigint, spellcheck_failed::bigint, phase_total",
         )
         .bind(batch_id)
-        .bind(essay_state::SPELLCHECKED_SUCCESS)
-        .bind(essay_state::SPELLCHECK_FAILED)
+        .bind(done == essay_state::SPELLCHECKED_SUCCESS)
         .fetch_one(&mut **tx)
         .await
         .map_err(handler_db)?;
@@ -530,12 +563,14 @@ impl EssayLifecycle {
             return Ok(());
         }
         let slot: Option<String> = if batch_state == batch_state::AWAITING_CONTENT {
-            sqlx::query_scalar(
-                "SELECT essay_id FROM essays WHERE batch_id = $1 AND state = $2 \
+            // The state is spelled out (not a parameter) so the planner can use the partial
+            // index of free slots.
+            sqlx::query_scalar(&format!(
+                "SELECT essay_id FROM essays WHERE batch_id = $1 AND state = '{}' \
                  ORDER BY slot LIMIT 1 FOR UPDATE",
-            )
+                essay_state::AWAITING_CONTENT
+            ))
             .bind(&content.batch_id)
-            .bind(essay_state::AWAITING_CONTENT)
             .fetch_optional(&mut **tx)
             .await
             .map_err(handler_db)?
@@ -568,8 +603,12 @@ impl EssayLifecycle {
                 .await;
         };
         sqlx::query(
-            "UPDATE essays SET file_upload_id = $2, original_file_name = $3, text_storage_id = $4 \
-             WHERE essay_id = $1",
+            "WITH placed AS ( \
+               UPDATE essays SET file_upload_id = $2, original_file_name = $3, \
+                 text_storage_id = $4 \
+               WHERE essay_id = $1 RETURNING batch_id) \
+             UPDATE batches b SET assigned = assigned + 1 FROM placed \
+             WHERE b.batch_id = placed.batch_id",
         )
         .bind(&essay_id)
         .bind(&content.file_upload_id)
@@ -619,8 +658,7 @@ impl EssayLifecycle {
     ) -> outpost::Result<()> {
         let row = sqlx::query(
             "SELECT state, expected_essays, course_code, essay_instructions, \
-               (SELECT count(*) FROM essays WHERE batch_id = $1 AND file_upload_id IS NOT NULL), \
-               (SELECT count(*) FROM validation_failures WHERE batch_id = $1) \
+               assigned::bigint, validation_failed::bigint \
              FROM batches WHERE batch_id = $1",
         )
         .bind(batch_id)
