@@ -113,7 +113,7 @@ pub struct PipelineConfig {
     /// Suffix of schemas, consumer groups and service names (default: 8 random hex
     /// digits), so runs never share state.
     pub run_id: String,
-    /// Partitions of each topic created (default 3; a consumer handles its partitions
+    /// Partitions of each topic created (default 8; a consumer handles its partitions
     /// concurrently, one message of each at a time).
     pub partitions: i32,
     /// The relays' longest idle wait, and the baseline's fixed polling interval (default
