@@ -361,19 +361,33 @@ pub async fn init(pool: &PgPool, stream: &WalStream) -> Result<WalReport> {
 /// dead letters and the SQL function stay. Events emitted and not yet delivered are lost:
 /// run it only to retire a stream.
 ///
+/// A relay that just stopped leaves its walsender behind for a moment: while the slot is
+/// still read, this retries for up to 10 s.
+///
 /// # Errors
 /// [`Error::OutboxStorage`] (operation `wal_drop`), for example while a relay still reads
-/// the slot (SQLSTATE 55006: stop the relays first).
+/// the slot after that (SQLSTATE 55006: stop the relays first).
 pub async fn remove(pool: &PgPool, stream: &WalStream) -> Result<()> {
     let err = |e| Error::storage("wal_drop", e);
-    sqlx::query(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-         WHERE slot_name = $1",
-    )
-    .bind(stream.slot())
-    .execute(pool)
-    .await
-    .map_err(err)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let dropped = sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = $1",
+        )
+        .bind(stream.slot())
+        .execute(pool)
+        .await;
+        match dropped {
+            Ok(_) => break,
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("55006") && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(err(e)),
+        }
+    }
     sqlx::query(&format!(
         "DROP PUBLICATION IF EXISTS \"{}\"",
         stream.publication()
