@@ -51,15 +51,19 @@ fn publisher_config(service: &str, mode: Mode) -> PublisherConfig {
 
 /// A fresh outbox with a business table, a service name, and a transactional publisher
 /// with no relay anywhere and no wake-up target: only its eager path can deliver.
+/// The producer is patient (30 s delivery timeout, and a lease to match), so a broker that
+/// hangs for a while delays its sends rather than failing them.
 async fn eager_only(brokers: &str) -> (OutboxStore, String, String, Publisher) {
     let store = support::store().await;
     let items = items_table(&store).await;
     let service = support::unique("svc");
+    let mut config = publisher_config(&service, Mode::Transactional);
+    config.delivery = support::patient_relay_config(&service);
     let publisher = Publisher::new(
         store.clone(),
-        support::producer(brokers),
+        support::patient_producer(brokers),
         Waker::None,
-        publisher_config(&service, Mode::Transactional),
+        config,
     )
     .unwrap();
     (store, items, service, publisher)
