@@ -19,8 +19,10 @@
 //! - [`setup`]: `outpost wal init|doctor`: server checks, slot, publication, SQL API.
 //! - `progress`: the ordered queue that decides which LSN may be acknowledged.
 //! - [`relay`]: the leader-elected reader that produces and acknowledges.
+//! - `connection`: the replication connection's settings from the database URL.
 //! - [`dead`]: events the broker refused for good, to list and requeue.
 
+pub(crate) mod connection;
 pub mod dead;
 pub mod emit;
 pub(crate) mod message;

@@ -27,12 +27,11 @@ use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use pgwire_replication::{
-    FeedbackObserver, Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
-};
+use pgwire_replication::{FeedbackObserver, Lsn, ReplicationClient, ReplicationEvent};
 use sqlx::{Connection, PgConnection, PgPool};
 use tracing::{debug, info, warn};
 
+use super::connection::{redact, replication_config};
 use super::dead::WalDeadLetters;
 use super::message::{decode, WalEvent};
 use super::progress::{Progress, TxnId};
@@ -141,81 +140,6 @@ impl WalRelayConfig {
             return Err(Error::config("max_in_flight_bytes", "at least 1", "0"));
         }
         Ok(())
-    }
-}
-
-/// Builds the replication client's settings from a PostgreSQL URL.
-fn replication_config(database_url: &str, stream: &WalStream) -> Result<ReplicationConfig> {
-    let bad = |why: &str| {
-        Error::config(
-            "database_url",
-            format!("postgres://user[:password]@host[:port]/database ({why})"),
-            redact(database_url),
-        )
-    };
-    let url = url::Url::parse(database_url).map_err(|_| bad("not a URL"))?;
-    if !matches!(url.scheme(), "postgres" | "postgresql") {
-        return Err(bad("the scheme must be postgres"));
-    }
-    let host = url.host_str().ok_or_else(|| bad("no host"))?.to_owned();
-    let decode = |s: &str| {
-        url::form_urlencoded::parse(s.as_bytes())
-            .map(|(k, v)| {
-                if v.is_empty() {
-                    k
-                } else {
-                    format!("{k}={v}").into()
-                }
-            })
-            .collect::<String>()
-    };
-    let user = match url.username() {
-        "" => "postgres".to_owned(),
-        u => decode(u),
-    };
-    let password = url.password().map(decode).unwrap_or_default();
-    let database = url.path().trim_start_matches('/');
-    let database = if database.is_empty() {
-        user.clone()
-    } else {
-        decode(database)
-    };
-    let tls = match url
-        .query_pairs()
-        .find(|(k, _)| k == "sslmode")
-        .map(|(_, v)| v.into_owned())
-        .as_deref()
-    {
-        None | Some("disable" | "allow" | "prefer") => TlsConfig::disabled(),
-        Some(other) => {
-            return Err(bad(&format!(
-                "sslmode={other} is not supported by the WAL relay's replication connection"
-            )))
-        }
-    };
-    Ok(ReplicationConfig::new(
-        host,
-        user,
-        password,
-        database,
-        stream.slot(),
-        stream.publication(),
-    )
-    .with_port(url.port().unwrap_or(5432))
-    .with_tls(tls)
-    .with_start_lsn(Lsn::ZERO))
-}
-
-/// The URL without its password, for error messages.
-fn redact(database_url: &str) -> String {
-    match url::Url::parse(database_url) {
-        Ok(mut url) => {
-            if url.password().is_some() {
-                let _ = url.set_password(Some("****"));
-            }
-            url.to_string()
-        }
-        Err(_) => "(not a URL)".to_owned(),
     }
 }
 
