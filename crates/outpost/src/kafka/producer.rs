@@ -200,7 +200,10 @@ pub struct KafkaProducer {
     current: RwLock<(u64, Arc<FutureProducer>)>,
     /// Last ack or rebuild; timeouts long after it mean this instance is stuck.
     last_progress: std::sync::Mutex<std::time::Instant>,
-    last_purge: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Messages queued so far, and their count at the last purge: a purge is skipped only
+    /// when nothing was queued since the previous one.
+    queued: std::sync::atomic::AtomicU64,
+    last_purge: std::sync::Mutex<Option<u64>>,
 }
 
 impl fmt::Debug for KafkaProducer {
@@ -224,6 +227,7 @@ impl KafkaProducer {
             config,
             current: RwLock::new((0, Arc::new(producer))),
             last_progress: std::sync::Mutex::new(std::time::Instant::now()),
+            queued: std::sync::atomic::AtomicU64::new(0),
             last_purge: std::sync::Mutex::new(None),
         })
     }
@@ -266,6 +270,8 @@ impl KafkaProducer {
             .headers(kafka_headers(headers));
         match producer.send_result(record) {
             Ok(delivery) => {
+                self.queued
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 let this = Arc::clone(self);
                 Ok(Box::pin(async move {
                     let result = match delivery.await {
@@ -327,6 +333,8 @@ impl KafkaProducer {
             .key(key)
             .payload(payload)
             .headers(kafka_headers(headers));
+        self.queued
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let result = match producer
             .send(record, Timeout::After(self.config.queue_timeout))
             .await
@@ -397,14 +405,16 @@ impl KafkaProducer {
     /// land without it. Purging the queue as soon as the first one fails closes that window:
     /// every later message fails too, and its key is sent again from the failed row.
     pub fn purge_queued(&self) {
-        let now = std::time::Instant::now();
+        // A burst of failures needs one purge, not one per message; but a message queued
+        // after the last purge (another key still sending when that purge ran) must be
+        // purged too, or it lands ahead of its key's failed one.
+        let queued = self.queued.load(std::sync::atomic::Ordering::Acquire);
         {
             let mut last = self.last_purge.lock().unwrap_or_else(|p| p.into_inner());
-            // A burst of failures needs one purge, not one per message.
-            if last.is_some_and(|t| now.duration_since(t) < Duration::from_millis(20)) {
+            if *last == Some(queued) {
                 return;
             }
-            *last = Some(now);
+            *last = Some(queued);
         }
         let (_, producer) = self.snapshot();
         producer.purge(
