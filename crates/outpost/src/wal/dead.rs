@@ -167,7 +167,7 @@ impl WalDeadLetters {
         .bind(key)
         .bind(headers)
         .bind(payload)
-        .bind(lsn_text(commit_lsn))
+        .bind(pgwire_replication::Lsn::from_u64(commit_lsn).to_pg_string())
         .bind(class)
         .bind(reason)
         .execute(&self.pool)
@@ -175,9 +175,4 @@ impl WalDeadLetters {
         .map_err(|e| Error::storage("wal_dead_record", e))?;
         Ok(())
     }
-}
-
-/// PostgreSQL's `X/Y` form of an LSN.
-pub(crate) fn lsn_text(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }

@@ -199,11 +199,6 @@ struct Done {
 
 type InFlight = std::pin::Pin<Box<dyn Future<Output = Done> + Send>>;
 
-/// Why a session ended.
-enum Ended {
-    Stopped,
-}
-
 impl WalRelay {
     /// A relay for `config.stream`; `pool` reaches the same database (leader lock, dead
     /// letters, slot health).
@@ -282,7 +277,7 @@ impl WalRelay {
                 Err(e) => Err(e),
             };
             match outcome {
-                Ok(Ended::Stopped) => return Ok(()),
+                Ok(()) => return Ok(()),
                 Err(e) => {
                     crate::metrics::relay_error(&service);
                     warn!(stream = %self.config.stream, error = %error_chain(&e),
@@ -317,13 +312,14 @@ impl WalRelay {
         }
     }
 
+    /// Reads and relays while leading; `Ok` only once `shutdown` stopped it and it drained.
     #[allow(clippy::too_many_lines)]
     async fn session(
         &self,
         lock: &mut PgConnection,
         shutdown: &mut std::pin::Pin<&mut futures::future::Fuse<impl Future<Output = ()>>>,
         delivered_lsn: &mut u64,
-    ) -> Result<Ended> {
+    ) -> Result<()> {
         let cfg = &self.config;
         let service = cfg.service.clone();
         let observer_service = service.clone();
@@ -347,7 +343,7 @@ impl WalRelay {
                 c.wait_started().await?;
                 Ok::<_, pgwire_replication::PgWireError>(c)
             } => c.map_err(stream_err)?,
-            () = &mut *shutdown => return Ok(Ended::Stopped),
+            () = &mut *shutdown => return Ok(()),
         };
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
         if *delivered_lsn > 0 {
@@ -528,7 +524,7 @@ impl WalRelay {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
-        Ok(Ended::Stopped)
+        Ok(())
     }
 
     /// Queues `s` with the producer.
