@@ -16,6 +16,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
+use crate::faults::signal;
+
 use super::{insert_commit, peak_rss_kb, Bench, Latency, Line, RawKafka};
 
 /// Events per transaction when a backlog is emitted.
@@ -236,7 +238,7 @@ async fn drain(
         emit_backlog(bench, pool, stream, 1, 1).await?;
         let end = current_lsn(pool).await?;
         wait_confirmed(pool, stream, &end, Duration::from_secs(30)).await?;
-        signal(pid, "STOP")?;
+        signal(&[&relay], "-STOP")?;
         let emitted = Instant::now();
         emit_backlog(bench, pool, stream, events, keys).await?;
         let end = current_lsn(pool).await?;
@@ -245,13 +247,13 @@ async fn drain(
             emitted.elapsed().as_secs_f64()
         ));
         let t0 = Instant::now();
-        signal(pid, "CONT")?;
+        signal(&[&relay], "-CONT")?;
         wait_confirmed(pool, stream, &end, Duration::from_secs(600)).await?;
         let rate = events as f64 / t0.elapsed().as_secs_f64();
         anyhow::Ok((rate, peak_rss_kb(pid)))
     }
     .await;
-    let _ = signal(pid, "CONT");
+    let _ = signal(&[&relay], "-CONT");
     let _ = relay.kill().await;
     result
 }
@@ -324,12 +326,4 @@ async fn wait_confirmed(
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()?;
-    ensure!(status.success(), "kill -{name} {pid} failed");
-    Ok(())
 }

@@ -400,7 +400,7 @@ async fn make_topic(brokers: &str, topic: &str) -> anyhow::Result<String> {
 }
 
 /// Sends `signal` (`-STOP`, `-CONT`) to each process.
-fn signal(processes: &[&Child], signal: &str) -> anyhow::Result<()> {
+pub(crate) fn signal(processes: &[&Child], signal: &str) -> anyhow::Result<()> {
     for pid in processes.iter().filter_map(|p| p.id()) {
         let status = std::process::Command::new("kill")
             .args([signal, &pid.to_string()])
