@@ -77,6 +77,8 @@ fn quick_bench_prints_every_figure_with_its_ratio() {
     for t in tx {
         assert!(t["latency"]["p999_ms"].as_f64().is_some(), "{t}");
         assert!(t["eager_hits"].as_u64().is_some(), "{t}");
+        // The raw counterpart, measured with as many writers.
+        assert!(t["raw"]["p99_ms"].as_f64().unwrap_or(0.0) > 0.0, "{t}");
     }
     // Keys 1, 16 and one per event, each with 1 and 3 relays; every event acked.
     let drains = report["drain"].as_array().expect("drain");

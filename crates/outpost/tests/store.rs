@@ -497,3 +497,24 @@ async fn migrate_is_idempotent_and_concurrent_safe() {
         t.await.unwrap().unwrap();
     }
 }
+
+#[tokio::test]
+async fn handing_back_deletes_drained_keys_and_frees_those_with_rows_left() {
+    let store = support::store().await;
+    support::stage_committed(&store, "t", 2, 4).await; // k0: 2 rows, k1: 2 rows
+    let owner = Uuid::new_v4();
+    let claimed = store.claim(owner, 10, 10, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let k0 = claimed.iter().find(|k| k.key == "k0").unwrap();
+    let rows: Vec<_> = k0.rows.iter().map(|r| (r.id, published())).collect();
+    store.settle(owner, &rows, &[]).await.unwrap();
+
+    let names = vec!["k0".to_owned(), "k1".to_owned()];
+    assert_eq!(store.release_drained(owner, &names).await.unwrap(), 1);
+    assert_eq!(key_rows(&store).await, 1, "k0's key row is gone");
+    // k1 still has both rows pending: it is free again, not deleted and not left leased.
+    let other = store.claim(Uuid::new_v4(), 10, 10, LEASE).await.unwrap();
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0].key, "k1");
+    assert_eq!(other[0].rows.len(), 2);
+}

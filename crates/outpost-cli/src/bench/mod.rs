@@ -364,36 +364,65 @@ impl Bench<'_> {
         ];
 
         let mut transactional = Vec::new();
+        let raw_kafka = RawKafka::new(self.settings, false)?;
+        raw_kafka.send(&self.template.instance("warm-up")).await?;
         for writers in [1, 4, 16] {
+            // With several writers the two cores are shared by that many backends, the
+            // producer and the broker: the same work done raw, by as many writers at once,
+            // is the limit the figure is held against; the one-writer sum is shown too.
+            self.say(&format!(
+                "raw INSERT+COMMIT then produce, {writers} writer(s)"
+            ));
+            let raw = self.raw_commit_then_produce(&raw_kafka, writers).await?;
             self.say(&format!("transactional commit→ack, {writers} writer(s)"));
             let (latency, eager) = self.transactional(writers).await?;
-            let raw_p50 = insert.p50_ms + produce_seq.p50_ms;
+            lines.push(Line::new(
+                format!("raw COMMIT→ack p50, {writers} writers"),
+                raw.p50_ms,
+                "ms",
+                None,
+            ));
+            lines.push(Line::new(
+                format!("raw COMMIT→ack p99, {writers} writers"),
+                raw.p99_ms,
+                "ms",
+                None,
+            ));
             lines.push(Line::new(
                 format!("transactional commit→ack p50, {writers} writers"),
                 latency.p50_ms,
                 "ms",
-                Some(raw_p50),
+                Some(raw.p50_ms),
             ));
             lines.push(
                 Line::new(
                     format!("transactional commit→ack p99, {writers} writers"),
                     latency.p99_ms,
                     "ms",
-                    Some(budget),
+                    Some(raw.p99_ms),
                 )
                 .target(
-                    "≤ 2× (raw INSERT+COMMIT + raw produce)",
-                    latency.p99_ms <= 2.0 * budget,
+                    "≤ 2× raw (INSERT+COMMIT, then produce; same writers)",
+                    latency.p99_ms <= 2.0 * raw.p99_ms,
                 ),
             );
+            lines.push(Line::new(
+                format!(
+                    "transactional commit→ack p99 against the one-writer sum, {writers} writers"
+                ),
+                latency.p99_ms,
+                "ms",
+                Some(budget),
+            ));
             lines.push(Line::new(
                 format!("transactional commit→ack p999, {writers} writers"),
                 latency.p999_ms,
                 "ms",
-                Some(budget),
+                Some(raw.p999_ms),
             ));
-            transactional.push(json!({ "writers": writers, "latency": latency, "eager_hits": eager, "commits": latency.n }));
+            transactional.push(json!({ "writers": writers, "latency": latency, "raw": raw, "eager_hits": eager, "commits": latency.n }));
         }
+        drop(raw_kafka);
 
         self.say("kafka-first direct publish");
         let (direct, direct_paths) = self.kafka_first().await?;
@@ -604,6 +633,50 @@ impl Bench<'_> {
         let store = self.store("raw").await?;
         let table = format!("\"{}\".raw_insert", store.table().schema());
         insert_commit(&self.pool, &self.template, &table, n).await
+    }
+
+    /// The transactional figure's raw counterpart: `writers` tasks each doing BEGIN, an
+    /// INSERT of the payload, COMMIT, then a produce of the event awaiting its ack, with
+    /// nothing of Outpost in between; timed like `commit()` is, from COMMIT to the ack.
+    async fn raw_commit_then_produce(
+        &self,
+        kafka: &RawKafka,
+        writers: usize,
+    ) -> anyhow::Result<Latency> {
+        let store = self.store(&format!("rawtx{writers}")).await?;
+        let table = format!("\"{}\".raw_insert", store.table().schema());
+        self.pool
+            .execute(
+                format!("CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, payload BYTEA NOT NULL)")
+                    .as_str(),
+            )
+            .await?;
+        let insert = format!("INSERT INTO {table} (payload) VALUES ($1)");
+        let per_writer = (self.sizes.commits / writers).max(1);
+        let writes = (0..writers).map(|w| {
+            let insert = &insert;
+            async move {
+                let mut samples = Vec::with_capacity(per_writer);
+                for i in 0..per_writer {
+                    let ev = self.template.instance(&format!("agg-{w}-{i}"));
+                    let mut tx = self.pool.begin().await?;
+                    sqlx::query(insert)
+                        .bind(&ev.payload)
+                        .execute(&mut *tx)
+                        .await?;
+                    let t0 = Instant::now();
+                    tx.commit().await?;
+                    kafka.send(&ev).await?;
+                    samples.push(t0.elapsed());
+                }
+                anyhow::Ok(samples)
+            }
+        });
+        let mut samples = Vec::new();
+        for s in futures::future::try_join_all(writes).await? {
+            samples.extend(s);
+        }
+        Ok(Latency::of(samples))
     }
 
     /// `writers` tasks each doing begin, publish, commit; the figure is `commit()` alone,

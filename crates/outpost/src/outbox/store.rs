@@ -281,7 +281,8 @@ impl Sql {
             delete_drained: format!(
                 "DELETE FROM {k} k WHERE k.event_key = ANY($1) AND k.lease_owner = $2 \
                  AND NOT EXISTS (SELECT 1 FROM {t} e WHERE e.status = 'pending' \
-                                 AND e.event_key = k.event_key)"
+                                 AND e.event_key = k.event_key) \
+                 RETURNING k.event_key"
             ),
             has_pending_key: format!(
                 "SELECT EXISTS (SELECT 1 FROM {t} WHERE status = 'pending' AND event_key = $1)"
@@ -707,21 +708,30 @@ impl OutboxStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(err)?;
-        let deleted = sqlx::query(&self.sql.delete_drained)
+        let deleted: Vec<String> = sqlx::query_scalar(&self.sql.delete_drained)
             .bind(&unlocked)
             .bind(owner)
-            .execute(&mut *tx)
-            .await
-            .map_err(err)?
-            .rows_affected();
-        sqlx::query(&self.sql.release)
-            .bind(keys)
-            .bind(owner)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await
             .map_err(err)?;
+        // Usually every key went: looking the deleted ones up again to release them cost
+        // the drain of one-event keys a twentieth of the database's time.
+        let gone: std::collections::HashSet<&str> = deleted.iter().map(String::as_str).collect();
+        let kept: Vec<&str> = keys
+            .iter()
+            .map(String::as_str)
+            .filter(|k| !gone.contains(k))
+            .collect();
+        if !kept.is_empty() {
+            sqlx::query(&self.sql.release)
+                .bind(&kept)
+                .bind(owner)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+        }
         tx.commit().await.map_err(err)?;
-        Ok(deleted)
+        Ok(deleted.len() as u64)
     }
 
     /// Whether any row of `key` is waiting for delivery.

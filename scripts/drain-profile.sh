@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Where a drain's time goes: stages EVENTS events over KEYS keys in one transaction, drains
+# them with one release `outpost relay` (testing settings, no wake-ups), and prints the drain
+# rate, the CPU seconds of the machine, the relay and the broker over the drain, and the
+# relay's statements by total execution time (pg_stat_statements).
+#
+# It runs on a PostgreSQL of its own (port 55440, data in /tmp/outpost-drain-profile, with
+# pg_stat_statements loaded; autovacuum off like the shared server) and a tansu broker of its
+# own on 127.0.0.1:19092, so nothing else is measured with it.
+#
+#   cargo build --release -p outpost-cli
+#   bash scripts/drain-profile.sh [EVENTS] [KEYS]      # default 100000 100000
+#   bash scripts/drain-profile.sh stop                 # stop its PostgreSQL and broker
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PORT=55440
+BROKER=127.0.0.1:19092
+DIR=/tmp/outpost-drain-profile
+BIN=${OUTPOST_BIN:-target/release/outpost}
+PG_BIN=${OUTPOST_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)}
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+stop_broker() { pkill -f "listener-url tcp://$BROKER" || true; }
+
+if [ "${1:-}" = stop ]; then
+  stop_broker
+  as_pg "$PG_BIN/pg_ctl" -D "$DIR/data" -m fast stop >/dev/null 2>&1 || true
+  exit 0
+fi
+EVENTS=${1:-100000}
+KEYS=${2:-100000}
+[ -x "$BIN" ] || { echo "drain-profile: $BIN is missing: run cargo build --release -p outpost-cli" >&2; exit 1; }
+[ -f .tools/tansu-bin ] || { echo "drain-profile: no tansu binary: run make services" >&2; exit 1; }
+
+if ! "$PG_BIN/pg_isready" -h 127.0.0.1 -p $PORT -q; then
+  rm -rf "$DIR"; mkdir -p "$DIR"
+  [ "$(id -u)" = 0 ] && chown postgres "$DIR"
+  as_pg "$PG_BIN/initdb" -D "$DIR/data" -U postgres --auth=trust --no-sync >/dev/null
+  as_pg "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/log" -w -o "-p $PORT -k $DIR \
+    -c listen_addresses=127.0.0.1 -c autovacuum=off -c shared_buffers=128MB \
+    -c shared_preload_libraries=pg_stat_statements" start >/dev/null
+  psql -h 127.0.0.1 -p $PORT -U postgres -qc "CREATE DATABASE test"
+  psql -h 127.0.0.1 -p $PORT -U postgres -d test -qc "CREATE EXTENSION pg_stat_statements"
+fi
+stop_broker; sleep 0.5
+nohup "$(cat .tools/tansu-bin)" broker --listener-url "tcp://$BROKER" \
+  --advertised-listener-url "tcp://$BROKER" --storage-engine memory://tansu/ \
+  > "$DIR/tansu.log" 2>&1 &
+sleep 1
+
+export OUTPOST_DATABASE_URL="postgres://postgres@127.0.0.1:$PORT/test?options=-c%20jit%3Doff"
+export OUTPOST_BROKERS=$BROKER
+sql() { psql -h 127.0.0.1 -p $PORT -U postgres -d test -tAq "$@"; }
+sql -c "DROP SCHEMA IF EXISTS profile CASCADE" 2>/dev/null
+"$BIN" --schema profile --service profile migrate >/dev/null
+"$BIN" --schema profile --service profile --environment testing --wake none relay > "$DIR/relay.log" 2>&1 &
+RELAY=$!
+trap 'kill $RELAY 2>/dev/null || true' EXIT
+sleep 2
+BROKER_PID=$(pgrep -f "listener-url tcp://$BROKER" | head -1)
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# 1 KiB payloads; key rows included, as the bench stages them.
+sql -c "BEGIN" -c "WITH staged AS ( \
+    INSERT INTO profile.event_outbox (event_id, aggregate_type, aggregate_id, event_type, topic, event_key) \
+    SELECT gen_random_uuid(), 'profile', key, 'profile', 'drain-profile', key \
+    FROM (SELECT 'k-' || (i % $KEYS) AS key FROM generate_series(1, $EVENTS) i) g RETURNING id) \
+  INSERT INTO profile.event_outbox_payloads (id, payload, headers) \
+  SELECT id, convert_to(repeat('x', 1024), 'UTF8'), '{}' FROM staged" \
+  -c "INSERT INTO profile.event_outbox_keys (event_key) \
+      SELECT 'k-' || i FROM generate_series(0, least($KEYS, $EVENTS) - 1) i ON CONFLICT DO NOTHING" \
+  -c "SELECT pg_stat_statements_reset()" -c "COMMIT" >/dev/null
+T0=$(date +%s.%N); S0=$(head -1 /proc/stat); R0=$(cpu $RELAY); B0=$(cpu "$BROKER_PID")
+while [ "$(sql -c "SET enable_seqscan = off" \
+    -c "SELECT EXISTS (SELECT 1 FROM profile.event_outbox WHERE status = 'pending')")" = t ]; do
+  sleep 0.1
+done
+T1=$(date +%s.%N); S1=$(head -1 /proc/stat); R1=$(cpu $RELAY); B1=$(cpu "$BROKER_PID")
+
+echo "$EVENTS events over $KEYS keys drained in $(echo "$T1 - $T0" | bc) s: \
+$(echo "$EVENTS / ($T1 - $T0)" | bc) ev/s (end seen by a 0.1 s poll)"
+echo "$S0 $S1" | awk -v r=$((R1 - R0)) -v b=$((B1 - B0)) '{
+  busy0 = $2 + $3 + $4 + $7 + $8; all0 = busy0 + $5 + $6
+  busy1 = $13 + $14 + $15 + $18 + $19; all1 = busy1 + $16 + $17
+  printf "CPU seconds: machine %.2f busy of %.2f; relay %.2f; broker %.2f; the rest (PostgreSQL) %.2f\n",
+    (busy1 - busy0) / 100, (all1 - all0) / 100, r / 100, b / 100, (busy1 - busy0 - r - b) / 100 }'
+echo "statements by total execution time (calls | total ms | rows | ms per call | statement):"
+sql -c "SELECT calls, round(total_exec_time::numeric), rows, \
+    round((total_exec_time / greatest(calls, 1))::numeric, 2), \
+    left(regexp_replace(query, '\s+', ' ', 'g'), 90) \
+  FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat_statements%' \
+  ORDER BY total_exec_time DESC LIMIT 8"
