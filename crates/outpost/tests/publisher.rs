@@ -279,8 +279,10 @@ async fn transactional_eager_path_alone_delivers_committed_events_and_never_roll
     support::assert_key_order(&consumed);
     assert_same_bytes(&consumed, &committed);
 
-    // The outbox holds exactly the committed events, all published; no trace of the
-    // rolled-back ones (nothing could ever send them).
+    // The outbox holds exactly the committed events, all published once the settles that
+    // follow the acks are written; no trace of the rolled-back ones (nothing could ever
+    // send them).
+    publisher.shutdown(Duration::from_secs(10)).await;
     assert_eq!(row_count(&store).await, committed.len() as i64);
     assert_eq!(
         support::count_status(&store, "published").await,
@@ -467,6 +469,8 @@ async fn eager_dispatch_never_overtakes_an_older_pending_event_of_its_key() {
         .wait_for(&[a0.event_id, a1.event_id], Duration::from_secs(10))
         .await;
     support::assert_key_order(&seen);
+    // `commit()` returned on the acks; the settle follows in the background.
+    publisher.shutdown(Duration::from_secs(10)).await;
     let rows = outbox_rows(&store, &[a0.clone(), a1.clone()]).await;
     assert!(rows.values().all(|r| r.0 == "published"));
 
@@ -1317,4 +1321,112 @@ async fn transactional_commits_stop_waiting_once_kafka_is_known_down() {
         );
     }
     assert_eq!(support::count_status(&store, "pending").await, 6);
+}
+
+/// `commit()` returns on the ack and settles in the background, with the key leased until
+/// then: the next commit of the same key must wait for that settle, not find the key
+/// taken and leave its event to the relay (there is none here).
+#[tokio::test]
+async fn back_to_back_commits_of_one_key_are_all_delivered_eagerly_in_order() {
+    support::metrics();
+    let brokers = support::brokers();
+    let (store, items, _service, publisher) = eager_only(&brokers).await;
+    let topic = support::topic(2).await;
+    let collector = support::Collector::start(&brokers, &topic, 2);
+    let mut committed = Vec::new();
+    for _ in 0..30 {
+        let mut tx = publisher.begin().await.unwrap();
+        let seq = bump(&mut tx, &items, "same").await;
+        let ev = support::event(&topic, "same", seq);
+        tx.publish(&ev).await.unwrap();
+        let dispatch = tx.commit().await.unwrap();
+        assert_eq!(
+            dispatch.eager_published, 1,
+            "commit {seq} was left to the relay: {dispatch:?}"
+        );
+        committed.push(ev);
+    }
+    let consumed = collector
+        .wait_for(&ids(&committed), Duration::from_secs(20))
+        .await;
+    support::assert_key_order(&consumed);
+    assert_eq!(
+        support::messages(&consumed),
+        committed.len(),
+        "no duplicates"
+    );
+    publisher.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(
+        support::count_status(&store, "published").await,
+        committed.len() as i64
+    );
+}
+
+/// The same, with the race forced: the settles are held back (the settler's statement for
+/// another key waits on a row lock) while the second commit of a key runs. The second
+/// waits for its key's settle and is delivered eagerly; claiming at once would find the
+/// key still leased and leave the event to the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_waits_for_the_settle_of_its_keys_earlier_dispatch() {
+    support::metrics();
+    let broker = support::PrivateBroker::start().await;
+    let brokers = broker.brokers();
+    let topic = support::topic_on(&brokers, 2).await;
+    let (store, items, _service, publisher) = eager_only(&brokers).await;
+    let commit = |key: &'static str| {
+        let publisher = publisher.clone();
+        let items = items.clone();
+        let topic = topic.clone();
+        async move {
+            let mut tx = publisher.begin().await.unwrap();
+            let seq = bump(&mut tx, &items, key).await;
+            tx.publish(&support::event(&topic, key, seq)).await.unwrap();
+            tx.commit().await.unwrap()
+        }
+    };
+    // The producer's first ack (its id handshake) comes before the broker is paused.
+    assert_eq!(commit("warm-up").await.eager_published, 1);
+
+    // The dispatch of key `blocker` claims its key, then waits for the paused broker; its
+    // row is locked meanwhile, so the settle statement that follows the ack waits, and
+    // every settle queued after it.
+    broker.pause();
+    let blocker = tokio::spawn(commit("blocker"));
+    let keys = store.table().keys();
+    support::eventually(Duration::from_secs(10), "the key claimed", || {
+        let (pool, keys) = (store.pool().clone(), keys.clone());
+        async move {
+            sqlx::query_scalar::<_, bool>(&format!(
+                "SELECT lease_owner IS NOT NULL FROM {keys} WHERE event_key = 'blocker'"
+            ))
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .filter(|leased| *leased)
+        }
+    })
+    .await;
+    let mut lock = store.pool().begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT 1 FROM {} WHERE event_key = 'blocker' FOR UPDATE",
+        store.table()
+    ))
+    .execute(&mut *lock)
+    .await
+    .unwrap();
+    broker.resume();
+    assert_eq!(blocker.await.unwrap().eager_published, 1, "acked");
+
+    // Acked, its settle queued behind the blocked one: the key stays leased.
+    assert_eq!(commit("same").await.eager_published, 1);
+    let second = tokio::spawn(commit("same"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock.rollback().await.unwrap();
+    let second = second.await.unwrap();
+    assert_eq!(
+        second.eager_published, 1,
+        "the second commit of the key was left to the relay: {second:?}"
+    );
+    publisher.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(support::count_status(&store, "published").await, 4);
 }

@@ -1,8 +1,10 @@
 //! The API services call: one [`Publisher`], three modes.
 //!
 //! - [`Mode::Transactional`] (the default, and the one to use for state changes): the event
-//!   is staged in the caller's transaction; right after commit it is produced and its row
-//!   settled on the ack, so latency is one broker round trip. If that dispatch fails, or
+//!   is staged in the caller's transaction; right after commit it is produced, and
+//!   `commit()` returns on the broker's ack, so latency is one claim statement and one
+//!   broker round trip; the row is settled in the background, batched with other commits'
+//!   settles, its key leased until then. If that dispatch fails, or
 //!   the process dies after commit, the relay delivers the row. The eager path leases the
 //!   row's *key* exactly as the relay does, so the two never both send it, and it sends
 //!   the key's pending rows oldest first: it never overtakes an older event of the key.
@@ -20,7 +22,7 @@
 //!   [`WalRelay`](crate::WalRelay) delivers it in commit order. No table row, no work after
 //!   commit (eager dispatch does not apply).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -155,14 +157,30 @@ struct Inner {
     breaker: Mutex<CircuitBreaker>,
     /// Settles eager dispatches; concurrent commits share its statements.
     settler: Settler,
-    /// Eager dispatches still running (they outlive a `commit()` that stopped waiting).
+    /// Eager dispatches still running (they outlive a `commit()` that stopped waiting),
+    /// and the settles of acked ones.
     dispatches: TaskTracker,
+    /// Keys whose acked rows wait for their settle, each with its settle op's number: a
+    /// later dispatch or direct send of such a key waits for that settle (the rows still
+    /// look pending, and the key is still leased, until it is written).
+    unsettled: Mutex<HashMap<String, u64>>,
     /// The WAL stream named after the outbox's schema (`None` when the schema is too long
     /// to name a slot).
     wal: Option<WalStream>,
 }
 
 impl Inner {
+    /// Waits until the settles of earlier eager dispatches of `keys` were written.
+    async fn settled(&self, keys: &[String]) {
+        let last = {
+            let unsettled = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
+            keys.iter().filter_map(|k| unsettled.get(k)).max().copied()
+        };
+        if let Some(number) = last {
+            self.settler.written_through(number).await;
+        }
+    }
+
     /// Runs `work` while renewing the lease on `keys` every third of it: a slow ack or
     /// settle must not let the lease lapse while acked rows are not yet marked published,
     /// or a relay would claim the key and send them again.
@@ -272,6 +290,7 @@ impl Publisher {
                 config,
                 owner,
                 dispatches: TaskTracker::new(),
+                unsettled: Mutex::new(HashMap::new()),
                 wal,
             }),
         })
@@ -419,6 +438,10 @@ impl Publisher {
         let mut keys: Vec<String> = staged.iter().map(|s| s.event_key.clone()).collect();
         keys.sort();
         keys.dedup();
+        // An earlier commit of one of these keys may have returned on its ack with its
+        // settle still on the way: claiming before it is written would find the key leased
+        // and leave this commit's events to the relay.
+        inner.settled(&keys).await;
         let started = Instant::now();
         let mut claimed = match inner
             .store
@@ -466,8 +489,7 @@ impl Publisher {
         let held: Vec<String> = claimed.iter().map(|k| k.key.clone()).collect();
         let results = inner.holding(&held, futures::future::join_all(sends)).await;
         let mut op = SettleOp::default();
-        let mut failed: std::collections::HashMap<&str, (i64, Settlement)> =
-            std::collections::HashMap::new();
+        let mut failed: HashMap<&str, (i64, Settlement)> = HashMap::new();
         let mut published = HashSet::new();
         for (row, result) in results {
             let latency = (chrono::Utc::now() - row.created_at)
@@ -547,10 +569,30 @@ impl Publisher {
             }
         }
         drop(probe);
+        // The commit returns on the acks; the settle is written with other commits' (one
+        // shared statement) while the keys stay leased, in the background, tracked so
+        // `shutdown` waits for it. A row acked and not yet settled is sent again only if
+        // the process dies first, as before.
         let (done, settled) = tokio::sync::oneshot::channel();
         op.done = Some(done);
-        inner.settler.send(op);
-        let _ = inner.holding(&held, settled).await;
+        let number = inner.settler.send(op);
+        {
+            let mut unsettled = inner.unsettled.lock().unwrap_or_else(|p| p.into_inner());
+            for key in &held {
+                unsettled.insert(key.clone(), number);
+            }
+        }
+        let publisher = self.clone();
+        inner.dispatches.spawn(async move {
+            let inner = &publisher.inner;
+            let _ = inner.holding(&held, settled).await;
+            let mut unsettled = inner.unsettled.lock().unwrap_or_else(|p| p.into_inner());
+            for key in &held {
+                if unsettled.get(key) == Some(&number) {
+                    unsettled.remove(key);
+                }
+            }
+        });
         let hits = staged
             .iter()
             .filter(|s| published.contains(&s.event_id))
@@ -605,7 +647,13 @@ impl Publisher {
         // Any publisher process may have left an event of this key in the outbox; a direct
         // send must not overtake it. If the database cannot answer at once, the outbox could
         // not take the event either: go direct.
-        let check = inner.store.has_pending_key(&event.event_key);
+        // Rows of this key acked by an eager dispatch still look pending until their settle
+        // is written; they cannot be overtaken (Kafka has them), but they would send this
+        // event to the outbox for nothing.
+        let check = async {
+            inner.settled(std::slice::from_ref(&event.event_key)).await;
+            inner.store.has_pending_key(&event.event_key).await
+        };
         let pending = tokio::time::timeout(KEY_CHECK_TIMEOUT, check).await;
         if matches!(pending, Ok(Ok(true))) {
             return self.fall_back(event, "key_pending").await;
@@ -812,7 +860,10 @@ impl OutboxTx {
         Ok(())
     }
 
-    /// Commits, then runs the mode's post-commit step.
+    /// Commits, then runs the mode's post-commit step. In [`Mode::Transactional`] it returns
+    /// once the eager dispatch was acked (or gave up within `dispatch_deadline`); the acked
+    /// rows are marked published right after, in the background
+    /// ([`Publisher::shutdown`] waits for that).
     ///
     /// # Errors
     /// [`Error::OutboxStorage`] when the commit fails. Usually nothing was committed then;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::warn;
 use uuid::Uuid;
 
@@ -55,6 +55,8 @@ pub(crate) struct Settler {
     unwritten_rows: Arc<AtomicUsize>,
     /// Notified after every statement batch.
     progress: Arc<Notify>,
+    /// The ops written so far, for any number of waiters (see [`Self::written_through`]).
+    written_watch: watch::Receiver<u64>,
 }
 
 impl Settler {
@@ -67,6 +69,7 @@ impl Settler {
         let written = Arc::new(AtomicU64::new(0));
         let unwritten_rows = Arc::new(AtomicUsize::new(0));
         let progress = Arc::new(Notify::new());
+        let (written_tx, written_watch) = watch::channel(0);
         tokio::spawn(run(
             store,
             owner,
@@ -77,6 +80,7 @@ impl Settler {
                 ops_written: Arc::clone(&written),
                 unwritten_rows: Arc::clone(&unwritten_rows),
                 notify: Arc::clone(&progress),
+                watch: written_tx,
             },
         ));
         Self {
@@ -86,7 +90,16 @@ impl Settler {
             written,
             unwritten_rows,
             progress,
+            written_watch,
         }
+    }
+
+    /// Resolves once the op numbered `number` (and every one before it) was written or
+    /// given up on.
+    pub(crate) async fn written_through(&self, number: u64) {
+        let mut written = self.written_watch.clone();
+        // An error means the task is gone: nothing will be written any more.
+        let _ = written.wait_for(|w| *w >= number).await;
     }
 
     /// Resolves after the settler wrote a batch (room under the caps may have freed up).
@@ -143,6 +156,7 @@ struct Progress {
     ops_written: Arc<AtomicU64>,
     unwritten_rows: Arc<AtomicUsize>,
     notify: Arc<Notify>,
+    watch: watch::Sender<u64>,
 }
 
 async fn run(
@@ -193,7 +207,8 @@ async fn run(
                 released.notify_one();
             }
         }
-        progress.ops_written.fetch_add(ops, Ordering::AcqRel);
+        let total = progress.ops_written.fetch_add(ops, Ordering::AcqRel) + ops;
+        progress.watch.send_replace(total);
         progress
             .unwritten_rows
             .fetch_sub(rows.len(), Ordering::AcqRel);
