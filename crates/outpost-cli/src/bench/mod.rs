@@ -645,13 +645,7 @@ impl Bench<'_> {
     ) -> anyhow::Result<Latency> {
         let store = self.store(&format!("rawtx{writers}")).await?;
         let table = format!("\"{}\".raw_insert", store.table().schema());
-        self.pool
-            .execute(
-                format!("CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, payload BYTEA NOT NULL)")
-                    .as_str(),
-            )
-            .await?;
-        let insert = format!("INSERT INTO {table} (payload) VALUES ($1)");
+        let insert = raw_table(&self.pool, &table).await?;
         let per_writer = (self.sizes.commits / writers).max(1);
         let writes = (0..writers).map(|w| {
             let insert = &insert;
@@ -680,7 +674,7 @@ impl Bench<'_> {
     }
 
     /// `writers` tasks each doing begin, publish, commit; the figure is `commit()` alone,
-    /// which returns once the eager dispatch was acked and settled.
+    /// which returns once the eager dispatch was acked (its settle follows in the background).
     async fn transactional(&self, writers: usize) -> anyhow::Result<(Latency, usize)> {
         let store = self.store(&format!("tx{writers}")).await?;
         let publisher = self.publisher(&store, Mode::Transactional, Waker::None)?;
@@ -1346,17 +1340,22 @@ impl Fleet {
 
 /// `n` INSERT+COMMITs of a template payload into a new `table`, one after the other: the
 /// database's raw limit.
+/// Creates the plain table of the raw INSERT+COMMIT figures; returns its INSERT statement.
+async fn raw_table(pool: &PgPool, table: &str) -> anyhow::Result<String> {
+    pool.execute(
+        format!("CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, payload BYTEA NOT NULL)").as_str(),
+    )
+    .await?;
+    Ok(format!("INSERT INTO {table} (payload) VALUES ($1)"))
+}
+
 async fn insert_commit(
     pool: &PgPool,
     template: &Template,
     table: &str,
     n: usize,
 ) -> anyhow::Result<Latency> {
-    pool.execute(
-        format!("CREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, payload BYTEA NOT NULL)").as_str(),
-    )
-    .await?;
-    let insert = format!("INSERT INTO {table} (payload) VALUES ($1)");
+    let insert = raw_table(pool, table).await?;
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
         let ev = template.instance("raw");

@@ -49,14 +49,13 @@ pub(crate) struct Settler {
     /// Ops queued so far; an op's number is the count after it was queued (numbers follow
     /// queue order for ops sent by one task, which is how the relay uses them).
     queued: Arc<AtomicU64>,
-    /// Ops written (or given up on) so far, in queue order.
-    written: Arc<AtomicU64>,
     /// Rows queued and not written yet.
     unwritten_rows: Arc<AtomicUsize>,
     /// Notified after every statement batch.
     progress: Arc<Notify>,
-    /// The ops written so far, for any number of waiters (see [`Self::written_through`]).
-    written_watch: watch::Receiver<u64>,
+    /// Ops written (or given up on) so far, in queue order; any number of tasks may wait
+    /// on it (see [`Self::written_through`]).
+    written: watch::Receiver<u64>,
 }
 
 impl Settler {
@@ -66,10 +65,9 @@ impl Settler {
     pub(crate) fn start(store: OutboxStore, owner: Uuid, give_up_after: Duration) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let released = Arc::new(Notify::new());
-        let written = Arc::new(AtomicU64::new(0));
         let unwritten_rows = Arc::new(AtomicUsize::new(0));
         let progress = Arc::new(Notify::new());
-        let (written_tx, written_watch) = watch::channel(0);
+        let (ops_written, written) = watch::channel(0);
         tokio::spawn(run(
             store,
             owner,
@@ -77,10 +75,9 @@ impl Settler {
             give_up_after,
             Arc::clone(&released),
             Progress {
-                ops_written: Arc::clone(&written),
+                ops_written,
                 unwritten_rows: Arc::clone(&unwritten_rows),
                 notify: Arc::clone(&progress),
-                watch: written_tx,
             },
         ));
         Self {
@@ -90,14 +87,13 @@ impl Settler {
             written,
             unwritten_rows,
             progress,
-            written_watch,
         }
     }
 
     /// Resolves once the op numbered `number` (and every one before it) was written or
     /// given up on.
     pub(crate) async fn written_through(&self, number: u64) {
-        let mut written = self.written_watch.clone();
+        let mut written = self.written.clone();
         // An error means the task is gone: nothing will be written any more.
         let _ = written.wait_for(|w| *w >= number).await;
     }
@@ -116,7 +112,7 @@ impl Settler {
     /// How many ops have been written (or given up on): the op numbered `n` by
     /// [`Self::send`] is done once this reaches `n`.
     pub(crate) fn written(&self) -> u64 {
-        self.written.load(Ordering::Acquire)
+        *self.written.borrow()
     }
 
     /// Resolves after keys were handed back: rows written meanwhile (which the owner did
@@ -153,10 +149,9 @@ impl Settler {
 
 /// What the settling task reports back to its handles.
 struct Progress {
-    ops_written: Arc<AtomicU64>,
+    ops_written: watch::Sender<u64>,
     unwritten_rows: Arc<AtomicUsize>,
     notify: Arc<Notify>,
-    watch: watch::Sender<u64>,
 }
 
 async fn run(
@@ -207,8 +202,7 @@ async fn run(
                 released.notify_one();
             }
         }
-        let total = progress.ops_written.fetch_add(ops, Ordering::AcqRel) + ops;
-        progress.watch.send_replace(total);
+        progress.ops_written.send_modify(|written| *written += ops);
         progress
             .unwritten_rows
             .fetch_sub(rows.len(), Ordering::AcqRel);
