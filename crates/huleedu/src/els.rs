@@ -475,8 +475,17 @@ impl EssayLifecycle {
         let batch_id = result.entity_ref.parent_id.as_deref().ok_or_else(|| {
             OutpostError::permanent(format!("spellcheck result for {essay_id} names no batch"))
         })?;
-        // The batch row lock serializes aggregation, whatever order results come in.
-        match lock_batch(tx, batch_id).await?.as_deref() {
+        // Results of a batch are handled side by side; only the count below, whose row lock
+        // is held to the commit, puts them in one order (counts, progress events and the
+        // conclusion follow it). The key-share lock still waits for, and holds off, any
+        // handler that takes the whole batch (`lock_batch`).
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM batches WHERE batch_id = $1 FOR KEY SHARE")
+                .bind(batch_id)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(handler_db)?;
+        match state.as_deref() {
             None => return Err(OutpostError::permanent(format!("unknown batch {batch_id}"))),
             Some(batch_state::SPELLCHECK_IN_PROGRESS) => {}
             Some(state) => {
@@ -504,7 +513,8 @@ impl EssayLifecycle {
             .map_err(handler_db)?;
         self.publish_status_update(tx, essay_id, batch_id, done, event.correlation_id)
             .await?;
-        // The transition above happens once per essay, so this counts each result once.
+        // The transition above happens once per essay, so this counts each result once. A
+        // result counted here after another's wait re-reads the row: the counts never skip.
         let row = sqlx::query(
             "UPDATE batches SET \
                spellcheck_succeeded = spellcheck_succeeded + CASE WHEN $2 THEN 1 ELSE 0 END, \

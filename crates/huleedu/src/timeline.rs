@@ -60,6 +60,10 @@ pub struct TopicStats {
     pub keys: usize,
     /// When the first event of the topic was received, from the start of the run.
     pub first_received: Duration,
+    /// When the last one was handled, from the start of the run.
+    pub last_handled: Duration,
+    /// Median time its consumer spent on one (received to handled).
+    pub handling_p50: Duration,
     /// Median staging-to-consumption latency.
     pub p50: Duration,
     /// 99th percentile.
@@ -243,6 +247,12 @@ impl Timeline {
                 latencies.sort();
                 let keys: HashSet<&str> = hops.iter().map(|h| h.key.as_str()).collect();
                 let first = hops.iter().map(|h| h.received_at).min().unwrap_or(start);
+                let last = hops.iter().map(|h| h.handled_at).max().unwrap_or(start);
+                let mut handling: Vec<Duration> = hops
+                    .iter()
+                    .map(|h| (h.handled_at - h.received_at).to_std().unwrap_or_default())
+                    .collect();
+                handling.sort();
                 TopicStats {
                     topic: topic.to_owned(),
                     consumer: hops[0].consumer,
@@ -250,6 +260,8 @@ impl Timeline {
                     key: (keys.len() == 1).then(|| hops[0].key.clone()),
                     keys: keys.len(),
                     first_received: (first - start).to_std().unwrap_or_default(),
+                    last_handled: (last - start).to_std().unwrap_or_default(),
+                    handling_p50: percentile(&handling, 0.50),
                     p50: percentile(&latencies, 0.50),
                     p99: percentile(&latencies, 0.99),
                     max: latencies.last().copied().unwrap_or_default(),

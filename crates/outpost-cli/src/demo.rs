@@ -176,8 +176,16 @@ fn print_report(r: &RunReport) {
     println!();
     println!("{} — {}", r.mode.as_str(), r.mode.describe());
     println!(
-        "  {:>9}  {:<48} {:<13} {:<14} {:>6} {:>9} {:>9}",
-        "first at", "hop (topic)", "consumer", "key", "events", "p50 ms", "p99 ms"
+        "  {:>9} {:>9}  {:<48} {:<13} {:<14} {:>6} {:>9} {:>9} {:>9}",
+        "first at",
+        "last at",
+        "hop (topic)",
+        "consumer",
+        "key",
+        "events",
+        "p50 ms",
+        "p99 ms",
+        "handle ms"
     );
     for hop in &r.hops {
         let key = hop
@@ -185,14 +193,16 @@ fn print_report(r: &RunReport) {
             .as_deref()
             .map_or_else(|| format!("{} keys", hop.keys), short);
         println!(
-            "  {:>6.0} ms  {:<48} {:<13} {:<14} {:>6} {:>9.1} {:>9.1}",
+            "  {:>6.0} ms {:>6.0} ms  {:<48} {:<13} {:<14} {:>6} {:>9.1} {:>9.1} {:>9.1}",
             ms(hop.first_received),
+            ms(hop.last_handled),
             hop.topic,
             hop.consumer,
             key,
             hop.count,
             ms(hop.p50),
-            ms(hop.p99)
+            ms(hop.p99),
+            ms(hop.handling_p50)
         );
     }
     let total = r.total.map_or_else(
@@ -268,6 +278,9 @@ fn to_json(reports: &[RunReport]) -> Value {
                 let stats = json!({
                     "p50_ms": round(ms(h.p50)),
                     "p99_ms": round(ms(h.p99)),
+                    "first_received_ms": round(ms(h.first_received)),
+                    "last_handled_ms": round(ms(h.last_handled)),
+                    "handling_p50_ms": round(ms(h.handling_p50)),
                     "count": h.count,
                     "consumer": h.consumer,
                 });

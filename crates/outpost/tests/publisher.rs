@@ -69,6 +69,25 @@ async fn eager_only(brokers: &str) -> (OutboxStore, String, String, Publisher) {
     (store, items, service, publisher)
 }
 
+/// Waits until `key` is leased (an eager dispatch claimed it).
+async fn leased(store: &OutboxStore, key: &str) {
+    let keys = store.table().keys();
+    support::eventually(Duration::from_secs(10), "the key claimed", || {
+        let (pool, keys) = (store.pool().clone(), keys.clone());
+        async move {
+            sqlx::query_scalar::<_, bool>(&format!(
+                "SELECT lease_owner IS NOT NULL FROM {keys} WHERE event_key = $1"
+            ))
+            .bind(key)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .filter(|leased| *leased)
+        }
+    })
+    .await;
+}
+
 /// A business table next to the outbox: one row per aggregate, its version bumped by
 /// every business transaction (the row lock orders a key's transactions).
 async fn items_table(store: &OutboxStore) -> String {
@@ -1392,20 +1411,7 @@ async fn a_commit_waits_for_the_settle_of_its_keys_earlier_dispatch() {
     // every settle queued after it.
     broker.pause();
     let blocker = tokio::spawn(commit("blocker"));
-    let keys = store.table().keys();
-    support::eventually(Duration::from_secs(10), "the key claimed", || {
-        let (pool, keys) = (store.pool().clone(), keys.clone());
-        async move {
-            sqlx::query_scalar::<_, bool>(&format!(
-                "SELECT lease_owner IS NOT NULL FROM {keys} WHERE event_key = 'blocker'"
-            ))
-            .fetch_optional(&pool)
-            .await
-            .unwrap()
-            .filter(|leased| *leased)
-        }
-    })
-    .await;
+    leased(&store, "blocker").await;
     let mut lock = store.pool().begin().await.unwrap();
     sqlx::query(&format!(
         "SELECT 1 FROM {} WHERE event_key = 'blocker' FOR UPDATE",
@@ -1429,4 +1435,103 @@ async fn a_commit_waits_for_the_settle_of_its_keys_earlier_dispatch() {
     );
     publisher.shutdown(Duration::from_secs(10)).await;
     assert_eq!(support::count_status(&store, "published").await, 4);
+}
+
+/// A commit of a key whose earlier dispatch still waits for its ack queues behind it and
+/// is delivered eagerly once that one is acked and settled; the earlier dispatch keeps the
+/// key for it (no hand-back in between, so a woken relay could not take the key), and
+/// nothing is sent twice (the second dispatch may claim a key its own process leases only
+/// because it waited its turn). A third commit queued meanwhile is sent by the second's
+/// dispatch (it claims the key's next rows): it counts as delivered eagerly and claims
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_queues_behind_its_keys_dispatch_in_flight_which_keeps_the_key_for_it() {
+    support::metrics();
+    let broker = support::PrivateBroker::start().await;
+    let brokers = broker.brokers();
+    let topic = support::topic_on(&brokers, 2).await;
+    let collector = support::Collector::start(&brokers, &topic, 2);
+    let (store, items, service, publisher) = eager_only(&brokers).await;
+    // Every change of a key's lease, in order.
+    let keys = store.table().keys();
+    let log = format!("\"{}\".lease_log", store.table().schema());
+    for statement in [
+        format!("CREATE TABLE {log} (n BIGSERIAL, event_key TEXT, owner UUID)"),
+        format!(
+            "CREATE FUNCTION \"{}\".log_lease() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN INSERT INTO {log} (event_key, owner) VALUES (NEW.event_key, NEW.lease_owner); \
+             RETURN NEW; END $$",
+            store.table().schema()
+        ),
+        format!(
+            "CREATE TRIGGER log_lease AFTER INSERT OR UPDATE OF lease_owner ON {keys} \
+             FOR EACH ROW EXECUTE FUNCTION \"{}\".log_lease()",
+            store.table().schema()
+        ),
+    ] {
+        sqlx::query(&statement).execute(store.pool()).await.unwrap();
+    }
+    let commit = |key: &'static str| {
+        let publisher = publisher.clone();
+        let items = items.clone();
+        let topic = topic.clone();
+        async move {
+            let mut tx = publisher.begin().await.unwrap();
+            let seq = bump(&mut tx, &items, key).await;
+            let event = support::event(&topic, key, seq);
+            tx.publish(&event).await.unwrap();
+            (event.event_id, tx.commit().await.unwrap())
+        }
+    };
+    let (warm, dispatch) = commit("warm-up").await;
+    assert_eq!(dispatch.eager_published, 1);
+
+    broker.pause();
+    let first = tokio::spawn(commit("k"));
+    leased(&store, "k").await;
+    let second = tokio::spawn(commit("k"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let third = tokio::spawn(commit("k"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    broker.resume();
+    let (first_id, first) = first.await.unwrap();
+    let (second_id, second) = second.await.unwrap();
+    let (third_id, third) = third.await.unwrap();
+    assert_eq!(first.eager_published, 1, "{first:?}");
+    assert_eq!(
+        second.eager_published, 1,
+        "the second commit was left to the relay: {second:?}"
+    );
+    assert_eq!(third.eager_published, 1, "{third:?}");
+    publisher.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(support::count_status(&store, "published").await, 4);
+
+    let owners: Vec<Option<Uuid>> = sqlx::query_scalar(&format!(
+        "SELECT owner FROM {log} WHERE event_key = 'k' ORDER BY n"
+    ))
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    // Inserted free, claimed, claimed again by the same owner (with the third commit's
+    // row), handed back.
+    assert_eq!(owners.len(), 4, "{owners:?}");
+    assert!(owners[0].is_none() && owners[3].is_none(), "{owners:?}");
+    assert!(
+        owners[1].is_some() && owners[1] == owners[2],
+        "the key was handed back between the two dispatches: {owners:?}"
+    );
+
+    let seen = collector
+        .wait_for(
+            &[warm, first_id, second_id, third_id],
+            Duration::from_secs(30),
+        )
+        .await;
+    let all = collector.read_to_end().await;
+    assert_eq!(support::messages(&all), 4, "nothing sent twice: {seen:?}");
+    support::assert_key_order(&all);
+    assert_eq!(
+        support::metric(EAGER_DISPATCH, &service, &[("result", "miss")]),
+        0.0
+    );
 }

@@ -180,7 +180,7 @@ impl Sql {
                 "WITH free AS ( \
                      SELECT event_key FROM {k} \
                      WHERE next_attempt_at <= now() \
-                       AND (lease_until IS NULL OR lease_until < now()) {filter} \
+                       AND (lease_until IS NULL OR lease_until < now() {filter} \
                      ORDER BY next_attempt_at LIMIT $2 \
                      FOR UPDATE SKIP LOCKED), \
                  leased AS ( \
@@ -199,7 +199,8 @@ impl Sql {
              FROM leased LEFT JOIN LATERAL ( \
                  {rows} WHERE e.status = 'pending' AND e.event_key = leased.event_key \
                  ORDER BY e.id LIMIT $4 FOR UPDATE OF e) e ON true",
-            lease_keys("AND event_key = ANY($5)")
+            // A key its owner kept for the next dispatch (see `claim_keys`) is claimed again.
+            lease_keys("OR lease_owner = $1) AND event_key = ANY($5)")
         );
         Self {
             // The lock is taken before the INSERT draws the row's id (the CTE is read first),
@@ -221,7 +222,7 @@ impl Sql {
             ),
             // The relay reads the rows of the keys it leased in a second statement, whose
             // snapshot is taken after the lease (see `claim_with_rows`).
-            claim: format!("{} SELECT event_key FROM leased", lease_keys("")),
+            claim: format!("{} SELECT event_key FROM leased", lease_keys(")")),
             claim_keys: claim_with_rows,
             // Only an owner with a live lease reads further rows of its keys. Each key is
             // checked by primary key inside the per-key subquery, so the cost follows the
@@ -516,6 +517,10 @@ impl OutboxStore {
 
     /// Like [`claim`](Self::claim), for the given keys only (the eager path claims the keys
     /// a transaction just wrote; a key owned elsewhere or backing off is skipped).
+    ///
+    /// A key `owner` still leases is claimed again, so a dispatch may keep a key for the
+    /// next one instead of handing it back: the caller must make sure nothing else of
+    /// `owner` is sending that key's rows by then.
     ///
     /// # Errors
     /// [`Error::OutboxStorage`] when the query fails.

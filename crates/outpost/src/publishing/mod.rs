@@ -3,3 +3,4 @@
 
 pub mod breaker;
 pub mod publisher;
+mod turns;

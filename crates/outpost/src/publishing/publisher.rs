@@ -38,6 +38,7 @@ use crate::event::envelope::OutboxEvent;
 use crate::kafka::producer::KafkaProducer;
 use crate::outbox::store::{KeyLock, KeyRelease, OutboxStore, Settlement};
 use crate::publishing::breaker::{BreakerConfig, CircuitBreaker, CircuitState};
+use crate::publishing::turns::{KeyTurns, Turn};
 use crate::relay::settling::{RowOutcome, SettleOp, Settler};
 use crate::relay::verdict::RetryPolicy;
 use crate::relay::wake::{validate_service, Waker};
@@ -160,27 +161,16 @@ struct Inner {
     /// Eager dispatches still running (they outlive a `commit()` that stopped waiting),
     /// and the settles of acked ones.
     dispatches: TaskTracker,
-    /// Keys whose acked rows wait for their settle, each with its settle op's number: a
-    /// later dispatch or direct send of such a key waits for that settle (the rows still
-    /// look pending, and the key is still leased, until it is written).
-    unsettled: Mutex<HashMap<String, u64>>,
+    /// The eager dispatches of each key in line: a later dispatch of a key waits until the
+    /// earlier one was acked and its settle written (until then the key is leased and its
+    /// rows look pending), then claims.
+    turns: Arc<KeyTurns>,
     /// The WAL stream named after the outbox's schema (`None` when the schema is too long
     /// to name a slot).
     wal: Option<WalStream>,
 }
 
 impl Inner {
-    /// Waits until the settles of earlier eager dispatches of `keys` were written.
-    async fn settled(&self, keys: &[String]) {
-        let last = {
-            let unsettled = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
-            keys.iter().filter_map(|k| unsettled.get(k)).max().copied()
-        };
-        if let Some(number) = last {
-            self.settler.written_through(number).await;
-        }
-    }
-
     /// Runs `work` while renewing the lease on `keys` every third of it: a slow ack or
     /// settle must not let the lease lapse while acked rows are not yet marked published,
     /// or a relay would claim the key and send them again.
@@ -290,7 +280,7 @@ impl Publisher {
                 config,
                 owner,
                 dispatches: TaskTracker::new(),
-                unsettled: Mutex::new(HashMap::new()),
+                turns: Arc::new(KeyTurns::default()),
                 wal,
             }),
         })
@@ -412,12 +402,17 @@ impl Publisher {
             crate::metrics::eager(&self.inner.config.service, 0, staged.len());
             return left;
         };
+        let mut keys: Vec<String> = staged.iter().map(|s| s.event_key.clone()).collect();
+        keys.sort();
+        keys.dedup();
+        // Taken here, before the task starts, so dispatches of a key go in commit order.
+        let turn = self.inner.turns.take(&keys);
         let publisher = self.clone();
         let staged = staged.to_vec();
         let task = self
             .inner
             .dispatches
-            .spawn(async move { publisher.dispatch_now(&staged, probe).await });
+            .spawn(async move { publisher.dispatch_now(&staged, keys, turn, probe).await });
         match tokio::time::timeout(self.inner.config.dispatch_deadline, task).await {
             Ok(Ok(dispatch)) => dispatch,
             Ok(Err(_)) => left,
@@ -432,29 +427,46 @@ impl Publisher {
 
     /// Claims the keys just written (one statement), sends their rows, many per key, and
     /// settles them with whatever other commits are settling (one shared statement).
-    async fn dispatch_now(&self, staged: &[Staged], mut probe: Probe) -> Dispatch {
+    async fn dispatch_now(
+        &self,
+        staged: &[Staged],
+        keys: Vec<String>,
+        mut turn: Turn,
+        mut probe: Probe,
+    ) -> Dispatch {
         let inner = &self.inner;
         let service = inner.config.service.as_str();
-        let mut keys: Vec<String> = staged.iter().map(|s| s.event_key.clone()).collect();
-        keys.sort();
-        keys.dedup();
-        // An earlier commit of one of these keys may have returned on its ack with its
-        // settle still on the way: claiming before it is written would find the key leased
-        // and leave this commit's events to the relay.
-        inner.settled(&keys).await;
+        // An earlier dispatch of one of these keys may still be sending, or have returned on
+        // its acks with its settle on the way: claiming before it let go would find the key
+        // leased and leave this commit's events to the relay.
+        turn.ready().await;
+        // The dispatch before may have sent this commit's events with its own (a dispatch
+        // claims a key's next rows): a key with nothing of this commit left is not claimed.
+        let sent_before =
+            turn.sent_before(staged.iter().map(|s| (s.event_id, s.event_key.as_str())));
+        let (keys, skipped): (Vec<String>, Vec<String>) = keys.into_iter().partition(|key| {
+            staged
+                .iter()
+                .any(|s| s.event_key == *key && !sent_before.contains(&s.event_id))
+        });
         let started = Instant::now();
-        let mut claimed = match inner
-            .store
-            .claim_keys(
-                inner.owner,
-                &keys,
-                // A key with a backlog is the relay's to drain: the commit only helps out
-                // with a few rows ahead of its own, so it never waits for a whole backlog.
-                EAGER_ROWS_PER_KEY.max(staged.len()),
-                inner.config.delivery.lease,
-            )
-            .await
-        {
+        let claim = async {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            inner
+                .store
+                .claim_keys(
+                    inner.owner,
+                    &keys,
+                    // A key with a backlog is the relay's to drain: the commit only helps out
+                    // with a few rows ahead of its own, so it never waits for a whole backlog.
+                    EAGER_ROWS_PER_KEY.max(staged.len()),
+                    inner.config.delivery.lease,
+                )
+                .await
+        };
+        let mut claimed = match claim.await {
             Ok(keys) => keys,
             Err(e) => {
                 warn!(error = %e, "eager dispatch could not claim; leaving events to the relay");
@@ -564,8 +576,19 @@ impl Publisher {
                         transient,
                     });
                 }
+                // The next dispatch of the key in this process waits for this one: it keeps
+                // the lease, or the woken relay could take the key in between and leave that
+                // commit's events to itself.
+                None if turn.followed(&key.key) => {}
                 // An empty key row stays behind; a relay deletes it when it next claims it.
                 None => op.release.push(KeyRelease::done(key.key.clone())),
+            }
+        }
+        // A skipped key may have been kept for this dispatch: pass it on or hand it back
+        // (a no-op unless this owner holds it).
+        for key in skipped {
+            if !turn.followed(&key) {
+                op.release.push(KeyRelease::done(key));
             }
         }
         drop(probe);
@@ -575,27 +598,30 @@ impl Publisher {
         // the process dies first, as before.
         let (done, settled) = tokio::sync::oneshot::channel();
         op.done = Some(done);
-        let number = inner.settler.send(op);
-        {
-            let mut unsettled = inner.unsettled.lock().unwrap_or_else(|p| p.into_inner());
-            for key in &held {
-                unsettled.insert(key.clone(), number);
-            }
+        inner.settler.send(op);
+        let mut sent: HashMap<String, Vec<Uuid>> = HashMap::new();
+        for key in &claimed {
+            sent.insert(
+                key.key.clone(),
+                key.rows
+                    .iter()
+                    .map(|r| r.event_id)
+                    .filter(|id| published.contains(id))
+                    .collect(),
+            );
         }
         let publisher = self.clone();
         inner.dispatches.spawn(async move {
-            let inner = &publisher.inner;
-            let _ = inner.holding(&held, settled).await;
-            let mut unsettled = inner.unsettled.lock().unwrap_or_else(|p| p.into_inner());
-            for key in &held {
-                if unsettled.get(key) == Some(&number) {
-                    unsettled.remove(key);
-                }
+            let _ = publisher.inner.holding(&held, settled).await;
+            // The next dispatch of these keys may claim now, and skips what was sent here.
+            for (key, events) in sent {
+                turn.sent(&key, events);
             }
+            drop(turn);
         });
         let hits = staged
             .iter()
-            .filter(|s| published.contains(&s.event_id))
+            .filter(|s| published.contains(&s.event_id) || sent_before.contains(&s.event_id))
             .count();
         let misses = staged.len() - hits;
         crate::metrics::eager(service, hits, misses);
@@ -647,14 +673,21 @@ impl Publisher {
         // Any publisher process may have left an event of this key in the outbox; a direct
         // send must not overtake it. If the database cannot answer at once, the outbox could
         // not take the event either: go direct.
-        // Rows of this key acked by an eager dispatch still look pending until their settle
-        // is written; they cannot be overtaken (Kafka has them), but they would send this
-        // event to the outbox for nothing.
-        let check = async {
-            inner.settled(std::slice::from_ref(&event.event_key)).await;
-            inner.store.has_pending_key(&event.event_key).await
-        };
-        let pending = tokio::time::timeout(KEY_CHECK_TIMEOUT, check).await;
+        // An eager dispatch of this key in this process holds rows that look pending until
+        // its settle is written: wait for it (briefly) rather than send this event to the
+        // outbox for nothing; one still sending after that wait may not be overtaken.
+        let key = std::slice::from_ref(&event.event_key);
+        if tokio::time::timeout(KEY_CHECK_TIMEOUT, inner.turns.idle(key))
+            .await
+            .is_err()
+        {
+            return self.fall_back(event, "key_pending").await;
+        }
+        let pending = tokio::time::timeout(
+            KEY_CHECK_TIMEOUT,
+            inner.store.has_pending_key(&event.event_key),
+        )
+        .await;
         if matches!(pending, Ok(Ok(true))) {
             return self.fall_back(event, "key_pending").await;
         }

@@ -53,8 +53,7 @@ pub(crate) struct Settler {
     unwritten_rows: Arc<AtomicUsize>,
     /// Notified after every statement batch.
     progress: Arc<Notify>,
-    /// Ops written (or given up on) so far, in queue order; any number of tasks may wait
-    /// on it (see [`Self::written_through`]).
+    /// Ops written (or given up on) so far, in queue order (see [`Self::written`]).
     written: watch::Receiver<u64>,
 }
 
@@ -88,14 +87,6 @@ impl Settler {
             unwritten_rows,
             progress,
         }
-    }
-
-    /// Resolves once the op numbered `number` (and every one before it) was written or
-    /// given up on.
-    pub(crate) async fn written_through(&self, number: u64) {
-        let mut written = self.written.clone();
-        // An error means the task is gone: nothing will be written any more.
-        let _ = written.wait_for(|w| *w >= number).await;
     }
 
     /// Resolves after the settler wrote a batch (room under the caps may have freed up).

@@ -1,0 +1,219 @@
+//! Per-key turns of eager dispatches in one process.
+//!
+//! A commit whose key is still held by an earlier commit's dispatch (sending, or acked with
+//! its settle on the way) would find the key leased and leave its events to the relay,
+//! which can only claim them once that dispatch is done anyway. Instead it queues behind
+//! the earlier dispatch and claims when that one has let go: one broker round trip later,
+//! with no relay claim and no wake-up.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// The dispatches holding or waiting for each key, latest last.
+#[derive(Debug, Default)]
+pub(crate) struct KeyTurns {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next: u64,
+    /// The latest turn taken of each key: a new turn of the key waits for it.
+    latest: HashMap<String, (u64, watch::Receiver<()>)>,
+    /// Events of a key that a dispatch sent (acked, settle written) for the later turns of
+    /// the key: a dispatch claims a key's next rows, which may be later commits' too.
+    /// Dropped with the key's last turn.
+    sent: HashMap<String, HashSet<Uuid>>,
+}
+
+/// A dispatch's place in line for its keys; dropping it lets the next dispatch of each go.
+#[derive(Debug)]
+pub(crate) struct Turn {
+    turns: Arc<KeyTurns>,
+    id: u64,
+    keys: Vec<String>,
+    before: Vec<watch::Receiver<()>>,
+    /// Never sent on: its drop is what the waiters' `changed()` returns on.
+    _done: watch::Sender<()>,
+}
+
+impl KeyTurns {
+    /// Takes a turn for `keys` behind every turn of them taken before. Taking it is
+    /// synchronous, so turns follow the order of the calls.
+    pub(crate) fn take(self: &Arc<Self>, keys: &[String]) -> Turn {
+        let (done, rx) = watch::channel(());
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.next += 1;
+        let id = state.next;
+        let mut before = Vec::new();
+        for key in keys {
+            if let Some((_, earlier)) = state.latest.insert(key.clone(), (id, rx.clone())) {
+                before.push(earlier);
+            }
+        }
+        Turn {
+            turns: Arc::clone(self),
+            id,
+            keys: keys.to_vec(),
+            before,
+            _done: done,
+        }
+    }
+
+    /// Resolves once the latest turn taken so far of each of `keys` was given up (a
+    /// dispatch gives its turn up after the earlier ones, unless it failed before waiting).
+    pub(crate) async fn idle(&self, keys: &[String]) {
+        let earlier: Vec<watch::Receiver<()>> = {
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            keys.iter()
+                .filter_map(|k| state.latest.get(k).map(|(_, rx)| rx.clone()))
+                .collect()
+        };
+        wait_all(earlier).await;
+    }
+
+    /// Keys with a turn taken and not given up (for tests and metrics).
+    #[cfg(test)]
+    fn busy(&self) -> usize {
+        self.state.lock().unwrap().latest.len()
+    }
+}
+
+impl Turn {
+    /// Resolves once the turns of this one's keys taken before it were given up.
+    pub(crate) async fn ready(&mut self) {
+        wait_all(std::mem::take(&mut self.before)).await;
+    }
+}
+
+impl Turn {
+    /// Whether a later turn of `key` was taken (it will claim the key after this one).
+    pub(crate) fn followed(&self, key: &str) -> bool {
+        let state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.latest.get(key).is_some_and(|(id, _)| *id != self.id)
+    }
+
+    /// Tells the later turns of `key` which of its events this dispatch sent (call it once
+    /// they are settled, before the turn is given up).
+    pub(crate) fn sent(&self, key: &str, events: impl IntoIterator<Item = Uuid>) {
+        let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.latest.get(key).is_some_and(|(id, _)| *id != self.id) {
+            state.sent.entry(key.to_owned()).or_default().extend(events);
+        }
+    }
+
+    /// Which of `events` (event id and key) an earlier turn sent; call it once ready.
+    pub(crate) fn sent_before<'a>(
+        &self,
+        events: impl IntoIterator<Item = (Uuid, &'a str)>,
+    ) -> HashSet<Uuid> {
+        let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
+        events
+            .into_iter()
+            .filter(|(event, key)| {
+                state
+                    .sent
+                    .get_mut(*key)
+                    .is_some_and(|sent| sent.remove(event))
+            })
+            .map(|(event, _)| event)
+            .collect()
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
+        for key in &self.keys {
+            if state.latest.get(key).is_some_and(|(id, _)| *id == self.id) {
+                state.latest.remove(key);
+                state.sent.remove(key);
+            }
+        }
+    }
+}
+
+async fn wait_all(receivers: Vec<watch::Receiver<()>>) {
+    for mut rx in receivers {
+        // Nothing is ever sent: `changed()` returns (with an error) when the turn is dropped.
+        let _ = rx.changed().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn keys(k: &[&str]) -> Vec<String> {
+        k.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_turn_waits_for_earlier_turns_of_its_keys_only() {
+        let turns = Arc::new(KeyTurns::default());
+        let a = turns.take(&keys(&["k1"]));
+        let mut other = turns.take(&keys(&["k2"]));
+        tokio::time::timeout(Duration::from_secs(1), other.ready())
+            .await
+            .expect("a turn of another key does not wait");
+        assert!(!a.followed("k1"));
+        let mut b = turns.take(&keys(&["k1", "k2"]));
+        assert!(a.followed("k1") && other.followed("k2") && !b.followed("k1"));
+        let mut waiting = tokio::spawn(async move {
+            b.ready().await;
+            b
+        });
+        drop(other);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut waiting)
+                .await
+                .is_err(),
+            "b must still wait for a"
+        );
+        drop(a);
+        let b = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("b goes once a is given up")
+            .unwrap();
+        assert_eq!(turns.busy(), 2);
+        let (e1, e2) = (Uuid::new_v4(), Uuid::new_v4());
+        b.sent("k1", [e1]);
+        assert!(
+            b.sent_before([(e1, "k1")]).is_empty(),
+            "no later turn: nothing kept"
+        );
+        let c = turns.take(&keys(&["k1"]));
+        b.sent("k1", [e1, e2]);
+        assert_eq!(c.sent_before([(e1, "k1"), (e2, "k2")]), HashSet::from([e1]));
+        assert!(c.sent_before([(e1, "k1")]).is_empty(), "told once");
+        drop(c);
+        drop(b);
+        assert_eq!(turns.busy(), 0, "the last turn of a key removes it");
+    }
+
+    #[tokio::test]
+    async fn idle_waits_for_every_turn_taken_before() {
+        let turns = Arc::new(KeyTurns::default());
+        let a = turns.take(&keys(&["k"]));
+        let b = turns.take(&keys(&["k"]));
+        let idle = {
+            let turns = Arc::clone(&turns);
+            tokio::spawn(async move { turns.idle(&keys(&["k"])).await })
+        };
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!idle.is_finished(), "b still holds k");
+        drop(b);
+        tokio::time::timeout(Duration::from_secs(5), idle)
+            .await
+            .expect("idle once b is given up")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(1), turns.idle(&keys(&["k"])))
+            .await
+            .expect("a key with no turn is idle");
+    }
+}
