@@ -592,6 +592,23 @@ impl Publisher {
             }
         }
         drop(probe);
+        let hits = staged
+            .iter()
+            .filter(|s| published.contains(&s.event_id) || sent_before.contains(&s.event_id))
+            .count();
+        let misses = staged.len() - hits;
+        crate::metrics::eager(service, hits, misses);
+        debug!(hits, misses, ?claim_took, total = ?started.elapsed(), "eager dispatch");
+        let dispatch = Dispatch {
+            eager_published: hits,
+            left_to_relay: misses,
+        };
+        if op.rows.is_empty() && op.release.is_empty() {
+            // Nothing to write (everything was sent before, the key is passed on): the next
+            // dispatch of the key goes at once, not after a settle round of its own.
+            drop(turn);
+            return dispatch;
+        }
         // The commit returns on the acks; the settle is written with other commits' (one
         // shared statement) while the keys stay leased, in the background, tracked so
         // `shutdown` waits for it. A row acked and not yet settled is sent again only if
@@ -619,17 +636,7 @@ impl Publisher {
             }
             drop(turn);
         });
-        let hits = staged
-            .iter()
-            .filter(|s| published.contains(&s.event_id) || sent_before.contains(&s.event_id))
-            .count();
-        let misses = staged.len() - hits;
-        crate::metrics::eager(service, hits, misses);
-        debug!(hits, misses, ?claim_took, total = ?started.elapsed(), "eager dispatch");
-        Dispatch {
-            eager_published: hits,
-            left_to_relay: misses,
-        }
+        dispatch
     }
 
     /// Waits (at most `timeout`) for eager dispatches still running in the background and
