@@ -88,6 +88,52 @@ async fn leased(store: &OutboxStore, key: &str) {
     .await;
 }
 
+/// A commit function for the eager-path tests: bumps `key`'s version in `items`, stages
+/// an event of it on `topic`, commits; returns the event id and the dispatch.
+fn committer(
+    publisher: &Publisher,
+    items: &str,
+    topic: &str,
+) -> impl Fn(&'static str) -> futures::future::BoxFuture<'static, (Uuid, Dispatch)> {
+    let (publisher, items, topic) = (publisher.clone(), items.to_owned(), topic.to_owned());
+    move |key| {
+        let (publisher, items, topic) = (publisher.clone(), items.clone(), topic.clone());
+        Box::pin(async move {
+            let mut tx = publisher.begin().await.unwrap();
+            let seq = bump(&mut tx, &items, key).await;
+            let event = support::event(&topic, key, seq);
+            tx.publish(&event).await.unwrap();
+            (event.event_id, tx.commit().await.unwrap())
+        })
+    }
+}
+
+/// Holds every settle of the publisher back: the dispatch of key `blocker` claims its key,
+/// then waits for the paused broker; its row is locked meanwhile, so the settle statement
+/// that follows the ack waits, and every settle queued after it, until the returned
+/// transaction ends. Returns the blocker's (acked) event id too.
+async fn hold_settles_back(
+    store: &OutboxStore,
+    broker: &support::PrivateBroker,
+    commit: &impl Fn(&'static str) -> futures::future::BoxFuture<'static, (Uuid, Dispatch)>,
+) -> (Uuid, sqlx::Transaction<'static, sqlx::Postgres>) {
+    broker.pause();
+    let blocker = tokio::spawn(commit("blocker"));
+    leased(store, "blocker").await;
+    let mut lock = store.pool().begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT 1 FROM {} WHERE event_key = 'blocker' FOR UPDATE",
+        store.table()
+    ))
+    .execute(&mut *lock)
+    .await
+    .unwrap();
+    broker.resume();
+    let (blocker_id, blocker) = blocker.await.unwrap();
+    assert_eq!(blocker.eager_published, 1, "acked");
+    (blocker_id, lock)
+}
+
 /// A business table next to the outbox: one row per aggregate, its version bumped by
 /// every business transaction (the row lock orders a key's transactions).
 async fn items_table(store: &OutboxStore) -> String {
@@ -1392,43 +1438,17 @@ async fn a_commit_waits_for_the_settle_of_its_keys_earlier_dispatch() {
     let brokers = broker.brokers();
     let topic = support::topic_on(&brokers, 2).await;
     let (store, items, _service, publisher) = eager_only(&brokers).await;
-    let commit = |key: &'static str| {
-        let publisher = publisher.clone();
-        let items = items.clone();
-        let topic = topic.clone();
-        async move {
-            let mut tx = publisher.begin().await.unwrap();
-            let seq = bump(&mut tx, &items, key).await;
-            tx.publish(&support::event(&topic, key, seq)).await.unwrap();
-            tx.commit().await.unwrap()
-        }
-    };
+    let commit = committer(&publisher, &items, &topic);
     // The producer's first ack (its id handshake) comes before the broker is paused.
-    assert_eq!(commit("warm-up").await.eager_published, 1);
-
-    // The dispatch of key `blocker` claims its key, then waits for the paused broker; its
-    // row is locked meanwhile, so the settle statement that follows the ack waits, and
-    // every settle queued after it.
-    broker.pause();
-    let blocker = tokio::spawn(commit("blocker"));
-    leased(&store, "blocker").await;
-    let mut lock = store.pool().begin().await.unwrap();
-    sqlx::query(&format!(
-        "SELECT 1 FROM {} WHERE event_key = 'blocker' FOR UPDATE",
-        store.table()
-    ))
-    .execute(&mut *lock)
-    .await
-    .unwrap();
-    broker.resume();
-    assert_eq!(blocker.await.unwrap().eager_published, 1, "acked");
+    assert_eq!(commit("warm-up").await.1.eager_published, 1);
+    let (_, lock) = hold_settles_back(&store, &broker, &commit).await;
 
     // Acked, its settle queued behind the blocked one: the key stays leased.
-    assert_eq!(commit("same").await.eager_published, 1);
+    assert_eq!(commit("same").await.1.eager_published, 1);
     let second = tokio::spawn(commit("same"));
     tokio::time::sleep(Duration::from_millis(300)).await;
     lock.rollback().await.unwrap();
-    let second = second.await.unwrap();
+    let (_, second) = second.await.unwrap();
     assert_eq!(
         second.eager_published, 1,
         "the second commit of the key was left to the relay: {second:?}"
@@ -1471,18 +1491,7 @@ async fn a_commit_queues_behind_its_keys_dispatch_in_flight_which_keeps_the_key_
     ] {
         sqlx::query(&statement).execute(store.pool()).await.unwrap();
     }
-    let commit = |key: &'static str| {
-        let publisher = publisher.clone();
-        let items = items.clone();
-        let topic = topic.clone();
-        async move {
-            let mut tx = publisher.begin().await.unwrap();
-            let seq = bump(&mut tx, &items, key).await;
-            let event = support::event(&topic, key, seq);
-            tx.publish(&event).await.unwrap();
-            (event.event_id, tx.commit().await.unwrap())
-        }
-    };
+    let commit = committer(&publisher, &items, &topic);
     let (warm, dispatch) = commit("warm-up").await;
     assert_eq!(dispatch.eager_published, 1);
 
@@ -1512,13 +1521,17 @@ async fn a_commit_queues_behind_its_keys_dispatch_in_flight_which_keeps_the_key_
     .fetch_all(store.pool())
     .await
     .unwrap();
-    // Inserted free, claimed, claimed again by the same owner (with the third commit's
-    // row), handed back.
-    assert_eq!(owners.len(), 4, "{owners:?}");
-    assert!(owners[0].is_none() && owners[3].is_none(), "{owners:?}");
+    // Inserted free, claimed, handed back once, by the last dispatch: never free (for a
+    // relay to take) while a later commit of the key waited.
+    let (first_owner, last_owner) = (owners.first(), owners.last());
     assert!(
-        owners[1].is_some() && owners[1] == owners[2],
-        "the key was handed back between the two dispatches: {owners:?}"
+        owners.len() >= 3 && first_owner == Some(&None) && last_owner == Some(&None),
+        "{owners:?}"
+    );
+    let held = &owners[1..owners.len() - 1];
+    assert!(
+        held.iter().all(|o| o.is_some() && *o == held[0]),
+        "the key was handed back between two dispatches: {owners:?}"
     );
 
     let seen = collector
@@ -1534,4 +1547,47 @@ async fn a_commit_queues_behind_its_keys_dispatch_in_flight_which_keeps_the_key_
         support::metric(EAGER_DISPATCH, &service, &[("result", "miss")]),
         0.0
     );
+}
+
+/// A dispatch that keeps its key for the next one, every row acked, lets that one go at
+/// once: the next reads on after the rows just sent, without waiting for their settle.
+/// Forced here by holding every settle back (the settler's statement for another key waits
+/// on a row lock): the second commit of the key is still delivered eagerly, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_dispatch_of_a_kept_key_reads_on_without_waiting_for_the_settle() {
+    support::metrics();
+    let broker = support::PrivateBroker::start().await;
+    let brokers = broker.brokers();
+    let topic = support::topic_on(&brokers, 2).await;
+    let collector = support::Collector::start(&brokers, &topic, 2);
+    let (store, items, _service, publisher) = eager_only(&brokers).await;
+    let commit = committer(&publisher, &items, &topic);
+    let (warm, _) = commit("warm-up").await;
+    let (blocker_id, lock) = hold_settles_back(&store, &broker, &commit).await;
+
+    broker.pause();
+    let first = tokio::spawn(commit("k"));
+    leased(&store, "k").await;
+    let second = tokio::spawn(commit("k"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.resume();
+    let (first_id, first) = first.await.unwrap();
+    let (second_id, second) = second.await.unwrap();
+    assert_eq!(first.eager_published, 1, "{first:?}");
+    assert_eq!(
+        second.eager_published, 1,
+        "the second dispatch waited for the first one's settle: {second:?}"
+    );
+    lock.rollback().await.unwrap();
+    publisher.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(support::count_status(&store, "published").await, 4);
+    collector
+        .wait_for(
+            &[warm, blocker_id, first_id, second_id],
+            Duration::from_secs(30),
+        )
+        .await;
+    let all = collector.read_to_end().await;
+    assert_eq!(support::messages(&all), 4, "nothing sent twice");
+    support::assert_key_order(&all);
 }

@@ -449,22 +449,31 @@ impl Publisher {
                 .iter()
                 .any(|s| s.event_key == *key && !sent_before.contains(&s.event_id))
         });
+        // A key the dispatch before kept with all its rows acked is read on from there (its
+        // settle may still be on its way, so claiming would find those rows pending).
+        let kept = turn.kept_through(&keys);
+        let (kept_keys, keys): (Vec<String>, Vec<String>) =
+            keys.into_iter().partition(|k| kept.contains_key(k));
+        // A key with a backlog is the relay's to drain: the commit only helps out with a
+        // few rows ahead of its own, so it never waits for a whole backlog.
+        let per_key = EAGER_ROWS_PER_KEY.max(staged.len());
         let started = Instant::now();
         let claim = async {
-            if keys.is_empty() {
-                return Ok(Vec::new());
+            let mut found = Vec::new();
+            if !kept_keys.is_empty() {
+                let after: Vec<(String, i64)> =
+                    kept_keys.iter().map(|k| (k.clone(), kept[k])).collect();
+                found = inner.store.fetch(inner.owner, &after, per_key).await?;
             }
-            inner
-                .store
-                .claim_keys(
-                    inner.owner,
-                    &keys,
-                    // A key with a backlog is the relay's to drain: the commit only helps out
-                    // with a few rows ahead of its own, so it never waits for a whole backlog.
-                    EAGER_ROWS_PER_KEY.max(staged.len()),
-                    inner.config.delivery.lease,
-                )
-                .await
+            if !keys.is_empty() {
+                found.extend(
+                    inner
+                        .store
+                        .claim_keys(inner.owner, &keys, per_key, inner.config.delivery.lease)
+                        .await?,
+                );
+            }
+            Ok::<_, Error>(found)
         };
         let mut claimed = match claim.await {
             Ok(keys) => keys,
@@ -579,7 +588,7 @@ impl Publisher {
                 // The next dispatch of the key in this process waits for this one: it keeps
                 // the lease, or the woken relay could take the key in between and leave that
                 // commit's events to itself.
-                None if turn.followed(&key.key) => {}
+                None if turn.keep_for_next(&key.key, key.rows.iter().map(|r| r.id).max()) => {}
                 // An empty key row stays behind; a relay deletes it when it next claims it.
                 None => op.release.push(KeyRelease::done(key.key.clone())),
             }
@@ -613,27 +622,25 @@ impl Publisher {
         // shared statement) while the keys stay leased, in the background, tracked so
         // `shutdown` waits for it. A row acked and not yet settled is sent again only if
         // the process dies first, as before.
+        // The next dispatch of these keys skips what was sent here.
+        for key in &claimed {
+            let events = key.rows.iter().map(|r| r.event_id);
+            turn.sent(&key.key, events.filter(|id| published.contains(id)));
+        }
+        // With no key to hand back (each is kept for the next dispatch, every row acked or
+        // dead), the settle marks rows only: the next dispatch may go now, reading after
+        // the rows sent here. A hand-back written after its claim would take its lease.
+        let handing_back = !op.release.is_empty();
+        let mut turn = Some(turn);
+        if !handing_back {
+            drop(turn.take());
+        }
         let (done, settled) = tokio::sync::oneshot::channel();
         op.done = Some(done);
         inner.settler.send(op);
-        let mut sent: HashMap<String, Vec<Uuid>> = HashMap::new();
-        for key in &claimed {
-            sent.insert(
-                key.key.clone(),
-                key.rows
-                    .iter()
-                    .map(|r| r.event_id)
-                    .filter(|id| published.contains(id))
-                    .collect(),
-            );
-        }
         let publisher = self.clone();
         inner.dispatches.spawn(async move {
             let _ = publisher.inner.holding(&held, settled).await;
-            // The next dispatch of these keys may claim now, and skips what was sent here.
-            for (key, events) in sent {
-                turn.sent(&key, events);
-            }
             drop(turn);
         });
         dispatch

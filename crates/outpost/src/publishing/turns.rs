@@ -27,6 +27,11 @@ struct State {
     /// the key: a dispatch claims a key's next rows, which may be later commits' too.
     /// Dropped with the key's last turn.
     sent: HashMap<String, HashSet<Uuid>>,
+    /// Keys a dispatch kept for the next one with every row it claimed acked, and the last
+    /// of those rows' ids: the next dispatch reads the rows after it under the kept lease
+    /// at once, while the settle of those before may still be on its way. Dropped with the
+    /// key's last turn.
+    through: HashMap<String, i64>,
 }
 
 /// A dispatch's place in line for its keys; dropping it lets the next dispatch of each go.
@@ -96,8 +101,30 @@ impl Turn {
         state.latest.get(key).is_some_and(|(id, _)| *id != self.id)
     }
 
+    /// Keeps `key` (leased) for the later turn of it, if there is one, and returns whether
+    /// there is; with `through`, every row of the key this dispatch claimed was acked, up
+    /// to that id.
+    pub(crate) fn keep_for_next(&self, key: &str, through: Option<i64>) -> bool {
+        let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
+        let followed = state.latest.get(key).is_some_and(|(id, _)| *id != self.id);
+        if let (true, Some(through)) = (followed, through) {
+            state.through.insert(key.to_owned(), through);
+        }
+        followed
+    }
+
+    /// The keys of `keys` the turn before kept for this one with all its rows acked, with
+    /// the last acked row's id (see [`keep_for_next`](Self::keep_for_next)); call it once
+    /// ready.
+    pub(crate) fn kept_through(&self, keys: &[String]) -> HashMap<String, i64> {
+        let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
+        keys.iter()
+            .filter_map(|k| state.through.remove(k).map(|id| (k.clone(), id)))
+            .collect()
+    }
+
     /// Tells the later turns of `key` which of its events this dispatch sent (call it once
-    /// they are settled, before the turn is given up).
+    /// they are acked, before the turn is given up).
     pub(crate) fn sent(&self, key: &str, events: impl IntoIterator<Item = Uuid>) {
         let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.latest.get(key).is_some_and(|(id, _)| *id != self.id) {
@@ -131,6 +158,7 @@ impl Drop for Turn {
             if state.latest.get(key).is_some_and(|(id, _)| *id == self.id) {
                 state.latest.remove(key);
                 state.sent.remove(key);
+                state.through.remove(key);
             }
         }
     }
@@ -190,6 +218,12 @@ mod tests {
         b.sent("k1", [e1, e2]);
         assert_eq!(c.sent_before([(e1, "k1"), (e2, "k2")]), HashSet::from([e1]));
         assert!(c.sent_before([(e1, "k1")]).is_empty(), "told once");
+        assert!(b.keep_for_next("k1", Some(7)) && !b.keep_for_next("k2", Some(9)));
+        assert_eq!(
+            c.kept_through(&keys(&["k1", "k2"])),
+            HashMap::from([("k1".to_owned(), 7)])
+        );
+        assert!(c.kept_through(&keys(&["k1"])).is_empty(), "told once");
         drop(c);
         drop(b);
         assert_eq!(turns.busy(), 0, "the last turn of a key removes it");
