@@ -162,8 +162,8 @@ struct Inner {
     /// and the settles of acked ones.
     dispatches: TaskTracker,
     /// The eager dispatches of each key in line: a later dispatch of a key waits until the
-    /// earlier one was acked and its settle written (until then the key is leased and its
-    /// rows look pending), then claims.
+    /// earlier one let go of it (acked, and settled unless it kept the key for the next),
+    /// then claims it or reads on after the rows sent.
     turns: Arc<KeyTurns>,
     /// The WAL stream named after the outbox's schema (`None` when the schema is too long
     /// to name a slot).
@@ -452,17 +452,15 @@ impl Publisher {
         // A key the dispatch before kept with all its rows acked is read on from there (its
         // settle may still be on its way, so claiming would find those rows pending).
         let kept = turn.kept_through(&keys);
-        let (kept_keys, keys): (Vec<String>, Vec<String>) =
-            keys.into_iter().partition(|k| kept.contains_key(k));
+        let keys: Vec<String> = keys.into_iter().filter(|k| !kept.contains_key(k)).collect();
+        let after: Vec<(String, i64)> = kept.into_iter().collect();
         // A key with a backlog is the relay's to drain: the commit only helps out with a
         // few rows ahead of its own, so it never waits for a whole backlog.
         let per_key = EAGER_ROWS_PER_KEY.max(staged.len());
         let started = Instant::now();
         let claim = async {
             let mut found = Vec::new();
-            if !kept_keys.is_empty() {
-                let after: Vec<(String, i64)> =
-                    kept_keys.iter().map(|k| (k.clone(), kept[k])).collect();
+            if !after.is_empty() {
                 found = inner.store.fetch(inner.owner, &after, per_key).await?;
             }
             if !keys.is_empty() {
@@ -618,10 +616,6 @@ impl Publisher {
             drop(turn);
             return dispatch;
         }
-        // The commit returns on the acks; the settle is written with other commits' (one
-        // shared statement) while the keys stay leased, in the background, tracked so
-        // `shutdown` waits for it. A row acked and not yet settled is sent again only if
-        // the process dies first, as before.
         // The next dispatch of these keys skips what was sent here.
         for key in &claimed {
             let events = key.rows.iter().map(|r| r.event_id);
@@ -630,11 +624,11 @@ impl Publisher {
         // With no key to hand back (each is kept for the next dispatch, every row acked or
         // dead), the settle marks rows only: the next dispatch may go now, reading after
         // the rows sent here. A hand-back written after its claim would take its lease.
-        let handing_back = !op.release.is_empty();
-        let mut turn = Some(turn);
-        if !handing_back {
-            drop(turn.take());
-        }
+        let turn = (!op.release.is_empty()).then_some(turn);
+        // The commit returns on the acks; the settle is written with other commits' (one
+        // shared statement) while the keys stay leased, in the background, tracked so
+        // `shutdown` waits for it. A row acked and not yet settled is sent again only if
+        // the process dies first, as before.
         let (done, settled) = tokio::sync::oneshot::channel();
         op.done = Some(done);
         inner.settler.send(op);

@@ -23,8 +23,7 @@ struct State {
     next: u64,
     /// The latest turn taken of each key: a new turn of the key waits for it.
     latest: HashMap<String, (u64, watch::Receiver<()>)>,
-    /// Events of a key that a dispatch sent (acked, settle written) for the later turns of
-    /// the key: a dispatch claims a key's next rows, which may be later commits' too.
+    /// Events of a key that a dispatch sent (acked) for the later turns of the key: a dispatch claims a key's next rows, which may be later commits' too.
     /// Dropped with the key's last turn.
     sent: HashMap<String, HashSet<Uuid>>,
     /// Keys a dispatch kept for the next one with every row it claimed acked, and the last
@@ -80,10 +79,19 @@ impl KeyTurns {
         wait_all(earlier).await;
     }
 
-    /// Keys with a turn taken and not given up (for tests and metrics).
+    /// Keys with a turn taken and not given up.
     #[cfg(test)]
     fn busy(&self) -> usize {
         self.state.lock().unwrap().latest.len()
+    }
+}
+
+impl State {
+    /// Whether a turn of `key` later than turn `id` was taken.
+    fn followed(&self, key: &str, id: u64) -> bool {
+        self.latest
+            .get(key)
+            .is_some_and(|(latest, _)| *latest != id)
     }
 }
 
@@ -92,21 +100,22 @@ impl Turn {
     pub(crate) async fn ready(&mut self) {
         wait_all(std::mem::take(&mut self.before)).await;
     }
-}
 
-impl Turn {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.turns.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether a later turn of `key` was taken (it will claim the key after this one).
     pub(crate) fn followed(&self, key: &str) -> bool {
-        let state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.latest.get(key).is_some_and(|(id, _)| *id != self.id)
+        self.state().followed(key, self.id)
     }
 
     /// Keeps `key` (leased) for the later turn of it, if there is one, and returns whether
     /// there is; with `through`, every row of the key this dispatch claimed was acked, up
     /// to that id.
     pub(crate) fn keep_for_next(&self, key: &str, through: Option<i64>) -> bool {
-        let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
-        let followed = state.latest.get(key).is_some_and(|(id, _)| *id != self.id);
+        let mut state = self.state();
+        let followed = state.followed(key, self.id);
         if let (true, Some(through)) = (followed, through) {
             state.through.insert(key.to_owned(), through);
         }
@@ -117,7 +126,7 @@ impl Turn {
     /// the last acked row's id (see [`keep_for_next`](Self::keep_for_next)); call it once
     /// ready.
     pub(crate) fn kept_through(&self, keys: &[String]) -> HashMap<String, i64> {
-        let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state();
         keys.iter()
             .filter_map(|k| state.through.remove(k).map(|id| (k.clone(), id)))
             .collect()
@@ -126,8 +135,8 @@ impl Turn {
     /// Tells the later turns of `key` which of its events this dispatch sent (call it once
     /// they are acked, before the turn is given up).
     pub(crate) fn sent(&self, key: &str, events: impl IntoIterator<Item = Uuid>) {
-        let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.latest.get(key).is_some_and(|(id, _)| *id != self.id) {
+        let mut state = self.state();
+        if state.followed(key, self.id) {
             state.sent.entry(key.to_owned()).or_default().extend(events);
         }
     }
@@ -137,7 +146,7 @@ impl Turn {
         &self,
         events: impl IntoIterator<Item = (Uuid, &'a str)>,
     ) -> HashSet<Uuid> {
-        let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state();
         events
             .into_iter()
             .filter(|(event, key)| {
@@ -153,9 +162,14 @@ impl Turn {
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
+        let id = self.id;
+        let mut state = self.state();
         for key in &self.keys {
-            if state.latest.get(key).is_some_and(|(id, _)| *id == self.id) {
+            if state
+                .latest
+                .get(key)
+                .is_some_and(|(latest, _)| *latest == id)
+            {
                 state.latest.remove(key);
                 state.sent.remove(key);
                 state.through.remove(key);
