@@ -132,24 +132,7 @@ impl BatchOrchestrator {
             .map(|_| Uuid::new_v4().to_string())
             .collect();
         let correlation_id = Uuid::new_v4();
-        let registered = BatchEssaysRegistered {
-            event: "batch.essays.registered".into(),
-            batch_id: batch_id.clone(),
-            expected_essay_count: request.expected_essay_count,
-            essay_ids: essay_ids.clone(),
-            metadata: SystemProcessingMetadata::new(
-                EntityRef {
-                    entity_id: batch_id.clone(),
-                    entity_type: "batch".into(),
-                    parent_id: None,
-                },
-                ProcessingStage::Pending,
-                "batch.essays.registered",
-            ),
-            course_code: request.course_code.clone(),
-            essay_instructions: request.essay_instructions.clone(),
-            user_id: request.user_id.clone(),
-        };
+        let registered = registration(&batch_id, essay_ids.clone(), request);
         let event = self.topics.event(
             topic::BATCH_ESSAYS_REGISTERED,
             SERVICE,
@@ -367,5 +350,31 @@ impl PublishingHandler for BatchOrchestrator {
                 "BOS does not handle {other}"
             ))),
         }
+    }
+}
+
+/// The registration BOS announces for `request`, with slots `essay_ids`.
+pub fn registration(
+    batch_id: &str,
+    essay_ids: Vec<String>,
+    request: &BatchRequest,
+) -> BatchEssaysRegistered {
+    BatchEssaysRegistered {
+        event: "batch.essays.registered".into(),
+        batch_id: batch_id.to_owned(),
+        expected_essay_count: request.expected_essay_count,
+        essay_ids,
+        metadata: SystemProcessingMetadata::new(
+            EntityRef {
+                entity_id: batch_id.to_owned(),
+                entity_type: "batch".into(),
+                parent_id: None,
+            },
+            ProcessingStage::Pending,
+            "batch.essays.registered",
+        ),
+        course_code: request.course_code.clone(),
+        essay_instructions: request.essay_instructions.clone(),
+        user_id: request.user_id.clone(),
     }
 }

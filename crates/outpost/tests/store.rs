@@ -317,6 +317,60 @@ async fn writers_of_one_key_commit_in_id_order() {
     assert!(id1 < id2);
 }
 
+/// Staging many events in one statement: rows in the order given, exact bytes, an event
+/// id staged before (or twice in the call) inserted once, and every key locked until the
+/// commit, as one-by-one staging does.
+#[tokio::test]
+async fn staging_many_at_once_keeps_their_order_and_holds_every_key() {
+    let store = support::store().await;
+    let before = support::event("t", "b", 9);
+    let mut tx = store.pool().begin().await.unwrap();
+    store.stage(&mut tx, &before).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let events: Vec<_> = (0..6)
+        .map(|i| support::event("t", ["b", "a", "c"][i % 3], i))
+        .collect();
+    let mut all = events.clone();
+    all.insert(2, before.clone());
+    all.push(events[4].clone());
+    let mut tx = store.pool().begin().await.unwrap();
+    let inserted = store.stage_all(&mut tx, &all).await.unwrap();
+    assert_eq!(
+        inserted,
+        vec![true, true, false, true, true, true, true, false]
+    );
+    // A writer of any of those keys waits for this transaction.
+    for key in ["a", "b", "c"] {
+        let mut other = store.pool().begin().await.unwrap();
+        let waiting = tokio::time::timeout(
+            Duration::from_millis(300),
+            store.stage(&mut other, &support::event("t", key, 100)),
+        )
+        .await;
+        assert!(waiting.is_err(), "a writer of {key} waits for the commit");
+    }
+    tx.commit().await.unwrap();
+
+    let claimed = store.claim(Uuid::new_v4(), 10, 10, LEASE).await.unwrap();
+    let mut rows: Vec<_> = claimed.iter().flat_map(|k| k.rows.iter()).collect();
+    rows.sort_by_key(|r| r.id);
+    let staged: Vec<Uuid> = rows
+        .iter()
+        .filter(|r| r.event_id != before.event_id)
+        .map(|r| r.event_id)
+        .collect();
+    let expected: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    assert_eq!(staged, expected, "ids follow the order given");
+    for row in rows {
+        let event = all.iter().find(|e| e.event_id == row.event_id).unwrap();
+        assert_eq!(
+            (&row.payload, &row.headers),
+            (&event.payload, &event.headers)
+        );
+    }
+}
+
 /// With shared key locks (for callers that serialize on their own), an older row can
 /// commit after a younger one is already in flight: it still never gets a second owner.
 #[tokio::test]

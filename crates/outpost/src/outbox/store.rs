@@ -23,7 +23,7 @@
 //! is mid-transaction on the key holds the lock (shared or exclusive), so the delete is
 //! skipped and the key row kept; a writer that starts later waits and re-inserts the row.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -144,6 +144,7 @@ pub struct DeadEvent {
 #[derive(Debug)]
 struct Sql {
     stage: String,
+    stage_all: String,
     claim: String,
     claim_keys: String,
     fetch: String,
@@ -219,6 +220,31 @@ impl Sql {
                      SELECT id, $7::bytea, $8::jsonb FROM staged) \
                  SELECT id FROM staged",
                 lock_id("$6::text")
+            ),
+            // Many events in one statement: each key's lock first (in key order, so two
+            // such statements cannot wait for each other), then the rows in the order given.
+            stage_all: format!(
+                "WITH ev AS MATERIALIZED ( \
+                     SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], \
+                         $5::text[], $6::text[], $7::bytea[], $8::jsonb[], $9::uuid[]) \
+                     WITH ORDINALITY AS u(event_id, aggregate_type, aggregate_id, event_type, \
+                         topic, event_key, payload, headers, correlation_id, ord)), \
+                 lock AS MATERIALIZED (SELECT count({lock_fn}({})) AS locked FROM ( \
+                     SELECT DISTINCT event_key FROM ev ORDER BY event_key) d), \
+                 key AS (INSERT INTO {k} (event_key) SELECT DISTINCT event_key FROM ev, lock \
+                         ON CONFLICT (event_key) DO NOTHING), \
+                 staged AS (INSERT INTO {t} (event_id, aggregate_type, aggregate_id, \
+                     event_type, topic, event_key, correlation_id) \
+                     SELECT ev.event_id, ev.aggregate_type, ev.aggregate_id, ev.event_type, \
+                            ev.topic, ev.event_key, ev.correlation_id FROM ev, lock \
+                     ORDER BY ev.ord \
+                     ON CONFLICT (event_id) DO NOTHING RETURNING id, event_id), \
+                 body AS (INSERT INTO {p} (id, payload, headers) \
+                     SELECT s.id, ev.payload, ev.headers FROM staged s \
+                     JOIN (SELECT DISTINCT ON (event_id) * FROM ev ORDER BY event_id, ord) ev \
+                       ON ev.event_id = s.event_id) \
+                 SELECT event_id FROM staged",
+                lock_id("d.event_key")
             ),
             // The relay reads the rows of the keys it leased in a second statement, whose
             // snapshot is taken after the lease (see `claim_with_rows`).
@@ -497,6 +523,47 @@ impl OutboxStore {
             .await
             .map_err(|e| Error::storage_with("stage", context_of(event), e))?;
         Ok(row.map(|r| r.get::<i64, _>(0)))
+    }
+
+    /// Stages `events` inside the caller's transaction in one statement, as
+    /// [`stage`](Self::stage) would one by one (same locks, rows in the order given; the
+    /// locks of their keys are taken in key order). Returns, per event, whether it was
+    /// inserted (`false`: its event id was staged before, or earlier in `events`). Never
+    /// commits.
+    ///
+    /// # Errors
+    /// [`Error::OutboxStorage`] when the insert fails; the caller's transaction is then
+    /// aborted and should be rolled back.
+    pub async fn stage_all(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        events: &[OutboxEvent],
+    ) -> Result<Vec<bool>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let column = |f: fn(&OutboxEvent) -> &str| -> Vec<&str> { events.iter().map(f).collect() };
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
+        let headers: Vec<Json<&BTreeMap<String, String>>> =
+            events.iter().map(|e| Json(&e.headers)).collect();
+        let correlations: Vec<Uuid> = events.iter().map(|e| e.correlation_id).collect();
+        let inserted: Vec<Uuid> = sqlx::query_scalar(&self.sql.stage_all)
+            .bind(&ids)
+            .bind(column(|e| &e.aggregate_type))
+            .bind(column(|e| &e.aggregate_id))
+            .bind(column(|e| &e.event_type))
+            .bind(column(|e| &e.topic))
+            .bind(column(|e| &e.event_key))
+            .bind(&payloads)
+            .bind(&headers)
+            .bind(&correlations)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(|e| Error::storage_with("stage", context_of(&events[0]), e))?;
+        // An id given twice is inserted by its first occurrence.
+        let mut inserted: HashSet<Uuid> = inserted.into_iter().collect();
+        Ok(ids.iter().map(|id| inserted.remove(id)).collect())
     }
 
     /// Leases up to `keys` free keys (not leased, not backing off) to `owner` for `lease`,

@@ -901,6 +901,33 @@ impl OutboxTx {
         Ok(())
     }
 
+    /// Stages `events` in this transaction in one statement (one round trip instead of one
+    /// per event; the rows keep the order given).
+    ///
+    /// # Errors
+    /// [`Error::OutboxStorage`] when the insert fails; roll back.
+    pub async fn publish_all(&mut self, events: &[OutboxEvent]) -> Result<()> {
+        if self.publisher.mode == Mode::Wal {
+            for event in events {
+                self.publish(event).await?;
+            }
+            return Ok(());
+        }
+        let inserted = self
+            .publisher
+            .inner
+            .store
+            .stage_all(&mut self.tx, events)
+            .await?;
+        self.staged
+            .extend(events.iter().zip(inserted).map(|(event, inserted)| Staged {
+                event_id: event.event_id,
+                event_key: event.event_key.clone(),
+                inserted,
+            }));
+        Ok(())
+    }
+
     /// Commits, then runs the mode's post-commit step. In [`Mode::Transactional`] it returns
     /// once the eager dispatch was acked (or gave up within `dispatch_deadline`); the acked
     /// rows are marked published right after, in the background
