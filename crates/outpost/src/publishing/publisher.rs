@@ -449,6 +449,18 @@ impl Publisher {
                 .iter()
                 .any(|s| s.event_key == *key && !sent_before.contains(&s.event_id))
         });
+        // A skipped key kept for this dispatch is passed on at once: the next dispatch of
+        // it goes now, not after this one's other keys are sent (a hot key shared by many
+        // commits would otherwise move one commit's round trip at a time). One with no
+        // later turn is handed back below, with the turn held until that is written.
+        let mut hand_back = Vec::new();
+        for key in skipped {
+            if turn.followed(&key) {
+                turn.release(&key);
+            } else {
+                hand_back.push(key);
+            }
+        }
         // A key the dispatch before kept with all its rows acked is read on from there (its
         // settle may still be on its way, so claiming would find those rows pending).
         let kept = turn.kept_through(&keys);
@@ -558,6 +570,9 @@ impl Publisher {
             });
         }
         for key in &claimed {
+            // The next dispatch of the key skips what was sent here.
+            let events = key.rows.iter().map(|r| r.event_id);
+            turn.sent(&key.key, events.filter(|id| published.contains(id)));
             match failed.remove(key.key.as_str()) {
                 Some((id, settlement)) => {
                     let (delay, transient) = match &settlement {
@@ -585,19 +600,18 @@ impl Publisher {
                 }
                 // The next dispatch of the key in this process waits for this one: it keeps
                 // the lease, or the woken relay could take the key in between and leave that
-                // commit's events to itself.
-                None if turn.keep_for_next(&key.key, key.rows.iter().map(|r| r.id).max()) => {}
+                // commit's events to itself. It goes now, reading after these rows (their
+                // settle may still be on its way).
+                None if turn.keep_for_next(&key.key, key.rows.iter().map(|r| r.id).max()) => {
+                    turn.release(&key.key);
+                }
                 // An empty key row stays behind; a relay deletes it when it next claims it.
                 None => op.release.push(KeyRelease::done(key.key.clone())),
             }
         }
-        // A skipped key may have been kept for this dispatch: pass it on or hand it back
-        // (a no-op unless this owner holds it).
-        for key in skipped {
-            if !turn.followed(&key) {
-                op.release.push(KeyRelease::done(key));
-            }
-        }
+        // A no-op unless this owner holds the key.
+        op.release
+            .extend(hand_back.into_iter().map(KeyRelease::done));
         drop(probe);
         let hits = staged
             .iter()
@@ -605,7 +619,7 @@ impl Publisher {
             .count();
         let misses = staged.len() - hits;
         crate::metrics::eager(service, hits, misses);
-        debug!(hits, misses, ?claim_took, total = ?started.elapsed(), "eager dispatch");
+        debug!(service, hits, misses, ?claim_took, total = ?started.elapsed(), "eager dispatch");
         let dispatch = Dispatch {
             eager_published: hits,
             left_to_relay: misses,
@@ -616,14 +630,8 @@ impl Publisher {
             drop(turn);
             return dispatch;
         }
-        // The next dispatch of these keys skips what was sent here.
-        for key in &claimed {
-            let events = key.rows.iter().map(|r| r.event_id);
-            turn.sent(&key.key, events.filter(|id| published.contains(id)));
-        }
-        // With no key to hand back (each is kept for the next dispatch, every row acked or
-        // dead), the settle marks rows only: the next dispatch may go now, reading after
-        // the rows sent here. A hand-back written after its claim would take its lease.
+        // The keys still held are handed back (or failed): their next dispatch waits until
+        // that is written, since a hand-back written after its claim would take its lease.
         let turn = (!op.release.is_empty()).then_some(turn);
         // The commit returns on the acks; the settle is written with other commits' (one
         // shared statement) while the keys stay leased, in the background, tracked so

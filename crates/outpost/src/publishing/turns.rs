@@ -33,37 +33,40 @@ struct State {
     through: HashMap<String, i64>,
 }
 
-/// A dispatch's place in line for its keys; dropping it lets the next dispatch of each go.
+/// A dispatch's place in line for its keys; releasing a key (or dropping the turn) lets
+/// the next dispatch of that key go.
 #[derive(Debug)]
 pub(crate) struct Turn {
     turns: Arc<KeyTurns>,
     id: u64,
-    keys: Vec<String>,
+    /// The keys still held, each with the sender whose drop (it is never sent on) is what
+    /// the key's next turn waits for: a dispatch done with one key lets that key's next
+    /// dispatch go while it still works on its other keys.
+    held: Vec<(String, watch::Sender<()>)>,
     before: Vec<watch::Receiver<()>>,
-    /// Never sent on: its drop is what the waiters' `changed()` returns on.
-    _done: watch::Sender<()>,
 }
 
 impl KeyTurns {
     /// Takes a turn for `keys` behind every turn of them taken before. Taking it is
     /// synchronous, so turns follow the order of the calls.
     pub(crate) fn take(self: &Arc<Self>, keys: &[String]) -> Turn {
-        let (done, rx) = watch::channel(());
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.next += 1;
         let id = state.next;
         let mut before = Vec::new();
+        let mut held = Vec::with_capacity(keys.len());
         for key in keys {
-            if let Some((_, earlier)) = state.latest.insert(key.clone(), (id, rx.clone())) {
+            let (done, rx) = watch::channel(());
+            if let Some((_, earlier)) = state.latest.insert(key.clone(), (id, rx)) {
                 before.push(earlier);
             }
+            held.push((key.clone(), done));
         }
         Turn {
             turns: Arc::clone(self),
             id,
-            keys: keys.to_vec(),
+            held,
             before,
-            _done: done,
         }
     }
 
@@ -87,6 +90,19 @@ impl KeyTurns {
 }
 
 impl State {
+    /// Turn `id` gave `key` up: with no later turn of it, the key is forgotten.
+    fn given_up(&mut self, key: &str, id: u64) {
+        if self
+            .latest
+            .get(key)
+            .is_some_and(|(latest, _)| *latest == id)
+        {
+            self.latest.remove(key);
+            self.sent.remove(key);
+            self.through.remove(key);
+        }
+    }
+
     /// Whether a turn of `key` later than turn `id` was taken.
     fn followed(&self, key: &str, id: u64) -> bool {
         self.latest
@@ -103,6 +119,17 @@ impl Turn {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.turns.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lets the next turn of `key` go now (this dispatch is done with the key); no-op for
+    /// a key this turn does not hold.
+    pub(crate) fn release(&mut self, key: &str) {
+        let Some(at) = self.held.iter().position(|(k, _)| k == key) else {
+            return;
+        };
+        let (key, done) = self.held.swap_remove(at);
+        self.state().given_up(&key, self.id);
+        drop(done);
     }
 
     /// Whether a later turn of `key` was taken (it will claim the key after this one).
@@ -162,18 +189,9 @@ impl Turn {
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        let id = self.id;
-        let mut state = self.state();
-        for key in &self.keys {
-            if state
-                .latest
-                .get(key)
-                .is_some_and(|(latest, _)| *latest == id)
-            {
-                state.latest.remove(key);
-                state.sent.remove(key);
-                state.through.remove(key);
-            }
+        let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, _) in &self.held {
+            state.given_up(key, self.id);
         }
     }
 }
@@ -241,6 +259,31 @@ mod tests {
         drop(c);
         drop(b);
         assert_eq!(turns.busy(), 0, "the last turn of a key removes it");
+    }
+
+    #[tokio::test]
+    async fn a_released_key_lets_its_next_turn_go_while_the_others_stay_held() {
+        let turns = Arc::new(KeyTurns::default());
+        let mut a = turns.take(&keys(&["k1", "k2"]));
+        let mut b = turns.take(&keys(&["k1"]));
+        let mut c = turns.take(&keys(&["k2"]));
+        a.release("k1");
+        a.release("k1");
+        tokio::time::timeout(Duration::from_secs(1), b.ready())
+            .await
+            .expect("k1 was given up");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), c.ready())
+                .await
+                .is_err(),
+            "k2 is still held"
+        );
+        drop(a);
+        tokio::time::timeout(Duration::from_secs(1), c.ready())
+            .await
+            .expect("k2 is given up with the turn");
+        drop((b, c));
+        assert_eq!(turns.busy(), 0);
     }
 
     #[tokio::test]
