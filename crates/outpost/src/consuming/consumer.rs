@@ -83,8 +83,6 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message as _, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
 use serde::Deserialize;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
@@ -93,6 +91,7 @@ use crate::backoff::Backoff;
 use crate::error::classify;
 use crate::error::{database_is_retriable, Error, Result};
 use crate::event::envelope::EventEnvelope;
+use crate::kafka::acks::AckProducer;
 use crate::kafka::producer::validate_brokers;
 
 use super::partitions::{Batch, Ended, Key, Partitions, Rebalancing};
@@ -420,7 +419,7 @@ pub struct Consumer<P> {
     config: ConsumerConfig,
     // Shared with the blocking-pool threads that seek and commit.
     consumer: Arc<StreamConsumer<Rebalancing>>,
-    dead_letters: FutureProducer,
+    dead_letters: AckProducer,
     process: P,
 }
 
@@ -454,7 +453,7 @@ impl<P: Process> Consumer<P> {
         consumer
             .subscribe(&topics)
             .map_err(|e| Error::config("topics", "valid topic names", e.to_string()))?;
-        let dead_letters: FutureProducer = config.dead_letter_config().create().map_err(|e| {
+        let dead_letters = AckProducer::new(&config.dead_letter_config()).map_err(|e| {
             Error::config(
                 "dead_letter_librdkafka",
                 "valid librdkafka producer properties",
@@ -699,16 +698,15 @@ impl<P: Process> Consumer<P> {
             });
         }
         let topic = self.config.dead_letter_topic.as_str();
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
-        if let Some(key) = msg.key() {
-            record = record.key(key);
-        }
-        if let Some(payload) = msg.payload() {
-            record = record.payload(payload);
-        }
         match self
             .dead_letters
-            .send(record, Timeout::After(self.config.dead_letter_timeout))
+            .send(
+                topic,
+                msg.key(),
+                msg.payload(),
+                headers,
+                self.config.dead_letter_timeout,
+            )
             .await
         {
             Ok(_) => {
@@ -723,7 +721,7 @@ impl<P: Process> Consumer<P> {
                 );
                 Ok(())
             }
-            Err((source, _)) => Err(Error::KafkaPublish {
+            Err(source) => Err(Error::KafkaPublish {
                 topic: topic.to_owned(),
                 class: classify(&source),
                 source,

@@ -10,11 +10,12 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::Producer;
 use rdkafka::util::Timeout;
 use tracing::warn;
 
 use crate::error::{classify, Error, ErrorClass, Result};
+use crate::kafka::acks::AckProducer;
 
 /// Producer settings. Any librdkafka property can be set through `librdkafka`, which is
 /// applied last.
@@ -197,7 +198,7 @@ fn kafka_headers(headers: &BTreeMap<String, String>) -> OwnedHeaders {
 /// An idempotent, acks=all Kafka producer that replaces itself when fenced.
 pub struct KafkaProducer {
     config: ProducerConfig,
-    current: RwLock<(u64, Arc<FutureProducer>)>,
+    current: RwLock<(u64, Arc<AckProducer>)>,
     /// Last ack or rebuild; timeouts long after it mean this instance is stuck.
     last_progress: std::sync::Mutex<std::time::Instant>,
     /// Messages queued so far, and their count at the last purge: a purge is skipped only
@@ -232,10 +233,8 @@ impl KafkaProducer {
         })
     }
 
-    fn build(config: &ProducerConfig) -> Result<FutureProducer> {
-        config
-            .client_config()
-            .create()
+    fn build(config: &ProducerConfig) -> Result<AckProducer> {
+        AckProducer::new(&config.client_config())
             .map_err(|e| Error::config("librdkafka", "valid librdkafka properties", e.to_string()))
     }
 
@@ -244,7 +243,7 @@ impl KafkaProducer {
         &self.config
     }
 
-    fn snapshot(&self) -> (u64, Arc<FutureProducer>) {
+    fn snapshot(&self) -> (u64, Arc<AckProducer>) {
         let guard = self.current.read().unwrap_or_else(|p| p.into_inner());
         (guard.0, Arc::clone(&guard.1))
     }
@@ -264,28 +263,22 @@ impl KafkaProducer {
         headers: &BTreeMap<String, String>,
     ) -> std::result::Result<PendingAck, SendFailure> {
         let (generation, producer) = self.snapshot();
-        let record = FutureRecord::to(topic)
-            .key(key)
-            .payload(payload)
-            .headers(kafka_headers(headers));
-        match producer.send_result(record) {
+        let (key, payload) = (Some(key.as_bytes()), Some(payload));
+        match producer.enqueue(topic, key, payload, kafka_headers(headers)) {
             Ok(delivery) => {
                 self.queued
                     .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 let this = Arc::clone(self);
                 Ok(Box::pin(async move {
                     let result = match delivery.await {
-                        Ok(Ok(d)) => Ok(Acked {
-                            partition: d.partition,
-                            offset: d.offset,
-                        }),
-                        Ok(Err((error, _))) => Err(error),
+                        Ok(Ok((partition, offset))) => Ok(Acked { partition, offset }),
+                        Ok(Err(error)) => Err(error),
                         Err(_canceled) => Err(KafkaError::Canceled),
                     };
                     this.outcome(generation, &producer, result)
                 }))
             }
-            Err((error, _)) => Err(self.outcome(generation, &producer, Err(error)).unwrap_err()),
+            Err(error) => Err(self.outcome(generation, &producer, Err(error)).unwrap_err()),
         }
     }
 
@@ -293,7 +286,7 @@ impl KafkaProducer {
     fn outcome(
         &self,
         generation: u64,
-        producer: &FutureProducer,
+        producer: &AckProducer,
         result: std::result::Result<Acked, KafkaError>,
     ) -> std::result::Result<Acked, SendFailure> {
         match result {
@@ -303,7 +296,7 @@ impl KafkaProducer {
             }
             Err(error) => {
                 if needs_rebuild(&error)
-                    || producer.client().fatal_error().is_some()
+                    || producer.inner().client().fatal_error().is_some()
                     || self.stuck(&error)
                 {
                     self.rebuild(generation, &error);
@@ -329,22 +322,18 @@ impl KafkaProducer {
         headers: &BTreeMap<String, String>,
     ) -> Result<Acked, SendFailure> {
         let (generation, producer) = self.snapshot();
-        let record = FutureRecord::to(topic)
-            .key(key)
-            .payload(payload)
-            .headers(kafka_headers(headers));
         self.queued
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let result = match producer
-            .send(record, Timeout::After(self.config.queue_timeout))
+        let result = producer
+            .send(
+                topic,
+                Some(key.as_bytes()),
+                Some(payload),
+                kafka_headers(headers),
+                self.config.queue_timeout,
+            )
             .await
-        {
-            Ok(delivery) => Ok(Acked {
-                partition: delivery.partition,
-                offset: delivery.offset,
-            }),
-            Err((error, _)) => Err(error),
-        };
+            .map(|(partition, offset)| Acked { partition, offset });
         self.outcome(generation, &producer, result)
     }
 
@@ -389,12 +378,8 @@ impl KafkaProducer {
             std::mem::replace(&mut *guard, (seen_generation + 1, fresh)).1
         };
         self.progressed();
-        // Dropping the last handle of a producer flushes and joins its threads: never on a
-        // runtime worker.
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(move || drop(old))),
-            Err(_) => drop(old),
-        }
+        // Its acks thread closes it (flushing what is in flight), off the runtime.
+        drop(old);
     }
 
     /// Fails every message still waiting in librdkafka's queues (never sent) with
@@ -417,7 +402,7 @@ impl KafkaProducer {
             *last = Some(queued);
         }
         let (_, producer) = self.snapshot();
-        producer.purge(
+        producer.inner().purge(
             rdkafka::producer::PurgeConfig::default()
                 .queue()
                 .non_blocking(),
@@ -434,7 +419,7 @@ impl KafkaProducer {
     /// Waits up to `timeout` for queued messages to be delivered.
     pub fn flush(&self, timeout: Duration) {
         let (_, producer) = self.snapshot();
-        if let Err(e) = producer.flush(Timeout::After(timeout)) {
+        if let Err(e) = producer.inner().flush(Timeout::After(timeout)) {
             warn!(error = %e, "kafka flush did not complete");
         }
     }
