@@ -140,6 +140,18 @@ pub struct DeadEvent {
     pub attempts: i32,
 }
 
+/// A condition that turns off the wait for the WAL flush at the commit of the statement's
+/// transaction (`synchronous_commit` for that transaction only; a one-time filter, so it
+/// costs no round trip and runs even when no row matches).
+///
+/// For bookkeeping only: leases, hand-backs and settles. A crash of the server may lose
+/// the last of them, which leaves the state an expired lease leaves (keys free, rows
+/// pending): the rows are delivered again (same bytes, same event id) and nothing is lost.
+/// Each such write would otherwise wait for a flush of its own, after the caller's commit
+/// already waited for one: on the eager path that flush sat between `COMMIT` and the produce.
+/// Staging never uses it: an event is committed with the caller's transaction, durably.
+const NO_FLUSH_WAIT: &str = "(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL";
+
 /// Queries are formatted once per table, so each call only binds values.
 #[derive(Debug)]
 struct Sql {
@@ -182,6 +194,7 @@ impl Sql {
                      SELECT event_key FROM {k} \
                      WHERE next_attempt_at <= now() \
                        AND (lease_until IS NULL OR lease_until < now() {filter} \
+                       AND {NO_FLUSH_WAIT} \
                      ORDER BY next_attempt_at LIMIT $2 \
                      FOR UPDATE SKIP LOCKED), \
                  leased AS ( \
@@ -268,7 +281,8 @@ impl Sql {
             ),
             renew: format!(
                 "UPDATE {k} SET lease_until = now() + make_interval(secs => $2) \
-                 WHERE lease_owner = $1 AND event_key = ANY($3) RETURNING event_key"
+                 WHERE lease_owner = $1 AND event_key = ANY($3) AND {NO_FLUSH_WAIT} \
+                 RETURNING event_key"
             ),
             // One statement settles every row of a batch and hands its keys back: an acked
             // row is published whoever holds its key now (the broker has it); failures and
@@ -280,7 +294,7 @@ impl Sql {
                          kafka_partition = u.partition, kafka_offset = u.kafka_offset \
                      FROM UNNEST($1::bigint[], $2::int[], $3::bigint[]) \
                           AS u(id, partition, kafka_offset) \
-                     WHERE t.id = u.id AND t.status = 'pending'), \
+                     WHERE t.id = u.id AND t.status = 'pending' AND {NO_FLUSH_WAIT}), \
                  failed AS ( \
                      UPDATE {t} t SET attempts = t.attempts + 1, \
                          failures = t.failures + u.budget, last_error = u.err, \
@@ -307,7 +321,7 @@ impl Sql {
             ),
             delete_drained: format!(
                 "DELETE FROM {k} k WHERE k.event_key = ANY($1) AND k.lease_owner = $2 \
-                 AND NOT EXISTS (SELECT 1 FROM {t} e WHERE e.status = 'pending' \
+                 AND {NO_FLUSH_WAIT} AND NOT EXISTS (SELECT 1 FROM {t} e WHERE e.status = 'pending' \
                                  AND e.event_key = k.event_key) \
                  RETURNING k.event_key"
             ),
