@@ -128,6 +128,10 @@ async fn content_handlers_of_one_batch_run_side_by_side_and_fill_each_slot_once(
     // A transaction that holds every slot and then rolls back, as handlers that fail
     // would: the announcements must wait for those slots, not report excess content.
     let mut holder = publisher.store().pool().begin().await.unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
     let held: Vec<String> = sqlx::query_scalar(
         "SELECT essay_id FROM essays WHERE batch_id = $1 ORDER BY slot FOR UPDATE",
     )
@@ -149,7 +153,26 @@ async fn content_handlers_of_one_batch_run_side_by_side_and_fill_each_slot_once(
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The rollback comes once every announcement waits behind the holder (on a held slot,
+    // or on one that waits for one), or after 10 s whatever they do.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        let waiting: i64 = sqlx::query_scalar(
+            "WITH RECURSIVE behind(pid) AS ( \
+                 SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid)) \
+                 UNION SELECT a.pid FROM pg_stat_activity a JOIN behind b \
+                     ON b.pid = ANY(pg_blocking_pids(a.pid))) \
+             SELECT count(*) FROM behind",
+        )
+        .bind(holder_pid)
+        .fetch_one(publisher.store().pool())
+        .await
+        .unwrap();
+        if waiting >= 2 * SLOTS as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     holder.rollback().await.unwrap();
     for handler in handlers {
         tokio::time::timeout(Duration::from_secs(60), handler)

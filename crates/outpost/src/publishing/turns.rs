@@ -189,7 +189,7 @@ impl Turn {
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state();
         for (key, _) in &self.held {
             state.given_up(key, self.id);
         }
