@@ -54,6 +54,11 @@ use crate::spellchecker::{self, Spellchecker};
 use crate::spelling::{Dictionary, DEFAULT_DICTIONARY};
 use crate::timeline::Timeline;
 
+/// Messages of a partition a service settles in one transaction when they are already
+/// waiting: one commit, one inbox round of locks (ELS's batch count row is locked once per
+/// unit, not once per result) and one eager dispatch for all of them.
+const SETTLED_TOGETHER: usize = 32;
+
 /// How long after its first delivery a duplicate of an event may still arrive; the
 /// inboxes remember processed events for longer (their default, 7 days).
 const RETRY_HORIZON: Duration = Duration::from_secs(24 * 3600);
@@ -631,6 +636,7 @@ impl Node {
         // tansu answers an empty fetch only when the wait expires; keep that wait short.
         .with("fetch.wait.max.ms", "10")
         .with("reconnect.backoff.max.ms", "200");
+        consumer_config.together = SETTLED_TOGETHER;
         consumer_config.retry = Backoff {
             initial: Duration::from_millis(50),
             max: Duration::from_secs(1),

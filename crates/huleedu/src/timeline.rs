@@ -307,6 +307,22 @@ impl<P: Process> Process for Recorded<P> {
             .record(self.consumer, received, received_at, outcome);
         Ok(outcome)
     }
+
+    /// Each message of the unit is recorded as received when the unit started.
+    async fn process_together(
+        &self,
+        received: &[Received],
+    ) -> Option<outpost::Result<Vec<Outcome>>> {
+        let received_at = Utc::now();
+        let outcomes = self.inner.process_together(received).await?;
+        if let Ok(outcomes) = &outcomes {
+            for (received, outcome) in received.iter().zip(outcomes) {
+                self.timeline
+                    .record(self.consumer, received, received_at, *outcome);
+            }
+        }
+        Some(outcomes)
+    }
 }
 
 #[cfg(test)]

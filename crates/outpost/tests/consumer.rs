@@ -66,7 +66,7 @@ impl Effects {
             .unwrap();
         sqlx::query(&format!(
             "CREATE TABLE {schema}.effects (id BIGSERIAL PRIMARY KEY, event_id UUID NOT NULL, \
-             key TEXT NOT NULL, seq BIGINT NOT NULL)"
+             key TEXT NOT NULL, seq BIGINT NOT NULL, tx BIGINT NOT NULL DEFAULT txid_current())"
         ))
         .execute(&pool)
         .await
@@ -680,6 +680,71 @@ async fn retriable_failures_are_retried_in_place_never_skipped() {
         order,
         [flaky.event_id, next.event_id],
         "nothing overtook the retried event"
+    );
+}
+
+#[tokio::test]
+async fn messages_settled_together_take_effect_once_in_order_and_failures_are_settled_alone() {
+    let (effects, topic, dead, group, producer) = case(1).await;
+    let mut events: Vec<OutboxEvent> = (0..60)
+        .map(|seq| {
+            let extra = match seq {
+                10 => json!({ "poison": true }),
+                12 => json!({ "fail_times": 1 }),
+                _ => json!({}),
+            };
+            event_with(&topic, "k", seq, extra)
+        })
+        .collect();
+    // A redelivery of an event handled earlier, in the middle of a later unit.
+    events.insert(40, events[5].clone());
+    let mut end = 0;
+    for event in &events {
+        end = send_event(&producer, event).await.1 + 1;
+    }
+
+    // Everything is waiting when the consumer starts, so units fill up.
+    let mut config = consumer_config(&group, &topic, &dead);
+    config.together = 16;
+    let process = Inboxed::new(effects.inbox().await, effects.clone());
+    let running = Running::start(Consumer::new(config, process).unwrap());
+    let last = events.last().unwrap().event_id;
+    support::eventually(WAIT, "the last event handled", || {
+        let effects = effects.clone();
+        async move { (effects.count(last).await == 1).then_some(()) }
+    })
+    .await;
+    let dead_letters = read_topic(&dead, 1).await;
+    support::eventually(WAIT, "every offset committed", || {
+        let (group, topic) = (group.clone(), topic.clone());
+        async move { (committed(&group, &topic, 1).await[0] == Some(end)).then_some(()) }
+    })
+    .await;
+    running.stop().await;
+
+    let all = effects.all().await;
+    let seqs: Vec<i64> = all.iter().map(|e| e.2).collect();
+    let expected: Vec<i64> = (0..60).filter(|seq| *seq != 10).collect();
+    assert_eq!(seqs, expected, "each once, in partition order");
+    assert_eq!(
+        header(&dead_letters[0], "event_id"),
+        Some(events[10].event_id.to_string()),
+        "the poison event alone is dead-lettered"
+    );
+    let transactions: std::collections::HashSet<i64> =
+        sqlx::query_scalar(&format!("SELECT tx FROM {}.effects", effects.schema))
+            .fetch_all(&effects.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    // The unit with the poison and the flaky event is settled one message at a time
+    // (16 transactions); the rest share a few.
+    assert!(
+        transactions.len() <= all.len() / 2,
+        "{} transactions for {} effects",
+        transactions.len(),
+        all.len()
     );
 }
 

@@ -139,6 +139,14 @@ pub struct ConsumerConfig {
     /// Messages received and waiting per partition before its fetching is paused (default
     /// 500).
     pub partition_buffer: usize,
+    /// Most messages of one partition settled together, when the [`Process`] can (default
+    /// 1: one at a time). With more, the messages already waiting in a partition go to
+    /// [`Process::process_together`] as one unit (for an inbox, one transaction); a
+    /// partition with one message waiting is not held back to gather more. If the unit
+    /// fails, none of it took effect, and its messages are settled again one at a time, so
+    /// a failure is retried or dead-lettered on its own. Side effects outside the
+    /// transaction may then run twice.
+    pub together: usize,
     /// Extra librdkafka properties for the consumer, applied after Outpost's own (for
     /// example `session.timeout.ms`, `auto.offset.reset`, security settings). The offset
     /// store and auto-commit settings are Outpost's and rejected here.
@@ -168,6 +176,7 @@ impl ConsumerConfig {
             dead_letter_timeout: Duration::from_secs(10),
             concurrent_partitions: 8,
             partition_buffer: 500,
+            together: 1,
             librdkafka: BTreeMap::new(),
             dead_letter_librdkafka: BTreeMap::new(),
         }
@@ -224,6 +233,7 @@ impl ConsumerConfig {
         for (name, value) in [
             ("concurrent_partitions", self.concurrent_partitions),
             ("partition_buffer", self.partition_buffer),
+            ("together", self.together),
         ] {
             if value == 0 {
                 return Err(Error::config(name, "a positive integer", "0"));
@@ -379,6 +389,16 @@ pub enum Outcome {
     Duplicate,
 }
 
+impl Outcome {
+    /// The `outcome` label of the consumed-messages metric.
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Handled => "handled",
+            Outcome::Duplicate => "duplicate",
+        }
+    }
+}
+
 /// The business side of consuming with [`Idempotent`](crate::consuming::idempotency::Idempotent):
 /// what to do with one decoded event.
 ///
@@ -412,6 +432,19 @@ pub trait Process: Send + Sync {
     /// # Errors
     /// See the trait's contract; [`Error::Decode`] for a payload that is not an envelope.
     fn process(&self, received: &Received) -> impl Future<Output = Result<Outcome>> + Send;
+
+    /// Settles `received` (consecutive messages of one partition, in order) as one unit:
+    /// all of them or none. `Some(Ok)` holds an outcome per message, in order; after
+    /// `Some(Err)` none may have taken effect (the consumer then calls
+    /// [`process`](Self::process) for each). `None` (the default): this `Process` settles
+    /// one message at a time only.
+    fn process_together(
+        &self,
+        received: &[Received],
+    ) -> impl Future<Output = Option<Result<Vec<Outcome>>>> + Send {
+        let _ = received;
+        async { None }
+    }
 }
 
 /// A Kafka consumer that settles each message with a [`Process`] before committing it.
@@ -566,9 +599,23 @@ impl<P: Process> Consumer<P> {
             cancel,
         } = batch;
         let group = self.config.group_id.as_str();
+        // Messages left to settle one at a time after a unit of them failed.
+        let mut alone = 0usize;
         let ended = loop {
             if cancel.is_cancelled() {
                 break Ended::Cancelled;
+            }
+            let waiting = messages.len().min(self.config.together);
+            if alone == 0 && attempts == 0 && waiting > 1 {
+                if self.settle_together(messages.range(..waiting)).await {
+                    let last = messages[waiting - 1].offset();
+                    if let Err(e) = self.consumer.store_offset(&key.0, key.1, last) {
+                        debug!(group, error = %e, "offset not stored");
+                    }
+                    messages.drain(..waiting);
+                    continue;
+                }
+                alone = waiting;
             }
             let Some(msg) = messages.front() else {
                 break Ended::Done;
@@ -576,6 +623,7 @@ impl<P: Process> Consumer<P> {
             match self.settle(msg).await {
                 Ok(()) => {
                     attempts = 0;
+                    alone = alone.saturating_sub(1);
                     if let Err(e) = self.consumer.store_offset(&key.0, key.1, msg.offset()) {
                         // The partition was revoked meanwhile: its new owner gets the
                         // message again and skips it as a duplicate.
@@ -615,6 +663,36 @@ impl<P: Process> Consumer<P> {
         (key, generation, ended)
     }
 
+    /// Settles `msgs` as one unit if the [`Process`] can; `false` means none of them was
+    /// settled.
+    async fn settle_together(&self, msgs: impl Iterator<Item = &OwnedMessage>) -> bool {
+        let Ok(received) = msgs
+            .map(|msg| self.received(msg))
+            .collect::<Result<Vec<_>>>()
+        else {
+            return false; // the bad one is dead-lettered on its own
+        };
+        let group = self.config.group_id.as_str();
+        match self.process.process_together(&received).await {
+            None => false,
+            Some(Ok(outcomes)) => {
+                debug!(
+                    group,
+                    messages = received.len(),
+                    "messages settled together"
+                );
+                for outcome in outcomes {
+                    crate::metrics::consumed(group, outcome.label());
+                }
+                true
+            }
+            Some(Err(e)) => {
+                debug!(group, error = %e, "settling together failed; one at a time");
+                false
+            }
+        }
+    }
+
     /// Handles, skips or dead-letters one message. An error means it is not settled.
     async fn settle(&self, msg: &OwnedMessage) -> Result<()> {
         let outcome = match self.received(msg) {
@@ -631,13 +709,7 @@ impl<P: Process> Consumer<P> {
                     ?outcome,
                     "message settled"
                 );
-                crate::metrics::consumed(
-                    group,
-                    match outcome {
-                        Outcome::Handled => "handled",
-                        Outcome::Duplicate => "duplicate",
-                    },
-                );
+                crate::metrics::consumed(group, outcome.label());
                 Ok(())
             }
             Err(e) if retry_in_place(&e) => {

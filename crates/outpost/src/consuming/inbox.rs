@@ -354,6 +354,33 @@ impl<H: InboxHandler> Process for Inboxed<H> {
         tx.commit().await.map_err(err("commit"))?;
         Ok(Outcome::Handled)
     }
+
+    /// One transaction for all of `received`: one commit (and one flush of the WAL)
+    /// instead of one per message.
+    async fn process_together(&self, received: &[Received]) -> Option<Result<Vec<Outcome>>> {
+        let err = |operation| move |source| Error::InboxStorage { operation, source };
+        let settled = async {
+            let mut tx = self.inbox.pool.begin().await.map_err(err("begin"))?;
+            let mut outcomes = Vec::with_capacity(received.len());
+            for received in received {
+                // A duplicate's claim writes nothing: skipping it leaves the others intact.
+                if !self
+                    .inbox
+                    .claim(&mut tx, &received.group_id, received.event_id)
+                    .await?
+                {
+                    outcomes.push(Outcome::Duplicate);
+                    continue;
+                }
+                let event = received.decode()?;
+                self.handler.handle(&event, received, &mut tx).await?;
+                outcomes.push(Outcome::Handled);
+            }
+            tx.commit().await.map_err(err("commit"))?;
+            Ok(outcomes)
+        };
+        Some(settled.await)
+    }
 }
 
 /// The business side of a service that consumes and publishes: handle one event, writing
@@ -420,6 +447,31 @@ impl<H: PublishingHandler> Process for InboxedPublishing<H> {
         // the next message of the partition.
         tx.commit_and_dispatch_later().await?;
         Ok(Outcome::Handled)
+    }
+
+    /// One transaction for all of `received`, and one eager dispatch for every event they
+    /// staged.
+    async fn process_together(&self, received: &[Received]) -> Option<Result<Vec<Outcome>>> {
+        let settled = async {
+            let mut tx = self.publisher.begin().await?;
+            let mut outcomes = Vec::with_capacity(received.len());
+            for received in received {
+                if !self
+                    .inbox
+                    .claim(tx.transaction(), &received.group_id, received.event_id)
+                    .await?
+                {
+                    outcomes.push(Outcome::Duplicate);
+                    continue;
+                }
+                let event = received.decode()?;
+                self.handler.handle(&event, received, &mut tx).await?;
+                outcomes.push(Outcome::Handled);
+            }
+            tx.commit_and_dispatch_later().await?;
+            Ok(outcomes)
+        };
+        Some(settled.await)
     }
 }
 
