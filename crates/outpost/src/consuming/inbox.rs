@@ -334,47 +334,52 @@ impl<H: InboxHandler> Inboxed<H> {
     }
 }
 
+impl<H: InboxHandler> Inboxed<H> {
+    /// Records `received` in the inbox within `tx` and, the first time, handles it.
+    async fn settle_in(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        received: &Received,
+    ) -> Result<Outcome> {
+        if !self
+            .inbox
+            .claim(tx, &received.group_id, received.event_id)
+            .await?
+        {
+            return Ok(Outcome::Duplicate);
+        }
+        let event = received.decode()?;
+        self.handler.handle(&event, received, tx).await?;
+        Ok(Outcome::Handled)
+    }
+}
+
 impl<H: InboxHandler> Process for Inboxed<H> {
     async fn process(&self, received: &Received) -> Result<Outcome> {
         let err = |operation| move |source| Error::InboxStorage { operation, source };
         let mut tx = self.inbox.pool.begin().await.map_err(err("begin"))?;
-        if !self
-            .inbox
-            .claim(&mut tx, &received.group_id, received.event_id)
-            .await?
-        {
+        // Dropping `tx` on any error rolls the inbox row back with the writes.
+        let outcome = self.settle_in(&mut tx, received).await?;
+        if outcome == Outcome::Duplicate {
             tx.rollback().await.map_err(err("rollback"))?;
-            return Ok(Outcome::Duplicate);
+        } else {
+            // A commit that fails ambiguously is retried: if it did commit, the retry is a
+            // duplicate.
+            tx.commit().await.map_err(err("commit"))?;
         }
-        // Dropping `tx` on any error below rolls the inbox row back with the writes.
-        let event = received.decode()?;
-        self.handler.handle(&event, received, &mut tx).await?;
-        // A commit that fails ambiguously is retried: if it did commit, the retry is a
-        // duplicate.
-        tx.commit().await.map_err(err("commit"))?;
-        Ok(Outcome::Handled)
+        Ok(outcome)
     }
 
     /// One transaction for all of `received`: one commit (and one flush of the WAL)
-    /// instead of one per message.
+    /// instead of one per message. A duplicate's claim writes nothing, so it is skipped
+    /// without touching the others.
     async fn process_together(&self, received: &[Received]) -> Option<Result<Vec<Outcome>>> {
         let err = |operation| move |source| Error::InboxStorage { operation, source };
         let settled = async {
             let mut tx = self.inbox.pool.begin().await.map_err(err("begin"))?;
             let mut outcomes = Vec::with_capacity(received.len());
             for received in received {
-                // A duplicate's claim writes nothing: skipping it leaves the others intact.
-                if !self
-                    .inbox
-                    .claim(&mut tx, &received.group_id, received.event_id)
-                    .await?
-                {
-                    outcomes.push(Outcome::Duplicate);
-                    continue;
-                }
-                let event = received.decode()?;
-                self.handler.handle(&event, received, &mut tx).await?;
-                outcomes.push(Outcome::Handled);
+                outcomes.push(self.settle_in(&mut tx, received).await?);
             }
             tx.commit().await.map_err(err("commit"))?;
             Ok(outcomes)
@@ -429,24 +434,35 @@ impl<H: PublishingHandler> InboxedPublishing<H> {
     }
 }
 
-impl<H: PublishingHandler> Process for InboxedPublishing<H> {
-    async fn process(&self, received: &Received) -> Result<Outcome> {
-        let mut tx = self.publisher.begin().await?;
+impl<H: PublishingHandler> InboxedPublishing<H> {
+    /// Records `received` in the inbox within `tx` and, the first time, handles it.
+    async fn settle_in(&self, tx: &mut OutboxTx, received: &Received) -> Result<Outcome> {
         if !self
             .inbox
             .claim(tx.transaction(), &received.group_id, received.event_id)
             .await?
         {
-            tx.rollback().await?;
             return Ok(Outcome::Duplicate);
         }
-        // Dropping `tx` on any error below rolls back the inbox row, writes and events.
         let event = received.decode()?;
-        self.handler.handle(&event, received, &mut tx).await?;
-        // The outbox holds the events once this commits; their dispatch need not hold up
-        // the next message of the partition.
-        tx.commit_and_dispatch_later().await?;
+        self.handler.handle(&event, received, tx).await?;
         Ok(Outcome::Handled)
+    }
+}
+
+impl<H: PublishingHandler> Process for InboxedPublishing<H> {
+    async fn process(&self, received: &Received) -> Result<Outcome> {
+        let mut tx = self.publisher.begin().await?;
+        // Dropping `tx` on any error rolls back the inbox row, writes and events.
+        let outcome = self.settle_in(&mut tx, received).await?;
+        if outcome == Outcome::Duplicate {
+            tx.rollback().await?;
+        } else {
+            // The outbox holds the events once this commits; their dispatch need not hold
+            // up the next message of the partition.
+            tx.commit_and_dispatch_later().await?;
+        }
+        Ok(outcome)
     }
 
     /// One transaction for all of `received`, and one eager dispatch for every event they
@@ -456,17 +472,7 @@ impl<H: PublishingHandler> Process for InboxedPublishing<H> {
             let mut tx = self.publisher.begin().await?;
             let mut outcomes = Vec::with_capacity(received.len());
             for received in received {
-                if !self
-                    .inbox
-                    .claim(tx.transaction(), &received.group_id, received.event_id)
-                    .await?
-                {
-                    outcomes.push(Outcome::Duplicate);
-                    continue;
-                }
-                let event = received.decode()?;
-                self.handler.handle(&event, received, &mut tx).await?;
-                outcomes.push(Outcome::Handled);
+                outcomes.push(self.settle_in(&mut tx, received).await?);
             }
             tx.commit_and_dispatch_later().await?;
             Ok(outcomes)
