@@ -488,13 +488,58 @@ impl EssayLifecycle {
         event: &EventEnvelope<serde_json::Value>,
         tx: &mut OutboxTx,
     ) -> outpost::Result<()> {
+        if let Some(result) = self.record_result(event, tx).await? {
+            self.count_results(tx, &[result], event).await?;
+        }
+        Ok(())
+    }
+
+    /// Records several results in one transaction, as one by one, but counts each batch's
+    /// once: its count row is locked for the last statements of the transaction only, not
+    /// from the first result on.
+    async fn on_spellcheck_results(
+        &self,
+        events: &[(EventEnvelope<serde_json::Value>, &Received)],
+        tx: &mut OutboxTx,
+    ) -> outpost::Result<()> {
+        let mut recorded = Vec::with_capacity(events.len());
+        for (index, (event, _)) in events.iter().enumerate() {
+            if let Some(result) = self.record_result(event, tx).await? {
+                recorded.push(Recorded { index, ..result });
+            }
+        }
+        let mut batches: Vec<&str> = Vec::new();
+        for result in &recorded {
+            if !batches.contains(&result.batch_id.as_str()) {
+                batches.push(&result.batch_id);
+            }
+        }
+        for batch_id in batches {
+            let of_batch: Vec<Recorded> = recorded
+                .iter()
+                .filter(|r| r.batch_id == batch_id)
+                .cloned()
+                .collect();
+            let last = of_batch.last().map_or(&events[0].0, |r| &events[r.index].0);
+            self.count_results(tx, &of_batch, last).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves the essay of one result on and announces its status; `None` when the result
+    /// does not count (its batch concluded the phase, or the essay was not waiting for it).
+    async fn record_result(
+        &self,
+        event: &EventEnvelope<serde_json::Value>,
+        tx: &mut OutboxTx,
+    ) -> outpost::Result<Option<Recorded>> {
         let result: SpellcheckCompleted = decode(event)?;
         let essay_id = result.entity_ref.entity_id.as_str();
         let batch_id = result.entity_ref.parent_id.as_deref().ok_or_else(|| {
             OutpostError::permanent(format!("spellcheck result for {essay_id} names no batch"))
         })?;
-        // Results of a batch are handled side by side; only the count below, whose row lock
-        // is held to the commit, puts them in one order (counts, progress events and the
+        // Results of a batch are handled side by side; only the count, whose row lock is
+        // held to the commit, puts them in one order (counts, progress events and the
         // conclusion follow it). The key-share lock still waits for, and holds off, any
         // handler that takes the whole batch (`lock_batch`).
         let state: Option<String> =
@@ -508,7 +553,7 @@ impl EssayLifecycle {
             Some(batch_state::SPELLCHECK_IN_PROGRESS) => {}
             Some(state) => {
                 debug!(batch_id, state, "result after the phase concluded; ignored");
-                return Ok(());
+                return Ok(None);
             }
         }
         let done = if result.status == essay_state::SPELLCHECKED_SUCCESS {
@@ -521,7 +566,7 @@ impl EssayLifecycle {
             .await?
         {
             debug!(essay_id, "essay not awaiting a result; ignored");
-            return Ok(());
+            return Ok(None);
         }
         sqlx::query("UPDATE essays SET corrected_text_storage_id = $2 WHERE essay_id = $1")
             .bind(essay_id)
@@ -531,33 +576,68 @@ impl EssayLifecycle {
             .map_err(handler_db)?;
         self.publish_status_update(tx, essay_id, batch_id, done, event.correlation_id)
             .await?;
-        // The transition above happens once per essay, so this counts each result once. A
+        Ok(Some(Recorded {
+            batch_id: batch_id.to_owned(),
+            succeeded: done == essay_state::SPELLCHECKED_SUCCESS,
+            correlation_id: event.correlation_id,
+            index: 0,
+        }))
+    }
+
+    /// Counts `results` (recorded in this transaction, all of one batch, in order) in one
+    /// statement, stages a progress event per result with the counts after it, and
+    /// concludes the phase after the last result. The statement is the first of the
+    /// transaction's last few: the batch row's lock is held from here to the commit.
+    async fn count_results(
+        &self,
+        tx: &mut OutboxTx,
+        results: &[Recorded],
+        event: &EventEnvelope<serde_json::Value>,
+    ) -> outpost::Result<()> {
+        let Some(first) = results.first() else {
+            return Ok(());
+        };
+        let batch_id = first.batch_id.as_str();
+        let succeeded_here = results.iter().filter(|r| r.succeeded).count();
+        let failed_here = results.len() - succeeded_here;
+        // The transitions counted happen once per essay, so each result is counted once. A
         // result counted here after another's wait re-reads the row: the counts never skip.
         let row = sqlx::query(
             "UPDATE batches SET \
-               spellcheck_succeeded = spellcheck_succeeded + CASE WHEN $2 THEN 1 ELSE 0 END, \
-               spellcheck_failed = spellcheck_failed + CASE WHEN $2 THEN 0 ELSE 1 END \
+               spellcheck_succeeded = spellcheck_succeeded + $2, \
+               spellcheck_failed = spellcheck_failed + $3 \
              WHERE batch_id = $1 \
              RETURNING spellcheck_succeeded::bigint, spellcheck_failed::bigint, phase_total",
         )
         .bind(batch_id)
-        .bind(done == essay_state::SPELLCHECKED_SUCCESS)
+        .bind(i32::try_from(succeeded_here).unwrap_or(i32::MAX))
+        .bind(i32::try_from(failed_here).unwrap_or(i32::MAX))
         .fetch_one(&mut **tx)
         .await
         .map_err(handler_db)?;
         let count = |i: usize| u32::try_from(row.get::<i64, _>(i)).unwrap_or(0);
         let (succeeded, failed) = (count(0), count(1));
         let total = u32::try_from(row.get::<Option<i32>, _>(2).unwrap_or(0)).unwrap_or(0);
-        self.publish_batch_phase_progress(
-            tx,
-            batch_id,
-            SPELLCHECK,
-            succeeded,
-            failed,
-            total,
-            event.correlation_id,
-        )
-        .await?;
+        // The counts before this transaction's results, then one result at a time.
+        let mut at = (
+            succeeded.saturating_sub(u32::try_from(succeeded_here).unwrap_or(u32::MAX)),
+            failed.saturating_sub(u32::try_from(failed_here).unwrap_or(u32::MAX)),
+        );
+        let mut progress = Vec::with_capacity(results.len());
+        for result in results {
+            if result.succeeded {
+                at.0 += 1;
+            } else {
+                at.1 += 1;
+            }
+            progress.push(self.batch_phase_progress(
+                batch_id,
+                SPELLCHECK,
+                (at.0, at.1, total),
+                result.correlation_id,
+            )?);
+        }
+        tx.publish_all(&progress).await?;
         if succeeded + failed >= total {
             self.conclude_spellcheck(tx, batch_id, event).await?;
         }
@@ -922,6 +1002,20 @@ impl EssayLifecycle {
         total_essays_in_phase: u32,
         correlation_id: Uuid,
     ) -> outpost::Result<()> {
+        let counts = (completed_count, failed_count, total_essays_in_phase);
+        let progress = self.batch_phase_progress(batch_id, phase, counts, correlation_id)?;
+        tx.publish(&progress).await
+    }
+
+    /// The event [`publish_batch_phase_progress`](Self::publish_batch_phase_progress) stages;
+    /// `counts`: completed, failed, total.
+    fn batch_phase_progress(
+        &self,
+        batch_id: &str,
+        phase: &str,
+        (completed_count, failed_count, total_essays_in_phase): (u32, u32, u32),
+        correlation_id: Uuid,
+    ) -> outpost::Result<OutboxEvent> {
         let data = BatchPhaseProgress {
             event_name: "batch.phase.progress.v1".into(),
             entity_ref: EntityRef {
@@ -936,14 +1030,13 @@ impl EssayLifecycle {
             timestamp: Utc::now(),
         };
         let aggregate = Aggregate::new("batch", batch_id);
-        self.stage(
-            tx,
+        self.topics.event(
             topic::BATCH_PHASE_PROGRESS,
+            SERVICE,
             correlation_id,
             aggregate,
             &data,
         )
-        .await
     }
 
     /// 3. `batch.phase.concluded.events`, key batch_id: a phase ended.
@@ -1099,6 +1192,16 @@ impl EssayLifecycle {
     }
 }
 
+/// A spellcheck result recorded in this transaction and not counted yet.
+#[derive(Debug, Clone)]
+struct Recorded {
+    batch_id: String,
+    succeeded: bool,
+    correlation_id: Uuid,
+    /// Its place among the events handled together.
+    index: usize,
+}
+
 /// How a handler holds its batch for the rest of its transaction.
 #[derive(Debug, Clone, Copy)]
 enum Hold {
@@ -1206,6 +1309,24 @@ impl PublishingHandler for EssayLifecycle {
                 "ELS does not handle {other}"
             ))),
         }
+    }
+
+    /// Results share their batch's count; other events are handled one by one.
+    async fn handle_together(
+        &self,
+        events: &[(EventEnvelope<serde_json::Value>, &Received)],
+        tx: &mut OutboxTx,
+    ) -> outpost::Result<()> {
+        if events
+            .iter()
+            .all(|(event, _)| event.event_type == topic::ESSAY_SPELLCHECK_COMPLETED)
+        {
+            return self.on_spellcheck_results(events, tx).await;
+        }
+        for (event, received) in events {
+            self.handle(event, received, tx).await?;
+        }
+        Ok(())
     }
 }
 

@@ -1,7 +1,8 @@
-//! ELS's content handlers side by side on one batch, against real PostgreSQL and without
-//! Kafka: the handlers are called directly, each in a transaction of its own, all at once,
-//! so nothing but ELS's own locks orders them (in a pipeline run, the partitions would
-//! order those of one upload).
+//! ELS's handlers against real PostgreSQL and without Kafka, called directly: content
+//! handlers side by side on one batch, each in a transaction of its own, all at once, so
+//! nothing but ELS's own locks orders them (in a pipeline run, the partitions would order
+//! those of one upload); and results handled together in one transaction, as a consumer
+//! settles a unit of them.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -9,8 +10,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use huleedu::bos::{registration, BatchRequest};
-use huleedu::els::{batch_state, EssayLifecycle};
-use huleedu::events::{topic, EssayContentProvisionedV1, Topics};
+use huleedu::els::{batch_state, essay_state, Essay, EssayLifecycle};
+use huleedu::events::{
+    topic, EntityRef, EssayContentProvisionedV1, EssayRef, ProcessingStage, SpellcheckCompleted,
+    SpellcheckInitiateCommand, StorageReferenceMetadata, SystemProcessingMetadata, Topics,
+    CORRECTED_TEXT,
+};
 use outpost::{
     Environment, EventEnvelope, KafkaProducer, Mode, OutboxStore, OutboxTable, ProducerConfig,
     Publisher, PublisherConfig, PublishingHandler, Received, WakeSignal, Waker,
@@ -58,20 +63,27 @@ async fn handle<T: serde::Serialize>(
     base: &str,
     data: &T,
 ) -> outpost::Result<()> {
-    let envelope = EventEnvelope::new(base, "test", serde_json::to_value(data).unwrap());
-    let received = Received {
-        group_id: "els-test".into(),
-        topic: base.into(),
-        partition: 0,
-        offset: 0,
-        key: None,
-        headers: Default::default(),
-        payload: Vec::new(),
-        event_id: envelope.event_id,
-    };
+    let (envelope, received) = delivered(base, data);
     let mut tx = publisher.begin().await?;
     els.handle(&envelope, &received, &mut tx).await?;
     tx.commit_and_dispatch_later().await
+}
+
+/// Registers a batch of `slots` essays with ELS; returns its id.
+async fn register(els: &EssayLifecycle, publisher: &Publisher, slots: usize) -> String {
+    let batch_id = Uuid::new_v4().to_string();
+    let request = BatchRequest {
+        expected_essay_count: u32::try_from(slots).unwrap(),
+        course_code: "ENG5".into(),
+        essay_instructions: "Write.".into(),
+        user_id: "teacher".into(),
+    };
+    let slots = (0..slots).map(|_| Uuid::new_v4().to_string()).collect();
+    let registered = registration(&batch_id, slots, &request);
+    handle(els, publisher, topic::BATCH_ESSAYS_REGISTERED, &registered)
+        .await
+        .unwrap();
+    batch_id
 }
 
 fn content(batch_id: &str, upload: usize) -> EssayContentProvisionedV1 {
@@ -107,23 +119,7 @@ async fn outbox_count(publisher: &Publisher, event_type: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn content_handlers_of_one_batch_run_side_by_side_and_fill_each_slot_once() {
     let (els, publisher) = els().await;
-    let batch_id = Uuid::new_v4().to_string();
-    let request = BatchRequest {
-        expected_essay_count: u32::try_from(SLOTS).unwrap(),
-        course_code: "ENG5".into(),
-        essay_instructions: "Write.".into(),
-        user_id: "teacher".into(),
-    };
-    let slots = (0..SLOTS).map(|_| Uuid::new_v4().to_string()).collect();
-    let registered = registration(&batch_id, slots, &request);
-    handle(
-        &els,
-        &publisher,
-        topic::BATCH_ESSAYS_REGISTERED,
-        &registered,
-    )
-    .await
-    .unwrap();
+    let batch_id = register(&els, &publisher, SLOTS).await;
 
     // A transaction that holds every slot and then rolls back, as handlers that fail
     // would: the announcements must wait for those slots, not report excess content.
@@ -202,5 +198,160 @@ async fn content_handlers_of_one_batch_run_side_by_side_and_fill_each_slot_once(
     assert_eq!(
         outbox_count(&publisher, topic::EXCESS_CONTENT_PROVISIONED).await,
         0
+    );
+}
+
+/// An envelope of `data` as the consumer would hand it over, with its `Received`.
+fn delivered<T: serde::Serialize>(
+    base: &str,
+    data: &T,
+) -> (EventEnvelope<serde_json::Value>, Received) {
+    let envelope = EventEnvelope::new(base, "test", serde_json::to_value(data).unwrap());
+    let received = Received {
+        group_id: "els-test".into(),
+        topic: base.into(),
+        partition: 0,
+        offset: 0,
+        key: None,
+        headers: Default::default(),
+        payload: Vec::new(),
+        event_id: envelope.event_id,
+    };
+    (envelope, received)
+}
+
+/// The spellchecker's answer for `essay`: corrected, or (`ok` false) failed.
+fn result(batch_id: &str, essay: &Essay, ok: bool) -> SpellcheckCompleted {
+    let entity = EntityRef {
+        entity_id: essay.essay_id.clone(),
+        entity_type: "essay".into(),
+        parent_id: Some(batch_id.into()),
+    };
+    let (status, stage) = if ok {
+        (
+            essay_state::SPELLCHECKED_SUCCESS,
+            ProcessingStage::Completed,
+        )
+    } else {
+        (essay_state::SPELLCHECK_FAILED, ProcessingStage::Failed)
+    };
+    SpellcheckCompleted {
+        event_name: "essay.spellcheck.completed".into(),
+        system_metadata: SystemProcessingMetadata::new(
+            entity.clone(),
+            stage,
+            "essay.spellcheck.completed",
+        ),
+        entity_ref: entity,
+        timestamp: Utc::now(),
+        status: status.into(),
+        original_text_storage_id: essay.text_storage_id.clone().unwrap(),
+        storage_metadata: ok
+            .then(|| StorageReferenceMetadata::single(CORRECTED_TEXT, Uuid::new_v4().to_string())),
+        corrections_made: 1,
+    }
+}
+
+/// Results handled together (one transaction, as a consumer settles a unit of them) count
+/// their batch in one statement, yet each result still gets its own progress event with
+/// the counts after it, in order; a repeated result counts nothing; the phase concludes
+/// once, after the last result.
+#[tokio::test]
+async fn results_handled_together_announce_each_count_in_order_and_conclude_once() {
+    const ESSAYS: usize = 6;
+    let (els, publisher) = els().await;
+    let batch_id = register(&els, &publisher, ESSAYS).await;
+    for upload in 0..ESSAYS {
+        let c = content(&batch_id, upload);
+        handle(&els, &publisher, topic::ESSAY_CONTENT_PROVISIONED, &c)
+            .await
+            .unwrap();
+    }
+    let essays = els.essays(&batch_id).await.unwrap();
+    let command = SpellcheckInitiateCommand {
+        event_name: "batch.spellcheck.initiate.command".into(),
+        entity_ref: EntityRef {
+            entity_id: batch_id.clone(),
+            entity_type: "batch".into(),
+            parent_id: None,
+        },
+        timestamp: Utc::now(),
+        essays_to_process: essays
+            .iter()
+            .map(|e| EssayRef {
+                essay_id: e.essay_id.clone(),
+                text_storage_id: e.text_storage_id.clone().unwrap(),
+            })
+            .collect(),
+        language: "en".into(),
+    };
+    handle(
+        &els,
+        &publisher,
+        topic::BATCH_SPELLCHECK_INITIATE_COMMAND,
+        &command,
+    )
+    .await
+    .unwrap();
+
+    // Two results one at a time, then four together with a repeat of the first among them.
+    for essay in &essays[..2] {
+        let r = result(&batch_id, essay, true);
+        handle(&els, &publisher, topic::ESSAY_SPELLCHECK_COMPLETED, &r)
+            .await
+            .unwrap();
+    }
+    let unit: Vec<_> = [
+        result(&batch_id, &essays[2], true),
+        result(&batch_id, &essays[3], false),
+        result(&batch_id, &essays[0], true),
+        result(&batch_id, &essays[4], true),
+        result(&batch_id, &essays[5], true),
+    ]
+    .iter()
+    .map(|r| delivered(topic::ESSAY_SPELLCHECK_COMPLETED, r))
+    .collect();
+    let unit: Vec<_> = unit.iter().map(|(e, r)| (e.clone(), r)).collect();
+    let mut tx = publisher.begin().await.unwrap();
+    els.handle_together(&unit, &mut tx).await.unwrap();
+    tx.commit_and_dispatch_later().await.unwrap();
+
+    let store = publisher.store();
+    let progress: Vec<(u64, u64, u64)> = sqlx::query_scalar::<_, Vec<u8>>(&format!(
+        "SELECT p.payload FROM {} e JOIN {} p ON p.id = e.id WHERE e.event_type = $1 \
+         ORDER BY e.id",
+        store.table(),
+        store.table().payloads()
+    ))
+    .bind(topic::BATCH_PHASE_PROGRESS)
+    .fetch_all(store.pool())
+    .await
+    .unwrap()
+    .iter()
+    .map(|payload| {
+        let envelope: serde_json::Value = serde_json::from_slice(payload).unwrap();
+        let data = &envelope["data"];
+        let n = |field: &str| data[field].as_u64().unwrap();
+        (
+            n("completed_count"),
+            n("failed_count"),
+            n("total_essays_in_phase"),
+        )
+    })
+    .collect();
+    let counts: Vec<(u64, u64)> = progress.iter().map(|p| (p.0, p.1)).collect();
+    assert_eq!(
+        counts,
+        [(0, 0), (1, 0), (2, 0), (3, 0), (3, 1), (4, 1), (5, 1)],
+        "one progress event per counted result, in order"
+    );
+    assert!(progress.iter().all(|p| p.2 == ESSAYS as u64));
+    assert_eq!(
+        outbox_count(&publisher, topic::BATCH_PHASE_CONCLUDED).await,
+        1
+    );
+    assert_eq!(
+        els.batch_state(&batch_id).await.unwrap().as_deref(),
+        Some(batch_state::SPELLCHECK_COMPLETED)
     );
 }

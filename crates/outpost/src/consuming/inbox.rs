@@ -404,6 +404,28 @@ pub trait PublishingHandler: Send + Sync {
         received: &Received,
         tx: &mut OutboxTx,
     ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Handles `events` (consecutive messages of one partition, in order, each new to the
+    /// inbox) in one transaction, when the consumer settles messages together
+    /// ([`ConsumerConfig::together`](crate::ConsumerConfig::together)). The default calls
+    /// [`handle`](Self::handle) for each in order; override it to share work between them
+    /// (one lock, one statement for all), with the effect of handling them one by one.
+    ///
+    /// # Errors
+    /// As [`handle`](Self::handle); an error rolls back the whole unit, whose messages are
+    /// then handled one at a time.
+    fn handle_together(
+        &self,
+        events: &[(EventEnvelope<serde_json::Value>, &Received)],
+        tx: &mut OutboxTx,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            for (event, received) in events {
+                self.handle(event, received, tx).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// A [`Process`] for consume-then-publish services: one transaction holds the inbox row,
@@ -471,9 +493,22 @@ impl<H: PublishingHandler> Process for InboxedPublishing<H> {
         let settled = async {
             let mut tx = self.publisher.begin().await?;
             let mut outcomes = Vec::with_capacity(received.len());
+            let mut new = Vec::with_capacity(received.len());
             for received in received {
-                outcomes.push(self.settle_in(&mut tx, received).await?);
+                // A duplicate's claim writes nothing, so it is skipped without touching the
+                // others.
+                if self
+                    .inbox
+                    .claim(tx.transaction(), &received.group_id, received.event_id)
+                    .await?
+                {
+                    new.push((received.decode()?, received));
+                    outcomes.push(Outcome::Handled);
+                } else {
+                    outcomes.push(Outcome::Duplicate);
+                }
             }
+            self.handler.handle_together(&new, &mut tx).await?;
             tx.commit_and_dispatch_later().await?;
             Ok(outcomes)
         };
