@@ -344,29 +344,44 @@ impl EssayLifecycle {
     ) -> outpost::Result<()> {
         let content: EssayContentProvisionedV1 = decode(event)?;
         let Some(state) = lock_batch(tx, &content.batch_id, Hold::Shared).await? else {
-            // The registration is still on its way (topics are not ordered among each
-            // other); keep the content until it comes.
-            sqlx::query(
-                "INSERT INTO pending_content (file_upload_id, batch_id, content) \
-                 VALUES ($1, $2, $3) ON CONFLICT (file_upload_id) DO NOTHING",
-            )
-            .bind(&content.file_upload_id)
-            .bind(&content.batch_id)
-            .bind(Json(&content))
-            .execute(&mut **tx)
-            .await
-            .map_err(handler_db)?;
-            debug!(
-                batch_id = content.batch_id,
-                "content before registration; kept"
-            );
-            return Ok(());
+            return keep_until_registered(tx, &content).await;
         };
         let placed = self.assign(tx, &content, &state, event).await?;
         // Last, so the batch row's lock (held to the commit) is all that orders the
         // handlers of one batch.
         let counts = count(tx, &content.batch_id, i32::from(placed), 0).await?;
         self.check_ready(tx, &content.batch_id, counts, event).await
+    }
+
+    /// Places several contents in one transaction, as one by one, but counts each batch's
+    /// placements once, at the end: the batch row is locked for the last statements only.
+    async fn on_contents_provisioned(
+        &self,
+        events: &[(EventEnvelope<serde_json::Value>, &Received)],
+        tx: &mut OutboxTx,
+    ) -> outpost::Result<()> {
+        // Per batch, in order of first appearance: placements and the last event.
+        let mut batches: Vec<(String, i32, &EventEnvelope<serde_json::Value>)> = Vec::new();
+        for (event, _) in events {
+            let content: EssayContentProvisionedV1 = decode(event)?;
+            let Some(state) = lock_batch(tx, &content.batch_id, Hold::Shared).await? else {
+                keep_until_registered(tx, &content).await?;
+                continue;
+            };
+            let placed = self.assign(tx, &content, &state, event).await?;
+            match batches.iter_mut().find(|b| b.0 == content.batch_id) {
+                Some(batch) => {
+                    batch.1 += i32::from(placed);
+                    batch.2 = event;
+                }
+                None => batches.push((content.batch_id, i32::from(placed), event)),
+            }
+        }
+        for (batch_id, placed, last) in batches {
+            let counts = count(tx, &batch_id, placed, 0).await?;
+            self.check_ready(tx, &batch_id, counts, last).await?;
+        }
+        Ok(())
     }
 
     /// Records the failure; it counts towards the batch being complete.
@@ -1245,6 +1260,29 @@ async fn lock_batch(
 /// Adds `assigned` and `failed` to the batch's counts and returns the batch row as
 /// [`EssayLifecycle::check_ready`] reads it. The row stays locked to the commit, which
 /// puts the content handlers of a batch in one order: run it last.
+/// Keeps content whose registration is still on its way (topics are not ordered among each
+/// other) until it comes.
+async fn keep_until_registered(
+    conn: &mut PgConnection,
+    content: &EssayContentProvisionedV1,
+) -> outpost::Result<()> {
+    sqlx::query(
+        "INSERT INTO pending_content (file_upload_id, batch_id, content) \
+         VALUES ($1, $2, $3) ON CONFLICT (file_upload_id) DO NOTHING",
+    )
+    .bind(&content.file_upload_id)
+    .bind(&content.batch_id)
+    .bind(Json(content))
+    .execute(conn)
+    .await
+    .map_err(handler_db)?;
+    debug!(
+        batch_id = content.batch_id,
+        "content before registration; kept"
+    );
+    Ok(())
+}
+
 async fn count(
     conn: &mut PgConnection,
     batch_id: &str,
@@ -1311,17 +1349,18 @@ impl PublishingHandler for EssayLifecycle {
         }
     }
 
-    /// Results share their batch's count; other events are handled one by one.
+    /// Results and contents share their batch's count; other events are handled one by one.
     async fn handle_together(
         &self,
         events: &[(EventEnvelope<serde_json::Value>, &Received)],
         tx: &mut OutboxTx,
     ) -> outpost::Result<()> {
-        if events
-            .iter()
-            .all(|(event, _)| event.event_type == topic::ESSAY_SPELLCHECK_COMPLETED)
-        {
+        let all = |base: &str| events.iter().all(|(event, _)| event.event_type == base);
+        if all(topic::ESSAY_SPELLCHECK_COMPLETED) {
             return self.on_spellcheck_results(events, tx).await;
+        }
+        if all(topic::ESSAY_CONTENT_PROVISIONED) {
+            return self.on_contents_provisioned(events, tx).await;
         }
         for (event, received) in events {
             self.handle(event, received, tx).await?;

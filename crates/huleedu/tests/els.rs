@@ -355,3 +355,51 @@ async fn results_handled_together_announce_each_count_in_order_and_conclude_once
         Some(batch_state::SPELLCHECK_COMPLETED)
     );
 }
+
+/// Contents handled together count their batch's placements once, at the end: a unit that
+/// fills the last slots makes the batch ready (once), a repeated announcement takes no
+/// second slot, and content beyond the slots is excess.
+#[tokio::test]
+async fn contents_handled_together_fill_each_slot_once_and_make_the_batch_ready_once() {
+    const ESSAYS: usize = 4;
+    let (els, publisher) = els().await;
+    let batch_id = register(&els, &publisher, ESSAYS).await;
+    let first = content(&batch_id, 0);
+    handle(&els, &publisher, topic::ESSAY_CONTENT_PROVISIONED, &first)
+        .await
+        .unwrap();
+    let unit: Vec<_> = [1, 2, 1, 3, 4]
+        .into_iter()
+        .map(|upload| {
+            delivered(
+                topic::ESSAY_CONTENT_PROVISIONED,
+                &content(&batch_id, upload),
+            )
+        })
+        .collect();
+    let unit: Vec<_> = unit.iter().map(|(e, r)| (e.clone(), r)).collect();
+    let mut tx = publisher.begin().await.unwrap();
+    els.handle_together(&unit, &mut tx).await.unwrap();
+    tx.commit_and_dispatch_later().await.unwrap();
+
+    let essays = els.essays(&batch_id).await.unwrap();
+    let uploads: Vec<String> = essays
+        .iter()
+        .map(|e| e.file_upload_id.clone().expect("every slot filled"))
+        .collect();
+    assert_eq!(uploads, ["upload-0", "upload-1", "upload-2", "upload-3"]);
+    assert_eq!(
+        els.batch_state(&batch_id).await.unwrap().as_deref(),
+        Some(batch_state::READY)
+    );
+    assert_eq!(outbox_count(&publisher, topic::BATCH_ESSAYS_READY).await, 1);
+    assert_eq!(
+        outbox_count(&publisher, topic::ESSAY_SLOT_ASSIGNED).await,
+        4
+    );
+    assert_eq!(
+        outbox_count(&publisher, topic::EXCESS_CONTENT_PROVISIONED).await,
+        1,
+        "upload-4 found no slot"
+    );
+}
