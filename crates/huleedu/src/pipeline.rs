@@ -661,9 +661,6 @@ async fn connect(database_url: &str, schema: &str) -> Result<PgPool> {
         .options([("search_path", schema), ("client_min_messages", "warning")]);
     let pool = PgPoolOptions::new()
         .max_connections(8)
-        // Opened while the service starts, as a running service has them, not during the
-        // run's first uploads.
-        .min_connections(8)
         .acquire_timeout(Duration::from_secs(10))
         // A broken connection fails its statement, which is retried; a ping before every
         // acquire would cost a round trip on the hot path.
