@@ -517,25 +517,24 @@ impl EssayLifecycle {
         events: &[(EventEnvelope<serde_json::Value>, &Received)],
         tx: &mut OutboxTx,
     ) -> outpost::Result<()> {
-        let mut recorded = Vec::with_capacity(events.len());
-        for (index, (event, _)) in events.iter().enumerate() {
-            if let Some(result) = self.record_result(event, tx).await? {
-                recorded.push(Recorded { index, ..result });
+        // Per batch, in order of first appearance: its results and the last event.
+        let mut batches: Vec<(Vec<Recorded>, &EventEnvelope<serde_json::Value>)> = Vec::new();
+        for (event, _) in events {
+            let Some(result) = self.record_result(event, tx).await? else {
+                continue;
+            };
+            match batches
+                .iter_mut()
+                .find(|(of_batch, _)| of_batch[0].batch_id == result.batch_id)
+            {
+                Some((of_batch, last)) => {
+                    of_batch.push(result);
+                    *last = event;
+                }
+                None => batches.push((vec![result], event)),
             }
         }
-        let mut batches: Vec<&str> = Vec::new();
-        for result in &recorded {
-            if !batches.contains(&result.batch_id.as_str()) {
-                batches.push(&result.batch_id);
-            }
-        }
-        for batch_id in batches {
-            let of_batch: Vec<Recorded> = recorded
-                .iter()
-                .filter(|r| r.batch_id == batch_id)
-                .cloned()
-                .collect();
-            let last = of_batch.last().map_or(&events[0].0, |r| &events[r.index].0);
+        for (of_batch, last) in batches {
             self.count_results(tx, &of_batch, last).await?;
         }
         Ok(())
@@ -595,7 +594,6 @@ impl EssayLifecycle {
             batch_id: batch_id.to_owned(),
             succeeded: done == essay_state::SPELLCHECKED_SUCCESS,
             correlation_id: event.correlation_id,
-            index: 0,
         }))
     }
 
@@ -1208,13 +1206,11 @@ impl EssayLifecycle {
 }
 
 /// A spellcheck result recorded in this transaction and not counted yet.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Recorded {
     batch_id: String,
     succeeded: bool,
     correlation_id: Uuid,
-    /// Its place among the events handled together.
-    index: usize,
 }
 
 /// How a handler holds its batch for the rest of its transaction.
@@ -1257,9 +1253,6 @@ async fn lock_batch(
     .map_err(handler_db)
 }
 
-/// Adds `assigned` and `failed` to the batch's counts and returns the batch row as
-/// [`EssayLifecycle::check_ready`] reads it. The row stays locked to the commit, which
-/// puts the content handlers of a batch in one order: run it last.
 /// Keeps content whose registration is still on its way (topics are not ordered among each
 /// other) until it comes.
 async fn keep_until_registered(
@@ -1283,6 +1276,9 @@ async fn keep_until_registered(
     Ok(())
 }
 
+/// Adds `assigned` and `failed` to the batch's counts and returns the batch row as
+/// [`EssayLifecycle::check_ready`] reads it. The row stays locked to the commit, which
+/// puts the content handlers of a batch in one order: run it last.
 async fn count(
     conn: &mut PgConnection,
     batch_id: &str,

@@ -457,18 +457,22 @@ impl<H: PublishingHandler> InboxedPublishing<H> {
 }
 
 impl<H: PublishingHandler> InboxedPublishing<H> {
-    /// Records `received` in the inbox within `tx` and, the first time, handles it.
-    async fn settle_in(&self, tx: &mut OutboxTx, received: &Received) -> Result<Outcome> {
-        if !self
+    /// Records `received` in the inbox within `tx`; its event the first time, `None` for a
+    /// duplicate (whose claim wrote nothing).
+    async fn claim(
+        &self,
+        tx: &mut OutboxTx,
+        received: &Received,
+    ) -> Result<Option<EventEnvelope<serde_json::Value>>> {
+        if self
             .inbox
             .claim(tx.transaction(), &received.group_id, received.event_id)
             .await?
         {
-            return Ok(Outcome::Duplicate);
+            received.decode().map(Some)
+        } else {
+            Ok(None)
         }
-        let event = received.decode()?;
-        self.handler.handle(&event, received, tx).await?;
-        Ok(Outcome::Handled)
     }
 }
 
@@ -476,15 +480,15 @@ impl<H: PublishingHandler> Process for InboxedPublishing<H> {
     async fn process(&self, received: &Received) -> Result<Outcome> {
         let mut tx = self.publisher.begin().await?;
         // Dropping `tx` on any error rolls back the inbox row, writes and events.
-        let outcome = self.settle_in(&mut tx, received).await?;
-        if outcome == Outcome::Duplicate {
+        let Some(event) = self.claim(&mut tx, received).await? else {
             tx.rollback().await?;
-        } else {
-            // The outbox holds the events once this commits; their dispatch need not hold
-            // up the next message of the partition.
-            tx.commit_and_dispatch_later().await?;
-        }
-        Ok(outcome)
+            return Ok(Outcome::Duplicate);
+        };
+        self.handler.handle(&event, received, &mut tx).await?;
+        // The outbox holds the events once this commits; their dispatch need not hold up
+        // the next message of the partition.
+        tx.commit_and_dispatch_later().await?;
+        Ok(Outcome::Handled)
     }
 
     /// One transaction for all of `received`, and one eager dispatch for every event they
@@ -495,17 +499,13 @@ impl<H: PublishingHandler> Process for InboxedPublishing<H> {
             let mut outcomes = Vec::with_capacity(received.len());
             let mut new = Vec::with_capacity(received.len());
             for received in received {
-                // A duplicate's claim writes nothing, so it is skipped without touching the
-                // others.
-                if self
-                    .inbox
-                    .claim(tx.transaction(), &received.group_id, received.event_id)
-                    .await?
-                {
-                    new.push((received.decode()?, received));
-                    outcomes.push(Outcome::Handled);
-                } else {
-                    outcomes.push(Outcome::Duplicate);
+                // A duplicate is skipped without touching the others.
+                match self.claim(&mut tx, received).await? {
+                    Some(event) => {
+                        new.push((event, received));
+                        outcomes.push(Outcome::Handled);
+                    }
+                    None => outcomes.push(Outcome::Duplicate),
                 }
             }
             self.handler.handle_together(&new, &mut tx).await?;
