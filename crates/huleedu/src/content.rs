@@ -3,6 +3,8 @@
 //! a schema of its own, called by both services as they would call that service. Its
 //! writes are outside their transactions, exactly as an HTTP call would be.
 
+use std::collections::HashMap;
+
 use sqlx::postgres::PgPool;
 use sqlx::Row;
 use uuid::Uuid;
@@ -57,50 +59,73 @@ impl ContentStore {
         .map(|_| ())
     }
 
-    /// Stores `body` under a fresh id and returns it.
+    /// Stores each of `bodies` under a fresh id, in one statement, and returns the ids in
+    /// the same order (one request carrying several files).
     ///
     /// # Errors
-    /// The database error.
-    pub async fn store(&self, kind: ContentKind, body: &[u8]) -> Result<String, sqlx::Error> {
-        self.store_as(Uuid::new_v4(), kind, body).await
+    /// The database error; then nothing was stored.
+    pub async fn store_many(
+        &self,
+        kind: ContentKind,
+        bodies: &[&[u8]],
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let ids: Vec<Uuid> = bodies.iter().map(|_| Uuid::new_v4()).collect();
+        self.store_many_as(&ids, kind, bodies).await?;
+        Ok(ids.iter().map(Uuid::to_string).collect())
     }
 
-    /// Stores `body` under `storage_id` unless something is stored there already, and
-    /// returns the id. Callers that may run twice (a handler retried after a rollback)
-    /// derive the id from their input, so the second run stores nothing new.
+    /// Stores each of `bodies` under the id at the same place in `ids`, unless something is
+    /// stored there already. Callers that may run twice (a handler retried after a
+    /// rollback) derive the ids from their input, so the second run stores nothing new.
     ///
     /// # Errors
-    /// The database error.
-    pub async fn store_as(
+    /// The database error; then nothing was stored.
+    pub async fn store_many_as(
         &self,
-        storage_id: Uuid,
+        ids: &[Uuid],
         kind: ContentKind,
-        body: &[u8],
-    ) -> Result<String, sqlx::Error> {
+        bodies: &[&[u8]],
+    ) -> Result<(), sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         sqlx::query(
-            "INSERT INTO content (storage_id, kind, body) VALUES ($1, $2, $3) \
+            "INSERT INTO content (storage_id, kind, body) \
+             SELECT id, $2, body FROM UNNEST($1::uuid[], $3::bytea[]) AS t (id, body) \
              ON CONFLICT (storage_id) DO NOTHING",
         )
-        .bind(storage_id)
+        .bind(ids)
         .bind(kind.as_str())
-        .bind(body)
+        .bind(bodies)
         .execute(&self.pool)
-        .await?;
-        Ok(storage_id.to_string())
+        .await
+        .map(|_| ())
     }
 
-    /// The body stored under `storage_id` as text, if there is one.
+    /// The bodies stored under `storage_ids`, as text, by id; an id with nothing stored
+    /// (or not an id at all) is missing from the map.
     ///
     /// # Errors
     /// The database error.
-    pub async fn fetch_text(&self, storage_id: &str) -> Result<Option<String>, sqlx::Error> {
-        let Ok(id) = storage_id.parse::<Uuid>() else {
-            return Ok(None);
-        };
-        let row = sqlx::query("SELECT body FROM content WHERE storage_id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
+    pub async fn fetch_texts(
+        &self,
+        storage_ids: &[&str],
+    ) -> Result<HashMap<String, String>, sqlx::Error> {
+        let ids: Vec<Uuid> = storage_ids
+            .iter()
+            .filter_map(|id| id.parse().ok())
+            .collect();
+        let rows = sqlx::query("SELECT storage_id, body FROM content WHERE storage_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&self.pool)
             .await?;
-        Ok(row.map(|r| String::from_utf8_lossy(&r.get::<Vec<u8>, _>(0)).into_owned()))
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let id: Uuid = r.get(0);
+                let body: Vec<u8> = r.get(1);
+                (id.to_string(), String::from_utf8_lossy(&body).into_owned())
+            })
+            .collect())
     }
 }

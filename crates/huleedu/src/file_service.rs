@@ -11,8 +11,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::Utc;
-use outpost::{Aggregate, Mode, OutboxEvent, PublishPath, Publisher};
+use outpost::{Aggregate, Dispatch, Mode, OutboxEvent, PublishPath, Publisher};
 use sqlx::postgres::PgPool;
+use sqlx::Row;
 use tracing::info;
 use uuid::Uuid;
 
@@ -121,6 +122,19 @@ pub struct Upload {
     pub size_bytes: u64,
 }
 
+/// One logged upload (see [`FileService::uploads`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRow {
+    /// File name.
+    pub filename: String,
+    /// `added`, `removed`, `provisioned` or `validation_failed`.
+    pub state: String,
+    /// Where its extracted text is, once provisioned.
+    pub text_storage_id: Option<String>,
+    /// Why it was rejected, when it was.
+    pub validation_error_code: Option<String>,
+}
+
 /// The service.
 #[derive(Debug)]
 pub struct FileService {
@@ -181,6 +195,31 @@ impl FileService {
         Ok(())
     }
 
+    /// The batch's uploads as logged, oldest first: file name, state (`added`, `removed`,
+    /// `provisioned` or `validation_failed`), text storage id and validation error code.
+    ///
+    /// # Errors
+    /// [`Error::Database`] when the query fails.
+    pub async fn uploads(&self, batch_id: &str) -> Result<Vec<UploadRow>> {
+        let rows = sqlx::query(
+            "SELECT filename, state, text_storage_id, validation_error_code FROM uploads \
+             WHERE batch_id = $1 ORDER BY updated_at, filename",
+        )
+        .bind(batch_id)
+        .fetch_all(self.pool())
+        .await
+        .map_err(Error::db(SERVICE, "uploads"))?;
+        Ok(rows
+            .iter()
+            .map(|r| UploadRow {
+                filename: r.get(0),
+                state: r.get(1),
+                text_storage_id: r.get(2),
+                validation_error_code: r.get(3),
+            })
+            .collect())
+    }
+
     /// Receives a file into the batch: stores it raw, logs the upload and announces it
     /// (`publish_batch_file_added_v1`).
     ///
@@ -193,32 +232,68 @@ impl FileService {
         filename: &str,
         bytes: &[u8],
     ) -> Result<Upload> {
-        let raw_file_storage_id = self
+        let mut added = self.add_files(ctx, &[(filename, bytes)]).await?;
+        Ok(added.remove(0))
+    }
+
+    /// Receives the files of one upload request, as [`add_file`](Self::add_file) does one,
+    /// with one statement per step for all of them and their events published together
+    /// (in the order given). Returns their uploads in that order.
+    ///
+    /// # Errors
+    /// As [`add_file`](Self::add_file); a database error leaves none of them logged.
+    pub async fn add_files(
+        &self,
+        ctx: &UploadContext,
+        files: &[(&str, &[u8])],
+    ) -> Result<Vec<Upload>> {
+        if files.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bodies: Vec<&[u8]> = files.iter().map(|(_, bytes)| *bytes).collect();
+        let raw_ids = self
             .content
-            .store(ContentKind::RawFile, bytes)
+            .store_many(ContentKind::RawFile, &bodies)
             .await
             .map_err(Error::db(SERVICE, "store_raw_file"))?;
-        let upload = Upload {
-            file_upload_id: Uuid::new_v4().to_string(),
-            filename: filename.to_owned(),
-            raw_file_storage_id,
-            size_bytes: bytes.len() as u64,
-        };
+        let uploads: Vec<Upload> = files
+            .iter()
+            .zip(raw_ids)
+            .map(|((filename, bytes), raw_file_storage_id)| Upload {
+                file_upload_id: Uuid::new_v4().to_string(),
+                filename: (*filename).to_owned(),
+                raw_file_storage_id,
+                size_bytes: bytes.len() as u64,
+            })
+            .collect();
+        let column = |f: fn(&Upload) -> &str| -> Vec<&str> { uploads.iter().map(f).collect() };
+        let sizes: Vec<i64> = uploads
+            .iter()
+            .map(|u| i64::try_from(u.size_bytes).unwrap_or(i64::MAX))
+            .collect();
         sqlx::query(
             "INSERT INTO uploads (file_upload_id, batch_id, filename, size_bytes, \
-             raw_file_storage_id, state) VALUES ($1, $2, $3, $4, $5, 'added')",
+             raw_file_storage_id, state) \
+             SELECT id, $2, name, size, raw, 'added' \
+             FROM UNNEST($1::text[], $3::text[], $4::bigint[], $5::text[]) AS t (id, name, size, raw)",
         )
-        .bind(&upload.file_upload_id)
+        .bind(column(|u| &u.file_upload_id))
         .bind(&ctx.batch_id)
-        .bind(filename)
-        .bind(i64::try_from(bytes.len()).unwrap_or(i64::MAX))
-        .bind(&upload.raw_file_storage_id)
+        .bind(column(|u| &u.filename))
+        .bind(&sizes)
+        .bind(column(|u| &u.raw_file_storage_id))
         .execute(self.pool())
         .await
         .map_err(Error::db(SERVICE, "add_file"))?;
-        self.publish_batch_file_added_v1(&self.file_changed(ctx, &upload, "batch.file.added"))
-            .await?;
-        Ok(upload)
+        let events = uploads
+            .iter()
+            .map(|u| {
+                let data = self.file_changed(ctx, u, "batch.file.added");
+                self.file_changed_event(topic::BATCH_FILE_ADDED, &data)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.send_all(&events).await?;
+        Ok(uploads)
     }
 
     /// Validates an added file; stores its text and announces it
@@ -233,59 +308,111 @@ impl FileService {
         upload: &Upload,
         bytes: &[u8],
     ) -> Result<Validation> {
-        let validation = validate(bytes, self.rules);
+        let mut outcomes = self.process_files(ctx, &[(upload, bytes)]).await?;
+        Ok(outcomes.remove(0))
+    }
+
+    /// Validates the added files of one upload request, as
+    /// [`process_file`](Self::process_file) does one, with one statement per step for all
+    /// of them and their events published together (in the order given). Returns the
+    /// outcomes in that order.
+    ///
+    /// # Errors
+    /// As [`add_file`](Self::add_file).
+    pub async fn process_files(
+        &self,
+        ctx: &UploadContext,
+        files: &[(&Upload, &[u8])],
+    ) -> Result<Vec<Validation>> {
+        if files.is_empty() {
+            return Ok(Vec::new());
+        }
+        let validations: Vec<Validation> = files
+            .iter()
+            .map(|(_, bytes)| validate(bytes, self.rules))
+            .collect();
+        let texts: Vec<&[u8]> = validations
+            .iter()
+            .filter_map(|v| match v {
+                Validation::Valid(text) => Some(text.as_bytes()),
+                Validation::Invalid { .. } => None,
+            })
+            .collect();
+        let mut text_ids = self
+            .content
+            .store_many(ContentKind::ExtractedText, &texts)
+            .await
+            .map_err(Error::db(SERVICE, "store_text"))?
+            .into_iter();
         let now = Utc::now();
-        match &validation {
-            Validation::Valid(text) => {
-                let text_storage_id = self
-                    .content
-                    .store(ContentKind::ExtractedText, text.as_bytes())
-                    .await
-                    .map_err(Error::db(SERVICE, "store_text"))?;
-                self.set_state(upload, "provisioned", Some(&text_storage_id), None)
-                    .await?;
-                self.publish_essay_content_provisioned(&EssayContentProvisionedV1 {
-                    event: "essay.content.provisioned".into(),
-                    batch_id: ctx.batch_id.clone(),
-                    file_upload_id: upload.file_upload_id.clone(),
-                    original_file_name: upload.filename.clone(),
-                    raw_file_storage_id: upload.raw_file_storage_id.clone(),
-                    text_storage_id,
-                    file_size_bytes: upload.size_bytes,
-                    content_md5_hash: None,
-                    correlation_id: ctx.correlation_id,
-                    timestamp: now,
-                })
-                .await?;
-            }
-            Validation::Invalid { code, message } => {
-                self.set_state(upload, "validation_failed", None, Some(code))
-                    .await?;
-                let details = serde_json::json!({ "filename": upload.filename });
-                self.publish_essay_validation_failed(&EssayValidationFailedV1 {
-                    event: "essay.validation.failed".into(),
-                    batch_id: ctx.batch_id.clone(),
-                    file_upload_id: upload.file_upload_id.clone(),
-                    original_file_name: upload.filename.clone(),
-                    raw_file_storage_id: upload.raw_file_storage_id.clone(),
-                    validation_error_code: (*code).to_owned(),
-                    validation_error_detail: ValidationErrorDetail {
-                        error_code: (*code).to_owned(),
-                        message: message.clone(),
+        let mut states = Vec::with_capacity(files.len());
+        let mut events = Vec::with_capacity(files.len());
+        for ((upload, _), validation) in files.iter().zip(&validations) {
+            match validation {
+                Validation::Valid(_) => {
+                    let text_storage_id = text_ids.next().unwrap_or_default();
+                    states.push(("provisioned", Some(text_storage_id.clone()), None));
+                    events.push(self.provisioned_event(&EssayContentProvisionedV1 {
+                        event: "essay.content.provisioned".into(),
+                        batch_id: ctx.batch_id.clone(),
+                        file_upload_id: upload.file_upload_id.clone(),
+                        original_file_name: upload.filename.clone(),
+                        raw_file_storage_id: upload.raw_file_storage_id.clone(),
+                        text_storage_id,
+                        file_size_bytes: upload.size_bytes,
+                        content_md5_hash: None,
                         correlation_id: ctx.correlation_id,
                         timestamp: now,
-                        service: SERVICE.into(),
-                        operation: "validate_content".into(),
-                        details: details.as_object().cloned().unwrap_or_default(),
-                    },
-                    file_size_bytes: upload.size_bytes,
-                    correlation_id: ctx.correlation_id,
-                    timestamp: now,
-                })
-                .await?;
+                    })?);
+                }
+                Validation::Invalid { code, message } => {
+                    states.push(("validation_failed", None, Some(*code)));
+                    let details = serde_json::json!({ "filename": upload.filename });
+                    events.push(self.validation_failed_event(&EssayValidationFailedV1 {
+                        event: "essay.validation.failed".into(),
+                        batch_id: ctx.batch_id.clone(),
+                        file_upload_id: upload.file_upload_id.clone(),
+                        original_file_name: upload.filename.clone(),
+                        raw_file_storage_id: upload.raw_file_storage_id.clone(),
+                        validation_error_code: (*code).to_owned(),
+                        validation_error_detail: ValidationErrorDetail {
+                            error_code: (*code).to_owned(),
+                            message: message.clone(),
+                            correlation_id: ctx.correlation_id,
+                            timestamp: now,
+                            service: SERVICE.into(),
+                            operation: "validate_content".into(),
+                            details: details.as_object().cloned().unwrap_or_default(),
+                        },
+                        file_size_bytes: upload.size_bytes,
+                        correlation_id: ctx.correlation_id,
+                        timestamp: now,
+                    })?);
+                }
             }
         }
-        Ok(validation)
+        let ids: Vec<&str> = files
+            .iter()
+            .map(|(u, _)| u.file_upload_id.as_str())
+            .collect();
+        let state: Vec<&str> = states.iter().map(|s| s.0).collect();
+        let text: Vec<Option<String>> = states.iter().map(|s| s.1.clone()).collect();
+        let code: Vec<Option<&str>> = states.iter().map(|s| s.2).collect();
+        sqlx::query(
+            "UPDATE uploads u SET state = t.state, text_storage_id = t.text, \
+             validation_error_code = t.code, updated_at = clock_timestamp() \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS t (id, state, text, code) \
+             WHERE u.file_upload_id = t.id",
+        )
+        .bind(&ids)
+        .bind(&state)
+        .bind(&text)
+        .bind(&code)
+        .execute(self.pool())
+        .await
+        .map_err(Error::db(SERVICE, "set_state"))?;
+        self.send_all(&events).await?;
+        Ok(validations)
     }
 
     /// Removes a file the teacher withdrew before it was processed, and announces it
@@ -316,27 +443,6 @@ impl FileService {
         Ok(removed)
     }
 
-    async fn set_state(
-        &self,
-        upload: &Upload,
-        state: &str,
-        text_storage_id: Option<&str>,
-        error_code: Option<&str>,
-    ) -> Result<()> {
-        sqlx::query(
-            "UPDATE uploads SET state = $2, text_storage_id = $3, validation_error_code = $4, \
-             updated_at = clock_timestamp() WHERE file_upload_id = $1",
-        )
-        .bind(&upload.file_upload_id)
-        .bind(state)
-        .bind(text_storage_id)
-        .bind(error_code)
-        .execute(self.pool())
-        .await
-        .map_err(Error::db(SERVICE, "set_state"))?;
-        Ok(())
-    }
-
     fn file_changed(
         &self,
         ctx: &UploadContext,
@@ -362,15 +468,18 @@ impl FileService {
         &self,
         data: &EssayContentProvisionedV1,
     ) -> Result<PublishPath> {
+        self.send(self.provisioned_event(data)?).await
+    }
+
+    fn provisioned_event(&self, data: &EssayContentProvisionedV1) -> Result<OutboxEvent> {
         let aggregate = Aggregate::new("file_upload", &data.file_upload_id);
-        self.send(self.topics.event(
+        Ok(self.topics.event(
             topic::ESSAY_CONTENT_PROVISIONED,
             SERVICE,
             data.correlation_id,
             aggregate,
             data,
         )?)
-        .await
     }
 
     /// `EssayValidationFailedV1` → ELS, key file_upload_id.
@@ -381,15 +490,18 @@ impl FileService {
         &self,
         data: &EssayValidationFailedV1,
     ) -> Result<PublishPath> {
+        self.send(self.validation_failed_event(data)?).await
+    }
+
+    fn validation_failed_event(&self, data: &EssayValidationFailedV1) -> Result<OutboxEvent> {
         let aggregate = Aggregate::new("file_upload", &data.file_upload_id);
-        self.send(self.topics.event(
+        Ok(self.topics.event(
             topic::ESSAY_VALIDATION_FAILED,
             SERVICE,
             data.correlation_id,
             aggregate,
             data,
         )?)
-        .await
     }
 
     /// `BatchFileAddedV1` → teacher notifications, key batch_id.
@@ -400,15 +512,16 @@ impl FileService {
         &self,
         data: &BatchFileChangedV1,
     ) -> Result<PublishPath> {
+        self.send(self.file_changed_event(topic::BATCH_FILE_ADDED, data)?)
+            .await
+    }
+
+    /// `base` is `BATCH_FILE_ADDED` or `BATCH_FILE_REMOVED`.
+    fn file_changed_event(&self, base: &str, data: &BatchFileChangedV1) -> Result<OutboxEvent> {
         let aggregate = Aggregate::new("batch", &data.batch_id);
-        self.send(self.topics.event(
-            topic::BATCH_FILE_ADDED,
-            SERVICE,
-            data.correlation_id,
-            aggregate,
-            data,
-        )?)
-        .await
+        Ok(self
+            .topics
+            .event(base, SERVICE, data.correlation_id, aggregate, data)?)
     }
 
     /// `BatchFileRemovedV1` → teacher notifications, key batch_id.
@@ -419,25 +532,31 @@ impl FileService {
         &self,
         data: &BatchFileChangedV1,
     ) -> Result<PublishPath> {
-        let aggregate = Aggregate::new("batch", &data.batch_id);
-        self.send(self.topics.event(
-            topic::BATCH_FILE_REMOVED,
-            SERVICE,
-            data.correlation_id,
-            aggregate,
-            data,
-        )?)
-        .await
+        self.send(self.file_changed_event(topic::BATCH_FILE_REMOVED, data)?)
+            .await
     }
 
     async fn send(&self, event: OutboxEvent) -> Result<PublishPath> {
-        let path = self.publisher.publish(&event).await?;
+        let dispatch = self.send_all(std::slice::from_ref(&event)).await?;
+        Ok(if dispatch.eager_published > 0 {
+            PublishPath::Direct
+        } else {
+            PublishPath::Outbox
+        })
+    }
+
+    async fn send_all(&self, events: &[OutboxEvent]) -> Result<Dispatch> {
+        let dispatch = self.publisher.publish_all(events).await?;
         // In the outbox-only mode every event takes the outbox; only Kafka-first falls back.
-        if path == PublishPath::Outbox && self.publisher.mode() == Mode::KafkaFirst {
-            self.fell_back.fetch_add(1, Ordering::Relaxed);
-            info!(topic = event.event_type, event_id = %event.event_id, "published through the outbox");
+        if dispatch.left_to_relay > 0 && self.publisher.mode() == Mode::KafkaFirst {
+            self.fell_back
+                .fetch_add(dispatch.left_to_relay, Ordering::Relaxed);
+            info!(
+                events = dispatch.left_to_relay,
+                "published through the outbox"
+            );
         }
-        Ok(path)
+        Ok(dispatch)
     }
 }
 

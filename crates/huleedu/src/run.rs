@@ -17,9 +17,12 @@ use crate::file_service::{self, UploadContext, Validation};
 use crate::pipeline::{Pipeline, RunMode};
 use crate::timeline::{Timeline, TopicStats};
 
-/// Files of a batch upload in progress at once (HuleEdu's File Service handles the files
-/// of one upload request concurrently).
-const UPLOADS_AT_ONCE: usize = 16;
+/// Files a teacher's upload request carries (the File Service takes a request's files
+/// together).
+const FILES_PER_REQUEST: usize = 32;
+
+/// Upload requests in progress at once.
+const REQUESTS_AT_ONCE: usize = 4;
 
 /// A broker outage during a run.
 #[derive(Debug, Clone, Copy)]
@@ -318,18 +321,27 @@ impl Pipeline {
         })
     }
 
-    /// Uploads `files` as a teacher's batch upload arrives: several files at once, each
-    /// added, then processed.
+    /// Uploads `files` as a teacher's batch upload arrives: in requests of several files,
+    /// a few requests at once, each request's files added, then processed.
     async fn upload(&self, ctx: &UploadContext, files: &[CorpusFile]) -> Result<()> {
         use futures::{StreamExt, TryStreamExt};
-        futures::stream::iter(files)
-            .map(|file| async move {
+        futures::stream::iter(files.chunks(FILES_PER_REQUEST))
+            .map(|request| async move {
                 let service = self.file_service();
-                let upload = service.add_file(ctx, &file.name, &file.bytes).await?;
-                service.process_file(ctx, &upload, &file.bytes).await?;
+                let added: Vec<(&str, &[u8])> = request
+                    .iter()
+                    .map(|f| (f.name.as_str(), f.bytes.as_slice()))
+                    .collect();
+                let uploads = service.add_files(ctx, &added).await?;
+                let processed: Vec<(&file_service::Upload, &[u8])> = uploads
+                    .iter()
+                    .zip(request)
+                    .map(|(upload, f)| (upload, f.bytes.as_slice()))
+                    .collect();
+                service.process_files(ctx, &processed).await?;
                 Ok::<_, Error>(())
             })
-            .buffer_unordered(UPLOADS_AT_ONCE)
+            .buffer_unordered(REQUESTS_AT_ONCE)
             .try_collect::<()>()
             .await
     }

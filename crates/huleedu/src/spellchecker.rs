@@ -6,6 +6,7 @@
 //! The corrected text is stored outside the transaction (it goes to another service), under
 //! an id derived from the original text's id, so a retried request stores it once.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -123,91 +124,171 @@ impl Spellchecker {
             .collect())
     }
 
+    /// Checks each requested essay once: one statement to skip what was already checked,
+    /// one to fetch the texts, one to store the corrected texts, one for the results and
+    /// one staging every result event, however many requests there are.
     async fn on_requested(
         &self,
-        event: &EventEnvelope<serde_json::Value>,
+        events: &[&EventEnvelope<serde_json::Value>],
         tx: &mut OutboxTx,
     ) -> outpost::Result<()> {
-        let request: SpellcheckRequested = decode(event)?;
-        let essay_id = request.entity_ref.entity_id.as_str();
-        let batch_id = request.entity_ref.parent_id.as_deref().ok_or_else(|| {
-            OutpostError::permanent(format!("spellcheck request for {essay_id} names no batch"))
-        })?;
-        let checked: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM results WHERE essay_id = $1 \
-                            AND original_text_storage_id = $2)",
+        let mut requests = Vec::with_capacity(events.len());
+        for event in events {
+            if event.event_type != topic::ESSAY_SPELLCHECK_REQUESTED {
+                return Err(OutpostError::permanent(format!(
+                    "the spellchecker does not handle {}",
+                    event.event_type
+                )));
+            }
+            let request: SpellcheckRequested = decode(event)?;
+            let Some(batch_id) = request.entity_ref.parent_id.clone() else {
+                return Err(OutpostError::permanent(format!(
+                    "spellcheck request for {} names no batch",
+                    request.entity_ref.entity_id
+                )));
+            };
+            requests.push((*event, request, batch_id));
+        }
+        let column = |f: fn(&SpellcheckRequested) -> &str| -> Vec<String> {
+            requests.iter().map(|(_, r, _)| f(r).to_owned()).collect()
+        };
+        let checked: Vec<(String, String)> = sqlx::query_as(
+            "SELECT r.essay_id, r.original_text_storage_id FROM results r \
+             JOIN UNNEST($1::text[], $2::text[]) AS t (essay, text) \
+               ON r.essay_id = t.essay AND r.original_text_storage_id = t.text",
         )
-        .bind(essay_id)
-        .bind(&request.text_storage_id)
-        .fetch_one(&mut **tx)
+        .bind(column(|r| &r.entity_ref.entity_id))
+        .bind(column(|r| &r.text_storage_id))
+        .fetch_all(&mut **tx)
         .await
         .map_err(handler_db)?;
-        if checked {
-            debug!(essay_id, "this text was already checked");
+        // A request seen before, here or earlier in this unit, checks nothing again.
+        let mut seen: HashSet<(String, String)> = checked.into_iter().collect();
+        requests.retain(|(_, r, _)| {
+            let new = seen.insert((r.entity_ref.entity_id.clone(), r.text_storage_id.clone()));
+            if !new {
+                debug!(
+                    essay_id = r.entity_ref.entity_id,
+                    "this text was already checked"
+                );
+            }
+            new
+        });
+        if requests.is_empty() {
             return Ok(());
         }
         let started_at = Utc::now();
-        // A missing text is the essay's failure, not the pipeline's: report it failed so
-        // the batch can still conclude.
-        let text = self
+        let text_ids: Vec<&str> = requests
+            .iter()
+            .map(|(_, r, _)| r.text_storage_id.as_str())
+            .collect();
+        let texts = self
             .content
-            .fetch_text(&request.text_storage_id)
+            .fetch_texts(&text_ids)
             .await
             .map_err(handler_db)?;
-        let (status, corrected_id, corrections, unknown) = match text {
-            Some(text) => {
-                let result = self.dictionary.check(&text);
-                let id = Uuid::new_v5(
-                    &Uuid::NAMESPACE_OID,
-                    format!("corrected:{}", request.text_storage_id).as_bytes(),
-                );
-                let stored = self
-                    .content
-                    .store_as(id, ContentKind::CorrectedText, result.corrected.as_bytes())
-                    .await
-                    .map_err(handler_db)?;
-                (
-                    essay_state::SPELLCHECKED_SUCCESS,
-                    Some(stored),
-                    result.corrections,
-                    result.unknown,
-                )
-            }
-            None => {
-                warn!(
-                    essay_id,
-                    text_storage_id = request.text_storage_id,
-                    "text not found"
-                );
-                (essay_state::SPELLCHECK_FAILED, None, 0, 0)
-            }
-        };
+        let mut corrected_texts: Vec<(Uuid, String)> = Vec::new();
+        let mut rows = Vec::with_capacity(requests.len());
+        for (event, request, batch_id) in requests {
+            // A missing text is the essay's failure, not the pipeline's: report it failed so
+            // the batch can still conclude.
+            let checked = match texts.get(&request.text_storage_id) {
+                Some(text) => {
+                    let result = self.dictionary.check(text);
+                    let id = Uuid::new_v5(
+                        &Uuid::NAMESPACE_OID,
+                        format!("corrected:{}", request.text_storage_id).as_bytes(),
+                    );
+                    corrected_texts.push((id, result.corrected));
+                    Checked {
+                        status: essay_state::SPELLCHECKED_SUCCESS,
+                        corrected_id: Some(id.to_string()),
+                        corrections: result.corrections,
+                        unknown: result.unknown,
+                    }
+                }
+                None => {
+                    warn!(
+                        essay_id = request.entity_ref.entity_id,
+                        text_storage_id = request.text_storage_id,
+                        "text not found"
+                    );
+                    Checked {
+                        status: essay_state::SPELLCHECK_FAILED,
+                        corrected_id: None,
+                        corrections: 0,
+                        unknown: 0,
+                    }
+                }
+            };
+            rows.push((event, request, batch_id, checked));
+        }
+        let ids: Vec<Uuid> = corrected_texts.iter().map(|(id, _)| *id).collect();
+        let bodies: Vec<&[u8]> = corrected_texts.iter().map(|(_, t)| t.as_bytes()).collect();
+        self.content
+            .store_many_as(&ids, ContentKind::CorrectedText, &bodies)
+            .await
+            .map_err(handler_db)?;
+        let count = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
         sqlx::query(
             "INSERT INTO results (essay_id, batch_id, original_text_storage_id, \
              corrected_text_storage_id, status, corrections, unknown_words, event_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                                  $6::int[], $7::int[], $8::uuid[])",
         )
-        .bind(essay_id)
-        .bind(batch_id)
-        .bind(&request.text_storage_id)
-        .bind(&corrected_id)
-        .bind(status)
-        .bind(i32::try_from(corrections).unwrap_or(i32::MAX))
-        .bind(i32::try_from(unknown).unwrap_or(i32::MAX))
-        .bind(event.event_id)
+        .bind(
+            rows.iter()
+                .map(|r| r.1.entity_ref.entity_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.2.as_str()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.1.text_storage_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.3.corrected_id.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.3.status).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| count(r.3.corrections))
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| count(r.3.unknown)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.0.event_id).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await
         .map_err(handler_db)?;
-        let result = completed(request, started_at, corrected_id, corrections);
-        tx.publish(&self.topics.event(
-            topic::ESSAY_SPELLCHECK_COMPLETED,
-            SERVICE,
-            event.correlation_id,
-            Aggregate::new("essay", &result.entity_ref.entity_id),
-            &result,
-        )?)
-        .await
+        let mut results = Vec::with_capacity(rows.len());
+        for (event, request, _, checked) in rows {
+            let result = completed(
+                request,
+                started_at,
+                checked.corrected_id,
+                checked.corrections,
+            );
+            results.push(self.topics.event(
+                topic::ESSAY_SPELLCHECK_COMPLETED,
+                SERVICE,
+                event.correlation_id,
+                Aggregate::new("essay", &result.entity_ref.entity_id),
+                &result,
+            )?);
+        }
+        tx.publish_all(&results).await
     }
+}
+
+/// How one essay's check went.
+struct Checked {
+    status: &'static str,
+    corrected_id: Option<String>,
+    corrections: u32,
+    unknown: u32,
 }
 
 /// The result of checking `request`'s text, begun at `started_at`: its corrected text
@@ -260,12 +341,17 @@ impl PublishingHandler for Spellchecker {
         _received: &Received,
         tx: &mut OutboxTx,
     ) -> outpost::Result<()> {
-        match event.event_type.as_str() {
-            topic::ESSAY_SPELLCHECK_REQUESTED => self.on_requested(event, tx).await,
-            other => Err(OutpostError::permanent(format!(
-                "the spellchecker does not handle {other}"
-            ))),
-        }
+        self.on_requested(&[event], tx).await
+    }
+
+    async fn handle_together(
+        &self,
+        events: &[(EventEnvelope<serde_json::Value>, &Received)],
+        tx: &mut OutboxTx,
+    ) -> outpost::Result<()> {
+        let events: Vec<&EventEnvelope<serde_json::Value>> =
+            events.iter().map(|(e, _)| e).collect();
+        self.on_requested(&events, tx).await
     }
 }
 

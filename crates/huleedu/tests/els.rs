@@ -4,8 +4,8 @@
 //! those of one upload); and results handled together in one transaction, as a consumer
 //! settles a unit of them.
 
-use std::str::FromStr;
-use std::sync::Arc;
+mod support;
+
 use std::time::Duration;
 
 use chrono::Utc;
@@ -16,41 +16,15 @@ use huleedu::events::{
     SpellcheckInitiateCommand, StorageReferenceMetadata, SystemProcessingMetadata, Topics,
     CORRECTED_TEXT,
 };
-use outpost::{
-    Environment, EventEnvelope, KafkaProducer, Mode, OutboxStore, OutboxTable, ProducerConfig,
-    Publisher, PublisherConfig, PublishingHandler, Received, WakeSignal, Waker,
-};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use outpost::{Publisher, PublishingHandler};
 use uuid::Uuid;
 
 const SLOTS: usize = 24;
 
 /// ELS in a schema of its own, publishing to the outbox only (the test reads the outbox).
 async fn els() -> (EssayLifecycle, Publisher) {
-    let url = std::env::var("OUTPOST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!("els_{}", &Uuid::new_v4().simple().to_string()[..12]);
-    let admin = PgPoolOptions::new().connect(&url).await.unwrap();
-    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let options = PgConnectOptions::from_str(&url)
-        .unwrap()
-        .options([("search_path", schema.as_str())]);
-    let pool = PgPoolOptions::new()
-        .max_connections(u32::try_from(2 * SLOTS + 4).unwrap())
-        .connect_with(options)
-        .await
-        .unwrap();
-    let store = OutboxStore::new(pool, OutboxTable::new(&schema).unwrap());
-    store.migrate().await.unwrap();
-    // Never reached: the outbox-only mode stages and wakes, it does not produce.
-    let producer = Arc::new(KafkaProducer::new(ProducerConfig::new("127.0.0.1:1")).unwrap());
-    let mut config = PublisherConfig::new("els-test", Environment::Testing);
-    config.mode = Mode::OutboxOnly;
-    let publisher =
-        Publisher::new(store, producer, Waker::Local(WakeSignal::new()), config).unwrap();
+    let connections = u32::try_from(2 * SLOTS + 4).unwrap();
+    let publisher = support::outbox_only("els", "els-test", connections).await;
     let els = EssayLifecycle::new(publisher.clone(), Topics::huleedu());
     els.migrate().await.unwrap();
     (els, publisher)
@@ -63,7 +37,7 @@ async fn handle<T: serde::Serialize>(
     base: &str,
     data: &T,
 ) -> outpost::Result<()> {
-    let (envelope, received) = delivered(base, data);
+    let (envelope, received) = support::delivered(base, data);
     let mut tx = publisher.begin().await?;
     els.handle(&envelope, &received, &mut tx).await?;
     tx.commit_and_dispatch_later().await
@@ -201,25 +175,6 @@ async fn content_handlers_of_one_batch_run_side_by_side_and_fill_each_slot_once(
     );
 }
 
-/// An envelope of `data` as the consumer would hand it over, with its `Received`.
-fn delivered<T: serde::Serialize>(
-    base: &str,
-    data: &T,
-) -> (EventEnvelope<serde_json::Value>, Received) {
-    let envelope = EventEnvelope::new(base, "test", serde_json::to_value(data).unwrap());
-    let received = Received {
-        group_id: "els-test".into(),
-        topic: base.into(),
-        partition: 0,
-        offset: 0,
-        key: None,
-        headers: Default::default(),
-        payload: Vec::new(),
-        event_id: envelope.event_id,
-    };
-    (envelope, received)
-}
-
 /// The spellchecker's answer for `essay`: corrected, or (`ok` false) failed.
 fn result(batch_id: &str, essay: &Essay, ok: bool) -> SpellcheckCompleted {
     let entity = EntityRef {
@@ -309,7 +264,7 @@ async fn results_handled_together_announce_each_count_in_order_and_conclude_once
         result(&batch_id, &essays[5], true),
     ]
     .iter()
-    .map(|r| delivered(topic::ESSAY_SPELLCHECK_COMPLETED, r))
+    .map(|r| support::delivered(topic::ESSAY_SPELLCHECK_COMPLETED, r))
     .collect();
     let unit: Vec<_> = unit.iter().map(|(e, r)| (e.clone(), r)).collect();
     let mut tx = publisher.begin().await.unwrap();
@@ -371,7 +326,7 @@ async fn contents_handled_together_fill_each_slot_once_and_make_the_batch_ready_
     let unit: Vec<_> = [1, 2, 1, 3, 4]
         .into_iter()
         .map(|upload| {
-            delivered(
+            support::delivered(
                 topic::ESSAY_CONTENT_PROVISIONED,
                 &content(&batch_id, upload),
             )

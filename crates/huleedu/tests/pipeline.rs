@@ -157,6 +157,33 @@ async fn assert_every_phase_happened_once(pipeline: &Pipeline, report: &RunRepor
         .collect();
     assert_eq!(transitions, steps);
 
+    // File Service: each file's outcome logged against it, the withdrawn one removed.
+    let uploads = pipeline.file_service().uploads(batch).await.unwrap();
+    let state = |s: &str| uploads.iter().filter(|u| u.state == s).count();
+    assert_eq!(
+        (
+            state("provisioned"),
+            state("validation_failed"),
+            state("removed")
+        ),
+        (23, 2, 1)
+    );
+    for upload in &uploads {
+        let provisioned = upload.state == "provisioned";
+        assert_eq!(upload.text_storage_id.is_some(), provisioned, "{upload:?}");
+        assert_eq!(
+            upload.validation_error_code.is_some(),
+            upload.state == "validation_failed",
+            "{upload:?}"
+        );
+    }
+    let mut rejected: Vec<&str> = uploads
+        .iter()
+        .filter_map(|u| u.validation_error_code.as_deref())
+        .collect();
+    rejected.sort_unstable();
+    assert_eq!(rejected, [CONTENT_TOO_SHORT, EMPTY_CONTENT]);
+
     // ELS: 23 essays checked, 2 slots never filled, 2 validation failures.
     assert_eq!(
         pipeline.els().batch_state(batch).await.unwrap().as_deref(),

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use outpost::metrics::{CIRCUIT_STATE, FALLBACKS};
 use outpost::publishing::breaker::CircuitState;
 use outpost::{
-    Environment, KafkaProducer, Mode, PublishPath, Publisher, PublisherConfig, Relay, WakeSignal,
-    Waker,
+    Environment, KafkaProducer, Mode, OutboxStore, PublishPath, Publisher, PublisherConfig, Relay,
+    WakeSignal, Waker,
 };
 use uuid::Uuid;
 
@@ -21,6 +21,30 @@ fn config(service: &str, mode: Mode) -> PublisherConfig {
     cfg.dispatch_deadline = Duration::from_millis(500);
     cfg.direct_deadline = Duration::from_millis(500);
     cfg
+}
+
+/// Two Kafka-first publisher processes of `service` on one outbox: one whose Kafka is
+/// unreachable, one on `brokers`.
+fn kafka_first_pair(store: &OutboxStore, service: &str, brokers: &str) -> (Publisher, Publisher) {
+    let cut_off = Publisher::new(
+        store.clone(),
+        Arc::new(KafkaProducer::new(support::producer_config("127.0.0.1:1")).unwrap()),
+        Waker::None,
+        config(service, Mode::KafkaFirst),
+    )
+    .unwrap();
+    // A cold producer's first ack waits for its producer id: the healthy publisher's
+    // deadline leaves room for that on a loaded machine.
+    let mut healthy_config = config(service, Mode::KafkaFirst);
+    healthy_config.direct_deadline = Duration::from_secs(10);
+    let healthy = Publisher::new(
+        store.clone(),
+        support::producer(brokers),
+        Waker::None,
+        healthy_config,
+    )
+    .unwrap();
+    (cut_off, healthy)
 }
 
 /// The eager path takes the half-open probe; when that probe finds nothing to claim (its
@@ -114,24 +138,7 @@ async fn kafka_first_never_overtakes_an_event_another_process_left_in_the_outbox
     let collector = support::Collector::start(&brokers, &topic, 1);
     let store = support::store().await;
     let service = support::unique("kf");
-    let cut_off = Publisher::new(
-        store.clone(),
-        Arc::new(KafkaProducer::new(support::producer_config("127.0.0.1:1")).unwrap()),
-        Waker::None,
-        config(&service, Mode::KafkaFirst),
-    )
-    .unwrap();
-    // A cold producer's first ack waits for its producer id: the healthy publisher's
-    // deadline leaves room for that on a loaded machine.
-    let mut healthy_config = config(&service, Mode::KafkaFirst);
-    healthy_config.direct_deadline = Duration::from_secs(10);
-    let healthy = Publisher::new(
-        store.clone(),
-        support::producer(&brokers),
-        Waker::None,
-        healthy_config,
-    )
-    .unwrap();
+    let (cut_off, healthy) = kafka_first_pair(&store, &service, &brokers);
     let first = support::event(&topic, "k", 0);
     let second = support::event(&topic, "k", 1);
     let unrelated = support::event(&topic, "other", 0);
@@ -150,14 +157,7 @@ async fn kafka_first_never_overtakes_an_event_another_process_left_in_the_outbox
         1.0
     );
 
-    let relay = Relay::new(
-        store.clone(),
-        support::producer(&brokers),
-        support::relay_config(&service),
-    )
-    .unwrap()
-    .with_wake_signal(WakeSignal::new());
-    let running = support::spawn(relay);
+    let running = support::spawn(support::relay(&store, &brokers, &service));
     let seen = collector
         .wait_for(
             &[first.event_id, second.event_id, unrelated.event_id],
@@ -166,6 +166,62 @@ async fn kafka_first_never_overtakes_an_event_another_process_left_in_the_outbox
         .await;
     running.stop().await;
     support::assert_key_order(&seen);
+}
+
+/// Kafka-first `publish_all`: every event of a batch is queued before any ack is awaited,
+/// yet each key's events land in slice order; a key with an older event waiting in the
+/// outbox goes there whole; and a batch Kafka cannot take is stored in order, for the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_first_batches_keep_each_key_in_order_on_every_path() {
+    support::metrics();
+    let brokers = support::brokers();
+    let topic = support::topic(2).await;
+    let collector = support::Collector::start(&brokers, &topic, 2);
+    let store = support::store().await;
+    let service = support::unique("kfall");
+    let (cut_off, healthy) = kafka_first_pair(&store, &service, &brokers);
+    // "k" has an event waiting in the outbox (Kafka failed it in another process).
+    let waiting = support::event(&topic, "k", 0);
+    assert_eq!(
+        cut_off.publish(&waiting).await.unwrap(),
+        PublishPath::Outbox
+    );
+
+    // Interleaved keys, many events each: sent pipelined, except "k", which must follow
+    // its waiting event through the outbox.
+    let keys = ["a", "b", "k", "c"];
+    let batch: Vec<_> = (1..=30)
+        .flat_map(|seq| keys.map(|key| support::event(&topic, key, seq)))
+        .collect();
+    let sent = healthy.publish_all(&batch).await.unwrap();
+    assert_eq!((sent.eager_published, sent.left_to_relay), (90, 30));
+    assert_eq!(
+        support::metric(FALLBACKS, &service, &[("reason", "key_pending")]),
+        30.0
+    );
+
+    // Kafka unreachable: the whole batch falls back, in order.
+    let down: Vec<_> = (31..=40)
+        .flat_map(|seq| ["a", "d"].map(|key| support::event(&topic, key, seq)))
+        .collect();
+    let fell = cut_off.publish_all(&down).await.unwrap();
+    assert_eq!((fell.eager_published, fell.left_to_relay), (0, 20));
+
+    let running = support::spawn(support::relay(&store, &brokers, &service));
+    let ids: Vec<Uuid> = std::iter::once(&waiting)
+        .chain(&batch)
+        .chain(&down)
+        .map(|e| e.event_id)
+        .collect();
+    collector.wait_for(&ids, Duration::from_secs(60)).await;
+    running.stop().await;
+    let seen = collector.read_to_end().await;
+    support::assert_key_order(&seen);
+    assert_eq!(
+        support::messages(&seen),
+        ids.len(),
+        "every event once, nothing else"
+    );
 }
 
 /// One topic map, three paths: the eager path after a commit, a Kafka-first direct send

@@ -165,7 +165,7 @@ struct Sql {
     try_lock_keys: String,
     release: String,
     delete_drained: String,
-    has_pending_key: String,
+    pending_keys: String,
     pull_forward: String,
     backlog: String,
     cleanup: String,
@@ -325,8 +325,9 @@ impl Sql {
                                  AND e.event_key = k.event_key) \
                  RETURNING k.event_key"
             ),
-            has_pending_key: format!(
-                "SELECT EXISTS (SELECT 1 FROM {t} WHERE status = 'pending' AND event_key = $1)"
+            pending_keys: format!(
+                "SELECT DISTINCT event_key FROM {t} \
+                 WHERE status = 'pending' AND event_key = ANY($1)"
             ),
             pull_forward: format!(
                 "UPDATE {k} SET next_attempt_at = now(), backoff_transient = false \
@@ -820,16 +821,17 @@ impl OutboxStore {
         Ok(deleted.len() as u64)
     }
 
-    /// Whether any row of `key` is waiting for delivery.
+    /// Which of `keys` have a row waiting for delivery.
     ///
     /// # Errors
     /// [`Error::OutboxStorage`] when the query fails.
-    pub async fn has_pending_key(&self, key: &str) -> Result<bool> {
-        sqlx::query_scalar(&self.sql.has_pending_key)
-            .bind(key)
-            .fetch_one(&self.pool)
+    pub async fn pending_keys(&self, keys: &[String]) -> Result<HashSet<String>> {
+        let found: Vec<String> = sqlx::query_scalar(&self.sql.pending_keys)
+            .bind(keys)
+            .fetch_all(&self.pool)
             .await
-            .map_err(|e| Error::storage("has_pending_key", e))
+            .map_err(|e| Error::storage("pending_keys", e))?;
+        Ok(found.into_iter().collect())
     }
 
     /// Makes keys that back off after a *transient* failure (broker unavailable) due now;

@@ -22,7 +22,7 @@
 //!   [`WalRelay`](crate::WalRelay) delivers it in commit order. No table row, no work after
 //!   commit (eager dispatch does not apply).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,7 +35,7 @@ use uuid::Uuid;
 use crate::error::ErrorClass;
 use crate::error::{Error, EventContext, Result};
 use crate::event::envelope::OutboxEvent;
-use crate::kafka::producer::KafkaProducer;
+use crate::kafka::producer::{Acked, KafkaProducer, SendFailure};
 use crate::outbox::store::{KeyLock, KeyRelease, OutboxStore, Settlement};
 use crate::publishing::breaker::{BreakerConfig, CircuitBreaker, CircuitState};
 use crate::publishing::turns::{KeyTurns, Turn};
@@ -674,38 +674,76 @@ impl Publisher {
     /// [`Error::OutboxStorage`] (with aggregate, event type, topic, correlation id and the
     /// cause) when the event could not be stored either.
     pub async fn publish(&self, event: &OutboxEvent) -> Result<PublishPath> {
+        let dispatch = self.publish_all(std::slice::from_ref(event)).await?;
+        Ok(if dispatch.eager_published > 0 {
+            PublishPath::Direct
+        } else {
+            PublishPath::Outbox
+        })
+    }
+
+    /// Publishes several events without a business transaction, as [`publish`](Self::publish)
+    /// does one, in one go: in Kafka-first mode one outbox check for all their keys, every
+    /// send queued before any ack is awaited (one broker round trip for the lot), and
+    /// whatever falls back stored in one transaction; in the other modes one transaction.
+    ///
+    /// Events of one key reach Kafka in slice order: once one of them falls back, the rest
+    /// of its key follow it into the outbox (librdkafka fails what was queued behind it).
+    /// Returns how many were acked directly and how many were left to the relay.
+    ///
+    /// # Errors
+    /// [`Error::KafkaPublish`] for the first event Kafka rejected permanently (every other
+    /// event was still acked or stored); [`Error::OutboxStorage`] when the events that fell
+    /// back could not be stored (those acked before stay acked).
+    pub async fn publish_all(&self, events: &[OutboxEvent]) -> Result<Dispatch> {
+        if events.is_empty() {
+            return Ok(Dispatch::default());
+        }
         if self.mode != Mode::KafkaFirst {
             let mut tx = self.begin().await?;
-            tx.publish(event).await?;
-            let dispatch = tx.commit().await?;
-            return Ok(if dispatch.eager_published > 0 {
-                PublishPath::Direct
-            } else {
-                PublishPath::Outbox
-            });
+            tx.publish_all(events).await?;
+            return tx.commit().await;
         }
         let inner = &self.inner;
         let service = inner.config.service.as_str();
-        // Any publisher process may have left an event of this key in the outbox; a direct
-        // send must not overtake it. If the database cannot answer at once, the outbox could
-        // not take the event either: go direct.
-        // An eager dispatch of this key in this process holds rows that look pending until
-        // its settle is written: wait for it (briefly) rather than send this event to the
-        // outbox for nothing; one still sending after that wait may not be overtaken.
-        let key = std::slice::from_ref(&event.event_key);
-        if tokio::time::timeout(KEY_CHECK_TIMEOUT, inner.turns.idle(key))
+        let mut keys: Vec<String> = events.iter().map(|e| e.event_key.clone()).collect();
+        keys.sort();
+        keys.dedup();
+        // An eager dispatch of a key in this process holds rows that look pending until its
+        // settle is written: wait for it (briefly) rather than send its events to the outbox
+        // for nothing; one still sending after that wait may not be overtaken.
+        let pending = if tokio::time::timeout(KEY_CHECK_TIMEOUT, inner.turns.idle(&keys))
             .await
             .is_err()
         {
-            return self.fall_back(event, "key_pending").await;
-        }
-        let pending = tokio::time::timeout(
-            KEY_CHECK_TIMEOUT,
-            inner.store.has_pending_key(&event.event_key),
-        )
-        .await;
-        if matches!(pending, Ok(Ok(true))) {
-            return self.fall_back(event, "key_pending").await;
+            keys.into_iter().collect()
+        } else {
+            // Any publisher process may have left an event of these keys in the outbox; a
+            // direct send must not overtake it. If the database cannot answer at once, the
+            // outbox could not take the events either: go direct.
+            match tokio::time::timeout(KEY_CHECK_TIMEOUT, inner.store.pending_keys(&keys)).await {
+                Ok(Ok(pending)) => pending,
+                _ => HashSet::new(),
+            }
+        };
+        let direct: Vec<&OutboxEvent> = events
+            .iter()
+            .filter(|e| !pending.contains(&e.event_key))
+            .collect();
+        let behind = |event: &OutboxEvent, otherwise: &'static str| {
+            if pending.contains(&event.event_key) {
+                "key_pending"
+            } else {
+                otherwise
+            }
+        };
+        if direct.is_empty() {
+            let all: Vec<_> = events.iter().map(|e| (e, "key_pending")).collect();
+            self.fall_back(&all).await?;
+            return Ok(Dispatch {
+                eager_published: 0,
+                left_to_relay: events.len(),
+            });
         }
         let (allowed, probe) = {
             let mut breaker = inner.breaker.lock().unwrap_or_else(|p| p.into_inner());
@@ -716,61 +754,123 @@ impl Publisher {
             (allowed, allowed && probe)
         };
         if !allowed {
-            return self.fall_back(event, "circuit_open").await;
+            let all: Vec<_> = events
+                .iter()
+                .map(|e| (e, behind(e, "circuit_open")))
+                .collect();
+            self.fall_back(&all).await?;
+            return Ok(Dispatch {
+                eager_published: 0,
+                left_to_relay: events.len(),
+            });
         }
         let mut abandoned_probe = AbandonedProbe {
             publisher: self,
             armed: probe,
         };
-        // The send runs to completion in a task of its own. Abandoned at the deadline, its
+        // The sends run to completion in a task of their own. Abandoned at the deadline, a
         // failure would never reach the producer, whose replace-when-stuck logic (needed
         // after a broker restart) would then never run: the circuit would never close.
         let send = {
             let producer = Arc::clone(&inner.producer);
-            let topic = inner.config.delivery.topic_for(&event.topic).to_owned();
-            let key = event.event_key.clone();
-            let (payload, headers) = (event.payload.clone(), event.headers.clone());
-            tokio::spawn(async move { producer.send(&topic, &key, &payload, &headers).await })
+            let messages: Vec<Message> = direct
+                .iter()
+                .map(|e| Message {
+                    topic: inner.config.delivery.topic_for(&e.topic).to_owned(),
+                    key: e.event_key.clone(),
+                    payload: e.payload.clone(),
+                    headers: e.headers.clone(),
+                })
+                .collect();
+            tokio::spawn(async move { send_in_order(&producer, messages).await })
         };
         let sent = tokio::time::timeout(inner.config.direct_deadline, send).await;
         abandoned_probe.armed = false;
-        let reason = match sent {
-            Ok(Ok(Ok(_))) => {
-                self.breaker(|b| b.on_success());
-                crate::metrics::direct(service, "acked");
-                info!(event_id = %event.event_id, topic = %event.topic, path = "direct", "published");
-                return Ok(PublishPath::Direct);
-            }
-            Ok(Ok(Err(failure))) if failure.class == ErrorClass::Permanent => {
-                self.breaker(|b| b.on_success()); // the broker answered
-                crate::metrics::direct(service, "rejected");
-                return Err(Error::KafkaPublish {
-                    topic: event.topic.clone(),
-                    class: failure.class,
-                    source: failure.error,
-                });
-            }
-            Ok(Ok(Err(failure))) if failure.class == ErrorClass::Retriable => {
-                // A per-topic problem (unknown topic, corrupt message): the broker answered,
-                // so the circuit stays closed; the relay retries it within its budget.
-                self.breaker(|b| b.on_success());
-                crate::metrics::direct(service, "failed");
-                debug!(error = %failure, "direct publish failed");
-                return self.fall_back(event, "kafka_error").await;
-            }
-            Ok(Ok(Err(failure))) => {
-                debug!(error = %failure, "direct publish failed");
-                "kafka_error"
-            }
+        let gave_up = if sent.is_err() {
+            "timeout"
+        } else {
+            "kafka_error"
+        };
+        let outcomes: Vec<Option<std::result::Result<Acked, SendFailure>>> = match sent {
+            Ok(Ok(outcomes)) => outcomes,
             Ok(Err(panicked)) => {
                 warn!(error = %panicked, "direct publish task failed");
-                "kafka_error"
+                direct.iter().map(|_| None).collect()
             }
-            Err(_) => "timeout",
+            Err(_) => Vec::new(),
         };
-        self.breaker(|b| b.on_failure(Instant::now()));
-        crate::metrics::direct(service, "failed");
-        self.fall_back(event, reason).await
+        let mut outcomes = outcomes.into_iter();
+        let (mut answered, mut failed) = (false, false);
+        let mut rejected = None;
+        let mut acked = 0;
+        let mut stored: Vec<(&OutboxEvent, &'static str)> = Vec::new();
+        let mut fell: HashSet<&str> = HashSet::new();
+        for event in events {
+            if pending.contains(&event.event_key) {
+                stored.push((event, "key_pending"));
+                continue;
+            }
+            match outcomes.next().flatten() {
+                Some(Ok(_)) => {
+                    answered = true;
+                    acked += 1;
+                    crate::metrics::direct(service, "acked");
+                    info!(event_id = %event.event_id, topic = %event.topic, path = "direct", "published");
+                    if fell.contains(event.event_key.as_str()) {
+                        // Only possible when the broker came back between the two messages'
+                        // timeouts; the one that fell back is delivered after it.
+                        warn!(key = %event.event_key, event_id = %event.event_id, "a later event of a key was acked after an earlier one fell back");
+                        crate::metrics::order_break(service);
+                    }
+                }
+                Some(Err(failure)) if failure.class == ErrorClass::Permanent => {
+                    answered = true; // the broker answered
+                    crate::metrics::direct(service, "rejected");
+                    rejected.get_or_insert(Error::KafkaPublish {
+                        topic: event.topic.clone(),
+                        class: failure.class,
+                        source: failure.error,
+                    });
+                }
+                Some(Err(failure)) => {
+                    // A retriable failure is per topic (unknown topic, corrupt message): the
+                    // broker answered, so the circuit stays closed; the relay retries it
+                    // within its budget.
+                    if failure.class == ErrorClass::Retriable {
+                        answered = true;
+                    } else {
+                        failed = true;
+                    }
+                    debug!(error = %failure, "direct publish failed");
+                    crate::metrics::direct(service, "failed");
+                    fell.insert(&event.event_key);
+                    stored.push((event, "kafka_error"));
+                }
+                // Not sent (an earlier event of its key could not be queued), or the sends
+                // were given up on.
+                None => {
+                    failed = true;
+                    crate::metrics::direct(service, "failed");
+                    fell.insert(&event.event_key);
+                    stored.push((event, gave_up));
+                }
+            }
+        }
+        if failed {
+            self.breaker(|b| b.on_failure(Instant::now()));
+        } else if answered {
+            self.breaker(|b| b.on_success());
+        }
+        if !stored.is_empty() {
+            self.fall_back(&stored).await?;
+        }
+        match rejected {
+            Some(error) => Err(error),
+            None => Ok(Dispatch {
+                eager_published: acked,
+                left_to_relay: stored.len(),
+            }),
+        }
     }
 
     fn breaker(&self, f: impl FnOnce(&mut CircuitBreaker)) {
@@ -782,20 +882,24 @@ impl Publisher {
         );
     }
 
-    async fn fall_back(&self, event: &OutboxEvent, reason: &'static str) -> Result<PublishPath> {
+    /// Stores what Kafka-first could not send in one transaction, in the order given, and
+    /// wakes the relay.
+    async fn fall_back(&self, events: &[(&OutboxEvent, &'static str)]) -> Result<()> {
         let inner = &self.inner;
+        let first = events[0].0;
         let context = || EventContext {
-            aggregate_type: Some(event.aggregate_type.clone()),
-            aggregate_id: Some(event.aggregate_id.clone()),
-            event_type: Some(event.event_type.clone()),
-            topic: Some(event.topic.clone()),
-            correlation_id: Some(event.correlation_id),
+            aggregate_type: Some(first.aggregate_type.clone()),
+            aggregate_id: Some(first.aggregate_id.clone()),
+            event_type: Some(first.event_type.clone()),
+            topic: Some(first.topic.clone()),
+            correlation_id: Some(first.correlation_id),
         };
+        let owned: Vec<OutboxEvent> = events.iter().map(|(e, _)| (*e).clone()).collect();
         let stored = async {
             let mut tx = inner.store.pool().begin().await?;
             inner
                 .store
-                .stage(&mut tx, event)
+                .stage_all(&mut tx, &owned)
                 .await
                 .map_err(|e| match e {
                     Error::OutboxStorage { source, .. } => source,
@@ -805,19 +909,62 @@ impl Publisher {
         }
         .await;
         if let Err(source) = stored {
-            warn!(event_id = %event.event_id, error = %source, "kafka-first: kafka failed and the outbox write failed too");
+            warn!(event_id = %first.event_id, events = events.len(), error = %source, "kafka-first: kafka failed and the outbox write failed too");
             return Err(Error::storage_with(
                 "kafka_first_fallback",
                 context(),
                 source,
             ));
         }
-        crate::metrics::staged(&inner.config.service, 1);
-        crate::metrics::fallback(&inner.config.service, reason);
-        info!(event_id = %event.event_id, topic = %event.topic, path = "outbox", reason, "published");
+        crate::metrics::staged(&inner.config.service, events.len());
+        for (event, reason) in events {
+            crate::metrics::fallback(&inner.config.service, reason);
+            info!(event_id = %event.event_id, topic = %event.topic, path = "outbox", reason, "published");
+        }
         inner.waker.nudge().await;
-        Ok(PublishPath::Outbox)
+        Ok(())
     }
+}
+
+/// One Kafka-first message to send.
+struct Message {
+    topic: String,
+    key: String,
+    payload: Vec<u8>,
+    headers: BTreeMap<String, String>,
+}
+
+/// Queues `messages` in order, then waits for every ack; `None` for a message not queued
+/// because an earlier one of its key could not be. A transient failure purges what is
+/// still queued (see [`KafkaProducer::purge_queued`]), so nothing behind it lands first.
+async fn send_in_order(
+    producer: &Arc<KafkaProducer>,
+    messages: Vec<Message>,
+) -> Vec<Option<std::result::Result<Acked, SendFailure>>> {
+    let mut stopped: HashSet<&str> = HashSet::new();
+    let mut acks = Vec::with_capacity(messages.len());
+    for m in &messages {
+        if stopped.contains(m.key.as_str()) {
+            acks.push(None);
+            continue;
+        }
+        let queued = producer.enqueue(&m.topic, &m.key, &m.payload, &m.headers);
+        if queued.is_err() {
+            stopped.insert(&m.key);
+        }
+        acks.push(Some(queued));
+    }
+    futures::future::join_all(acks.into_iter().map(|queued| async move {
+        let result = match queued? {
+            Ok(ack) => ack.await,
+            Err(failure) => Err(failure),
+        };
+        if matches!(&result, Err(f) if f.class == ErrorClass::Transient) {
+            producer.purge_queued();
+        }
+        Some(result)
+    }))
+    .await
 }
 
 /// Permission to try Kafka from the circuit breaker. When it was the half-open probe it is

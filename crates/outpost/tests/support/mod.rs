@@ -396,6 +396,13 @@ impl Running {
     }
 }
 
+/// A relay of `service`'s outbox on `brokers`, woken by a signal of its own.
+pub fn relay(store: &OutboxStore, brokers: &str, service: &str) -> outpost::Relay {
+    outpost::Relay::new(store.clone(), producer(brokers), relay_config(service))
+        .unwrap()
+        .with_wake_signal(outpost::WakeSignal::new())
+}
+
 /// Runs `relay` in the background.
 pub fn spawn(relay: outpost::Relay) -> Running {
     let shutdown = tokio_util::sync::CancellationToken::new();
