@@ -207,18 +207,21 @@ impl Pipeline {
                 user_id: request.user_id.clone(),
                 correlation_id: registration.correlation_id,
             };
-            if let Some(first) = files.first() {
-                // The teacher adds a file by mistake and withdraws it before the batch is
-                // ready: announced twice, never provisioned.
-                let name = format!("copy of {}", first.name);
-                let extra = self
-                    .file_service()
-                    .add_file(&ctx, &name, &first.bytes)
-                    .await?;
-                self.file_service().remove_file(&ctx, &extra).await?;
-            }
+            // The teacher adds a file by mistake and withdraws it (while the rest upload)
+            // before the batch is ready: announced twice, never provisioned.
+            let withdraw = async {
+                if let Some(first) = files.first() {
+                    let name = format!("copy of {}", first.name);
+                    let extra = self
+                        .file_service()
+                        .add_file(&ctx, &name, &first.bytes)
+                        .await?;
+                    self.file_service().remove_file(&ctx, &extra).await?;
+                }
+                Ok::<_, Error>(())
+            };
             let split = outage.map_or(files.len(), |o| o.after_files.min(files.len()));
-            self.upload(&ctx, &files[..split]).await?;
+            tokio::try_join!(withdraw, self.upload(&ctx, &files[..split]))?;
             let window = match outage {
                 None => None,
                 Some(o) => {

@@ -82,19 +82,21 @@ async fn run(lock: KeyLock) -> (usize, usize, Vec<(Uuid, Uuid)>, usize) {
     let signal = WakeSignal::new();
     let mut relays = Vec::new();
     for _ in 0..3 {
-        let mut cfg = support::relay_config(&service);
+        // No fault is injected and every message is counted: slow produce requests are
+        // waited for (see `patient_producer`).
+        let mut cfg = support::patient_relay_config(&service);
         cfg.batch_size = 3;
-        let relay = Relay::new(store.clone(), support::producer(&brokers), cfg)
+        let relay = Relay::new(store.clone(), support::patient_producer(&brokers), cfg)
             .unwrap()
             .with_wake_signal(signal.clone());
         relays.push(support::spawn(relay));
     }
     let mut config = PublisherConfig::new(&service, outpost::Environment::Testing);
-    config.delivery = support::relay_config(&service);
+    config.delivery = support::patient_relay_config(&service);
     config.key_lock = lock;
     let publisher = Publisher::new(
         store.clone(),
-        support::producer(&brokers),
+        support::patient_producer(&brokers),
         Waker::Local(signal.clone()),
         config,
     )
@@ -133,9 +135,50 @@ async fn run(lock: KeyLock) -> (usize, usize, Vec<(Uuid, Uuid)>, usize) {
     }
     stop.store(true, Ordering::SeqCst);
     let commit_poll = watcher.await.unwrap();
-    let consumed = collector
-        .wait_for(&committed, Duration::from_secs(60))
-        .await;
+    let consumed = match collector
+        .try_wait_for(&committed, Duration::from_secs(60))
+        .await
+    {
+        Ok(consumed) => consumed,
+        Err(missing) => {
+            // Where the missing events are: their rows, and their keys' leases.
+            let seen: std::collections::HashSet<Uuid> =
+                collector.snapshot().iter().map(|c| c.event_id).collect();
+            let lost: Vec<Uuid> = committed
+                .iter()
+                .filter(|id| !seen.contains(id))
+                .copied()
+                .collect();
+            let rows: Vec<(
+                i64,
+                String,
+                String,
+                i32,
+                Option<i32>,
+                Option<i64>,
+                Option<String>,
+            )> = sqlx::query_as(&format!(
+                "SELECT id, event_key, status, attempts, kafka_partition, kafka_offset, \
+                     last_error FROM {} WHERE event_id = ANY($1) ORDER BY id",
+                store.table()
+            ))
+            .bind(&lost)
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+            let keys: Vec<(String, Option<Uuid>, Option<String>)> = sqlx::query_as(&format!(
+                "SELECT event_key, lease_owner, (lease_until - now())::text FROM {}",
+                store.table().keys()
+            ))
+            .fetch_all(store.pool())
+            .await
+            .unwrap_or_default();
+            panic!(
+                "{missing} of {} events not consumed within 60 s; rows {rows:?}; keys {keys:?}",
+                committed.len()
+            );
+        }
+    };
     // Quiet period: a duplicate sent late would show up here.
     let consumed = support::settled(&collector, consumed.len(), Duration::from_secs(2)).await;
     publisher.shutdown(Duration::from_secs(5)).await;
