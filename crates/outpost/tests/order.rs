@@ -149,17 +149,10 @@ async fn run(lock: KeyLock) -> (usize, usize, Vec<(Uuid, Uuid)>, usize) {
                 .filter(|id| !seen.contains(id))
                 .copied()
                 .collect();
-            let rows: Vec<(
-                i64,
-                String,
-                String,
-                i32,
-                Option<i32>,
-                Option<i64>,
-                Option<String>,
-            )> = sqlx::query_as(&format!(
-                "SELECT id, event_key, status, attempts, kafka_partition, kafka_offset, \
-                     last_error FROM {} WHERE event_id = ANY($1) ORDER BY id",
+            let rows: Vec<String> = sqlx::query_scalar(&format!(
+                "SELECT format('%s %s %s attempts %s at %s/%s error %s', id, event_key, \
+                 status, attempts, kafka_partition, kafka_offset, last_error) \
+                 FROM {} WHERE event_id = ANY($1) ORDER BY id",
                 store.table()
             ))
             .bind(&lost)
