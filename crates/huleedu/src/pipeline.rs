@@ -118,8 +118,12 @@ pub struct PipelineConfig {
     /// Suffix of schemas, consumer groups and service names (default: 8 random hex
     /// digits), so runs never share state.
     pub run_id: String,
-    /// Partitions of each topic created (default 8; a consumer handles its partitions
-    /// concurrently, one message of each at a time).
+    /// Partitions of each topic created (default: one per CPU core, from 2 to 8). A
+    /// consumer handles its partitions concurrently, each one unit at a time. Every
+    /// partition adds a transaction and an eager dispatch per unit, and beyond the cores it
+    /// adds no parallelism: on 2 cores a 25-essay batch took about 190 ms with 2
+    /// partitions, 250 ms with 4 and 290 ms with 8, while 1,000 essays took the same with
+    /// any of them (BENCHMARKS.md).
     pub partitions: i32,
     /// The relays' longest idle wait, and the baseline's fixed polling interval (default
     /// 5 s, HuleEdu's production value).
@@ -146,13 +150,19 @@ impl PipelineConfig {
             mode,
             topics: Topics::with_suffix(&run_id),
             run_id,
-            partitions: 8,
+            partitions: default_partitions(),
             poll_interval: Duration::from_secs(5),
             delivery_timeout: Duration::from_secs(2),
             session_timeout: Duration::from_secs(2),
             timeout: Duration::from_secs(120),
         }
     }
+}
+
+/// One partition per CPU core, from 2 (so partitions are still handled side by side) to 8.
+fn default_partitions() -> i32 {
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    i32::try_from(cores.clamp(2, 8)).unwrap_or(8)
 }
 
 /// One service's Outpost plumbing.

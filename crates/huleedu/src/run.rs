@@ -128,6 +128,8 @@ pub struct RunReport {
     pub batch_id: String,
     /// Essay files uploaded.
     pub essays: usize,
+    /// Partitions of each topic.
+    pub partitions: i32,
     /// Of those, valid.
     pub valid: usize,
     /// Of those, rejected by validation.
@@ -308,6 +310,7 @@ impl Pipeline {
             batch_state: self.bos().batch_state(&batch_id).await?,
             batch_id,
             essays: files.len(),
+            partitions: self.config().partitions,
             valid,
             invalid,
             total,

@@ -240,6 +240,9 @@ pub enum Command {
         /// Directory of essay files (default: the shipped corpus).
         #[arg(long)]
         corpus: Option<std::path::PathBuf>,
+        /// Partitions of each topic (default: one per CPU core, from 2 to 8).
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=64))]
+        partitions: Option<i32>,
     },
     /// Measure the raw produce and INSERT+COMMIT limits and Outpost's latencies, drain
     /// rates and relay memory side by side (see BENCHMARKS.md); use a release build.

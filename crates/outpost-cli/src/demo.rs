@@ -41,6 +41,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         outage,
         json,
         ref corpus,
+        partitions,
     } = cli.command
     else {
         unreachable!("demo::run is only called for the demo subcommand");
@@ -55,7 +56,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     let mut reports = Vec::new();
     let mut contracts = Vec::new();
     for mode in modes {
-        let (report, contract) = run_mode(cli, mode, &files, outage).await?;
+        let (report, contract) = run_mode(cli, mode, &files, outage, partitions).await?;
         if !json {
             print_report(&report);
         }
@@ -106,6 +107,7 @@ async fn run_mode(
     mode: RunMode,
     files: &[CorpusFile],
     outage: bool,
+    partitions: Option<i32>,
 ) -> anyhow::Result<(RunReport, ContractReport)> {
     let label = mode.as_str();
     let say =
@@ -121,6 +123,9 @@ async fn run_mode(
         None
     };
     let mut config = PipelineConfig::new(mode);
+    if let Some(partitions) = partitions {
+        config.partitions = partitions;
+    }
     config.database_url = cli.database_url.clone();
     config.redis_url = cli.redis_url.clone();
     config.brokers = broker
@@ -216,10 +221,11 @@ fn print_report(r: &RunReport) {
         },
     );
     println!(
-        "  total: {} essays ({} valid, {} invalid), registration → batch {}: {total}",
+        "  total: {} essays ({} valid, {} invalid), {} partitions per topic, registration → batch {}: {total}",
         r.essays,
         r.valid,
         r.invalid,
+        r.partitions,
         r.batch_state.as_deref().unwrap_or("unknown"),
     );
     println!(
@@ -318,6 +324,7 @@ fn to_json(reports: &[RunReport]) -> Value {
     let first = reports.first();
     json!({
         "essays": first.map_or(0, |r| r.essays),
+        "partitions": first.map_or(0, |r| r.partitions),
         "valid": first.map_or(0, |r| r.valid),
         "invalid": first.map_or(0, |r| r.invalid),
         "events": first.map_or(0, |r| r.expected.total()),
