@@ -345,13 +345,18 @@ impl FileService {
             .map_err(Error::db(SERVICE, "store_text"))?
             .into_iter();
         let now = Utc::now();
+        // The upload rows' new columns, one entry per file.
         let mut states = Vec::with_capacity(files.len());
+        let mut texts = Vec::with_capacity(files.len());
+        let mut codes = Vec::with_capacity(files.len());
         let mut events = Vec::with_capacity(files.len());
         for ((upload, _), validation) in files.iter().zip(&validations) {
             match validation {
                 Validation::Valid(_) => {
                     let text_storage_id = text_ids.next().unwrap_or_default();
-                    states.push(("provisioned", Some(text_storage_id.clone()), None));
+                    states.push("provisioned");
+                    texts.push(Some(text_storage_id.clone()));
+                    codes.push(None);
                     events.push(self.provisioned_event(&EssayContentProvisionedV1 {
                         event: "essay.content.provisioned".into(),
                         batch_id: ctx.batch_id.clone(),
@@ -366,7 +371,9 @@ impl FileService {
                     })?);
                 }
                 Validation::Invalid { code, message } => {
-                    states.push(("validation_failed", None, Some(*code)));
+                    states.push("validation_failed");
+                    texts.push(None);
+                    codes.push(Some(*code));
                     let details = serde_json::json!({ "filename": upload.filename });
                     events.push(self.validation_failed_event(&EssayValidationFailedV1 {
                         event: "essay.validation.failed".into(),
@@ -395,9 +402,6 @@ impl FileService {
             .iter()
             .map(|(u, _)| u.file_upload_id.as_str())
             .collect();
-        let state: Vec<&str> = states.iter().map(|s| s.0).collect();
-        let text: Vec<Option<String>> = states.iter().map(|s| s.1.clone()).collect();
-        let code: Vec<Option<&str>> = states.iter().map(|s| s.2).collect();
         sqlx::query(
             "UPDATE uploads u SET state = t.state, text_storage_id = t.text, \
              validation_error_code = t.code, updated_at = clock_timestamp() \
@@ -405,9 +409,9 @@ impl FileService {
              WHERE u.file_upload_id = t.id",
         )
         .bind(&ids)
-        .bind(&state)
-        .bind(&text)
-        .bind(&code)
+        .bind(&states)
+        .bind(&texts)
+        .bind(&codes)
         .execute(self.pool())
         .await
         .map_err(Error::db(SERVICE, "set_state"))?;

@@ -141,16 +141,16 @@ impl Spellchecker {
                 )));
             }
             let request: SpellcheckRequested = decode(event)?;
-            let Some(batch_id) = request.entity_ref.parent_id.clone() else {
+            if request.entity_ref.parent_id.is_none() {
                 return Err(OutpostError::permanent(format!(
                     "spellcheck request for {} names no batch",
                     request.entity_ref.entity_id
                 )));
-            };
-            requests.push((*event, request, batch_id));
+            }
+            requests.push((*event, request));
         }
-        let column = |f: fn(&SpellcheckRequested) -> &str| -> Vec<String> {
-            requests.iter().map(|(_, r, _)| f(r).to_owned()).collect()
+        let column = |f: fn(&SpellcheckRequested) -> &str| -> Vec<&str> {
+            requests.iter().map(|(_, r)| f(r)).collect()
         };
         let checked: Vec<(String, String)> = sqlx::query_as(
             "SELECT r.essay_id, r.original_text_storage_id FROM results r \
@@ -164,7 +164,7 @@ impl Spellchecker {
         .map_err(handler_db)?;
         // A request seen before, here or earlier in this unit, checks nothing again.
         let mut seen: HashSet<(String, String)> = checked.into_iter().collect();
-        requests.retain(|(_, r, _)| {
+        requests.retain(|(_, r)| {
             let new = seen.insert((r.entity_ref.entity_id.clone(), r.text_storage_id.clone()));
             if !new {
                 debug!(
@@ -180,7 +180,7 @@ impl Spellchecker {
         let started_at = Utc::now();
         let text_ids: Vec<&str> = requests
             .iter()
-            .map(|(_, r, _)| r.text_storage_id.as_str())
+            .map(|(_, r)| r.text_storage_id.as_str())
             .collect();
         let texts = self
             .content
@@ -189,7 +189,7 @@ impl Spellchecker {
             .map_err(handler_db)?;
         let mut corrected_texts: Vec<(Uuid, String)> = Vec::new();
         let mut rows = Vec::with_capacity(requests.len());
-        for (event, request, batch_id) in requests {
+        for (event, request) in requests {
             // A missing text is the essay's failure, not the pipeline's: report it failed so
             // the batch can still conclude.
             let checked = match texts.get(&request.text_storage_id) {
@@ -221,7 +221,7 @@ impl Spellchecker {
                     }
                 }
             };
-            rows.push((event, request, batch_id, checked));
+            rows.push((event, request, checked));
         }
         let ids: Vec<Uuid> = corrected_texts.iter().map(|(id, _)| *id).collect();
         let bodies: Vec<&[u8]> = corrected_texts.iter().map(|(_, t)| t.as_bytes()).collect();
@@ -241,7 +241,11 @@ impl Spellchecker {
                 .map(|r| r.1.entity_ref.entity_id.as_str())
                 .collect::<Vec<_>>(),
         )
-        .bind(rows.iter().map(|r| r.2.as_str()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.1.entity_ref.parent_id.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .bind(
             rows.iter()
                 .map(|r| r.1.text_storage_id.as_str())
@@ -249,22 +253,22 @@ impl Spellchecker {
         )
         .bind(
             rows.iter()
-                .map(|r| r.3.corrected_id.as_deref())
+                .map(|r| r.2.corrected_id.as_deref())
                 .collect::<Vec<_>>(),
         )
-        .bind(rows.iter().map(|r| r.3.status).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.2.status).collect::<Vec<_>>())
         .bind(
             rows.iter()
-                .map(|r| count(r.3.corrections))
+                .map(|r| count(r.2.corrections))
                 .collect::<Vec<_>>(),
         )
-        .bind(rows.iter().map(|r| count(r.3.unknown)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| count(r.2.unknown)).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.0.event_id).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await
         .map_err(handler_db)?;
         let mut results = Vec::with_capacity(rows.len());
-        for (event, request, _, checked) in rows {
+        for (event, request, checked) in rows {
             let result = completed(
                 request,
                 started_at,

@@ -791,11 +791,12 @@ impl Publisher {
         } else {
             "kafka_error"
         };
+        // Sends given up on have no outcome: they fall back like the unsent.
         let outcomes: Vec<Option<std::result::Result<Acked, SendFailure>>> = match sent {
             Ok(Ok(outcomes)) => outcomes,
             Ok(Err(panicked)) => {
                 warn!(error = %panicked, "direct publish task failed");
-                direct.iter().map(|_| None).collect()
+                Vec::new()
             }
             Err(_) => Vec::new(),
         };
