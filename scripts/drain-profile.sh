@@ -64,9 +64,9 @@ cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 sql -c "BEGIN" -c "WITH staged AS ( \
     INSERT INTO profile.event_outbox (event_id, aggregate_type, aggregate_id, event_type, topic, event_key) \
     SELECT gen_random_uuid(), 'profile', key, 'profile', 'drain-profile', key \
-    FROM (SELECT 'k-' || (i % $KEYS) AS key FROM generate_series(1, $EVENTS) i) g RETURNING id) \
-  INSERT INTO profile.event_outbox_payloads (id, payload, headers) \
-  SELECT id, convert_to(repeat('x', 1024), 'UTF8'), '{}' FROM staged" \
+    FROM (SELECT 'k-' || (i % $KEYS) AS key FROM generate_series(1, $EVENTS) i) g RETURNING id, event_id) \
+  INSERT INTO profile.event_outbox_payloads (id, event_id, payload, headers) \
+  SELECT id, event_id, convert_to(repeat('x', 1024), 'UTF8'), '{}' FROM staged" \
   -c "INSERT INTO profile.event_outbox_keys (event_key) \
       SELECT 'k-' || i FROM generate_series(0, least($KEYS, $EVENTS) - 1) i ON CONFLICT DO NOTHING" \
   -c "SELECT pg_stat_statements_reset()" -c "COMMIT" >/dev/null

@@ -539,6 +539,73 @@ async fn a_table_made_before_the_payload_table_keeps_its_pending_rows() {
 }
 
 #[tokio::test]
+async fn a_payload_table_made_before_it_held_event_ids_keeps_staging_idempotent() {
+    let store = support::store().await;
+    let (t, p) = (store.table().clone(), store.table().payloads());
+    // The layout before the payload table held the event ids: the events table's
+    // unique constraint kept staging idempotent.
+    for ddl in [
+        format!("ALTER TABLE {p} DROP COLUMN event_id"),
+        format!("ALTER TABLE {t} ADD CONSTRAINT \"event_outbox_event_id_key\" UNIQUE (event_id)"),
+    ] {
+        sqlx::query(&ddl).execute(store.pool()).await.unwrap();
+    }
+    let old = support::event("t", "k", 0);
+    let id: i64 = sqlx::query_scalar(&format!(
+        "INSERT INTO {t} (event_id, aggregate_type, aggregate_id, event_type, topic, event_key) \
+         VALUES ($1, 'a', '1', 'e.v1', 't', 'k') RETURNING id"
+    ))
+    .bind(old.event_id)
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {p} (id, payload) VALUES ($1, '\\x0102'::bytea)"
+    ))
+    .bind(id)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+
+    let newer = support::event("t", "k", 1);
+    let mut tx = store.pool().begin().await.unwrap();
+    assert_eq!(
+        store.stage(&mut tx, &old).await.unwrap(),
+        None,
+        "staged before the move"
+    );
+    let again = [old.clone(), newer.clone(), newer.clone()];
+    let staged = store.stage_all(&mut tx, &again).await.unwrap();
+    assert_eq!(
+        staged,
+        vec![false, true, false],
+        "inserted by its first occurrence only"
+    );
+    tx.commit().await.unwrap();
+    let claimed = store.claim(Uuid::new_v4(), 10, 10, LEASE).await.unwrap();
+    let rows = &claimed[0].rows;
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0].id, rows[0].payload.as_slice()),
+        (id, &[1u8, 2][..])
+    );
+    assert_eq!(rows[1].event_id, newer.event_id);
+    let unique_on_events: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = $1::regclass AND contype = 'u')",
+    )
+    .bind(t.to_string())
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert!(
+        !unique_on_events,
+        "a settle no longer updates a unique index"
+    );
+}
+
+#[tokio::test]
 async fn migrate_is_idempotent_and_concurrent_safe() {
     let pool = support::pool().await;
     let table = OutboxTable::new(&support::unique("m")).unwrap();

@@ -849,8 +849,8 @@ impl Bench<'_> {
                  FROM (SELECT gen_random_uuid() AS id, 'bench-' || (i % $2) AS key \
                        FROM generate_series(1, $1::bigint) i) g \
                  RETURNING id, event_id) \
-             INSERT INTO {p} (id, payload, headers) \
-             SELECT id, convert_to(replace($5, $6, event_id::text), 'UTF8'), \
+             INSERT INTO {p} (id, event_id, payload, headers) \
+             SELECT id, event_id, convert_to(replace($5, $6, event_id::text), 'UTF8'), \
                     jsonb_set($7::jsonb, '{{event_id}}', to_jsonb(event_id::text)) \
              FROM staged",
             p = t.payloads()

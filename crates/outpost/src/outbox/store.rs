@@ -182,6 +182,7 @@ impl Sql {
         // Pending rows with their payloads, for the claim's and the fetch's per-key reads.
         let rows = format!("SELECT e.*, p.payload, p.headers FROM {t} e JOIN {p} p ON p.id = e.id");
         let lock_id = |key: &str| format!("hashtextextended('{}' || {key}, 0)", t.lock_namespace());
+        let next_id = t.next_id();
         let lock_fn = match lock {
             KeyLock::Exclusive => "pg_advisory_xact_lock",
             KeyLock::Shared => "pg_advisory_xact_lock_shared",
@@ -217,25 +218,28 @@ impl Sql {
             lease_keys("OR lease_owner = $1) AND event_key = ANY($5)")
         );
         Self {
-            // The lock is taken before the INSERT draws the row's id (the CTE is read first),
-            // and the key row is inserted under it. The payload goes to its own table in the
-            // same statement.
+            // The lock is taken before the row's id is drawn (the CTE is read first), and the
+            // key row is inserted under it. The payload row comes first: its table holds the
+            // event id's uniqueness (see `migrate`), so a repeated event id inserts nothing.
             stage: format!(
                 "WITH lock AS (SELECT {lock_fn}({}) AS locked), \
                  key AS (INSERT INTO {k} (event_key) SELECT $6::text FROM lock \
                          ON CONFLICT (event_key) DO NOTHING), \
-                 staged AS (INSERT INTO {t} (event_id, aggregate_type, aggregate_id, \
-                     event_type, topic, event_key, correlation_id) \
-                     SELECT $1::uuid, $2::text, $3::text, $4::text, $5::text, $6::text, \
-                            $9::uuid FROM lock \
+                 body AS (INSERT INTO {p} (id, event_id, payload, headers) \
+                     SELECT {next_id}, $1::uuid, $7::bytea, $8::jsonb FROM lock \
                      ON CONFLICT (event_id) DO NOTHING RETURNING id), \
-                 body AS (INSERT INTO {p} (id, payload, headers) \
-                     SELECT id, $7::bytea, $8::jsonb FROM staged) \
+                 staged AS (INSERT INTO {t} (id, event_id, aggregate_type, aggregate_id, \
+                     event_type, topic, event_key, correlation_id) OVERRIDING SYSTEM VALUE \
+                     SELECT id, $1::uuid, $2::text, $3::text, $4::text, $5::text, $6::text, \
+                            $9::uuid FROM body RETURNING id) \
                  SELECT id FROM staged",
                 lock_id("$6::text")
             ),
             // Many events in one statement: each key's lock first (in key order, so two
-            // such statements cannot wait for each other), then the rows in the order given.
+            // such statements cannot wait for each other), then the rows. Ids are drawn
+            // after the locks and handed out in ascending order along the events' order,
+            // whatever order the sequence was read in. An event id given twice is inserted
+            // by its first occurrence.
             stage_all: format!(
                 "WITH ev AS MATERIALIZED ( \
                      SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], \
@@ -246,16 +250,21 @@ impl Sql {
                      SELECT DISTINCT event_key FROM ev ORDER BY event_key) d), \
                  key AS (INSERT INTO {k} (event_key) SELECT DISTINCT event_key FROM ev, lock \
                          ON CONFLICT (event_key) DO NOTHING), \
-                 staged AS (INSERT INTO {t} (event_id, aggregate_type, aggregate_id, \
-                     event_type, topic, event_key, correlation_id) \
-                     SELECT ev.event_id, ev.aggregate_type, ev.aggregate_id, ev.event_type, \
-                            ev.topic, ev.event_key, ev.correlation_id FROM ev, lock \
-                     ORDER BY ev.ord \
+                 firsts AS MATERIALIZED ( \
+                     SELECT d.*, row_number() OVER (ORDER BY d.ord) AS n FROM ( \
+                         SELECT DISTINCT ON (event_id) * FROM ev ORDER BY event_id, ord) d), \
+                 drawn AS MATERIALIZED (SELECT {next_id} AS id FROM firsts, lock), \
+                 ids AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM drawn), \
+                 body AS (INSERT INTO {p} (id, event_id, payload, headers) \
+                     SELECT ids.id, f.event_id, f.payload, f.headers \
+                     FROM firsts f JOIN ids USING (n) \
                      ON CONFLICT (event_id) DO NOTHING RETURNING id, event_id), \
-                 body AS (INSERT INTO {p} (id, payload, headers) \
-                     SELECT s.id, ev.payload, ev.headers FROM staged s \
-                     JOIN (SELECT DISTINCT ON (event_id) * FROM ev ORDER BY event_id, ord) ev \
-                       ON ev.event_id = s.event_id) \
+                 staged AS (INSERT INTO {t} (id, event_id, aggregate_type, aggregate_id, \
+                     event_type, topic, event_key, correlation_id) OVERRIDING SYSTEM VALUE \
+                     SELECT b.id, f.event_id, f.aggregate_type, f.aggregate_id, f.event_type, \
+                            f.topic, f.event_key, f.correlation_id \
+                     FROM body b JOIN firsts f USING (event_id) \
+                     RETURNING event_id) \
                  SELECT event_id FROM staged",
                 lock_id("d.event_key")
             ),
@@ -418,7 +427,7 @@ impl OutboxStore {
             format!(
                 "CREATE TABLE IF NOT EXISTS {t} ( \
                    id              BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
-                   event_id        UUID NOT NULL UNIQUE, \
+                   event_id        UUID NOT NULL, \
                    aggregate_type  TEXT NOT NULL, \
                    aggregate_id    TEXT NOT NULL, \
                    event_type      TEXT NOT NULL, \
@@ -439,11 +448,34 @@ impl OutboxStore {
             // the update is never HOT): with the payload in the row, every settle copied it,
             // and a backlog larger than the buffer cache paid a full-page image per row after
             // each checkpoint. The payload lives apart, written once.
+            //
+            // The event id's uniqueness (staging is idempotent on it) lives here too, not on
+            // the events table: a settle's new row version would otherwise add an entry to
+            // that index as well, at a random place and with a uniqueness check, a third of
+            // the settle's cost (psql, 100,000 rows settled 2,000 at a time: 10.6 µs a row
+            // with it, 6.8 µs without).
             format!(
                 "CREATE TABLE IF NOT EXISTS {p} ( \
-                   id      BIGINT PRIMARY KEY, \
-                   payload BYTEA NOT NULL, \
-                   headers JSONB NOT NULL DEFAULT '{{}}')"
+                   id       BIGINT PRIMARY KEY, \
+                   event_id UUID NOT NULL UNIQUE, \
+                   payload  BYTEA NOT NULL, \
+                   headers  JSONB NOT NULL DEFAULT '{{}}')"
+            ),
+            // Payload tables made before the event id moved over: it is copied from the
+            // events, and the events table's unique constraint goes once the payloads hold it.
+            format!(
+                "DO $$ BEGIN \
+                   IF NOT EXISTS (SELECT 1 FROM information_schema.columns \
+                                  WHERE table_schema = '{schema}' AND table_name = '{table}_payloads' \
+                                    AND column_name = 'event_id') THEN \
+                     ALTER TABLE {p} ADD COLUMN event_id UUID; \
+                     UPDATE {p} p SET event_id = e.event_id FROM {t} e WHERE e.id = p.id; \
+                     DELETE FROM {p} WHERE event_id IS NULL; \
+                     ALTER TABLE {p} ALTER COLUMN event_id SET NOT NULL, \
+                       ADD CONSTRAINT \"{table}_payloads_event_id_key\" UNIQUE (event_id); \
+                   END IF; \
+                 END $$",
+                table = t.table()
             ),
             // Tables made before the payload table: their payloads move over once.
             format!(
@@ -451,12 +483,16 @@ impl OutboxStore {
                    IF EXISTS (SELECT 1 FROM information_schema.columns \
                               WHERE table_schema = '{schema}' AND table_name = '{table}' \
                                 AND column_name = 'payload') THEN \
-                     INSERT INTO {p} (id, payload, headers) \
-                       SELECT id, payload, headers FROM {t} ON CONFLICT (id) DO NOTHING; \
+                     INSERT INTO {p} (id, event_id, payload, headers) \
+                       SELECT id, event_id, payload, headers FROM {t} ON CONFLICT (id) DO NOTHING; \
                      ALTER TABLE {t} DROP COLUMN payload, DROP COLUMN headers; \
                    END IF; \
                  END $$",
                 table = t.table()
+            ),
+            format!(
+                "ALTER TABLE {t} DROP CONSTRAINT IF EXISTS \"{constraint}\"",
+                constraint = t.derived("event_id_key")
             ),
             format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS kafka_partition INT"),
             stage_function(t),
@@ -996,14 +1032,15 @@ fn stage_function(t: &OutboxTable) -> String {
            PERFORM pg_advisory_xact_lock(hashtextextended('{ns}' || event_key, 0)); \
            INSERT INTO {k} AS k (event_key) VALUES (event_key) \
              ON CONFLICT ON CONSTRAINT \"{table}_keys_pkey\" DO NOTHING; \
-           INSERT INTO {t} AS e (event_id, aggregate_type, aggregate_id, event_type, topic, \
-                                event_key, correlation_id) \
-           VALUES (eid, coalesce(aggregate_type, ''), coalesce(aggregate_id, event_key), kind, \
-                   topic, event_key, correlation_id) \
-           ON CONFLICT ON CONSTRAINT \"{table}_event_id_key\" DO NOTHING \
-           RETURNING e.id INTO staged_id; \
+           INSERT INTO {p} AS p (id, event_id, payload, headers) \
+           VALUES ({next_id}, eid, payload, {headers}) \
+           ON CONFLICT ON CONSTRAINT \"{table}_payloads_event_id_key\" DO NOTHING \
+           RETURNING p.id INTO staged_id; \
            IF staged_id IS NOT NULL THEN \
-             INSERT INTO {p} (id, payload, headers) VALUES (staged_id, payload, {headers}); \
+             INSERT INTO {t} AS e (id, event_id, aggregate_type, aggregate_id, event_type, \
+                                  topic, event_key, correlation_id) OVERRIDING SYSTEM VALUE \
+             VALUES (staged_id, eid, coalesce(aggregate_type, ''), \
+                     coalesce(aggregate_id, event_key), kind, topic, event_key, correlation_id); \
            END IF; \
            RETURN staged_id; \
          END $fn$",
@@ -1011,6 +1048,7 @@ fn stage_function(t: &OutboxTable) -> String {
         declare = sql_api::DECLARE,
         checks = sql_api::checks(&f),
         headers = sql_api::HEADERS,
+        next_id = t.next_id(),
     )
 }
 

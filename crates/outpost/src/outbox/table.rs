@@ -61,6 +61,13 @@ impl OutboxTable {
         format!("\"{}\".\"{}_payloads\"", self.schema, self.table)
     }
 
+    /// An expression drawing the next row id from this table's identity sequence (rows are
+    /// inserted with an id drawn beforehand: the payload row, which holds the event id's
+    /// uniqueness, goes in first).
+    pub(crate) fn next_id(&self) -> String {
+        format!("nextval(pg_get_serial_sequence('{self}', 'id'))")
+    }
+
     /// A statement deleting the rows that match `filter` (SQL over this table's columns)
     /// with their payloads; it returns how many rows went.
     pub(crate) fn delete_with_payloads(&self, filter: &str) -> String {
