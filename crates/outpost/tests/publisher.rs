@@ -1515,6 +1515,134 @@ async fn a_commit_waits_for_the_settle_of_its_keys_earlier_dispatch() {
     assert_eq!(support::count_status(&store, "published").await, 4);
 }
 
+/// Logs every change of a key's lease, in order, into the returned table.
+async fn lease_log(store: &OutboxStore) -> String {
+    let keys = store.table().keys();
+    let schema = store.table().schema();
+    let log = format!("\"{schema}\".lease_log");
+    for statement in [
+        format!("CREATE TABLE {log} (n BIGSERIAL, event_key TEXT, owner UUID)"),
+        format!(
+            "CREATE FUNCTION \"{schema}\".log_lease() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN INSERT INTO {log} (event_key, owner) VALUES (NEW.event_key, NEW.lease_owner); \
+             RETURN NEW; END $$"
+        ),
+        format!(
+            "CREATE TRIGGER log_lease AFTER INSERT OR UPDATE OF lease_owner ON {keys} \
+             FOR EACH ROW EXECUTE FUNCTION \"{schema}\".log_lease()"
+        ),
+    ] {
+        sqlx::query(&statement).execute(store.pool()).await.unwrap();
+    }
+    log
+}
+
+/// The owners `key` had in `log`, in order (`None`: free).
+async fn lease_changes(store: &OutboxStore, log: &str, key: &str) -> Vec<Option<Uuid>> {
+    sqlx::query_scalar(&format!(
+        "SELECT owner FROM {log} WHERE event_key = $1 ORDER BY n"
+    ))
+    .bind(key)
+    .fetch_all(store.pool())
+    .await
+    .unwrap()
+}
+
+/// A commit whose staging created a key's row leased that row to the publisher, in the
+/// caller's transaction: its dispatch sends those rows as staged, with no claim statement
+/// between `COMMIT` and the produce, and no relay can take the key in between. A key whose
+/// row existed is claimed as before (it may hold older rows).
+#[tokio::test]
+async fn a_commit_sends_the_keys_it_created_without_claiming_them() {
+    let brokers = support::brokers();
+    let topic = support::topic(2).await;
+    let collector = support::Collector::start(&brokers, &topic, 3);
+    let (store, _, _, publisher) = eager_only(&brokers).await;
+    let log = lease_log(&store).await;
+    // An empty key row, as a finished dispatch leaves behind.
+    sqlx::query(&format!(
+        "INSERT INTO {} (event_key) VALUES ('old')",
+        store.table().keys()
+    ))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let events = [
+        support::event(&topic, "new", 0),
+        support::event(&topic, "old", 0),
+        support::event(&topic, "new", 1),
+    ];
+    let mut tx = publisher.begin().await.unwrap();
+    tx.publish(&events[0]).await.unwrap();
+    tx.publish_all(&events[1..]).await.unwrap();
+    let dispatch = tx.commit().await.unwrap();
+    assert_eq!(dispatch.eager_published, 3, "{dispatch:?}");
+    publisher.shutdown(Duration::from_secs(10)).await;
+
+    let fresh = lease_changes(&store, &log, "new").await;
+    assert!(
+        fresh.len() == 2 && fresh[0].is_some() && fresh[1].is_none(),
+        "created leased, handed back, never claimed: {fresh:?}"
+    );
+    let old = lease_changes(&store, &log, "old").await;
+    assert!(
+        old.len() == 3 && old[1] == fresh[0] && old[2].is_none(),
+        "claimed by the dispatch: {old:?}"
+    );
+    let seen = collector
+        .wait_for(&ids(&events), Duration::from_secs(30))
+        .await;
+    assert_same_bytes(&seen, &events);
+    let new: Vec<Uuid> = seen
+        .iter()
+        .filter(|c| c.key == "new")
+        .map(|c| c.event_id)
+        .collect();
+    assert_eq!(new, vec![events[0].event_id, events[2].event_id]);
+    assert_eq!(support::count_status(&store, "published").await, 3);
+}
+
+/// A key leased while staging is handed back when no dispatch follows the commit (the
+/// circuit opened in between): the woken relay must find it free, not wait out the lease.
+#[tokio::test]
+async fn keys_leased_while_staging_are_handed_back_when_the_circuit_opened_before_the_commit() {
+    let store = support::store().await;
+    let mut dead = support::producer_config("127.0.0.1:1");
+    dead.delivery_timeout = Duration::from_secs(30);
+    let mut cfg = publisher_config(&support::unique("svc"), Mode::Transactional);
+    cfg.dispatch_deadline = Duration::from_millis(300);
+    cfg.breaker.failure_threshold = 2;
+    cfg.breaker.open_for = Duration::from_secs(60);
+    cfg.delivery.lease = Duration::from_secs(70);
+    let publisher = Publisher::new(
+        store.clone(),
+        Arc::new(KafkaProducer::new(dead).unwrap()),
+        Waker::None,
+        cfg,
+    )
+    .unwrap();
+    let mut waiting = publisher.begin().await.unwrap();
+    waiting
+        .publish(&support::event("t", "waiting", 0))
+        .await
+        .unwrap();
+    // Two commits time out: the circuit opens (their keys stay with their dispatches).
+    for seq in 0..2 {
+        let mut tx = publisher.begin().await.unwrap();
+        tx.publish(&support::event("t", &format!("k{seq}"), seq))
+            .await
+            .unwrap();
+        assert_eq!(tx.commit().await.unwrap().left_to_relay, 1);
+    }
+    assert_eq!(waiting.commit().await.unwrap().left_to_relay, 1);
+    let claimed = store
+        .claim(Uuid::new_v4(), 10, 10, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let keys: Vec<&str> = claimed.iter().map(|k| k.key.as_str()).collect();
+    assert_eq!(keys, vec!["waiting"], "free for the relay at once");
+}
+
 /// A commit of a key whose earlier dispatch still waits for its ack queues behind it and
 /// is delivered eagerly once that one is acked and settled; the earlier dispatch keeps the
 /// key for it (no hand-back in between, so a woken relay could not take the key), and
@@ -1530,25 +1658,7 @@ async fn a_commit_queues_behind_its_keys_dispatch_in_flight_which_keeps_the_key_
     let topic = support::topic_on(&brokers, 2).await;
     let collector = support::Collector::start(&brokers, &topic, 2);
     let (store, items, service, publisher) = eager_only(&brokers).await;
-    // Every change of a key's lease, in order.
-    let keys = store.table().keys();
-    let log = format!("\"{}\".lease_log", store.table().schema());
-    for statement in [
-        format!("CREATE TABLE {log} (n BIGSERIAL, event_key TEXT, owner UUID)"),
-        format!(
-            "CREATE FUNCTION \"{}\".log_lease() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN INSERT INTO {log} (event_key, owner) VALUES (NEW.event_key, NEW.lease_owner); \
-             RETURN NEW; END $$",
-            store.table().schema()
-        ),
-        format!(
-            "CREATE TRIGGER log_lease AFTER INSERT OR UPDATE OF lease_owner ON {keys} \
-             FOR EACH ROW EXECUTE FUNCTION \"{}\".log_lease()",
-            store.table().schema()
-        ),
-    ] {
-        sqlx::query(&statement).execute(store.pool()).await.unwrap();
-    }
+    let log = lease_log(&store).await;
     let commit = committer(&publisher, &items, &topic);
     let (warm, dispatch) = commit("warm-up").await;
     assert_eq!(dispatch.eager_published, 1);
@@ -1573,22 +1683,17 @@ async fn a_commit_queues_behind_its_keys_dispatch_in_flight_which_keeps_the_key_
     publisher.shutdown(Duration::from_secs(10)).await;
     assert_eq!(support::count_status(&store, "published").await, 4);
 
-    let owners: Vec<Option<Uuid>> = sqlx::query_scalar(&format!(
-        "SELECT owner FROM {log} WHERE event_key = 'k' ORDER BY n"
-    ))
-    .fetch_all(store.pool())
-    .await
-    .unwrap();
-    // Inserted free, claimed, handed back once, by the last dispatch: never free (for a
+    let owners = lease_changes(&store, &log, "k").await;
+    // Inserted leased by the first commit's staging (it created the key row, so the
+    // dispatch needs no claim), handed back once, by the last dispatch: never free (for a
     // relay to take) while a later commit of the key waited.
-    let (first_owner, last_owner) = (owners.first(), owners.last());
+    let (last, held) = owners.split_last().unwrap();
     assert!(
-        owners.len() >= 3 && first_owner == Some(&None) && last_owner == Some(&None),
+        last.is_none() && !held.is_empty() && held[0].is_some(),
         "{owners:?}"
     );
-    let held = &owners[1..owners.len() - 1];
     assert!(
-        held.iter().all(|o| o.is_some() && *o == held[0]),
+        held.iter().all(|o| *o == held[0]),
         "the key was handed back between two dispatches: {owners:?}"
     );
 

@@ -69,6 +69,16 @@ pub struct ClaimedKey {
     pub rows: Vec<ClaimedEvent>,
 }
 
+/// A row staging inserted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StagedRow {
+    /// Row id.
+    pub(crate) id: i64,
+    /// Staging created the key's row leased to the stager (see
+    /// [`OutboxStore::stage_leasing`]).
+    pub(crate) key_leased: bool,
+}
+
 /// What became of one delivered (or failed) row.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Settlement {
@@ -183,6 +193,8 @@ impl Sql {
         let rows = format!("SELECT e.*, p.payload, p.headers FROM {t} e JOIN {p} p ON p.id = e.id");
         let lock_id = |key: &str| format!("hashtextextended('{}' || {key}, 0)", t.lock_namespace());
         let next_id = t.next_id();
+        let lease_until = "CASE WHEN $10::uuid IS NOT NULL \
+             THEN statement_timestamp() + make_interval(secs => $11::float8) END";
         let lock_fn = match lock {
             KeyLock::Exclusive => "pg_advisory_xact_lock",
             KeyLock::Shared => "pg_advisory_xact_lock_shared",
@@ -221,18 +233,21 @@ impl Sql {
             // The lock is taken before the row's id is drawn (the CTE is read first), and the
             // key row is inserted under it. The payload row comes first: its table holds the
             // event id's uniqueness (see `migrate`), so a repeated event id inserts nothing.
+            // A key row this statement creates may be leased to the stager at once ($10,
+            // $11 seconds; see `stage_leasing`).
             stage: format!(
                 "WITH lock AS (SELECT {lock_fn}({}) AS locked), \
-                 key AS (INSERT INTO {k} (event_key) SELECT $6::text FROM lock \
-                         ON CONFLICT (event_key) DO NOTHING), \
                  body AS (INSERT INTO {p} (id, event_id, payload, headers) \
                      SELECT {next_id}, $1::uuid, $7::bytea, $8::jsonb FROM lock \
                      ON CONFLICT (event_id) DO NOTHING RETURNING id), \
+                 key AS (INSERT INTO {k} (event_key, lease_owner, lease_until) \
+                     SELECT $6::text, $10::uuid, {lease_until} FROM body \
+                     ON CONFLICT (event_key) DO NOTHING RETURNING lease_owner IS NOT NULL AS leased), \
                  staged AS (INSERT INTO {t} (id, event_id, aggregate_type, aggregate_id, \
                      event_type, topic, event_key, correlation_id) OVERRIDING SYSTEM VALUE \
                      SELECT id, $1::uuid, $2::text, $3::text, $4::text, $5::text, $6::text, \
                             $9::uuid FROM body RETURNING id) \
-                 SELECT id FROM staged",
+                 SELECT id, COALESCE((SELECT leased FROM key), false) AS leased FROM staged",
                 lock_id("$6::text")
             ),
             // Many events in one statement: each key's lock first (in key order, so two
@@ -248,8 +263,6 @@ impl Sql {
                          topic, event_key, payload, headers, correlation_id, ord)), \
                  lock AS MATERIALIZED (SELECT count({lock_fn}({})) AS locked FROM ( \
                      SELECT DISTINCT event_key FROM ev ORDER BY event_key) d), \
-                 key AS (INSERT INTO {k} (event_key) SELECT DISTINCT event_key FROM ev, lock \
-                         ON CONFLICT (event_key) DO NOTHING), \
                  firsts AS MATERIALIZED ( \
                      SELECT d.*, row_number() OVER (ORDER BY d.ord) AS n FROM ( \
                          SELECT DISTINCT ON (event_id) * FROM ev ORDER BY event_id, ord) d), \
@@ -259,13 +272,19 @@ impl Sql {
                      SELECT ids.id, f.event_id, f.payload, f.headers \
                      FROM firsts f JOIN ids USING (n) \
                      ON CONFLICT (event_id) DO NOTHING RETURNING id, event_id), \
+                 key AS (INSERT INTO {k} (event_key, lease_owner, lease_until) \
+                     SELECT event_key, $10::uuid, {lease_until} FROM ( \
+                         SELECT DISTINCT f.event_key FROM body b JOIN firsts f USING (event_id)) d \
+                     ON CONFLICT (event_key) DO NOTHING \
+                     RETURNING event_key, lease_owner IS NOT NULL AS leased), \
                  staged AS (INSERT INTO {t} (id, event_id, aggregate_type, aggregate_id, \
                      event_type, topic, event_key, correlation_id) OVERRIDING SYSTEM VALUE \
                      SELECT b.id, f.event_id, f.aggregate_type, f.aggregate_id, f.event_type, \
                             f.topic, f.event_key, f.correlation_id \
                      FROM body b JOIN firsts f USING (event_id) \
-                     RETURNING event_id) \
-                 SELECT event_id FROM staged",
+                     RETURNING id, event_id, event_key) \
+                 SELECT s.event_id, s.id, COALESCE(key.leased, false) AS leased \
+                 FROM staged s LEFT JOIN key USING (event_key)",
                 lock_id("d.event_key")
             ),
             // The relay reads the rows of the keys it leased in a second statement, whose
@@ -560,6 +579,20 @@ impl OutboxStore {
         tx: &mut Transaction<'_, Postgres>,
         event: &OutboxEvent,
     ) -> Result<Option<i64>> {
+        Ok(self.stage_leasing(tx, event, None).await?.map(|r| r.id))
+    }
+
+    /// [`stage`](Self::stage), and when `lease` is given and this creates the event's key
+    /// row, the key is leased to its owner from here on: committed with the caller's
+    /// transaction, so after the commit nobody else may send the key, and nothing else of
+    /// it is pending (a key row exists while its key has pending rows). The eager path then
+    /// sends the event from memory, without a claim.
+    pub(crate) async fn stage_leasing(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        event: &OutboxEvent,
+        lease: Option<(Uuid, Duration)>,
+    ) -> Result<Option<StagedRow>> {
         let row = sqlx::query(&self.sql.stage)
             .bind(event.event_id)
             .bind(&event.aggregate_type)
@@ -570,10 +603,15 @@ impl OutboxStore {
             .bind(&event.payload)
             .bind(Json(&event.headers))
             .bind(event.correlation_id)
+            .bind(lease.map(|(owner, _)| owner))
+            .bind(lease.map(|(_, d)| d.as_secs_f64()))
             .fetch_optional(&mut **tx)
             .await
             .map_err(|e| Error::storage_with("stage", context_of(event), e))?;
-        Ok(row.map(|r| r.get::<i64, _>(0)))
+        Ok(row.map(|r| StagedRow {
+            id: r.get("id"),
+            key_leased: r.get("leased"),
+        }))
     }
 
     /// Stages `events` inside the caller's transaction in one statement, as
@@ -590,6 +628,18 @@ impl OutboxStore {
         tx: &mut Transaction<'_, Postgres>,
         events: &[OutboxEvent],
     ) -> Result<Vec<bool>> {
+        let staged = self.stage_all_leasing(tx, events, None).await?;
+        Ok(staged.iter().map(Option::is_some).collect())
+    }
+
+    /// [`stage_all`](Self::stage_all), leasing the key rows it creates as
+    /// [`stage_leasing`](Self::stage_leasing) does; per event, its row when inserted.
+    pub(crate) async fn stage_all_leasing(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        events: &[OutboxEvent],
+        lease: Option<(Uuid, Duration)>,
+    ) -> Result<Vec<Option<StagedRow>>> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -599,7 +649,7 @@ impl OutboxStore {
         let headers: Vec<Json<&BTreeMap<String, String>>> =
             events.iter().map(|e| Json(&e.headers)).collect();
         let correlations: Vec<Uuid> = events.iter().map(|e| e.correlation_id).collect();
-        let inserted: Vec<Uuid> = sqlx::query_scalar(&self.sql.stage_all)
+        let inserted: Vec<(Uuid, i64, bool)> = sqlx::query_as(&self.sql.stage_all)
             .bind(&ids)
             .bind(column(|e| &e.aggregate_type))
             .bind(column(|e| &e.aggregate_id))
@@ -609,11 +659,16 @@ impl OutboxStore {
             .bind(&payloads)
             .bind(&headers)
             .bind(&correlations)
+            .bind(lease.map(|(owner, _)| owner))
+            .bind(lease.map(|(_, d)| d.as_secs_f64()))
             .fetch_all(&mut **tx)
             .await
             .map_err(|e| Error::storage_with("stage", context_of(&events[0]), e))?;
         // An id given twice is inserted by its first occurrence.
-        let mut inserted: HashSet<Uuid> = inserted.into_iter().collect();
+        let mut inserted: std::collections::HashMap<Uuid, StagedRow> = inserted
+            .into_iter()
+            .map(|(event_id, id, key_leased)| (event_id, StagedRow { id, key_leased }))
+            .collect();
         Ok(ids.iter().map(|id| inserted.remove(id)).collect())
     }
 

@@ -2,5 +2,6 @@
 //! outbox-only) and the circuit breaker that lets it skip a Kafka known to be down.
 
 pub mod breaker;
+mod leased;
 pub mod publisher;
 mod turns;

@@ -2,9 +2,10 @@
 //!
 //! - [`Mode::Transactional`] (the default, and the one to use for state changes): the event
 //!   is staged in the caller's transaction; right after commit it is produced, and
-//!   `commit()` returns on the broker's ack, so latency is one claim statement and one
-//!   broker round trip; the row is settled in the background, batched with other commits'
-//!   settles, its key leased until then. If that dispatch fails, or
+//!   `commit()` returns on the broker's ack, so latency is one broker round trip (plus one
+//!   claim statement for a key whose row existed before the transaction: one it created
+//!   was leased by its staging); the row is settled in the background, batched with other
+//!   commits' settles, its key leased until then. If that dispatch fails, or
 //!   the process dies after commit, the relay delivers the row. The eager path leases the
 //!   row's *key* exactly as the relay does, so the two never both send it, and it sends
 //!   the key's pending rows oldest first: it never overtakes an older event of the key.
@@ -36,8 +37,9 @@ use crate::error::ErrorClass;
 use crate::error::{Error, EventContext, Result};
 use crate::event::envelope::OutboxEvent;
 use crate::kafka::producer::{Acked, KafkaProducer, SendFailure};
-use crate::outbox::store::{KeyLock, KeyRelease, OutboxStore, Settlement};
+use crate::outbox::store::{KeyLock, KeyRelease, OutboxStore, Settlement, StagedRow};
 use crate::publishing::breaker::{BreakerConfig, CircuitBreaker, CircuitState};
+use crate::publishing::leased::LeasedKeys;
 use crate::publishing::turns::{KeyTurns, Turn};
 use crate::relay::settling::{RowOutcome, SettleOp, Settler};
 use crate::relay::verdict::RetryPolicy;
@@ -322,6 +324,7 @@ impl Publisher {
             tx,
             publisher: self.clone(),
             staged: Vec::new(),
+            leased: LeasedKeys::default(),
         })
     }
 
@@ -363,13 +366,19 @@ impl Publisher {
     /// or a wake-up hint (outbox-only, and for whatever the eager path could not send).
     /// Never fails: the events are committed, so the worst case is relay latency.
     pub async fn after_commit(&self, staged: Vec<Staged>) -> Dispatch {
+        self.after_commit_with(staged, LeasedKeys::default()).await
+    }
+
+    /// [`after_commit`](Self::after_commit) for a transaction that leased the key rows its
+    /// staging created.
+    async fn after_commit_with(&self, staged: Vec<Staged>, leased: LeasedKeys) -> Dispatch {
         if staged.is_empty() {
             return Dispatch::default();
         }
         let committed = staged.iter().filter(|s| s.inserted).count();
         crate::metrics::staged(&self.inner.config.service, committed);
         let dispatch = match self.mode {
-            Mode::Transactional => self.dispatch_eagerly(&staged).await,
+            Mode::Transactional => self.dispatch_eagerly(&staged, leased).await,
             Mode::OutboxOnly | Mode::KafkaFirst => Dispatch {
                 eager_published: 0,
                 left_to_relay: staged.len(),
@@ -393,13 +402,15 @@ impl Publisher {
     /// dispatch that outlives the deadline finishes (and settles its rows) in the
     /// background, tracked so [`shutdown`](Self::shutdown) can wait for it; its events
     /// count as left to the relay.
-    async fn dispatch_eagerly(&self, staged: &[Staged]) -> Dispatch {
+    async fn dispatch_eagerly(&self, staged: &[Staged], leased: LeasedKeys) -> Dispatch {
         let left = Dispatch {
             eager_published: 0,
             left_to_relay: staged.len(),
         };
         let Some(probe) = Probe::take(self) else {
             crate::metrics::eager(&self.inner.config.service, 0, staged.len());
+            // The relay, woken next, must find the keys free.
+            self.hand_back(&leased).await;
             return left;
         };
         let mut keys: Vec<String> = staged.iter().map(|s| s.event_key.clone()).collect();
@@ -409,10 +420,11 @@ impl Publisher {
         let turn = self.inner.turns.take(&keys);
         let publisher = self.clone();
         let staged = staged.to_vec();
-        let task = self
-            .inner
-            .dispatches
-            .spawn(async move { publisher.dispatch_now(&staged, keys, turn, probe).await });
+        let task = self.inner.dispatches.spawn(async move {
+            publisher
+                .dispatch_now(&staged, keys, turn, probe, leased)
+                .await
+        });
         match tokio::time::timeout(self.inner.config.dispatch_deadline, task).await {
             Ok(Ok(dispatch)) => dispatch,
             Ok(Err(_)) => left,
@@ -425,14 +437,42 @@ impl Publisher {
         }
     }
 
-    /// Claims the keys just written (one statement), sends their rows, many per key, and
-    /// settles them with whatever other commits are settling (one shared statement).
+    /// Hands back keys a transaction leased while staging that no dispatch will send (a
+    /// no-op for any this owner no longer holds).
+    async fn hand_back(&self, leased: &LeasedKeys) {
+        if leased.is_empty() {
+            return;
+        }
+        let keys: Vec<KeyRelease> = leased.keys().cloned().map(KeyRelease::done).collect();
+        if let Err(e) = self.inner.store.settle(self.inner.owner, &[], &keys).await {
+            warn!(error = %e, "could not hand back keys leased while staging; the relay takes them once the lease lapses");
+        }
+    }
+
+    /// The lease staging may take on the key rows it creates: in the transactional mode,
+    /// while the circuit is closed (when it is not, no dispatch follows the commit).
+    fn staging_lease(&self) -> Option<(Uuid, Duration)> {
+        let closed = self
+            .inner
+            .breaker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state(Instant::now())
+            == CircuitState::Closed;
+        (self.mode == Mode::Transactional && closed)
+            .then_some((self.inner.owner, self.inner.config.delivery.lease))
+    }
+
+    /// Claims the keys just written (one statement; none for keys the transaction leased
+    /// while staging), sends their rows, many per key, and settles them with whatever other
+    /// commits are settling (one shared statement).
     async fn dispatch_now(
         &self,
         staged: &[Staged],
         keys: Vec<String>,
         mut turn: Turn,
         mut probe: Probe,
+        leased: LeasedKeys,
     ) -> Dispatch {
         let inner = &self.inner;
         let service = inner.config.service.as_str();
@@ -440,6 +480,16 @@ impl Publisher {
         // its acks with its settle on the way: claiming before it let go would find the key
         // leased and leave this commit's events to the relay.
         turn.ready().await;
+        // Keys the transaction leased while staging hold only its rows: they are sent as
+        // staged, not claimed (see `LeasedKeys`).
+        let own = leased
+            .into_sendable(inner.config.delivery.lease)
+            .unwrap_or_default();
+        let owned: HashSet<&str> = own.iter().map(|k| k.key.as_str()).collect();
+        let keys: Vec<String> = keys
+            .into_iter()
+            .filter(|k| !owned.contains(k.as_str()))
+            .collect();
         // The dispatch before may have sent this commit's events with its own (a dispatch
         // claims a key's next rows): a key with nothing of this commit left is not claimed.
         let sent_before =
@@ -485,11 +535,28 @@ impl Publisher {
             }
             Ok::<_, Error>(found)
         };
+        let claim = async {
+            if keys.is_empty() && after.is_empty() {
+                return Ok(Vec::new());
+            }
+            claim.await
+        };
         let mut claimed = match claim.await {
-            Ok(keys) => keys,
+            Ok(mut keys) => {
+                keys.splice(0..0, own);
+                keys
+            }
             Err(e) => {
                 warn!(error = %e, "eager dispatch could not claim; leaving events to the relay");
                 crate::metrics::eager(service, 0, staged.len());
+                // Own keys included: nothing of this dispatch is sent.
+                let release: Vec<KeyRelease> = own
+                    .iter()
+                    .map(|k| KeyRelease::done(k.key.clone()))
+                    .collect();
+                if let Err(e) = inner.store.settle(inner.owner, &[], &release).await {
+                    warn!(error = %e, "could not hand back keys leased while staging");
+                }
                 return Dispatch {
                     eager_published: 0,
                     left_to_relay: staged.len(),
@@ -1044,6 +1111,7 @@ pub struct OutboxTx {
     tx: Transaction<'static, Postgres>,
     publisher: Publisher,
     staged: Vec<Staged>,
+    leased: LeasedKeys,
 }
 
 impl OutboxTx {
@@ -1052,9 +1120,34 @@ impl OutboxTx {
     /// # Errors
     /// [`Error::OutboxStorage`] when the insert fails; roll back.
     pub async fn publish(&mut self, event: &OutboxEvent) -> Result<()> {
-        let staged = self.publisher.stage(&mut self.tx, event).await?;
-        self.staged.push(staged);
+        let Some(lease) = self.publisher.staging_lease() else {
+            let staged = self.publisher.stage(&mut self.tx, event).await?;
+            self.staged.push(staged);
+            return Ok(());
+        };
+        let row = self
+            .publisher
+            .inner
+            .store
+            .stage_leasing(&mut self.tx, event, Some(lease))
+            .await?;
+        self.add(event, row);
         Ok(())
+    }
+
+    /// Records a staged event, and its row as one to send from memory when its key was
+    /// leased while staging (by this stage or an earlier one of the transaction).
+    fn add(&mut self, event: &OutboxEvent, row: Option<StagedRow>) {
+        if let Some(row) = row {
+            if row.key_leased || self.leased.holds(&event.event_key) {
+                self.leased.add(event, row.id);
+            }
+        }
+        self.staged.push(Staged {
+            event_id: event.event_id,
+            event_key: event.event_key.clone(),
+            inserted: row.is_some(),
+        });
     }
 
     /// Stages `events` in this transaction in one statement (one round trip instead of one
@@ -1069,18 +1162,16 @@ impl OutboxTx {
             }
             return Ok(());
         }
-        let inserted = self
+        let lease = self.publisher.staging_lease();
+        let rows = self
             .publisher
             .inner
             .store
-            .stage_all(&mut self.tx, events)
+            .stage_all_leasing(&mut self.tx, events, lease)
             .await?;
-        self.staged
-            .extend(events.iter().zip(inserted).map(|(event, inserted)| Staged {
-                event_id: event.event_id,
-                event_key: event.event_key.clone(),
-                inserted,
-            }));
+        for (event, row) in events.iter().zip(rows) {
+            self.add(event, row);
+        }
         Ok(())
     }
 
@@ -1096,11 +1187,23 @@ impl OutboxTx {
     /// delivered by the relay. A caller that retries after such an error should reuse the
     /// same `event_id`s: staging is idempotent on them, so a retry never adds a duplicate.
     pub async fn commit(self) -> Result<Dispatch> {
-        self.tx
-            .commit()
-            .await
-            .map_err(|e| Error::storage("commit", e))?;
-        Ok(self.publisher.after_commit(self.staged).await)
+        if let Err(e) = self.tx.commit().await {
+            // It may have committed all the same (see above): its keys must not wait for
+            // their leases to lapse before the relay may deliver.
+            if !self.leased.is_empty() {
+                let publisher = self.publisher.clone();
+                let leased = self.leased;
+                self.publisher
+                    .inner
+                    .dispatches
+                    .spawn(async move { publisher.hand_back(&leased).await });
+            }
+            return Err(Error::storage("commit", e));
+        }
+        Ok(self
+            .publisher
+            .after_commit_with(self.staged, self.leased)
+            .await)
     }
 
     /// Commits, then runs the mode's post-commit step in the background (tracked, so
@@ -1112,19 +1215,20 @@ impl OutboxTx {
     /// # Errors
     /// As [`commit`](Self::commit).
     pub async fn commit_and_dispatch_later(self) -> Result<()> {
-        self.tx
-            .commit()
-            .await
-            .map_err(|e| Error::storage("commit", e))?;
-        if !self.staged.is_empty() {
+        let committed = self.tx.commit().await;
+        if committed.is_ok() || !self.leased.is_empty() {
             let publisher = self.publisher.clone();
-            let staged = self.staged;
-            self.publisher
-                .inner
-                .dispatches
-                .spawn(async move { publisher.after_commit(staged).await });
+            let (staged, leased) = (self.staged, self.leased);
+            let ok = committed.is_ok();
+            self.publisher.inner.dispatches.spawn(async move {
+                if ok {
+                    publisher.after_commit_with(staged, leased).await;
+                } else {
+                    publisher.hand_back(&leased).await;
+                }
+            });
         }
-        Ok(())
+        committed.map_err(|e| Error::storage("commit", e))
     }
 
     /// Rolls back: no business change, no event.
