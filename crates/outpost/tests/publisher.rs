@@ -1397,27 +1397,34 @@ async fn kafka_first_probe_abandoned_by_its_caller_does_not_wedge_the_circuit() 
     );
 }
 
+/// A transactional publisher whose Kafka is unreachable: sends wait out a 30 s delivery
+/// timeout (the default, far longer than the tests wait), commits wait `dispatch_deadline`
+/// for them, and the circuit opens after two such failures, for a minute.
+fn kafka_down(store: &OutboxStore, dispatch_deadline: Duration) -> Publisher {
+    let mut dead = support::producer_config("127.0.0.1:1");
+    dead.delivery_timeout = Duration::from_secs(30);
+    let mut cfg = publisher_config(&support::unique("svc"), Mode::Transactional);
+    cfg.dispatch_deadline = dispatch_deadline;
+    cfg.breaker.failure_threshold = 2;
+    cfg.breaker.open_for = Duration::from_secs(60);
+    cfg.delivery.lease = Duration::from_secs(70);
+    Publisher::new(
+        store.clone(),
+        Arc::new(KafkaProducer::new(dead).unwrap()),
+        Waker::None,
+        cfg,
+    )
+    .unwrap()
+}
+
 /// A Kafka outage must not make every transactional commit wait out delivery timeouts:
 /// eager dispatch is bounded by `dispatch_deadline`, and once the circuit opens, commits
 /// skip it and leave their events to the relay at once.
 #[tokio::test]
 async fn transactional_commits_stop_waiting_once_kafka_is_known_down() {
     let store = support::store().await;
-    let mut dead = support::producer_config("127.0.0.1:1");
-    dead.delivery_timeout = Duration::from_secs(30); // the default: far longer than we wait
-    let mut cfg = publisher_config(&support::unique("svc"), Mode::Transactional);
     // Long enough that a commit skipping dispatch stays far below it on a loaded machine.
-    cfg.dispatch_deadline = Duration::from_secs(2);
-    cfg.breaker.failure_threshold = 2;
-    cfg.breaker.open_for = Duration::from_secs(60);
-    cfg.delivery.lease = Duration::from_secs(70);
-    let publisher = Publisher::new(
-        store.clone(),
-        Arc::new(KafkaProducer::new(dead).unwrap()),
-        Waker::None,
-        cfg,
-    )
-    .unwrap();
+    let publisher = kafka_down(&store, Duration::from_secs(2));
     let mut took = Vec::new();
     for seq in 0..6 {
         let mut tx = publisher.begin().await.unwrap();
@@ -1607,20 +1614,7 @@ async fn a_commit_sends_the_keys_it_created_without_claiming_them() {
 #[tokio::test]
 async fn keys_leased_while_staging_are_handed_back_when_the_circuit_opened_before_the_commit() {
     let store = support::store().await;
-    let mut dead = support::producer_config("127.0.0.1:1");
-    dead.delivery_timeout = Duration::from_secs(30);
-    let mut cfg = publisher_config(&support::unique("svc"), Mode::Transactional);
-    cfg.dispatch_deadline = Duration::from_millis(300);
-    cfg.breaker.failure_threshold = 2;
-    cfg.breaker.open_for = Duration::from_secs(60);
-    cfg.delivery.lease = Duration::from_secs(70);
-    let publisher = Publisher::new(
-        store.clone(),
-        Arc::new(KafkaProducer::new(dead).unwrap()),
-        Waker::None,
-        cfg,
-    )
-    .unwrap();
+    let publisher = kafka_down(&store, Duration::from_millis(300));
     let mut waiting = publisher.begin().await.unwrap();
     waiting
         .publish(&support::event("t", "waiting", 0))
