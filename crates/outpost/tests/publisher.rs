@@ -1634,7 +1634,10 @@ async fn keys_leased_while_staging_are_handed_back_when_the_circuit_opened_befor
         .await
         .unwrap();
     let keys: Vec<&str> = claimed.iter().map(|k| k.key.as_str()).collect();
-    assert_eq!(keys, vec!["waiting"], "free for the relay at once");
+    assert!(
+        keys.contains(&"waiting"),
+        "free for the relay at once: {keys:?}"
+    );
 }
 
 /// A commit of a key whose earlier dispatch still waits for its ack queues behind it and
