@@ -23,7 +23,7 @@
 //! is mid-transaction on the key holds the lock (shared or exclusive), so the delete is
 //! skipped and the key row kept; a writer that starts later waits and re-inserts the row.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -665,7 +665,7 @@ impl OutboxStore {
             .await
             .map_err(|e| Error::storage_with("stage", context_of(&events[0]), e))?;
         // An id given twice is inserted by its first occurrence.
-        let mut inserted: std::collections::HashMap<Uuid, StagedRow> = inserted
+        let mut inserted: HashMap<Uuid, StagedRow> = inserted
             .into_iter()
             .map(|(event_id, id, key_leased)| (event_id, StagedRow { id, key_leased }))
             .collect();
@@ -894,7 +894,7 @@ impl OutboxStore {
             .map_err(err)?;
         // Usually every key went: looking the deleted ones up again to release them cost
         // the drain of one-event keys a twentieth of the database's time.
-        let gone: std::collections::HashSet<&str> = deleted.iter().map(String::as_str).collect();
+        let gone: HashSet<&str> = deleted.iter().map(String::as_str).collect();
         let kept: Vec<&str> = keys
             .iter()
             .map(String::as_str)
@@ -1115,7 +1115,7 @@ async fn group_by_key(
 ) -> sqlx::Result<Vec<ClaimedKey>> {
     use futures::TryStreamExt;
     let mut keys: Vec<ClaimedKey> = Vec::new();
-    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
     while let Some(r) = rows.try_next().await? {
         let key: String = r.get("claimed_key");
         let slot = *index.entry(key.clone()).or_insert_with(|| {

@@ -410,7 +410,7 @@ impl Publisher {
         let Some(probe) = Probe::take(self) else {
             crate::metrics::eager(&self.inner.config.service, 0, staged.len());
             // The relay, woken next, must find the keys free.
-            self.hand_back(&leased).await;
+            self.hand_back(leased.keys().cloned()).await;
             return left;
         };
         let mut keys: Vec<String> = staged.iter().map(|s| s.event_key.clone()).collect();
@@ -439,14 +439,27 @@ impl Publisher {
 
     /// Hands back keys a transaction leased while staging that no dispatch will send (a
     /// no-op for any this owner no longer holds).
-    async fn hand_back(&self, leased: &LeasedKeys) {
-        if leased.is_empty() {
+    async fn hand_back(&self, keys: impl Iterator<Item = String>) {
+        let keys: Vec<KeyRelease> = keys.map(KeyRelease::done).collect();
+        if keys.is_empty() {
             return;
         }
-        let keys: Vec<KeyRelease> = leased.keys().cloned().map(KeyRelease::done).collect();
         if let Err(e) = self.inner.store.settle(self.inner.owner, &[], &keys).await {
             warn!(error = %e, "could not hand back keys leased while staging; the relay takes them once the lease lapses");
         }
+    }
+
+    /// [`hand_back`](Self::hand_back) in the background, for a commit that failed: it may
+    /// have committed all the same, and its keys must not wait for their leases to lapse
+    /// before the relay may deliver.
+    fn hand_back_later(&self, leased: LeasedKeys) {
+        if leased.is_empty() {
+            return;
+        }
+        let publisher = self.clone();
+        self.inner
+            .dispatches
+            .spawn(async move { publisher.hand_back(leased.keys().cloned()).await });
     }
 
     /// The lease staging may take on the key rows it creates: in the transactional mode,
@@ -535,12 +548,6 @@ impl Publisher {
             }
             Ok::<_, Error>(found)
         };
-        let claim = async {
-            if keys.is_empty() && after.is_empty() {
-                return Ok(Vec::new());
-            }
-            claim.await
-        };
         let mut claimed = match claim.await {
             Ok(mut keys) => {
                 keys.splice(0..0, own);
@@ -550,13 +557,7 @@ impl Publisher {
                 warn!(error = %e, "eager dispatch could not claim; leaving events to the relay");
                 crate::metrics::eager(service, 0, staged.len());
                 // Own keys included: nothing of this dispatch is sent.
-                let release: Vec<KeyRelease> = own
-                    .iter()
-                    .map(|k| KeyRelease::done(k.key.clone()))
-                    .collect();
-                if let Err(e) = inner.store.settle(inner.owner, &[], &release).await {
-                    warn!(error = %e, "could not hand back keys leased while staging");
-                }
+                self.hand_back(own.into_iter().map(|k| k.key)).await;
                 return Dispatch {
                     eager_published: 0,
                     left_to_relay: staged.len(),
@@ -1120,16 +1121,17 @@ impl OutboxTx {
     /// # Errors
     /// [`Error::OutboxStorage`] when the insert fails; roll back.
     pub async fn publish(&mut self, event: &OutboxEvent) -> Result<()> {
-        let Some(lease) = self.publisher.staging_lease() else {
+        if self.publisher.mode == Mode::Wal {
             let staged = self.publisher.stage(&mut self.tx, event).await?;
             self.staged.push(staged);
             return Ok(());
-        };
+        }
+        let lease = self.publisher.staging_lease();
         let row = self
             .publisher
             .inner
             .store
-            .stage_leasing(&mut self.tx, event, Some(lease))
+            .stage_leasing(&mut self.tx, event, lease)
             .await?;
         self.add(event, row);
         Ok(())
@@ -1188,16 +1190,7 @@ impl OutboxTx {
     /// same `event_id`s: staging is idempotent on them, so a retry never adds a duplicate.
     pub async fn commit(self) -> Result<Dispatch> {
         if let Err(e) = self.tx.commit().await {
-            // It may have committed all the same (see above): its keys must not wait for
-            // their leases to lapse before the relay may deliver.
-            if !self.leased.is_empty() {
-                let publisher = self.publisher.clone();
-                let leased = self.leased;
-                self.publisher
-                    .inner
-                    .dispatches
-                    .spawn(async move { publisher.hand_back(&leased).await });
-            }
+            self.publisher.hand_back_later(self.leased);
             return Err(Error::storage("commit", e));
         }
         Ok(self
@@ -1215,20 +1208,19 @@ impl OutboxTx {
     /// # Errors
     /// As [`commit`](Self::commit).
     pub async fn commit_and_dispatch_later(self) -> Result<()> {
-        let committed = self.tx.commit().await;
-        if committed.is_ok() || !self.leased.is_empty() {
+        if let Err(e) = self.tx.commit().await {
+            self.publisher.hand_back_later(self.leased);
+            return Err(Error::storage("commit", e));
+        }
+        if !self.staged.is_empty() {
             let publisher = self.publisher.clone();
             let (staged, leased) = (self.staged, self.leased);
-            let ok = committed.is_ok();
-            self.publisher.inner.dispatches.spawn(async move {
-                if ok {
-                    publisher.after_commit_with(staged, leased).await;
-                } else {
-                    publisher.hand_back(&leased).await;
-                }
-            });
+            self.publisher
+                .inner
+                .dispatches
+                .spawn(async move { publisher.after_commit_with(staged, leased).await });
         }
-        committed.map_err(|e| Error::storage("commit", e))
+        Ok(())
     }
 
     /// Rolls back: no business change, no event.
