@@ -639,3 +639,138 @@ async fn handing_back_deletes_drained_keys_and_frees_those_with_rows_left() {
     assert_eq!(other[0].key, "k1");
     assert_eq!(other[0].rows.len(), 2);
 }
+
+/// Rows the scans of `relation` in an `EXPLAIN (ANALYZE, FORMAT JSON)` plan read: what
+/// they returned and what their filters removed, over all their loops.
+fn rows_read(plan: &serde_json::Value, relation: &str) -> f64 {
+    let here = if plan["Relation Name"] == relation {
+        let n = |k: &str| plan[k].as_f64().unwrap_or(0.0);
+        (n("Actual Rows") + n("Rows Removed by Filter") + n("Rows Removed by Index Recheck"))
+            * n("Actual Loops")
+    } else {
+        0.0
+    };
+    let below: f64 = plan["Plans"]
+        .as_array()
+        .map(|plans| plans.iter().map(|p| rows_read(p, relation)).sum())
+        .unwrap_or(0.0);
+    here + below
+}
+
+/// The statements a store prepared on a one-connection pool, read back from
+/// `pg_prepared_statements`.
+async fn prepared_statements(pool: &sqlx::PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT statement FROM pg_prepared_statements WHERE NOT from_sql")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn settling_and_handing_back_read_the_rows_they_name_not_the_backlog() {
+    // A backlog that arrived after the last ANALYZE (here: none, as after a burst before
+    // autovacuum looks), and statements planned for their values, as PostgreSQL plans the
+    // first five executions of a statement prepared on each connection.
+    const BACKLOG: usize = 20_000;
+    const SETTLED: usize = 300;
+    let store = support::store().await;
+    let t = store.table().clone();
+    sqlx::raw_sql(&format!(
+        "ALTER TABLE {t} SET (autovacuum_enabled = false); \
+         ALTER TABLE {k} SET (autovacuum_enabled = false); \
+         WITH staged AS (INSERT INTO {t} (event_id, aggregate_type, aggregate_id, event_type, \
+             topic, event_key) SELECT gen_random_uuid(), 'a', 'a', 'e', 't', 'k-' || i \
+             FROM generate_series(1, {BACKLOG}) i RETURNING id, event_id) \
+         INSERT INTO {p} (id, event_id, payload) SELECT id, event_id, '\\x00' FROM staged; \
+         INSERT INTO {k} (event_key) SELECT 'k-' || i FROM generate_series(1, {BACKLOG}) i",
+        k = t.keys(),
+        p = t.payloads(),
+    ))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let owner = Uuid::new_v4();
+    let claimed = store.claim(owner, SETTLED, 1, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), SETTLED);
+    let list = |items: &mut dyn Iterator<Item = String>| {
+        format!("'{{{}}}'", items.collect::<Vec<_>>().join(","))
+    };
+    let ids = list(&mut ids(&claimed).into_iter().map(|id| id.to_string()));
+    let keys = list(&mut claimed.iter().map(|k| format!("\"{}\"", k.key)));
+    let zeros = list(&mut (0..SETTLED).map(|_| "0".to_owned()));
+    let nulls = list(&mut (0..SETTLED).map(|_| "NULL".to_owned()));
+    let falses = list(&mut (0..SETTLED).map(|_| "false".to_owned()));
+
+    // The statements as the store sends them.
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&support::database_url())
+        .await
+        .unwrap();
+    let probe = OutboxStore::new(one.clone(), t.clone());
+    let nobody = Uuid::new_v4();
+    probe.settle(nobody, &[], &[]).await.unwrap();
+    probe
+        .release_drained(nobody, &["none".to_owned()])
+        .await
+        .unwrap();
+    let statements = prepared_statements(&one).await;
+    one.close().await;
+    let find = |pick: &dyn Fn(&str) -> bool| {
+        statements
+            .iter()
+            .find(|s| pick(s))
+            .cloned()
+            .unwrap_or_else(|| panic!("statement not found among {statements:?}"))
+    };
+    let settle = find(&|s| s.starts_with("WITH published AS"));
+    let delete = find(&|s| s.starts_with("DELETE FROM") && s.contains("NOT EXISTS"));
+
+    // Explained with the claimed rows published and their keys handed back, then the
+    // drained keys deleted; all rolled back.
+    let mut conn = store.pool().acquire().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "SET plan_cache_mode = force_custom_plan; \
+         PREPARE probe_settle AS {settle}; PREPARE probe_delete AS {delete}"
+    ))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    let mut explain = async |sql: String| -> serde_json::Value {
+        let plan: serde_json::Value =
+            sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, FORMAT JSON) {sql}"))
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+        plan[0]["Plan"].clone()
+    };
+    let settled = explain(format!(
+        "EXECUTE probe_settle({ids}, {zeros}, {zeros}, '{{}}', '{{}}', '{{}}', '{{}}', \
+         {keys}, {nulls}, {falses}, '{owner}')"
+    ))
+    .await;
+    let deleted = explain(format!("EXECUTE probe_delete({keys}, '{owner}')")).await;
+    tx.rollback().await.unwrap();
+    sqlx::raw_sql("DEALLOCATE probe_settle; DEALLOCATE probe_delete; RESET plan_cache_mode")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+
+    let table = t.table();
+    let keys_table = format!("{table}_keys");
+    let bound = 2.0 * SETTLED as f64;
+    for (what, plan, relation) in [
+        ("settle, rows", &settled, table),
+        ("settle, keys", &settled, keys_table.as_str()),
+        ("key-row delete, keys", &deleted, keys_table.as_str()),
+        ("key-row delete, rows", &deleted, table),
+    ] {
+        let read = rows_read(plan, relation);
+        assert!(
+            read <= bound,
+            "{what}: read {read} rows of {relation} for {SETTLED} named (a {BACKLOG}-row \
+             backlog): {plan:#}"
+        );
+    }
+}
