@@ -11,6 +11,8 @@
 #   cargo build --release -p outpost-cli
 #   bash scripts/drain-profile.sh [EVENTS] [KEYS]      # default 100000 100000
 #   bash scripts/drain-profile.sh stop                 # stop its PostgreSQL and broker
+#   PLANS=5 bash scripts/drain-profile.sh ...          # also the plans of statements slower
+#                                                      # than 5 ms (auto_explain), by shape
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -38,7 +40,7 @@ if ! "$PG_BIN/pg_isready" -h 127.0.0.1 -p $PORT -q; then
   as_pg "$PG_BIN/initdb" -D "$DIR/data" -U postgres --auth=trust --no-sync >/dev/null
   as_pg "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/log" -w -o "-p $PORT -k $DIR \
     -c listen_addresses=127.0.0.1 -c autovacuum=off -c shared_buffers=128MB \
-    -c shared_preload_libraries=pg_stat_statements" start >/dev/null
+    -c shared_preload_libraries=pg_stat_statements,auto_explain" start >/dev/null
   psql -h 127.0.0.1 -p $PORT -U postgres -qc "CREATE DATABASE test"
   psql -h 127.0.0.1 -p $PORT -U postgres -d test -qc "CREATE EXTENSION pg_stat_statements"
 fi
@@ -60,6 +62,11 @@ sleep 2
 BROKER_PID=$(pgrep -f "listener-url tcp://$BROKER" | head -1)
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
+if [ -n "${PLANS:-}" ]; then
+  sql -c "ALTER SYSTEM SET auto_explain.log_min_duration = '${PLANS}ms'" \
+    -c "ALTER SYSTEM SET auto_explain.log_analyze = on" -c "ALTER SYSTEM SET auto_explain.log_timing = off" \
+    -c "SELECT pg_reload_conf()" >/dev/null
+fi
 # 1 KiB payloads; key rows included, as the bench stages them.
 sql -c "BEGIN" -c "WITH staged AS ( \
     INSERT INTO profile.event_outbox (event_id, aggregate_type, aggregate_id, event_type, topic, event_key) \
@@ -70,6 +77,7 @@ sql -c "BEGIN" -c "WITH staged AS ( \
   -c "INSERT INTO profile.event_outbox_keys (event_key) \
       SELECT 'k-' || i FROM generate_series(0, least($KEYS, $EVENTS) - 1) i ON CONFLICT DO NOTHING" \
   -c "SELECT pg_stat_statements_reset()" -c "COMMIT" >/dev/null
+LOG_FROM=$(stat -c %s "$DIR/log")
 T0=$(date +%s.%N); S0=$(head -1 /proc/stat); R0=$(cpu $RELAY); B0=$(cpu "$BROKER_PID")
 while [ "$(sql -c "SET enable_seqscan = off" \
     -c "SELECT EXISTS (SELECT 1 FROM profile.event_outbox WHERE status = 'pending')")" = t ]; do
@@ -90,3 +98,23 @@ sql -c "SELECT calls, round(total_exec_time::numeric), rows, \
     left(regexp_replace(query, '\s+', ' ', 'g'), 90) \
   FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat_statements%' \
   ORDER BY total_exec_time DESC LIMIT 8"
+
+if [ -n "${PLANS:-}" ]; then
+  sql -c "ALTER SYSTEM RESET auto_explain.log_min_duration" -c "SELECT pg_reload_conf()" >/dev/null
+  # A statement planned two ways shows twice: a plan that scans far more rows than the
+  # statement names is the one to look at ($DIR/log has them in full).
+  echo "plans slower than ${PLANS} ms (count | total ms | statement | plan nodes):"
+  tail -c +$((LOG_FROM + 1)) "$DIR/log" | python3 -c '
+import re, sys
+shapes = {}
+for entry in re.split(r"\n(?=\S.*LOG:  duration)", sys.stdin.read()):
+    text = re.search(r"Query Text: (.{0,50})", entry)
+    took = re.search(r"duration: ([\d.]+) ms", entry)
+    if not (text and took):
+        continue
+    nodes = re.findall(r"(?:->|^\t)\s*([A-Z][A-Za-z ]+?)(?: on | using |  \()", entry, re.M)
+    shapes.setdefault((text.group(1), " > ".join(nodes)), []).append(float(took.group(1)))
+for (text, nodes), took in sorted(shapes.items(), key=lambda s: -sum(s[1])):
+    print(f"{len(took)} | {sum(took):.0f} | {text} | {nodes[:200]}")
+'
+fi
