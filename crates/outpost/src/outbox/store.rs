@@ -240,7 +240,10 @@ impl Sql {
                  {rows} WHERE e.status = 'pending' AND e.event_key = leased.event_key \
                  ORDER BY e.id LIMIT $4 FOR UPDATE OF e) e ON true",
             // A key its owner kept for the next dispatch (see `claim_keys`) is claimed again.
-            lease_keys("OR lease_owner = $1) AND event_key = ANY($5)")
+            lease_keys(&format!(
+                "OR lease_owner = $1) AND {}",
+                listed("event_key", "$5::text[]")
+            ))
         );
         Self {
             // The lock is taken before the row's id is drawn (the CTE is read first), and the
