@@ -660,6 +660,12 @@ fn rows_read(plan: &serde_json::Value, relation: &str) -> f64 {
     here + below
 }
 
+/// `items` as a quoted array literal, `'{a,b}'`.
+fn pg_array<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    let items: Vec<String> = items.into_iter().map(|i| i.to_string()).collect();
+    format!("'{{{}}}'", items.join(","))
+}
+
 /// The statements a store prepared on a one-connection pool, read back from
 /// `pg_prepared_statements`.
 async fn prepared_statements(pool: &sqlx::PgPool) -> Vec<String> {
@@ -698,18 +704,15 @@ async fn settling_and_handing_back_read_the_rows_they_name_not_the_backlog() {
     let owner = Uuid::new_v4();
     let claimed = store.claim(owner, SETTLED, 1, LEASE).await.unwrap();
     assert_eq!(claimed.len(), SETTLED);
-    let list = |items: &mut dyn Iterator<Item = String>| {
-        format!("'{{{}}}'", items.collect::<Vec<_>>().join(","))
-    };
-    let ids = list(&mut ids(&claimed).into_iter().map(|id| id.to_string()));
-    let keys = list(&mut claimed.iter().map(|k| format!("\"{}\"", k.key)));
-    let zeros = list(&mut (0..SETTLED).map(|_| "0".to_owned()));
-    let nulls = list(&mut (0..SETTLED).map(|_| "NULL".to_owned()));
-    let falses = list(&mut (0..SETTLED).map(|_| "false".to_owned()));
+    let ids = pg_array(ids(&claimed));
+    let keys = pg_array(claimed.iter().map(|k| format!("\"{}\"", k.key)));
+    let zeros = pg_array(std::iter::repeat_n(0, SETTLED));
+    let nulls = pg_array(std::iter::repeat_n("NULL", SETTLED));
+    let falses = pg_array(std::iter::repeat_n(false, SETTLED));
     // As many free keys, for the eager path's claim of named keys.
     let taken: std::collections::HashSet<&str> = claimed.iter().map(|k| k.key.as_str()).collect();
-    let free = list(
-        &mut (1..=BACKLOG)
+    let free = pg_array(
+        (1..=BACKLOG)
             .map(|i| format!("k-{i}"))
             .filter(|k| !taken.contains(k.as_str()))
             .take(SETTLED)

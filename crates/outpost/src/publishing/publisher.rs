@@ -1189,14 +1189,19 @@ impl OutboxTx {
     /// delivered by the relay. A caller that retries after such an error should reuse the
     /// same `event_id`s: staging is idempotent on them, so a retry never adds a duplicate.
     pub async fn commit(self) -> Result<Dispatch> {
+        let (publisher, staged, leased) = self.commit_only().await?;
+        Ok(publisher.after_commit_with(staged, leased).await)
+    }
+
+    /// Commits and hands back what the post-commit step needs. A failed commit may have
+    /// committed all the same: the keys leased while staging are handed back then, so the
+    /// relay need not wait for their leases to lapse.
+    async fn commit_only(self) -> Result<(Publisher, Vec<Staged>, LeasedKeys)> {
         if let Err(e) = self.tx.commit().await {
             self.publisher.hand_back_later(self.leased);
             return Err(Error::storage("commit", e));
         }
-        Ok(self
-            .publisher
-            .after_commit_with(self.staged, self.leased)
-            .await)
+        Ok((self.publisher, self.staged, self.leased))
     }
 
     /// Commits, then runs the mode's post-commit step in the background (tracked, so
@@ -1208,17 +1213,10 @@ impl OutboxTx {
     /// # Errors
     /// As [`commit`](Self::commit).
     pub async fn commit_and_dispatch_later(self) -> Result<()> {
-        if let Err(e) = self.tx.commit().await {
-            self.publisher.hand_back_later(self.leased);
-            return Err(Error::storage("commit", e));
-        }
-        if !self.staged.is_empty() {
-            let publisher = self.publisher.clone();
-            let (staged, leased) = (self.staged, self.leased);
-            self.publisher
-                .inner
-                .dispatches
-                .spawn(async move { publisher.after_commit_with(staged, leased).await });
+        let (publisher, staged, leased) = self.commit_only().await?;
+        if !staged.is_empty() {
+            let dispatches = publisher.inner.dispatches.clone();
+            dispatches.spawn(async move { publisher.after_commit_with(staged, leased).await });
         }
         Ok(())
     }
