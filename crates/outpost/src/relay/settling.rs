@@ -230,18 +230,21 @@ where
 
 /// Metrics count what was written, never what was only attempted.
 fn count(service: &str, rows: &[RowOutcome]) {
+    crate::metrics::published_batch(
+        service,
+        rows.iter()
+            .filter(|row| matches!(row.settlement, Settlement::Published { .. }))
+            .map(|row| (row.topic.as_str(), row.latency)),
+    );
     for row in rows {
         match &row.settlement {
-            Settlement::Published { .. } => {
-                crate::metrics::published(service, &row.topic, row.latency);
-            }
+            Settlement::Published { .. } | Settlement::Released => {}
             Settlement::Retry { .. } => {
                 crate::metrics::retried(service, row.class.unwrap_or(ErrorClass::Retriable));
             }
             Settlement::Dead { .. } => {
                 crate::metrics::parked(service, row.class.unwrap_or(ErrorClass::Retriable));
             }
-            Settlement::Released => {}
         }
     }
 }
