@@ -1589,16 +1589,16 @@ async fn a_commit_sends_the_keys_it_created_without_claiming_them() {
 
     let fresh = lease_changes(&store, &log, "new").await;
     assert!(
-        fresh.len() == 1 && fresh[0].is_some(),
-        "created leased, never claimed nor handed back: {fresh:?}"
+        fresh.len() == 2 && fresh[0].is_some() && fresh[1].is_none(),
+        "created leased, handed back, never claimed: {fresh:?}"
     );
     let old = lease_changes(&store, &log, "old").await;
     assert!(
-        old.len() == 2 && old[1] == fresh[0],
+        old.len() == 3 && old[1] == fresh[0] && old[2].is_none(),
         "claimed by the dispatch: {old:?}"
     );
-    // Both keys were drained by the dispatch: their rows went with its settle, so no relay
-    // has to claim an empty key to find that out.
+    // Both keys were drained by the dispatch: their rows went after its settle, so no
+    // relay has to claim an empty key to find that out.
     let left: Vec<String> =
         sqlx::query_scalar(&format!("SELECT event_key FROM {}", store.table().keys()))
             .fetch_all(store.pool())

@@ -5,11 +5,11 @@
 //!   `commit()` returns on the broker's ack, so latency is one broker round trip (plus one
 //!   claim statement for a key whose row existed before the transaction: one it created
 //!   was leased by its staging); the row is settled in the background, batched with other
-//!   commits' settles, its key leased until then and deleted with it once drained. If that
-//!   dispatch fails, or
-//!   the process dies after commit, the relay delivers the row. The eager path leases the
-//!   row's *key* exactly as the relay does, so the two never both send it, and it sends
-//!   the key's pending rows oldest first: it never overtakes an older event of the key.
+//!   commits' settles, its key leased until then (and deleted after it once drained). If
+//!   that dispatch fails, or the process dies after commit, the relay delivers the row.
+//!   The eager path leases the row's *key* exactly as the relay does, so the two never
+//!   both send it, and it sends the key's pending rows oldest first: it never overtakes an
+//!   older event of the key.
 //! - [`Mode::KafkaFirst`] (HuleEdu's July 2025 pattern, for callers with no database state
 //!   to protect): produce directly with a bounded deadline; on a transient failure store
 //!   the same bytes (same `event_id`) in the outbox in a transaction of its own and wake
@@ -674,12 +674,15 @@ impl Publisher {
                 None if turn.keep_for_next(&key.key, key.rows.iter().map(|r| r.id).max()) => {
                     turn.release(&key.key);
                 }
-                // Every row the read found was acked: the key row goes with the settle,
-                // unless rows came in meanwhile (then it is handed back; the settler checks
-                // under the key's lock, as the relay's hand-back does). Left behind, each
-                // empty key row cost a relay a claim, a read of nothing and this delete.
-                None if key.rows.len() < per_key => op.drained.push(key.key.clone()),
-                None => op.release.push(KeyRelease::done(key.key.clone())),
+                // Handed back, and deleted after the settle if every row the read found
+                // was sent and nothing came in: left behind, each empty key row cost a
+                // relay a claim, a read of nothing and a delete.
+                None => {
+                    op.release.push(KeyRelease::done(key.key.clone()));
+                    if key.rows.len() < per_key {
+                        op.sweep.push(key.key.clone());
+                    }
+                }
             }
         }
         // A no-op unless this owner holds the key.
@@ -697,16 +700,15 @@ impl Publisher {
             eager_published: hits,
             left_to_relay: misses,
         };
-        if op.rows.is_empty() && op.release.is_empty() && op.drained.is_empty() {
+        if op.rows.is_empty() && op.release.is_empty() {
             // Nothing to write (everything was sent before, the key is passed on): the next
             // dispatch of the key goes at once, not after a settle round of its own.
             drop(turn);
             return dispatch;
         }
-        // The keys still held are handed back, deleted or failed: their next dispatch waits
-        // until that is written, since a hand-back written after its claim would take its
-        // lease.
-        let turn = (!op.release.is_empty() || !op.drained.is_empty()).then_some(turn);
+        // The keys still held are handed back (or failed): their next dispatch waits until
+        // that is written, since a hand-back written after its claim would take its lease.
+        let turn = (!op.release.is_empty()).then_some(turn);
         // The commit returns on the acks; the settle is written with other commits' (one
         // shared statement) while the keys stay leased, in the background, tracked so
         // `shutdown` waits for it. A row acked and not yet settled is sent again only if
