@@ -916,14 +916,7 @@ impl OutboxStore {
             return Ok(0);
         }
         let err = |e| Error::storage("release", e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
-        // The delete below runs in a statement of its own, so its snapshot is taken after
-        // the locks: every writer that committed before them is visible to it.
-        let unlocked: Vec<String> = sqlx::query_scalar(&self.sql.try_lock_keys)
-            .bind(keys)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(err)?;
+        let (mut tx, unlocked) = self.lock_keys(keys).await.map_err(err)?;
         let deleted: Vec<String> = sqlx::query_scalar(&self.sql.delete_drained)
             .bind(&unlocked)
             .bind(owner)
@@ -950,6 +943,22 @@ impl OutboxStore {
         Ok(deleted.len() as u64)
     }
 
+    /// Begins a transaction holding the advisory locks of those of `keys` no writer holds
+    /// now, and returns it with those keys. A statement run in it afterwards takes its
+    /// snapshot after the locks: every writer that committed before them is visible to it,
+    /// and none can stage into those keys until it ends.
+    async fn lock_keys(
+        &self,
+        keys: &[String],
+    ) -> sqlx::Result<(Transaction<'static, Postgres>, Vec<String>)> {
+        let mut tx = self.pool.begin().await?;
+        let unlocked = sqlx::query_scalar(&self.sql.try_lock_keys)
+            .bind(keys)
+            .fetch_all(&mut *tx)
+            .await?;
+        Ok((tx, unlocked))
+    }
+
     /// Deletes the key rows of `keys` that are free and have no pending row left; returns
     /// how many went. For keys their sender handed back after sending every row it read
     /// (the eager path): a drained key left in the table costs a relay a claim and a read
@@ -964,13 +973,7 @@ impl OutboxStore {
             return Ok(0);
         }
         let err = |e| Error::storage("delete drained keys", e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
-        // As in `release_drained`: the delete's snapshot is taken after the locks.
-        let unlocked: Vec<String> = sqlx::query_scalar(&self.sql.try_lock_keys)
-            .bind(keys)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(err)?;
+        let (mut tx, unlocked) = self.lock_keys(keys).await.map_err(err)?;
         let deleted = sqlx::query(&self.sql.delete_free)
             .bind(&unlocked)
             .execute(&mut *tx)
