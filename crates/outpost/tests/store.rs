@@ -640,57 +640,6 @@ async fn handing_back_deletes_drained_keys_and_frees_those_with_rows_left() {
     assert_eq!(other[0].rows.len(), 2);
 }
 
-/// The eager path's clean-up after its hand-back deletes a key row only when it is free,
-/// empty, and nobody is staging into it: a key leased since, one with a row pending, and
-/// one a writer holds (its transaction open) all stay.
-#[tokio::test]
-async fn deleting_drained_keys_spares_keys_leased_pending_or_being_written() {
-    let store = support::store().await;
-    // k0 and k1 get one row each, k2 and k3 none; the drained ones are settled.
-    support::stage_committed(&store, "t", 2, 2).await;
-    let keys = store.table().keys();
-    sqlx::query(&format!(
-        "INSERT INTO {keys} (event_key) VALUES ('k2'), ('k3'), ('k4')"
-    ))
-    .execute(store.pool())
-    .await
-    .unwrap();
-    let owner = Uuid::new_v4();
-    let claimed = store.claim(owner, 10, 10, LEASE).await.unwrap();
-    let k0 = claimed.iter().find(|k| k.key == "k0").unwrap();
-    let rows: Vec<_> = k0.rows.iter().map(|r| (r.id, published())).collect();
-    let all: Vec<KeyRelease> = claimed
-        .iter()
-        .map(|k| KeyRelease::done(k.key.clone()))
-        .collect();
-    store.settle(owner, &rows, &all).await.unwrap();
-    // k2 leased again by someone else; k3 held by a writer that has not committed.
-    let other = Uuid::new_v4();
-    let again = store
-        .claim_keys(other, &["k2".to_owned()], 10, LEASE)
-        .await
-        .unwrap();
-    assert_eq!(again.len(), 1);
-    let mut writer = store.pool().begin().await.unwrap();
-    store
-        .stage(&mut writer, &support::event("t", "k3", 9))
-        .await
-        .unwrap();
-
-    let names: Vec<String> = ["k0", "k1", "k2", "k3", "k4"]
-        .iter()
-        .map(|k| (*k).to_owned())
-        .collect();
-    assert_eq!(store.delete_free_drained(&names).await.unwrap(), 2);
-    writer.commit().await.unwrap();
-    let mut left: Vec<String> = sqlx::query_scalar(&format!("SELECT event_key FROM {keys}"))
-        .fetch_all(store.pool())
-        .await
-        .unwrap();
-    left.sort();
-    assert_eq!(left, ["k1", "k2", "k3"], "k0 and k4 were free and empty");
-}
-
 /// Rows the scans of `relation` in an `EXPLAIN (ANALYZE, FORMAT JSON)` plan read: what
 /// they returned and what their filters removed, over all their loops.
 fn rows_read(plan: &serde_json::Value, relation: &str) -> f64 {

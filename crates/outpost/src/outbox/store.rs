@@ -175,7 +175,6 @@ struct Sql {
     try_lock_keys: String,
     release: String,
     delete_drained: String,
-    delete_free: String,
     pending_keys: String,
     pull_forward: String,
     backlog: String,
@@ -373,15 +372,6 @@ impl Sql {
             ),
             delete_drained: format!(
                 "DELETE FROM {k} k WHERE {drained} AND k.lease_owner = $2 \
-                 AND {NO_FLUSH_WAIT} AND NOT EXISTS (SELECT 1 FROM {t} e WHERE e.status = 'pending' \
-                                 AND e.event_key = k.event_key) \
-                 RETURNING k.event_key",
-                drained = listed("k.event_key", "$1::text[]")
-            ),
-            // A key handed back drained by its sender, unless someone leased it since (or
-            // is leasing it: the delete waits for that claim, then skips the key).
-            delete_free: format!(
-                "DELETE FROM {k} k WHERE {drained} AND k.lease_owner IS NULL \
                  AND {NO_FLUSH_WAIT} AND NOT EXISTS (SELECT 1 FROM {t} e WHERE e.status = 'pending' \
                                  AND e.event_key = k.event_key) \
                  RETURNING k.event_key",
@@ -916,7 +906,14 @@ impl OutboxStore {
             return Ok(0);
         }
         let err = |e| Error::storage("release", e);
-        let (mut tx, unlocked) = self.lock_keys(keys).await.map_err(err)?;
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        // The delete below runs in a statement of its own, so its snapshot is taken after
+        // the locks: every writer that committed before them is visible to it.
+        let unlocked: Vec<String> = sqlx::query_scalar(&self.sql.try_lock_keys)
+            .bind(keys)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err)?;
         let deleted: Vec<String> = sqlx::query_scalar(&self.sql.delete_drained)
             .bind(&unlocked)
             .bind(owner)
@@ -941,47 +938,6 @@ impl OutboxStore {
         }
         tx.commit().await.map_err(err)?;
         Ok(deleted.len() as u64)
-    }
-
-    /// Begins a transaction holding the advisory locks of those of `keys` no writer holds
-    /// now, and returns it with those keys. A statement run in it afterwards takes its
-    /// snapshot after the locks: every writer that committed before them is visible to it,
-    /// and none can stage into those keys until it ends.
-    async fn lock_keys(
-        &self,
-        keys: &[String],
-    ) -> sqlx::Result<(Transaction<'static, Postgres>, Vec<String>)> {
-        let mut tx = self.pool.begin().await?;
-        let unlocked = sqlx::query_scalar(&self.sql.try_lock_keys)
-            .bind(keys)
-            .fetch_all(&mut *tx)
-            .await?;
-        Ok((tx, unlocked))
-    }
-
-    /// Deletes the key rows of `keys` that are free and have no pending row left; returns
-    /// how many went. For keys their sender handed back after sending every row it read
-    /// (the eager path): a drained key left in the table costs a relay a claim and a read
-    /// of nothing before it is deleted. Keys a writer is staging into right now are kept,
-    /// as in [`release_drained`](Self::release_drained); so are keys leased since.
-    ///
-    /// # Errors
-    /// [`Error::OutboxStorage`] when the transaction fails (the rows stay; a relay deletes
-    /// them when it next claims them).
-    pub async fn delete_free_drained(&self, keys: &[String]) -> Result<u64> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        let err = |e| Error::storage("delete drained keys", e);
-        let (mut tx, unlocked) = self.lock_keys(keys).await.map_err(err)?;
-        let deleted = sqlx::query(&self.sql.delete_free)
-            .bind(&unlocked)
-            .execute(&mut *tx)
-            .await
-            .map_err(err)?
-            .rows_affected();
-        tx.commit().await.map_err(err)?;
-        Ok(deleted)
     }
 
     /// Which of `keys` have a row waiting for delivery.

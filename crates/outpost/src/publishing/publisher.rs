@@ -5,11 +5,10 @@
 //!   `commit()` returns on the broker's ack, so latency is one broker round trip (plus one
 //!   claim statement for a key whose row existed before the transaction: one it created
 //!   was leased by its staging); the row is settled in the background, batched with other
-//!   commits' settles, its key leased until then (and deleted after it once drained). If
-//!   that dispatch fails, or the process dies after commit, the relay delivers the row.
-//!   The eager path leases the row's *key* exactly as the relay does, so the two never
-//!   both send it, and it sends the key's pending rows oldest first: it never overtakes an
-//!   older event of the key.
+//!   commits' settles, its key leased until then. If that dispatch fails, or
+//!   the process dies after commit, the relay delivers the row. The eager path leases the
+//!   row's *key* exactly as the relay does, so the two never both send it, and it sends
+//!   the key's pending rows oldest first: it never overtakes an older event of the key.
 //! - [`Mode::KafkaFirst`] (HuleEdu's July 2025 pattern, for callers with no database state
 //!   to protect): produce directly with a bounded deadline; on a transient failure store
 //!   the same bytes (same `event_id`) in the outbox in a transaction of its own and wake
@@ -674,15 +673,8 @@ impl Publisher {
                 None if turn.keep_for_next(&key.key, key.rows.iter().map(|r| r.id).max()) => {
                     turn.release(&key.key);
                 }
-                // Handed back, and deleted after the settle if every row the read found
-                // was sent and nothing came in: left behind, each empty key row cost a
-                // relay a claim, a read of nothing and a delete.
-                None => {
-                    op.release.push(KeyRelease::done(key.key.clone()));
-                    if key.rows.len() < per_key {
-                        op.sweep.push(key.key.clone());
-                    }
-                }
+                // An empty key row stays behind; a relay deletes it when it next claims it.
+                None => op.release.push(KeyRelease::done(key.key.clone())),
             }
         }
         // A no-op unless this owner holds the key.

@@ -38,10 +38,6 @@ pub(crate) struct SettleOp {
     pub(crate) rows: Vec<RowOutcome>,
     pub(crate) release: Vec<KeyRelease>,
     pub(crate) drained: Vec<String>,
-    /// Keys handed back (in `release`) after every row read of them was sent: deleted
-    /// once the op is written and `done` has fired, if nobody leased them meanwhile and
-    /// no row came in (see [`OutboxStore::delete_free_drained`]).
-    pub(crate) sweep: Vec<String>,
     pub(crate) done: Option<oneshot::Sender<()>>,
 }
 
@@ -174,24 +170,12 @@ async fn run(
         let mut rows = Vec::new();
         let mut release = Vec::new();
         let mut drained = Vec::new();
-        let mut sweep = Vec::new();
         let mut done = Vec::new();
-        // A flush (an op with nothing but `done`) also waits for the deletes below.
-        let mut flushed = Vec::new();
         for op in batch {
-            let marker = op.rows.is_empty()
-                && op.release.is_empty()
-                && op.drained.is_empty()
-                && op.sweep.is_empty();
             rows.extend(op.rows);
             release.extend(op.release);
             drained.extend(op.drained);
-            sweep.extend(op.sweep);
-            if marker {
-                flushed.extend(op.done);
-            } else {
-                done.extend(op.done);
-            }
+            done.extend(op.done);
         }
         let settlements: Vec<(i64, Settlement)> =
             rows.iter().map(|r| (r.id, r.settlement.clone())).collect();
@@ -215,17 +199,6 @@ async fn run(
             .fetch_sub(rows.len(), Ordering::AcqRel);
         progress.notify.notify_one();
         for d in done {
-            let _ = d.send(());
-        }
-        // After `done`: a next dispatch of these keys need not wait for it (it leases the
-        // key, and the delete then skips it). One attempt: a key row left behind is only
-        // work for a relay.
-        if written && !sweep.is_empty() {
-            if let Err(e) = store.delete_free_drained(&sweep).await {
-                warn!(error = %e, "could not delete drained keys; a relay will");
-            }
-        }
-        for d in flushed {
             let _ = d.send(());
         }
     }
