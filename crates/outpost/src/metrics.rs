@@ -57,10 +57,7 @@ pub(crate) fn order_break(service: &str) {
 }
 
 pub(crate) fn published(service: &str, topic: &str, latency: Duration) {
-    metrics::counter!(EVENTS_PUBLISHED, "service" => service.to_owned(), "topic" => topic.to_owned())
-        .increment(1);
-    metrics::histogram!(PUBLISH_LATENCY, "service" => service.to_owned())
-        .record(latency.as_secs_f64());
+    published_batch(service, [(topic, latency)]);
 }
 
 /// [`published`] for a settled batch: each label set is looked up once, not per row (per
