@@ -13,6 +13,8 @@
 #   bash scripts/drain-profile.sh stop                 # stop its PostgreSQL and broker
 #   PLANS=5 bash scripts/drain-profile.sh ...          # also the plans of statements slower
 #                                                      # than 5 ms (auto_explain), by shape
+#   HEADERS=1 bash scripts/drain-profile.sh ...        # rows carry four envelope-like headers,
+#                                                      # as `outpost bench` stages them
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -68,12 +70,15 @@ if [ -n "${PLANS:-}" ]; then
     -c "SELECT pg_reload_conf()" >/dev/null
 fi
 # 1 KiB payloads; key rows included, as the bench stages them.
+HEADERS_SQL="'{}'::jsonb"
+[ -n "${HEADERS:-}" ] && HEADERS_SQL="jsonb_build_object('event_id', event_id::text, \
+  'event_type', 'profile', 'trace_id', gen_random_uuid()::text, 'content_type', 'application/json')"
 sql -c "BEGIN" -c "WITH staged AS ( \
     INSERT INTO profile.event_outbox (event_id, aggregate_type, aggregate_id, event_type, topic, event_key) \
     SELECT gen_random_uuid(), 'profile', key, 'profile', 'drain-profile', key \
     FROM (SELECT 'k-' || (i % $KEYS) AS key FROM generate_series(1, $EVENTS) i) g RETURNING id, event_id) \
   INSERT INTO profile.event_outbox_payloads (id, event_id, payload, headers) \
-  SELECT id, event_id, convert_to(repeat('x', 1024), 'UTF8'), '{}' FROM staged" \
+  SELECT id, event_id, convert_to(repeat('x', 1024), 'UTF8'), $HEADERS_SQL FROM staged" \
   -c "INSERT INTO profile.event_outbox_keys (event_key) \
       SELECT 'k-' || i FROM generate_series(0, least($KEYS, $EVENTS) - 1) i ON CONFLICT DO NOTHING" \
   -c "SELECT pg_stat_statements_reset()" -c "COMMIT" >/dev/null
@@ -84,6 +89,7 @@ while [ "$(sql -c "SET enable_seqscan = off" \
   sleep 0.1
 done
 T1=$(date +%s.%N); S1=$(head -1 /proc/stat); R1=$(cpu $RELAY); B1=$(cpu "$BROKER_PID")
+PEAK=$(awk '/VmHWM/ {printf "%.1f MB", $2 / 1024}' "/proc/$RELAY/status")
 
 echo "$EVENTS events over $KEYS keys drained in $(echo "$T1 - $T0" | bc) s: \
 $(echo "$EVENTS / ($T1 - $T0)" | bc) ev/s (end seen by a 0.1 s poll)"
@@ -92,6 +98,7 @@ echo "$S0 $S1" | awk -v r=$((R1 - R0)) -v b=$((B1 - B0)) '{
   busy1 = $13 + $14 + $15 + $18 + $19; all1 = busy1 + $16 + $17
   printf "CPU seconds: machine %.2f busy of %.2f; relay %.2f; broker %.2f; the rest (PostgreSQL) %.2f\n",
     (busy1 - busy0) / 100, (all1 - all0) / 100, r / 100, b / 100, (busy1 - busy0 - r - b) / 100 }'
+echo "relay peak RSS (VmHWM): $PEAK"
 echo "statements by total execution time (calls | total ms | rows | ms per call | statement):"
 sql -c "SELECT calls, round(total_exec_time::numeric), rows, \
     round((total_exec_time / greatest(calls, 1))::numeric, 2), \

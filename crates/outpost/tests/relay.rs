@@ -27,12 +27,7 @@ async fn committed_events_arrive_byte_for_byte_and_rolled_back_ones_never() {
     tx.rollback().await.unwrap();
     let staged = support::stage_committed(&store, &topic, 3, 30).await;
 
-    let relay = Relay::new(
-        store.clone(),
-        support::producer(&brokers),
-        support::relay_config(&service),
-    )
-    .unwrap();
+    let relay = default_relay(&store, &brokers, &service);
     let running = spawn(relay);
     let ids: Vec<Uuid> = staged.iter().map(|e| e.event_id).collect();
     collector.wait_for(&ids, Duration::from_secs(30)).await;
@@ -199,11 +194,7 @@ const WOKEN_WITHIN: Duration = Duration::from_secs(4);
 /// staged→consumed latencies after the first.
 async fn wake_up_latency(via_redis: bool) -> Duration {
     support::metrics();
-    let brokers = support::brokers();
-    let store = support::store().await;
-    let topic = support::topic(1).await;
-    let collector = support::Collector::start(&brokers, &topic, 1);
-    let service = support::unique("svc");
+    let (brokers, store, topic, collector, service) = one_partition().await;
     let mut cfg = support::relay_config(&service);
     cfg.poll.min_interval = IDLE;
     cfg.poll.max_interval = IDLE;
@@ -312,15 +303,9 @@ async fn oversized_events_are_parked_once_and_do_not_block_a_good_one() {
     .await;
     running.stop().await;
 
-    let rows: Vec<(i32, String)> = sqlx::query_as(&format!(
-        "SELECT attempts, last_error FROM {} WHERE status = 'dead'",
-        store.table()
-    ))
-    .fetch_all(store.pool())
-    .await
-    .unwrap();
+    let rows = parked(&store).await;
     assert_eq!(rows.len(), 150);
-    for (attempts, error) in rows {
+    for (_, attempts, error) in rows {
         assert_eq!(attempts, 1, "parked after one attempt");
         assert!(error.contains("MessageSizeTooLarge"), "{error}");
     }
@@ -335,24 +320,80 @@ async fn oversized_events_are_parked_once_and_do_not_block_a_good_one() {
     );
 
     // Parked rows are never selected again: the relay has nothing to do.
-    let idle = Relay::new(
-        store.clone(),
-        support::producer(&brokers),
-        support::relay_config(&service),
-    )
-    .unwrap();
+    let idle = default_relay(&store, &brokers, &service);
     assert_eq!(idle.run_once().await.unwrap().claimed, 0);
+}
+
+/// A row written by hand with headers that are not a JSON object of strings cannot be
+/// produced: it is parked on its own, and the rest of its key is delivered behind it.
+#[tokio::test]
+async fn a_row_with_unreadable_headers_is_parked_and_its_key_goes_on() {
+    let (brokers, store, topic, collector, service) = one_partition().await;
+    let events: Vec<_> = (0..3).map(|i| support::event(&topic, "k", i)).collect();
+    let mut tx = store.pool().begin().await.unwrap();
+    for ev in &events {
+        store.stage(&mut tx, ev).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    sqlx::query(&format!(
+        "UPDATE {} SET headers = '{{\"n\": 1}}' WHERE event_id = $1",
+        store.table().payloads()
+    ))
+    .bind(events[0].event_id)
+    .execute(store.pool())
+    .await
+    .unwrap();
+
+    let relay = default_relay(&store, &brokers, &service);
+    let running = spawn(relay);
+    let rest: Vec<Uuid> = events[1..].iter().map(|e| e.event_id).collect();
+    collector.wait_for(&rest, Duration::from_secs(30)).await;
+    running.stop().await;
+
+    let dead = parked(&store).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].0, events[0].event_id);
+    assert!(dead[0].2.contains("Bad message"), "{}", dead[0].2);
+    let consumed = collector.snapshot();
+    let got: Vec<Uuid> = consumed.iter().map(|c| c.event_id).collect();
+    assert_eq!(got, rest, "the key's other rows, in order, once");
+}
+
+/// A relay with the tests' settings.
+fn default_relay(store: &OutboxStore, brokers: &str, service: &str) -> Relay {
+    Relay::new(
+        store.clone(),
+        support::producer(brokers),
+        support::relay_config(service),
+    )
+    .unwrap()
+}
+
+/// Broker address, store, a one-partition topic with its collector, and a service name.
+async fn one_partition() -> (String, OutboxStore, String, support::Collector, String) {
+    let brokers = support::brokers();
+    let store = support::store().await;
+    let topic = support::topic(1).await;
+    let collector = support::Collector::start(&brokers, &topic, 1);
+    (brokers, store, topic, collector, support::unique("svc"))
+}
+
+/// The parked rows: event id, attempts, last error.
+async fn parked(store: &OutboxStore) -> Vec<(Uuid, i32, String)> {
+    sqlx::query_as(&format!(
+        "SELECT event_id, attempts, last_error FROM {} WHERE status = 'dead' ORDER BY id",
+        store.table()
+    ))
+    .fetch_all(store.pool())
+    .await
+    .unwrap()
 }
 
 /// Wake-ups are hints: with Redis unreachable (listener and writer) and NOTIFY pointing at
 /// a database that refuses connections, the relay warns and keeps delivering by polling.
 #[tokio::test]
 async fn unreachable_wake_up_transports_degrade_to_polling() {
-    let brokers = support::brokers();
-    let store = support::store().await;
-    let topic = support::topic(1).await;
-    let collector = support::Collector::start(&brokers, &topic, 1);
-    let service = support::unique("svc");
+    let (brokers, store, topic, collector, service) = one_partition().await;
     let signal = WakeSignal::new();
     let listeners = CancellationToken::new();
     signal
@@ -369,13 +410,7 @@ async fn unreachable_wake_up_transports_degrade_to_polling() {
     let failing_notify = Waker::notify(dead_db, &service).unwrap();
     assert!(failing_notify.try_nudge().await.is_err());
 
-    let relay = Relay::new(
-        store.clone(),
-        support::producer(&brokers),
-        support::relay_config(&service),
-    )
-    .unwrap()
-    .with_wake_signal(signal);
+    let relay = default_relay(&store, &brokers, &service).with_wake_signal(signal);
     let running = spawn(relay);
     let staged = support::stage_committed(&store, &topic, 2, 6).await;
     failing_notify.nudge().await; // logs a warning, never fails the caller

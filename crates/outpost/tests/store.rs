@@ -364,10 +364,8 @@ async fn staging_many_at_once_keeps_their_order_and_holds_every_key() {
     assert_eq!(staged, expected, "ids follow the order given");
     for row in rows {
         let event = all.iter().find(|e| e.event_id == row.event_id).unwrap();
-        assert_eq!(
-            (&row.payload, &row.headers),
-            (&event.payload, &event.headers)
-        );
+        assert_eq!(row.payload, event.payload);
+        assert_eq!(row.headers, event.headers);
     }
 }
 
@@ -529,7 +527,7 @@ async fn a_table_made_before_the_payload_table_keeps_its_pending_rows() {
     assert_eq!(claimed.len(), 1, "the pending row's key is claimable");
     let row = &claimed[0].rows[0];
     assert_eq!(row.payload, vec![1u8, 2]);
-    assert_eq!(row.headers.get("h").map(String::as_str), Some("v"));
+    assert_eq!(row.headers.get("h").as_deref(), Some("v"));
     let mut tx = pool.begin().await.unwrap();
     store
         .stage(&mut tx, &support::event("t", "k", 1))

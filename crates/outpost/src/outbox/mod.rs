@@ -2,6 +2,7 @@
 //! against them (staging in the caller's transaction, key leases, settling, operator views).
 
 pub mod admin;
+pub mod headers;
 pub(crate) mod sql_api;
 pub mod store;
 pub mod table;

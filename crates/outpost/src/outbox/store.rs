@@ -34,6 +34,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, EventContext, Result};
 use crate::event::envelope::OutboxEvent;
+use crate::outbox::headers::StoredHeaders;
 use crate::outbox::sql_api;
 use crate::outbox::table::OutboxTable;
 
@@ -51,7 +52,7 @@ pub struct ClaimedEvent {
     /// The exact bytes staged.
     pub payload: Vec<u8>,
     /// Headers staged with the row.
-    pub headers: BTreeMap<String, String>,
+    pub headers: StoredHeaders,
     /// Delivery attempts so far.
     pub attempts: i32,
     /// Failures so far that count against the attempt budget.
@@ -191,7 +192,11 @@ impl Sql {
         let k = t.keys();
         let p = t.payloads();
         // Pending rows with their payloads, for the claim's and the fetch's per-key reads.
-        let rows = format!("SELECT e.*, p.payload, p.headers FROM {t} e JOIN {p} p ON p.id = e.id");
+        // Headers as text: a claimed row keeps them so until it is produced (see
+        // `StoredHeaders`).
+        let rows = format!(
+            "SELECT e.*, p.payload, p.headers::text AS headers FROM {t} e JOIN {p} p ON p.id = e.id"
+        );
         let lock_id = |key: &str| format!("hashtextextended('{}' || {key}, 0)", t.lock_namespace());
         let next_id = t.next_id();
         let lease_until = "CASE WHEN $10::uuid IS NOT NULL \
@@ -1162,14 +1167,14 @@ async fn group_by_key(
         let Some(id) = r.try_get::<Option<i64>, _>(1)? else {
             continue; // a key with no pending row left
         };
-        let headers: Json<BTreeMap<String, String>> = r.try_get(6)?;
+        let headers: String = r.try_get(6)?;
         keys[slot].rows.push(ClaimedEvent {
             id,
             event_id: r.try_get(2)?,
             topic: r.try_get(3)?,
             event_key: r.try_get(4)?,
             payload: r.try_get(5)?,
-            headers: headers.0,
+            headers: StoredHeaders::from_json(headers),
             attempts: r.try_get(7)?,
             failures: r.try_get(8)?,
             created_at: r.try_get(9)?,

@@ -38,7 +38,7 @@ impl LeasedKeys {
             topic: event.topic.clone(),
             event_key: event.event_key.clone(),
             payload: event.payload.clone(),
-            headers: event.headers.clone(),
+            headers: event.headers.clone().into(),
             attempts: 0,
             failures: 0,
             created_at: Utc::now(),

@@ -572,10 +572,7 @@ impl Publisher {
         let mut sends = Vec::new();
         for key in &claimed {
             for row in &key.rows {
-                let ack =
-                    inner
-                        .producer
-                        .enqueue(&row.topic, &row.event_key, &row.payload, &row.headers);
+                let ack = crate::relay::sending::enqueue(&inner.producer, row);
                 sends.push(async move {
                     let result = match ack {
                         Ok(ack) => ack.await,

@@ -16,7 +16,7 @@
 
 mod claiming;
 pub mod poll;
-mod sending;
+pub(crate) mod sending;
 pub(crate) mod settling;
 pub(crate) mod verdict;
 pub mod wake;

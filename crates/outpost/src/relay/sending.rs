@@ -7,7 +7,8 @@ use std::time::Instant;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 
-use crate::kafka::producer::{Acked, KafkaProducer, SendFailure};
+use crate::error::ErrorClass;
+use crate::kafka::producer::{Acked, KafkaProducer, PendingAck, SendFailure};
 use crate::outbox::store::ClaimedEvent;
 
 use super::claiming::Keys;
@@ -89,12 +90,7 @@ impl Sender {
                     break;
                 };
                 taken += 1;
-                let ack = match self.producer.enqueue(
-                    &event.topic,
-                    &event.event_key,
-                    &event.payload,
-                    &event.headers,
-                ) {
+                let ack = match enqueue(&self.producer, &event) {
                     Err(failure) if is_queue_full(&failure) => {
                         state.queued.push_front(event);
                         taken -= 1;
@@ -151,6 +147,25 @@ impl Sender {
     pub(crate) fn ready(&mut self) -> Option<Sent> {
         futures::FutureExt::now_or_never(self.next())
     }
+}
+
+/// Queues one claimed row with `producer` (see [`KafkaProducer::enqueue`]). A row whose
+/// stored headers do not parse fails permanently, before anything is queued: it is parked,
+/// and its key goes on.
+pub(crate) fn enqueue(
+    producer: &Arc<KafkaProducer>,
+    event: &ClaimedEvent,
+) -> Result<PendingAck, SendFailure> {
+    let headers = event.headers.to_map().map_err(|e| {
+        tracing::warn!(id = event.id, event_id = %event.event_id, error = %e, "cannot produce a row");
+        SendFailure {
+            class: ErrorClass::Permanent,
+            error: rdkafka::error::KafkaError::MessageProduction(
+                rdkafka::types::RDKafkaErrorCode::BadMessage,
+            ),
+        }
+    })?;
+    producer.enqueue(&event.topic, &event.event_key, &event.payload, &headers)
 }
 
 fn is_queue_full(failure: &SendFailure) -> bool {
