@@ -64,6 +64,7 @@ fn quick_bench_prints_every_figure_with_its_ratio() {
         "raw.insert_commit.p99_ms",
         "kafka_first.latency.p99_ms",
         "kafka_first.raw.p99_ms",
+        "kafka_first.check.p99_ms",
         "fallback.p99_ms",
         "peak_relay_rss_mb",
         "machine.cpus",
