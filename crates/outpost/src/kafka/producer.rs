@@ -15,7 +15,7 @@ use rdkafka::util::Timeout;
 use tracing::warn;
 
 use crate::error::{classify, Error, ErrorClass, Result};
-use crate::kafka::acks::AckProducer;
+use crate::kafka::acks::{AckProducer, Report};
 
 /// Producer settings. Any librdkafka property can be set through `librdkafka`, which is
 /// applied last.
@@ -179,6 +179,13 @@ pub struct Acked {
     pub offset: i64,
 }
 
+/// A message queued by [`KafkaProducer::enqueue_reported`], waiting for its report: the
+/// producer instance it went to stays alive until then.
+pub(crate) struct Queued {
+    generation: u64,
+    producer: Arc<AckProducer>,
+}
+
 /// The wait for one queued message's acknowledgement (see [`KafkaProducer::enqueue`]).
 pub type PendingAck = std::pin::Pin<
     Box<dyn std::future::Future<Output = std::result::Result<Acked, SendFailure>> + Send>,
@@ -280,6 +287,55 @@ impl KafkaProducer {
             }
             Err(error) => Err(self.outcome(generation, &producer, Err(error)).unwrap_err()),
         }
+    }
+
+    /// Queues one message like [`enqueue`](Self::enqueue), its delivery report going to `to`
+    /// tagged with `tag` instead of to a future of its own (for a caller with thousands in
+    /// flight). Hand the report back to [`reported`](Self::reported) with what this returns.
+    ///
+    /// # Errors
+    /// As [`enqueue`](Self::enqueue); nothing is reported to `to` then.
+    pub(crate) fn enqueue_reported(
+        &self,
+        message: (&str, &str, &[u8], &BTreeMap<String, String>),
+        tag: u64,
+        to: &tokio::sync::mpsc::UnboundedSender<Report>,
+    ) -> std::result::Result<Queued, SendFailure> {
+        let (topic, key, payload, headers) = message;
+        let (generation, producer) = self.snapshot();
+        let queued = producer.enqueue_to(
+            topic,
+            Some(key.as_bytes()),
+            Some(payload),
+            kafka_headers(headers),
+            tag,
+            to,
+        );
+        match queued {
+            Ok(()) => {
+                self.queued
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                Ok(Queued {
+                    generation,
+                    producer,
+                })
+            }
+            Err(error) => Err(self.outcome(generation, &producer, Err(error)).unwrap_err()),
+        }
+    }
+
+    /// The outcome of a message queued by [`enqueue_reported`](Self::enqueue_reported), from
+    /// its report: as the future of [`enqueue`](Self::enqueue) resolves.
+    ///
+    /// # Errors
+    /// [`SendFailure`] with the error's class.
+    pub(crate) fn reported(
+        &self,
+        queued: &Queued,
+        landed: std::result::Result<(i32, i64), KafkaError>,
+    ) -> std::result::Result<Acked, SendFailure> {
+        let result = landed.map(|(partition, offset)| Acked { partition, offset });
+        self.outcome(queued.generation, &queued.producer, result)
     }
 
     /// Records progress or replaces a fenced/stuck producer, and classifies the failure.

@@ -1,14 +1,16 @@
 //! Sending: queue owned keys' rows with the producer, many per key, within the caps on
 //! rows and bytes in flight, and collect the acknowledgements as they come.
 
+use std::borrow::Cow;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use tokio::sync::mpsc;
 
 use crate::error::ErrorClass;
-use crate::kafka::producer::{Acked, KafkaProducer, PendingAck, SendFailure};
+use crate::kafka::acks::Report;
+use crate::kafka::producer::{Acked, KafkaProducer, PendingAck, Queued, SendFailure};
 use crate::outbox::store::ClaimedEvent;
 
 use super::claiming::Keys;
@@ -20,12 +22,18 @@ pub(crate) struct Sent {
     pub(crate) result: Result<Acked, SendFailure>,
 }
 
-type InFlightSend = std::pin::Pin<Box<dyn std::future::Future<Output = Sent> + Send>>;
-
 /// The sends in flight.
 pub(crate) struct Sender {
     producer: Arc<KafkaProducer>,
-    in_flight: FuturesUnordered<InFlightSend>,
+    /// Rows queued with the producer, by the tag their reports come back with (the index;
+    /// freed slots are reused).
+    queued: Vec<Option<(ClaimedEvent, Queued)>>,
+    free: Vec<usize>,
+    reports: mpsc::UnboundedReceiver<Report>,
+    report_to: mpsc::UnboundedSender<Report>,
+    /// Rows the producer refused before queueing: finished at once, as failed sends.
+    refused: VecDeque<Sent>,
+    /// Rows queued or refused and not handed back by [`Self::next`] yet.
     rows: usize,
     bytes: usize,
     max_rows: usize,
@@ -51,9 +59,14 @@ impl Sender {
         max_bytes: usize,
         per_key: usize,
     ) -> Self {
+        let (report_to, reports) = mpsc::unbounded_channel();
         Self {
             producer,
-            in_flight: FuturesUnordered::new(),
+            queued: Vec::new(),
+            free: Vec::new(),
+            reports,
+            report_to,
+            refused: VecDeque::new(),
             rows: 0,
             bytes: 0,
             max_rows,
@@ -90,7 +103,8 @@ impl Sender {
                     break;
                 };
                 taken += 1;
-                let ack = match enqueue(&self.producer, &event) {
+                let tag = self.free.last().copied().unwrap_or(self.queued.len());
+                match enqueue_reported(self, &event, tag) {
                     Err(failure) if is_queue_full(&failure) => {
                         state.queued.push_front(event);
                         taken -= 1;
@@ -98,22 +112,27 @@ impl Sender {
                         blocked = true;
                         break;
                     }
-                    Ok(ack) => futures::future::Either::Left(ack),
+                    Ok(queued) => {
+                        tracing::trace!(target: "outpost::send", id = event.id, key = %event.event_key, "produced");
+                        self.bytes += event.payload.len();
+                        if tag == self.queued.len() {
+                            self.queued.push(Some((event, queued)));
+                        } else {
+                            self.free.pop();
+                            self.queued[tag] = Some((event, queued));
+                        }
+                    }
                     // Refused before queueing: handled like a failed ack.
                     Err(failure) => {
-                        futures::future::Either::Right(std::future::ready(Err(failure)))
+                        self.bytes += event.payload.len();
+                        self.refused.push_back(Sent {
+                            event,
+                            result: Err(failure),
+                        });
                     }
-                };
-                tracing::trace!(target: "outpost::send", id = event.id, key = %event.event_key, "produced");
+                }
                 state.in_flight += 1;
                 self.rows += 1;
-                self.bytes += event.payload.len();
-                self.in_flight.push(Box::pin(async move {
-                    Sent {
-                        result: ack.await,
-                        event,
-                    }
-                }));
             }
             if state.queued.is_empty() {
                 // A drained queue hands its buffer back: thousands of keys each keeping the
@@ -130,17 +149,36 @@ impl Sender {
         }
     }
 
-    /// The next finished send; pending forever when nothing is in flight.
+    /// The next finished send; pending forever when nothing is in flight. Cancel-safe: a
+    /// report is taken only where it is handed back.
     pub(crate) async fn next(&mut self) -> Sent {
-        match self.in_flight.next().await {
-            Some(sent) => {
-                self.rows -= 1;
-                self.bytes = self.bytes.saturating_sub(sent.event.payload.len());
-                self.queue_full = false;
-                sent
+        loop {
+            if let Some(sent) = self.refused.pop_front() {
+                return self.finished(sent);
             }
-            None => std::future::pending().await,
+            if self.rows == 0 {
+                std::future::pending::<()>().await;
+            }
+            // The sender half lives in `self`: the channel never closes while it waits.
+            let Some((tag, landed)) = self.reports.recv().await else {
+                std::future::pending::<()>().await;
+                continue;
+            };
+            let slot = usize::try_from(tag).ok();
+            let Some((event, queued)) = slot.and_then(|i| self.queued.get_mut(i)?.take()) else {
+                continue; // not ours: cannot happen, tags come from `pump`
+            };
+            self.free.push(tag as usize);
+            let result = self.producer.reported(&queued, landed);
+            return self.finished(Sent { event, result });
         }
+    }
+
+    fn finished(&mut self, sent: Sent) -> Sent {
+        self.rows -= 1;
+        self.bytes = self.bytes.saturating_sub(sent.event.payload.len());
+        self.queue_full = false;
+        sent
     }
 
     /// A finished send if one is ready now.
@@ -156,7 +194,26 @@ pub(crate) fn enqueue(
     producer: &Arc<KafkaProducer>,
     event: &ClaimedEvent,
 ) -> Result<PendingAck, SendFailure> {
-    let headers = event.headers.to_map().map_err(|e| {
+    let headers = headers_of(event)?;
+    producer.enqueue(&event.topic, &event.event_key, &event.payload, &headers)
+}
+
+/// Queues one claimed row like [`enqueue`], its report going to the sender's stream.
+fn enqueue_reported(
+    sender: &Sender,
+    event: &ClaimedEvent,
+    tag: usize,
+) -> Result<Queued, SendFailure> {
+    let headers = headers_of(event)?;
+    sender.producer.enqueue_reported(
+        (&event.topic, &event.event_key, &event.payload, &headers),
+        tag as u64,
+        &sender.report_to,
+    )
+}
+
+fn headers_of(event: &ClaimedEvent) -> Result<Cow<'_, BTreeMap<String, String>>, SendFailure> {
+    event.headers.to_map().map_err(|e| {
         tracing::warn!(id = event.id, event_id = %event.event_id, error = %e, "cannot produce a row");
         SendFailure {
             class: ErrorClass::Permanent,
@@ -164,8 +221,7 @@ pub(crate) fn enqueue(
                 rdkafka::types::RDKafkaErrorCode::BadMessage,
             ),
         }
-    })?;
-    producer.enqueue(&event.topic, &event.event_key, &event.payload, &headers)
+    })
 }
 
 fn is_queue_full(failure: &SendFailure) -> bool {
