@@ -27,8 +27,8 @@ pub(crate) type Landed = (i32, i64);
 pub(crate) type AckReceiver = oneshot::Receiver<Result<Landed, KafkaError>>;
 
 /// A delivery report tagged with the number its message was queued with (see
-/// [`AckProducer::enqueue_to`]).
-pub(crate) type Report = (u64, Result<Landed, KafkaError>);
+/// [`AckTo::stream`]).
+pub(crate) type Report = (usize, Result<Landed, KafkaError>);
 
 /// Where a message's delivery report goes.
 pub(crate) enum AckTo {
@@ -38,10 +38,15 @@ pub(crate) enum AckTo {
     /// message cost a relay a fifth of its CPU (allocations, wake-ups and polls of the set of
     /// futures). Dropped unreported (librdkafka never delivers a report for it), it reports
     /// `Canceled`, as a dropped `Once` does.
-    Stream(u64, Option<mpsc::UnboundedSender<Report>>),
+    Stream(usize, Option<mpsc::UnboundedSender<Report>>),
 }
 
 impl AckTo {
+    /// The report goes to `to`, tagged with `tag`.
+    pub(crate) fn stream(tag: usize, to: &mpsc::UnboundedSender<Report>) -> Self {
+        AckTo::Stream(tag, Some(to.clone()))
+    }
+
     fn report(mut self, landed: Result<Landed, KafkaError>) {
         match &mut self {
             AckTo::Once(ack) => {
@@ -151,29 +156,11 @@ impl AckProducer {
         Ok(acked)
     }
 
-    /// Queues one message whose delivery report goes to `to`, tagged with `tag`.
+    /// Queues one message whose delivery report goes where `to` says.
     ///
     /// # Errors
-    /// The error librdkafka refused the message with; nothing is reported to `to` then.
-    pub(crate) fn enqueue_to(
-        &self,
-        topic: &str,
-        key: Option<&[u8]>,
-        payload: Option<&[u8]>,
-        headers: OwnedHeaders,
-        tag: u64,
-        to: &mpsc::UnboundedSender<Report>,
-    ) -> Result<(), KafkaError> {
-        self.queue(
-            topic,
-            key,
-            payload,
-            headers,
-            AckTo::Stream(tag, Some(to.clone())),
-        )
-    }
-
-    fn queue(
+    /// The error librdkafka refused the message with; nothing is reported then.
+    pub(crate) fn queue(
         &self,
         topic: &str,
         key: Option<&[u8]>,
@@ -290,15 +277,14 @@ mod tests {
         let cluster = MockCluster::new(1).unwrap();
         let producer = mock_producer(&cluster);
         let (to, mut reports) = mpsc::unbounded_channel();
-        for tag in 0..50u64 {
+        for tag in 0..50 {
             producer
-                .enqueue_to(
+                .queue(
                     "acks",
                     Some(b"k"),
                     Some(b"payload"),
                     OwnedHeaders::new(),
-                    tag,
-                    &to,
+                    AckTo::stream(tag, &to),
                 )
                 .unwrap();
         }

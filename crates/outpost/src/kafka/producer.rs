@@ -15,7 +15,7 @@ use rdkafka::util::Timeout;
 use tracing::warn;
 
 use crate::error::{classify, Error, ErrorClass, Result};
-use crate::kafka::acks::{AckProducer, Report};
+use crate::kafka::acks::{AckProducer, AckTo};
 
 /// Producer settings. Any librdkafka property can be set through `librdkafka`, which is
 /// applied last.
@@ -179,8 +179,8 @@ pub struct Acked {
     pub offset: i64,
 }
 
-/// A message queued by [`KafkaProducer::enqueue_reported`], waiting for its report: the
-/// producer instance it went to stays alive until then.
+/// A message queued and waiting for its report: the producer instance it went to stays
+/// alive until then (see [`KafkaProducer::reported`]).
 pub(crate) struct Queued {
     generation: u64,
     producer: Arc<AckProducer>,
@@ -269,24 +269,19 @@ impl KafkaProducer {
         payload: &[u8],
         headers: &BTreeMap<String, String>,
     ) -> std::result::Result<PendingAck, SendFailure> {
-        let (generation, producer) = self.snapshot();
-        let (key, payload) = (Some(key.as_bytes()), Some(payload));
-        match producer.enqueue(topic, key, payload, kafka_headers(headers)) {
-            Ok(delivery) => {
-                self.queued
-                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                let this = Arc::clone(self);
-                Ok(Box::pin(async move {
-                    let result = match delivery.await {
-                        Ok(Ok((partition, offset))) => Ok(Acked { partition, offset }),
-                        Ok(Err(error)) => Err(error),
-                        Err(_canceled) => Err(KafkaError::Canceled),
-                    };
-                    this.outcome(generation, &producer, result)
-                }))
-            }
-            Err(error) => Err(self.outcome(generation, &producer, Err(error)).unwrap_err()),
-        }
+        let (queued, delivery) = self.queue(|producer| {
+            producer.enqueue(
+                topic,
+                Some(key.as_bytes()),
+                Some(payload),
+                kafka_headers(headers),
+            )
+        })?;
+        let this = Arc::clone(self);
+        Ok(Box::pin(async move {
+            let landed = delivery.await.unwrap_or(Err(KafkaError::Canceled));
+            this.reported(&queued, landed)
+        }))
     }
 
     /// Queues one message like [`enqueue`](Self::enqueue), its delivery report going to `to`
@@ -297,35 +292,49 @@ impl KafkaProducer {
     /// As [`enqueue`](Self::enqueue); nothing is reported to `to` then.
     pub(crate) fn enqueue_reported(
         &self,
-        message: (&str, &str, &[u8], &BTreeMap<String, String>),
-        tag: u64,
-        to: &tokio::sync::mpsc::UnboundedSender<Report>,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &BTreeMap<String, String>,
+        to: AckTo,
     ) -> std::result::Result<Queued, SendFailure> {
-        let (topic, key, payload, headers) = message;
+        let (queued, ()) = self.queue(|producer| {
+            producer.queue(
+                topic,
+                Some(key.as_bytes()),
+                Some(payload),
+                kafka_headers(headers),
+                to,
+            )
+        })?;
+        Ok(queued)
+    }
+
+    /// Queues one message with the current producer instance through `queue`; a refusal
+    /// is classified (and a fenced producer replaced) as a failed delivery would be.
+    fn queue<T>(
+        &self,
+        queue: impl FnOnce(&AckProducer) -> std::result::Result<T, KafkaError>,
+    ) -> std::result::Result<(Queued, T), SendFailure> {
         let (generation, producer) = self.snapshot();
-        let queued = producer.enqueue_to(
-            topic,
-            Some(key.as_bytes()),
-            Some(payload),
-            kafka_headers(headers),
-            tag,
-            to,
-        );
-        match queued {
-            Ok(()) => {
+        match queue(&producer) {
+            Ok(waiting) => {
                 self.queued
                     .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                Ok(Queued {
-                    generation,
-                    producer,
-                })
+                Ok((
+                    Queued {
+                        generation,
+                        producer,
+                    },
+                    waiting,
+                ))
             }
             Err(error) => Err(self.outcome(generation, &producer, Err(error)).unwrap_err()),
         }
     }
 
-    /// The outcome of a message queued by [`enqueue_reported`](Self::enqueue_reported), from
-    /// its report: as the future of [`enqueue`](Self::enqueue) resolves.
+    /// The outcome of a queued message, from its report: progress recorded, a fenced or
+    /// stuck producer replaced, a failure classified.
     ///
     /// # Errors
     /// [`SendFailure`] with the error's class.

@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::error::ErrorClass;
-use crate::kafka::acks::Report;
+use crate::kafka::acks::{AckTo, Report};
 use crate::kafka::producer::{Acked, KafkaProducer, PendingAck, Queued, SendFailure};
 use crate::outbox::store::ClaimedEvent;
 
@@ -164,11 +164,10 @@ impl Sender {
                 std::future::pending::<()>().await;
                 continue;
             };
-            let slot = usize::try_from(tag).ok();
-            let Some((event, queued)) = slot.and_then(|i| self.queued.get_mut(i)?.take()) else {
+            let Some((event, queued)) = self.queued.get_mut(tag).and_then(Option::take) else {
                 continue; // not ours: cannot happen, tags come from `pump`
             };
-            self.free.push(tag as usize);
+            self.free.push(tag);
             let result = self.producer.reported(&queued, landed);
             return self.finished(Sent { event, result });
         }
@@ -206,9 +205,11 @@ fn enqueue_reported(
 ) -> Result<Queued, SendFailure> {
     let headers = headers_of(event)?;
     sender.producer.enqueue_reported(
-        (&event.topic, &event.event_key, &event.payload, &headers),
-        tag as u64,
-        &sender.report_to,
+        &event.topic,
+        &event.event_key,
+        &event.payload,
+        &headers,
+        AckTo::stream(tag, &sender.report_to),
     )
 }
 
