@@ -615,6 +615,16 @@ async fn migrate_is_idempotent_and_concurrent_safe() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
+    // Keys compare as bytes, whatever the database's collation.
+    let collations: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT collation_name::text FROM information_schema.columns \
+         WHERE table_schema = $1 AND column_name = 'event_key' ORDER BY table_name",
+    )
+    .bind(table.schema())
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(collations, vec![Some("C".to_owned()); 2]);
 }
 
 #[tokio::test]
@@ -662,6 +672,17 @@ fn rows_read(plan: &serde_json::Value, relation: &str) -> f64 {
 fn pg_array<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
     let items: Vec<String> = items.into_iter().map(|i| i.to_string()).collect();
     format!("'{{{}}}'", items.join(","))
+}
+
+/// A store over `t` on a pool of one connection, whose prepared statements
+/// [`prepared_statements`] reads back.
+async fn probe_store(t: &OutboxTable) -> (OutboxStore, sqlx::PgPool) {
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&support::database_url())
+        .await
+        .unwrap();
+    (OutboxStore::new(one.clone(), t.clone()), one)
 }
 
 /// The statements a store prepared on a one-connection pool, read back from
@@ -718,12 +739,7 @@ async fn settling_and_handing_back_read_the_rows_they_name_not_the_backlog() {
     );
 
     // The statements as the store sends them.
-    let one = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&support::database_url())
-        .await
-        .unwrap();
-    let probe = OutboxStore::new(one.clone(), t.clone());
+    let (probe, one) = probe_store(&t).await;
     let nobody = Uuid::new_v4();
     probe.settle(nobody, &[], &[]).await.unwrap();
     probe
@@ -816,4 +832,78 @@ async fn settling_and_handing_back_read_the_rows_they_name_not_the_backlog() {
              backlog): {plan:#}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_claim_steps_over_no_key_in_flight() {
+    // Keys leased by other relays wait in the keys table for their acks; a claim must find
+    // the free ones without reading past each of them (a relay keeps thousands in flight).
+    const IN_FLIGHT: usize = 2_000;
+    const ASKED: usize = 100;
+    let store = support::store().await;
+    let t = store.table().clone();
+    let all = IN_FLIGHT + 2 * ASKED;
+    sqlx::raw_sql(&format!(
+        "WITH staged AS (INSERT INTO {t} (event_id, aggregate_type, aggregate_id, event_type, \
+             topic, event_key) SELECT gen_random_uuid(), 'a', 'a', 'e', 't', 'k-' || i \
+             FROM generate_series(1, {all}) i RETURNING id, event_id) \
+         INSERT INTO {p} (id, event_id, payload) SELECT id, event_id, '\\x00' FROM staged; \
+         INSERT INTO {k} (event_key) SELECT 'k-' || i FROM generate_series(1, {all}) i; \
+         ANALYZE {k}",
+        k = t.keys(),
+        p = t.payloads(),
+    ))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let busy = store
+        .claim(Uuid::new_v4(), IN_FLIGHT, 1, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(busy.len(), IN_FLIGHT);
+
+    // The claim statement as the store sends it (this probe leases one key more).
+    let (probe, one) = probe_store(&t).await;
+    assert_eq!(
+        probe
+            .claim(Uuid::new_v4(), 1, 1, LEASE)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let statements = prepared_statements(&one).await;
+    one.close().await;
+    let claim = statements
+        .iter()
+        .find(|s| s.starts_with("WITH free") && !s.contains("FOR UPDATE OF e"))
+        .unwrap_or_else(|| panic!("no claim statement among {statements:?}"))
+        .clone();
+
+    let mut conn = store.pool().acquire().await.unwrap();
+    sqlx::raw_sql(&format!("PREPARE probe_claim AS {claim}"))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    let plan: serde_json::Value = sqlx::query_scalar(&format!(
+        "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE probe_claim('{}', {ASKED}, 30)",
+        Uuid::new_v4()
+    ))
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    sqlx::raw_sql("DEALLOCATE ALL")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let plan = &plan[0]["Plan"];
+    let keys_table = format!("{}_keys", t.table());
+    // The scan for free keys and the lease's look-up of the same keys.
+    let read = rows_read(plan, &keys_table);
+    assert!(
+        read <= 2.0 * ASKED as f64 + 10.0,
+        "a claim of {ASKED} keys read {read} key rows beside {IN_FLIGHT} keys in flight: {plan:#}"
+    );
 }

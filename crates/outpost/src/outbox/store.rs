@@ -9,7 +9,7 @@
 //!   ownership lives: a sender (relay or eager path) leases a *key*, never single rows, so
 //!   one key has one owner at a time, whatever happens to its rows (late commits, requeues,
 //!   retries). A key that waits for a retry carries `next_attempt_at` and holds back only
-//!   itself. Claiming walks this small table, never the backlog, so its cost does not grow
+//!   itself; a leased key's `next_attempt_at` is when its lease lapses. Claiming walks this small table, never the backlog, so its cost does not grow
 //!   with the number of pending events.
 //!
 //! Commit order per key: staging takes a transaction-scoped advisory lock on the key before
@@ -220,18 +220,27 @@ impl Sql {
         };
         // The lease is written by primary key: an `UPDATE ... FROM free` join was planned as
         // a scan of the whole keys table, per claim.
-        let lease_keys = |filter: &str| {
+        //
+        // A leased key is not due before its lease lapses (`next_attempt_at` moves with
+        // `lease_until`), so the scan for free keys starts past the keys in flight. With
+        // `next_attempt_at` left where it was, every claim stepped over each leased key,
+        // heap visit and all: a relay keeps thousands in flight, and in a 100,000-key drain
+        // that made the claim the database's largest cost (11 ms for 500 keys against 3.7 ms
+        // with nothing leased). The lease is no longer a HOT update; that costs less.
+        let lease_keys = |own: &str, only: &str| {
             format!(
                 "WITH free AS ( \
                      SELECT event_key FROM {k} \
-                     WHERE next_attempt_at <= now() \
-                       AND (lease_until IS NULL OR lease_until < now() {filter} \
-                       AND {NO_FLUSH_WAIT} \
+                     WHERE ((next_attempt_at <= now() \
+                             AND (lease_until IS NULL OR lease_until < now())) {own}) \
+                       {only} AND {NO_FLUSH_WAIT} \
                      ORDER BY next_attempt_at LIMIT $2 \
                      FOR UPDATE SKIP LOCKED), \
                  leased AS ( \
                      UPDATE {k} k SET lease_owner = $1, \
-                         lease_until = now() + make_interval(secs => $3) \
+                         lease_until = now() + make_interval(secs => $3), \
+                         next_attempt_at = now() + make_interval(secs => $3), \
+                         backoff_transient = false \
                      WHERE k.event_key = ANY(ARRAY(SELECT event_key FROM free)) \
                      RETURNING k.event_key)"
             )
@@ -246,10 +255,10 @@ impl Sql {
                  {rows} WHERE e.status = 'pending' AND e.event_key = leased.event_key \
                  ORDER BY e.id LIMIT $4 FOR UPDATE OF e) e ON true",
             // A key its owner kept for the next dispatch (see `claim_keys`) is claimed again.
-            lease_keys(&format!(
-                "OR lease_owner = $1) AND {}",
-                listed("event_key", "$5::text[]")
-            ))
+            lease_keys(
+                "OR lease_owner = $1",
+                &format!("AND {}", listed("event_key", "$5::text[]"))
+            )
         );
         Self {
             // The lock is taken before the row's id is drawn (the CTE is read first), and the
@@ -262,8 +271,9 @@ impl Sql {
                  body AS (INSERT INTO {p} (id, event_id, payload, headers) \
                      SELECT {next_id}, $1::uuid, $7::bytea, $8::jsonb FROM lock \
                      ON CONFLICT (event_id) DO NOTHING RETURNING id), \
-                 key AS (INSERT INTO {k} (event_key, lease_owner, lease_until) \
-                     SELECT $6::text, $10::uuid, {lease_until} FROM body \
+                 key AS (INSERT INTO {k} (event_key, lease_owner, lease_until, next_attempt_at) \
+                     SELECT $6::text, $10::uuid, {lease_until}, \
+                            COALESCE({lease_until}, now()) FROM body \
                      ON CONFLICT (event_key) DO NOTHING RETURNING lease_owner IS NOT NULL AS leased), \
                  staged AS (INSERT INTO {t} (id, event_id, aggregate_type, aggregate_id, \
                      event_type, topic, event_key, correlation_id) OVERRIDING SYSTEM VALUE \
@@ -272,8 +282,9 @@ impl Sql {
                  SELECT id, COALESCE((SELECT leased FROM key), false) AS leased FROM staged",
                 lock_id("$6::text")
             ),
-            // Many events in one statement: each key's lock first (in key order, so two
-            // such statements cannot wait for each other), then the rows. Ids are drawn
+            // Many events in one statement: each key's lock first (in key order, bytewise
+            // as everywhere, so two such statements cannot wait for each other), then the
+            // rows. Ids are drawn
             // after the locks and handed out in ascending order along the events' order,
             // whatever order the sequence was read in. An event id given twice is inserted
             // by its first occurrence.
@@ -284,7 +295,7 @@ impl Sql {
                      WITH ORDINALITY AS u(event_id, aggregate_type, aggregate_id, event_type, \
                          topic, event_key, payload, headers, correlation_id, ord)), \
                  lock AS MATERIALIZED (SELECT count({lock_fn}({})) AS locked FROM ( \
-                     SELECT DISTINCT event_key FROM ev ORDER BY event_key) d), \
+                     SELECT DISTINCT event_key COLLATE \"C\" AS event_key FROM ev ORDER BY 1) d), \
                  firsts AS MATERIALIZED ( \
                      SELECT d.*, row_number() OVER (ORDER BY d.ord) AS n FROM ( \
                          SELECT DISTINCT ON (event_id) * FROM ev ORDER BY event_id, ord) d), \
@@ -294,8 +305,9 @@ impl Sql {
                      SELECT ids.id, f.event_id, f.payload, f.headers \
                      FROM firsts f JOIN ids USING (n) \
                      ON CONFLICT (event_id) DO NOTHING RETURNING id, event_id), \
-                 key AS (INSERT INTO {k} (event_key, lease_owner, lease_until) \
-                     SELECT event_key, $10::uuid, {lease_until} FROM ( \
+                 key AS (INSERT INTO {k} (event_key, lease_owner, lease_until, next_attempt_at) \
+                     SELECT event_key, $10::uuid, {lease_until}, \
+                            COALESCE({lease_until}, now()) FROM ( \
                          SELECT DISTINCT f.event_key FROM body b JOIN firsts f USING (event_id)) d \
                      ON CONFLICT (event_key) DO NOTHING \
                      RETURNING event_key, lease_owner IS NOT NULL AS leased), \
@@ -311,7 +323,7 @@ impl Sql {
             ),
             // The relay reads the rows of the keys it leased in a second statement, whose
             // snapshot is taken after the lease (see `claim_with_rows`).
-            claim: format!("{} SELECT event_key FROM leased", lease_keys(")")),
+            claim: format!("{} SELECT event_key FROM leased", lease_keys("", "")),
             claim_keys: claim_with_rows,
             // Only an owner with a live lease reads further rows of its keys. Each key is
             // checked by primary key inside the per-key subquery, so the cost follows the
@@ -330,7 +342,8 @@ impl Sql {
                      ORDER BY e.id LIMIT $4) e"
             ),
             renew: format!(
-                "UPDATE {k} SET lease_until = now() + make_interval(secs => $2) \
+                "UPDATE {k} SET lease_until = now() + make_interval(secs => $2), \
+                     next_attempt_at = now() + make_interval(secs => $2) \
                  WHERE lease_owner = $1 AND {renewed} AND {NO_FLUSH_WAIT} \
                  RETURNING event_key",
                 renewed = listed("event_key", "$3::text[]")
@@ -357,7 +370,7 @@ impl Sql {
                        AND EXISTS (SELECT 1 FROM {k} k WHERE k.event_key = t.event_key \
                                    AND k.lease_owner = $11)) \
                  UPDATE {k} k SET lease_owner = NULL, lease_until = NULL, \
-                     next_attempt_at = CASE WHEN u.delay_ms IS NULL THEN k.next_attempt_at \
+                     next_attempt_at = CASE WHEN u.delay_ms IS NULL THEN now() \
                          ELSE now() + u.delay_ms * interval '1 millisecond' END, \
                      backoff_transient = COALESCE(u.transient, false) \
                  FROM UNNEST($8::text[], $9::float8[], $10::bool[]) AS u(key, delay_ms, transient) \
@@ -367,7 +380,7 @@ impl Sql {
                 released = listed("k.event_key", "$8::text[]"),
             ),
             release: format!(
-                "UPDATE {k} SET lease_owner = NULL, lease_until = NULL \
+                "UPDATE {k} SET lease_owner = NULL, lease_until = NULL, next_attempt_at = now() \
                  WHERE {released} AND lease_owner = $2",
                 released = listed("event_key", "$1::text[]")
             ),
@@ -470,6 +483,11 @@ impl OutboxStore {
         let published = t.derived("published");
         let keys_due = t.derived("keys_due");
         let p = t.payloads();
+        // Keys compare as bytes (`COLLATE "C"`): they are identifiers, never sorted for
+        // people, and under a locale's collation every comparison in the key indexes went
+        // through `strcoll` (100,000 one-row keys claimed, read, settled and deleted in
+        // psql: 2.86 s with the database's C.UTF-8, 2.53 s with "C"). Tables made before
+        // keep their collation; locks are taken in byte order either way.
         let ddl = [
             format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""),
             format!(
@@ -480,7 +498,7 @@ impl OutboxStore {
                    aggregate_id    TEXT NOT NULL, \
                    event_type      TEXT NOT NULL, \
                    topic           TEXT NOT NULL, \
-                   event_key       TEXT NOT NULL, \
+                   event_key       TEXT COLLATE \"C\" NOT NULL, \
                    correlation_id  UUID, \
                    status          TEXT NOT NULL DEFAULT 'pending' \
                                    CHECK (status IN ('pending', 'published', 'dead')), \
@@ -555,10 +573,12 @@ impl OutboxStore {
                 "CREATE INDEX IF NOT EXISTS \"{published}\" ON {t} (published_at) \
                  WHERE status = 'published'"
             ),
-            // Lease updates change no indexed column, so they stay HOT with room per page.
+            // `next_attempt_at` is when a key may be claimed next: after its back-off, or
+            // while leased, when the lease lapses. Room per page keeps a key row's new
+            // versions on its page.
             format!(
                 "CREATE TABLE IF NOT EXISTS {k} ( \
-                   event_key         TEXT PRIMARY KEY, \
+                   event_key         TEXT COLLATE \"C\" PRIMARY KEY, \
                    next_attempt_at   TIMESTAMPTZ NOT NULL DEFAULT now(), \
                    backoff_transient BOOLEAN NOT NULL DEFAULT false, \
                    lease_owner       UUID, \
@@ -1048,8 +1068,8 @@ impl OutboxStore {
         // deleting a key row between the update and the insert below.
         sqlx::query(&format!(
             "SELECT pg_advisory_xact_lock_shared(hashtextextended('{ns}' || event_key, 0)) \
-             FROM (SELECT DISTINCT event_key FROM {t} WHERE status = 'dead' \
-                   AND ($1::bigint[] IS NULL OR id = ANY($1)) ORDER BY event_key) d"
+             FROM (SELECT DISTINCT event_key COLLATE \"C\" AS event_key FROM {t} \
+                   WHERE status = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1)) ORDER BY 1) d"
         ))
         .bind(ids)
         .execute(&mut *tx)
