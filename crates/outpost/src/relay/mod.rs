@@ -348,38 +348,7 @@ struct Engine<'r> {
     stopping: bool,
     /// `run_once`: no further claims or reads.
     once: bool,
-    /// The claim running beside the loop, if any.
-    claiming: Option<Claiming>,
     report: BatchReport,
-}
-
-/// A claim running in a task of its own.
-struct Claiming {
-    task: tokio::task::JoinHandle<Result<Vec<ClaimedKey>>>,
-    /// Keys asked for.
-    want: usize,
-    /// Rows asked for per key.
-    per_key: usize,
-    /// The wake-up hint taken when it started (timed once it is done).
-    hint: Option<(i64, wake::WakeSource)>,
-}
-
-impl Claiming {
-    /// The most rows it can bring: held out of the room until it is done.
-    fn rows(&self) -> usize {
-        self.want * self.per_key
-    }
-}
-
-/// What the running claim returns; never resolves when none is running.
-async fn claimed(claiming: &mut Option<Claiming>) -> Result<Vec<ClaimedKey>> {
-    let Some(claim) = claiming else {
-        return std::future::pending().await;
-    };
-    match (&mut claim.task).await {
-        Ok(result) => result,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
 }
 
 impl<'r> Engine<'r> {
@@ -407,7 +376,6 @@ impl<'r> Engine<'r> {
             published_at_transient: 0,
             stopping: false,
             once: false,
-            claiming: None,
             report: BatchReport::default(),
         }
     }
@@ -421,28 +389,13 @@ impl<'r> Engine<'r> {
 
     /// Claims free keys while there is room; returns the rows claimed.
     async fn claim(&mut self) -> Result<usize> {
-        if !self.start_claim() {
-            return Ok(0);
-        }
-        let result = claimed(&mut self.claiming).await;
-        self.take_claim(result)
-    }
-
-    /// Starts a claim of free keys beside the loop, when there is room for one and none is
-    /// running; returns whether it started. The loop goes on sending and taking acks while
-    /// the database leases and reads: run in line, the claim's two statements were the
-    /// part of a many-key drain's cycle nothing else overlapped (the machine a quarter idle).
-    fn start_claim(&mut self) -> bool {
         let room = self.room();
         let c = &self.relay.config;
-        if self.claiming.is_some()
-            || room < self.worth_reading()
-            || self.keys.deferred() >= c.batch_size
-        {
+        if room < self.worth_reading() || self.keys.deferred() >= c.batch_size {
             // Claimed again once acks made room (`claim_due` stays set). With a claim's
             // worth of owned keys waiting to read, those read first: claiming more would
             // grow the owned set without bound.
-            return false;
+            return Ok(0);
         }
         let want = c.batch_size.min(room);
         // The first read of each key shares the room; a key with more rows gets `per_key`
@@ -455,47 +408,30 @@ impl<'r> Engine<'r> {
         // Taken before the claim: a hint arriving during it may be for rows committed after
         // its snapshot, and is timed by the next claim.
         let hint = self.relay.wake.take_hint();
-        // A wake-up or a hand-back while the claim runs sets it again: rows committed after
-        // the claim's snapshot are claimed next, not at the next poll.
-        self.claim_due = false;
-        let store = self.relay.store.clone();
-        let (owner, lease) = (self.relay.owner, c.lease);
-        self.claiming = Some(Claiming {
-            task: tokio::spawn(async move { store.claim(owner, want, per_key, lease).await }),
-            want,
-            per_key,
-            hint,
-        });
-        true
-    }
-
-    /// Takes in what the finished claim leased and read; returns the rows claimed.
-    fn take_claim(&mut self, result: Result<Vec<ClaimedKey>>) -> Result<usize> {
-        let Some(claim) = self.claiming.take() else {
-            return Ok(0);
-        };
-        let mut claimed = result?;
-        let c = &self.relay.config;
-        if let Some((sent, source)) = claim.hint {
+        let mut claimed = self
+            .relay
+            .store
+            .claim(self.relay.owner, want, per_key, c.lease)
+            .await?;
+        if let Some((sent, source)) = hint {
             crate::metrics::wakeup_latency(&c.service, source.as_str(), sent);
         }
         c.retarget(&mut claimed);
         let keys = claimed.len();
         let rows = claimed.iter().map(|k| k.rows.len()).sum();
         trace_read(self.relay.owner, "claimed", &claimed);
-        self.keys.claimed(claimed, claim.per_key);
+        self.keys.claimed(claimed, per_key);
         // A full claim means more keys are free: claim again without waiting.
-        self.claim_due = (self.claim_due || keys >= claim.want) && !self.once;
+        self.claim_due = keys >= want && !self.once;
         Ok(rows)
     }
 
     /// Rows that may still be read: the caps' room less the rows read and not sent, and
     /// less the acked rows the settler has not written yet.
     fn room(&self) -> usize {
-        let claiming = self.claiming.as_ref().map_or(0, Claiming::rows);
         self.sender
             .room()
-            .saturating_sub(self.keys.queued_rows() + self.settler.unwritten_rows() + claiming)
+            .saturating_sub(self.keys.queued_rows() + self.settler.unwritten_rows())
     }
 
     /// The least room a claim or a read waits for: a quarter of the row cap, or one row
@@ -629,24 +565,13 @@ impl<'r> Engine<'r> {
         self.sender.pump(&mut self.keys, &review.send, until);
     }
 
-    /// Starts a claim when due (woken, polled, or the last claim was full), there is room
-    /// and none is running.
-    fn claim_if_due(&mut self) {
-        if self.stopping
-            || self.claiming.is_some()
-            || !(self.claim_due || Instant::now() >= self.next_poll)
-        {
+    /// Claims when due (woken, polled, or the last claim was full) and there is room.
+    async fn claim_if_due(&mut self) {
+        if self.stopping || !(self.claim_due || Instant::now() >= self.next_poll) {
             return;
         }
-        if !self.start_claim() {
-            self.after_claim(Ok(0));
-        }
-    }
-
-    /// Schedules the next claim after one finished (or found no room).
-    fn after_claim(&mut self, outcome: Result<usize>) {
         let c = &self.relay.config;
-        match outcome {
+        match self.claim().await {
             Ok(rows) => {
                 let wait = self.schedule.after_batch(rows, 1);
                 self.next_poll = Instant::now() + wait;
@@ -675,24 +600,19 @@ impl<'r> Engine<'r> {
         loop {
             // Renewing first: a claim after a late renewal would find our own keys free.
             self.renew().await;
-            self.claim_if_due();
+            self.claim_if_due().await;
             self.step().await;
-            if self.stopping && self.keys.is_empty() && self.claiming.is_none() {
+            if self.stopping && self.keys.is_empty() {
                 break;
             }
             let lease = self.relay.config.lease;
-            // A running claim wakes the loop when it is done.
-            let wake_at = if self.stopping || self.claiming.is_some() {
+            let wake_at = if self.stopping {
                 self.last_renewal + lease / 3
             } else {
                 self.next_poll.min(self.last_renewal + lease / 3)
             };
             tokio::select! {
                 biased;
-                result = claimed(&mut self.claiming) => {
-                    let outcome = self.take_claim(result);
-                    self.after_claim(outcome);
-                }
                 sent = self.sender.next() => {
                     self.on_sent(sent);
                     while let Some(sent) = self.sender.ready() {
