@@ -62,6 +62,7 @@ fn quick_bench_prints_every_figure_with_its_ratio() {
         "raw.produce_sequential.p99_ms",
         "raw.produce_pipelined_ev_per_s",
         "raw.insert_commit.p99_ms",
+        "raw.drain.rate",
         "kafka_first.latency.p99_ms",
         "kafka_first.raw.p99_ms",
         "kafka_first.check.p99_ms",

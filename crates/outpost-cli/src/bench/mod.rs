@@ -1,6 +1,6 @@
 //! `outpost bench`: measures this machine's raw limits (librdkafka produce, PostgreSQL
-//! INSERT+COMMIT) and Outpost's figures in one run, and prints each Outpost figure with its
-//! ratio to the raw limit it is bounded by.
+//! INSERT+COMMIT, a drain with none of Outpost's guarantees) and Outpost's figures in one
+//! run, and prints each Outpost figure with its ratio to the raw limit it is bounded by.
 //!
 //! Every phase works in a schema of its own (`bench_{run}_{phase}`), dropped at the end,
 //! and sends to one fresh topic. Backlogs are staged in one `INSERT ... SELECT
@@ -30,6 +30,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+mod raw_drain;
 mod wal;
 
 use crate::cli::{Cli, Wake};
@@ -490,6 +491,21 @@ impl Bench<'_> {
             .target("< 20 ms", fallback.p99_ms < 20.0),
         );
 
+        self.say(&format!(
+            "raw drain of {} events, a key each: read, produce, mark published",
+            s.drain
+        ));
+        let raw_drain = raw_drain::measure(self, s.drain).await?;
+        lines.push(Line::new(
+            format!(
+                "raw drain {} ev (read, produce, mark published; no ownership, no order)",
+                s.drain
+            ),
+            raw_drain.rate,
+            "ev/s",
+            Some(produce_rate),
+        ));
+
         let mut drains = Vec::new();
         let mut peak_rss_kb = 0;
         for &keys in &s.drain_keys {
@@ -530,6 +546,17 @@ impl Bench<'_> {
                     one_relay = Some(d.rate);
                 }
                 lines.push(line);
+                if keys == s.drain {
+                    lines.push(Line::new(
+                        format!(
+                            "drain {} ev, {keys} keys, {relays} relay(s), against the raw drain",
+                            s.drain
+                        ),
+                        d.rate,
+                        "ev/s",
+                        Some(raw_drain.rate),
+                    ));
+                }
                 drains.push(d);
             }
         }
@@ -603,6 +630,7 @@ impl Bench<'_> {
                 "produce_pipelined_ev_per_s": produce_rate,
                 "produce_pipelined_one_in_flight_ev_per_s": one_in_flight_rate,
                 "insert_commit": insert,
+                "drain": raw_drain,
             },
             "transactional": transactional,
             "kafka_first": { "latency": direct, "raw": produce_beside, "check": check, "direct": direct_paths },
@@ -1010,12 +1038,7 @@ impl Bench<'_> {
             acked as usize >= events,
             "only {acked} of {events} events were acked"
         );
-        let last: DateTime<Utc> = row.get("last");
-        let seconds = (last - started)
-            .to_std()
-            .unwrap_or_default()
-            .as_secs_f64()
-            .max(1e-3);
+        let seconds = seconds_between(started, row.get("last"));
         let drain = Drain {
             events,
             keys,
@@ -1449,6 +1472,16 @@ async fn insert_commit(
         samples.push(t0.elapsed());
     }
     Ok(Latency::of(samples))
+}
+
+/// Seconds from `started` to `last` on the database clock (at least a millisecond, so a
+/// rate is always finite).
+fn seconds_between(started: DateTime<Utc>, last: DateTime<Utc>) -> f64 {
+    (last - started)
+        .to_std()
+        .unwrap_or_default()
+        .as_secs_f64()
+        .max(1e-3)
 }
 
 /// A process's peak resident memory (VmHWM) in kB; 0 once it is gone.
