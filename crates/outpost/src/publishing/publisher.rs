@@ -28,6 +28,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use sqlx::{PgConnection, Postgres, Transaction};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -39,6 +40,7 @@ use crate::event::envelope::OutboxEvent;
 use crate::kafka::producer::{Acked, KafkaProducer, SendFailure};
 use crate::outbox::store::{KeyLock, KeyRelease, OutboxStore, Settlement, StagedRow};
 use crate::publishing::breaker::{BreakerConfig, CircuitBreaker, CircuitState};
+use crate::publishing::detached::Detachable;
 use crate::publishing::leased::LeasedKeys;
 use crate::publishing::turns::{KeyTurns, Turn};
 use crate::relay::settling::{RowOutcome, SettleOp, Settler};
@@ -833,9 +835,10 @@ impl Publisher {
             publisher: self,
             armed: probe,
         };
-        // The sends run to completion in a task of their own. Abandoned at the deadline, a
-        // failure would never reach the producer, whose replace-when-stuck logic (needed
-        // after a broker restart) would then never run: the circuit would never close.
+        // The sends run to completion, in a task of their own once given up on. Abandoned at
+        // the deadline, a failure would never reach the producer, whose replace-when-stuck
+        // logic (needed after a broker restart) would then never run: the circuit would
+        // never close.
         let send = {
             let producer = Arc::clone(&inner.producer);
             let messages: Vec<Message> = direct
@@ -847,7 +850,13 @@ impl Publisher {
                     headers: e.headers.clone(),
                 })
                 .collect();
-            tokio::spawn(async move { send_in_order(&producer, messages).await })
+            // A panic is caught as the task it used to run in caught it: no outcome.
+            Detachable::new(
+                std::panic::AssertUnwindSafe(
+                    async move { send_in_order(&producer, messages).await },
+                )
+                .catch_unwind(),
+            )
         };
         let sent = tokio::time::timeout(inner.config.direct_deadline, send).await;
         abandoned_probe.armed = false;
@@ -859,8 +868,8 @@ impl Publisher {
         // Sends given up on have no outcome: they fall back like the unsent.
         let outcomes: Vec<Option<std::result::Result<Acked, SendFailure>>> = match sent {
             Ok(Ok(outcomes)) => outcomes,
-            Ok(Err(panicked)) => {
-                warn!(error = %panicked, "direct publish task failed");
+            Ok(Err(_)) => {
+                warn!("direct publish panicked; its events fall back to the outbox");
                 Vec::new()
             }
             Err(_) => Vec::new(),
