@@ -8,6 +8,7 @@
 //! the header), and drained by `outpost relay` child processes, so the relay's peak RSS is
 //! its own. `--quick` runs the same code on small sizes (what `make test` runs).
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -1607,17 +1608,10 @@ impl RawKafka {
     }
 
     fn record<'e>(ev: &'e OutboxEvent) -> FutureRecord<'e, str, [u8]> {
-        let mut headers = OwnedHeaders::new_with_capacity(ev.headers.len());
-        for (key, value) in &ev.headers {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
-            });
-        }
         FutureRecord::to(&ev.topic)
             .key(ev.event_key.as_str())
             .payload(ev.payload.as_slice())
-            .headers(headers)
+            .headers(kafka_headers(&ev.headers))
     }
 
     async fn send(&self, ev: &OutboxEvent) -> anyhow::Result<()> {
@@ -1690,10 +1684,29 @@ type Delivery = Result<
 fn ack(delivery: Option<Delivery>) -> anyhow::Result<usize> {
     match delivery {
         None => Ok(0),
-        Some(Ok(Ok(_))) => Ok(1),
-        Some(Ok(Err((e, _)))) => Err(e).context("raw produce failed"),
-        Some(Err(_)) => anyhow::bail!("raw produce canceled"),
+        Some(d) => delivered(d).map(|_| 1),
     }
+}
+
+/// Where an acked raw produce landed (partition, offset), or why it failed.
+fn delivered(delivery: Delivery) -> anyhow::Result<(i32, i64)> {
+    match delivery {
+        Ok(Ok(landed)) => Ok((landed.partition, landed.offset)),
+        Ok(Err((e, _))) => Err(e).context("raw produce failed"),
+        Err(_) => anyhow::bail!("raw produce canceled"),
+    }
+}
+
+/// Staged headers as librdkafka takes them.
+fn kafka_headers(headers: &BTreeMap<String, String>) -> OwnedHeaders {
+    let mut kafka = OwnedHeaders::new_with_capacity(headers.len());
+    for (key, value) in headers {
+        kafka = kafka.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    }
+    kafka
 }
 
 fn print_table(report: &Value) {

@@ -19,7 +19,6 @@ use chrono::{DateTime, Utc};
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 use sqlx::postgres::PgPool;
@@ -27,7 +26,9 @@ use sqlx::types::Json;
 use sqlx::{Executor, Row};
 use tokio::sync::mpsc;
 
-use super::{busy_since, cpu_busy, seconds_between, Bench, RawKafka};
+use super::{
+    busy_since, cpu_busy, delivered, kafka_headers, seconds_between, Bench, Delivery, RawKafka,
+};
 
 /// Rows read per statement.
 const READ: i64 = 1_000;
@@ -162,17 +163,10 @@ async fn send(
                 let payload: Vec<u8> = row.get("payload");
                 let Json(headers): Json<BTreeMap<String, String>> = row.get("headers");
                 after = id;
-                let mut owned = OwnedHeaders::new_with_capacity(headers.len());
-                for (name, value) in &headers {
-                    owned = owned.insert(Header {
-                        key: name,
-                        value: Some(value.as_bytes()),
-                    });
-                }
                 let mut record = FutureRecord::to(&bench.topic)
                     .key(key.as_str())
                     .payload(payload.as_slice())
-                    .headers(owned);
+                    .headers(kafka_headers(&headers));
                 loop {
                     match raw.producer.send_result(record) {
                         Ok(delivery) => {
@@ -200,27 +194,13 @@ async fn send(
     }
 }
 
-type Acked = (
-    i64,
-    Result<
-        rdkafka::producer::future_producer::OwnedDeliveryResult,
-        futures::channel::oneshot::Canceled,
-    >,
-);
-
 fn forward(
     acks: &mpsc::UnboundedSender<(i64, i32, i64)>,
-    (id, delivery): Acked,
+    (id, delivery): (i64, Delivery),
 ) -> anyhow::Result<()> {
-    match delivery {
-        Ok(Ok(delivered)) => {
-            acks.send((id, delivered.partition, delivered.offset))
-                .context("raw drain settler gone")?;
-            Ok(())
-        }
-        Ok(Err((e, _))) => Err(e).context("raw drain: produce failed"),
-        Err(_) => anyhow::bail!("raw drain: produce canceled"),
-    }
+    let (partition, offset) = delivered(delivery)?;
+    acks.send((id, partition, offset))
+        .context("raw drain settler gone")
 }
 
 /// Writes acks as they come, whatever arrived during the previous statement in the next

@@ -286,8 +286,8 @@ impl Sql {
             // Many events in one statement: each key's lock first (in key order, bytewise
             // as everywhere, so two such statements cannot wait for each other), then the
             // rows. Ids are drawn after the locks and handed out in ascending order along
-            // the events' order, whatever order the sequence was read in. An event id given twice is inserted
-            // by its first occurrence.
+            // the events' order, whatever order the sequence was read in. An event id given
+            // twice is inserted by its first occurrence.
             stage_all: format!(
                 "WITH ev AS MATERIALIZED ( \
                      SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], \
