@@ -505,3 +505,82 @@ async fn a_relay_with_tiny_caps_still_drains_every_key() {
     running.stop().await;
     support::assert_key_order(&consumed);
 }
+
+/// Claims run beside the relay's loop: a relay asked to stop while one waits for the
+/// database waits for it, and hands back every key it leased, so nothing waits out a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stopped_during_a_claim_hands_its_keys_back() {
+    let brokers = support::brokers();
+    let store = support::store().await;
+    let topic = support::topic(2).await;
+    let collector = support::Collector::start(&brokers, &topic, 2);
+    let staged = support::stage_committed(&store, &topic, 40, 40).await;
+    let keys = store.table().keys();
+
+    // Holds the claim's read back (it joins the payloads) once its lease is written; the
+    // settle statements, which touch no payload, still run.
+    let mut blocker = store.pool().begin().await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        store.table().payloads()
+    ))
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+    let service = support::unique("stopclaim");
+    let relay = spawn(
+        Relay::new(
+            store.clone(),
+            support::producer(&brokers),
+            support::relay_config(&service),
+        )
+        .unwrap()
+        .with_wake_signal(WakeSignal::new()),
+    );
+    let pool = store.pool().clone();
+    support::eventually(Duration::from_secs(30), "the claim's read waits for the lock", || {
+        let pool = pool.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE 'SELECT c.event_key AS claimed_key%'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
+    let stopping = tokio::spawn(relay.stop());
+    // Leaving now would leave whatever the claim leases leased to nobody running.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !stopping.is_finished(),
+        "the relay stopped with a claim still running"
+    );
+    blocker.rollback().await.unwrap();
+    stopping.await.unwrap();
+
+    let leased: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {keys} WHERE lease_owner IS NOT NULL"
+    ))
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(leased, 0, "keys left leased by a stopped relay");
+    // Handed back, they are free at once for the next relay (the lease is 5 s).
+    let next = spawn(
+        Relay::new(
+            store.clone(),
+            support::producer(&brokers),
+            support::relay_config(&service),
+        )
+        .unwrap()
+        .with_wake_signal(WakeSignal::new()),
+    );
+    let ids: Vec<Uuid> = staged.iter().map(|e| e.event_id).collect();
+    let consumed = collector.wait_for(&ids, Duration::from_secs(60)).await;
+    next.stop().await;
+    support::assert_key_order(&consumed);
+}

@@ -51,7 +51,7 @@ use verdict::RetryPolicy;
 pub struct RelayConfig {
     /// Service name: metric label and wake-up key `outbox:wake:{service}`.
     pub service: String,
-    /// Keys claimed per claim statement (default 1 000).
+    /// Keys claimed per claim statement (default 500).
     pub batch_size: usize,
     /// Rows of one key read per statement, and the most of one key in flight at once
     /// (default 500).
@@ -94,7 +94,7 @@ impl RelayConfig {
     pub fn new(service: impl Into<String>, env: Environment) -> Self {
         Self {
             service: service.into(),
-            batch_size: 1_000,
+            batch_size: 500,
             per_key: 500,
             lease: Duration::from_secs(90),
             poll: PollConfig::for_environment(env),
@@ -350,6 +350,8 @@ struct Engine<'r> {
     claiming: Vec<Claiming>,
     /// The last claim came back full: more keys are free.
     more_free: bool,
+    /// The last claim's keys had a row each at most: claims run [`MAX_CLAIMS`] at once.
+    thin: bool,
     next_poll: Instant,
     /// A transient failure was seen; the next ack pulls backed-off keys forward.
     saw_transient: bool,
@@ -382,6 +384,7 @@ impl<'r> Engine<'r> {
             claim_due: true,
             claiming: Vec::new(),
             more_free: false,
+            thin: false,
             next_poll: now,
             saw_transient: false,
             published_at_transient: 0,
@@ -419,11 +422,14 @@ impl<'r> Engine<'r> {
         // its share is known drained, with no read of nothing to find it out (a 10-row key
         // claimed 10 rows at a time took a second statement each). It overshoots the room
         // by a row a key.
-        // The room is shared with the claims that may still start beside this one.
-        let slots = if self.once {
-            1
-        } else {
+        // While keys come one row each, the room is shared with the claims that may still
+        // start beside this one. Keys with more rows get the whole of it: sharing it shrank
+        // their first reads and took more statements to read the rest (a 1M-row backlog over
+        // 10,000 keys drained 13 % slower).
+        let slots = if self.thin && !self.once {
             MAX_CLAIMS - self.claiming.len()
+        } else {
+            1
         };
         let per_key = one_over(c.per_key.min(room / want / slots).max(1), c.per_key);
         // Taken before the claim: a hint arriving during it may be for rows committed after
@@ -470,6 +476,7 @@ impl<'r> Engine<'r> {
         self.release(again.into_iter().map(|k| (k.key, Release::Plain)).collect());
         // A full claim means more keys are free: claim again without waiting.
         self.more_free = keys >= claiming.want && !self.once;
+        self.thin = rows <= keys;
         self.claim_due |= self.more_free;
         Ok(rows)
     }
@@ -637,7 +644,7 @@ impl<'r> Engine<'r> {
             }
             return;
         }
-        while self.more_free && self.start_claim() {}
+        while self.more_free && self.thin && self.start_claim() {}
     }
 
     /// Schedules the next claim after one finished (or could not start: `Ok(0)`).
