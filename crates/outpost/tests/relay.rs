@@ -528,15 +528,8 @@ async fn a_relay_stopped_during_a_claim_hands_its_keys_back() {
     .await
     .unwrap();
     let service = support::unique("stopclaim");
-    let relay = spawn(
-        Relay::new(
-            store.clone(),
-            support::producer(&brokers),
-            support::relay_config(&service),
-        )
-        .unwrap()
-        .with_wake_signal(WakeSignal::new()),
-    );
+    let relay =
+        spawn(default_relay(&store, &brokers, &service).with_wake_signal(WakeSignal::new()));
     let pool = store.pool().clone();
     support::eventually(Duration::from_secs(30), "the claim's read waits for the lock", || {
         let pool = pool.clone();
@@ -553,7 +546,8 @@ async fn a_relay_stopped_during_a_claim_hands_its_keys_back() {
     })
     .await;
     let stopping = tokio::spawn(relay.stop());
-    // Leaving now would leave whatever the claim leases leased to nobody running.
+    // A relay leaving now would leave the keys its claim leased to no one until the lease
+    // lapses.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !stopping.is_finished(),
@@ -570,15 +564,7 @@ async fn a_relay_stopped_during_a_claim_hands_its_keys_back() {
     .unwrap();
     assert_eq!(leased, 0, "keys left leased by a stopped relay");
     // Handed back, they are free at once for the next relay (the lease is 5 s).
-    let next = spawn(
-        Relay::new(
-            store.clone(),
-            support::producer(&brokers),
-            support::relay_config(&service),
-        )
-        .unwrap()
-        .with_wake_signal(WakeSignal::new()),
-    );
+    let next = spawn(default_relay(&store, &brokers, &service).with_wake_signal(WakeSignal::new()));
     let ids: Vec<Uuid> = staged.iter().map(|e| e.event_id).collect();
     let consumed = collector.wait_for(&ids, Duration::from_secs(60)).await;
     next.stop().await;
