@@ -186,8 +186,9 @@ impl RelayConfig {
     }
 }
 
-/// Claims running at once while keys are free: a claim is two statements back to back, and
-/// one at a time left PostgreSQL's second core idle through a 100,000-key drain.
+/// Claims running at once while the keys claimed have a row each: a claim is two statements
+/// back to back, and with one at a time a 100,000-key drain kept the machine 78 % busy, with
+/// two 85-88 % (`scripts/drain-profile.sh`).
 const MAX_CLAIMS: usize = 2;
 
 /// Fewest rows of a key read by one statement when the room allows it.
