@@ -441,7 +441,6 @@ impl<'r> Engine<'r> {
         self.claiming.push(Claiming {
             result: async move { store.claim(owner, want, per_key, lease).await }.boxed(),
             started: Instant::now(),
-            reserved: want * per_key,
             want,
             per_key,
             hint,
@@ -492,10 +491,10 @@ impl<'r> Engine<'r> {
         self.claimed(claiming, result)
     }
 
-    /// Rows that may still be read: the caps' room less the rows read and not sent, and
-    /// less the acked rows the settler has not written yet.
+    /// Rows that may still be read: the caps' room less the rows read and not sent, the
+    /// acked rows the settler has not written yet, and the most the running claims can bring.
     fn room(&self) -> usize {
-        let claiming: usize = self.claiming.iter().map(|c| c.reserved).sum();
+        let claiming: usize = self.claiming.iter().map(|c| c.want * c.per_key).sum();
         self.sender
             .room()
             .saturating_sub(self.keys.queued_rows() + self.settler.unwritten_rows() + claiming)
@@ -864,8 +863,8 @@ struct Claiming {
     result: BoxFuture<'static, Result<Vec<ClaimedKey>>>,
     /// Taken before the statement was sent: its leases run from later on.
     started: Instant,
-    /// The most rows it can bring, kept out of the room until it is back.
-    reserved: usize,
+    /// Keys asked for, each with up to `per_key` rows: until it is back, `want × per_key`
+    /// rows are kept out of the room.
     want: usize,
     per_key: usize,
     hint: Option<(i64, WakeSource)>,
