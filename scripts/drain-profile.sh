@@ -15,6 +15,8 @@
 #                                                      # than 5 ms (auto_explain), by shape
 #   HEADERS=1 bash scripts/drain-profile.sh ...        # rows carry four envelope-like headers,
 #                                                      # as `outpost bench` stages them
+#   RELAYS=3 bash scripts/drain-profile.sh ...         # that many relays (CPU and peak RSS:
+#                                                      # their sum, their largest)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -57,12 +59,15 @@ export OUTPOST_BROKERS=$BROKER
 sql() { psql -h 127.0.0.1 -p $PORT -U postgres -d test -tAq "$@"; }
 sql -c "DROP SCHEMA IF EXISTS profile CASCADE" 2>/dev/null
 "$BIN" --schema profile --service profile migrate >/dev/null
-"$BIN" --schema profile --service profile --environment testing --wake none relay > "$DIR/relay.log" 2>&1 &
-RELAY=$!
-trap 'kill $RELAY 2>/dev/null || true' EXIT
+RELAYS_PIDS=()
+for n in $(seq 1 "${RELAYS:-1}"); do
+  "$BIN" --schema profile --service profile --environment testing --wake none relay > "$DIR/relay-$n.log" 2>&1 &
+  RELAYS_PIDS+=($!)
+done
+trap 'kill "${RELAYS_PIDS[@]}" 2>/dev/null || true' EXIT
 sleep 2
 BROKER_PID=$(pgrep -f "listener-url tcp://$BROKER" | head -1)
-cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+cpu() { local sum=0; for p in "$@"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $sum; }
 
 if [ -n "${PLANS:-}" ]; then
   sql -c "ALTER SYSTEM SET auto_explain.log_min_duration = '${PLANS}ms'" \
@@ -83,15 +88,19 @@ sql -c "BEGIN" -c "WITH staged AS ( \
       SELECT 'k-' || i FROM generate_series(0, least($KEYS, $EVENTS) - 1) i ON CONFLICT DO NOTHING" \
   -c "SELECT pg_stat_statements_reset()" -c "COMMIT" >/dev/null
 LOG_FROM=$(stat -c %s "$DIR/log")
-T0=$(date +%s.%N); S0=$(head -1 /proc/stat); R0=$(cpu $RELAY); B0=$(cpu "$BROKER_PID")
+T0=$(date +%s.%N); S0=$(head -1 /proc/stat); R0=$(cpu "${RELAYS_PIDS[@]}"); B0=$(cpu "$BROKER_PID")
 # One session polls (a psql started every 0.1 s took a tenth of the machine's CPU): each
-# statement of the loop reads a fresh snapshot; the pending index only.
+# statement of the loop reads a fresh snapshot; the pending index only. It commits each
+# time round: a DO block without COMMIT held its first snapshot's xmin for the whole drain,
+# so no row version the relay left behind was dead to all, and every claim's scan visited
+# the heap for each key leased before it (the bench polls in short transactions).
 sql -c "SET enable_seqscan = off" -c "DO \$\$ BEGIN \
     WHILE EXISTS (SELECT 1 FROM profile.event_outbox WHERE status = 'pending') LOOP \
-      PERFORM pg_sleep(0.1); \
+      PERFORM pg_sleep(0.1); COMMIT; \
     END LOOP; END \$\$"
-T1=$(date +%s.%N); S1=$(head -1 /proc/stat); R1=$(cpu $RELAY); B1=$(cpu "$BROKER_PID")
-PEAK=$(awk '/VmHWM/ {printf "%.1f MB", $2 / 1024}' "/proc/$RELAY/status")
+T1=$(date +%s.%N); S1=$(head -1 /proc/stat); R1=$(cpu "${RELAYS_PIDS[@]}"); B1=$(cpu "$BROKER_PID")
+PEAK=$(for p in "${RELAYS_PIDS[@]}"; do cat "/proc/$p/status"; done | \
+  awk '/VmHWM/ {if ($2 > m) m = $2} END {printf "%.1f MB", m / 1024}')
 
 echo "$EVENTS events over $KEYS keys drained in $(echo "$T1 - $T0" | bc) s: \
 $(echo "$EVENTS / ($T1 - $T0)" | bc) ev/s (end seen by a 0.1 s poll)"
