@@ -794,7 +794,8 @@ impl OutboxStore {
                 .await?;
             // A set, not a scan of `found` per key: 500 keys a claim cost 250,000 string
             // compares, a tenth of the relay's CPU over a 100,000-key drain.
-            let read: HashSet<&str> = found.iter().map(|k| k.key.as_str()).collect();
+            let read: HashSet<&str, foldhash::fast::RandomState> =
+                found.iter().map(|k| k.key.as_str()).collect();
             let empty: Vec<ClaimedKey> = leased
                 .iter()
                 .filter(|key| !read.contains(key.as_str()))
@@ -1191,7 +1192,8 @@ async fn group_by_key(
 ) -> sqlx::Result<Vec<ClaimedKey>> {
     use futures::TryStreamExt;
     let mut keys: Vec<ClaimedKey> = Vec::new();
-    let mut index: HashMap<String, usize> = HashMap::new();
+    // foldhash, not SipHash: a key is hashed here once per row of every claim.
+    let mut index: HashMap<String, usize, foldhash::fast::RandomState> = HashMap::default();
     while let Some(r) = rows.try_next().await? {
         // Columns by position (`claimed_key`, then `ROW_COLUMNS`): by name, each costs a
         // hashed lookup of the name, ten a row.
