@@ -16,9 +16,11 @@ pub const EVENTS_RETRIED: &str = "outpost_events_retried_total";
 pub const EVENTS_PARKED: &str = "outpost_events_parked_total";
 /// Histogram (seconds): staging to broker acknowledgement, by `service`.
 pub const PUBLISH_LATENCY: &str = "outpost_publish_latency_seconds";
-/// Gauge: pending rows, by `service`; 0 when drained.
+/// Gauge: pending rows, by `service`; 0 when drained. Set by the one relay of a service
+/// that holds its housekeeping lock.
 pub const BACKLOG: &str = "outpost_backlog";
-/// Gauge (seconds): age of the oldest pending row, by `service`; 0 when drained.
+/// Gauge (seconds): age of the oldest pending row, by `service`; 0 when drained. Set as
+/// [`BACKLOG`] is.
 pub const OLDEST_PENDING: &str = "outpost_oldest_pending_seconds";
 /// Gauge (seconds): the relay's current idle polling interval, by `service`.
 pub const POLL_INTERVAL: &str = "outpost_poll_interval_seconds";

@@ -360,6 +360,47 @@ async fn a_row_with_unreadable_headers_is_parked_and_its_key_goes_on() {
 }
 
 /// A relay with the tests' settings.
+#[tokio::test]
+async fn one_relay_of_a_service_counts_the_backlog_and_another_takes_over_when_it_leaves() {
+    support::metrics();
+    let (brokers, store, topic, collector, service) = one_partition().await;
+    // Another relay of the service holds the housekeeping lock: this session stands in for it.
+    let mut other = store.pool().acquire().await.unwrap().detach();
+    let held: bool = sqlx::query_scalar(
+        "SELECT pg_try_advisory_lock(hashtext($1), hashtext('outpost.housekeeping'))",
+    )
+    .bind(format!(
+        "outpost:{}.{}:",
+        store.table().schema(),
+        store.table().table()
+    ))
+    .fetch_one(&mut other)
+    .await
+    .unwrap();
+    assert!(held);
+    let mut config = support::relay_config(&service);
+    config.backlog_interval = Duration::from_millis(50);
+    let relay = spawn(Relay::new(store.clone(), support::producer(&brokers), config).unwrap());
+    // The relay runs: it delivers what is staged.
+    let staged = support::stage_committed(&store, &topic, 2, 4).await;
+    let ids: Vec<Uuid> = staged.iter().map(|e| e.event_id).collect();
+    collector.wait_for(&ids, Duration::from_secs(30)).await;
+    // A relay that counted regardless would have reported many times over by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !support::gauge_reported(outpost::metrics::BACKLOG, &service),
+        "the backlog was counted by a relay that does not hold the housekeeping lock"
+    );
+    sqlx::Connection::close(other).await.unwrap();
+    support::eventually(
+        Duration::from_secs(30),
+        "the relay takes the housekeeping over",
+        || async { support::gauge_reported(outpost::metrics::BACKLOG, &service).then_some(()) },
+    )
+    .await;
+    relay.stop().await;
+}
+
 fn default_relay(store: &OutboxStore, brokers: &str, service: &str) -> Relay {
     Relay::new(
         store.clone(),

@@ -13,15 +13,18 @@
 //! Nothing of a key is sent once one of its rows failed: the key goes back with that row's
 //! back-off once its rows in flight have resolved, and the next owner starts at the failed
 //! row. A slow key holds back only itself; claims go on while sends are in flight.
+//! Beside it, one relay of a service counts the backlog and deletes published rows past
+//! their retention (housekeeping).
 
 mod claiming;
+mod housekeeping;
 pub mod poll;
 pub(crate) mod sending;
 pub(crate) mod settling;
 pub(crate) mod verdict;
 pub mod wake;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
@@ -41,7 +44,8 @@ use crate::outbox::store::{ClaimedKey, OutboxStore, Settlement};
 use crate::relay::poll::{PollConfig, PollSchedule};
 use crate::relay::wake::{validate_service, WakeSignal, WakeSource};
 
-use claiming::{Keys, Release};
+use claiming::{Keys, Release, Set};
+use housekeeping::{cleanup, housekeep};
 use sending::{Sender, Sent};
 use settling::{RowOutcome, SettleOp, Settler};
 use verdict::RetryPolicy;
@@ -444,7 +448,7 @@ impl<'r> Engine<'r> {
             want,
             per_key,
             hint,
-            handed_back: HashSet::new(),
+            handed_back: Set::default(),
         });
         // A wake-up arriving while it runs sets it again.
         self.claim_due = false;
@@ -582,7 +586,7 @@ impl<'r> Engine<'r> {
                 self.last_renewal = started;
                 self.lease_valid_until = started + lease;
                 if held.len() < names.len() {
-                    let held: std::collections::HashSet<String> = held.into_iter().collect();
+                    let held: Set<String> = held.into_iter().collect();
                     names.retain(|k| !held.contains(k));
                     self.settling.retain(|(key, _)| held.contains(key));
                     let lost = self.keys.lose(names);
@@ -869,7 +873,7 @@ struct Claiming {
     per_key: usize,
     hint: Option<(i64, WakeSource)>,
     /// Keys handed back while it ran (see [`Engine::claimed`]).
-    handed_back: HashSet<String>,
+    handed_back: Set<String>,
 }
 
 /// The first running claim to finish (its index) and its outcome; never resolves when none
@@ -894,59 +898,6 @@ pub(crate) fn trace_read(owner: Uuid, what: &str, keys: &[ClaimedKey]) {
             tracing::trace!(target: "outpost::send", %owner, key = %k.key, ?ids, "{what}");
         }
     }
-}
-
-/// Backlog gauges and retention, off the sending loop (a count over a large backlog, or a
-/// large delete, must not hold acks back).
-async fn housekeep(
-    store: OutboxStore,
-    config: RelayConfig,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let mut last_cleanup = Instant::now();
-    loop {
-        let counted = Instant::now();
-        if let Ok(b) = store.backlog().await {
-            crate::metrics::backlog(&config.service, b.pending, b.oldest_pending);
-        }
-        // The count reads every pending row: on a deep backlog it is spaced out so that it
-        // takes at most a twentieth of one database core from the drain itself.
-        let pause = config.backlog_interval.max(counted.elapsed() * 20);
-        if stop.is_cancelled() {
-            break; // the last reading is taken after the relay's final settle
-        }
-        if last_cleanup.elapsed() >= config.cleanup_interval {
-            cleanup(&store, &config).await;
-            last_cleanup = Instant::now();
-        }
-        tokio::select! {
-            () = stop.cancelled() => {}
-            () = tokio::time::sleep(pause) => {}
-        }
-    }
-}
-
-/// Deletes published rows older than the retention, in bounded batches.
-async fn cleanup(store: &OutboxStore, config: &RelayConfig) -> u64 {
-    let mut total = 0;
-    loop {
-        match store.cleanup(config.retention, config.cleanup_batch).await {
-            Ok(n) => {
-                total += n;
-                if n < u64::try_from(config.cleanup_batch).unwrap_or(0) {
-                    break;
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, "retention cleanup failed");
-                break;
-            }
-        }
-    }
-    if total > 0 {
-        crate::metrics::cleaned(&config.service, total);
-    }
-    total
 }
 
 #[cfg(test)]

@@ -348,6 +348,16 @@ pub fn metric(name: &str, service: &str, labels: &[(&str, &str)]) -> f64 {
     metric_with(name, &all)
 }
 
+/// Whether any gauge `name` was ever set for `service` (a gauge set to 0 is reported).
+pub fn gauge_reported(name: &str, service: &str) -> bool {
+    metrics().get_gauge_handles().into_iter().any(|(key, _)| {
+        key.name() == name
+            && key
+                .labels()
+                .any(|l| l.key() == "service" && l.value() == service)
+    })
+}
+
 /// Like [`metric`], for series selected by `labels` alone.
 pub fn metric_with(name: &str, labels: &[(&str, &str)]) -> f64 {
     let registry = metrics();
