@@ -367,13 +367,14 @@ async fn one_relay_of_a_service_counts_the_backlog_and_another_takes_over_when_i
     // Another relay of the service holds the housekeeping lock: this session stands in for it.
     let mut other = store.pool().acquire().await.unwrap().detach();
     let held: bool = sqlx::query_scalar(
-        "SELECT pg_try_advisory_lock(hashtext($1), hashtext('outpost.housekeeping'))",
+        "SELECT pg_try_advisory_lock(hashtext($1), hashtext('outpost.housekeeping:' || $2))",
     )
     .bind(format!(
         "outpost:{}.{}:",
         store.table().schema(),
         store.table().table()
     ))
+    .bind(&service)
     .fetch_one(&mut other)
     .await
     .unwrap();

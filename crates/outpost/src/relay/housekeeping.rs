@@ -70,10 +70,12 @@ async fn keep_or_take(
     }
     let mut conn = store.pool().acquire().await.ok()?;
     // The two-key form: its locks never meet the one-key locks staging takes on event keys.
+    // Per table and service: services sharing a table each report their gauges.
     let held: bool = sqlx::query_scalar(
-        "SELECT pg_try_advisory_lock(hashtext($1), hashtext('outpost.housekeeping'))",
+        "SELECT pg_try_advisory_lock(hashtext($1), hashtext('outpost.housekeeping:' || $2))",
     )
     .bind(store.table().lock_namespace())
+    .bind(&config.service)
     .fetch_one(&mut *conn)
     .await
     .ok()?;
