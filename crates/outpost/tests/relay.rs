@@ -359,7 +359,8 @@ async fn a_row_with_unreadable_headers_is_parked_and_its_key_goes_on() {
     assert_eq!(got, rest, "the key's other rows, in order, once");
 }
 
-/// A relay with the tests' settings.
+/// Only the relay holding the service's housekeeping lock counts the backlog; it takes the
+/// chores over once the holder leaves.
 #[tokio::test]
 async fn one_relay_of_a_service_counts_the_backlog_and_another_takes_over_when_it_leaves() {
     support::metrics();
@@ -402,6 +403,7 @@ async fn one_relay_of_a_service_counts_the_backlog_and_another_takes_over_when_i
     relay.stop().await;
 }
 
+/// A relay with the tests' settings.
 fn default_relay(store: &OutboxStore, brokers: &str, service: &str) -> Relay {
     Relay::new(
         store.clone(),
