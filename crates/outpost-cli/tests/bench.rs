@@ -83,9 +83,11 @@ fn quick_bench_prints_every_figure_with_its_ratio() {
         // The raw counterpart, measured with as many writers, interleaved.
         assert!(t["raw"]["p99_ms"].as_f64().unwrap_or(0.0) > 0.0, "{t}");
     }
-    // Keys 1, 16 and one per event, each with 1 and 3 relays; every event acked.
+    // Keys 1, 16 and one per event, each drained by 1, 3, 3 and 1 relays; every event acked.
     let drains = report["drain"].as_array().expect("drain");
-    assert_eq!(drains.len(), 6, "{drains:?}");
+    assert_eq!(drains.len(), 12, "{drains:?}");
+    let relays: Vec<u64> = drains.iter().filter_map(|d| d["relays"].as_u64()).collect();
+    assert_eq!(relays, [1, 3, 3, 1].repeat(3), "{drains:?}");
     for d in drains {
         assert_eq!(d["acked"], d["events"], "{d}");
         assert!(d["rate"].as_f64().unwrap_or(0.0) > 0.0, "{d}");

@@ -510,42 +510,58 @@ impl Bench<'_> {
         let mut drains = Vec::new();
         let mut peak_rss_kb = 0;
         for &keys in &s.drain_keys {
-            let mut one_relay = None;
-            for &relays in &s.relays {
+            // Each relay count drains the shape twice, in the order 1, 3, 3, 1: a second
+            // drain of a shape ran slower than the first for reasons outside the relays
+            // (with three relays always second, 100,000 keys lost 6-18 % to one relay; with
+            // three first, 3 %), and a drift over the four cancels out of the two sums.
+            let [few, many] = s.relays;
+            let mut pair = Vec::new();
+            for (turn, relays) in [few, many, many, few].into_iter().enumerate() {
                 self.say(&format!(
-                    "drain {} events, {keys} key(s), {relays} relay(s)",
-                    s.drain
+                    "drain {} events, {keys} key(s), {relays} relay(s), turn {}",
+                    s.drain,
+                    turn + 1
                 ));
                 let d = self
-                    .drain(&format!("d{keys}x{relays}"), s.drain, keys, relays)
+                    .drain(&format!("d{keys}x{relays}t{turn}"), s.drain, keys, relays)
                     .await?;
                 peak_rss_kb = peak_rss_kb.max(d.peak_rss_kb);
+                pair.push((relays, d.events, d.seconds));
+                drains.push(d);
+            }
+            // Both drains' events over both drains' time.
+            let rate = |relays: usize| {
+                let (events, seconds) = pair
+                    .iter()
+                    .filter(|(r, _, _)| *r == relays)
+                    .fold((0, 0.0), |(e, t), (_, events, seconds)| {
+                        (e + events, t + seconds)
+                    });
+                events as f64 / seconds
+            };
+            let one_relay = rate(few);
+            for relays in s.relays {
+                let rate = rate(relays);
                 let mut line = Line::new(
                     format!("drain {} ev, {} keys, {relays} relay(s)", s.drain, keys),
-                    d.rate,
+                    rate,
                     "ev/s",
                     Some(produce_rate),
                 );
-                line = match (relays, keys == s.drain) {
-                    (1, true) => {
+                line = match (relays == few, keys == s.drain) {
+                    (true, true) => {
                         let goal = 50_000f64.min(0.5 * produce_rate);
-                        line.target(
-                            format!("≥ {goal:.0} ev/s (50k or 0.5× raw)"),
-                            d.rate >= goal,
-                        )
+                        line.target(format!("≥ {goal:.0} ev/s (50k or 0.5× raw)"), rate >= goal)
                     }
-                    (1, false) => {
+                    (true, false) => {
                         let goal = if keys == 1 { 20_000.0 } else { 40_000.0 };
-                        line.target(format!("≥ {goal:.0} ev/s"), d.rate >= goal)
+                        line.target(format!("≥ {goal:.0} ev/s"), rate >= goal)
                     }
-                    _ => {
-                        let base = one_relay.unwrap_or(0.0);
-                        line.target(format!("≥ 1 relay ({base:.0} ev/s)"), d.rate >= base)
-                    }
+                    (false, _) => line.target(
+                        format!("≥ 1 relay ({one_relay:.0} ev/s)"),
+                        rate >= one_relay,
+                    ),
                 };
-                if relays == 1 {
-                    one_relay = Some(d.rate);
-                }
                 lines.push(line);
                 if keys == s.drain {
                     lines.push(Line::new(
@@ -553,12 +569,11 @@ impl Bench<'_> {
                             "drain {} ev, {keys} keys, {relays} relay(s), against the raw drain",
                             s.drain
                         ),
-                        d.rate,
+                        rate,
                         "ev/s",
                         Some(raw_drain.rate),
                     ));
                 }
-                drains.push(d);
             }
         }
 
@@ -989,8 +1004,11 @@ impl Bench<'_> {
         // the comparison between phases more than the phases did.
         self.checkpoint().await;
         let checkpoints_before = self.checkpoints().await?;
-        let cpu_before = (cpu_busy(), fleet.cpu_secs());
+        let relay_cpu_before = fleet.cpu_secs();
         let (started, cost) = self.stage(store, events, keys, explain).await?;
+        // From the commit: counted from before the staging, the machine read 63-80 % busy
+        // over drains that `drain-profile.sh` showed at 87-89 %.
+        let machine_before = cpu_busy();
         fleet.nudge().await;
         let deadline =
             Instant::now() + Duration::from_secs(120) + Duration::from_millis(events as u64);
@@ -1017,8 +1035,8 @@ impl Bench<'_> {
                 (polling.elapsed() / 20).clamp(Duration::from_millis(100), Duration::from_secs(2));
             tokio::time::sleep(wait).await;
         }
-        let relay_cpu_s = fleet.cpu_secs() - cpu_before.1;
-        let machine_busy_pct = busy_since(cpu_before.0);
+        let relay_cpu_s = fleet.cpu_secs() - relay_cpu_before;
+        let machine_busy_pct = busy_since(machine_before);
         let checkpoints = self.checkpoints().await? - checkpoints_before;
         let table_stats = self.table_stats(store).await?;
         // Acks are counted in the table (a row is published only with the broker's
@@ -1194,7 +1212,8 @@ struct Drain {
     peak_rss_kb: u64,
     /// CPU time the relay processes used while draining.
     relay_cpu_s: f64,
-    /// How busy the whole machine was meanwhile (every core, every process).
+    /// How busy the whole machine was from the backlog's commit until the drain was seen
+    /// to end (every core, every process).
     machine_busy_pct: f64,
     /// Checkpoints the server started from the staging to the end of the drain.
     checkpoints: i64,
