@@ -515,7 +515,6 @@ impl Bench<'_> {
             // (with three relays always second, 100,000 keys lost 6-18 % to one relay; with
             // three first, 3 %), and a drift over the four cancels out of the two sums.
             let [few, many] = s.relays;
-            let mut pair = Vec::new();
             for (turn, relays) in [few, many, many, few].into_iter().enumerate() {
                 self.say(&format!(
                     "drain {} events, {keys} key(s), {relays} relay(s), turn {}",
@@ -526,22 +525,20 @@ impl Bench<'_> {
                     .drain(&format!("d{keys}x{relays}t{turn}"), s.drain, keys, relays)
                     .await?;
                 peak_rss_kb = peak_rss_kb.max(d.peak_rss_kb);
-                pair.push((relays, d.events, d.seconds));
                 drains.push(d);
             }
             // Both drains' events over both drains' time.
-            let rate = |relays: usize| {
-                let (events, seconds) = pair
+            let turns = &drains[drains.len() - 4..];
+            let rate_of = |relays: usize| {
+                let (events, seconds) = turns
                     .iter()
-                    .filter(|(r, _, _)| *r == relays)
-                    .fold((0, 0.0), |(e, t), (_, events, seconds)| {
-                        (e + events, t + seconds)
-                    });
+                    .filter(|d| d.relays == relays)
+                    .fold((0, 0.0), |(e, t), d| (e + d.events, t + d.seconds));
                 events as f64 / seconds
             };
-            let one_relay = rate(few);
+            let one_relay = rate_of(few);
             for relays in s.relays {
-                let rate = rate(relays);
+                let rate = rate_of(relays);
                 let mut line = Line::new(
                     format!("drain {} ev, {} keys, {relays} relay(s)", s.drain, keys),
                     rate,
