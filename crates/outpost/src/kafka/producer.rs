@@ -269,13 +269,19 @@ impl KafkaProducer {
         payload: &[u8],
         headers: &BTreeMap<String, String>,
     ) -> std::result::Result<PendingAck, SendFailure> {
+        self.enqueue_headers(topic, key, payload, kafka_headers(headers))
+    }
+
+    /// [`enqueue`](Self::enqueue) with the Kafka headers already built.
+    pub(crate) fn enqueue_headers(
+        self: &Arc<Self>,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) -> std::result::Result<PendingAck, SendFailure> {
         let (queued, delivery) = self.queue(|producer| {
-            producer.enqueue(
-                topic,
-                Some(key.as_bytes()),
-                Some(payload),
-                kafka_headers(headers),
-            )
+            producer.enqueue(topic, Some(key.as_bytes()), Some(payload), headers)
         })?;
         let this = Arc::clone(self);
         Ok(Box::pin(async move {
@@ -295,17 +301,11 @@ impl KafkaProducer {
         topic: &str,
         key: &str,
         payload: &[u8],
-        headers: &BTreeMap<String, String>,
+        headers: OwnedHeaders,
         to: AckTo,
     ) -> std::result::Result<Queued, SendFailure> {
         let (queued, ()) = self.queue(|producer| {
-            producer.queue(
-                topic,
-                Some(key.as_bytes()),
-                Some(payload),
-                kafka_headers(headers),
-                to,
-            )
+            producer.queue(topic, Some(key.as_bytes()), Some(payload), headers, to)
         })?;
         Ok(queued)
     }

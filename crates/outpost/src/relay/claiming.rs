@@ -102,7 +102,7 @@ impl Keys {
 
     /// Marks `key` to be looked at in the next review.
     pub(crate) fn touch(&mut self, key: &str) {
-        self.dirty.insert(key.to_owned());
+        mark(&mut self.dirty, key);
     }
 
     /// `key` needs a read there is no room for yet: it is looked at again once
@@ -134,7 +134,7 @@ impl Keys {
     }
 
     pub(crate) fn get_mut(&mut self, key: &str) -> Option<&mut KeyState> {
-        self.dirty.insert(key.to_owned());
+        mark(&mut self.dirty, key);
         self.keys.get_mut(key)
     }
 
@@ -264,6 +264,14 @@ impl Release {
             Self::Failed(..) | Self::Plain => Some(KeyRelease::done(key.to_owned())),
             Self::Drained | Self::Lost => None,
         }
+    }
+}
+
+/// Adds `key` to `dirty`, copying it only when it is not there yet (a key acked many
+/// times between two reviews was copied once per ack).
+fn mark(dirty: &mut Set<String>, key: &str) {
+    if !dirty.contains(key) {
+        dirty.insert(key.to_owned());
     }
 }
 

@@ -1,11 +1,11 @@
 //! Sending: queue owned keys' rows with the producer, many per key, within the caps on
 //! rows and bytes in flight, and collect the acknowledgements as they come.
 
-use std::borrow::Cow;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use rdkafka::message::{Header, OwnedHeaders};
 use tokio::sync::mpsc;
 
 use crate::error::ErrorClass;
@@ -194,7 +194,7 @@ pub(crate) fn enqueue(
     event: &ClaimedEvent,
 ) -> Result<PendingAck, SendFailure> {
     let headers = headers_of(event)?;
-    producer.enqueue(&event.topic, &event.event_key, &event.payload, &headers)
+    producer.enqueue_headers(&event.topic, &event.event_key, &event.payload, headers)
 }
 
 /// Queues one claimed row like [`enqueue`], its report going to the sender's stream.
@@ -208,13 +208,26 @@ fn enqueue_reported(
         &event.topic,
         &event.event_key,
         &event.payload,
-        &headers,
+        headers,
         AckTo::stream(tag, &sender.report_to),
     )
 }
 
-fn headers_of(event: &ClaimedEvent) -> Result<Cow<'_, BTreeMap<String, String>>, SendFailure> {
-    event.headers.to_map().map_err(|e| {
+/// The row's Kafka headers, built straight from the stored text (see
+/// [`StoredHeaders::each`](crate::outbox::headers::StoredHeaders::each)).
+fn headers_of(event: &ClaimedEvent) -> Result<OwnedHeaders, SendFailure> {
+    // Room for the envelope's headers (event id, type, trace and content type) without
+    // growing; more still fit.
+    let mut headers = Some(OwnedHeaders::new_with_capacity(4));
+    let built = event.headers.each(|key, value| {
+        headers = headers.take().map(|h| {
+            h.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            })
+        });
+    });
+    built.map(|()| headers.unwrap_or_default()).map_err(|e| {
         tracing::warn!(id = event.id, event_id = %event.event_id, error = %e, "cannot produce a row");
         SendFailure {
             class: ErrorClass::Permanent,
