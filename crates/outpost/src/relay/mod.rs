@@ -344,9 +344,9 @@ struct Engine<'r> {
     settler: Settler,
     /// Keys handed back whose settle op (numbered) the settler has not written yet.
     settling: Vec<(String, u64)>,
-    /// Outcomes of the sends finished since the last [`Engine::settle_finished`]: a burst
+    /// Outcomes of the sends finished since the last [`Engine::settle_outcomes`]: a burst
     /// of acks goes to the settler as one op, not one op (and one allocation) per row.
-    finished: Vec<RowOutcome>,
+    outcomes: Vec<RowOutcome>,
     policy: RetryPolicy,
     schedule: PollSchedule,
     /// Every owned key's lease lasts at least until then.
@@ -385,7 +385,7 @@ impl<'r> Engine<'r> {
             ),
             settler: Settler::start(relay.store.clone(), relay.owner, c.lease / 2),
             settling: Vec::new(),
-            finished: Vec::new(),
+            outcomes: Vec::new(),
             policy: c.retry_policy(),
             schedule: PollSchedule::new(c.poll),
             lease_valid_until: now + c.lease,
@@ -706,7 +706,7 @@ impl<'r> Engine<'r> {
                     while let Some(sent) = self.sender.ready() {
                         self.on_sent(sent);
                     }
-                    self.settle_finished();
+                    self.settle_outcomes();
                     self.after_acks().await;
                 }
                 () = &mut shutdown, if !self.stopping => self.stopping = true,
@@ -744,7 +744,7 @@ impl<'r> Engine<'r> {
     }
 
     fn release(&mut self, finished: Vec<(String, Release)>) {
-        self.settle_finished();
+        self.settle_outcomes();
         let finished: Vec<_> = finished
             .into_iter()
             .filter(|(_, release)| *release != Release::Lost)
@@ -836,7 +836,7 @@ impl<'r> Engine<'r> {
                 (verdict, Some(failure.class))
             }
         };
-        self.finished.push(RowOutcome {
+        self.outcomes.push(RowOutcome {
             id: event.id,
             settlement,
             topic: event.topic,
@@ -847,10 +847,10 @@ impl<'r> Engine<'r> {
 
     /// Hands the outcomes recorded by [`Self::on_sent`] to the settler, before anything
     /// else is sent to it (a key's release must follow its rows' outcomes).
-    fn settle_finished(&mut self) {
-        if !self.finished.is_empty() {
+    fn settle_outcomes(&mut self) {
+        if !self.outcomes.is_empty() {
             self.settler.send(SettleOp {
-                rows: std::mem::take(&mut self.finished),
+                rows: std::mem::take(&mut self.outcomes),
                 ..SettleOp::default()
             });
         }
@@ -868,7 +868,7 @@ impl<'r> Engine<'r> {
             while let Some(sent) = self.sender.ready() {
                 self.on_sent(sent);
             }
-            self.settle_finished();
+            self.settle_outcomes();
         }
         self.settler.flush().await;
         self.report
