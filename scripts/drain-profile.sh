@@ -17,6 +17,9 @@
 #                                                      # as `outpost bench` stages them
 #   RELAYS=3 bash scripts/drain-profile.sh ...         # that many relays (CPU and peak RSS:
 #                                                      # their sum, their largest)
+#   WAL=1 bash scripts/drain-profile.sh ...            # also the drain's WAL by record type
+#                                                      # (pg_waldump --stats=record), and the
+#                                                      # row locks it logged, per table
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -87,6 +90,7 @@ sql -c "BEGIN" -c "WITH staged AS ( \
   -c "INSERT INTO profile.event_outbox_keys (event_key) \
       SELECT 'k-' || i FROM generate_series(0, least($KEYS, $EVENTS) - 1) i ON CONFLICT DO NOTHING" \
   -c "SELECT pg_stat_statements_reset()" -c "COMMIT" >/dev/null
+WAL_FROM=$(sql -c "SELECT pg_current_wal_lsn()")
 LOG_FROM=$(stat -c %s "$DIR/log")
 T0=$(date +%s.%N); S0=$(head -1 /proc/stat); R0=$(cpu "${RELAYS_PIDS[@]}"); B0=$(cpu "$BROKER_PID")
 # One session polls (a psql started every 0.1 s took a tenth of the machine's CPU): each
@@ -116,6 +120,18 @@ sql -c "SELECT calls, round(total_exec_time::numeric), rows, \
     left(regexp_replace(query, '\s+', ' ', 'g'), 90) \
   FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat_statements%' \
   ORDER BY total_exec_time DESC LIMIT 8"
+
+if [ -n "${WAL:-}" ]; then
+  # Row locks are WAL records of their own: a `FOR UPDATE`, and an update whose new version
+  # goes to another page (the old one is marked locked first).
+  WAL_TO=$(sql -c "SELECT pg_current_wal_lsn()")
+  waldump() { as_pg "$PG_BIN/pg_waldump" -p "$DIR/data/pg_wal" -s "$WAL_FROM" -e "$WAL_TO" "$@" 2>/dev/null; }
+  echo "WAL of the drain by record type (pg_waldump --stats=record; count, record bytes, full-page image bytes):"
+  waldump --stats=record | awk '$2 ~ /^[0-9]+$/ && $2 > 0 && $1 != "Total" {print $1, $2, $5, $8}' | sort -k2 -rn | head -8
+  echo "row locks logged, by table:"
+  waldump | grep "desc: LOCK" | grep -o "rel [0-9]*/[0-9]*/[0-9]*" | awk -F/ '{print $3}' | sort | uniq -c | \
+    while read -r n node; do echo "$n $(sql -c "SELECT relname FROM pg_class WHERE relfilenode = $node")"; done
+fi
 
 if [ -n "${PLANS:-}" ]; then
   sql -c "ALTER SYSTEM RESET auto_explain.log_min_duration" -c "SELECT pg_reload_conf()" >/dev/null
