@@ -17,6 +17,9 @@
 #                                                      # as `outpost bench` stages them
 #   RELAYS=3 bash scripts/drain-profile.sh ...         # that many relays (CPU and peak RSS:
 #                                                      # their sum, their largest)
+#   SETUP_SQL="..." bash scripts/drain-profile.sh ...  # run after migrating, before staging
+#                                                      # (an index or a table setting to try;
+#                                                      # schema `profile`)
 #   WAL=1 bash scripts/drain-profile.sh ...            # also the drain's WAL by record type
 #                                                      # (pg_waldump --stats=record), and the
 #                                                      # row locks it logged, per table
@@ -62,6 +65,7 @@ export OUTPOST_BROKERS=$BROKER
 sql() { psql -h 127.0.0.1 -p $PORT -U postgres -d test -tAq "$@"; }
 sql -c "DROP SCHEMA IF EXISTS profile CASCADE" 2>/dev/null
 "$BIN" --schema profile --service profile migrate >/dev/null
+[ -n "${SETUP_SQL:-}" ] && sql -v ON_ERROR_STOP=1 -c "$SETUP_SQL"
 RELAYS_PIDS=()
 for n in $(seq 1 "${RELAYS:-1}"); do
   "$BIN" --schema profile --service profile --environment testing --wake none relay > "$DIR/relay-$n.log" 2>&1 &
