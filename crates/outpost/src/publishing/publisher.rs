@@ -636,6 +636,8 @@ impl Publisher {
                 class,
             });
         }
+        // Keys kept for their next dispatch, let go only once this one's settle is queued.
+        let mut kept = Vec::new();
         for key in &claimed {
             // The next dispatch of the key skips what was sent here.
             let events = key.rows.iter().map(|r| r.event_id);
@@ -670,7 +672,7 @@ impl Publisher {
                 // commit's events to itself. It goes now, reading after these rows (their
                 // settle may still be on its way).
                 None if turn.keep_for_next(&key.key, key.rows.iter().map(|r| r.id).max()) => {
-                    turn.release(&key.key);
+                    kept.push(key.key.as_str());
                 }
                 // An empty key row stays behind; a relay deletes it when it next claims it.
                 None => op.release.push(KeyRelease::done(key.key.clone())),
@@ -697,16 +699,24 @@ impl Publisher {
             drop(turn);
             return dispatch;
         }
-        // The keys still held are handed back (or failed): their next dispatch waits until
-        // that is written, since a hand-back written after its claim would take its lease.
-        let turn = (!op.release.is_empty()).then_some(turn);
         // The commit returns on the acks; the settle is written with other commits' (one
         // shared statement) while the keys stay leased, in the background, tracked so
         // `shutdown` waits for it. A row acked and not yet settled is sent again only if
         // the process dies first, as before.
         let (done, settled) = tokio::sync::oneshot::channel();
         op.done = Some(done);
+        let releasing = !op.release.is_empty();
         inner.settler.send(op);
+        // Only now may a key's next dispatch go. The settler writes ops in the order they
+        // were queued, so whatever that dispatch hands back is written after these rows are
+        // marked. Let go before this op was queued, it could hand the key back first, and a
+        // relay would claim the key and send these acked rows again.
+        for key in kept {
+            turn.release(key);
+        }
+        // The keys still held are handed back (or failed): their next dispatch waits until
+        // that is written, since a hand-back written after its claim would take its lease.
+        let turn = releasing.then_some(turn);
         let publisher = self.clone();
         inner.dispatches.spawn(async move {
             let _ = publisher.inner.holding(&held, settled).await;
