@@ -94,7 +94,7 @@ sql -c "BEGIN" -c "WITH staged AS ( \
   -c "INSERT INTO profile.event_outbox_keys (event_key) \
       SELECT 'k-' || i FROM generate_series(0, least($KEYS, $EVENTS) - 1) i ON CONFLICT DO NOTHING" \
   -c "SELECT pg_stat_statements_reset()" -c "COMMIT" >/dev/null
-WAL_FROM=$(sql -c "SELECT pg_current_wal_lsn()")
+[ -n "${WAL:-}" ] && WAL_FROM=$(sql -c "SELECT pg_current_wal_lsn()")
 LOG_FROM=$(stat -c %s "$DIR/log")
 T0=$(date +%s.%N); S0=$(head -1 /proc/stat); R0=$(cpu "${RELAYS_PIDS[@]}"); B0=$(cpu "$BROKER_PID")
 # One session polls (a psql started every 0.1 s took a tenth of the machine's CPU): each
