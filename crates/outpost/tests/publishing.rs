@@ -278,3 +278,82 @@ async fn topic_overrides_apply_on_the_eager_direct_and_relay_paths() {
     publisher.shutdown(Duration::from_secs(5)).await;
     assert_eq!(support::messages(&seen), 3);
 }
+
+/// Two commits of one key in one process, the first leasing the key while staging: when
+/// the second commit's dispatch starts first (its task ran sooner), it must not claim the
+/// first one's leased key and send its row, which the first dispatch then sends again from
+/// memory, after the second's (a duplicate that breaks the key's order, and for a moment
+/// two senders). The first commit is held between sending `COMMIT` and reading the answer,
+/// which is where a busy runtime can hold it.
+#[tokio::test]
+async fn a_later_commit_of_a_key_dispatched_first_does_not_send_the_earlier_one_twice() {
+    support::metrics();
+    let brokers = support::brokers();
+    let topic = support::topic(1).await;
+    let collector = support::Collector::start(&brokers, &topic, 1);
+    let store = support::store().await;
+    let service = support::unique("turns");
+    let publisher = Publisher::new(
+        store.clone(),
+        support::producer(&brokers),
+        Waker::None,
+        config(&service, Mode::Transactional),
+    )
+    .unwrap();
+    // The producer's first ack waits for its producer id: not inside the race.
+    let warm = support::event(&topic, "warm-up", 0);
+    let mut tx = publisher.begin().await.unwrap();
+    tx.publish(&warm).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let (first, second) = (
+        support::event(&topic, "k", 0),
+        support::event(&topic, "k", 1),
+    );
+    let mut tx = publisher.begin().await.unwrap();
+    tx.publish(&first).await.unwrap();
+    let mut committing = Box::pin(tx.commit());
+    // One poll sends `COMMIT`; the answer is not read until the second commit is done.
+    assert!(futures::poll!(&mut committing).is_pending());
+    support::eventually(Duration::from_secs(10), "the first commit lands", || {
+        let pool = store.pool().clone();
+        let table = store.table().to_string();
+        async move {
+            let n: i64 =
+                sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE event_id = $1"))
+                    .bind(first.event_id)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            (n == 1).then_some(())
+        }
+    })
+    .await;
+    let mut tx = publisher.begin().await.unwrap();
+    tx.publish(&second).await.unwrap();
+    tx.commit_and_dispatch_later().await.unwrap();
+    // Let the second dispatch run as far as it can before the first one goes on.
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    committing.await.unwrap();
+    publisher.shutdown(Duration::from_secs(10)).await;
+
+    collector
+        .wait_for(&[first.event_id, second.event_id], Duration::from_secs(30))
+        .await;
+    let seen: Vec<_> = collector
+        .read_to_end()
+        .await
+        .into_iter()
+        .filter(|c| c.key == "k")
+        .collect();
+    let ids: Vec<Uuid> = seen.iter().map(|c| c.event_id).collect();
+    assert_eq!(
+        ids,
+        vec![first.event_id, second.event_id],
+        "each event of the key once, in commit order"
+    );
+    assert_eq!(support::count_status(&store, "pending").await, 0);
+}

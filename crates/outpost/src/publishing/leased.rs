@@ -5,20 +5,25 @@
 //! produce.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
 use crate::event::envelope::OutboxEvent;
 use crate::outbox::store::{ClaimedEvent, ClaimedKey};
+use crate::publishing::turns::{KeyTurns, Turn};
 
 /// The rows a transaction staged under keys it leased, in staging order.
 #[derive(Debug, Default)]
 pub(crate) struct LeasedKeys {
     keys: HashSet<String>,
     rows: Vec<ClaimedEvent>,
-    /// The first lease's start: every lease of the transaction runs at least this long.
+    /// When the first leasing statement was sent: every lease of the transaction runs at
+    /// least this long (a lease counts from its statement's start, lock waits included).
     since: Option<Instant>,
+    /// The transaction's turn for these keys, taken while its staging held their locks.
+    turn: Option<Turn>,
 }
 
 impl LeasedKeys {
@@ -28,10 +33,23 @@ impl LeasedKeys {
         self.keys.contains(key)
     }
 
-    /// Adds a row staged under a key this transaction leased.
-    pub(crate) fn add(&mut self, event: &OutboxEvent, id: i64) {
-        self.since.get_or_insert_with(Instant::now);
-        self.keys.insert(event.event_key.clone());
+    /// Adds a row staged under a key this transaction leased, by a statement sent at
+    /// `sent`. The key's first row takes the transaction's turn for it (see [`Self::turn`]).
+    pub(crate) fn add(
+        &mut self,
+        event: &OutboxEvent,
+        id: i64,
+        sent: Instant,
+        turns: &Arc<KeyTurns>,
+    ) {
+        self.since.get_or_insert(sent);
+        if self.keys.insert(event.event_key.clone()) {
+            let key = std::slice::from_ref(&event.event_key);
+            match &mut self.turn {
+                Some(turn) => turn.extend(key),
+                None => self.turn = Some(turns.take(key)),
+            }
+        }
         self.rows.push(ClaimedEvent {
             id,
             event_id: event.event_id,
@@ -43,6 +61,15 @@ impl LeasedKeys {
             failures: 0,
             created_at: Utc::now(),
         });
+    }
+
+    /// The transaction's turn for its leased keys. Taken at staging, while the transaction
+    /// holds each key's lock, it comes before the turn of any later commit of the key in
+    /// this process, whose staging waited for that lock: taken at commit, a later commit
+    /// could take its turn first (its task ran sooner), claim the key (its owner is this
+    /// process) and send this transaction's rows, which were then sent again from memory.
+    pub(crate) fn turn(&mut self) -> Option<Turn> {
+        self.turn.take()
     }
 
     /// Whether there is nothing.
@@ -103,10 +130,22 @@ mod tests {
             payload: b"{}".to_vec(),
             headers: std::collections::BTreeMap::new(),
         };
-        leased.add(&event("b"), 7);
-        leased.add(&event("a"), 9);
-        leased.add(&event("b"), 5);
+        let turns = Arc::new(KeyTurns::default());
+        let now = Instant::now();
+        leased.add(&event("b"), 7, now, &turns);
+        leased.add(&event("a"), 9, now, &turns);
+        leased.add(&event("b"), 5, now, &turns);
         assert!(leased.holds("a") && leased.holds("b") && !leased.holds("c"));
+        // One turn for both keys: a later commit of either waits for it.
+        let turn = leased.turn().expect("the first leased key took a turn");
+        let mut later = turns.take(&["a".to_owned()]);
+        assert!(turn.followed("a") && !turn.followed("b"));
+        assert!(
+            futures::FutureExt::now_or_never(later.ready()).is_none(),
+            "a later turn of the key waits for the staging turn"
+        );
+        drop(turn);
+        assert!(futures::FutureExt::now_or_never(later.ready()).is_some());
         let keys = leased.into_sendable(Duration::from_secs(90)).unwrap();
         let ids: Vec<(&str, Vec<i64>)> = keys
             .iter()
@@ -114,9 +153,10 @@ mod tests {
             .collect();
         assert_eq!(ids, vec![("b", vec![5, 7]), ("a", vec![9])]);
 
+        // A lease counts from its statement's start, not from when the statement returned.
         let mut old = LeasedKeys::default();
-        old.add(&event("a"), 1);
-        std::thread::sleep(Duration::from_millis(30));
+        let sent = Instant::now() - Duration::from_millis(30);
+        old.add(&event("a"), 1, sent, &turns);
         assert!(old.into_sendable(Duration::from_millis(40)).is_none());
         assert!(LeasedKeys::default()
             .into_sendable(Duration::from_secs(90))

@@ -38,7 +38,7 @@ use crate::error::ErrorClass;
 use crate::error::{Error, EventContext, Result};
 use crate::event::envelope::OutboxEvent;
 use crate::kafka::producer::{Acked, KafkaProducer, SendFailure};
-use crate::outbox::store::{KeyLock, KeyRelease, OutboxStore, Settlement, StagedRow};
+use crate::outbox::store::{ClaimedKey, KeyLock, KeyRelease, OutboxStore, Settlement, StagedRow};
 use crate::publishing::breaker::{BreakerConfig, CircuitBreaker, CircuitState};
 use crate::publishing::detached::Detachable;
 use crate::publishing::leased::LeasedKeys;
@@ -404,22 +404,30 @@ impl Publisher {
     /// dispatch that outlives the deadline finishes (and settles its rows) in the
     /// background, tracked so [`shutdown`](Self::shutdown) can wait for it; its events
     /// count as left to the relay.
-    async fn dispatch_eagerly(&self, staged: &[Staged], leased: LeasedKeys) -> Dispatch {
+    async fn dispatch_eagerly(&self, staged: &[Staged], mut leased: LeasedKeys) -> Dispatch {
         let left = Dispatch {
             eager_published: 0,
             left_to_relay: staged.len(),
         };
         let Some(probe) = Probe::take(self) else {
             crate::metrics::eager(&self.inner.config.service, 0, staged.len());
-            // The relay, woken next, must find the keys free.
+            // The relay, woken next, must find the keys free (the staging turn is held
+            // until they are).
             self.hand_back(leased.keys().cloned()).await;
             return left;
         };
         let mut keys: Vec<String> = staged.iter().map(|s| s.event_key.clone()).collect();
         keys.sort();
         keys.dedup();
-        // Taken here, before the task starts, so dispatches of a key go in commit order.
-        let turn = self.inner.turns.take(&keys);
+        // Taken here, before the task starts, so dispatches of a key go in commit order; the
+        // keys leased while staging took theirs then (see `LeasedKeys::turn`).
+        let turn = match leased.turn() {
+            Some(mut turn) => {
+                turn.extend(&keys);
+                turn
+            }
+            None => self.inner.turns.take(&keys),
+        };
         let publisher = self.clone();
         let staged = staged.to_vec();
         let task = self.inner.dispatches.spawn(async move {
@@ -539,6 +547,19 @@ impl Publisher {
             let mut found = Vec::new();
             if !after.is_empty() {
                 found = inner.store.fetch(inner.owner, &after, per_key).await?;
+                // A kept key with nothing after the rows acked before comes back absent (the
+                // next commit's row went with them, or was parked): still leased to this
+                // process, it goes back, or on to its next dispatch, like any other key.
+                let read: HashSet<&str> = found.iter().map(|k| k.key.as_str()).collect();
+                let empty: Vec<ClaimedKey> = after
+                    .iter()
+                    .filter(|(key, _)| !read.contains(key.as_str()))
+                    .map(|(key, _)| ClaimedKey {
+                        key: key.clone(),
+                        rows: Vec::new(),
+                    })
+                    .collect();
+                found.extend(empty);
             }
             if !keys.is_empty() {
                 found.extend(
@@ -558,8 +579,17 @@ impl Publisher {
             Err(e) => {
                 warn!(error = %e, "eager dispatch could not claim; leaving events to the relay");
                 crate::metrics::eager(service, 0, staged.len());
-                // Own keys included: nothing of this dispatch is sent.
-                self.hand_back(own.into_iter().map(|k| k.key)).await;
+                // Nothing of this dispatch is sent. Every key it may hold goes back: those
+                // leased while staging, those kept for it, those a claim that failed late
+                // may have leased all the same (a no-op for keys not held). Queued behind
+                // the dispatch before's settle: a kept key's acked rows are marked first.
+                let mut op = SettleOp::default();
+                let mut held: Vec<String> = own.into_iter().map(|k| k.key).collect();
+                held.extend(after.into_iter().map(|(key, _)| key));
+                held.extend(keys);
+                held.extend(hand_back);
+                op.release = held.iter().cloned().map(KeyRelease::done).collect();
+                self.settle_then_let_go(op, held, turn);
                 return Dispatch {
                     eager_published: 0,
                     left_to_relay: staged.len(),
@@ -575,11 +605,17 @@ impl Publisher {
         for key in &claimed {
             for row in &key.rows {
                 let ack = crate::relay::sending::enqueue(&inner.producer, row);
+                let producer = &inner.producer;
                 sends.push(async move {
                     let result = match ack {
                         Ok(ack) => ack.await,
                         Err(failure) => Err(failure),
                     };
+                    // At once, not after every ack is in: see `KafkaProducer::purge_queued`
+                    // (nothing queued after a timed-out row may land without it).
+                    if matches!(&result, Err(f) if f.class == ErrorClass::Transient) {
+                        producer.purge_queued();
+                    }
                     (row, result)
                 });
             }
@@ -703,10 +739,8 @@ impl Publisher {
         // shared statement) while the keys stay leased, in the background, tracked so
         // `shutdown` waits for it. A row acked and not yet settled is sent again only if
         // the process dies first, as before.
-        let (done, settled) = tokio::sync::oneshot::channel();
-        op.done = Some(done);
         let releasing = !op.release.is_empty();
-        inner.settler.send(op);
+        let settled = self.queue_settle(op);
         // Only now may a key's next dispatch go. The settler writes ops in the order they
         // were queued, so whatever that dispatch hands back is written after these rows are
         // marked. Let go before this op was queued, it could hand the key back first, and a
@@ -716,13 +750,37 @@ impl Publisher {
         }
         // The keys still held are handed back (or failed): their next dispatch waits until
         // that is written, since a hand-back written after its claim would take its lease.
-        let turn = releasing.then_some(turn);
+        self.hold_until_settled(held, settled, releasing.then_some(turn));
+        dispatch
+    }
+
+    /// Queues `op` with the settler (written in queue order); resolves once it is written.
+    fn queue_settle(&self, mut op: SettleOp) -> tokio::sync::oneshot::Receiver<()> {
+        let (done, settled) = tokio::sync::oneshot::channel();
+        op.done = Some(done);
+        self.inner.settler.send(op);
+        settled
+    }
+
+    /// Keeps `held` leased, and `turn` taken, until `settled` (in the background, tracked
+    /// so `shutdown` waits for it).
+    fn hold_until_settled(
+        &self,
+        held: Vec<String>,
+        settled: tokio::sync::oneshot::Receiver<()>,
+        turn: Option<Turn>,
+    ) {
         let publisher = self.clone();
-        inner.dispatches.spawn(async move {
+        self.inner.dispatches.spawn(async move {
             let _ = publisher.inner.holding(&held, settled).await;
             drop(turn);
         });
-        dispatch
+    }
+
+    /// Queues `op` and lets the turn go once it is written (see [`Self::hold_until_settled`]).
+    fn settle_then_let_go(&self, op: SettleOp, held: Vec<String>, turn: Turn) {
+        let settled = self.queue_settle(op);
+        self.hold_until_settled(held, settled, Some(turn));
     }
 
     /// Waits (at most `timeout`) for eager dispatches still running in the background and
@@ -1143,22 +1201,24 @@ impl OutboxTx {
             return Ok(());
         }
         let lease = self.publisher.staging_lease();
+        let sent = Instant::now();
         let row = self
             .publisher
             .inner
             .store
             .stage_leasing(&mut self.tx, event, lease)
             .await?;
-        self.add(event, row);
+        self.add(event, row, sent);
         Ok(())
     }
 
     /// Records a staged event, and its row as one to send from memory when its key was
     /// leased while staging (by this stage or an earlier one of the transaction).
-    fn add(&mut self, event: &OutboxEvent, row: Option<StagedRow>) {
+    fn add(&mut self, event: &OutboxEvent, row: Option<StagedRow>, sent: Instant) {
         if let Some(row) = row {
             if row.key_leased || self.leased.holds(&event.event_key) {
-                self.leased.add(event, row.id);
+                let turns = &self.publisher.inner.turns;
+                self.leased.add(event, row.id, sent, turns);
             }
         }
         self.staged.push(Staged {
@@ -1181,6 +1241,7 @@ impl OutboxTx {
             return Ok(());
         }
         let lease = self.publisher.staging_lease();
+        let sent = Instant::now();
         let rows = self
             .publisher
             .inner
@@ -1188,7 +1249,7 @@ impl OutboxTx {
             .stage_all_leasing(&mut self.tx, events, lease)
             .await?;
         for (event, row) in events.iter().zip(rows) {
-            self.add(event, row);
+            self.add(event, row, sent);
         }
         Ok(())
     }

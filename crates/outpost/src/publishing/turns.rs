@@ -50,24 +50,19 @@ impl KeyTurns {
     /// Takes a turn for `keys` behind every turn of them taken before. Taking it is
     /// synchronous, so turns follow the order of the calls.
     pub(crate) fn take(self: &Arc<Self>, keys: &[String]) -> Turn {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.next += 1;
-        let id = state.next;
-        let mut before = Vec::new();
-        let mut held = Vec::with_capacity(keys.len());
-        for key in keys {
-            let (done, rx) = watch::channel(());
-            if let Some((_, earlier)) = state.latest.insert(key.clone(), (id, rx)) {
-                before.push(earlier);
-            }
-            held.push((key.clone(), done));
-        }
-        Turn {
+        let id = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.next += 1;
+            state.next
+        };
+        let mut turn = Turn {
             turns: Arc::clone(self),
             id,
-            held,
-            before,
-        }
+            held: Vec::with_capacity(keys.len()),
+            before: Vec::new(),
+        };
+        turn.extend(keys);
+        turn
     }
 
     /// Resolves once the latest turn taken so far of each of `keys` was given up (a
@@ -112,6 +107,23 @@ impl State {
 }
 
 impl Turn {
+    /// Takes this turn's place for more keys (those it holds already are skipped), behind
+    /// every turn of them taken before: a transaction takes its turn for a key while its
+    /// staging holds the key's lock, and for its other keys when it commits.
+    pub(crate) fn extend(&mut self, keys: &[String]) {
+        let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
+        for key in keys {
+            if self.held.iter().any(|(k, _)| k == key) {
+                continue;
+            }
+            let (done, rx) = watch::channel(());
+            if let Some((_, earlier)) = state.latest.insert(key.clone(), (self.id, rx)) {
+                self.before.push(earlier);
+            }
+            self.held.push((key.clone(), done));
+        }
+    }
+
     /// Resolves once the turns of this one's keys taken before it were given up.
     pub(crate) async fn ready(&mut self) {
         wait_all(std::mem::take(&mut self.before)).await;
