@@ -758,3 +758,120 @@ async fn a_batch_outliving_its_lease_is_not_delivered_twice() {
     support::assert_key_order(&seen);
     assert_eq!(high, 12, "each of the 12 events must be on the broker once");
 }
+
+/// Room for this many messages in librdkafka's queue, for the `QueueFull` tests.
+const TINY_QUEUE: usize = 4;
+
+/// A harness whose producer queues at most [`TINY_QUEUE`] messages, its fillers outliving
+/// the test's outage (lease: twice the 10 s delivery + 1 s request timeout, and some).
+async fn tiny_queue_harness() -> Harness {
+    Harness::new(
+        |p| {
+            p.delivery_timeout = Duration::from_secs(10);
+            p.librdkafka.insert(
+                "queue.buffering.max.messages".into(),
+                TINY_QUEUE.to_string(),
+            );
+        },
+        |r| r.lease = Duration::from_secs(30),
+    )
+    .await
+}
+
+/// Takes the broker down and fills the shared producer's queue as another user of it would
+/// (the eager path, another service's relay): messages it cannot deliver until the broker
+/// is back. Returns their acks.
+fn fill_queue(h: &Harness) -> Vec<outpost::kafka::producer::PendingAck> {
+    h.mock.broker_down(-1).unwrap();
+    let no_headers = std::collections::BTreeMap::new();
+    let mut fillers = Vec::new();
+    loop {
+        match h
+            .producer
+            .enqueue(&h.topic, "someone else", b"filler", &no_headers)
+        {
+            Ok(ack) => fillers.push(ack),
+            Err(failure) => {
+                assert_eq!(
+                    failure.error.rdkafka_error_code(),
+                    Some(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    "{failure}"
+                );
+                break;
+            }
+        }
+        assert!(fillers.len() <= TINY_QUEUE, "the queue never filled up");
+    }
+    fillers
+}
+
+/// Both staged events of key `k` are on the broker, in order.
+async fn assert_key_k_in_order(h: &Harness, staged: &[OutboxEvent; 2]) {
+    let mut seen = h
+        .collector()
+        .wait_for(&ids(&[&staged[0], &staged[1]]), Duration::from_secs(10))
+        .await;
+    seen.retain(|c| c.key == "k");
+    support::assert_key_order(&seen);
+}
+
+/// The relay's first sends are refused with `QueueFull` while none of its own are in flight
+/// (no ack of its own will come to unblock it): once others' messages leave the queue, it
+/// sends its rows all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_filled_by_others_does_not_stall_the_relay() {
+    let h = tiny_queue_harness().await;
+    let fillers = fill_queue(&h);
+    let staged = [h.stage("k", 0).await, h.stage("k", 1).await];
+    let relay = Relay::new(
+        h.store.clone(),
+        Arc::clone(&h.producer),
+        h.relay.config().clone(),
+    )
+    .unwrap()
+    .with_wake_signal(outpost::WakeSignal::new());
+    let running = support::spawn(relay);
+    support::eventually(
+        Duration::from_secs(10),
+        "the relay owns the key",
+        || async { h.row(&staged[0]).await.lease_owner.is_some().then_some(()) },
+    )
+    .await;
+    // Time to be refused: its first pump follows the claim at once.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(support::count_status(&h.store, "published").await, 0);
+    h.mock.broker_up(-1).unwrap();
+    for ack in fillers {
+        ack.await
+            .expect("the filler is delivered once the broker is back");
+    }
+    support::eventually(
+        Duration::from_secs(10),
+        "the relay's rows are published once the queue drained",
+        || async { (support::count_status(&h.store, "published").await == 2).then_some(()) },
+    )
+    .await;
+    running.stop().await;
+    assert_key_k_in_order(&h, &staged).await;
+}
+
+/// As [`a_queue_filled_by_others_does_not_stall_the_relay`], for `run_once`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_filled_by_others_does_not_stall_run_once() {
+    let h = tiny_queue_harness().await;
+    let fillers = fill_queue(&h);
+    let staged = [h.stage("k", 0).await, h.stage("k", 1).await];
+    let (once, ()) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(10), h.run_once()),
+        async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            h.mock.broker_up(-1).unwrap();
+        }
+    );
+    let once = once.expect("run_once returns once the queue drained");
+    assert_eq!(once, report(2, 2, 0, 0, 0));
+    for ack in fillers {
+        ack.await.expect("filler delivered");
+    }
+    assert_key_k_in_order(&h, &staged).await;
+}

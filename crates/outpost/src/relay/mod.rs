@@ -694,11 +694,15 @@ impl<'r> Engine<'r> {
             }
             let lease = self.relay.config.lease;
             // A running claim's end wakes the loop; the poll is due after it.
-            let wake_at = if self.stopping || !self.claiming.is_empty() {
+            let mut wake_at = if self.stopping || !self.claiming.is_empty() {
                 self.last_renewal + lease / 3
             } else {
                 self.next_poll.min(self.last_renewal + lease / 3)
             };
+            // Room in a queue others filled comes back with no ack of ours to tell.
+            if let Some(retry) = self.sender.blocked_until() {
+                wake_at = wake_at.min(retry);
+            }
             tokio::select! {
                 biased;
                 sent = self.sender.next() => {
@@ -863,7 +867,14 @@ impl<'r> Engine<'r> {
             if self.keys.is_empty() {
                 break;
             }
-            let sent = self.sender.next().await;
+            let sent = match self.sender.blocked_until() {
+                // As in `stream`: with a queue others filled no ack of ours may ever come.
+                Some(retry) => tokio::select! {
+                    sent = self.sender.next() => sent,
+                    () = tokio::time::sleep_until(retry.into()) => continue,
+                },
+                None => self.sender.next().await,
+            };
             self.on_sent(sent);
             while let Some(sent) = self.sender.ready() {
                 self.on_sent(sent);

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::message::{Header, OwnedHeaders};
 use tokio::sync::mpsc;
@@ -39,9 +39,14 @@ pub(crate) struct Sender {
     max_rows: usize,
     max_bytes: usize,
     per_key: usize,
-    /// librdkafka's queue was full: wait for an ack before queueing more.
-    queue_full: bool,
+    /// librdkafka's queue was full: nothing is queued until an ack of ours or this instant,
+    /// whichever comes first. The queue is shared (the eager path, other services' relays):
+    /// with none of our own sends in flight no ack of ours would ever come.
+    queue_full: Option<Instant>,
 }
+
+/// How long a `QueueFull` refusal holds queueing back when no ack of ours frees room first.
+const QUEUE_FULL_RETRY: Duration = Duration::from_millis(10);
 
 impl std::fmt::Debug for Sender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -72,7 +77,7 @@ impl Sender {
             max_rows,
             max_bytes,
             per_key,
-            queue_full: false,
+            queue_full: None,
         }
     }
 
@@ -84,10 +89,20 @@ impl Sender {
         self.max_rows.saturating_sub(self.rows)
     }
 
+    /// While librdkafka's queue was full: when to try queueing again (the engine wakes then,
+    /// acks or not).
+    pub(crate) fn blocked_until(&self) -> Option<Instant> {
+        self.queue_full
+    }
+
     /// Queues rows of `send` keys in order, while the caps allow and `until` (the last
     /// moment a send may start within the lease) has not passed. Keys it could not finish
     /// are marked to be looked at again.
     pub(crate) fn pump(&mut self, keys: &mut Keys, send: &[String], until: Instant) {
+        let now = Instant::now();
+        if self.queue_full.is_some_and(|retry| retry <= now) {
+            self.queue_full = None;
+        }
         for (i, key) in send.iter().enumerate() {
             let Some(state) = keys.queue(key) else {
                 continue;
@@ -95,7 +110,7 @@ impl Sender {
             let mut blocked = false;
             let mut taken = 0;
             while state.in_flight < self.per_key && state.failure.is_none() {
-                if self.queue_full || self.room() == 0 || Instant::now() >= until {
+                if self.queue_full.is_some() || self.room() == 0 || Instant::now() >= until {
                     blocked = true;
                     break;
                 }
@@ -108,7 +123,7 @@ impl Sender {
                     Err(failure) if is_queue_full(&failure) => {
                         state.queued.push_front(event);
                         taken -= 1;
-                        self.queue_full = true;
+                        self.queue_full = Some(Instant::now() + QUEUE_FULL_RETRY);
                         blocked = true;
                         break;
                     }
@@ -176,7 +191,7 @@ impl Sender {
     fn finished(&mut self, sent: Sent) -> Sent {
         self.rows -= 1;
         self.bytes = self.bytes.saturating_sub(sent.event.payload.len());
-        self.queue_full = false;
+        self.queue_full = None;
         sent
     }
 
