@@ -193,9 +193,19 @@ impl Settings {
             })?;
             producer.librdkafka.insert(k.trim().into(), v.trim().into());
         }
+        // Named as the user set it: the delivery timeout by its flag, a refused property
+        // (`librdkafka.KEY`) by the flag and the file section that pass it.
         producer.validate().map_err(|e| match e {
-            Error::Configuration { expected, got, .. } => Error::Configuration {
-                setting: setting.clone(),
+            Error::Configuration {
+                setting: checked,
+                expected,
+                got,
+            } => Error::Configuration {
+                setting: match checked.strip_prefix("librdkafka.") {
+                    Some(key) => format!("--kafka-option {key} ([kafka_options])"),
+                    None if checked == "delivery_timeout" => setting.clone(),
+                    None => checked,
+                },
                 expected,
                 got,
             },

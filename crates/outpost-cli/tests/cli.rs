@@ -150,6 +150,26 @@ fn lease_too_short_names_outpost_lease_ms() {
     );
 }
 
+#[test]
+fn kafka_option_that_breaks_key_order_names_the_option() {
+    assert_bad_setting(
+        &["--kafka-option", "enable.idempotence=false", "relay"],
+        &[],
+        &[
+            "--kafka-option enable.idempotence",
+            "enable.idempotence=true",
+            "enable.idempotence=false",
+        ],
+        FAST,
+    );
+    assert_bad_setting(
+        &["--kafka-option", "message.timeout.ms=600000", "relay"],
+        &[],
+        &["--kafka-option message.timeout.ms", "--delivery-timeout-ms"],
+        FAST,
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Crash and restart
 // ---------------------------------------------------------------------------------------

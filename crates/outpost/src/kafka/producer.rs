@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -18,7 +18,8 @@ use crate::error::{classify, Error, ErrorClass, Result};
 use crate::kafka::acks::{AckProducer, AckTo};
 
 /// Producer settings. Any librdkafka property can be set through `librdkafka`, which is
-/// applied last.
+/// applied last, except ones that would break per-key order or the relay's lease arithmetic
+/// (see [`Self::validate`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProducerConfig {
     /// `host:port[,host:port...]` (no default; required).
@@ -32,7 +33,7 @@ pub struct ProducerConfig {
     pub request_timeout: Duration,
     /// How long `send` waits for room in a full local queue (default 1 s).
     pub queue_timeout: Duration,
-    /// Extra librdkafka properties, applied after Outpost's own.
+    /// Extra librdkafka properties, applied after Outpost's own (see [`Self::validate`]).
     pub librdkafka: BTreeMap<String, String>,
 }
 
@@ -56,12 +57,16 @@ impl ProducerConfig {
         self
     }
 
-    /// Checks the broker list and timeouts.
+    /// Checks the broker list, the timeouts, and that no `librdkafka` property overrides
+    /// what per-key order or the relay's lease arithmetic rely on.
     ///
     /// # Errors
     /// [`Error::Configuration`] naming the faulty setting.
     pub fn validate(&self) -> Result<()> {
         validate_brokers(&self.brokers)?;
+        for (key, value) in &self.librdkafka {
+            check_override(key.trim(), value.trim())?;
+        }
         if self.delivery_timeout < Duration::from_millis(100) {
             return Err(Error::config(
                 "delivery_timeout",
@@ -106,6 +111,43 @@ impl ProducerConfig {
         }
         cfg
     }
+}
+
+/// Rejects a librdkafka property (names and aliases) that [`ProducerConfig::client_config`]
+/// sets for a reason: applied last, it would silently win. The property is named in what
+/// is expected and got too, as callers may report the error under a setting of their own.
+fn check_override(key: &str, value: &str) -> Result<()> {
+    let v = value.to_ascii_lowercase();
+    let (ok, expected) = match key {
+        "enable.idempotence" | "enable.gapless.guarantee" => (
+            v == "true",
+            format!("{key}=true (per-key order relies on it)"),
+        ),
+        "acks" | "request.required.acks" => (
+            v == "all" || v == "-1",
+            format!("{key}=all or -1 (per-key order relies on it)"),
+        ),
+        // One request on the wire: see `client_config` (`purge_queued` relies on it).
+        "max.in.flight.requests.per.connection" | "max.in.flight" => (
+            v == "1",
+            format!("{key}=1 (per-key order after a timeout relies on it)"),
+        ),
+        // The relay's lease is checked against the typed timeouts; a property would
+        // change them behind its back.
+        "message.timeout.ms" | "delivery.timeout.ms" | "request.timeout.ms" => (
+            false,
+            format!("{key} unset: use delivery_timeout / request_timeout (--delivery-timeout-ms)"),
+        ),
+        _ => return Ok(()),
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(Error::config(
+        format!("librdkafka.{key}"),
+        expected,
+        format!("{key}={value}"),
+    ))
 }
 
 /// Checks a `host:port[,host:port...]` list.
@@ -212,6 +254,9 @@ pub struct KafkaProducer {
     /// when nothing was queued since the previous one.
     queued: std::sync::atomic::AtomicU64,
     last_purge: std::sync::Mutex<Option<u64>>,
+    /// Replaced instances: each lives on while a message queued on it waits for its report,
+    /// and [`Self::purge_queued`] must reach those messages too.
+    retired: std::sync::Mutex<Vec<Weak<AckProducer>>>,
 }
 
 impl fmt::Debug for KafkaProducer {
@@ -237,6 +282,7 @@ impl KafkaProducer {
             last_progress: std::sync::Mutex::new(std::time::Instant::now()),
             queued: std::sync::atomic::AtomicU64::new(0),
             last_purge: std::sync::Mutex::new(None),
+            retired: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -443,12 +489,18 @@ impl KafkaProducer {
             std::mem::replace(&mut *guard, (seen_generation + 1, fresh)).1
         };
         self.progressed();
+        {
+            let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+            retired.retain(|instance| instance.strong_count() > 0);
+            retired.push(Arc::downgrade(&old));
+        }
         // Its acks thread closes it (flushing what is in flight), off the runtime.
         drop(old);
     }
 
     /// Fails every message still waiting in librdkafka's queues (never sent) with
-    /// `PurgeQueue`; messages already on the wire are left to resolve.
+    /// `PurgeQueue`, on the current instance and on every replaced one still alive;
+    /// messages already on the wire are left to resolve.
     ///
     /// librdkafka times messages out one by one: when an earlier message of a partition
     /// timed out and the broker answers again before the later ones time out, those would
@@ -466,12 +518,23 @@ impl KafkaProducer {
             }
             *last = Some(queued);
         }
-        let (_, producer) = self.snapshot();
-        producer.inner().purge(
-            rdkafka::producer::PurgeConfig::default()
-                .queue()
-                .non_blocking(),
-        );
+        // The failure that calls for the purge may come from a replaced instance (the
+        // timeout that made it look stuck), with its key's later messages still queued there.
+        let retired: Vec<Arc<AckProducer>> = self
+            .retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let (_, current) = self.snapshot();
+        for producer in retired.iter().chain([&current]) {
+            producer.inner().purge(
+                rdkafka::producer::PurgeConfig::default()
+                    .queue()
+                    .non_blocking(),
+            );
+        }
     }
 
     /// Waits up to `timeout` for queued messages to be delivered, off the async runtime's
@@ -550,6 +613,72 @@ mod tests {
         ] {
             let err = validate_brokers(bad).unwrap_err();
             assert!(err.to_string().contains("host:port"), "{bad}");
+        }
+    }
+
+    /// A message's key may still have later messages queued on the instance it was queued
+    /// on after that instance was replaced: the purge must fail them too, or they could land
+    /// ahead of the failed one's retry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn purging_reaches_replaced_instances() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("purge", 1, 1).unwrap();
+        // Nothing queued can leave before the purge.
+        cluster.broker_down(-1).unwrap();
+        let producer =
+            Arc::new(KafkaProducer::new(ProducerConfig::new(cluster.bootstrap_servers())).unwrap());
+        let acks: Vec<PendingAck> = (0..2)
+            .map(|i| {
+                let payload = format!("{i}");
+                producer
+                    .enqueue("purge", "k", payload.as_bytes(), &BTreeMap::new())
+                    .unwrap()
+            })
+            .collect();
+        producer.rebuild(
+            0,
+            &KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+        );
+        assert_eq!(producer.generation(), 1);
+        producer.purge_queued();
+        for ack in acks {
+            let failed = tokio::time::timeout(Duration::from_secs(5), ack)
+                .await
+                .expect("purged, not left queued on the replaced instance")
+                .unwrap_err();
+            assert_eq!(
+                failed.error.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::PurgeQueue),
+                "{failed}"
+            );
+        }
+    }
+
+    #[test]
+    fn overrides_that_break_order_or_the_lease_are_refused() {
+        let with = |k: &str, v: &str| ProducerConfig::new("127.0.0.1:9092").with(k, v).validate();
+        for (key, value) in [
+            ("enable.idempotence", "false"),
+            ("enable.gapless.guarantee", "false"),
+            ("acks", "1"),
+            ("request.required.acks", "0"),
+            ("max.in.flight.requests.per.connection", "5"),
+            ("max.in.flight", "0"),
+            ("message.timeout.ms", "300000"),
+            ("delivery.timeout.ms", "300000"),
+            ("request.timeout.ms", "30000"),
+        ] {
+            let err = with(key, value).unwrap_err().to_string();
+            assert!(err.contains(&format!("got \"{key}={value}\"")), "{err}");
+        }
+        for (key, value) in [
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("acks", "-1"),
+            ("max.in.flight.requests.per.connection", "1"),
+            ("linger.ms", "5"),
+        ] {
+            assert!(with(key, value).is_ok(), "{key}={value}");
         }
     }
 
