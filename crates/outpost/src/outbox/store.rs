@@ -156,12 +156,15 @@ pub struct DeadEvent {
 /// transaction (`synchronous_commit` for that transaction only; a one-time filter, so it
 /// costs no round trip and runs even when no row matches).
 ///
-/// For bookkeeping only: leases, hand-backs and settles. A crash of the server may lose
-/// the last of them, which leaves the state an expired lease leaves (keys free, rows
-/// pending): the rows are delivered again (same bytes, same event id) and nothing is lost.
-/// Each such write would otherwise wait for a flush of its own, after the caller's commit
-/// already waited for one: on the eager path that flush sat between `COMMIT` and the produce.
-/// Staging never uses it: an event is committed with the caller's transaction, durably.
+/// For bookkeeping only: hand-backs, settles and drained key rows. A crash of the server
+/// may lose the last of them, which leaves keys free and rows pending, as after an owner
+/// that stopped: the rows are delivered again (same bytes, same event id) and nothing is
+/// lost. Each such write would otherwise wait for a flush of its own.
+///
+/// Never for what gives a key an owner, claims and renewals: a lease lost that way while
+/// its holder still sends from memory would let a second owner claim the key after the
+/// restart, and two senders can put a key's events out of order. Staging never uses it
+/// either: an event is committed with the caller's transaction, durably.
 const NO_FLUSH_WAIT: &str = "(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL";
 
 /// Queries are formatted once per table, so each call only binds values.
@@ -245,7 +248,7 @@ impl Sql {
                      SELECT event_key FROM {k} \
                      WHERE ((next_attempt_at <= now() \
                              AND (lease_until IS NULL OR lease_until < now())) {own}) \
-                       {only} AND {NO_FLUSH_WAIT} \
+                       {only} \
                      ORDER BY next_attempt_at LIMIT $2 \
                      FOR UPDATE SKIP LOCKED), \
                  leased AS ( \
@@ -355,7 +358,7 @@ impl Sql {
             renew: format!(
                 "UPDATE {k} SET lease_until = now() + make_interval(secs => $2), \
                      next_attempt_at = now() + make_interval(secs => $2) \
-                 WHERE lease_owner = $1 AND {renewed} AND {NO_FLUSH_WAIT} \
+                 WHERE lease_owner = $1 AND {renewed} \
                  RETURNING event_key",
                 renewed = listed("event_key", "$3::text[]")
             ),
