@@ -33,6 +33,9 @@ pub(super) struct WalFigures {
 /// before it: earlier phases leave gigabytes in the broker (tansu keeps them in memory), and
 /// the run's first measurement, on an empty broker, is not what the broker can do now.
 pub(super) async fn measure(bench: &Bench<'_>) -> anyhow::Result<WalFigures> {
+    // The table-mode phases leave the shared server with gigabytes written since its last
+    // checkpoint; flushed here, they are not written out beside this phase's drains.
+    bench.checkpoint().await;
     bench.say("WAL: raw produce, again");
     let raw = RawKafka::new(bench.settings, false)?;
     raw.send(&bench.template.instance("warm-up")).await?;
