@@ -602,9 +602,16 @@ impl Publisher {
         // Every row is queued before any ack is awaited: librdkafka keeps a key's rows in
         // this order on its partition.
         let mut sends = Vec::new();
+        // Keys with a row refused before queueing and later rows left unsent: were the refused
+        // one retried, those would land ahead of it. They stay pending, the key goes back.
+        let mut cut: HashSet<&str> = HashSet::new();
         for key in &claimed {
             for row in &key.rows {
                 let ack = crate::relay::sending::enqueue(&inner.producer, row);
+                if ack.is_err() && key.rows.last().is_some_and(|last| last.id != row.id) {
+                    cut.insert(key.key.as_str());
+                }
+                let refused = ack.is_err();
                 let producer = &inner.producer;
                 sends.push(async move {
                     let result = match ack {
@@ -618,6 +625,9 @@ impl Publisher {
                     }
                     (row, result)
                 });
+                if refused {
+                    break;
+                }
             }
         }
         let held: Vec<String> = claimed.iter().map(|k| k.key.clone()).collect();
@@ -702,6 +712,9 @@ impl Publisher {
                         backoff: delay,
                         transient,
                     });
+                }
+                None if cut.contains(key.key.as_str()) => {
+                    op.release.push(KeyRelease::done(key.key.clone()));
                 }
                 // The next dispatch of the key in this process waits for this one: it keeps
                 // the lease, or the woken relay could take the key in between and leave that

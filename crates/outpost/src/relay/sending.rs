@@ -104,6 +104,11 @@ impl Sender {
             self.queue_full = None;
         }
         for (i, key) in send.iter().enumerate() {
+            // A refused row of the key is not looked at yet: had it to be retried, a later
+            // row queued now would land ahead of it. Its review comes with its outcome.
+            if self.refused.iter().any(|r| r.event.event_key == *key) {
+                continue;
+            }
             let Some(state) = keys.queue(key) else {
                 continue;
             };
@@ -137,13 +142,17 @@ impl Sender {
                             self.queued[tag] = Some((event, queued));
                         }
                     }
-                    // Refused before queueing: handled like a failed ack.
+                    // Refused before queueing: handled like a failed ack, and nothing more
+                    // of the key is queued before that (see above).
                     Err(failure) => {
                         self.bytes += event.payload.len();
                         self.refused.push_back(Sent {
                             event,
                             result: Err(failure),
                         });
+                        state.in_flight += 1;
+                        self.rows += 1;
+                        break;
                     }
                 }
                 state.in_flight += 1;
