@@ -287,6 +287,19 @@ async fn topic_overrides_apply_on_the_eager_direct_and_relay_paths() {
 /// which is where a busy runtime can hold it.
 #[tokio::test]
 async fn a_later_commit_of_a_key_dispatched_first_does_not_send_the_earlier_one_twice() {
+    commits_dispatched_out_of_order(false).await;
+}
+
+/// As above, both commits also carrying an event of a key that has a key row already: the
+/// first one's turn for that key, taken when it commits, comes after the second's, while
+/// the second waits for the first's turn on the key it leased. Neither may wait for the
+/// other (both dispatches hung, and every later one of those keys behind them).
+#[tokio::test]
+async fn commits_dispatched_out_of_order_with_a_second_key_do_not_wait_for_each_other() {
+    commits_dispatched_out_of_order(true).await;
+}
+
+async fn commits_dispatched_out_of_order(with_existing_key: bool) {
     support::metrics();
     let brokers = support::brokers();
     let topic = support::topic(1).await;
@@ -300,7 +313,8 @@ async fn a_later_commit_of_a_key_dispatched_first_does_not_send_the_earlier_one_
         config(&service, Mode::Transactional),
     )
     .unwrap();
-    // The producer's first ack waits for its producer id: not inside the race.
+    // The producer's first ack waits for its producer id: not inside the race. Its key
+    // row stays behind, unleased: a key with a row already.
     let warm = support::event(&topic, "warm-up", 0);
     let mut tx = publisher.begin().await.unwrap();
     tx.publish(&warm).await.unwrap();
@@ -310,8 +324,15 @@ async fn a_later_commit_of_a_key_dispatched_first_does_not_send_the_earlier_one_
         support::event(&topic, "k", 0),
         support::event(&topic, "k", 1),
     );
+    let (first_other, second_other) = (
+        support::event(&topic, "warm-up", 1),
+        support::event(&topic, "warm-up", 2),
+    );
     let mut tx = publisher.begin().await.unwrap();
     tx.publish(&first).await.unwrap();
+    if with_existing_key {
+        tx.publish(&first_other).await.unwrap();
+    }
     let mut committing = Box::pin(tx.commit());
     // One poll sends `COMMIT`; the answer is not read until the second commit is done.
     assert!(futures::poll!(&mut committing).is_pending());
@@ -331,6 +352,9 @@ async fn a_later_commit_of_a_key_dispatched_first_does_not_send_the_earlier_one_
     .await;
     let mut tx = publisher.begin().await.unwrap();
     tx.publish(&second).await.unwrap();
+    if with_existing_key {
+        tx.publish(&second_other).await.unwrap();
+    }
     tx.commit_and_dispatch_later().await.unwrap();
     // Let the second dispatch run as far as it can before the first one goes on.
     for _ in 0..50 {
@@ -340,20 +364,32 @@ async fn a_later_commit_of_a_key_dispatched_first_does_not_send_the_earlier_one_
     committing.await.unwrap();
     publisher.shutdown(Duration::from_secs(10)).await;
 
-    collector
-        .wait_for(&[first.event_id, second.event_id], Duration::from_secs(30))
-        .await;
-    let seen: Vec<_> = collector
-        .read_to_end()
-        .await
-        .into_iter()
-        .filter(|c| c.key == "k")
-        .collect();
-    let ids: Vec<Uuid> = seen.iter().map(|c| c.event_id).collect();
-    assert_eq!(
-        ids,
-        vec![first.event_id, second.event_id],
-        "each event of the key once, in commit order"
-    );
+    // No relay runs: the dispatches send every event (the second one's claim reads the
+    // first one's row of the key it holds). Dispatches that wait for each other send none.
+    let mut expected = vec![first.event_id, second.event_id];
+    if with_existing_key {
+        expected.extend([first_other.event_id, second_other.event_id]);
+    }
+    collector.wait_for(&expected, Duration::from_secs(15)).await;
+    let seen = collector.read_to_end().await;
+    for (key, want) in [
+        ("k", vec![first.event_id, second.event_id]),
+        (
+            "warm-up",
+            vec![warm.event_id, first_other.event_id, second_other.event_id],
+        ),
+    ] {
+        let ids: Vec<Uuid> = seen
+            .iter()
+            .filter(|c| c.key == key)
+            .map(|c| c.event_id)
+            .collect();
+        let want = if key == "warm-up" && !with_existing_key {
+            vec![warm.event_id]
+        } else {
+            want
+        };
+        assert_eq!(ids, want, "each event of key {key} once, in commit order");
+    }
     assert_eq!(support::count_status(&store, "pending").await, 0);
 }

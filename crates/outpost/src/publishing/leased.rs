@@ -24,6 +24,11 @@ pub(crate) struct LeasedKeys {
     since: Option<Instant>,
     /// The transaction's turn for these keys, taken while its staging held their locks.
     turn: Option<Turn>,
+    /// Keys the turn took no place for (see `Turn::extend`): a later turn of the key was
+    /// taken first, and may claim this transaction's rows once it commits (the lease is
+    /// this process's). Not sent from memory, not claimed, not handed back: the later turn
+    /// or, once the lease lapses, the relay sends them.
+    untaken: HashSet<String>,
 }
 
 impl LeasedKeys {
@@ -46,8 +51,8 @@ impl LeasedKeys {
         if self.keys.insert(event.event_key.clone()) {
             let key = std::slice::from_ref(&event.event_key);
             match &mut self.turn {
-                Some(turn) => turn.extend(key),
-                None => self.turn = Some(turns.take(key)),
+                Some(turn) => self.untaken.extend(turn.extend(key)),
+                None => self.turn = Some(turns.take_staging(key)),
             }
         }
         self.rows.push(ClaimedEvent {
@@ -77,9 +82,15 @@ impl LeasedKeys {
         self.keys.is_empty()
     }
 
-    /// The leased keys.
+    /// The leased keys this transaction may hand back (not the untaken ones).
     pub(crate) fn keys(&self) -> impl Iterator<Item = &String> {
-        self.keys.iter()
+        self.keys.iter().filter(|k| !self.untaken.contains(*k))
+    }
+
+    /// Keys leased while staging that this transaction's dispatch must leave alone (see
+    /// the field).
+    pub(crate) fn untaken(&self) -> &HashSet<String> {
+        &self.untaken
     }
 
     /// Each key with its rows in id order, if the leases are young enough to send under:
@@ -96,6 +107,9 @@ impl LeasedKeys {
         let mut by_key: HashMap<String, usize> = HashMap::new();
         let mut keys: Vec<ClaimedKey> = Vec::new();
         for row in self.rows {
+            if self.untaken.contains(&row.event_key) {
+                continue;
+            }
             let slot = *by_key.entry(row.event_key.clone()).or_insert_with(|| {
                 keys.push(ClaimedKey {
                     key: row.event_key.clone(),
@@ -140,12 +154,13 @@ mod tests {
         let turn = leased.turn().expect("the first leased key took a turn");
         let mut later = turns.take(&["a".to_owned()]);
         assert!(turn.followed("a") && !turn.followed("b"));
+        let mut waiting = Box::pin(later.ready());
         assert!(
-            futures::FutureExt::now_or_never(later.ready()).is_none(),
+            futures::FutureExt::now_or_never(waiting.as_mut()).is_none(),
             "a later turn of the key waits for the staging turn"
         );
         drop(turn);
-        assert!(futures::FutureExt::now_or_never(later.ready()).is_some());
+        assert!(futures::FutureExt::now_or_never(waiting.as_mut()).is_some());
         let keys = leased.into_sendable(Duration::from_secs(90)).unwrap();
         let ids: Vec<(&str, Vec<i64>)> = keys
             .iter()

@@ -421,13 +421,20 @@ impl Publisher {
         keys.dedup();
         // Taken here, before the task starts, so dispatches of a key go in commit order; the
         // keys leased while staging took theirs then (see `LeasedKeys::turn`).
-        let turn = match leased.turn() {
+        let (turn, untaken) = match leased.turn() {
             Some(mut turn) => {
-                turn.extend(&keys);
-                turn
+                turn.committed();
+                let untaken = turn.extend(&keys);
+                (turn, untaken)
             }
-            None => self.inner.turns.take(&keys),
+            None => (self.inner.turns.take(&keys), Vec::new()),
         };
+        // Keys a later turn holds (see `Turn::extend`) are not claimed or sent here: their
+        // events are counted as left to the relay, and the later turn's claim may send them.
+        let keys: Vec<String> = keys
+            .into_iter()
+            .filter(|k| !untaken.contains(k) && !leased.untaken().contains(k))
+            .collect();
         let publisher = self.clone();
         let staged = staged.to_vec();
         let task = self.inner.dispatches.spawn(async move {
@@ -503,20 +510,22 @@ impl Publisher {
         // its acks with its settle on the way: claiming before it let go would find the key
         // leased and leave this commit's events to the relay.
         turn.ready().await;
+        // The dispatch before may have sent this commit's events with its own (a dispatch
+        // claims a key's next rows): a key with nothing of this commit left is not claimed.
+        let sent_before =
+            turn.sent_before(staged.iter().map(|s| (s.event_id, s.event_key.as_str())));
         // Keys the transaction leased while staging hold only its rows: they are sent as
-        // staged, not claimed (see `LeasedKeys`).
-        let own = leased
+        // staged, not claimed (see `LeasedKeys`); unless a dispatch before sent some of them
+        // (it claims under this process's lease): then the key is read like any other.
+        let mut own = leased
             .into_sendable(inner.config.delivery.lease)
             .unwrap_or_default();
+        own.retain(|k| !k.rows.iter().any(|r| sent_before.contains(&r.event_id)));
         let owned: HashSet<&str> = own.iter().map(|k| k.key.as_str()).collect();
         let keys: Vec<String> = keys
             .into_iter()
             .filter(|k| !owned.contains(k.as_str()))
             .collect();
-        // The dispatch before may have sent this commit's events with its own (a dispatch
-        // claims a key's next rows): a key with nothing of this commit left is not claimed.
-        let sent_before =
-            turn.sent_before(staged.iter().map(|s| (s.event_id, s.event_key.as_str())));
         let (keys, skipped): (Vec<String>, Vec<String>) = keys.into_iter().partition(|key| {
             staged
                 .iter()
@@ -615,14 +624,19 @@ impl Publisher {
                 let producer = &inner.producer;
                 sends.push(async move {
                     let result = match ack {
-                        Ok(ack) => ack.await,
+                        Ok(ack) => {
+                            let result = ack.await;
+                            // At once, not after every ack is in: see
+                            // `KafkaProducer::purge_queued` (nothing queued after a timed-out
+                            // row may land without it). Not for a refusal (a full queue): that
+                            // row never entered the queue, and nothing of its key follows it.
+                            if matches!(&result, Err(f) if f.class == ErrorClass::Transient) {
+                                producer.purge_queued();
+                            }
+                            result
+                        }
                         Err(failure) => Err(failure),
                     };
-                    // At once, not after every ack is in: see `KafkaProducer::purge_queued`
-                    // (nothing queued after a timed-out row may land without it).
-                    if matches!(&result, Err(f) if f.class == ErrorClass::Transient) {
-                        producer.purge_queued();
-                    }
                     (row, result)
                 });
                 if refused {
@@ -653,12 +667,8 @@ impl Publisher {
                 }
                 Err(failure) => {
                     match failure.class {
-                        ErrorClass::Transient => {
-                            // See `KafkaProducer::purge_queued`: nothing queued after a
-                            // timed-out row may land without it.
-                            inner.producer.purge_queued();
-                            probe.failed();
-                        }
+                        // The purge, if one was due, was made when the failure came in.
+                        ErrorClass::Transient => probe.failed(),
                         ErrorClass::Retriable | ErrorClass::Permanent => probe.answered(),
                     }
                     let verdict = inner.policy.verdict(service, row, &failure);

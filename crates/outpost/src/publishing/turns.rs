@@ -22,7 +22,7 @@ pub(crate) struct KeyTurns {
 struct State {
     next: u64,
     /// The latest turn taken of each key: a new turn of the key waits for it.
-    latest: HashMap<String, (u64, watch::Receiver<()>)>,
+    latest: HashMap<String, Latest>,
     /// Events of a key that a dispatch sent (acked) for the later turns of the key: a dispatch claims a key's next rows, which may be later commits' too.
     /// Dropped with the key's last turn.
     sent: HashMap<String, HashSet<Uuid>>,
@@ -33,12 +33,24 @@ struct State {
     through: HashMap<String, i64>,
 }
 
+/// The latest turn of a key.
+#[derive(Debug)]
+struct Latest {
+    id: u64,
+    /// Resolves (with an error) once that turn gives the key up.
+    done: watch::Receiver<()>,
+    /// Taken while staging by a transaction not committed yet (see [`Turn::committed`]).
+    open: bool,
+}
+
 /// A dispatch's place in line for its keys; releasing a key (or dropping the turn) lets
 /// the next dispatch of that key go.
 #[derive(Debug)]
 pub(crate) struct Turn {
     turns: Arc<KeyTurns>,
     id: u64,
+    /// Taken by a transaction that has not committed yet.
+    open: bool,
     /// The keys still held, each with the sender whose drop (it is never sent on) is what
     /// the key's next turn waits for: a dispatch done with one key lets that key's next
     /// dispatch go while it still works on its other keys.
@@ -50,28 +62,43 @@ impl KeyTurns {
     /// Takes a turn for `keys` behind every turn of them taken before. Taking it is
     /// synchronous, so turns follow the order of the calls.
     pub(crate) fn take(self: &Arc<Self>, keys: &[String]) -> Turn {
-        let id = {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.next += 1;
-            state.next
-        };
+        self.take_with(keys, false)
+    }
+
+    /// [`Self::take`] for a transaction staging `keys`, before it commits: open until
+    /// [`Turn::committed`], which [`Self::idle`] does not wait for.
+    pub(crate) fn take_staging(self: &Arc<Self>, keys: &[String]) -> Turn {
+        self.take_with(keys, true)
+    }
+
+    fn take_with(self: &Arc<Self>, keys: &[String], open: bool) -> Turn {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // The id is drawn under the same lock as the places: a turn's id is above every
+        // turn it waits for (see `Turn::extend`).
+        state.next += 1;
         let mut turn = Turn {
             turns: Arc::clone(self),
-            id,
+            id: state.next,
+            open,
             held: Vec::with_capacity(keys.len()),
             before: Vec::new(),
         };
-        turn.extend(keys);
+        let untaken = turn.extend_in(&mut state, keys);
+        debug_assert!(untaken.is_empty(), "a new turn is the latest of every key");
         turn
     }
 
     /// Resolves once the latest turn taken so far of each of `keys` was given up (a
     /// dispatch gives its turn up after the earlier ones, unless it failed before waiting).
+    /// A turn of a transaction still open is not waited for: its events are not committed,
+    /// and the caller may be that transaction's own task.
     pub(crate) async fn idle(&self, keys: &[String]) {
         let earlier: Vec<watch::Receiver<()>> = {
             let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             keys.iter()
-                .filter_map(|k| state.latest.get(k).map(|(_, rx)| rx.clone()))
+                .filter_map(|k| state.latest.get(k))
+                .filter(|latest| !latest.open)
+                .map(|latest| latest.done.clone())
                 .collect()
         };
         wait_all(earlier).await;
@@ -87,11 +114,7 @@ impl KeyTurns {
 impl State {
     /// Turn `id` gave `key` up: with no later turn of it, the key is forgotten.
     fn given_up(&mut self, key: &str, id: u64) {
-        if self
-            .latest
-            .get(key)
-            .is_some_and(|(latest, _)| *latest == id)
-        {
+        if self.latest.get(key).is_some_and(|latest| latest.id == id) {
             self.latest.remove(key);
             self.sent.remove(key);
             self.through.remove(key);
@@ -100,27 +123,67 @@ impl State {
 
     /// Whether a turn of `key` later than turn `id` was taken.
     fn followed(&self, key: &str, id: u64) -> bool {
-        self.latest
-            .get(key)
-            .is_some_and(|(latest, _)| *latest != id)
+        self.latest.get(key).is_some_and(|latest| latest.id != id)
     }
 }
 
 impl Turn {
     /// Takes this turn's place for more keys (those it holds already are skipped), behind
-    /// every turn of them taken before: a transaction takes its turn for a key while its
-    /// staging holds the key's lock, and for its other keys when it commits.
-    pub(crate) fn extend(&mut self, keys: &[String]) {
-        let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
+    /// the turns of them taken before: a transaction takes its turn for a key it leases
+    /// while its staging holds the key's lock, and for its other keys when it commits.
+    ///
+    /// Returns the keys it took no place for: those whose latest turn was taken after this
+    /// one. Queued behind such a turn, this one could wait for a turn that waits for it (a
+    /// later commit of a key this one holds and of one it adds); the caller leaves those
+    /// keys alone (it neither sends nor claims them; their events are the relay's, or the
+    /// later turn's).
+    pub(crate) fn extend(&mut self, keys: &[String]) -> Vec<String> {
+        let turns = Arc::clone(&self.turns);
+        let mut state = turns.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.extend_in(&mut state, keys)
+    }
+
+    fn extend_in(&mut self, state: &mut State, keys: &[String]) -> Vec<String> {
+        let mut untaken = Vec::new();
         for key in keys {
             if self.held.iter().any(|(k, _)| k == key) {
                 continue;
             }
+            if state
+                .latest
+                .get(key)
+                .is_some_and(|latest| latest.id > self.id)
+            {
+                untaken.push(key.clone());
+                continue;
+            }
             let (done, rx) = watch::channel(());
-            if let Some((_, earlier)) = state.latest.insert(key.clone(), (self.id, rx)) {
-                self.before.push(earlier);
+            let latest = Latest {
+                id: self.id,
+                done: rx,
+                open: self.open,
+            };
+            if let Some(earlier) = state.latest.insert(key.clone(), latest) {
+                self.before.push(earlier.done);
             }
             self.held.push((key.clone(), done));
+        }
+        untaken
+    }
+
+    /// The transaction that took this turn while staging committed: [`KeyTurns::idle`]
+    /// waits for it from now on.
+    pub(crate) fn committed(&mut self) {
+        if !std::mem::take(&mut self.open) {
+            return;
+        }
+        let mut state = self.state();
+        for (key, _) in &self.held {
+            if let Some(latest) = state.latest.get_mut(key) {
+                if latest.id == self.id {
+                    latest.open = false;
+                }
+            }
         }
     }
 
@@ -318,5 +381,28 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), turns.idle(&keys(&["k"])))
             .await
             .expect("a key with no turn is idle");
+    }
+
+    #[test]
+    fn a_turn_never_queues_behind_a_later_one_and_open_turns_are_not_waited_for() {
+        use futures::FutureExt;
+        let turns = Arc::new(KeyTurns::default());
+        let mut staging = turns.take_staging(&keys(&["k1"]));
+        assert!(
+            turns.idle(&keys(&["k1"])).now_or_never().is_some(),
+            "a transaction still open is not waited for"
+        );
+        // A later commit of k1 and k2 queues behind it on k1 ...
+        let mut later = turns.take(&keys(&["k1", "k2"]));
+        // ... so it may not queue behind that one on k2: each would wait for the other.
+        assert_eq!(staging.extend(&keys(&["k2", "k3"])), keys(&["k2"]));
+        assert!(staging.ready().now_or_never().is_some(), "k3 was free");
+        let mut waiting = Box::pin(later.ready());
+        assert!(waiting.as_mut().now_or_never().is_none(), "waits for k1");
+        staging.committed();
+        drop(staging);
+        assert!(waiting.as_mut().now_or_never().is_some());
+        assert!(turns.idle(&keys(&["k3"])).now_or_never().is_some());
+        assert!(turns.idle(&keys(&["k2"])).now_or_never().is_none());
     }
 }
