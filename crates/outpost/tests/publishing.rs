@@ -279,6 +279,38 @@ async fn topic_overrides_apply_on_the_eager_direct_and_relay_paths() {
     assert_eq!(support::messages(&seen), 3);
 }
 
+/// A transactional publisher on a fresh one-partition topic, with a collector reading it.
+struct Eager {
+    topic: String,
+    collector: support::Collector,
+    store: OutboxStore,
+    publisher: Publisher,
+}
+
+impl Eager {
+    async fn start(prefix: &str) -> Self {
+        support::metrics();
+        let brokers = support::brokers();
+        let topic = support::topic(1).await;
+        let collector = support::Collector::start(&brokers, &topic, 1);
+        let store = support::store().await;
+        let service = support::unique(prefix);
+        let publisher = Publisher::new(
+            store.clone(),
+            support::producer(&brokers),
+            Waker::None,
+            config(&service, Mode::Transactional),
+        )
+        .unwrap();
+        Self {
+            topic,
+            collector,
+            store,
+            publisher,
+        }
+    }
+}
+
 /// Two commits of one key in one process, the first leasing the key while staging: when
 /// the second commit's dispatch starts first (its task ran sooner), it must not claim the
 /// first one's leased key and send its row, which the first dispatch then sends again from
@@ -300,19 +332,12 @@ async fn commits_dispatched_out_of_order_with_a_second_key_do_not_wait_for_each_
 }
 
 async fn commits_dispatched_out_of_order(with_existing_key: bool) {
-    support::metrics();
-    let brokers = support::brokers();
-    let topic = support::topic(1).await;
-    let collector = support::Collector::start(&brokers, &topic, 1);
-    let store = support::store().await;
-    let service = support::unique("turns");
-    let publisher = Publisher::new(
-        store.clone(),
-        support::producer(&brokers),
-        Waker::None,
-        config(&service, Mode::Transactional),
-    )
-    .unwrap();
+    let Eager {
+        topic,
+        collector,
+        store,
+        publisher,
+    } = Eager::start("turns").await;
     // The producer's first ack waits for its producer id: not inside the race. Its key
     // row stays behind, unleased: a key with a row already.
     let warm = support::event(&topic, "warm-up", 0);
@@ -334,9 +359,9 @@ async fn commits_dispatched_out_of_order(with_existing_key: bool) {
         tx.publish(&first_other).await.unwrap();
     }
     let mut committing = Box::pin(tx.commit());
-    // One poll sends `COMMIT`; the answer is not read until the second commit is done.
-    assert!(futures::poll!(&mut committing).is_pending());
-    support::eventually(Duration::from_secs(10), "the first commit lands", || {
+    // Polled only until `COMMIT` went out (a poll sends the next statement once the answer
+    // to the one before is in): its answer is not read until the second commit is done.
+    let landed = || {
         let pool = store.pool().clone();
         let table = store.table().to_string();
         async move {
@@ -346,10 +371,22 @@ async fn commits_dispatched_out_of_order(with_existing_key: bool) {
                     .fetch_one(&pool)
                     .await
                     .unwrap();
-            (n == 1).then_some(())
+            n == 1
         }
-    })
-    .await;
+    };
+    // Short rounds: the first commit's leases are sent from memory only while younger than
+    // half a lease (2.5 s here), and the race is only there while they are.
+    'commit: for _ in 0..20 {
+        assert!(futures::poll!(&mut committing).is_pending());
+        let deadline = Instant::now() + Duration::from_millis(250);
+        while Instant::now() < deadline {
+            if landed().await {
+                break 'commit;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert!(landed().await, "the first commit lands");
     let mut tx = publisher.begin().await.unwrap();
     tx.publish(&second).await.unwrap();
     if with_existing_key {
@@ -391,5 +428,45 @@ async fn commits_dispatched_out_of_order(with_existing_key: bool) {
         };
         assert_eq!(ids, want, "each event of key {key} once, in commit order");
     }
+    assert_eq!(support::count_status(&store, "pending").await, 0);
+}
+
+/// A statement that failed inside the transaction aborts it, and PostgreSQL answers a
+/// `COMMIT` of an aborted transaction with `ROLLBACK`, not an error. The events it staged
+/// under keys it leased must not be sent from memory then: `commit()` fails, nothing is
+/// published, nothing is left.
+#[tokio::test]
+async fn a_commit_the_server_rolled_back_publishes_nothing() {
+    let Eager {
+        topic,
+        collector,
+        store,
+        publisher,
+    } = Eager::start("aborted").await;
+    let phantom = support::event(&topic, "fresh", 0);
+    let mut tx = publisher.begin().await.unwrap();
+    tx.publish(&phantom).await.unwrap();
+    // A business statement fails and its error is not passed on.
+    assert!(sqlx::query("SELECT 1 / 0").execute(&mut *tx).await.is_err());
+    let err = tx
+        .commit()
+        .await
+        .expect_err("the server rolled the transaction back");
+    assert!(err.to_string().contains("commit"), "{err}");
+    publisher.shutdown(Duration::from_secs(5)).await;
+
+    // A later event on the same topic marks how far to read.
+    let marker = support::event(&topic, "marker", 0);
+    let mut tx = publisher.begin().await.unwrap();
+    tx.publish(&marker).await.unwrap();
+    tx.commit().await.unwrap();
+    collector
+        .wait_for(&[marker.event_id], Duration::from_secs(30))
+        .await;
+    let seen = collector.read_to_end().await;
+    assert!(
+        seen.iter().all(|c| c.event_id != phantom.event_id),
+        "an event of a rolled-back transaction was published"
+    );
     assert_eq!(support::count_status(&store, "pending").await, 0);
 }

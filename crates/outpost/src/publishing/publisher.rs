@@ -1296,7 +1296,16 @@ impl OutboxTx {
     /// Commits and hands back what the post-commit step needs. A failed commit may have
     /// committed all the same: the keys leased while staging are handed back then, so the
     /// relay need not wait for their leases to lapse.
-    async fn commit_only(self) -> Result<(Publisher, Vec<Staged>, LeasedKeys)> {
+    async fn commit_only(mut self) -> Result<(Publisher, Vec<Staged>, LeasedKeys)> {
+        // PostgreSQL answers the `COMMIT` of a transaction that a failed statement aborted
+        // with `ROLLBACK`, not with an error, and sqlx reports success: the rows leased while
+        // staging would then be sent from memory though nothing was committed. Any statement
+        // fails in an aborted transaction; one round trip, only when rows would be sent so.
+        if !self.leased.is_empty() {
+            if let Err(e) = sqlx::query("SELECT 1").execute(&mut *self.tx).await {
+                return Err(Error::storage("commit", e));
+            }
+        }
         if let Err(e) = self.tx.commit().await {
             self.publisher.hand_back_later(self.leased);
             return Err(Error::storage("commit", e));
