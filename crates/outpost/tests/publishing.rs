@@ -398,8 +398,11 @@ async fn commits_dispatched_out_of_order(with_existing_key: bool) {
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    committing.await.unwrap();
+    let dispatched = committing.await.unwrap();
     publisher.shutdown(Duration::from_secs(10)).await;
+    // Each of the first commit's events was sent by a dispatch (its own, or the second's
+    // claim, which read it), none left to the relay.
+    assert_eq!(dispatched.left_to_relay, 0, "{dispatched:?}");
 
     // No relay runs: the dispatches send every event (the second one's claim reads the
     // first one's row of the key it holds). Dispatches that wait for each other send none.
@@ -467,6 +470,44 @@ async fn a_commit_the_server_rolled_back_publishes_nothing() {
     assert!(
         seen.iter().all(|c| c.event_id != phantom.event_id),
         "an event of a rolled-back transaction was published"
+    );
+    assert_eq!(support::count_status(&store, "pending").await, 0);
+}
+
+/// Rows staged inside a savepoint that was rolled back are gone at commit, though the
+/// transaction commits: they must not be sent from memory; the rest of it is delivered.
+#[tokio::test]
+async fn rows_a_savepoint_rolled_back_are_not_published() {
+    let Eager {
+        topic,
+        collector,
+        store,
+        publisher,
+    } = Eager::start("savepoint").await;
+    let (undone, kept) = (
+        support::event(&topic, "undone", 0),
+        support::event(&topic, "kept", 0),
+    );
+    let mut tx = publisher.begin().await.unwrap();
+    sqlx::query("SAVEPOINT before_stage")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.publish(&undone).await.unwrap();
+    sqlx::query("ROLLBACK TO SAVEPOINT before_stage")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.publish(&kept).await.unwrap();
+    tx.commit().await.unwrap();
+    publisher.shutdown(Duration::from_secs(5)).await;
+    collector
+        .wait_for(&[kept.event_id], Duration::from_secs(30))
+        .await;
+    let seen = collector.read_to_end().await;
+    assert!(
+        seen.iter().all(|c| c.event_id != undone.event_id),
+        "an event a savepoint rolled back was published"
     );
     assert_eq!(support::count_status(&store, "pending").await, 0);
 }

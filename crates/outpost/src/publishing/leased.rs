@@ -82,6 +82,19 @@ impl LeasedKeys {
         self.keys.is_empty()
     }
 
+    /// The ids of the rows to be sent from memory.
+    pub(crate) fn row_ids(&self) -> Vec<i64> {
+        self.rows.iter().map(|r| r.id).collect()
+    }
+
+    /// Not all of the rows are there to commit (a savepoint rolled some back): none is
+    /// sent from memory; the keys, still leased to this process, are claimed like any
+    /// other, which reads what was committed.
+    pub(crate) fn distrust(&mut self) {
+        self.rows.clear();
+        self.since = None;
+    }
+
     /// The leased keys this transaction may hand back (not the untaken ones).
     pub(crate) fn keys(&self) -> impl Iterator<Item = &String> {
         self.keys.iter().filter(|k| !self.untaken.contains(*k))

@@ -429,18 +429,46 @@ impl Publisher {
             }
             None => (self.inner.turns.take(&keys), Vec::new()),
         };
-        // Keys a later turn holds (see `Turn::extend`) are not claimed or sent here: their
-        // events are counted as left to the relay, and the later turn's claim may send them.
-        let keys: Vec<String> = keys
-            .into_iter()
-            .filter(|k| !untaken.contains(k) && !leased.untaken().contains(k))
+        // Keys a later turn held when this one reached them (see `Turn::extend`) go in a
+        // dispatch of their own, under a turn taken now, behind that later turn: it waits
+        // only for turns taken before it, and nothing of this dispatch waits for it. Sent
+        // by claim, never from memory (the later turn may have claimed their rows).
+        let later: Vec<String> = keys
+            .iter()
+            .filter(|k| untaken.contains(k) || leased.untaken().contains(*k))
+            .cloned()
             .collect();
+        let keys: Vec<String> = keys.into_iter().filter(|k| !later.contains(k)).collect();
+        let (staged, staged_later): (Vec<Staged>, Vec<Staged>) = staged
+            .iter()
+            .cloned()
+            .partition(|s| !later.contains(&s.event_key));
+        let second = (!later.is_empty())
+            .then(|| {
+                let turn = self.inner.turns.take(&later);
+                Probe::take(self).map(|probe| (turn, probe))
+            })
+            .flatten();
         let publisher = self.clone();
-        let staged = staged.to_vec();
         let task = self.inner.dispatches.spawn(async move {
-            publisher
-                .dispatch_now(&staged, keys, turn, probe, leased)
-                .await
+            let first = publisher.dispatch_now(&staged, keys, turn, probe, leased);
+            let Some((turn, probe)) = second else {
+                let mut dispatch = first.await;
+                if !staged_later.is_empty() {
+                    // The circuit let one probe through, and this commit has it.
+                    let service = &publisher.inner.config.service;
+                    crate::metrics::eager(service, 0, staged_later.len());
+                    dispatch.left_to_relay += staged_later.len();
+                }
+                return dispatch;
+            };
+            let second =
+                publisher.dispatch_now(&staged_later, later, turn, probe, LeasedKeys::default());
+            let (first, second) = futures::join!(first, second);
+            Dispatch {
+                eager_published: first.eager_published + second.eager_published,
+                left_to_relay: first.left_to_relay + second.left_to_relay,
+            }
         });
         match tokio::time::timeout(self.inner.config.dispatch_deadline, task).await {
             Ok(Ok(dispatch)) => dispatch,
@@ -1298,12 +1326,22 @@ impl OutboxTx {
     /// relay need not wait for their leases to lapse.
     async fn commit_only(mut self) -> Result<(Publisher, Vec<Staged>, LeasedKeys)> {
         // PostgreSQL answers the `COMMIT` of a transaction that a failed statement aborted
-        // with `ROLLBACK`, not with an error, and sqlx reports success: the rows leased while
-        // staging would then be sent from memory though nothing was committed. Any statement
-        // fails in an aborted transaction; one round trip, only when rows would be sent so.
+        // with `ROLLBACK`, not with an error, and sqlx reports success; and a savepoint rolled
+        // back undoes rows without a word: either way rows leased while staging would be
+        // sent from memory though they are not committed. A statement in an aborted
+        // transaction fails, and one that counts the rows finds those undone: one round trip,
+        // only when rows would be sent from memory.
         if !self.leased.is_empty() {
-            if let Err(e) = sqlx::query("SELECT 1").execute(&mut *self.tx).await {
-                return Err(Error::storage("commit", e));
+            let ids = self.leased.row_ids();
+            let table = self.publisher.inner.store.table().to_string();
+            let found: i64 =
+                sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE id = ANY($1)"))
+                    .bind(&ids)
+                    .fetch_one(&mut *self.tx)
+                    .await
+                    .map_err(|e| Error::storage("commit", e))?;
+            if usize::try_from(found).ok() != Some(ids.len()) {
+                self.leased.distrust();
             }
         }
         if let Err(e) = self.tx.commit().await {
