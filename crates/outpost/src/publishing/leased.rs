@@ -26,8 +26,8 @@ pub(crate) struct LeasedKeys {
     turn: Option<Turn>,
     /// Keys the turn took no place for (see `Turn::extend`): a later turn of the key was
     /// taken first, and may claim this transaction's rows once it commits (the lease is
-    /// this process's). Not sent from memory, not claimed, not handed back: the later turn
-    /// or, once the lease lapses, the relay sends them.
+    /// this process's). Never sent from memory or handed back: the dispatch claims them
+    /// from the table, behind that later turn.
     untaken: HashSet<String>,
 }
 
@@ -98,12 +98,6 @@ impl LeasedKeys {
     /// The leased keys this transaction may hand back (not the untaken ones).
     pub(crate) fn keys(&self) -> impl Iterator<Item = &String> {
         self.keys.iter().filter(|k| !self.untaken.contains(*k))
-    }
-
-    /// Keys leased while staging that this transaction's dispatch must leave alone (see
-    /// the field).
-    pub(crate) fn untaken(&self) -> &HashSet<String> {
-        &self.untaken
     }
 
     /// Each key with its rows in id order, if the leases are young enough to send under:

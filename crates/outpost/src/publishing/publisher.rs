@@ -433,21 +433,16 @@ impl Publisher {
         // dispatch of their own, under a turn taken now, behind that later turn: it waits
         // only for turns taken before it, and nothing of this dispatch waits for it. Sent
         // by claim, never from memory (the later turn may have claimed their rows).
-        let later: Vec<String> = keys
-            .iter()
-            .filter(|k| untaken.contains(k) || leased.untaken().contains(*k))
-            .cloned()
-            .collect();
+        let later: Vec<String> = keys.iter().filter(|k| !turn.holds(k)).cloned().collect();
+        debug_assert!(untaken.iter().all(|k| later.contains(k)));
         let keys: Vec<String> = keys.into_iter().filter(|k| !later.contains(k)).collect();
         let (staged, staged_later): (Vec<Staged>, Vec<Staged>) = staged
             .iter()
             .cloned()
             .partition(|s| !later.contains(&s.event_key));
+        // The probe first: no turn is taken that would go unused.
         let second = (!later.is_empty())
-            .then(|| {
-                let turn = self.inner.turns.take(&later);
-                Probe::take(self).map(|probe| (turn, probe))
-            })
+            .then(|| Probe::take(self).map(|probe| (self.inner.turns.take(&later), probe)))
             .flatten();
         let publisher = self.clone();
         let task = self.inner.dispatches.spawn(async move {

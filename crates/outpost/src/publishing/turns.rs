@@ -55,7 +55,9 @@ pub(crate) struct Turn {
     /// the key's next turn waits for: a dispatch done with one key lets that key's next
     /// dispatch go while it still works on its other keys.
     held: Vec<(String, watch::Sender<()>)>,
-    before: Vec<watch::Receiver<()>>,
+    /// The turn each key had before this one took its place, until [`Self::ready`] has
+    /// waited for them: a turn given up before that puts its key's one back.
+    before: Vec<(String, Latest)>,
 }
 
 impl KeyTurns {
@@ -112,12 +114,22 @@ impl KeyTurns {
 }
 
 impl State {
-    /// Turn `id` gave `key` up: with no later turn of it, the key is forgotten.
-    fn given_up(&mut self, key: &str, id: u64) {
-        if self.latest.get(key).is_some_and(|latest| latest.id == id) {
-            self.latest.remove(key);
-            self.sent.remove(key);
-            self.through.remove(key);
+    /// Turn `id` gave `key` up: with no later turn of it, the key is forgotten, unless
+    /// `earlier` (the turn it had not waited for yet) still runs: the key is that one's
+    /// again, and what it leaves for the next turn stays.
+    fn given_up(&mut self, key: &str, id: u64, earlier: Option<Latest>) {
+        if self.latest.get(key).is_none_or(|latest| latest.id != id) {
+            return;
+        }
+        match earlier {
+            Some(earlier) if earlier.done.has_changed().is_ok() => {
+                self.latest.insert(key.to_owned(), earlier);
+            }
+            _ => {
+                self.latest.remove(key);
+                self.sent.remove(key);
+                self.through.remove(key);
+            }
         }
     }
 
@@ -164,7 +176,7 @@ impl Turn {
                 open: self.open,
             };
             if let Some(earlier) = state.latest.insert(key.clone(), latest) {
-                self.before.push(earlier.done);
+                self.before.push((key.clone(), earlier));
             }
             self.held.push((key.clone(), done));
         }
@@ -187,9 +199,27 @@ impl Turn {
         }
     }
 
+    /// The turn `key` had before this one, if not waited for yet.
+    fn take_before(&mut self, key: &str) -> Option<Latest> {
+        let at = self.before.iter().position(|(k, _)| k == key)?;
+        Some(self.before.swap_remove(at).1)
+    }
+
+    /// Whether this turn holds `key`.
+    pub(crate) fn holds(&self, key: &str) -> bool {
+        self.held.iter().any(|(k, _)| k == key)
+    }
+
     /// Resolves once the turns of this one's keys taken before it were given up.
     pub(crate) async fn ready(&mut self) {
-        wait_all(std::mem::take(&mut self.before)).await;
+        let before = std::mem::take(&mut self.before);
+        wait_all(
+            before
+                .into_iter()
+                .map(|(_, earlier)| earlier.done)
+                .collect(),
+        )
+        .await;
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -203,7 +233,8 @@ impl Turn {
             return;
         };
         let (key, done) = self.held.swap_remove(at);
-        self.state().given_up(&key, self.id);
+        let earlier = self.take_before(&key);
+        self.state().given_up(&key, self.id, earlier);
         drop(done);
     }
 
@@ -264,9 +295,11 @@ impl Turn {
 
 impl Drop for Turn {
     fn drop(&mut self) {
+        let keys: Vec<String> = self.held.iter().map(|(k, _)| k.clone()).collect();
+        let earlier: Vec<Option<Latest>> = keys.iter().map(|k| self.take_before(k)).collect();
         let mut state = self.state();
-        for (key, _) in &self.held {
-            state.given_up(key, self.id);
+        for (key, earlier) in keys.iter().zip(earlier) {
+            state.given_up(key, self.id, earlier);
         }
     }
 }
@@ -404,5 +437,23 @@ mod tests {
         assert!(waiting.as_mut().now_or_never().is_some());
         assert!(turns.idle(&keys(&["k3"])).now_or_never().is_some());
         assert!(turns.idle(&keys(&["k2"])).now_or_never().is_none());
+    }
+
+    #[test]
+    fn a_turn_given_up_before_it_waited_gives_the_key_back_to_the_one_before() {
+        use futures::FutureExt;
+        let turns = Arc::new(KeyTurns::default());
+        let running = turns.take(&keys(&["k"]));
+        let unused = turns.take(&keys(&["k"]));
+        drop(unused);
+        let mut next = turns.take(&keys(&["k"]));
+        let mut waiting = Box::pin(next.ready());
+        assert!(
+            waiting.as_mut().now_or_never().is_none(),
+            "the next turn waits for the one still running"
+        );
+        assert!(running.followed("k"));
+        drop(running);
+        assert!(waiting.as_mut().now_or_never().is_some());
     }
 }
