@@ -184,6 +184,7 @@ struct Sql {
     pending_keys: String,
     pull_forward: String,
     backlog: String,
+    staged_present: String,
     cleanup: String,
 }
 
@@ -417,6 +418,7 @@ impl Sql {
                 "UPDATE {k} SET next_attempt_at = now(), backoff_transient = false \
                  WHERE backoff_transient AND next_attempt_at > now()"
             ),
+            staged_present: format!("SELECT count(*) FROM {t} WHERE id = ANY($1)"),
             backlog: format!(
                 "SELECT count(*)::bigint AS pending, \
                  COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at)), 0)::float8 AS age \
@@ -675,6 +677,24 @@ impl OutboxStore {
             id: r.get("id"),
             key_leased: r.get("leased"),
         }))
+    }
+
+    /// How many of the rows `ids`, staged in the caller's transaction, are still in it: in
+    /// a transaction a failed statement aborted, an error (see `OutboxTx::commit`).
+    ///
+    /// # Errors
+    /// [`Error::OutboxStorage`] when the query fails.
+    pub(crate) async fn staged_present(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        ids: &[i64],
+    ) -> Result<usize> {
+        let found: i64 = sqlx::query_scalar(&self.sql.staged_present)
+            .bind(ids)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(|e| Error::storage("commit", e))?;
+        Ok(usize::try_from(found).unwrap_or(0))
     }
 
     /// Stages `events` inside the caller's transaction in one statement, as

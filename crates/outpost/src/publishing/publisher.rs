@@ -421,20 +421,19 @@ impl Publisher {
         keys.dedup();
         // Taken here, before the task starts, so dispatches of a key go in commit order; the
         // keys leased while staging took theirs then (see `LeasedKeys::turn`).
-        let (turn, untaken) = match leased.turn() {
+        let turn = match leased.turn() {
             Some(mut turn) => {
                 turn.committed();
-                let untaken = turn.extend(&keys);
-                (turn, untaken)
+                turn.extend(&keys);
+                turn
             }
-            None => (self.inner.turns.take(&keys), Vec::new()),
+            None => self.inner.turns.take(&keys),
         };
         // Keys a later turn held when this one reached them (see `Turn::extend`) go in a
         // dispatch of their own, under a turn taken now, behind that later turn: it waits
         // only for turns taken before it, and nothing of this dispatch waits for it. Sent
         // by claim, never from memory (the later turn may have claimed their rows).
         let later: Vec<String> = keys.iter().filter(|k| !turn.holds(k)).cloned().collect();
-        debug_assert!(untaken.iter().all(|k| later.contains(k)));
         let keys: Vec<String> = keys.into_iter().filter(|k| !later.contains(k)).collect();
         let (staged, staged_later): (Vec<Staged>, Vec<Staged>) = staged
             .iter()
@@ -621,7 +620,8 @@ impl Publisher {
                 held.extend(keys);
                 held.extend(hand_back);
                 op.release = held.iter().cloned().map(KeyRelease::done).collect();
-                self.settle_then_let_go(op, held, turn);
+                let settled = self.queue_settle(op);
+                self.hold_until_settled(held, settled, Some(turn));
                 return Dispatch {
                     eager_published: 0,
                     left_to_relay: staged.len(),
@@ -640,10 +640,10 @@ impl Publisher {
         for key in &claimed {
             for row in &key.rows {
                 let ack = crate::relay::sending::enqueue(&inner.producer, row);
-                if ack.is_err() && key.rows.last().is_some_and(|last| last.id != row.id) {
+                let refused = ack.is_err();
+                if refused && key.rows.last().is_some_and(|last| last.id != row.id) {
                     cut.insert(key.key.as_str());
                 }
-                let refused = ack.is_err();
                 let producer = &inner.producer;
                 sends.push(async move {
                     let result = match ack {
@@ -821,12 +821,6 @@ impl Publisher {
             let _ = publisher.inner.holding(&held, settled).await;
             drop(turn);
         });
-    }
-
-    /// Queues `op` and lets the turn go once it is written (see [`Self::hold_until_settled`]).
-    fn settle_then_let_go(&self, op: SettleOp, held: Vec<String>, turn: Turn) {
-        let settled = self.queue_settle(op);
-        self.hold_until_settled(held, settled, Some(turn));
     }
 
     /// Waits (at most `timeout`) for eager dispatches still running in the background and
@@ -1328,14 +1322,8 @@ impl OutboxTx {
         // only when rows would be sent from memory.
         if !self.leased.is_empty() {
             let ids = self.leased.row_ids();
-            let table = self.publisher.inner.store.table().to_string();
-            let found: i64 =
-                sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE id = ANY($1)"))
-                    .bind(&ids)
-                    .fetch_one(&mut *self.tx)
-                    .await
-                    .map_err(|e| Error::storage("commit", e))?;
-            if usize::try_from(found).ok() != Some(ids.len()) {
+            let store = &self.publisher.inner.store;
+            if store.staged_present(&mut self.tx, &ids).await? != ids.len() {
                 self.leased.distrust();
             }
         }
