@@ -86,6 +86,15 @@ pub struct Cli {
         global = true
     )]
     pub delivery_timeout_ms: u64,
+    /// Kafka request timeout in milliseconds (request.timeout.ms): how long one produce
+    /// request may wait for the broker's answer; capped at the delivery timeout.
+    #[arg(
+        long,
+        env = "OUTPOST_REQUEST_TIMEOUT_MS",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub request_timeout_ms: u64,
     /// How long a relay's lease on a key lasts, in milliseconds; the relay renews it while
     /// it works (default: 90 s, and at least twice the delivery plus request timeout).
     #[arg(long, env = "OUTPOST_LEASE_MS", global = true)]

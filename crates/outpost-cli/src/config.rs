@@ -24,6 +24,7 @@ pub struct ConfigFile {
     pub http_addr: Option<String>,
     pub log_format: Option<LogFormat>,
     pub delivery_timeout_ms: Option<u64>,
+    pub request_timeout_ms: Option<u64>,
     pub lease_ms: Option<u64>,
     pub retention_secs: Option<u64>,
     /// Defaults for every service; a service's own value wins.

@@ -178,8 +178,15 @@ impl Settings {
             &cli.delivery_timeout_ms,
             |f| f.delivery_timeout_ms,
         );
+        let (request_ms, request_setting) = layers.pick(
+            "request_timeout_ms",
+            "OUTPOST_REQUEST_TIMEOUT_MS (--request-timeout-ms)",
+            &cli.request_timeout_ms,
+            |f| f.request_timeout_ms,
+        );
         let mut producer = ProducerConfig::new(&brokers);
         producer.delivery_timeout = Duration::from_millis(delivery_ms);
+        producer.request_timeout = Duration::from_millis(request_ms);
         if let Some(file) = &file {
             producer.librdkafka.extend(file.kafka_options.clone());
         }
@@ -204,6 +211,7 @@ impl Settings {
                 setting: match checked.strip_prefix("librdkafka.") {
                     Some(key) => format!("--kafka-option {key} ([kafka_options])"),
                     None if checked == "delivery_timeout" => setting.clone(),
+                    None if checked == "request_timeout" => request_setting.clone(),
                     None => checked,
                 },
                 expected,

@@ -170,6 +170,30 @@ fn kafka_option_that_breaks_key_order_names_the_option() {
     );
 }
 
+#[test]
+fn request_timeout_is_checked_and_counts_in_the_lease() {
+    assert_bad_setting(
+        &["--request-timeout-ms", "50", "relay"],
+        &[],
+        &["--request-timeout-ms", "at least 100 ms"],
+        FAST,
+    );
+    // The lease must cover two sends of 10 s delivery plus 3 s request: 26 s.
+    assert_bad_setting(
+        &["relay"],
+        &[
+            ("OUTPOST_LEASE_MS", "25000"),
+            ("OUTPOST_DELIVERY_TIMEOUT_MS", "10000"),
+            ("OUTPOST_REQUEST_TIMEOUT_MS", "3000"),
+        ],
+        &[
+            "OUTPOST_LEASE_MS",
+            "twice the delivery plus request timeout (13s)",
+        ],
+        FAST,
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Crash and restart
 // ---------------------------------------------------------------------------------------

@@ -74,6 +74,13 @@ impl ProducerConfig {
                 format!("{:?}", self.delivery_timeout),
             ));
         }
+        if self.request_timeout < Duration::from_millis(100) {
+            return Err(Error::config(
+                "request_timeout",
+                "at least 100 ms",
+                format!("{:?}", self.request_timeout),
+            ));
+        }
         Ok(())
     }
 
@@ -136,7 +143,10 @@ fn check_override(key: &str, value: &str) -> Result<()> {
         // change them behind its back.
         "message.timeout.ms" | "delivery.timeout.ms" | "request.timeout.ms" => (
             false,
-            format!("{key} unset: use delivery_timeout / request_timeout (--delivery-timeout-ms)"),
+            format!(
+                "{key} unset: use delivery_timeout / request_timeout \
+                 (--delivery-timeout-ms, --request-timeout-ms)"
+            ),
         ),
         _ => return Ok(()),
     };
