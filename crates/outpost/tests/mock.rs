@@ -875,3 +875,82 @@ async fn a_queue_filled_by_others_does_not_stall_run_once() {
     }
     assert_key_k_in_order(&h, &staged).await;
 }
+
+/// A key fails while rows of it are read and not sent (a refill came in before the
+/// failure): those rows go back with the key. Failure after failure of a busy key, the
+/// relay keeps claiming: every row is delivered once the errors stop, in key order, and so
+/// is a key staged after them. (Before the fix, each such failure kept its unsent rows in
+/// the relay's count of rows in memory: 19-23 of its 24 here, reads shrank to a row at a
+/// time, and at the cap nothing more was claimed; the exact count depends on timing, so
+/// `claiming`'s unit test `a_failed_key_takes_its_unsent_rows_out_of_the_count` pins it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_of_a_busy_key_do_not_use_up_the_relays_room() {
+    let h = Harness::new(
+        // Five rows a request: a key's rows in flight are acked a few at a time, and it is
+        // refilled while rows of it are still on the wire.
+        |p| {
+            p.librdkafka.insert("batch.num.messages".into(), "5".into());
+        },
+        |r| {
+            r.per_key = 20;
+            r.max_in_flight = 24;
+            r.max_attempts = 1_000;
+            r.backoff = Backoff {
+                initial: Duration::from_millis(20),
+                max: Duration::from_millis(40),
+            };
+        },
+    )
+    .await;
+    let mut staged = Vec::new();
+    for seq in 0..300 {
+        staged.push(h.stage("a", seq).await);
+    }
+    // Two requests through, then one failed, 60 times over: each failure finds rows of the
+    // key read and waiting behind the failed ones (at least the one a read takes beyond
+    // what it sends, to tell whether the key has more): more than the relay has room for.
+    use RDKafkaRespErr as E;
+    let mut errors = Vec::new();
+    for _ in 0..60 {
+        errors.extend([
+            E::RD_KAFKA_RESP_ERR_NO_ERROR,
+            E::RD_KAFKA_RESP_ERR_NO_ERROR,
+            E::RD_KAFKA_RESP_ERR_UNKNOWN,
+        ]);
+    }
+    h.inject(&errors);
+    let relay = Relay::new(
+        h.store.clone(),
+        Arc::clone(&h.producer),
+        h.relay.config().clone(),
+    )
+    .unwrap()
+    .with_wake_signal(outpost::WakeSignal::new());
+    let running = support::spawn(relay);
+    support::eventually(
+        Duration::from_secs(60),
+        "every row of the failing key is published",
+        || async { (support::count_status(&h.store, "pending").await == 0).then_some(()) },
+    )
+    .await;
+    let late = h.stage("b", 0).await;
+    support::eventually(
+        Duration::from_secs(10),
+        "a key staged after the failures is published",
+        || async { (h.row(&late).await.status == "published").then_some(()) },
+    )
+    .await;
+    running.stop().await;
+    assert!(
+        h.producer.generation() > 1,
+        "the injected errors failed requests (the producer was replaced)"
+    );
+    let mut all: Vec<&OutboxEvent> = staged.iter().collect();
+    all.push(&late);
+    let mut seen = h
+        .collector()
+        .wait_for(&ids(&all), Duration::from_secs(10))
+        .await;
+    seen.retain(|c| c.key == "a");
+    support::assert_key_order(&seen);
+}

@@ -224,6 +224,10 @@ impl Keys {
                 Next::Fetch => review.fetch.push((key, state.after)),
                 Next::Wait => {}
                 Next::Release(release) => {
+                    // A failed key goes back with rows read and never sent (nothing is sent
+                    // after its failure); they leave the count with it, or every failure
+                    // would shrink the room for reads until the relay claimed nothing more.
+                    self.queued -= state.queued.len();
                     self.keys.remove(&key);
                     review.release.push((key, release));
                 }
@@ -356,6 +360,31 @@ mod tests {
             failures: 0,
             created_at: chrono::Utc::now(),
         }
+    }
+
+    #[test]
+    fn a_failed_key_takes_its_unsent_rows_out_of_the_count() {
+        let mut keys = Keys::default();
+        keys.claimed(
+            vec![ClaimedKey {
+                key: "k".into(),
+                rows: vec![row(1), row(2), row(3)],
+            }],
+            10,
+        );
+        let state = keys.queue("k").unwrap();
+        state.queued.pop_front();
+        state.in_flight = 1;
+        keys.took(1);
+        let state = keys.get_mut("k").unwrap();
+        state.failure = Some((1, retry(), ErrorClass::Transient));
+        state.in_flight = 0;
+        let review = keys.review(5, false, false);
+        assert!(matches!(
+            review.release.as_slice(),
+            [(_, Release::Failed(1, _, _))]
+        ));
+        assert_eq!(keys.queued_rows(), 0);
     }
 
     #[test]
