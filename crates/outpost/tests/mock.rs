@@ -178,6 +178,18 @@ impl Harness {
         }
     }
 
+    /// Runs a second relay of the same settings in the background (`run`, not `run_once`).
+    fn run(&self) -> support::Running {
+        let relay = Relay::new(
+            self.store.clone(),
+            Arc::clone(&self.producer),
+            self.relay.config().clone(),
+        )
+        .unwrap()
+        .with_wake_signal(outpost::WakeSignal::new());
+        support::spawn(relay)
+    }
+
     fn collector(&self) -> Collector {
         Collector::start(&self.mock.bootstrap_servers(), &self.topic, 1)
     }
@@ -823,14 +835,7 @@ async fn a_queue_filled_by_others_does_not_stall_the_relay() {
     let h = tiny_queue_harness().await;
     let fillers = fill_queue(&h);
     let staged = [h.stage("k", 0).await, h.stage("k", 1).await];
-    let relay = Relay::new(
-        h.store.clone(),
-        Arc::clone(&h.producer),
-        h.relay.config().clone(),
-    )
-    .unwrap()
-    .with_wake_signal(outpost::WakeSignal::new());
-    let running = support::spawn(relay);
+    let running = h.run();
     support::eventually(
         Duration::from_secs(10),
         "the relay owns the key",
@@ -919,14 +924,7 @@ async fn failures_of_a_busy_key_do_not_use_up_the_relays_room() {
         ]);
     }
     h.inject(&errors);
-    let relay = Relay::new(
-        h.store.clone(),
-        Arc::clone(&h.producer),
-        h.relay.config().clone(),
-    )
-    .unwrap()
-    .with_wake_signal(outpost::WakeSignal::new());
-    let running = support::spawn(relay);
+    let running = h.run();
     support::eventually(
         Duration::from_secs(60),
         "every row of the failing key is published",
