@@ -1100,8 +1100,8 @@ impl OutboxStore {
     /// A requeued row keeps its id, so it goes out before the rows of its key that are
     /// still pending; rows of its key that were delivered while it was parked stay
     /// delivered, so it reaches Kafka after them. It never gets a second owner: its key's
-    /// current owner (if any) keeps the key, and the row is sent by whoever holds the key
-    /// next.
+    /// current owner (if any) keeps the key and reads on after the rows it has read, so the
+    /// row follows those, and is sent by whoever holds the key next.
     ///
     /// # Errors
     /// [`Error::OutboxStorage`] when the update fails.
