@@ -238,6 +238,13 @@ pub(crate) struct Queued {
     producer: Arc<AckProducer>,
 }
 
+impl Queued {
+    /// The generation of the instance it went to ([`KafkaProducer::generation`] then).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
 /// The wait for one queued message's acknowledgement (see [`KafkaProducer::enqueue`]).
 pub type PendingAck = std::pin::Pin<
     Box<dyn std::future::Future<Output = std::result::Result<Acked, SendFailure>> + Send>,
@@ -346,9 +353,15 @@ impl KafkaProducer {
         }))
     }
 
-    /// Queues one message like [`enqueue`](Self::enqueue), its delivery report going to `to`
-    /// tagged with `tag` instead of to a future of its own (for a caller with thousands in
-    /// flight). Hand the report back to [`reported`](Self::reported) with what this returns.
+    /// Queues one message like [`enqueue`](Self::enqueue), its delivery report going to
+    /// `to()` instead of to a future of its own (for a caller with thousands in flight).
+    /// Hand the report back to [`reported`](Self::reported) with what this returns.
+    ///
+    /// `on`: queue it only with the instance of that generation (see [`Queued::generation`]),
+    /// else return `Ok(None)`, queueing nothing and calling no `to`: a caller whose earlier
+    /// messages of a key went to an instance since replaced holds the key's next ones until
+    /// those resolve. On two instances (two producer ids) the broker's sequence check no
+    /// longer orders them, and the new one's could land first.
     ///
     /// # Errors
     /// As [`enqueue`](Self::enqueue); nothing is reported to `to` then.
@@ -358,12 +371,13 @@ impl KafkaProducer {
         key: &str,
         payload: &[u8],
         headers: OwnedHeaders,
-        to: AckTo,
-    ) -> std::result::Result<Queued, SendFailure> {
-        let (queued, ()) = self.queue(|producer| {
-            producer.queue(topic, Some(key.as_bytes()), Some(payload), headers, to)
+        to: impl FnOnce() -> AckTo,
+        on: Option<u64>,
+    ) -> std::result::Result<Option<Queued>, SendFailure> {
+        let queued = self.queue_on(on, |producer| {
+            producer.queue(topic, Some(key.as_bytes()), Some(payload), headers, to())
         })?;
-        Ok(queued)
+        Ok(queued.map(|(queued, ())| queued))
     }
 
     /// Queues one message with the current producer instance through `queue`; a refusal
@@ -372,18 +386,35 @@ impl KafkaProducer {
         &self,
         queue: impl FnOnce(&AckProducer) -> std::result::Result<T, KafkaError>,
     ) -> std::result::Result<(Queued, T), SendFailure> {
-        let (generation, producer) = self.snapshot();
-        match queue(&producer) {
+        Ok(self.queue_on(None, queue)?.expect("any instance will do"))
+    }
+
+    /// [`queue`](Self::queue), only with the instance of generation `on` if given (`None`
+    /// when it was replaced). The instance is held while queueing, so it cannot be
+    /// replaced between the check and the queueing (librdkafka queues without blocking).
+    fn queue_on<T>(
+        &self,
+        on: Option<u64>,
+        queue: impl FnOnce(&AckProducer) -> std::result::Result<T, KafkaError>,
+    ) -> std::result::Result<Option<(Queued, T)>, SendFailure> {
+        let guard = self.current.read().unwrap_or_else(|p| p.into_inner());
+        if on.is_some_and(|on| on != guard.0) {
+            return Ok(None);
+        }
+        let (generation, producer) = (guard.0, Arc::clone(&guard.1));
+        let queued = queue(&producer);
+        drop(guard);
+        match queued {
             Ok(waiting) => {
                 self.queued
                     .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                Ok((
+                Ok(Some((
                     Queued {
                         generation,
                         producer,
                     },
                     waiting,
-                ))
+                )))
             }
             Err(error) => Err(self.outcome(generation, &producer, Err(error)).unwrap_err()),
         }
@@ -477,7 +508,8 @@ impl KafkaProducer {
                 >= self.config.delivery_timeout * 2
     }
 
-    fn rebuild(&self, seen_generation: u64, cause: &KafkaError) {
+    /// Replaces the instance of generation `seen_generation` (a no-op if it already was).
+    pub(crate) fn rebuild(&self, seen_generation: u64, cause: &KafkaError) {
         if self.generation() != seen_generation {
             return; // another task already replaced it
         }

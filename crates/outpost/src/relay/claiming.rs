@@ -19,6 +19,9 @@ pub(crate) struct KeyState {
     pub(crate) queued: VecDeque<ClaimedEvent>,
     /// Rows sent and not yet acked or failed.
     pub(crate) in_flight: usize,
+    /// The producer instance (generation) the latest row in flight went to: while rows are
+    /// in flight, more go to that instance only (see `Sender::pump`).
+    pub(crate) sent_on: u64,
     /// Highest row id fetched: the next fetch starts after it.
     pub(crate) after: i64,
     /// The last read returned fewer rows than asked: the key had nothing more then.
@@ -29,6 +32,10 @@ pub(crate) struct KeyState {
     /// The lease lapsed and was not renewed (the relay stalled): another owner may be
     /// sending this key, so nothing more of it is sent; acks still in flight are recorded.
     pub(crate) lost: bool,
+    /// Lost, then leased to this relay again by a claim while rows of the lost lease were
+    /// still in flight: it goes back with a hand-back of that new lease, not without one
+    /// (the key would sit leased, unread and unrenewed, until the lease lapsed).
+    pub(crate) reclaimed: bool,
     /// Waiting in [`Keys::defer`]'s queue (once: a key touched by each ack would otherwise
     /// be queued once per ack).
     pub(crate) deferred: bool,
@@ -141,10 +148,14 @@ impl Keys {
     /// Takes in freshly claimed keys (`asked` rows per key were requested).
     pub(crate) fn claimed(&mut self, claimed: Vec<ClaimedKey>, asked: usize) {
         for ClaimedKey { key, rows } in claimed {
-            if self.keys.contains_key(&key) {
+            if let Some(state) = self.keys.get_mut(&key) {
                 // Our own lease ran out (a slow renewal) and the claim took the key again:
                 // its rows are already queued or in flight here; reading them twice would
                 // send them twice.
+                if state.lost {
+                    state.reclaimed = true;
+                    self.dirty.insert(key);
+                }
                 continue;
             }
             let state = self.keys.entry(key.clone()).or_default();
@@ -283,7 +294,11 @@ fn next(state: &KeyState, refill_below: usize, stopping: bool, once: bool) -> Ne
     if state.lost {
         // A failure of a lost key is not recorded either: the new owner retries the row.
         return if state.in_flight == 0 {
-            Next::Release(Release::Lost)
+            Next::Release(if state.reclaimed {
+                Release::Plain
+            } else {
+                Release::Lost
+            })
         } else {
             Next::Wait
         };
@@ -319,7 +334,7 @@ fn next(state: &KeyState, refill_below: usize, stopping: bool, once: bool) -> Ne
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::error::ErrorClass;
     use std::time::Duration;
@@ -348,7 +363,8 @@ mod tests {
         ));
     }
 
-    fn row(id: i64) -> ClaimedEvent {
+    /// A claimed row of key `k`, topic `t`.
+    pub(crate) fn row(id: i64) -> ClaimedEvent {
         ClaimedEvent {
             id,
             event_id: uuid::Uuid::new_v4(),
@@ -440,6 +456,28 @@ mod tests {
         let review = keys.review(5, false, false);
         assert_eq!(review.release, vec![("k".to_owned(), Release::Lost)]);
         assert_eq!(Release::Lost.key_release("k"), None);
+    }
+
+    #[test]
+    fn a_lost_key_claimed_again_goes_back_with_a_hand_back() {
+        let mut keys = Keys::default();
+        let claim = || {
+            vec![ClaimedKey {
+                key: "k".into(),
+                rows: vec![row(1)],
+            }]
+        };
+        keys.claimed(claim(), 10);
+        let state = keys.queue("k").unwrap();
+        state.queued.pop_front();
+        state.in_flight = 1;
+        keys.took(1);
+        keys.lose(["k".to_owned()]);
+        keys.claimed(claim(), 10);
+        assert_eq!(keys.queued_rows(), 0, "not read twice");
+        keys.get_mut("k").unwrap().in_flight = 0;
+        let review = keys.review(5, false, false);
+        assert_eq!(review.release, vec![("k".to_owned(), Release::Plain)]);
     }
 
     #[test]

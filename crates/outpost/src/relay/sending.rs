@@ -124,7 +124,17 @@ impl Sender {
                 };
                 taken += 1;
                 let tag = self.free.last().copied().unwrap_or(self.queued.len());
-                match enqueue_reported(self, &event, tag) {
+                let on = (state.in_flight > 0).then_some(state.sent_on);
+                match enqueue_reported(self, &event, tag, on) {
+                    // Rows of the key are still out on a producer instance since replaced (a
+                    // rebuild after another key's failure): the next wait for them, or they
+                    // could land ahead of those, which may yet fail. The key is looked at
+                    // again as their reports come in.
+                    Ok(None) => {
+                        state.queued.push_front(event);
+                        taken -= 1;
+                        break;
+                    }
                     Err(failure) if is_queue_full(&failure) => {
                         state.queued.push_front(event);
                         taken -= 1;
@@ -132,8 +142,9 @@ impl Sender {
                         blocked = true;
                         break;
                     }
-                    Ok(queued) => {
+                    Ok(Some(queued)) => {
                         tracing::trace!(target: "outpost::send", id = event.id, key = %event.event_key, "produced");
+                        state.sent_on = queued.generation();
                         self.bytes += event.payload.len();
                         if tag == self.queued.len() {
                             self.queued.push(Some((event, queued)));
@@ -221,19 +232,23 @@ pub(crate) fn enqueue(
     producer.enqueue_headers(&event.topic, &event.event_key, &event.payload, headers)
 }
 
-/// Queues one claimed row like [`enqueue`], its report going to the sender's stream.
+/// Queues one claimed row like [`enqueue`], its report going to the sender's stream; only
+/// with the producer instance of generation `on` if given (see
+/// [`KafkaProducer::enqueue_reported`]).
 fn enqueue_reported(
     sender: &Sender,
     event: &ClaimedEvent,
     tag: usize,
-) -> Result<Queued, SendFailure> {
+    on: Option<u64>,
+) -> Result<Option<Queued>, SendFailure> {
     let headers = headers_of(event)?;
     sender.producer.enqueue_reported(
         &event.topic,
         &event.event_key,
         &event.payload,
         headers,
-        AckTo::stream(tag, &sender.report_to),
+        || AckTo::stream(tag, &sender.report_to),
+        on,
     )
 }
 
@@ -264,4 +279,62 @@ fn headers_of(event: &ClaimedEvent) -> Result<OwnedHeaders, SendFailure> {
 
 fn is_queue_full(failure: &SendFailure) -> bool {
     failure.error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::QueueFull)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::producer::ProducerConfig;
+    use crate::outbox::store::ClaimedKey;
+    use crate::relay::claiming::tests::row;
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+    /// Rows of a key still out on a replaced producer instance hold its next rows back
+    /// until they resolve: on the new instance (a new producer id) the broker would not
+    /// keep them in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_sends_nothing_on_a_new_producer_while_rows_of_it_are_out_on_the_old_one() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 1, 1).unwrap();
+        // Nothing leaves: every report comes from the test.
+        cluster.broker_down(-1).unwrap();
+        let producer =
+            Arc::new(KafkaProducer::new(ProducerConfig::new(cluster.bootstrap_servers())).unwrap());
+        let mut sender = Sender::new(Arc::clone(&producer), 100, 1 << 20, 2);
+        let mut keys = Keys::default();
+        let rows = (1..=4).map(row).collect();
+        keys.claimed(
+            vec![ClaimedKey {
+                key: "k".into(),
+                rows,
+            }],
+            10,
+        );
+        let send = ["k".to_owned()];
+        let until = Instant::now() + Duration::from_secs(60);
+        let in_flight = |keys: &mut Keys| keys.queue("k").unwrap().in_flight;
+
+        sender.pump(&mut keys, &send, until);
+        assert_eq!(in_flight(&mut keys), 2);
+        producer.rebuild(
+            0,
+            &KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+        );
+        // One of the two resolved; the other is still out on the replaced instance.
+        keys.queue("k").unwrap().in_flight = 1;
+        sender.pump(&mut keys, &send, until);
+        assert_eq!(
+            in_flight(&mut keys),
+            1,
+            "nothing queued on the new instance"
+        );
+        assert_eq!(keys.queue("k").unwrap().queued.len(), 2);
+        assert_eq!(keys.queued_rows(), 2);
+
+        keys.queue("k").unwrap().in_flight = 0;
+        sender.pump(&mut keys, &send, until);
+        assert_eq!(in_flight(&mut keys), 2, "sent once the old rows resolved");
+        assert_eq!(keys.queue("k").unwrap().sent_on, 1);
+        producer.purge_queued();
+    }
 }
