@@ -119,6 +119,41 @@ async fn a_key_has_one_owner_until_it_is_handed_back() {
     assert_eq!(again[0].rows.len(), 4);
 }
 
+/// A claim leases its keys in one statement and reads their rows in another: when the
+/// read fails, the keys are handed back, not left leased to a caller that got an error
+/// (nobody would send or renew them until the lease lapsed).
+#[tokio::test]
+async fn a_claim_whose_read_fails_hands_its_keys_back() {
+    let store = support::store().await;
+    support::stage_committed(&store, "t", 3, 3).await;
+    let payloads = store.table().payloads();
+    let away = format!("{}_away", store.table().table());
+    let rename = |sql: String| {
+        let store = store.clone();
+        async move { sqlx::query(&sql).execute(store.pool()).await.unwrap() }
+    };
+    // The read joins the payloads; the lease does not touch them.
+    rename(format!("ALTER TABLE {payloads} RENAME TO \"{away}\"")).await;
+    let failed = store.claim(Uuid::new_v4(), 10, 10, LEASE).await;
+    rename(format!(
+        "ALTER TABLE \"{}\".\"{away}\" RENAME TO \"{}_payloads\"",
+        store.table().schema(),
+        store.table().table()
+    ))
+    .await;
+    assert!(failed.is_err(), "the read failed");
+    let leased: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {} WHERE lease_owner IS NOT NULL",
+        store.table().keys()
+    ))
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(leased, 0, "keys handed back");
+    let again = store.claim(Uuid::new_v4(), 10, 10, LEASE).await.unwrap();
+    assert_eq!(ids(&again).len(), 3, "claimable at once by anyone");
+}
+
 #[tokio::test]
 async fn concurrent_claims_never_overlap_and_drained_keys_are_deleted() {
     let store = support::store().await;

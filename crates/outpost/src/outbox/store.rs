@@ -812,9 +812,22 @@ impl OutboxStore {
                 return Ok(Vec::new());
             }
             let from_start: Vec<(String, i64)> = leased.iter().map(|k| (k.clone(), 0)).collect();
-            let mut found = self
+            let mut found = match self
                 .read(&self.sql.fetch_leased, owner, &from_start, per_key)
-                .await?;
+                .await
+            {
+                Ok(found) => found,
+                Err(e) => {
+                    // The keys are leased (that statement committed) and nobody will send
+                    // or renew them: hand them back, or they wait out the lease. If this
+                    // fails too, they do.
+                    let back: Vec<KeyRelease> = leased.into_iter().map(KeyRelease::done).collect();
+                    if let Err(again) = self.settle(owner, &[], &back).await {
+                        tracing::warn!(error = %again, keys = back.len(), "could not hand back keys whose read failed; they come back when the lease lapses");
+                    }
+                    return Err(e);
+                }
+            };
             // A set, not a scan of `found` per key: 500 keys a claim cost 250,000 string
             // compares, a tenth of the relay's CPU over a 100,000-key drain.
             let read: HashSet<&str, foldhash::fast::RandomState> =
