@@ -332,25 +332,36 @@ impl KafkaProducer {
         payload: &[u8],
         headers: &BTreeMap<String, String>,
     ) -> std::result::Result<PendingAck, SendFailure> {
-        self.enqueue_headers(topic, key, payload, kafka_headers(headers))
+        let (ack, _) = self
+            .enqueue_headers(topic, key, payload, kafka_headers(headers), None)?
+            .expect("any instance will do");
+        Ok(ack)
     }
 
-    /// [`enqueue`](Self::enqueue) with the Kafka headers already built.
+    /// [`enqueue`](Self::enqueue) with the Kafka headers already built, with the
+    /// generation of the instance it went to; `on` as in
+    /// [`enqueue_reported`](Self::enqueue_reported).
     pub(crate) fn enqueue_headers(
         self: &Arc<Self>,
         topic: &str,
         key: &str,
         payload: &[u8],
         headers: OwnedHeaders,
-    ) -> std::result::Result<PendingAck, SendFailure> {
-        let (queued, delivery) = self.queue(|producer| {
+        on: Option<u64>,
+    ) -> std::result::Result<Option<(PendingAck, u64)>, SendFailure> {
+        let Some((queued, delivery)) = self.queue_on(on, |producer| {
             producer.enqueue(topic, Some(key.as_bytes()), Some(payload), headers)
-        })?;
+        })?
+        else {
+            return Ok(None);
+        };
+        let generation = queued.generation;
         let this = Arc::clone(self);
-        Ok(Box::pin(async move {
+        let ack: PendingAck = Box::pin(async move {
             let landed = delivery.await.unwrap_or(Err(KafkaError::Canceled));
             this.reported(&queued, landed)
-        }))
+        });
+        Ok(Some((ack, generation)))
     }
 
     /// Queues one message like [`enqueue`](Self::enqueue), its delivery report going to
@@ -380,18 +391,11 @@ impl KafkaProducer {
         Ok(queued.map(|(queued, ())| queued))
     }
 
-    /// Queues one message with the current producer instance through `queue`; a refusal
-    /// is classified (and a fenced producer replaced) as a failed delivery would be.
-    fn queue<T>(
-        &self,
-        queue: impl FnOnce(&AckProducer) -> std::result::Result<T, KafkaError>,
-    ) -> std::result::Result<(Queued, T), SendFailure> {
-        Ok(self.queue_on(None, queue)?.expect("any instance will do"))
-    }
-
-    /// [`queue`](Self::queue), only with the instance of generation `on` if given (`None`
-    /// when it was replaced). The instance is held while queueing, so it cannot be
-    /// replaced between the check and the queueing (librdkafka queues without blocking).
+    /// Queues one message through `queue` with the current producer instance, or only with
+    /// the instance of generation `on` if given (`None` when it was replaced): the instance
+    /// is held while queueing, so it cannot be replaced between the check and the queueing
+    /// (librdkafka queues without blocking). A refusal is classified (and a fenced producer
+    /// replaced) as a failed delivery would be.
     fn queue_on<T>(
         &self,
         on: Option<u64>,
@@ -694,6 +698,29 @@ mod tests {
                 "{failed}"
             );
         }
+    }
+
+    /// A message meant for a replaced instance is not queued at all (on the current one it
+    /// would go out under another producer id, unordered with the first ones).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_for_a_replaced_instance_is_not_queued() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("on", 1, 1).unwrap();
+        cluster.broker_down(-1).unwrap();
+        let producer =
+            Arc::new(KafkaProducer::new(ProducerConfig::new(cluster.bootstrap_servers())).unwrap());
+        let send = |on| producer.enqueue_headers("on", "k", b"x", OwnedHeaders::new(), on);
+        let (_first, generation) = send(None).unwrap().expect("queued");
+        assert_eq!(generation, 0);
+        assert!(send(Some(0)).unwrap().is_some(), "same instance");
+        producer.rebuild(
+            0,
+            &KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+        );
+        assert!(send(Some(0)).unwrap().is_none(), "replaced: not queued");
+        let (_, generation) = send(Some(1)).unwrap().expect("the new instance");
+        assert_eq!(generation, 1);
+        producer.purge_queued();
     }
 
     #[test]

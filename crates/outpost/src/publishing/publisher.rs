@@ -638,8 +638,22 @@ impl Publisher {
         // one retried, those would land ahead of it. They stay pending, the key goes back.
         let mut cut: HashSet<&str> = HashSet::new();
         for key in &claimed {
+            // A key's rows go to one producer instance: should it be replaced meanwhile (a
+            // failure elsewhere), the rest would go out under a new producer id, which
+            // the broker does not order after the first ones. They stay pending instead.
+            let mut on = None;
             for row in &key.rows {
-                let ack = crate::relay::sending::enqueue(&inner.producer, row);
+                let ack = match crate::relay::sending::enqueue(&inner.producer, row, on) {
+                    Ok(Some((ack, generation))) => {
+                        on = Some(generation);
+                        Ok(ack)
+                    }
+                    Ok(None) => {
+                        cut.insert(key.key.as_str());
+                        break;
+                    }
+                    Err(failure) => Err(failure),
+                };
                 let refused = ack.is_err();
                 if refused && key.rows.last().is_some_and(|last| last.id != row.id) {
                     cut.insert(key.key.as_str());

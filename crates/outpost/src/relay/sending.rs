@@ -221,15 +221,17 @@ impl Sender {
     }
 }
 
-/// Queues one claimed row with `producer` (see [`KafkaProducer::enqueue`]). A row whose
-/// stored headers do not parse fails permanently, before anything is queued: it is parked,
-/// and its key goes on.
+/// Queues one claimed row with `producer` (see [`KafkaProducer::enqueue`]), only with the
+/// instance of generation `on` if given (`Ok(None)` when it was replaced); returns the
+/// wait for its ack and the generation it went to. A row whose stored headers do not parse
+/// fails permanently, before anything is queued: it is parked, and its key goes on.
 pub(crate) fn enqueue(
     producer: &Arc<KafkaProducer>,
     event: &ClaimedEvent,
-) -> Result<PendingAck, SendFailure> {
+    on: Option<u64>,
+) -> Result<Option<(PendingAck, u64)>, SendFailure> {
     let headers = headers_of(event)?;
-    producer.enqueue_headers(&event.topic, &event.event_key, &event.payload, headers)
+    producer.enqueue_headers(&event.topic, &event.event_key, &event.payload, headers, on)
 }
 
 /// Queues one claimed row like [`enqueue`], its report going to the sender's stream; only
