@@ -126,12 +126,11 @@ async fn relay(
             settings.database_secret.0.clone(),
             settings.environment,
         );
-        config.topics = settings
-            .services
-            .iter()
-            .find(|s| &s.name == service)
-            .map(|s| s.relay.topics.clone())
-            .unwrap_or_default();
+        // Topic overrides and the attempt budget are the service's, as in table mode.
+        if let Some(svc) = settings.services.iter().find(|s| &s.name == service) {
+            config.topics = svc.relay.topics.clone();
+            config.max_attempts = svc.relay.max_attempts;
+        }
         let relay = WalRelay::new(config, pool.clone(), Arc::clone(&producer))
             .with_context(|| format!("cannot start the WAL relay of service {service}"))?;
         let token = shutdown.clone();

@@ -2,7 +2,10 @@
 //! logical decoding): events emitted in transactions reach Kafka in commit order per key,
 //! rolled-back ones never; one relay leads and another takes over; a broker paused past
 //! `wal_sender_timeout` and a PostgreSQL restart lose nothing; the SQL function stages from
-//! SQL alone; refused events go to the dead letters and can be requeued.
+//! SQL alone; refused events go to the dead letters and can be requeued, NUL characters and
+//! an exhausted attempt budget included (the budget and a failed session's leftovers in
+//! librdkafka on its in-process mock broker); the leader's lock connection has short TCP
+//! keepalives; `doctor` fails a physical slot of the stream's name.
 
 mod support;
 
@@ -14,6 +17,9 @@ use outpost::testkit::postgres::PrivatePostgres;
 use outpost::testkit::TansuBroker;
 use outpost::wal::{self, setup, WalDeadLetters, WalRelay, WalRelayConfig, WalStream};
 use outpost::{Environment, KafkaProducer, OutboxEvent};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -689,5 +695,257 @@ async fn a_publisher_in_wal_mode_emits_in_the_callers_transaction() {
     running.stop().await;
     let consumed = support::settled(&collector, consumed.len(), Duration::from_secs(1)).await;
     assert!(consumed.iter().all(|c| c.event_id != ghost.event_id));
+    db.drop_slot().await;
+}
+
+#[tokio::test]
+async fn doctor_fails_a_physical_slot_holding_the_streams_name() {
+    // A physical slot needs no logical decoding: the shared server will do.
+    let pool = support::pool().await;
+    let stream = WalStream::new(&support::unique("w")).unwrap();
+    sqlx::query("SELECT pg_create_physical_replication_slot($1)")
+        .bind(stream.slot())
+        .execute(&pool)
+        .await
+        .unwrap();
+    // In a task of its own, so the slot is dropped even if it panics.
+    let report = tokio::spawn({
+        let (pool, stream) = (pool.clone(), stream.clone());
+        async move { setup::doctor(&pool, &stream).await }
+    })
+    .await;
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(stream.slot())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report = report.expect("doctor does not panic").unwrap();
+    let slot = report.checks.iter().find(|c| c.name == "slot").unwrap();
+    assert_eq!(slot.verdict, setup::Verdict::Fail, "{report}");
+    assert!(slot.found.contains("a physical slot"), "{report}");
+    assert!(
+        slot.fix
+            .as_deref()
+            .is_some_and(|f| f.contains("belongs to something else")),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_with_nul_characters_are_dead_lettered_and_the_stream_moves_on() {
+    let db = WalDb::start(&[]).await;
+    let brokers = support::brokers();
+    let topic = support::topic(1).await;
+    let collector = Collector::start(&brokers, &topic, 1);
+    let relay = db.relay(support::patient_producer(&brokers), |_| {});
+    let running = spawn(&relay);
+
+    // An event id with a NUL: not an event, and the parse error quotes the character.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "SELECT pg_logical_emit_message(true, $1, \
+           convert_to($2, 'UTF8') || '\\x00'::bytea || 'payload'::bytea)",
+    )
+    .bind(db.stream.prefix())
+    .bind(format!(
+        r#"{{"id": "0\u0000", "topic": "{topic}", "key": "k"}}"#
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    // A topic with a NUL (librdkafka refuses it before queueing), a key and headers too.
+    let mut nul = event(&topic, "k\0ey", 0);
+    nul.topic = format!("{topic}\0x");
+    nul.headers.insert("h\0".into(), "v\0".into());
+    let after = event(&topic, "k", 1);
+    let mut tx = db.pool.begin().await.unwrap();
+    wal::emit(&mut tx, &db.stream, &nul).await.unwrap();
+    wal::emit(&mut tx, &db.stream, &after).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let started = std::time::Instant::now();
+    let consumed = collector
+        .wait_for(&[after.event_id], Duration::from_secs(30))
+        .await;
+    tracing::info!(elapsed = ?started.elapsed(), "the event behind them arrived");
+    assert!(consumed.iter().all(|c| c.event_id != nul.event_id));
+    let dead = WalDeadLetters::new(db.pool.clone(), db.stream.clone());
+    let letters = dead.list(10).await.unwrap();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let foreign = letters.iter().find(|l| l.class == "undecodable").unwrap();
+    assert!(foreign.reason.contains('\u{FFFD}'), "{foreign:?}");
+    let refused = letters.iter().find(|l| l.class == "permanent").unwrap();
+    assert_eq!(refused.event_id, Some(nul.event_id));
+    assert_eq!(refused.topic, Some(format!("{topic}\u{FFFD}x")));
+    assert_eq!(refused.event_key.as_deref(), Some("k\u{FFFD}ey"));
+    assert!(refused.reason.contains("U+FFFD"), "{refused:?}");
+    assert_eq!(relay.progress().dead, 2);
+    assert_eq!(relay.progress().sessions, 1, "no session failed");
+    running.stop().await;
+    db.drop_slot().await;
+}
+
+/// A topic of its own on librdkafka's in-process mock broker, for faults tansu cannot
+/// inject.
+fn mock_cluster() -> (MockCluster<'static, DefaultProducerContext>, String) {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = support::unique("outpost.mock").replace('_', ".");
+    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    (mock, topic)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unclassified_failure_is_dead_lettered_after_the_attempt_budget() {
+    let db = WalDb::start(&[]).await;
+    let (mock, topic) = mock_cluster();
+    let collector = Collector::start(&mock.bootstrap_servers(), &topic, 1);
+    let relay = db.relay(support::producer(&mock.bootstrap_servers()), |c| {
+        c.max_attempts = 3;
+    });
+    let running = spawn(&relay);
+
+    // UNKNOWN_SERVER_ERROR, which librdkafka hands straight to the application, as often
+    // as the budget allows: without a budget the fourth attempt would deliver it.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN; 3],
+    );
+    let doomed = event(&topic, "k", 0);
+    let mut tx = db.pool.begin().await.unwrap();
+    wal::emit(&mut tx, &db.stream, &doomed).await.unwrap();
+    tx.commit().await.unwrap();
+    let dead = WalDeadLetters::new(db.pool.clone(), db.stream.clone());
+    let letters = support::eventually(Duration::from_secs(20), "a dead letter", || async {
+        let l = dead.list(10).await.unwrap();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].event_id, Some(doomed.event_id));
+    assert_eq!(letters[0].class, "retriable");
+    assert!(letters[0].reason.contains("failed 3 times"), "{letters:?}");
+
+    let after = event(&topic, "k", 1);
+    let mut tx = db.pool.begin().await.unwrap();
+    wal::emit(&mut tx, &db.stream, &after).await.unwrap();
+    tx.commit().await.unwrap();
+    let consumed = collector
+        .wait_for(&[after.event_id], Duration::from_secs(20))
+        .await;
+    assert!(consumed.iter().all(|c| c.event_id != doomed.event_id));
+    running.stop().await;
+    db.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_session_purges_its_unsent_messages_before_giving_up_the_lead() {
+    let db = WalDb::start(&[]).await;
+    let (mock, topic) = mock_cluster();
+    let brokers = mock.bootstrap_servers();
+    let collector = Collector::start(&brokers, &topic, 1);
+    let mut cfg = support::producer_config(&brokers);
+    // Long enough that nothing queued during the outage below times out.
+    cfg.delivery_timeout = Duration::from_secs(30);
+    cfg.request_timeout = Duration::from_secs(10);
+    let relay = db.relay(Arc::new(KafkaProducer::new(cfg).unwrap()), |_| {});
+    let running = spawn(&relay);
+    // Warm up: the producer knows the topic before the outage.
+    let warm = emit_committed(&db, &topic, 1, (0, 1), 1).await;
+    collector
+        .wait_for(&ids(&warm), Duration::from_secs(20))
+        .await;
+
+    mock.broker_down(-1).unwrap();
+    let mut queued = emit_committed(&db, &topic, 1, (1, 2), 2).await;
+    let first_read: i64 =
+        sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    // A transaction after them: once the relay read it, it has queued the two before.
+    queued.extend(emit_committed(&db, &topic, 1, (3, 1), 1).await);
+    support::eventually(Duration::from_secs(20), "the relay read them", || async {
+        (relay.progress().received_lsn >= first_read as u64).then_some(())
+    })
+    .await;
+    // The stream fails while they wait in librdkafka's queue.
+    sqlx::query(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(db.stream.slot())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    support::eventually(Duration::from_secs(40), "a second session", || async {
+        (relay.progress().sessions >= 2).then_some(())
+    })
+    .await;
+
+    mock.broker_up(-1).unwrap();
+    let consumed = collector
+        .wait_for(&ids(&queued), Duration::from_secs(30))
+        .await;
+    running.stop().await;
+    let consumed = support::settled(&collector, consumed.len(), Duration::from_secs(2)).await;
+    // The first session's messages were purged, not left to land beside the second's.
+    for e in &queued {
+        let times = consumed.iter().filter(|c| c.event_id == e.event_id).count();
+        assert_eq!(times, 1, "event {} delivered {times} times", e.event_id);
+    }
+    support::assert_key_order(&consumed);
+    db.drop_slot().await;
+}
+
+/// The kernel's keepalive timer on the server's end of the leader's lock connection, in
+/// seconds: `/proc/net/tcp*` lists it as timer 2 with its expiry in hundredths.
+#[cfg(target_os = "linux")]
+fn keepalive_due_in(server_port: u16, client_port: u16) -> Option<f64> {
+    let ends = (format!(":{server_port:04X}"), format!(":{client_port:04X}"));
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|file| {
+        let table = std::fs::read_to_string(file).ok()?;
+        table.lines().skip(1).find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if !(f[1].ends_with(&ends.0) && f[2].ends_with(&ends.1)) {
+                return None;
+            }
+            let (timer, due) = f[5].split_once(':')?;
+            (timer == "02").then(|| u64::from_str_radix(due, 16).ok().map(|d| d as f64 / 100.0))?
+        })
+    })
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_lock_connection_has_short_tcp_keepalives() {
+    let db = WalDb::start(&[]).await;
+    let relay = db.relay(support::patient_producer(&support::brokers()), |_| {});
+    let running = spawn(&relay);
+    support::eventually(Duration::from_secs(20), "the relay leads", || async {
+        relay.progress().leader.then_some(())
+    })
+    .await;
+    let (server_port, client_port): (i32, i32) = sqlx::query_as(
+        "SELECT inet_server_port(), a.client_port FROM pg_locks l \
+         JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND l.granted",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let ports = (
+        u16::try_from(server_port).unwrap(),
+        u16::try_from(client_port).unwrap(),
+    );
+    // With the OS default the timer runs two hours; the health query's traffic can hide
+    // it behind the retransmission timer for a moment.
+    let due = support::eventually(Duration::from_secs(10), "a keepalive timer", || async {
+        keepalive_due_in(ports.0, ports.1)
+    })
+    .await;
+    assert!(
+        due <= 10.5,
+        "the server probes the leader after {due} s of silence"
+    );
+    running.stop().await;
     db.drop_slot().await;
 }

@@ -22,24 +22,49 @@ pub(crate) fn replication_config(
     if !matches!(url.scheme(), "postgres" | "postgresql") {
         return Err(bad("the scheme must be postgres"));
     }
-    let host = url.host_str().ok_or_else(|| bad("no host"))?.to_owned();
+    // Query parameters win over the URL's parts, as in sqlx (which opens every other
+    // connection from the same URL); they arrive decoded.
+    let param = |name: &str| {
+        url.query_pairs()
+            .filter(|(k, _)| k == name)
+            .last()
+            .map(|(_, v)| v.into_owned())
+    };
     // Userinfo and path are percent-encoded; a '+' in them is a plus, not a space.
     let decode = |s: &str| {
         percent_encoding::percent_decode_str(s)
             .decode_utf8_lossy()
             .into_owned()
     };
-    let user = match url.username() {
+    // The last of `host` and `hostaddr` wins, as in sqlx.
+    let host = url
+        .query_pairs()
+        .filter(|(k, _)| k == "host" || k == "hostaddr")
+        .last()
+        .map(|(_, v)| v.into_owned())
+        .or_else(|| url.host_str().filter(|h| !h.is_empty()).map(decode))
+        .ok_or_else(|| bad("no host"))?;
+    if host.starts_with('/') {
+        return Err(bad(
+            "a Unix socket directory as host is not supported by the WAL relay's replication \
+             connection: give a TCP host",
+        ));
+    }
+    let port = match param("port") {
+        Some(p) => p.parse().map_err(|_| bad("port must be a number"))?,
+        None => url.port().unwrap_or(5432),
+    };
+    let user = param("user").unwrap_or_else(|| match url.username() {
         "" => "postgres".to_owned(),
         u => decode(u),
-    };
-    let password = url.password().map(decode).unwrap_or_default();
-    let database = url.path().trim_start_matches('/');
-    let database = if database.is_empty() {
-        user.clone()
-    } else {
-        decode(database)
-    };
+    });
+    let password = param("password")
+        .or_else(|| url.password().map(decode))
+        .unwrap_or_default();
+    let database = param("dbname").unwrap_or_else(|| match url.path().trim_start_matches('/') {
+        "" => user.clone(),
+        path => decode(path),
+    });
     let tls = match url
         .query_pairs()
         .find(|(k, _)| k == "sslmode")
@@ -61,22 +86,31 @@ pub(crate) fn replication_config(
         stream.slot(),
         stream.publication(),
     )
-    .with_port(url.port().unwrap_or(5432))
+    .with_port(port)
     .with_tls(tls)
     .with_start_lsn(Lsn::ZERO))
 }
 
-/// The URL without its password, for error messages.
+/// The URL without its password (in the userinfo or a `password` query parameter), for
+/// error messages and `Debug`.
 pub(crate) fn redact(database_url: &str) -> String {
-    match url::Url::parse(database_url) {
-        Ok(mut url) => {
-            if url.password().is_some() {
-                let _ = url.set_password(Some("****"));
-            }
-            url.to_string()
-        }
-        Err(_) => "(not a URL)".to_owned(),
+    let Ok(mut url) = url::Url::parse(database_url) else {
+        return "(not a URL)".to_owned();
+    };
+    if url.password().is_some() {
+        let _ = url.set_password(Some("****"));
     }
+    if url.query_pairs().any(|(k, _)| k == "password") {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "password" { "****".into() } else { v };
+                (k.into_owned(), v.into_owned())
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
 }
 
 #[cfg(test)]
@@ -103,6 +137,72 @@ mod tests {
         );
         let c = replication_config("postgresql://127.0.0.1/test", &stream).unwrap();
         assert_eq!((c.port, c.user.as_str()), (5432, "postgres"));
+    }
+
+    #[test]
+    fn query_parameters_win_over_the_url_parts_as_in_sqlx() {
+        let stream = WalStream::new("els").unwrap();
+        let c = replication_config(
+            "postgres://ignored:old@db.example:1/orders\
+             ?user=app&password=p%40ss%26word&port=6543&host=replica.example&dbname=essays",
+            &stream,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.host.as_str(),
+                c.port,
+                c.user.as_str(),
+                c.password.as_str(),
+                c.database.as_str()
+            ),
+            ("replica.example", 6543, "app", "p@ss&word", "essays")
+        );
+        let c = replication_config("postgres:///test?host=10.0.0.7&password=s", &stream).unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.port, c.password.as_str()),
+            ("10.0.0.7", 5432, "s")
+        );
+        let e = replication_config("postgres://h/db?port=x&password=s3cret", &stream)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("port must be a number") && !e.contains("s3cret"),
+            "{e}"
+        );
+        let e = replication_config("postgres://h/db?host=/var/run/postgresql", &stream)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("give a TCP host"), "{e}");
+    }
+
+    #[test]
+    fn redaction_hides_a_password_in_the_userinfo_and_in_the_query() {
+        for url in [
+            "postgres://app:s3cret@h/db",
+            "postgres://h/db?password=s3cret&sslmode=require",
+            "postgres://app:s3cret@h/db?sslmode=disable&password=s3cret",
+        ] {
+            let shown = redact(url);
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("****"), "{shown}");
+        }
+        assert_eq!(
+            redact("postgres://app@h/db?sslmode=disable"),
+            "postgres://app@h/db?sslmode=disable"
+        );
+        let stream = WalStream::new("els").unwrap();
+        let config = super::super::WalRelayConfig::new(
+            "els",
+            stream,
+            "postgres://h/db?password=s3cret",
+            crate::Environment::Testing,
+        );
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("****"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! not an Outpost event), kept in a table so the stream can move on, then listed and
 //! requeued by an operator, as table mode's parked rows are.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
@@ -25,9 +28,12 @@ pub struct WalDeadLetter {
     pub payload_bytes: i64,
     /// The commit LSN of the transaction that emitted it.
     pub commit_lsn: String,
-    /// The error class (`permanent`, `undecodable`).
+    /// Why it could not be delivered: `permanent` (refused for good), `retriable` (failed
+    /// more than the relay's `max_attempts` times) or `undecodable` (not an Outpost event).
     pub class: String,
-    /// Why it is here.
+    /// Why it is here. NUL characters of the topic, key, headers and reason are stored as
+    /// U+FFFD (PostgreSQL text cannot hold them); when the event's own fields lost one, the
+    /// reason says so.
     pub reason: String,
     /// When it was put here.
     pub dead_at: DateTime<Utc>,
@@ -103,7 +109,7 @@ impl WalDeadLetters {
         Ok(requeued.max(0) as u64)
     }
 
-    /// Records an event the broker refused for good.
+    /// Records an event the relay gave up on.
     pub(crate) async fn record(
         &self,
         event: &WalEvent,
@@ -111,16 +117,33 @@ impl WalDeadLetters {
         class: &str,
         reason: &str,
     ) -> Result<()> {
-        let headers = serde_json::to_value(&event.headers).map_err(Error::Serialization)?;
+        let headers: BTreeMap<Cow<'_, str>, Cow<'_, str>> = event
+            .headers
+            .iter()
+            .map(|(k, v)| (storable(k), storable(v)))
+            .collect();
+        let altered = [&event.topic, &event.key]
+            .into_iter()
+            .chain(event.headers.iter().flat_map(|(k, v)| [k, v]))
+            .any(|s| s.contains('\0'));
+        let reason = if altered {
+            Cow::Owned(format!(
+                "{reason} (NUL characters of its topic, key or headers are stored here as \
+                 U+FFFD; a requeue emits them so)"
+            ))
+        } else {
+            Cow::Borrowed(reason)
+        };
+        let headers = serde_json::to_value(&headers).map_err(Error::Serialization)?;
         self.insert(
             Some(event.event_id),
-            Some(&event.topic),
-            Some(&event.key),
+            Some(&storable(&event.topic)),
+            Some(&storable(&event.key)),
             Some(headers),
             &event.payload,
             commit_lsn,
             class,
-            reason,
+            &reason,
         )
         .await
     }
@@ -169,10 +192,32 @@ impl WalDeadLetters {
         .bind(payload)
         .bind(pgwire_replication::Lsn::from_u64(commit_lsn).to_pg_string())
         .bind(class)
-        .bind(reason)
+        .bind(storable(reason))
         .execute(&self.pool)
         .await
         .map_err(|e| Error::storage("wal_dead_record", e))?;
         Ok(())
+    }
+}
+
+/// `s` as PostgreSQL text and jsonb accept it: NUL characters become U+FFFD. A letter that
+/// cannot be inserted would stop the stream for good (the transaction is read again and
+/// fails again), so a lossy letter beats none.
+fn storable(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') {
+        Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nul_characters_become_replacement_characters() {
+        assert_eq!(storable("k\0e\0y"), "k\u{FFFD}e\u{FFFD}y");
+        assert!(matches!(storable("plain"), Cow::Borrowed("plain")));
     }
 }

@@ -7,14 +7,21 @@
 //! in stream order keeps every key's events in commit order with no locks anywhere.
 //!
 //! - **Leader.** A relay holds a session advisory lock while it reads; the others retry the
-//!   lock every `leader_poll`. A dead leader's connection closes, which frees the lock.
+//!   lock every `leader_poll`. A dead leader's connection closes, which frees the lock; the
+//!   lock connection's short TCP keepalives make the server notice a leader host that
+//!   vanished without closing it within half a minute, not the OS default two hours.
 //! - **At least once.** A restart resumes at the slot's confirmed LSN: whatever followed the
 //!   last acknowledgement may be produced again, with the same `event_id` header.
-//! - **Failures.** A transient produce failure purges librdkafka's queue (every later
-//!   message fails too, so none lands ahead of it), stops reading, and after a backoff sends
-//!   the failed events again in stream order. A permanent one goes to the dead letters and
-//!   counts as delivered. Feedback keeps flowing meanwhile (the replication client answers
-//!   keepalives while the relay does not read), so the server never times the stream out.
+//! - **Failures.** A failed send purges librdkafka's queue (every later message fails too,
+//!   so none lands ahead of it), stops reading, and after a backoff sends the failed events
+//!   again in stream order. Transient failures (broker unreachable, timeouts) are retried
+//!   until they succeed; unclassified ones count against `max_attempts`, and a permanent one
+//!   or an exhausted budget puts the event in the dead letters, where it counts as
+//!   delivered. Feedback keeps flowing meanwhile (the replication client answers keepalives
+//!   while the relay does not read), so the server never times the stream out.
+//! - **Leaving.** A session that ends (shutdown, or a failure of the stream or database)
+//!   purges what librdkafka has not sent yet and waits for the sends on the wire before it
+//!   frees the lock, so no send of a former leader lands behind its successor's.
 //! - **Idle.** With nothing in flight, a keepalive's WAL position is acknowledged, so the
 //!   slot advances, and keeps no WAL, while no event is emitted.
 
@@ -28,6 +35,7 @@ use std::time::{Duration, Instant};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use pgwire_replication::{FeedbackObserver, Lsn, ReplicationClient, ReplicationEvent};
+use rdkafka::error::KafkaError;
 use sqlx::{Connection, PgConnection, PgPool};
 use tracing::{debug, info, warn};
 
@@ -52,9 +60,9 @@ pub struct WalRelayConfig {
     /// stream's slot belongs to; the replication connection is opened with it (the role
     /// needs the REPLICATION attribute).
     pub database_url: String,
-    /// Most events read and not yet acked by the broker (default 5 000).
+    /// Most events read and not yet acked by the broker (default 2 000).
     pub max_in_flight: usize,
-    /// Most payload bytes read and not yet acked (default 8 MiB).
+    /// Most payload bytes read and not yet acked (default 4 MiB).
     pub max_in_flight_bytes: usize,
     /// Most time between an acknowledgement and the standby status update that reports it
     /// (default 1 s; 10 ms in testing).
@@ -64,10 +72,18 @@ pub struct WalRelayConfig {
     pub leader_poll: Duration,
     /// Retry schedule for failed sends (default 100 ms doubling to 10 s).
     pub backoff: Backoff,
+    /// Unclassified failures of one event (an unknown topic, an error without a code)
+    /// allowed before it goes to the dead letters (default 10, as table mode's
+    /// [`crate::RelayConfig::max_attempts`]). Transient failures (broker down, timeouts)
+    /// never count; permanent ones go to the dead letters at once.
+    pub max_attempts: u32,
     /// Wait before reconnecting after the stream or the leadership failed (per
     /// [`Environment::error_backoff`]).
     pub reconnect_backoff: Duration,
-    /// How long a stopping relay waits for in-flight sends (default 30 s).
+    /// How long a stopping relay waits for in-flight sends (default 30 s). Past it, and
+    /// whenever a session fails, the sends librdkafka has not started are purged and the
+    /// ones on the wire waited for, up to the producer's delivery timeout, before the
+    /// leadership is given up.
     pub drain_timeout: Duration,
     /// How often the slot's retained WAL is measured and the leader's lock connection
     /// checked (default 5 s; 1 s in testing).
@@ -86,6 +102,7 @@ impl std::fmt::Debug for WalRelayConfig {
             .field("max_in_flight_bytes", &self.max_in_flight_bytes)
             .field("status_interval", &self.status_interval)
             .field("leader_poll", &self.leader_poll)
+            .field("max_attempts", &self.max_attempts)
             .finish_non_exhaustive()
     }
 }
@@ -116,6 +133,7 @@ impl WalRelayConfig {
                 Duration::from_secs(1)
             },
             backoff: Backoff::default(),
+            max_attempts: 10,
             reconnect_backoff: env.error_backoff(),
             drain_timeout: Duration::from_secs(30),
             health_interval: if testing {
@@ -138,6 +156,9 @@ impl WalRelayConfig {
         }
         if self.max_in_flight_bytes == 0 {
             return Err(Error::config("max_in_flight_bytes", "at least 1", "0"));
+        }
+        if self.max_attempts == 0 {
+            return Err(Error::config("max_attempts", "at least 1", "0"));
         }
         Ok(())
     }
@@ -190,6 +211,8 @@ struct Sending {
     commit_lsn: u64,
     committed_at: Instant,
     event: WalEvent,
+    /// Failures that count against `max_attempts`.
+    failures: u32,
 }
 
 struct Done {
@@ -298,6 +321,19 @@ impl WalRelay {
         let mut conn = PgConnection::connect_with(&options)
             .await
             .map_err(|e| Error::storage("wal_lead", e))?;
+        // The lock lives as long as the server's backend of this idle connection. A leader
+        // host that vanishes (power loss, a partition) sends no FIN, and with the OS's
+        // keepalive defaults the server would hold the lock, and keep every standby out,
+        // for over two hours; these end the backend after about 25 s of silence.
+        sqlx::query(
+            "SELECT set_config('tcp_keepalives_idle', '10', false), \
+                    set_config('tcp_keepalives_interval', '5', false), \
+                    set_config('tcp_keepalives_count', '3', false), \
+                    set_config('tcp_user_timeout', '25000', false)",
+        )
+        .execute(&mut conn)
+        .await
+        .map_err(|e| Error::storage("wal_lead", e))?;
         loop {
             let got: bool =
                 sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
@@ -371,148 +407,187 @@ impl WalRelay {
             self.shared.acked.store(*delivered_lsn, Ordering::Relaxed);
         };
 
-        loop {
-            if stopping && (sends.is_empty() || stop_deadline.is_some_and(|d| Instant::now() >= d))
-            {
-                break;
-            }
-            let can_read = !stopping
-                && failed.is_empty()
-                && rows < cfg.max_in_flight
-                && bytes < cfg.max_in_flight_bytes;
-            let retry_due = async {
-                match retry_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => futures::future::pending().await,
+        // Every way out of the loop, a failure included, passes the settling below: sends
+        // still in flight must be resolved before the lock is given up.
+        let outcome = async {
+            loop {
+                if stopping && (sends.is_empty() || stop_deadline.is_some_and(|d| Instant::now() >= d))
+                {
+                    break;
                 }
-            };
-            tokio::select! {
-                biased;
-                () = &mut *shutdown, if !stopping => {
-                    stopping = true;
-                    stop_deadline = Some(Instant::now() + cfg.drain_timeout);
-                }
-                Some(done) = sends.next(), if !sends.is_empty() => {
-                    rows -= 1;
-                    bytes -= done.sending.event.size();
-                    match done.result {
-                        Ok(_) => {
-                            attempt = 0;
-                            if failed.range(..done.sending.seq).any(|(_, f)| f.event.key == done.sending.event.key) {
-                                crate::metrics::order_break(&service);
-                            }
-                            let topic = &done.sending.event.topic;
-                            crate::metrics::published(&service, topic, done.sending.committed_at.elapsed());
-                            self.shared.delivered.fetch_add(1, Ordering::Release);
-                            self.shared.delivery.notify_waiters();
-                            if let Some(lsn) = progress.done(done.sending.txn) {
-                                ack(&client, lsn, delivered_lsn);
-                            }
-                        }
-                        Err(f) if f.class == ErrorClass::Permanent => {
-                            let s = &done.sending;
-                            let reason = f.to_string();
-                            match self.dead.record(&s.event, s.commit_lsn, "permanent", &reason).await {
-                                Ok(()) => {
-                                    warn!(event_id = %s.event.event_id, topic = %s.event.topic,
-                                          reason, "WAL event dead-lettered");
-                                    crate::metrics::parked(&service, f.class);
-                                    self.shared.dead.fetch_add(1, Ordering::Relaxed);
-                                    if let Some(lsn) = progress.done(s.txn) {
-                                        ack(&client, lsn, delivered_lsn);
-                                    }
-                                }
-                                Err(e) => {
-                                    warn!(error = %error_chain(&e), "could not record a dead letter; retrying the event");
-                                    self.retry_later(&mut failed, done.sending, &mut attempt, &mut retry_at, f.class);
-                                }
-                            }
-                        }
-                        Err(f) => {
-                            debug!(error = %f, "WAL event send failed");
-                            // Every later message queued for the partition fails too, so
-                            // none lands ahead of this one.
-                            self.producer.purge_queued();
-                            self.retry_later(&mut failed, done.sending, &mut attempt, &mut retry_at, f.class);
-                        }
+                let can_read = !stopping
+                    && failed.is_empty()
+                    && rows < cfg.max_in_flight
+                    && bytes < cfg.max_in_flight_bytes;
+                let retry_due = async {
+                    match retry_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => futures::future::pending().await,
                     }
-                }
-                () = retry_due, if retry_at.is_some() && sends.is_empty() && !stopping => {
-                    retry_at = None;
-                    for (_, s) in std::mem::take(&mut failed) {
-                        rows += 1;
-                        bytes += s.event.size();
-                        self.send(&mut sends, s);
+                };
+                tokio::select! {
+                    biased;
+                    () = &mut *shutdown, if !stopping => {
+                        stopping = true;
+                        stop_deadline = Some(Instant::now() + cfg.drain_timeout);
                     }
-                }
-                _ = health.tick() => {
-                    let retained: Option<i64> = sqlx::query_scalar(
-                        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
-                         FROM pg_replication_slots WHERE slot_name = $1")
-                        .bind(cfg.stream.slot())
-                        .fetch_optional(&mut *lock)
-                        .await
-                        .map_err(|e| Error::storage("wal_health", e))?
-                        .flatten();
-                    crate::metrics::wal_retained(&service, retained.unwrap_or(0));
-                    crate::metrics::wal_lsns(&service, self.shared.received.load(Ordering::Relaxed), *delivered_lsn);
-                }
-                event = client.recv(), if can_read => {
-                    let Some(event) = event.map_err(stream_err)? else {
-                        return Err(Error::WalStream {
-                            slot: cfg.stream.slot(),
-                            source: "the server ended the replication stream".into(),
-                        });
-                    };
-                    match event {
-                        ReplicationEvent::Begin { final_lsn, .. } => {
-                            let txn = progress.begin();
-                            let lsn = final_lsn.as_u64();
-                            self.shared.received.store(lsn, Ordering::Relaxed);
-                            current = Some((txn, lsn, Instant::now(), lsn < *delivered_lsn));
-                        }
-                        ReplicationEvent::Message { transactional, prefix: p, content, lsn } if p == prefix => {
-                            let Some((txn, commit_lsn, committed_at, replayed)) = current else {
-                                warn!(%lsn, transactional, "a message of this stream outside a transaction was ignored: \
-                                      emit only with pg_logical_emit_message(true, ...)");
-                                continue;
-                            };
-                            if replayed {
-                                continue;
-                            }
-                            match decode(content.clone()) {
-                                Ok(event) => {
-                                    progress.sent(txn);
-                                    rows += 1;
-                                    bytes += event.size();
-                                    seq += 1;
-                                    let s = Sending { seq, txn, commit_lsn, committed_at, event };
-                                    self.send(&mut sends, s);
+                    Some(done) = sends.next(), if !sends.is_empty() => {
+                        rows -= 1;
+                        bytes -= done.sending.event.size();
+                        match done.result {
+                            Ok(_) => {
+                                attempt = 0;
+                                if failed.range(..done.sending.seq).any(|(_, f)| f.event.key == done.sending.event.key) {
+                                    crate::metrics::order_break(&service);
                                 }
-                                Err(reason) => {
-                                    warn!(%lsn, reason, "a message of this stream is not an Outpost event; dead-lettered");
-                                    self.dead.record_undecodable(&content, commit_lsn, &reason).await?;
-                                    self.shared.dead.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                        }
-                        ReplicationEvent::Commit { end_lsn, .. } => {
-                            if let Some((txn, ..)) = current.take() {
-                                if let Some(lsn) = progress.commit(txn, end_lsn.as_u64()) {
+                                if let Some(lsn) = self.delivered(&done.sending, &mut progress) {
                                     ack(&client, lsn, delivered_lsn);
                                 }
                             }
+                            Err(f) => {
+                                let mut s = done.sending;
+                                let class = class_of(&f);
+                                if class != ErrorClass::Permanent {
+                                    // Every later message queued for the partition fails too, so
+                                    // none lands ahead of this one.
+                                    self.producer.purge_queued();
+                                }
+                                if class == ErrorClass::Retriable {
+                                    s.failures += 1;
+                                }
+                                let give_up = match class {
+                                    ErrorClass::Permanent => true,
+                                    ErrorClass::Retriable => s.failures >= cfg.max_attempts,
+                                    ErrorClass::Transient => false,
+                                };
+                                if !give_up {
+                                    debug!(error = %f, "WAL event send failed");
+                                    self.retry_later(&mut failed, s, &mut attempt, &mut retry_at, class);
+                                    continue;
+                                }
+                                let reason = match class {
+                                    ErrorClass::Retriable => format!("{} ({class}; failed {} times)", f.error, s.failures),
+                                    _ => format!("{} ({class})", f.error),
+                                };
+                                match self.dead.record(&s.event, s.commit_lsn, class.as_str(), &reason).await {
+                                    Ok(()) => {
+                                        warn!(event_id = %s.event.event_id, topic = %s.event.topic.escape_debug(),
+                                              reason, "WAL event dead-lettered");
+                                        crate::metrics::parked(&service, class);
+                                        self.shared.dead.fetch_add(1, Ordering::Relaxed);
+                                        if let Some(lsn) = progress.done(s.txn) {
+                                            ack(&client, lsn, delivered_lsn);
+                                        }
+                                    }
+                                    Err(e) => {
+                                        warn!(error = %error_chain(&e), "could not record a dead letter; retrying the event");
+                                        self.retry_later(&mut failed, s, &mut attempt, &mut retry_at, class);
+                                    }
+                                }
+                            }
                         }
-                        // Nothing read is waiting: everything before this position was sent and
-                        // delivered, so the slot may move past it.
-                        ReplicationEvent::KeepAlive { wal_end, .. }
-                            if current.is_none() && progress.is_idle() && wal_end.as_u64() > *delivered_lsn =>
-                        {
-                            ack(&client, wal_end.as_u64(), delivered_lsn);
+                    }
+                    () = retry_due, if retry_at.is_some() && sends.is_empty() && !stopping => {
+                        retry_at = None;
+                        for (_, s) in std::mem::take(&mut failed) {
+                            rows += 1;
+                            bytes += s.event.size();
+                            self.send(&mut sends, s);
                         }
-                        _ => {}
+                    }
+                    _ = health.tick() => {
+                        let retained: Option<i64> = sqlx::query_scalar(
+                            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
+                             FROM pg_replication_slots WHERE slot_name = $1")
+                            .bind(cfg.stream.slot())
+                            .fetch_optional(&mut *lock)
+                            .await
+                            .map_err(|e| Error::storage("wal_health", e))?
+                            .flatten();
+                        crate::metrics::wal_retained(&service, retained.unwrap_or(0));
+                        crate::metrics::wal_lsns(&service, self.shared.received.load(Ordering::Relaxed), *delivered_lsn);
+                    }
+                    event = client.recv(), if can_read => {
+                        let Some(event) = event.map_err(stream_err)? else {
+                            return Err(Error::WalStream {
+                                slot: cfg.stream.slot(),
+                                source: "the server ended the replication stream".into(),
+                            });
+                        };
+                        match event {
+                            ReplicationEvent::Begin { final_lsn, .. } => {
+                                let txn = progress.begin();
+                                let lsn = final_lsn.as_u64();
+                                self.shared.received.store(lsn, Ordering::Relaxed);
+                                current = Some((txn, lsn, Instant::now(), lsn < *delivered_lsn));
+                            }
+                            ReplicationEvent::Message { transactional, prefix: p, content, lsn } if p == prefix => {
+                                let Some((txn, commit_lsn, committed_at, replayed)) = current else {
+                                    warn!(%lsn, transactional, "a message of this stream outside a transaction was ignored: \
+                                          emit only with pg_logical_emit_message(true, ...)");
+                                    continue;
+                                };
+                                if replayed {
+                                    continue;
+                                }
+                                match decode(content.clone()) {
+                                    Ok(event) => {
+                                        progress.sent(txn);
+                                        rows += 1;
+                                        bytes += event.size();
+                                        seq += 1;
+                                        let s = Sending { seq, txn, commit_lsn, committed_at, event, failures: 0 };
+                                        self.send(&mut sends, s);
+                                    }
+                                    Err(reason) => {
+                                        warn!(%lsn, reason = %reason.escape_debug(), "a message of this stream is not an Outpost event; dead-lettered");
+                                        self.dead.record_undecodable(&content, commit_lsn, &reason).await?;
+                                        self.shared.dead.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                            }
+                            ReplicationEvent::Commit { end_lsn, .. } => {
+                                if let Some((txn, ..)) = current.take() {
+                                    if let Some(lsn) = progress.commit(txn, end_lsn.as_u64()) {
+                                        ack(&client, lsn, delivered_lsn);
+                                    }
+                                }
+                            }
+                            // Nothing read is waiting: everything before this position was sent and
+                            // delivered, so the slot may move past it.
+                            ReplicationEvent::KeepAlive { wal_end, .. }
+                                if current.is_none() && progress.is_idle() && wal_end.as_u64() > *delivered_lsn =>
+                            {
+                                ack(&client, wal_end.as_u64(), delivered_lsn);
+                            }
+                            _ => {}
+                        }
                     }
                 }
+            }
+            Ok::<(), Error>(())
+        }
+        .await;
+        if !sends.is_empty() {
+            // Left in librdkafka, this session's messages would go on with nobody handling
+            // their reports: one that times out while a later one of its key lands is sent
+            // again by the next session after that one, out of order. Fail the unsent ones
+            // now and wait for those on the wire (librdkafka reports every message within
+            // its delivery timeout).
+            self.producer.purge_queued();
+            let deadline = tokio::time::Instant::now()
+                + self.producer.config().delivery_timeout
+                + Duration::from_secs(1);
+            while let Ok(Some(done)) = tokio::time::timeout_at(deadline, sends.next()).await {
+                if done.result.is_ok() {
+                    if let Some(lsn) = self.delivered(&done.sending, &mut progress) {
+                        ack(&client, lsn, delivered_lsn);
+                    }
+                }
+            }
+            if !sends.is_empty() {
+                warn!(stream = %cfg.stream, unreported = sends.len(),
+                      "WAL sends still unreported past the delivery timeout; leaving the stream anyway");
             }
         }
         // Report the last acknowledgement before closing: stopping does not send one.
@@ -524,7 +599,19 @@ impl WalRelay {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
-        Ok(())
+        outcome
+    }
+
+    /// Counts `s` as delivered; returns a newly acknowledgeable LSN, if any.
+    fn delivered(&self, s: &Sending, progress: &mut Progress) -> Option<u64> {
+        crate::metrics::published(
+            &self.config.service,
+            &s.event.topic,
+            s.committed_at.elapsed(),
+        );
+        self.shared.delivered.fetch_add(1, Ordering::Release);
+        self.shared.delivery.notify_waiters();
+        progress.done(s.txn)
     }
 
     /// Queues `s` with the producer.
@@ -545,8 +632,8 @@ impl WalRelay {
                     sending: s,
                 }
             })),
-            // Cannot happen below librdkafka's 100 000-message queue (the in-flight cap is
-            // lower); handled as any failed send.
+            // A full queue (not below librdkafka's 100 000 messages: the in-flight cap is
+            // lower) or a topic librdkafka cannot take; handled as any failed send.
             Err(f) => sends.push(Box::pin(async move {
                 Done {
                     sending: s,
@@ -570,6 +657,17 @@ impl WalRelay {
             *attempt += 1;
             *retry_at = Some(tokio::time::Instant::now() + self.config.backoff.delay(*attempt));
         }
+    }
+}
+
+/// The class of `f` for this relay: the producer's, except for a topic with a NUL
+/// character, which librdkafka refuses before queueing with an error that has no code (so
+/// the producer cannot class it) and which no retry can ever send.
+fn class_of(f: &SendFailure) -> ErrorClass {
+    if matches!(f.error, KafkaError::Nul(_)) {
+        ErrorClass::Permanent
+    } else {
+        f.class
     }
 }
 

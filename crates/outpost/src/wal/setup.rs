@@ -201,19 +201,23 @@ pub async fn doctor(pool: &PgPool, stream: &WalStream) -> Result<WalReport> {
             Some("outpost wal init".into()),
         ),
         Some(r) => {
-            let plugin: String = r.get("plugin");
+            // NULL for a physical slot.
+            let plugin: Option<String> = r.get("plugin");
             let slot_db: Option<String> = r.get("db");
             let status: Option<String> = r.get("wal_status");
             let retained: Option<i64> = r.get("retained");
             let active: Option<i32> = r.get("active_pid");
             let found = format!(
-                "{slot_name}: plugin {plugin}, database {}, wal_status {}, retaining {} bytes, {}",
+                "{slot_name}: {}, database {}, wal_status {}, retaining {} bytes, {}",
+                plugin
+                    .as_deref()
+                    .map_or("a physical slot".to_owned(), |p| format!("plugin {p}")),
                 slot_db.as_deref().unwrap_or("?"),
                 status.as_deref().unwrap_or("?"),
                 retained.unwrap_or(0),
                 active.map_or("idle".to_owned(), |p| format!("read by pid {p}")),
             );
-            if plugin != "pgoutput" || slot_db.as_deref() != Some(db.as_str()) {
+            if plugin.as_deref() != Some("pgoutput") || slot_db.as_deref() != Some(db.as_str()) {
                 check(
                     "slot",
                     Verdict::Fail,
