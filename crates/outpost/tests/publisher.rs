@@ -1251,30 +1251,27 @@ async fn kafka_first_with_kafka_and_database_down_returns_a_structured_error() {
         assert_eq!(json["correlation_id"], ev.correlation_id.to_string());
     }
     println!(
-        "kafka-first, broker and database down: calls took {:?} ms (deadline {DEADLINE:?}, \
-         pool acquire timeout 1 s)",
+        "kafka-first, broker and database down: calls took {:?} ms (pool acquire timeout 1 s)",
         took.iter().map(Duration::as_millis).collect::<Vec<_>>()
     );
     for (i, t) in took.iter().enumerate() {
-        // Bounded by the deadline and the pool's acquire timeout (1 s), with a margin a
-        // loaded machine meets.
-        let direct = if i < 2 { DEADLINE } else { Duration::ZERO };
+        // Bounded by the pool's acquire timeout (1 s) for the outbox check and again for
+        // the store, with a margin a loaded machine meets.
         assert!(
-            *t < direct + Duration::from_secs(1) + Duration::from_secs(3),
+            *t < Duration::from_secs(2) + Duration::from_secs(3),
             "call {i}: {t:?}"
         );
     }
-    // Nothing reported as published, by any path.
-    assert_eq!(
-        support::metric(DIRECT_PUBLISHES, &service, &[("outcome", "acked")]),
-        0.0
-    );
-    assert_eq!(
-        support::metric(DIRECT_PUBLISHES, &service, &[("outcome", "failed")]),
-        2.0
-    );
+    // The outbox check could not answer, so nothing was sent directly (an older event of
+    // the key might wait in the outbox), and nothing reported as published by any path.
+    for outcome in ["acked", "failed"] {
+        assert_eq!(
+            support::metric(DIRECT_PUBLISHES, &service, &[("outcome", outcome)]),
+            0.0,
+            "{outcome}"
+        );
+    }
     assert_eq!(support::metric(FALLBACKS, &service, &[]), 0.0);
-    assert_eq!(support::metric(CIRCUIT_STATE, &service, &[]), 2.0);
 }
 
 #[tokio::test]

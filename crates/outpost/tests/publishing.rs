@@ -168,6 +168,56 @@ async fn kafka_first_never_overtakes_an_event_another_process_left_in_the_outbox
     support::assert_key_order(&seen);
 }
 
+/// Kafka-first's outbox check unanswered within its 100 ms (the table locked, as a slow or
+/// busy database would leave it): the event goes to the outbox, which may hold an older
+/// one of its key, and not past it to Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_first_stores_an_event_when_the_outbox_check_cannot_answer() {
+    support::metrics();
+    let brokers = support::brokers();
+    let topic = support::topic(1).await;
+    let collector = support::Collector::start(&brokers, &topic, 1);
+    let store = support::store().await;
+    let service = support::unique("kfslow");
+    let (cut_off, healthy) = kafka_first_pair(&store, &service, &brokers);
+    let first = support::event(&topic, "k", 0);
+    let second = support::event(&topic, "k", 1);
+    assert_eq!(cut_off.publish(&first).await.unwrap(), PublishPath::Outbox);
+
+    let mut lock = store.pool().begin().await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        store.table()
+    ))
+    .execute(&mut *lock)
+    .await
+    .unwrap();
+    let publishing = tokio::spawn({
+        let healthy = healthy.clone();
+        let second = second.clone();
+        async move { healthy.publish(&second).await }
+    });
+    // Well past the check's 100 ms; the event's insert waits for the lock meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lock.commit().await.unwrap();
+    assert_eq!(
+        publishing.await.unwrap().unwrap(),
+        PublishPath::Outbox,
+        "not sent past what the check could not see"
+    );
+    assert_eq!(
+        support::metric(FALLBACKS, &service, &[("reason", "key_check_failed")]),
+        1.0
+    );
+
+    let running = support::spawn(support::relay(&store, &brokers, &service));
+    let seen = collector
+        .wait_for(&[first.event_id, second.event_id], Duration::from_secs(30))
+        .await;
+    running.stop().await;
+    support::assert_key_order(&seen);
+}
+
 /// Kafka-first `publish_all`: every event of a batch is queued before any ack is awaited,
 /// yet each key's events land in slice order; a key with an older event waiting in the
 /// outbox goes there whole; and a batch Kafka cannot take is stored in order, for the relay.

@@ -901,33 +901,46 @@ impl Publisher {
         // An eager dispatch of a key in this process holds rows that look pending until its
         // settle is written: wait for it (briefly) rather than send its events to the outbox
         // for nothing; one still sending after that wait may not be overtaken.
-        let pending = if tokio::time::timeout(KEY_CHECK_TIMEOUT, inner.turns.idle(&keys))
-            .await
-            .is_err()
+        let (pending, unchecked) = if tokio::time::timeout(
+            KEY_CHECK_TIMEOUT,
+            inner.turns.idle(&keys),
+        )
+        .await
+        .is_err()
         {
-            keys.into_iter().collect()
+            (keys.into_iter().collect(), false)
         } else {
             // Any publisher process may have left an event of these keys in the outbox; a
-            // direct send must not overtake it. If the database cannot answer at once, the
-            // outbox could not take the events either: go direct.
+            // direct send must not overtake it. A database that does not answer at once
+            // may still hold one: the events go to the outbox (if it cannot take them
+            // either, the caller gets the error), never past an event left there.
             match tokio::time::timeout(KEY_CHECK_TIMEOUT, inner.store.pending_keys(&keys)).await {
-                Ok(Ok(pending)) => pending,
-                _ => HashSet::new(),
+                Ok(Ok(pending)) => (pending, false),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "Kafka-first could not check the outbox for its keys; storing the events there");
+                    (keys.into_iter().collect(), true)
+                }
+                Err(_) => (keys.into_iter().collect(), true),
             }
         };
         let direct: Vec<&OutboxEvent> = events
             .iter()
             .filter(|e| !pending.contains(&e.event_key))
             .collect();
+        let held_back = if unchecked {
+            "key_check_failed"
+        } else {
+            "key_pending"
+        };
         let behind = |event: &OutboxEvent, otherwise: &'static str| {
             if pending.contains(&event.event_key) {
-                "key_pending"
+                held_back
             } else {
                 otherwise
             }
         };
         if direct.is_empty() {
-            let all: Vec<_> = events.iter().map(|e| (e, "key_pending")).collect();
+            let all: Vec<_> = events.iter().map(|e| (e, held_back)).collect();
             self.fall_back(&all).await?;
             return Ok(Dispatch {
                 eager_published: 0,
