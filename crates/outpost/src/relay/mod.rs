@@ -149,6 +149,23 @@ impl RelayConfig {
                 return Err(Error::config(name, "a positive integer", "0"));
             }
         }
+        // Retention deletes in batches until one comes back short: with none positive it
+        // would never stop (nor let the relay stop).
+        if self.cleanup_batch < 1 {
+            return Err(Error::config(
+                "cleanup_batch",
+                "a positive integer",
+                self.cleanup_batch.to_string(),
+            ));
+        }
+        for (name, every) in [
+            ("cleanup_interval", self.cleanup_interval),
+            ("backlog_interval", self.backlog_interval),
+        ] {
+            if every.is_zero() {
+                return Err(Error::config(name, "a positive duration", "0s"));
+            }
+        }
         if self.poll.min_interval > self.poll.max_interval || self.poll.max_interval.is_zero() {
             return Err(Error::config(
                 "poll.max_interval",
@@ -946,5 +963,20 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("batch_size"));
+        // Zero would have retention delete empty batches for ever, and the relay never stop.
+        c = RelayConfig::new("els", Environment::Testing);
+        c.cleanup_batch = 0;
+        assert!(c
+            .validate(Duration::from_secs(1))
+            .unwrap_err()
+            .to_string()
+            .contains("cleanup_batch"));
+        c = RelayConfig::new("els", Environment::Testing);
+        c.cleanup_interval = Duration::ZERO;
+        assert!(c
+            .validate(Duration::from_secs(1))
+            .unwrap_err()
+            .to_string()
+            .contains("cleanup_interval"));
     }
 }
