@@ -179,6 +179,8 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             )
             .await?;
             println!("{}", serde_json::to_string(&verdict)?);
+            // A gate for scripts: the verdict is printed either way.
+            verdict.holds()?;
         }
         Command::Faults {
             quick,

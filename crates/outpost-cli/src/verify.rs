@@ -67,6 +67,27 @@ pub struct Verdict {
     pub duplicate_sample: Vec<Uuid>,
 }
 
+impl Verdict {
+    /// Every committed event was delivered or parked, each key in order; the error says
+    /// what broke (for `outpost verify`'s exit code).
+    ///
+    /// # Errors
+    /// When an event is neither delivered nor parked, or a key's events arrived out of
+    /// order.
+    pub fn holds(&self) -> anyhow::Result<()> {
+        let lost = self
+            .missing
+            .saturating_sub(usize::try_from(self.parked).unwrap_or(0));
+        anyhow::ensure!(
+            lost == 0 && self.order_violations == 0,
+            "verify: {lost} committed events neither delivered nor parked, {} out of key order \
+             (the JSON above has samples)",
+            self.order_violations
+        );
+        Ok(())
+    }
+}
+
 /// One ledger row, as verify needs it.
 struct Ledgered {
     key: String,

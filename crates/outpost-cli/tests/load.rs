@@ -126,7 +126,19 @@ async fn load_then_verify_counts_what_arrived_and_catches_what_is_wrong() {
     produce_copy(&topic, "k0", delivered).await;
     produce_copy(&topic, "k0", late).await;
 
-    let caught = outpost_json(&schema, &["verify", "--ledger", &ledger, "--wait", "5s"]);
+    // The verdict is printed, and the exit code says it does not hold (a gate for scripts).
+    let out = support::outpost_std()
+        .args(["--schema", &schema, "--service", &schema])
+        .args(["verify", "--ledger", &ledger, "--wait", "5s"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("1 committed events neither delivered nor parked, 1 out of key order"),
+        "{stderr}"
+    );
+    let caught: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(caught["committed"], committed + 2, "{caught}");
     assert_eq!(caught["delivered"], committed + 1, "{caught}");
     assert_eq!(caught["missing"], 1, "{caught}");

@@ -341,7 +341,7 @@ async fn run_one(scenario: &Scenario, sizes: Sizes) -> anyhow::Result<Value> {
     if matches!(scenario.fault, Fault::BrokerKill) {
         args.extend(["--read-first", &read_first]);
     }
-    let verify = outpost.output(&args).await?;
+    let verify = outpost.verdict(&args).await?;
     let verify: Value = serde_json::from_slice(&verify).context("outpost verify output")?;
     for mut relay in relays {
         relay.start_kill()?;

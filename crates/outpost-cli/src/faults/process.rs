@@ -49,9 +49,21 @@ impl Outpost {
     }
 
     pub async fn output(&self, args: &[&str]) -> anyhow::Result<Vec<u8>> {
+        self.output_with(args, &[0]).await
+    }
+
+    /// [`output`](Self::output) of a command whose verdict is its output, printed whether
+    /// it holds (exit 0) or not (exit 1): `outpost verify`.
+    pub async fn verdict(&self, args: &[&str]) -> anyhow::Result<Vec<u8>> {
+        let out = self.output_with(args, &[0, 1]).await?;
+        anyhow::ensure!(!out.is_empty(), "outpost {args:?} printed no verdict");
+        Ok(out)
+    }
+
+    async fn output_with(&self, args: &[&str], codes: &[i32]) -> anyhow::Result<Vec<u8>> {
         let out = self.command(args).output().await?;
         anyhow::ensure!(
-            out.status.success(),
+            out.status.code().is_some_and(|c| codes.contains(&c)),
             "outpost {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
