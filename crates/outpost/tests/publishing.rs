@@ -218,6 +218,46 @@ async fn kafka_first_stores_an_event_when_the_outbox_check_cannot_answer() {
     support::assert_key_order(&seen);
 }
 
+/// A Kafka-first publish its caller stops waiting for (a request cancelled) runs to its
+/// end: its send, failing once the caller has gone, still puts the event in the outbox,
+/// and the relay delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_first_publish_its_caller_abandons_still_stores_a_failed_event() {
+    let brokers = support::brokers();
+    let topic = support::topic(1).await;
+    let collector = support::Collector::start(&brokers, &topic, 1);
+    let store = support::store().await;
+    let service = support::unique("kfdrop");
+    let mut cfg = config(&service, Mode::KafkaFirst);
+    // The send fails (1.5 s delivery timeout, no broker) long after the caller gave up.
+    cfg.direct_deadline = Duration::from_secs(10);
+    let cut_off = Publisher::new(
+        store.clone(),
+        Arc::new(KafkaProducer::new(support::producer_config("127.0.0.1:1")).unwrap()),
+        Waker::None,
+        cfg,
+    )
+    .unwrap();
+    let event = support::event(&topic, "k", 0);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), cut_off.publish(&event))
+            .await
+            .is_err(),
+        "the caller gave up first"
+    );
+    support::eventually(
+        Duration::from_secs(20),
+        "the abandoned event is in the outbox",
+        || async { (support::count_status(&store, "pending").await == 1).then_some(()) },
+    )
+    .await;
+    let running = support::spawn(support::relay(&store, &brokers, &service));
+    collector
+        .wait_for(&[event.event_id], Duration::from_secs(30))
+        .await;
+    running.stop().await;
+}
+
 /// Kafka-first `publish_all`: every event of a batch is queued before any ack is awaited,
 /// yet each key's events land in slice order; a key with an older event waiting in the
 /// outbox goes there whole; and a batch Kafka cannot take is stored in order, for the relay.

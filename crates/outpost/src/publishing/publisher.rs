@@ -893,6 +893,16 @@ impl Publisher {
             tx.publish_all(events).await?;
             return tx.commit().await;
         }
+        // To the end even if the caller stops waiting (a request cancelled, a timeout of its
+        // own): once sends are queued, one that fails must still put its event in the
+        // outbox, and nobody but this would.
+        let publisher = self.clone();
+        let events = events.to_vec();
+        Detachable::new(async move { publisher.publish_kafka_first(&events).await }).await
+    }
+
+    /// [`publish_all`](Self::publish_all) in Kafka-first mode.
+    async fn publish_kafka_first(&self, events: &[OutboxEvent]) -> Result<Dispatch> {
         let inner = &self.inner;
         let service = inner.config.service.as_str();
         let mut keys: Vec<String> = events.iter().map(|e| e.event_key.clone()).collect();
