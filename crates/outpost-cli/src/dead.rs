@@ -64,7 +64,10 @@ pub async fn run(settings: &Settings, pool: &PgPool, command: DeadCommand) -> an
             let service = one_service(settings)?;
             let store = store_of(service);
             let n = store.requeue(if all { None } else { Some(&ids) }).await?;
-            println!("requeued {n} event(s) in {}", service.name);
+            println!(
+                "requeued {n} event(s) in {} ({})",
+                service.name, service.table
+            );
         }
         DeadCommand::Purge { ids, older_than } => {
             let service = one_service(settings)?;
@@ -73,7 +76,10 @@ pub async fn run(settings: &Settings, pool: &PgPool, command: DeadCommand) -> an
                 Some(age) => admin.purge_older_than(age).await?,
                 None => admin.purge(&ids).await?,
             };
-            println!("purged {n} parked event(s) in {}", service.name);
+            println!(
+                "purged {n} parked event(s) in {} ({})",
+                service.name, service.table
+            );
         }
     }
     Ok(())

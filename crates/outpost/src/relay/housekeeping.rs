@@ -7,7 +7,7 @@
 //! middle of the drain they were all working on. The relay that holds the service's
 //! housekeeping lock does the chores; the others try for the lock at each interval and take
 //! over when its holder stops or loses its connection. A relay that never held the lock
-//! exports no backlog gauge.
+//! exports no backlog gauge; one that lost it exports 0.
 
 use std::time::Instant;
 
@@ -24,7 +24,13 @@ pub(crate) async fn housekeep(store: OutboxStore, config: RelayConfig, stop: Can
     let mut lead: Option<PgConnection> = None;
     let mut last_cleanup = Instant::now();
     loop {
+        let held = lead.is_some();
         lead = keep_or_take(&store, &config, lead).await;
+        if held && lead.is_none() {
+            // Another relay counts now: this one's last reading would stay exported for
+            // good, however far the backlog has moved since.
+            crate::metrics::backlog(&config.service, 0, std::time::Duration::ZERO);
+        }
         let mut pause = config.backlog_interval;
         if lead.is_some() {
             let counted = Instant::now();
