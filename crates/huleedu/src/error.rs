@@ -68,7 +68,8 @@ impl Error {
 
 /// Classifies a database error met inside an event handler as Outpost's consumer does
 /// ([`outpost::error::database_is_retriable`]): retried in place unless the data or the
-/// statement is at fault (SQLSTATE classes 22, 23, 42, 0A), because a dead-lettered event
+/// statement is at fault (the deterministic SQLSTATEs `database_is_retriable` lists: data,
+/// integrity, syntax, raised exceptions and the like), because a dead-lettered event
 /// lets the next event of its key be applied without it.
 pub(crate) fn handler_db(err: sqlx::Error) -> outpost::Error {
     outpost::Error::database(err)

@@ -550,18 +550,9 @@ fn redact_option(opt: &str) -> String {
     }
 }
 
-/// Hides a password in a URL before it is printed.
+/// Hides the passwords of a URL before it is printed (see [`outpost::error::redact_url`]).
 pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
+    outpost::error::redact_url(url)
 }
 
 #[cfg(test)]
@@ -570,7 +561,9 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:****@h/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        let query = redact("postgres://u@h/db?password=secret");
+        assert!(!query.contains("secret"), "{query}");
     }
 }

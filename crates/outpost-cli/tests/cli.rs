@@ -86,6 +86,23 @@ fn database_url_password_is_not_printed() {
 }
 
 #[test]
+fn a_password_in_the_database_urls_query_is_not_printed() {
+    let url = "postgres://postgres@127.0.0.1:1/test?password=hunter2";
+    assert_bad_setting(
+        &["--database-url", url, "migrate"],
+        &[],
+        &["OUTPOST_DATABASE_URL", "127.0.0.1:1", "password=****"],
+        Duration::from_secs(10),
+    );
+    let out = outpost_std()
+        .args(["--database-url", url, "migrate"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("hunter2"), "password leaked: {stderr}");
+}
+
+#[test]
 fn unreachable_database_fails_fast_naming_outpost_database_url() {
     assert_bad_setting(
         &[

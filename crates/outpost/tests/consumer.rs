@@ -5,6 +5,7 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -201,6 +202,34 @@ impl Handler for Effects {
     }
 }
 
+/// [`Effects`], except that an event with `swallow_times: n` meets a failed statement on its
+/// first n attempts, which the handler ignores before returning `Ok`.
+struct Swallowing(Effects);
+
+impl InboxHandler for Swallowing {
+    async fn handle(
+        &self,
+        event: &EventEnvelope<serde_json::Value>,
+        received: &Received,
+        tx: &mut Transaction<'_, Postgres>,
+    ) -> outpost::Result<()> {
+        if let Some(n) = event.data["swallow_times"].as_u64() {
+            let swallow = {
+                let mut left = self.0.failures_left.lock().unwrap();
+                let left = left.entry(event.event_id).or_insert(n as u32);
+                let swallow = *left > 0;
+                *left = left.saturating_sub(1);
+                swallow
+            };
+            if swallow {
+                let _ = sqlx::query("SELECT 1 / 0").execute(&mut **tx).await;
+                return Ok(());
+            }
+        }
+        InboxHandler::handle(&self.0, event, received, tx).await
+    }
+}
+
 type Log = Arc<Mutex<Vec<(Uuid, Result<Outcome, ErrorCode>)>>>;
 
 /// Records every call's result.
@@ -376,6 +405,14 @@ fn event_with(topic: &str, key: &str, seq: usize, extra: serde_json::Value) -> O
 }
 
 /// Every message of a one-partition topic until `n` arrived.
+/// Each dead letter's event id and reason, in topic order.
+fn dlq_reasons(dead_letters: &[OwnedMessage]) -> Vec<(Option<String>, String)> {
+    dead_letters
+        .iter()
+        .map(|m| (header(m, "event_id"), header(m, DLQ_REASON).unwrap()))
+        .collect()
+}
+
 async fn read_topic(topic: &str, n: usize) -> Vec<OwnedMessage> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", support::brokers())
@@ -802,14 +839,92 @@ async fn database_errors_are_retried_in_place_unless_the_data_or_statement_is_at
     }
     let done: Vec<Uuid> = effects.all().await.into_iter().map(|e| e.0).collect();
     assert_eq!(done, [slow.event_id, last.event_id], "in key order");
-    let reasons: Vec<(Option<String>, String)> = dead_letters
-        .iter()
-        .map(|m| (header(m, "event_id"), header(m, DLQ_REASON).unwrap()))
-        .collect();
+    let reasons = dlq_reasons(&dead_letters);
     assert_eq!(reasons[0].0, Some(duplicate.event_id.to_string()));
     assert!(reasons[0].1.contains("duplicate key"), "{reasons:?}");
     assert_eq!(reasons[1].0, Some(bad_data.event_id.to_string()));
     assert!(reasons[1].1.contains("division by zero"), "{reasons:?}");
+}
+
+#[tokio::test]
+async fn database_errors_raised_by_database_code_are_dead_lettered_not_retried_forever() {
+    let (effects, topic, dead, group, producer) = case(1).await;
+    // A business rule enforced in PL/pgSQL (P0001) and a subquery meeting two rows (21000)
+    // fail the same way on every attempt.
+    let raised = event_with(
+        &topic,
+        "k",
+        0,
+        json!({ "sql": ["DO $$BEGIN RAISE EXCEPTION 'unknown essay'; END$$"] }),
+    );
+    let two_rows = event_with(
+        &topic,
+        "k",
+        1,
+        json!({ "sql": ["SELECT (SELECT n FROM generate_series(1, 2) AS n)"] }),
+    );
+    let last = event_with(&topic, "k", 2, json!({}));
+    for ev in [&raised, &two_rows, &last] {
+        send_event(&producer, ev).await;
+    }
+
+    let (process, log) = Recording::new(Inboxed::new(effects.inbox().await, effects.clone()));
+    let running = start(&group, &topic, &dead, process);
+    wait_handled(&log, last.event_id, "the last event handled").await;
+    let dead_letters = read_topic(&dead, 2).await;
+    running.stop().await;
+
+    for ev in [&raised, &two_rows] {
+        assert_eq!(
+            results(&log, ev.event_id),
+            [Err(ErrorCode::Handler)],
+            "dead-lettered at once"
+        );
+    }
+    let done: Vec<Uuid> = effects.all().await.into_iter().map(|e| e.0).collect();
+    assert_eq!(done, [last.event_id]);
+    let reasons = dlq_reasons(&dead_letters);
+    assert_eq!(reasons[0].0, Some(raised.event_id.to_string()));
+    assert!(reasons[0].1.contains("unknown essay"), "{reasons:?}");
+    assert_eq!(reasons[1].0, Some(two_rows.event_id.to_string()));
+    assert!(reasons[1].1.contains("more than one row"), "{reasons:?}");
+}
+
+#[tokio::test]
+async fn an_event_whose_handler_ignored_a_failed_statement_is_retried_not_lost() {
+    let (effects, topic, dead, group, producer) = case(1).await;
+    // PostgreSQL rolls the aborted transaction back at COMMIT and sqlx reports success.
+    let swallowed = event_with(&topic, "k", 0, json!({ "swallow_times": 2 }));
+    let next = event_with(&topic, "k", 1, json!({}));
+    send_event(&producer, &swallowed).await;
+    let end = send_event(&producer, &next).await.1 + 1;
+
+    let handler = Swallowing(effects.clone());
+    let (process, log) = Recording::new(Inboxed::new(effects.inbox().await, handler));
+    let running = start(&group, &topic, &dead, process);
+    wait_handled(&log, next.event_id, "both handled").await;
+    support::eventually(WAIT, "every offset committed", || {
+        let (group, topic) = (group.clone(), topic.clone());
+        async move { (committed(&group, &topic, 1).await[0] == Some(end)).then_some(()) }
+    })
+    .await;
+    running.stop().await;
+
+    assert_eq!(
+        results(&log, swallowed.event_id),
+        [
+            Err(ErrorCode::Handler),
+            Err(ErrorCode::Handler),
+            Ok(Outcome::Handled)
+        ],
+        "retried in place while nothing of it could be committed"
+    );
+    let done: Vec<Uuid> = effects.all().await.into_iter().map(|e| e.0).collect();
+    assert_eq!(
+        done,
+        [swallowed.event_id, next.event_id],
+        "none lost, in order"
+    );
 }
 
 #[tokio::test]
@@ -953,9 +1068,11 @@ async fn redis_two_phase_marks_processing_then_completed_and_releases_on_failure
 
     // Success: processing (short TTL) → completed (long TTL) → duplicate.
     let ok = Uuid::new_v4();
-    assert_eq!(idem.claim(&group, ok).await.unwrap(), Claim::Acquired);
+    let Claim::Acquired(token) = idem.claim(&group, ok).await.unwrap() else {
+        panic!("a new event is acquired");
+    };
     let (value, ttl) = state(idem.key(&group, ok)).await;
-    assert_eq!(value.as_deref(), Some("processing"));
+    assert!(value.unwrap().starts_with("processing:"));
     assert!((1..=300).contains(&ttl), "{ttl}");
     assert_eq!(idem.claim(&group, ok).await.unwrap(), Claim::InProgress);
     idem.complete(&group, ok).await.unwrap();
@@ -964,22 +1081,30 @@ async fn redis_two_phase_marks_processing_then_completed_and_releases_on_failure
     assert!(ttl > 24 * 3600 - 60, "{ttl}");
     assert_eq!(idem.claim(&group, ok).await.unwrap(), Claim::Duplicate);
     // Releasing never erases a completed mark; another group has its own key.
-    idem.release(&group, ok).await.unwrap();
+    idem.release(&group, ok, token).await.unwrap();
     assert_eq!(idem.claim(&group, ok).await.unwrap(), Claim::Duplicate);
     let other_group = support::unique("g");
-    assert_eq!(idem.claim(&other_group, ok).await.unwrap(), Claim::Acquired);
+    assert!(matches!(
+        idem.claim(&other_group, ok).await.unwrap(),
+        Claim::Acquired(_)
+    ));
 
     // Failure: the claim is deleted, so the retry acquires it again at once.
     let failed = Uuid::new_v4();
-    assert_eq!(idem.claim(&group, failed).await.unwrap(), Claim::Acquired);
-    idem.release(&group, failed).await.unwrap();
+    let Claim::Acquired(token) = idem.claim(&group, failed).await.unwrap() else {
+        panic!("a new event is acquired");
+    };
+    idem.release(&group, failed, token).await.unwrap();
     let exists: i64 = redis::cmd("EXISTS")
         .arg(idem.key(&group, failed))
         .query_async(&mut conn)
         .await
         .unwrap();
     assert_eq!(exists, 0);
-    assert_eq!(idem.claim(&group, failed).await.unwrap(), Claim::Acquired);
+    assert!(matches!(
+        idem.claim(&group, failed).await.unwrap(),
+        Claim::Acquired(_)
+    ));
 
     // Through the consumer's process: a failing handler leaves no key behind.
     let effects = Effects::new().await;
@@ -1010,6 +1135,40 @@ async fn redis_two_phase_marks_processing_then_completed_and_releases_on_failure
         Outcome::Duplicate
     );
     assert_eq!(effects.count(env.event_id).await, 1);
+}
+
+#[tokio::test]
+async fn releasing_a_lapsed_claim_leaves_the_next_consumers_claim() {
+    let idem = idempotency(&support::redis_url(), RedisDownPolicy::FailClosed);
+    let mut conn = redis().await;
+    let (group, event) = (support::unique("g"), Uuid::new_v4());
+    let key = idem.key(&group, event);
+    let Claim::Acquired(first) = idem.claim(&group, event).await.unwrap() else {
+        panic!("a new event is acquired");
+    };
+    // The first consumer's claim lapses (its TTL, simulated) and a second one claims.
+    let _: i64 = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let Claim::Acquired(second) = idem.claim(&group, event).await.unwrap() else {
+        panic!("a lapsed claim is acquired again");
+    };
+    // The first consumer's handler fails late.
+    idem.release(&group, event, first).await.unwrap();
+    assert_eq!(
+        idem.claim(&group, event).await.unwrap(),
+        Claim::InProgress,
+        "the second consumer's claim stays"
+    );
+    idem.release(&group, event, second).await.unwrap();
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "the holder releases its own claim");
 }
 
 /// Nothing listens on port 1: connections are refused at once.
@@ -1282,4 +1441,102 @@ async fn a_consumer_joining_mid_run_takes_partitions_over_without_loss_or_reorde
         let end = ends.get(&partition).copied().unwrap_or(0);
         assert_eq!(committed.unwrap_or(0), end, "partition {partition}");
     }
+}
+
+#[tokio::test]
+async fn a_partition_paused_when_revoked_is_fetched_again_once_assigned_back() {
+    let (effects, topic, dead, group, producer) = case(1).await;
+    let schema = effects.schema.clone();
+    sqlx::query(&format!("CREATE TABLE {schema}.gate (open BOOLEAN)"))
+        .execute(&effects.pool)
+        .await
+        .unwrap();
+    // The first event's handler waits for the gate, which the test holds locked: its
+    // worker stays busy, the partition's queue fills up and the partition is paused.
+    let mut gate = effects.pool.begin().await.unwrap();
+    sqlx::query(&format!("LOCK TABLE {schema}.gate"))
+        .execute(&mut *gate)
+        .await
+        .unwrap();
+    let events: Vec<OutboxEvent> = (0..6)
+        .map(|seq| {
+            let extra = match seq {
+                0 => json!({ "sql": ["SELECT count(*) FROM {schema}.gate"] }),
+                _ => json!({}),
+            };
+            event_with(&topic, "k", seq, extra)
+        })
+        .collect();
+    let mut end = 0;
+    for ev in &events {
+        end = send_event(&producer, ev).await.1 + 1;
+    }
+
+    let mut config = consumer_config(&group, &topic, &dead);
+    config.partition_buffer = 2;
+    let (process, log) = Recording::new(Inboxed::new(effects.inbox().await, effects.clone()));
+    let running = Running::start(Consumer::new(config, process).unwrap());
+    support::eventually(WAIT, "the first event waits for the gate", || {
+        let (pool, schema) = (effects.pool.clone(), schema.clone());
+        async move {
+            let waiting: i64 = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM pg_locks WHERE relation = '{schema}.gate'::regclass \
+                 AND NOT granted"
+            ))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
+    // The events behind it arrive within a fetch; the partition is paused after two.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A second member joins the group, for a topic of its own: the partition is revoked
+    // and assigned back to the same consumer. Its assignment completes only once the
+    // first consumer has rejoined, that is after its revocation.
+    let other = support::topic(1).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let assigned = Arc::new(AtomicBool::new(false));
+    let joiner = tokio::task::spawn_blocking({
+        let (group, stop, assigned) = (group.clone(), Arc::clone(&stop), Arc::clone(&assigned));
+        move || {
+            let member: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", support::brokers())
+                .set("group.id", &group)
+                .set("session.timeout.ms", "2000")
+                .set("heartbeat.interval.ms", "500")
+                .create()
+                .unwrap();
+            member.subscribe(&[&other]).unwrap();
+            // Bounded, so a failed test does not wait for it forever.
+            let until = Instant::now() + 3 * WAIT;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                let _ = member.poll(Duration::from_millis(50));
+                if member.assignment().unwrap().count() > 0 {
+                    assigned.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    support::eventually(WAIT, "the group rebalanced", || {
+        let done = assigned.load(Ordering::Relaxed);
+        async move { done.then_some(()) }
+    })
+    .await;
+    gate.commit().await.unwrap();
+    let last = events.last().unwrap().event_id;
+    wait_handled(&log, last, "the partition is fetched again").await;
+    stop.store(true, Ordering::Relaxed);
+    joiner.await.unwrap();
+    support::eventually(WAIT, "every offset committed", || {
+        let (group, topic) = (group.clone(), topic.clone());
+        async move { (committed(&group, &topic, 1).await[0] == Some(end)).then_some(()) }
+    })
+    .await;
+    running.stop().await;
+
+    let seqs: Vec<i64> = effects.all().await.into_iter().map(|e| e.2).collect();
+    assert_eq!(seqs, vec![0, 1, 2, 3, 4, 5], "each once, in order");
 }

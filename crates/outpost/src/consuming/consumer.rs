@@ -73,6 +73,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,7 +90,7 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::error::classify;
-use crate::error::{database_is_retriable, Error, Result};
+use crate::error::{database_is_retriable, redact_properties, Error, Result};
 use crate::event::envelope::EventEnvelope;
 use crate::kafka::acks::AckProducer;
 use crate::kafka::producer::validate_brokers;
@@ -115,7 +116,7 @@ pub const DLQ_CONSUMER_GROUP: &str = "dlq_consumer_group";
 const MANAGED: [&str; 2] = ["enable.auto.commit", "enable.auto.offset.store"];
 
 /// Consumer settings; build with [`ConsumerConfig::new`] and adjust fields.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct ConsumerConfig {
     /// `host:port[,host:port...]` (no default; required).
     pub brokers: String,
@@ -296,6 +297,29 @@ impl ConsumerConfig {
     }
 }
 
+/// Hides the values of librdkafka properties that may hold a secret (`sasl.password`, ...).
+impl fmt::Debug for ConsumerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsumerConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("retry", &self.retry)
+            .field("commit_interval", &self.commit_interval)
+            .field("dead_letter_timeout", &self.dead_letter_timeout)
+            .field("concurrent_partitions", &self.concurrent_partitions)
+            .field("partition_buffer", &self.partition_buffer)
+            .field("together", &self.together)
+            .field("librdkafka", &redact_properties(&self.librdkafka))
+            .field(
+                "dead_letter_librdkafka",
+                &redact_properties(&self.dead_letter_librdkafka),
+            )
+            .finish()
+    }
+}
+
 /// One message as the consumer received it, before its body is decoded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Received {
@@ -309,7 +333,8 @@ pub struct Received {
     pub offset: i64,
     /// Message key, if any.
     pub key: Option<Vec<u8>>,
-    /// Headers (values decoded as UTF-8, lossily; the first of repeated names wins).
+    /// Headers (values decoded as UTF-8, lossily; the first of repeated names wins; a name
+    /// that is not UTF-8 is left out).
     pub headers: BTreeMap<String, String>,
     /// The raw payload.
     pub payload: Vec<u8>,
@@ -725,13 +750,7 @@ impl<P: Process> Consumer<P> {
     }
 
     fn received(&self, msg: &OwnedMessage) -> Result<Received> {
-        let mut headers = BTreeMap::new();
-        if let Some(all) = msg.headers() {
-            for h in all.iter() {
-                let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
-                headers.entry(h.key.to_owned()).or_insert(value);
-            }
-        }
+        let headers = msg.headers().map(headers_of).unwrap_or_default();
         let payload = msg.payload().ok_or_else(|| Error::Decode {
             reason: "message has no payload".into(),
         })?;
@@ -800,6 +819,28 @@ impl<P: Process> Consumer<P> {
             }),
         }
     }
+}
+
+/// A message's headers by name (values decoded as UTF-8, lossily; the first of repeated
+/// names wins). A header whose name is not UTF-8 is left out: rdkafka panics reading it
+/// (librdkafka does not check names), and that panic would stop the consumer on the same
+/// message after every restart.
+fn headers_of(all: &impl Headers) -> BTreeMap<String, String> {
+    let mut headers = BTreeMap::new();
+    for idx in 0..all.count() {
+        // Nothing is left half-changed by the panic: it comes after the read, before the
+        // header is returned.
+        let read = std::panic::catch_unwind(AssertUnwindSafe(|| all.try_get(idx)));
+        match read {
+            Ok(Some(h)) => {
+                let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
+                headers.entry(h.key.to_owned()).or_insert(value);
+            }
+            Ok(None) => {}
+            Err(_) => warn!(index = idx, "header with a name that is not UTF-8 left out"),
+        }
+    }
+    headers
 }
 
 /// Resolves at `at`; never when there is none.
@@ -874,6 +915,19 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_hides_secret_properties() {
+        let mut c = config()
+            .with("security.protocol", "SASL_SSL")
+            .with("sasl.password", "s3cret");
+        c.dead_letter_librdkafka
+            .insert("ssl.key.password".into(), "s3cret".into());
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("SASL_SSL"), "{shown}");
+        assert!(shown.contains("group_id: \"g\""), "{shown}");
+    }
+
+    #[test]
     fn event_id_is_read_from_the_header_first() {
         let id = Uuid::new_v4();
         let headers = BTreeMap::from([(EVENT_ID_HEADER.to_owned(), id.to_string())]);
@@ -911,6 +965,40 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not an event envelope"));
+    }
+
+    /// Headers that read like rdkafka's, which unwrap the UTF-8 check of the name.
+    struct RawHeaders(Vec<(&'static [u8], &'static [u8])>);
+
+    impl Headers for RawHeaders {
+        fn count(&self) -> usize {
+            self.0.len()
+        }
+
+        fn try_get(&self, idx: usize) -> Option<Header<'_, &[u8]>> {
+            let (name, value) = self.0.get(idx)?;
+            Some(Header {
+                key: std::str::from_utf8(name).unwrap(),
+                value: Some(*value),
+            })
+        }
+    }
+
+    #[test]
+    fn a_header_name_that_is_not_utf8_is_left_out() {
+        let headers = RawHeaders(vec![
+            (b"event_id", b"e1"),
+            (b"\xff", b"x"),
+            (b"tenant", b"acme\xff"),
+            (b"event_id", b"e2"),
+        ]);
+        assert_eq!(
+            headers_of(&headers),
+            BTreeMap::from([
+                ("event_id".to_owned(), "e1".to_owned()),
+                ("tenant".to_owned(), "acme\u{fffd}".to_owned()),
+            ])
+        );
     }
 
     #[test]

@@ -3,12 +3,13 @@
 //!
 //! One key per consumer group and event, `outpost:idempotency:{service}:{group}:{event_id}`:
 //!
-//! 1. Claim: `processing`, with a short TTL, unless the key exists (atomically, in a
-//!    script). `completed` means a duplicate: skip it. `processing` means another consumer
-//!    is on it: retry later; its TTL bounds the wait if that consumer died.
+//! 1. Claim: `processing:{token}`, with a short TTL, unless the key exists (atomically, in
+//!    a script); the token is the claim's own. `completed` means a duplicate: skip it.
+//!    `processing` means another consumer is on it: retry later; its TTL bounds the wait
+//!    if that consumer died.
 //! 2. The handler commits its business effect.
 //! 3. Complete: `completed`, with a long TTL. If the handler fails instead, the key is
-//!    deleted so the retry starts afresh.
+//!    deleted, if it still holds the claim's token, so the retry starts afresh.
 //!
 //! Redis unreachable: [`RedisDownPolicy`] says what happens, and there is no default.
 //!
@@ -25,7 +26,7 @@ use tracing::warn;
 use uuid::Uuid;
 
 use crate::consuming::consumer::{Handler, Outcome, Process, Received};
-use crate::error::{Error, Result};
+use crate::error::{redact_url, Error, Result};
 use crate::relay::wake::validate_service;
 
 const PROCESSING: &str = "processing";
@@ -114,8 +115,8 @@ impl IdempotencyConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
     /// Marked `processing` by this call: handle it, then [`complete`](Idempotency::complete)
-    /// or [`release`](Idempotency::release).
-    Acquired,
+    /// or [`release`](Idempotency::release) it with this token.
+    Acquired(ClaimToken),
     /// Already `completed`: skip it.
     Duplicate,
     /// Another consumer is processing it: try again later.
@@ -123,6 +124,18 @@ pub enum Claim {
     /// Redis is unreachable and the policy is [`RedisDownPolicy::FailOpen`]: handle it
     /// unchecked.
     Unchecked,
+}
+
+/// Identifies one claim, so that releasing it never deletes a later claim of the same
+/// event by another consumer (after this one's lapsed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimToken(Uuid);
+
+impl ClaimToken {
+    /// The key's value while the claim holds it.
+    fn mark(self) -> String {
+        format!("{PROCESSING}:{}", self.0)
+    }
 }
 
 /// The Redis side of two-phase idempotency.
@@ -151,7 +164,7 @@ impl Idempotency {
     ) -> Result<Self> {
         config.validate(publisher_retry_horizon)?;
         let client = redis::Client::open(url)
-            .map_err(|_| Error::config("redis_url", "redis://host[:port][/db]", url))?;
+            .map_err(|_| Error::config("redis_url", "redis://host[:port][/db]", redact_url(url)))?;
         Ok(Self {
             client,
             config,
@@ -163,7 +176,8 @@ impl Idempotency {
                  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) \
                  return false",
             ),
-            // Only a claim is released: a `completed` mark set meanwhile stays.
+            // Only this claim is released: a `completed` mark, or another consumer's claim
+            // after this one lapsed, stays.
             release: redis::Script::new(
                 "if redis.call('GET', KEYS[1]) == ARGV[1] then \
                    return redis.call('DEL', KEYS[1]) end \
@@ -189,17 +203,19 @@ impl Idempotency {
     /// [`RedisDownPolicy::FailClosed`].
     pub async fn claim(&self, group: &str, event_id: Uuid) -> Result<Claim> {
         let key = self.key(group, event_id);
+        let token = ClaimToken(Uuid::new_v4());
         let mut invocation = self.claim.key(&key);
         invocation
-            .arg(PROCESSING)
+            .arg(token.mark())
             .arg(self.config.processing_ttl.as_secs());
         let held: redis::RedisResult<Option<String>> = match self.connection().await {
             Ok(mut conn) => invocation.invoke_async(&mut conn).await,
             Err(e) => Err(e),
         };
         match held {
-            Ok(None) => Ok(Claim::Acquired),
-            Ok(Some(value)) if value == PROCESSING => Ok(Claim::InProgress),
+            Ok(None) => Ok(Claim::Acquired(token)),
+            // `processing:{token}`, or `processing` alone, from an Outpost before tokens.
+            Ok(Some(value)) if value.split(':').next() == Some(PROCESSING) => Ok(Claim::InProgress),
             // `completed`, or a value some other writer left: skip, as HuleEdu does.
             Ok(Some(_)) => Ok(Claim::Duplicate),
             Err(e) => {
@@ -231,15 +247,15 @@ impl Idempotency {
         self.run::<()>(&cmd, "complete").await
     }
 
-    /// Deletes the event's `processing` claim (call when handling failed), so a retry
-    /// can claim it at once.
+    /// Deletes the event's `processing` claim `token` (call when handling failed), so a
+    /// retry can claim it at once. A claim that lapsed, and whatever replaced it, stays.
     ///
     /// # Errors
     /// [`Error::Idempotency`] when Redis fails; the claim then lapses after its TTL.
-    pub async fn release(&self, group: &str, event_id: Uuid) -> Result<()> {
+    pub async fn release(&self, group: &str, event_id: Uuid, token: ClaimToken) -> Result<()> {
         let key = self.key(group, event_id);
         let mut invocation = self.release.key(&key);
-        invocation.arg(PROCESSING);
+        invocation.arg(token.mark());
         let done: redis::RedisResult<i64> = match self.connection().await {
             Ok(mut conn) => invocation.invoke_async(&mut conn).await,
             Err(e) => Err(e),
@@ -329,7 +345,7 @@ impl<H: Handler> Process for Idempotent<H> {
                     source: "another consumer is processing this event".into(),
                 })
             }
-            Claim::Acquired | Claim::Unchecked => {}
+            Claim::Acquired(_) | Claim::Unchecked => {}
         }
         let handled = match received.decode() {
             Ok(event) => self.handler.handle(&event, received).await,
@@ -340,15 +356,15 @@ impl<H: Handler> Process for Idempotent<H> {
                 // The effect is committed: report success whatever Redis says, or the retry
                 // would find `processing` and, once it lapsed, apply the effect twice.
                 if let Err(e) = self.idempotency.complete(group, id).await {
-                    if claim == Claim::Acquired {
+                    if matches!(claim, Claim::Acquired(_)) {
                         warn!(event_id = %id, error = %e, "could not mark the event completed");
                     }
                 }
                 Ok(Outcome::Handled)
             }
             Err(e) => {
-                if claim == Claim::Acquired {
-                    if let Err(release) = self.idempotency.release(group, id).await {
+                if let Claim::Acquired(token) = claim {
+                    if let Err(release) = self.idempotency.release(group, id, token).await {
                         warn!(event_id = %id, error = %release, "could not release the claim; it lapses after its TTL");
                     }
                 }
@@ -384,5 +400,25 @@ mod tests {
         short.processing_ttl = Duration::ZERO;
         assert!(short.validate(hour).is_err());
         assert!(Idempotency::new("nope://", c, hour).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_refused_redis_url_is_shown_without_its_password() {
+        // redis is built without TLS: a rediss:// URL is refused.
+        let url = "rediss://default:s3cret@cache.example:6380";
+        let config = IdempotencyConfig::new("els", RedisDownPolicy::FailClosed);
+        let hour = Duration::from_secs(3600);
+        let refused = [
+            Idempotency::new(url, config, hour).unwrap_err(),
+            crate::relay::wake::Waker::redis(url, "els")
+                .await
+                .unwrap_err(),
+        ];
+        for err in refused {
+            let text = err.to_string();
+            assert!(text.contains("redis_url"), "{text}");
+            assert!(text.contains("default:****@cache.example"), "{text}");
+            assert!(!text.contains("s3cret"), "{text}");
+        }
     }
 }

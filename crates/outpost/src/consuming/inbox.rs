@@ -32,6 +32,9 @@ use crate::publishing::publisher::{OutboxTx, Publisher};
 /// Default inbox table name inside the service's schema.
 pub const DEFAULT_INBOX_TABLE: &str = "event_inbox";
 
+/// SQLSTATE of any statement in a transaction that an earlier failure aborted.
+const IN_FAILED_TRANSACTION: &str = "25P02";
+
 /// A validated, quoted `"schema"."table"` reference to an inbox (same rules as
 /// [`OutboxTable`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -136,6 +139,7 @@ pub struct Inbox {
 #[derive(Debug)]
 struct Sql {
     claim: String,
+    held: String,
     cleanup: String,
 }
 
@@ -157,6 +161,9 @@ impl Inbox {
             claim: format!(
                 "INSERT INTO {t} (consumer_group, event_id) VALUES ($1, $2) \
                  ON CONFLICT (consumer_group, event_id) DO NOTHING"
+            ),
+            held: format!(
+                "SELECT count(*) FROM {t} WHERE consumer_group = $1 AND event_id = ANY($2)"
             ),
             cleanup: format!(
                 "DELETE FROM {t} WHERE (consumer_group, event_id) IN ( \
@@ -251,6 +258,54 @@ impl Inbox {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Checks, right before the commit, that `tx` still holds its claims of `event_ids`.
+    ///
+    /// PostgreSQL answers the `COMMIT` of a transaction that a failed statement aborted
+    /// with `ROLLBACK`, not with an error, and sqlx reports success: a handler that went on
+    /// after a failed statement would have its event settled, its offset committed, and
+    /// nothing of it kept. A statement in an aborted transaction fails; one that counts the
+    /// claims also finds those undone some other way (a `ROLLBACK` sent by the handler).
+    ///
+    /// # Errors
+    /// A retriable [`Error::Handler`] when the claims are lost (the transaction must be
+    /// dropped; nothing was committed), [`Error::InboxStorage`] when the check fails
+    /// otherwise.
+    async fn confirm_claims(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        group: &str,
+        event_ids: &[Uuid],
+    ) -> Result<()> {
+        let held: i64 = sqlx::query_scalar(&self.sql.held)
+            .bind(group)
+            .bind(event_ids)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(|source| match &source {
+                sqlx::Error::Database(db)
+                    if db.code().as_deref() == Some(IN_FAILED_TRANSACTION) =>
+                {
+                    Error::retriable(
+                        "a statement failed in the handler's transaction and the handler went \
+                         on, so PostgreSQL aborted the transaction and nothing was committed; \
+                         the event is retried: return the statement's error from the handler",
+                    )
+                }
+                _ => Error::InboxStorage {
+                    operation: "commit",
+                    source,
+                },
+            })?;
+        if usize::try_from(held).ok() != Some(event_ids.len()) {
+            return Err(Error::retriable(
+                "the inbox claim was rolled back inside the handler's transaction (a ROLLBACK \
+                 the handler sent), so nothing was committed; the event is retried: leave \
+                 ending the transaction to the inbox",
+            ));
+        }
+        Ok(())
+    }
+
     /// Deletes rows older than the retention, in batches of `cleanup_batch`; returns how
     /// many.
     ///
@@ -300,7 +355,10 @@ impl Inbox {
 /// when this returns `Ok`, so the writes and the inbox row take effect together, once. On
 /// error everything is rolled back: a [retriable](Error::retriable) error makes the
 /// consumer hand the event over again after a backoff, a [permanent](Error::permanent) one
-/// dead-letters it ([`Error::database`] picks one for a database error). Side effects outside `tx` (HTTP calls, other stores) are not covered.
+/// dead-letters it ([`Error::database`] picks one for a database error). A failed statement
+/// aborts `tx`: return its error; a handler that goes on and returns `Ok` has its event
+/// retried, as nothing of it can be committed. Side effects outside `tx` (HTTP calls, other
+/// stores) are not covered.
 pub trait InboxHandler: Send + Sync {
     /// Handles `event`, received as `received`, writing through `tx`.
     ///
@@ -363,6 +421,9 @@ impl<H: InboxHandler> Process for Inboxed<H> {
         if outcome == Outcome::Duplicate {
             tx.rollback().await.map_err(err("rollback"))?;
         } else {
+            self.inbox
+                .confirm_claims(&mut tx, &received.group_id, &[received.event_id])
+                .await?;
             // A commit that fails ambiguously is retried: if it did commit, the retry is a
             // duplicate.
             tx.commit().await.map_err(err("commit"))?;
@@ -378,8 +439,18 @@ impl<H: InboxHandler> Process for Inboxed<H> {
         let settled = async {
             let mut tx = self.inbox.pool.begin().await.map_err(err("begin"))?;
             let mut outcomes = Vec::with_capacity(received.len());
+            let mut claimed = Vec::with_capacity(received.len());
             for received in received {
-                outcomes.push(self.settle_in(&mut tx, received).await?);
+                let outcome = self.settle_in(&mut tx, received).await?;
+                if outcome == Outcome::Handled {
+                    claimed.push(received.event_id);
+                }
+                outcomes.push(outcome);
+            }
+            if !claimed.is_empty() {
+                self.inbox
+                    .confirm_claims(&mut tx, &received[0].group_id, &claimed)
+                    .await?;
             }
             tx.commit().await.map_err(err("commit"))?;
             Ok(outcomes)
@@ -485,6 +556,9 @@ impl<H: PublishingHandler> Process for InboxedPublishing<H> {
             return Ok(Outcome::Duplicate);
         };
         self.handler.handle(&event, received, &mut tx).await?;
+        self.inbox
+            .confirm_claims(tx.transaction(), &received.group_id, &[received.event_id])
+            .await?;
         // The outbox holds the events once this commits; their dispatch need not hold up
         // the next message of the partition.
         tx.commit_and_dispatch_later().await?;
@@ -509,6 +583,12 @@ impl<H: PublishingHandler> Process for InboxedPublishing<H> {
                 }
             }
             self.handler.handle_together(&new, &mut tx).await?;
+            if !new.is_empty() {
+                let claimed: Vec<Uuid> = new.iter().map(|(_, r)| r.event_id).collect();
+                self.inbox
+                    .confirm_claims(tx.transaction(), &received[0].group_id, &claimed)
+                    .await?;
+            }
             tx.commit_and_dispatch_later().await?;
             Ok(outcomes)
         };

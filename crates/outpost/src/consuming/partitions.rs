@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::message::{Message as _, OwnedMessage};
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::Notify;
@@ -43,8 +43,13 @@ impl Rebalancing {
 impl ClientContext for Rebalancing {}
 
 impl ConsumerContext for Rebalancing {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
+            // librdkafka keeps a pause across unassign, and the queue that would have resumed
+            // it is dropped: a partition assigned back would never be fetched again.
+            if let Err(e) = consumer.resume(tpl) {
+                warn!(error = %e, "could not resume revoked partitions");
+            }
             let keys: Vec<Key> = tpl
                 .elements()
                 .iter()
@@ -171,7 +176,13 @@ impl Partitions {
             let Some(part) = self.parts.get_mut(&key) else {
                 continue;
             };
-            if part.queue.is_empty() || part.running.is_some() || part.backing_off {
+            // A revoked partition's entry can outlive it here; its new assignment waits for
+            // the old worker, which puts it back in line when it ends.
+            if part.queue.is_empty()
+                || part.running.is_some()
+                || part.backing_off
+                || self.finishing.contains_key(&key)
+            {
                 continue;
             }
             let cancel = CancellationToken::new();
@@ -382,5 +393,21 @@ mod tests {
         let new = p.next_batch(&c).unwrap();
         assert_ne!(new.generation, old.generation);
         assert_eq!(new.messages.len(), 1);
+    }
+
+    #[test]
+    fn a_partition_ready_before_a_revocation_waits_for_its_old_worker_too() {
+        let c = consumer();
+        let mut p = Partitions::new(100);
+        // Revoked while ready: its place in the ready queue outlives it.
+        p.push(msg(0, 1), &c);
+        p.revoke(vec![("t".into(), 0)]);
+        p.push(msg(0, 1), &c);
+        let old = p.next_batch(&c).unwrap();
+        p.revoke(vec![old.key.clone()]);
+        p.push(msg(0, 1), &c);
+        assert!(p.next_batch(&c).is_none(), "the old worker still runs");
+        assert_eq!(p.ended(&old.key, old.generation, Ended::Cancelled), None);
+        assert!(p.next_batch(&c).is_some());
     }
 }

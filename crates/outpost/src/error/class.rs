@@ -40,6 +40,9 @@ impl fmt::Display for ErrorClass {
 pub fn classify(err: &KafkaError) -> ErrorClass {
     match err.rdkafka_error_code() {
         Some(code) => classify_code(code),
+        // A topic or key with a NUL character, refused before librdkafka sees it: no retry
+        // can ever send it.
+        None if matches!(err, KafkaError::Nul(_)) => ErrorClass::Permanent,
         None => ErrorClass::Retriable,
     }
 }
@@ -104,6 +107,13 @@ pub fn classify_code(code: RDKafkaErrorCode) -> ErrorClass {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_with_a_nul_character_is_permanent() {
+        let nul = std::ffi::CString::new("t\0x").unwrap_err();
+        assert_eq!(classify(&KafkaError::Nul(nul)), ErrorClass::Permanent);
+        assert_eq!(classify(&KafkaError::Canceled), ErrorClass::Retriable);
+    }
 
     #[test]
     fn classification() {

@@ -8,8 +8,11 @@ use serde::Serialize;
 use uuid::Uuid;
 
 mod class;
+mod redaction;
 
 pub use class::{classify, classify_code, ErrorClass};
+pub(crate) use redaction::redact_properties;
+pub use redaction::redact_url;
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -366,10 +369,26 @@ fn storage_is_retriable(err: &sqlx::Error) -> bool {
     }
 }
 
-/// SQLSTATE classes that fail the same way however often the statement is retried: data
-/// exceptions (22), integrity constraint violations (23), syntax errors and access rule
-/// violations (42), unsupported features (0A).
-const PERMANENT_SQLSTATE_CLASSES: [&str; 4] = ["22", "23", "42", "0A"];
+/// SQLSTATE classes that fail the same way however often the statement is retried, as
+/// long as the data it reads stays the same: the data or the statement is at fault.
+const PERMANENT_SQLSTATE_CLASSES: [&str; 10] = [
+    "0A", // feature not supported
+    "21", // cardinality violation: a subquery or ON CONFLICT meets more than one row
+    "22", // data exception: division by zero, a value out of range or malformed
+    "23", // integrity constraint violation
+    "27", // triggered data change violation: a trigger changes a row its statement changes
+    "2F", // SQL routine exception: a function ends without RETURN, writes when read-only
+    "38", // external routine exception: a function does what its declaration forbids
+    "39", // external routine invocation exception: a function breaks its calling protocol
+    "42", // syntax error or access rule violation
+    "44", // WITH CHECK OPTION violation: a row a view's condition rejects
+];
+
+/// PL/pgSQL's own errors that a retry reproduces: `RAISE EXCEPTION` without an error code
+/// (P0001: the code raising it rejects the data, as a constraint would), `SELECT INTO
+/// STRICT` finding no row (P0002) or more than one (P0003), a failed `ASSERT` (P0004).
+/// Not the whole class: P0000 says nothing about the cause.
+const PERMANENT_SQLSTATES: [&str; 4] = ["P0001", "P0002", "P0003", "P0004"];
 
 /// Whether a consumer retries a database error in place rather than dead-lettering it.
 ///
@@ -377,14 +396,17 @@ const PERMANENT_SQLSTATE_CLASSES: [&str; 4] = ["22", "23", "42", "0A"];
 /// is applied without it, while a retried one only holds its partition until the database
 /// is back (statement timeouts 57014, read-only transactions during a failover 25006,
 /// connection exceptions 08xxx, resource shortages 53xxx, protocol and I/O errors, ...).
-/// Permanent are only the SQLSTATE classes 22, 23, 42 and 0A, and client-side errors that
-/// a retry reproduces (a missing row, a column or type the query does not match, a value
+/// Permanent are only the SQLSTATE classes 0A, 21, 22, 23, 27, 2F, 38, 39, 42 and 44,
+/// PL/pgSQL's P0001 to P0004 (a plain `RAISE EXCEPTION` included: give one whose condition
+/// a retry may find changed a retriable `ERRCODE`, such as 40001), and client-side errors
+/// that a retry reproduces (a missing row, a column or type the query does not match, a value
 /// that does not encode or decode).
 pub fn database_is_retriable(err: &sqlx::Error) -> bool {
     match err {
-        sqlx::Error::Database(db) => !db
-            .code()
-            .is_some_and(|code| PERMANENT_SQLSTATE_CLASSES.contains(&code.get(..2).unwrap_or(""))),
+        sqlx::Error::Database(db) => !db.code().is_some_and(|code| {
+            PERMANENT_SQLSTATES.contains(&code.as_ref())
+                || PERMANENT_SQLSTATE_CLASSES.contains(&code.get(..2).unwrap_or(""))
+        }),
         sqlx::Error::Configuration(_)
         | sqlx::Error::InvalidArgument(_)
         | sqlx::Error::RowNotFound
@@ -528,7 +550,8 @@ mod tests {
             "55P03", // lock not available
             "57P01", // admin shutdown
             "XX000", // internal error
-            "P0001", // raised by a trigger: may depend on state that changes
+            "25P02", // in a transaction an earlier failure aborted
+            "P0000", // PL/pgSQL error of no stated cause
         ];
         for code in retriable {
             assert!(database_is_retriable(&server(code)), "{code}");
@@ -544,6 +567,16 @@ mod tests {
             "42P01", // undefined table
             "42601", // syntax error
             "0A000", // feature not supported
+            "21000", // subquery returned more than one row
+            "27000", // triggered data change violation
+            "2F005", // function ended without RETURN
+            "38003", // prohibited SQL statement in a function
+            "39P01", // trigger protocol violated
+            "44000", // WITH CHECK OPTION violation
+            "P0001", // RAISE EXCEPTION
+            "P0002", // SELECT INTO STRICT found no row
+            "P0003", // SELECT INTO STRICT found several
+            "P0004", // ASSERT failed
         ];
         for code in permanent {
             assert!(!database_is_retriable(&server(code)), "{code}");

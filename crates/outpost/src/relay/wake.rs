@@ -189,8 +189,13 @@ fn sent_at(payload: &str) -> Option<i64> {
 }
 
 fn redis_client(url: &str) -> Result<redis::Client> {
-    redis::Client::open(url)
-        .map_err(|_| Error::config("redis_url", "redis://host[:port][/db]", url.to_owned()))
+    redis::Client::open(url).map_err(|_| {
+        Error::config(
+            "redis_url",
+            "redis://host[:port][/db]",
+            crate::error::redact_url(url),
+        )
+    })
 }
 
 /// The relay side of wake-ups: listeners set it, the relay awaits it.

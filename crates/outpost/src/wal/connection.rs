@@ -15,7 +15,7 @@ pub(crate) fn replication_config(
         Error::config(
             "database_url",
             format!("postgres://user[:password]@host[:port]/database ({why})"),
-            redact(database_url),
+            crate::error::redact_url(database_url),
         )
     };
     let url = url::Url::parse(database_url).map_err(|_| bad("not a URL"))?;
@@ -91,28 +91,6 @@ pub(crate) fn replication_config(
     .with_start_lsn(Lsn::ZERO))
 }
 
-/// The URL without its password (in the userinfo or a `password` query parameter), for
-/// error messages and `Debug`.
-pub(crate) fn redact(database_url: &str) -> String {
-    let Ok(mut url) = url::Url::parse(database_url) else {
-        return "(not a URL)".to_owned();
-    };
-    if url.password().is_some() {
-        let _ = url.set_password(Some("****"));
-    }
-    if url.query_pairs().any(|(k, _)| k == "password") {
-        let pairs: Vec<(String, String)> = url
-            .query_pairs()
-            .map(|(k, v)| {
-                let v = if k == "password" { "****".into() } else { v };
-                (k.into_owned(), v.into_owned())
-            })
-            .collect();
-        url.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    url.to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,12 +161,12 @@ mod tests {
             "postgres://h/db?password=s3cret&sslmode=require",
             "postgres://app:s3cret@h/db?sslmode=disable&password=s3cret",
         ] {
-            let shown = redact(url);
+            let shown = crate::error::redact_url(url);
             assert!(!shown.contains("s3cret"), "{shown}");
             assert!(shown.contains("****"), "{shown}");
         }
         assert_eq!(
-            redact("postgres://app@h/db?sslmode=disable"),
+            crate::error::redact_url("postgres://app@h/db?sslmode=disable"),
             "postgres://app@h/db?sslmode=disable"
         );
         let stream = WalStream::new("els").unwrap();

@@ -35,11 +35,10 @@ use std::time::{Duration, Instant};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use pgwire_replication::{FeedbackObserver, Lsn, ReplicationClient, ReplicationEvent};
-use rdkafka::error::KafkaError;
 use sqlx::{Connection, PgConnection, PgPool};
 use tracing::{debug, info, warn};
 
-use super::connection::{redact, replication_config};
+use super::connection::replication_config;
 use super::dead::WalDeadLetters;
 use super::message::{decode, WalEvent};
 use super::progress::{Progress, TxnId};
@@ -97,7 +96,10 @@ impl std::fmt::Debug for WalRelayConfig {
         f.debug_struct("WalRelayConfig")
             .field("service", &self.service)
             .field("stream", &self.stream)
-            .field("database_url", &redact(&self.database_url))
+            .field(
+                "database_url",
+                &crate::error::redact_url(&self.database_url),
+            )
             .field("max_in_flight", &self.max_in_flight)
             .field("max_in_flight_bytes", &self.max_in_flight_bytes)
             .field("status_interval", &self.status_interval)
@@ -446,7 +448,7 @@ impl WalRelay {
                             }
                             Err(f) => {
                                 let mut s = done.sending;
-                                let class = class_of(&f);
+                                let class = f.class;
                                 if class != ErrorClass::Permanent {
                                     // Every later message queued for the partition fails too, so
                                     // none lands ahead of this one.
@@ -657,17 +659,6 @@ impl WalRelay {
             *attempt += 1;
             *retry_at = Some(tokio::time::Instant::now() + self.config.backoff.delay(*attempt));
         }
-    }
-}
-
-/// The class of `f` for this relay: the producer's, except for a topic with a NUL
-/// character, which librdkafka refuses before queueing with an error that has no code (so
-/// the producer cannot class it) and which no retry can ever send.
-fn class_of(f: &SendFailure) -> ErrorClass {
-    if matches!(f.error, KafkaError::Nul(_)) {
-        ErrorClass::Permanent
-    } else {
-        f.class
     }
 }
 
