@@ -41,6 +41,8 @@ pub struct Verdict {
     pub order_violations: usize,
     /// Ledger events parked (dead) in the outbox.
     pub parked: i64,
+    /// Ledger events neither read nor parked: lost.
+    pub lost: usize,
     /// Messages read whose event is not in the ledger, or whose publish returned an error
     /// (it may land all the same: a send that timed out).
     pub unledgered: usize,
@@ -75,9 +77,7 @@ impl Verdict {
     /// When an event is neither delivered nor parked, or a key's events arrived out of
     /// order.
     pub fn holds(&self) -> anyhow::Result<()> {
-        let lost = self
-            .missing
-            .saturating_sub(usize::try_from(self.parked).unwrap_or(0));
+        let lost = self.lost;
         anyhow::ensure!(
             lost == 0 && self.order_violations == 0,
             "verify: {lost} committed events neither delivered nor parked, {} out of key order \
@@ -154,14 +154,16 @@ pub async fn run(
         .filter(|(_, l)| l.committed)
         .map(|(id, _)| *id)
         .collect();
-    let parked: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM {} WHERE status = 'dead' AND event_id = ANY($1)",
+    let parked: HashSet<Uuid> = sqlx::query_scalar(&format!(
+        "SELECT event_id FROM {} WHERE status = 'dead' AND event_id = ANY($1)",
         store.table()
     ))
     .bind(&ids)
-    .fetch_one(store.pool())
+    .fetch_all(store.pool())
     .await
-    .context("cannot count parked events")?;
+    .context("cannot read parked events")?
+    .into_iter()
+    .collect();
 
     let mut tally = Tally::default();
     // Messages a broker that was then lost had served (`outpost faults` reads them before
@@ -232,7 +234,8 @@ pub async fn run(
         missing: missing.len(),
         duplicates,
         order_violations,
-        parked,
+        parked: i64::try_from(parked.len()).unwrap_or(i64::MAX),
+        lost: missing.iter().filter(|id| !parked.contains(*id)).count(),
         unledgered,
         in_doubt: in_doubt.len(),
         in_doubt_delivered: in_doubt.iter().filter(|id| seen.contains(*id)).count(),

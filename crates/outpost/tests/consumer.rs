@@ -1146,6 +1146,13 @@ async fn releasing_a_lapsed_claim_leaves_the_next_consumers_claim() {
     let Claim::Acquired(first) = idem.claim(&group, event).await.unwrap() else {
         panic!("a new event is acquired");
     };
+    // The mark itself stays what every Outpost reads as "in progress".
+    let mark: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(mark, "processing");
     // The first consumer's claim lapses (its TTL, simulated) and a second one claims.
     let _: i64 = redis::cmd("DEL")
         .arg(&key)

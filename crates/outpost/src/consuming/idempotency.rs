@@ -132,10 +132,17 @@ pub enum Claim {
 pub struct ClaimToken(Uuid);
 
 impl ClaimToken {
-    /// The key's value while the claim holds it.
+    /// The value of the claim's owner key (see [`owner_key`]).
     fn mark(self) -> String {
-        format!("{PROCESSING}:{}", self.0)
+        self.0.to_string()
     }
+}
+
+/// Where a claim's token is kept: beside the event's key, whose value stays exactly
+/// `processing`, as every Outpost reads it (an older one takes any other value for a
+/// finished event and would skip it).
+fn owner_key(key: &str) -> String {
+    format!("{key}:owner")
 }
 
 /// The Redis side of two-phase idempotency.
@@ -173,13 +180,16 @@ impl Idempotency {
             claim: redis::Script::new(
                 "local held = redis.call('GET', KEYS[1]) \
                  if held then return held end \
-                 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) \
+                 redis.call('SET', KEYS[1], 'processing', 'EX', ARGV[2]) \
+                 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2]) \
                  return false",
             ),
             // Only this claim is released: a `completed` mark, or another consumer's claim
             // after this one lapsed, stays.
             release: redis::Script::new(
-                "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                "if redis.call('GET', KEYS[1]) == 'processing' \
+                    and redis.call('GET', KEYS[2]) == ARGV[1] then \
+                   redis.call('DEL', KEYS[2]) \
                    return redis.call('DEL', KEYS[1]) end \
                  return 0",
             ),
@@ -206,6 +216,7 @@ impl Idempotency {
         let token = ClaimToken(Uuid::new_v4());
         let mut invocation = self.claim.key(&key);
         invocation
+            .key(owner_key(&key))
             .arg(token.mark())
             .arg(self.config.processing_ttl.as_secs());
         let held: redis::RedisResult<Option<String>> = match self.connection().await {
@@ -214,8 +225,7 @@ impl Idempotency {
         };
         match held {
             Ok(None) => Ok(Claim::Acquired(token)),
-            // `processing:{token}`, or `processing` alone, from an Outpost before tokens.
-            Ok(Some(value)) if value.split(':').next() == Some(PROCESSING) => Ok(Claim::InProgress),
+            Ok(Some(value)) if value == PROCESSING => Ok(Claim::InProgress),
             // `completed`, or a value some other writer left: skip, as HuleEdu does.
             Ok(Some(_)) => Ok(Claim::Duplicate),
             Err(e) => {
@@ -255,7 +265,7 @@ impl Idempotency {
     pub async fn release(&self, group: &str, event_id: Uuid, token: ClaimToken) -> Result<()> {
         let key = self.key(group, event_id);
         let mut invocation = self.release.key(&key);
-        invocation.arg(token.mark());
+        invocation.key(owner_key(&key)).arg(token.mark());
         let done: redis::RedisResult<i64> = match self.connection().await {
             Ok(mut conn) => invocation.invoke_async(&mut conn).await,
             Err(e) => Err(e),

@@ -757,7 +757,9 @@ impl OutboxStore {
 
     /// Leases up to `keys` free keys (not leased, not backing off) to `owner` for `lease`,
     /// each with its first `per_key` pending rows. A key may come back with no rows: it
-    /// drained after its row was written; hand it back with [`release_drained`](Self::release_drained).
+    /// drained after its row was written, or the read of its rows failed after the lease
+    /// was written (logged); hand it back with [`release_drained`](Self::release_drained)
+    /// (unless `owner` already holds it: a lapsed lease of its own may be taken again).
     ///
     /// # Errors
     /// [`Error::OutboxStorage`] when the query fails.
@@ -818,14 +820,13 @@ impl OutboxStore {
             {
                 Ok(found) => found,
                 Err(e) => {
-                    // The keys are leased (that statement committed) and nobody will send
-                    // or renew them: hand them back, or they wait out the lease. If this
-                    // fails too, they do.
-                    let back: Vec<KeyRelease> = leased.into_iter().map(KeyRelease::done).collect();
-                    if let Err(again) = self.settle(owner, &[], &back).await {
-                        tracing::warn!(error = %again, keys = back.len(), "could not hand back keys whose read failed; they come back when the lease lapses");
-                    }
-                    return Err(e);
+                    // The keys are leased (that statement committed): as an error they would
+                    // be nobody's until the lease lapsed. Returned without rows, the caller
+                    // hands them back as drained ones, except those it already holds (its
+                    // own lapsed leases, taken again), which a hand-back here would free
+                    // while it still sends them.
+                    tracing::warn!(error = %e, keys = leased.len(), "could not read the rows of keys just leased; handing them back");
+                    Vec::new()
                 }
             };
             // A set, not a scan of `found` per key: 500 keys a claim cost 250,000 string
