@@ -333,9 +333,22 @@ impl KafkaProducer {
         headers: &BTreeMap<String, String>,
     ) -> std::result::Result<PendingAck, SendFailure> {
         let (ack, _) = self
-            .enqueue_headers(topic, key, payload, kafka_headers(headers), None)?
+            .enqueue_on(topic, key, payload, headers, None)?
             .expect("any instance will do");
         Ok(ack)
+    }
+
+    /// [`enqueue`](Self::enqueue), with the generation of the instance it went to; `on` as
+    /// in [`enqueue_reported`](Self::enqueue_reported).
+    pub(crate) fn enqueue_on(
+        self: &Arc<Self>,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &BTreeMap<String, String>,
+        on: Option<u64>,
+    ) -> std::result::Result<Option<(PendingAck, u64)>, SendFailure> {
+        self.enqueue_headers(topic, key, payload, kafka_headers(headers), on)
     }
 
     /// [`enqueue`](Self::enqueue) with the Kafka headers already built, with the

@@ -1162,13 +1162,29 @@ async fn send_in_order(
     messages: Vec<Message>,
 ) -> Vec<Option<std::result::Result<Acked, SendFailure>>> {
     let mut stopped: HashSet<&str> = HashSet::new();
+    // The producer instance each key's messages went to: the rest of a key goes to the same
+    // one or not at all (on a replacement, under a new producer id, the broker would not
+    // order them after the first ones); those fall back.
+    let mut instance: HashMap<&str, u64> = HashMap::new();
     let mut acks = Vec::with_capacity(messages.len());
     for m in &messages {
         if stopped.contains(m.key.as_str()) {
             acks.push(None);
             continue;
         }
-        let queued = producer.enqueue(&m.topic, &m.key, &m.payload, &m.headers);
+        let on = instance.get(m.key.as_str()).copied();
+        let queued = match producer.enqueue_on(&m.topic, &m.key, &m.payload, &m.headers, on) {
+            Ok(Some((ack, generation))) => {
+                instance.insert(&m.key, generation);
+                Ok(ack)
+            }
+            Ok(None) => {
+                stopped.insert(&m.key);
+                acks.push(None);
+                continue;
+            }
+            Err(failure) => Err(failure),
+        };
         if queued.is_err() {
             stopped.insert(&m.key);
         }
