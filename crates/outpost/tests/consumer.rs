@@ -1072,7 +1072,7 @@ async fn redis_two_phase_marks_processing_then_completed_and_releases_on_failure
         panic!("a new event is acquired");
     };
     let (value, ttl) = state(idem.key(&group, ok)).await;
-    assert!(value.unwrap().starts_with("processing:"));
+    assert_eq!(value.as_deref(), Some("processing"));
     assert!((1..=300).contains(&ttl), "{ttl}");
     assert_eq!(idem.claim(&group, ok).await.unwrap(), Claim::InProgress);
     idem.complete(&group, ok).await.unwrap();

@@ -161,6 +161,23 @@ async fn a_claim_whose_read_fails_hands_its_keys_back() {
     assert_eq!(ids(&again).len(), 3, "claimable at once by anyone");
 }
 
+/// Every replica migrates when it starts: on a table that is already migrated that must not
+/// wait for transactions that staged events (nor hold new staging back meanwhile).
+#[tokio::test]
+async fn migrating_a_migrated_table_does_not_wait_for_open_staging_transactions() {
+    let store = support::store().await;
+    let mut open = store.pool().begin().await.unwrap();
+    store
+        .stage(&mut open, &support::event("t", "k", 0))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), store.migrate())
+        .await
+        .expect("migrate waited for the open transaction")
+        .unwrap();
+    open.commit().await.unwrap();
+}
+
 #[tokio::test]
 async fn concurrent_claims_never_overlap_and_drained_keys_are_deleted() {
     let store = support::store().await;

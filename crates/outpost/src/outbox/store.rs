@@ -572,22 +572,41 @@ impl OutboxStore {
                  END $$",
                 table = t.table()
             ),
-            format!(
-                "ALTER TABLE {t} DROP CONSTRAINT IF EXISTS \"{constraint}\"",
-                constraint = t.derived("event_id_key")
+            only_if(
+                &format!(
+                    "EXISTS (SELECT 1 FROM pg_constraint WHERE conname = '{}' \
+                     AND conrelid = '{t}'::regclass)",
+                    t.derived("event_id_key")
+                ),
+                &format!(
+                    "ALTER TABLE {t} DROP CONSTRAINT \"{}\"",
+                    t.derived("event_id_key")
+                ),
             ),
-            format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS kafka_partition INT"),
+            only_if(
+                &no_column(t, "kafka_partition"),
+                &format!("ALTER TABLE {t} ADD COLUMN kafka_partition INT"),
+            ),
             stage_function(t),
-            format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS kafka_offset BIGINT"),
+            only_if(
+                &no_column(t, "kafka_offset"),
+                &format!("ALTER TABLE {t} ADD COLUMN kafka_offset BIGINT"),
+            ),
             // Fetching a key's next rows and "does this key still have pending rows" both
             // walk this index from (key, after): published rows leave it.
-            format!(
-                "CREATE INDEX IF NOT EXISTS \"{key_pending}\" ON {t} (event_key, id) \
-                 WHERE status = 'pending'"
+            only_if(
+                &no_relation(schema, &key_pending),
+                &format!(
+                    "CREATE INDEX \"{key_pending}\" ON {t} (event_key, id) \
+                     WHERE status = 'pending'"
+                ),
             ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS \"{published}\" ON {t} (published_at) \
-                 WHERE status = 'published'"
+            only_if(
+                &no_relation(schema, &published),
+                &format!(
+                    "CREATE INDEX \"{published}\" ON {t} (published_at) \
+                     WHERE status = 'published'"
+                ),
             ),
             // `next_attempt_at` is when a key may be claimed next: after its back-off, or
             // while leased, when the lease lapses. Room per page keeps a key row's new
@@ -600,7 +619,10 @@ impl OutboxStore {
                    lease_owner       UUID, \
                    lease_until       TIMESTAMPTZ) WITH (fillfactor = 70)"
             ),
-            format!("CREATE INDEX IF NOT EXISTS \"{keys_due}\" ON {k} (next_attempt_at)"),
+            only_if(
+                &no_relation(schema, &keys_due),
+                &format!("CREATE INDEX \"{keys_due}\" ON {k} (next_attempt_at)"),
+            ),
             format!(
                 "INSERT INTO {k} (event_key) SELECT DISTINCT event_key FROM {t} \
                  WHERE status = 'pending' ON CONFLICT (event_key) DO NOTHING"
@@ -1125,27 +1147,38 @@ impl OutboxStore {
         let ns = t.lock_namespace();
         let err = |e| Error::storage("requeue", e);
         let mut tx = self.pool.begin().await.map_err(err)?;
+        // The rows are fixed (and locked) first: a row parked after the key locks below were
+        // taken would otherwise be requeued without its key's lock, and a relay could delete
+        // its key row meanwhile (a pending row no relay ever claims).
+        let dead: Vec<i64> = sqlx::query_scalar(&format!(
+            "SELECT id FROM {t} WHERE status = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1)) \
+             FOR UPDATE"
+        ))
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err)?;
         // Shared key locks (in key order, so two requeues cannot deadlock) keep a relay from
         // deleting a key row between the update and the insert below.
         sqlx::query(&format!(
             "SELECT pg_advisory_xact_lock_shared(hashtextextended('{ns}' || event_key, 0)) \
              FROM (SELECT DISTINCT event_key COLLATE \"C\" AS event_key FROM {t} \
-                   WHERE status = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1)) ORDER BY 1) d"
+                   WHERE id = ANY($1) ORDER BY 1) d"
         ))
-        .bind(ids)
+        .bind(&dead)
         .execute(&mut *tx)
         .await
         .map_err(err)?;
         let done = sqlx::query(&format!(
             "WITH requeued AS ( \
                  UPDATE {t} SET status = 'pending', failures = 0 \
-                 WHERE status = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1)) \
+                 WHERE status = 'dead' AND id = ANY($1) \
                  RETURNING event_key), \
              keyed AS (INSERT INTO {k} (event_key) SELECT DISTINCT event_key FROM requeued \
                        ON CONFLICT (event_key) DO NOTHING) \
              SELECT count(*) FROM requeued"
         ))
-        .bind(ids)
+        .bind(&dead)
         .fetch_one(&mut *tx)
         .await
         .map_err(err)?
@@ -1182,6 +1215,27 @@ impl KeyRelease {
 /// payload), callable inside any transaction from any language. It returns the row id, or
 /// NULL when the event id was staged already. Headers must be a JSON object of strings;
 /// `event_id` and `event_type` headers are set from the arguments, as the Rust envelope does.
+/// `ddl` only when `condition` (SQL) holds: `ALTER TABLE ... IF [NOT] EXISTS` and `CREATE
+/// INDEX IF NOT EXISTS` lock the table before they find there is nothing to do (an index a
+/// SHARE lock, an ALTER an ACCESS EXCLUSIVE one), so every start of every replica waited
+/// behind any open transaction that had staged an event, and held all staging back meanwhile.
+fn only_if(condition: &str, ddl: &str) -> String {
+    format!("DO $$ BEGIN IF {condition} THEN {ddl}; END IF; END $$")
+}
+
+/// SQL: `t` has no column `column`.
+fn no_column(t: &OutboxTable, column: &str) -> String {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{t}'::regclass \
+         AND attname = '{column}' AND NOT attisdropped)"
+    )
+}
+
+/// SQL: no relation `name` in `schema`.
+fn no_relation(schema: &str, name: &str) -> String {
+    format!("to_regclass('\"{schema}\".\"{name}\"') IS NULL")
+}
+
 fn stage_function(t: &OutboxTable) -> String {
     let f = t.stage_function();
     let k = t.keys();

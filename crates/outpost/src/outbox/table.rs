@@ -7,10 +7,14 @@ use crate::error::{Error, Result};
 /// Default table name inside the service's schema.
 pub const DEFAULT_TABLE: &str = "event_outbox";
 
+/// Longest table name: 63 bytes less `_payloads_event_id_key`.
+const MAX_TABLE: usize = 41;
+
 /// A validated, quoted `"schema"."table"` reference.
 ///
-/// Names are lowercase identifiers (`[a-z_][a-z0-9_]*`, at most 63 bytes), so they can be
-/// interpolated into SQL safely; anything else is rejected at construction.
+/// Names are lowercase identifiers (`[a-z_][a-z0-9_]*`, at most 63 bytes, a table at most
+/// 41), so they can be interpolated into SQL safely; anything else is rejected at
+/// construction.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct OutboxTable {
     schema: String,
@@ -33,6 +37,16 @@ impl OutboxTable {
     pub fn with_table(schema: &str, table: &str) -> Result<Self> {
         validate_identifier("schema", schema)?;
         validate_identifier("table", table)?;
+        // The names made from it must fit PostgreSQL's 63 bytes whole: the longest,
+        // `{table}_payloads_event_id_key`, is PostgreSQL's own name for a constraint the
+        // staging function names, and a longer table would have it shortened differently.
+        if table.len() > MAX_TABLE {
+            return Err(Error::config(
+                "table",
+                format!("at most {MAX_TABLE} bytes (names derived from it must fit 63)"),
+                table,
+            ));
+        }
         Ok(Self {
             schema: schema.to_owned(),
             table: table.to_owned(),
@@ -136,6 +150,9 @@ mod tests {
         let t = OutboxTable::new("els").unwrap();
         assert_eq!(t.to_string(), "\"els\".\"event_outbox\"");
         assert!(OutboxTable::with_table("_a1", "b_2").is_ok());
+        assert!(OutboxTable::with_table("s", &"t".repeat(41)).is_ok());
+        let long = OutboxTable::with_table("s", &"t".repeat(42)).unwrap_err();
+        assert!(long.to_string().contains("at most 41 bytes"), "{long}");
     }
 
     #[test]
