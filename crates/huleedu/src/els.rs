@@ -350,6 +350,7 @@ impl EssayLifecycle {
         // Last, so the batch row's lock (held to the commit) is all that orders the
         // handlers of one batch.
         let counts = count(tx, &content.batch_id, i32::from(placed), 0).await?;
+        placed_in_time(&content.batch_id, placed, &state, &counts)?;
         self.check_ready(tx, &content.batch_id, counts, event).await
     }
 
@@ -360,8 +361,9 @@ impl EssayLifecycle {
         events: &[(EventEnvelope<serde_json::Value>, &Received)],
         tx: &mut OutboxTx,
     ) -> outpost::Result<()> {
-        // Per batch, in order of first appearance: placements and the last event.
-        let mut batches: Vec<(String, i32, &EventEnvelope<serde_json::Value>)> = Vec::new();
+        // Per batch, in order of first appearance: placements, the last event, and the
+        // state the placements were decided on.
+        let mut batches: Vec<(String, i32, &EventEnvelope<serde_json::Value>, String)> = Vec::new();
         for (event, _) in events {
             let content: EssayContentProvisionedV1 = decode(event)?;
             let Some(state) = lock_batch(tx, &content.batch_id, Hold::Shared).await? else {
@@ -374,11 +376,12 @@ impl EssayLifecycle {
                     batch.1 += i32::from(placed);
                     batch.2 = event;
                 }
-                None => batches.push((content.batch_id, i32::from(placed), event)),
+                None => batches.push((content.batch_id, i32::from(placed), event, state)),
             }
         }
-        for (batch_id, placed, last) in batches {
+        for (batch_id, placed, last, state) in batches {
             let counts = count(tx, &batch_id, placed, 0).await?;
+            placed_in_time(&batch_id, placed > 0, &state, &counts)?;
             self.check_ready(tx, &batch_id, counts, last).await?;
         }
         Ok(())
@@ -1251,6 +1254,26 @@ async fn lock_batch(
     .fetch_optional(conn)
     .await
     .map_err(handler_db)
+}
+
+/// Content is placed in slots on the batch state read under a shared lock, which handlers
+/// of one batch hold side by side: another may have made the batch ready meanwhile (the
+/// count, which waits for its row lock, returns the state as it is now). A slot filled after
+/// the batch was announced ready would never be processed: the handler is retried (its
+/// transaction rolled back), and finds the batch ready, so the content is excess.
+fn placed_in_time(
+    batch_id: &str,
+    placed: bool,
+    decided_on: &str,
+    counts: &PgRow,
+) -> outpost::Result<()> {
+    let now: String = counts.get(0);
+    if placed && now != decided_on {
+        return Err(outpost::Error::retriable(format!(
+            "batch {batch_id} turned {now} while content was placed in a slot; retrying"
+        )));
+    }
+    Ok(())
 }
 
 /// Keeps content whose registration is still on its way (topics are not ordered among each

@@ -12,9 +12,9 @@ use chrono::Utc;
 use huleedu::bos::{registration, BatchRequest};
 use huleedu::els::{batch_state, essay_state, Essay, EssayLifecycle};
 use huleedu::events::{
-    topic, EntityRef, EssayContentProvisionedV1, EssayRef, ProcessingStage, SpellcheckCompleted,
-    SpellcheckInitiateCommand, StorageReferenceMetadata, SystemProcessingMetadata, Topics,
-    CORRECTED_TEXT,
+    topic, EntityRef, EssayContentProvisionedV1, EssayRef, EssayValidationFailedV1,
+    ProcessingStage, SpellcheckCompleted, SpellcheckInitiateCommand, StorageReferenceMetadata,
+    SystemProcessingMetadata, Topics, ValidationErrorDetail, CORRECTED_TEXT,
 };
 use outpost::{Publisher, PublishingHandler};
 use uuid::Uuid;
@@ -173,6 +173,119 @@ async fn content_handlers_of_one_batch_run_side_by_side_and_fill_each_slot_once(
         outbox_count(&publisher, topic::EXCESS_CONTENT_PROVISIONED).await,
         0
     );
+}
+
+/// Content placed on a batch state another handler changed meanwhile: the batch was made
+/// ready (its last slot's upload failed validation) while this content waited to take the
+/// free slot. The handler fails (retriable) instead of filling a slot of a batch already
+/// announced ready, and its retry reports the content as excess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn content_placed_after_its_batch_became_ready_is_retried_as_excess() {
+    let (els, publisher) = els().await;
+    let batch_id = register(&els, &publisher, 2).await;
+    let late = content(&batch_id, 2);
+    // The late content's handler stops inside its placement, after it read the state.
+    let mut holder = publisher.store().pool().begin().await.unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('els.upload:' || $1))")
+        .bind(&late.file_upload_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let (els, publisher, late) = (els.clone(), publisher.clone(), late.clone());
+        async move { handle(&els, &publisher, topic::ESSAY_CONTENT_PROVISIONED, &late).await }
+    });
+    wait_blocked(&publisher, holder_pid).await;
+    // Meanwhile the batch fills up: one essay placed, one upload failed.
+    handle(
+        &els,
+        &publisher,
+        topic::ESSAY_CONTENT_PROVISIONED,
+        &content(&batch_id, 0),
+    )
+    .await
+    .unwrap();
+    let failed = EssayValidationFailedV1 {
+        event: "essay.validation.failed".into(),
+        batch_id: batch_id.clone(),
+        file_upload_id: "upload-1".into(),
+        original_file_name: "essay_1.txt".into(),
+        raw_file_storage_id: Uuid::new_v4().to_string(),
+        validation_error_code: "EMPTY_CONTENT".into(),
+        validation_error_detail: ValidationErrorDetail {
+            error_code: "EMPTY_CONTENT".into(),
+            message: "empty".into(),
+            correlation_id: Uuid::new_v4(),
+            timestamp: Utc::now(),
+            service: "file_service".into(),
+            operation: "validate".into(),
+            details: Default::default(),
+        },
+        file_size_bytes: 0,
+        correlation_id: Uuid::new_v4(),
+        timestamp: Utc::now(),
+    };
+    handle(&els, &publisher, topic::ESSAY_VALIDATION_FAILED, &failed)
+        .await
+        .unwrap();
+    assert_eq!(
+        els.batch_state(&batch_id).await.unwrap().as_deref(),
+        Some(batch_state::READY)
+    );
+    holder.rollback().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the late handler finishes")
+        .unwrap();
+    let err = first.expect_err("the late content must not take the slot");
+    assert!(err.is_retriable(), "{err}");
+    // The consumer's retry.
+    handle(&els, &publisher, topic::ESSAY_CONTENT_PROVISIONED, &late)
+        .await
+        .unwrap();
+    let filled = els
+        .essays(&batch_id)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.file_upload_id.is_some())
+        .count();
+    assert_eq!(filled, 1, "the failed upload's slot stays empty");
+    assert_eq!(
+        outbox_count(&publisher, topic::ESSAY_SLOT_ASSIGNED).await,
+        1
+    );
+    assert_eq!(
+        outbox_count(&publisher, topic::EXCESS_CONTENT_PROVISIONED).await,
+        1
+    );
+    assert_eq!(outbox_count(&publisher, topic::BATCH_ESSAYS_READY).await, 1);
+}
+
+/// Waits (at most 10 s) until a session waits behind `pid`'s locks.
+async fn wait_blocked(publisher: &Publisher, pid: i32) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+        )
+        .bind(pid)
+        .fetch_one(publisher.store().pool())
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing waited behind the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The spellchecker's answer for `essay`: corrected, or (`ok` false) failed.
