@@ -177,22 +177,22 @@ impl Idempotency {
             config,
             conn: Mutex::new(None),
             // GET-then-SET in one script, so two consumers cannot both acquire.
-            claim: redis::Script::new(
+            claim: redis::Script::new(&format!(
                 "local held = redis.call('GET', KEYS[1]) \
                  if held then return held end \
-                 redis.call('SET', KEYS[1], 'processing', 'EX', ARGV[2]) \
+                 redis.call('SET', KEYS[1], '{PROCESSING}', 'EX', ARGV[2]) \
                  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2]) \
-                 return false",
-            ),
+                 return false"
+            )),
             // Only this claim is released: a `completed` mark, or another consumer's claim
             // after this one lapsed, stays.
-            release: redis::Script::new(
-                "if redis.call('GET', KEYS[1]) == 'processing' \
+            release: redis::Script::new(&format!(
+                "if redis.call('GET', KEYS[1]) == '{PROCESSING}' \
                     and redis.call('GET', KEYS[2]) == ARGV[1] then \
                    redis.call('DEL', KEYS[2]) \
                    return redis.call('DEL', KEYS[1]) end \
-                 return 0",
-            ),
+                 return 0"
+            )),
         })
     }
 

@@ -113,6 +113,8 @@ impl Sender {
                 continue;
             };
             let mut blocked = false;
+            // Held back behind rows on a replaced producer instance (see below).
+            let mut held = false;
             let mut taken = 0;
             while state.in_flight < self.per_key && state.failure.is_none() {
                 if self.queue_full.is_some() || self.room() == 0 || Instant::now() >= until {
@@ -129,10 +131,11 @@ impl Sender {
                     // Rows of the key are still out on a producer instance since replaced (a
                     // rebuild after another key's failure): the next wait for them, or they
                     // could land ahead of those, which may yet fail. The key is looked at
-                    // again as their reports come in.
+                    // again as their reports come in, not at every pass before.
                     Ok(None) => {
                         state.queued.push_front(event);
                         taken -= 1;
+                        held = true;
                         break;
                     }
                     Err(failure) if is_queue_full(&failure) => {
@@ -180,7 +183,9 @@ impl Sender {
                 send[i..].iter().for_each(|k| keys.touch(k));
                 return;
             }
-            keys.touch(key);
+            if !held {
+                keys.touch(key);
+            }
         }
     }
 
