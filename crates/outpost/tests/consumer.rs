@@ -1297,6 +1297,34 @@ async fn inbox_keeps_rows_past_the_retry_horizon_then_cleans_them_up() {
     tx.rollback().await.unwrap();
 }
 
+/// Every replica migrates its inbox when it starts: on a table that is already migrated that
+/// must not wait for transactions that claimed events (nor hold new claims back meanwhile).
+#[tokio::test]
+async fn migrating_a_migrated_inbox_does_not_wait_for_open_claiming_transactions() {
+    let effects = Effects::new().await;
+    let inbox = effects.inbox().await;
+    let index: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(format!(
+            "\"{}\".\"{}_processed_at\"",
+            effects.schema,
+            inbox.table().table()
+        ))
+        .fetch_one(inbox.pool())
+        .await
+        .unwrap();
+    assert!(
+        index.is_some(),
+        "the first migrate made the retention index"
+    );
+    let mut open = inbox.pool().begin().await.unwrap();
+    assert!(inbox.claim(&mut open, "g", Uuid::new_v4()).await.unwrap());
+    tokio::time::timeout(Duration::from_secs(10), inbox.migrate())
+        .await
+        .expect("migrate waited for the open transaction")
+        .unwrap();
+    open.commit().await.unwrap();
+}
+
 /// Sends `ev` to `partition` (whatever its key hashes to); returns the offset.
 async fn send_to(producer: &FutureProducer, ev: &OutboxEvent, partition: i32) -> i64 {
     let mut owned = OwnedHeaders::new();

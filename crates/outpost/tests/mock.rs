@@ -10,6 +10,9 @@
 //! per Produce request, cluster-wide), `topic_error` and `broker_down`/`broker_up`. Where
 //! the victim of an injected error must be deterministic, the relay runs with
 //! `max_in_flight = 1`, so rows are delivered one after another, oldest key first.
+//!
+//! The Kafka-first test at the end drives a [`outpost::Publisher`] instead of the relay,
+//! on a two-broker mock cluster.
 
 mod support;
 
@@ -951,4 +954,112 @@ async fn failures_of_a_busy_key_do_not_use_up_the_relays_room() {
         .await;
     seen.retain(|c| c.key == "a");
     support::assert_key_order(&seen);
+}
+
+/// Kafka-first: a direct send that fails with a *retriable* error (here the topic does not
+/// exist: per topic, so librdkafka does not stop the producer as it does after a failed
+/// request) puts its event in the outbox; a later event of its key, queued directly on
+/// another topic and still waiting in librdkafka's queue (the partition's leader is down),
+/// must not reach the broker ahead of it: it follows it into the outbox. So does a later
+/// `publish` of the key, with Kafka healthy again. Read back: the key's events on the topic
+/// (sent directly), then those in the outbox, are in publish order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_first_retriable_failure_keeps_later_events_of_its_key_behind_it() {
+    use outpost::metrics::ORDER_BREAKS;
+    use outpost::{Environment, Mode, PublishPath, Publisher, PublisherConfig, Waker};
+
+    support::metrics();
+    let mock = MockCluster::new(2).expect("mock cluster");
+    // The topic read back, led by broker 2 (taken down below): what is queued for it waits.
+    let known = support::unique("outpost.mock.kf").replace('_', ".");
+    mock.create_topic(&known, 1, 1).expect("mock topic");
+    mock.partition_leader(&known, 0, Some(2)).expect("leader");
+    // A topic the cluster says does not exist (served by broker 1).
+    let missing = format!("{known}.missing");
+    mock.topic_error(
+        &missing,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+    )
+    .expect("topic error");
+
+    let store = support::store().await;
+    let service = support::unique("kfretriable");
+    let mut pcfg = support::producer_config(&mock.bootstrap_servers());
+    // Outlives broker 2's outage: a message queued for it must not time out meanwhile.
+    pcfg.delivery_timeout = Duration::from_secs(30);
+    pcfg.request_timeout = Duration::from_secs(10);
+    // The missing topic's message fails soon after the cluster says so.
+    pcfg.librdkafka
+        .insert("topic.metadata.propagation.max.ms".into(), "200".into());
+    let producer = Arc::new(KafkaProducer::new(pcfg).expect("producer"));
+    let mut cfg = PublisherConfig::new(&service, Environment::Testing);
+    cfg.mode = Mode::KafkaFirst;
+    cfg.delivery = support::patient_relay_config(&service);
+    // The sends are waited for, never given up on: what is not failed is acked.
+    cfg.direct_deadline = Duration::from_secs(60);
+    let publisher = Publisher::new(store.clone(), producer, Waker::None, cfg).expect("publisher");
+
+    let first = support::event(&known, "k", 0);
+    assert_eq!(
+        publisher.publish(&first).await.unwrap(),
+        PublishPath::Direct
+    );
+
+    mock.broker_down(2).unwrap();
+    let failing = support::event(&missing, "k", 1);
+    let behind = support::event(&known, "k", 2);
+    let batch = vec![failing.clone(), behind.clone()];
+    let mut sent = {
+        let publisher = publisher.clone();
+        tokio::spawn(async move { publisher.publish_all(&batch).await })
+    };
+    // `behind` can only reach the broker once broker 2 is back: the publish must be over
+    // without it. If it is not, broker 2 comes back, and `behind` lands ahead of `failing`.
+    let dispatch = match tokio::time::timeout(Duration::from_secs(15), &mut sent).await {
+        Ok(done) => done,
+        Err(_) => {
+            mock.broker_up(2).unwrap();
+            sent.await
+        }
+    }
+    .expect("publish task")
+    .expect("acked or stored");
+    mock.broker_up(2).unwrap();
+
+    // The key has an event in the outbox: a later publish goes there too, though Kafka
+    // would take it now.
+    let later = support::event(&known, "k", 3);
+    assert_eq!(
+        publisher.publish(&later).await.unwrap(),
+        PublishPath::Outbox
+    );
+
+    let mut order: Vec<Uuid> = Collector::start(&mock.bootstrap_servers(), &known, 1)
+        .read_to_end()
+        .await
+        .into_iter()
+        .filter(|c| c.key == "k")
+        .map(|c| c.event_id)
+        .collect();
+    let direct = order.len();
+    let stored: Vec<Uuid> = sqlx::query_scalar(&format!(
+        "SELECT event_id FROM {} WHERE event_key = 'k' ORDER BY id",
+        store.table()
+    ))
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    order.extend(stored);
+    assert_eq!(
+        order,
+        ids(&[&first, &failing, &behind, &later]),
+        "the key's events sent directly (the first {direct}), then those in the outbox, in publish order"
+    );
+    assert_eq!(
+        (dispatch.eager_published, dispatch.left_to_relay),
+        (0, 2),
+        "both fell back to the outbox"
+    );
+    assert_eq!(support::metric(ORDER_BREAKS, &service, &[]), 0.0);
+    publisher.shutdown(Duration::from_secs(5)).await;
 }

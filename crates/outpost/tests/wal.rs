@@ -5,7 +5,8 @@
 //! SQL alone; refused events go to the dead letters and can be requeued, NUL characters and
 //! an exhausted attempt budget included (the budget and a failed session's leftovers in
 //! librdkafka on its in-process mock broker); the leader's lock connection has short TCP
-//! keepalives; `doctor` fails a physical slot of the stream's name.
+//! keepalives, and a leader whose lock connection stops answering leaves its session;
+//! `doctor` fails a physical slot of the stream's name.
 
 mod support;
 
@@ -53,6 +54,17 @@ impl WalDb {
         let report = setup::init(&pool, &stream).await.unwrap();
         assert!(report.is_ready(), "{report}");
         Self { pg, pool, stream }
+    }
+
+    /// A fresh topic on the shared broker, a collector reading it, and a relay of the stream
+    /// (patient producer, default settings) running.
+    async fn streaming(&self, partitions: i32) -> (String, Collector, WalRelay, Running) {
+        let brokers = support::brokers();
+        let topic = support::topic(partitions).await;
+        let collector = Collector::start(&brokers, &topic, partitions);
+        let relay = self.relay(support::patient_producer(&brokers), |_| {});
+        let running = spawn(&relay);
+        (topic, collector, relay, running)
     }
 
     fn relay(
@@ -169,11 +181,7 @@ fn assert_complete_and_ordered(consumed: &[Consumed], expected: &[OutboxEvent]) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_reach_kafka_in_commit_order_per_key_and_rolled_back_ones_never() {
     let db = WalDb::start(&[]).await;
-    let brokers = support::brokers();
-    let topic = support::topic(4).await;
-    let collector = Collector::start(&brokers, &topic, 4);
-    let relay = db.relay(support::patient_producer(&brokers), |_| {});
-    let running = spawn(&relay);
+    let (topic, collector, relay, running) = db.streaming(4).await;
 
     // Eight writers share six keys and lock nothing: commit order alone decides the order
     // each key's events must have. Every transaction records its id; a second slot, read
@@ -419,11 +427,7 @@ async fn sends_that_time_out_are_sent_again_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_restart_loses_nothing() {
     let db = WalDb::start(&[]).await;
-    let brokers = support::brokers();
-    let topic = support::topic(2).await;
-    let collector = Collector::start(&brokers, &topic, 2);
-    let relay = db.relay(support::patient_producer(&brokers), |_| {});
-    let running = spawn(&relay);
+    let (topic, collector, relay, running) = db.streaming(2).await;
     let before = emit_committed(&db, &topic, 3, (0, 100), 2).await;
     collector
         .wait_for(&ids(&before), Duration::from_secs(60))
@@ -454,11 +458,7 @@ async fn a_postgres_restart_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sql_function_emits_from_sql_alone_and_an_idle_slot_still_advances() {
     let db = WalDb::start(&[]).await;
-    let brokers = support::brokers();
-    let topic = support::topic(1).await;
-    let collector = Collector::start(&brokers, &topic, 1);
-    let relay = db.relay(support::patient_producer(&brokers), |_| {});
-    let running = spawn(&relay);
+    let (topic, collector, _relay, running) = db.streaming(1).await;
     let f = db.stream.emit_function();
     let call = format!("SELECT {f}($1, $2, $3, $4::jsonb, event_type => 'essay.v1')");
 
@@ -734,11 +734,7 @@ async fn doctor_fails_a_physical_slot_holding_the_streams_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_with_nul_characters_are_dead_lettered_and_the_stream_moves_on() {
     let db = WalDb::start(&[]).await;
-    let brokers = support::brokers();
-    let topic = support::topic(1).await;
-    let collector = Collector::start(&brokers, &topic, 1);
-    let relay = db.relay(support::patient_producer(&brokers), |_| {});
-    let running = spawn(&relay);
+    let (topic, collector, relay, running) = db.streaming(1).await;
 
     // An event id with a NUL: not an event, and the parse error quotes the character.
     let mut tx = db.pool.begin().await.unwrap();
@@ -947,5 +943,50 @@ async fn the_leader_lock_connection_has_short_tcp_keepalives() {
         "the server probes the leader after {due} s of silence"
     );
     running.stop().await;
+    db.drop_slot().await;
+}
+
+/// The leader's lock connection stops answering (its health check waits behind a lock on the
+/// view it reads, as it would behind a hung server or network): the leader leaves its session
+/// once the check times out, and leads again when the connection answers, losing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_lock_connection_stops_answering_leaves_its_session() {
+    let db = WalDb::start(&[]).await;
+    let (topic, collector, relay, running) = db.streaming(1).await;
+    support::eventually(Duration::from_secs(20), "the relay leads", || async {
+        relay.progress().leader.then_some(())
+    })
+    .await;
+    let mut all = emit_committed(&db, &topic, 1, (0, 3), 1).await;
+    collector
+        .wait_for(&ids(&all), Duration::from_secs(30))
+        .await;
+
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE pg_catalog.pg_replication_slots IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    // Checked every second in testing, given up on after 10 s. The old backend keeps the
+    // leader lock while its check waits, so the relay cannot lead again meanwhile.
+    support::eventually(
+        Duration::from_secs(40),
+        "the leader leaves its session",
+        || async { (!relay.progress().leader).then_some(()) },
+    )
+    .await;
+    assert_eq!(relay.progress().sessions, 1);
+    blocker.rollback().await.unwrap();
+    support::eventually(Duration::from_secs(30), "the relay leads again", || async {
+        let p = relay.progress();
+        (p.leader && p.sessions >= 2).then_some(())
+    })
+    .await;
+    all.extend(emit_committed(&db, &topic, 1, (3, 3), 1).await);
+    let consumed = collector
+        .wait_for(&ids(&all), Duration::from_secs(30))
+        .await;
+    running.stop().await;
+    assert_complete_and_ordered(&consumed, &all);
     db.drop_slot().await;
 }

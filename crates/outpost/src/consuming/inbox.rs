@@ -26,6 +26,7 @@ use uuid::Uuid;
 use crate::consuming::consumer::{Outcome, Process, Received};
 use crate::error::{Error, Result};
 use crate::event::envelope::EventEnvelope;
+use crate::outbox::ddl::{no_relation, only_if};
 use crate::outbox::table::OutboxTable;
 use crate::publishing::publisher::{OutboxTx, Publisher};
 
@@ -195,7 +196,8 @@ impl Inbox {
     }
 
     /// Creates the schema, table and index if they do not exist (idempotent, safe to run
-    /// from several processes at once).
+    /// from several processes at once). On a migrated table it takes no lock on the table,
+    /// so it neither waits for open transactions that claimed events nor holds claims back.
     ///
     /// # Errors
     /// [`Error::InboxStorage`] when the DDL fails.
@@ -212,8 +214,13 @@ impl Inbox {
                    processed_at   TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), \
                    PRIMARY KEY (consumer_group, event_id))"
             ),
-            // Retention deletes by age.
-            format!("CREATE INDEX IF NOT EXISTS \"{processed}\" ON {t} (processed_at)"),
+            // Retention deletes by age. Not `CREATE INDEX IF NOT EXISTS`: that takes its
+            // SHARE lock on the table before finding the index, so every replica's start
+            // waited behind open transactions that claimed events, and held claims back.
+            only_if(
+                &no_relation(schema, &processed),
+                &format!("CREATE INDEX \"{processed}\" ON {t} (processed_at)"),
+            ),
         ];
         let err = |source| Error::InboxStorage {
             operation: "migrate",

@@ -35,6 +35,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, EventContext, Result};
 use crate::event::envelope::OutboxEvent;
+use crate::outbox::ddl::{no_column, no_relation, only_if};
 use crate::outbox::headers::StoredHeaders;
 use crate::outbox::sql_api;
 use crate::outbox::table::OutboxTable;
@@ -1215,27 +1216,6 @@ impl KeyRelease {
 /// payload), callable inside any transaction from any language. It returns the row id, or
 /// NULL when the event id was staged already. Headers must be a JSON object of strings;
 /// `event_id` and `event_type` headers are set from the arguments, as the Rust envelope does.
-/// `ddl` only when `condition` (SQL) holds: `ALTER TABLE ... IF [NOT] EXISTS` and `CREATE
-/// INDEX IF NOT EXISTS` lock the table before they find there is nothing to do (an index a
-/// SHARE lock, an ALTER an ACCESS EXCLUSIVE one), so every start of every replica waited
-/// behind any open transaction that had staged an event, and held all staging back meanwhile.
-fn only_if(condition: &str, ddl: &str) -> String {
-    format!("DO $$ BEGIN IF {condition} THEN {ddl}; END IF; END $$")
-}
-
-/// SQL: `t` has no column `column`.
-fn no_column(t: &OutboxTable, column: &str) -> String {
-    format!(
-        "NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{t}'::regclass \
-         AND attname = '{column}' AND NOT attisdropped)"
-    )
-}
-
-/// SQL: no relation `name` in `schema`.
-fn no_relation(schema: &str, name: &str) -> String {
-    format!("to_regclass('\"{schema}\".\"{name}\"') IS NULL")
-}
-
 fn stage_function(t: &OutboxTable) -> String {
     let f = t.stage_function();
     let k = t.keys();

@@ -1155,8 +1155,9 @@ struct Message {
 }
 
 /// Queues `messages` in order, then waits for every ack; `None` for a message not queued
-/// because an earlier one of its key could not be. A transient failure purges what is
-/// still queued (see [`KafkaProducer::purge_queued`]), so nothing behind it lands first.
+/// because an earlier one of its key could not be. A failed delivery whose event goes to
+/// the outbox (any but a permanent failure) purges what is still queued (see
+/// [`KafkaProducer::purge_queued`]), so nothing of its key queued behind it lands first.
 async fn send_in_order(
     producer: &Arc<KafkaProducer>,
     messages: Vec<Message>,
@@ -1192,12 +1193,29 @@ async fn send_in_order(
     }
     futures::future::join_all(acks.into_iter().map(|queued| async move {
         let result = match queued? {
-            Ok(ack) => ack.await,
-            Err(failure) => Err(failure),
+            Ok(ack) => {
+                let result = ack.await;
+                // Its event goes to the outbox unless the failure is permanent: what is still
+                // queued must not land ahead of it, be it a later event of its key on another
+                // topic or another call's. librdkafka purges by itself only when a request
+                // failed (gapless guarantee); a retriable failure of one topic (it does not
+                // exist) leaves the other queues alone. As in the WAL relay. A permanent
+                // failure is never retried: nothing can overtake it.
+                if matches!(&result, Err(f) if f.class != ErrorClass::Permanent) {
+                    producer.purge_queued();
+                }
+                result
+            }
+            Err(failure) => {
+                // Refused: it never entered the queue, and the rest of its key is not queued
+                // after it; a retriable refusal (a topic known not to exist) purges nothing,
+                // a transient one (a full queue) purges as its failed delivery would.
+                if failure.class == ErrorClass::Transient {
+                    producer.purge_queued();
+                }
+                Err(failure)
+            }
         };
-        if matches!(&result, Err(f) if f.class == ErrorClass::Transient) {
-            producer.purge_queued();
-        }
         Some(result)
     }))
     .await

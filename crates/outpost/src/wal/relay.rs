@@ -9,7 +9,9 @@
 //! - **Leader.** A relay holds a session advisory lock while it reads; the others retry the
 //!   lock every `leader_poll`. A dead leader's connection closes, which frees the lock; the
 //!   lock connection's short TCP keepalives make the server notice a leader host that
-//!   vanished without closing it within half a minute, not the OS default two hours.
+//!   vanished without closing it within half a minute, not the OS default two hours; the
+//!   leader, in turn, leaves its session when that connection's periodic health check goes
+//!   unanswered for 10 s (a hung server or network).
 //! - **At least once.** A restart resumes at the slot's confirmed LSN: whatever followed the
 //!   last acknowledgement may be produced again, with the same `event_id` header.
 //! - **Failures.** A failed send purges librdkafka's queue (every later message fails too,
@@ -165,6 +167,14 @@ impl WalRelayConfig {
         Ok(())
     }
 }
+
+/// Longest the leader waits for the health check on its lock connection; past it the
+/// connection counts as lost, and the lock with it (the session ends, as when the check
+/// fails). A hung server or network would otherwise stall the check, and with it the whole
+/// session, for good. Well inside the ~25 s of silence after which the server ends a vanished
+/// leader's backend and frees its lock (see `lead`): with the default `health_interval` a
+/// leader cut off leaves its session within 15 s.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -498,12 +508,17 @@ impl WalRelay {
                         }
                     }
                     _ = health.tick() => {
-                        let retained: Option<i64> = sqlx::query_scalar(
+                        let check = sqlx::query_scalar(
                             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
                              FROM pg_replication_slots WHERE slot_name = $1")
                             .bind(cfg.stream.slot())
-                            .fetch_optional(&mut *lock)
+                            .fetch_optional(&mut *lock);
+                        let retained: Option<i64> = tokio::time::timeout(HEALTH_TIMEOUT, check)
                             .await
+                            .map_err(|_| Error::storage("wal_health", sqlx::Error::Io(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("the leader lock connection did not answer within {HEALTH_TIMEOUT:?}"),
+                            ))))?
                             .map_err(|e| Error::storage("wal_health", e))?
                             .flatten();
                         crate::metrics::wal_retained(&service, retained.unwrap_or(0));
