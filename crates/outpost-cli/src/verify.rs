@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use outpost::OutboxStore;
+use outpost::{OutboxStore, WalStream};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -19,6 +19,34 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::load::ledger_table;
+
+/// The ledger events parked: dead rows of the outbox table and, in WAL mode, the stream's
+/// dead letters (a schema has either or both; a table that does not exist parks nothing).
+async fn parked(store: &OutboxStore, ids: &[Uuid]) -> anyhow::Result<HashSet<Uuid>> {
+    let mut tables = vec![(store.table().to_string(), "status = 'dead' AND")];
+    if let Ok(stream) = WalStream::new(store.table().schema()) {
+        tables.push((stream.dead_letters(), ""));
+    }
+    let mut parked = HashSet::new();
+    for (table, dead) in tables {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&table)
+            .fetch_one(store.pool())
+            .await
+            .context("cannot read parked events")?;
+        if exists {
+            let found: Vec<Uuid> = sqlx::query_scalar(&format!(
+                "SELECT event_id FROM {table} WHERE {dead} event_id = ANY($1)"
+            ))
+            .bind(ids)
+            .fetch_all(store.pool())
+            .await
+            .with_context(|| format!("cannot read parked events from {table}"))?;
+            parked.extend(found);
+        }
+    }
+    Ok(parked)
+}
 
 /// How long reading goes on after the last ledger event arrived, for late duplicates.
 const GRACE: Duration = Duration::from_secs(2);
@@ -39,7 +67,7 @@ pub struct Verdict {
     /// Ledger events whose first copy arrived after the first copy of a later event of
     /// the same key (later: a higher ledger `seq`, which is commit order).
     pub order_violations: usize,
-    /// Ledger events parked (dead) in the outbox.
+    /// Ledger events parked: dead in the outbox, or WAL-mode dead letters.
     pub parked: i64,
     /// Ledger events neither read nor parked: lost.
     pub lost: usize,
@@ -154,16 +182,7 @@ pub async fn run(
         .filter(|(_, l)| l.committed)
         .map(|(id, _)| *id)
         .collect();
-    let parked: HashSet<Uuid> = sqlx::query_scalar(&format!(
-        "SELECT event_id FROM {} WHERE status = 'dead' AND event_id = ANY($1)",
-        store.table()
-    ))
-    .bind(&ids)
-    .fetch_all(store.pool())
-    .await
-    .context("cannot read parked events")?
-    .into_iter()
-    .collect();
+    let parked = parked(store, &ids).await?;
 
     let mut tally = Tally::default();
     // Messages a broker that was then lost had served (`outpost faults` reads them before

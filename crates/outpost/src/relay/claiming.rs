@@ -22,6 +22,9 @@ pub(crate) struct KeyState {
     /// The producer instance (generation) the latest row in flight went to: while rows are
     /// in flight, more go to that instance only (see `Sender::pump`).
     pub(crate) sent_on: u64,
+    /// The topic of the rows in flight: while rows are in flight, more go to that topic only
+    /// (see `Sender::pump`).
+    pub(crate) sent_to: String,
     /// Highest row id fetched: the next fetch starts after it.
     pub(crate) after: i64,
     /// The last read returned fewer rows than asked: the key had nothing more then.

@@ -124,6 +124,16 @@ impl Sender {
                 let Some(event) = state.queued.pop_front() else {
                     break;
                 };
+                // Rows of a key in flight go to one topic. librdkafka keeps order within a
+                // partition only: a row failing for its own topic alone (one that does not
+                // exist: retriable, nothing purged) leaves a later row of its key for
+                // another topic free to land ahead of its retry. On one topic the later row
+                // fails with it. The key goes on once the rows in flight resolve.
+                if state.in_flight > 0 && state.sent_to != event.topic {
+                    state.queued.push_front(event);
+                    held = true;
+                    break;
+                }
                 taken += 1;
                 let tag = self.free.last().copied().unwrap_or(self.queued.len());
                 let on = (state.in_flight > 0).then_some(state.sent_on);
@@ -148,6 +158,9 @@ impl Sender {
                     Ok(Some(queued)) => {
                         tracing::trace!(target: "outpost::send", id = event.id, key = %event.event_key, "produced");
                         state.sent_on = queued.generation();
+                        if state.in_flight == 0 {
+                            state.sent_to.clone_from(&event.topic);
+                        }
                         self.bytes += event.payload.len();
                         if tag == self.queued.len() {
                             self.queued.push(Some((event, queued)));
@@ -342,6 +355,53 @@ mod tests {
         sender.pump(&mut keys, &send, until);
         assert_eq!(in_flight(&mut keys), 2, "sent once the old rows resolved");
         assert_eq!(keys.queue("k").unwrap().sent_on, 1);
+        producer.purge_queued();
+    }
+
+    /// Rows of a key in flight are all for one topic: a row failing for its topic alone
+    /// (retriable: it does not exist) must not let a later row of the key for another topic
+    /// land first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_has_rows_in_flight_for_one_topic_at_a_time() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 1, 1).unwrap();
+        cluster.create_topic("u", 1, 1).unwrap();
+        // Nothing leaves: every report comes from the test.
+        cluster.broker_down(-1).unwrap();
+        let producer =
+            Arc::new(KafkaProducer::new(ProducerConfig::new(cluster.bootstrap_servers())).unwrap());
+        let mut sender = Sender::new(Arc::clone(&producer), 100, 1 << 20, 10);
+        let mut keys = Keys::default();
+        let topics = ["t", "t", "u", "u", "t"];
+        let rows = (1..=5)
+            .map(|id| ClaimedEvent {
+                topic: topics[id as usize - 1].into(),
+                ..row(id)
+            })
+            .collect();
+        keys.claimed(
+            vec![ClaimedKey {
+                key: "k".into(),
+                rows,
+            }],
+            10,
+        );
+        let send = ["k".to_owned()];
+        let until = Instant::now() + Duration::from_secs(60);
+        let mut sent = Vec::new();
+        for in_flight in [2, 2, 1] {
+            sender.pump(&mut keys, &send, until);
+            let state = keys.queue("k").unwrap();
+            assert_eq!(state.in_flight, in_flight, "after {sent:?}");
+            sent.push(state.sent_to.clone());
+            // Nothing more while they are out, whatever their number.
+            sender.pump(&mut keys, &send, until);
+            assert_eq!(keys.queue("k").unwrap().in_flight, in_flight);
+            // They resolve.
+            keys.queue("k").unwrap().in_flight = 0;
+        }
+        assert_eq!(sent, ["t", "u", "t"]);
+        assert!(keys.queue("k").unwrap().queued.is_empty());
         producer.purge_queued();
     }
 }
