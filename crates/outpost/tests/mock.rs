@@ -11,8 +11,8 @@
 //! the victim of an injected error must be deterministic, the relay runs with
 //! `max_in_flight = 1`, so rows are delivered one after another, oldest key first.
 //!
-//! The Kafka-first test at the end drives a [`outpost::Publisher`] instead of the relay,
-//! on a two-broker mock cluster.
+//! The Kafka-first test near the end drives a [`outpost::Publisher`] instead of the relay,
+//! on a two-broker mock cluster; the eager-dispatch test at the end drives one too.
 
 mod support;
 
@@ -1062,4 +1062,219 @@ async fn kafka_first_retriable_failure_keeps_later_events_of_its_key_behind_it()
     );
     assert_eq!(support::metric(ORDER_BREAKS, &service, &[]), 0.0);
     publisher.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A row failing for its own topic alone (retriable: the cluster says the topic does not
+/// exist, which fails nothing else) holds back a later row of its key for another topic
+/// until it is delivered: at every look, the later row is not published while the earlier
+/// one is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_failing_for_its_topic_alone_holds_back_its_keys_rows_for_other_topics() {
+    let h = Harness::new(
+        |p| {
+            // The missing topic's row fails soon after the cluster says so.
+            p.librdkafka
+                .insert("topic.metadata.propagation.max.ms".into(), "200".into());
+        },
+        |_| {},
+    )
+    .await;
+    let missing = format!("{}.missing", h.topic);
+    h.mock
+        .topic_error(
+            &missing,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+        )
+        .unwrap();
+    let first = h.stage_event(support::event(&missing, "k", 0)).await;
+    let later = h.stage("k", 1).await;
+    let statuses = format!(
+        "SELECT status, failures FROM {} WHERE event_id = ANY($1) ORDER BY id",
+        h.store.table()
+    );
+    let running = h.run();
+    let started = Instant::now();
+    let mut healed = false;
+    loop {
+        // One statement: both rows as of one instant.
+        let rows: Vec<(String, i32)> = sqlx::query_as(&statuses)
+            .bind(vec![first.event_id, later.event_id])
+            .fetch_all(h.store.pool())
+            .await
+            .unwrap();
+        let [(first_status, failures), (later_status, _)] = &rows[..] else {
+            panic!("two rows: {rows:?}");
+        };
+        assert!(
+            !(later_status == "published" && first_status != "published"),
+            "the later row was delivered ahead of the earlier one: {rows:?}"
+        );
+        if first_status == "published" && later_status == "published" {
+            assert!(*failures > 0, "the first row failed before: {rows:?}");
+            break;
+        }
+        // Once the first row has failed for a while, the topic is there.
+        if !healed && *failures > 0 && started.elapsed() > Duration::from_secs(2) {
+            h.mock
+                .topic_error(&missing, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
+                .unwrap();
+            healed = true;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "both rows delivered within 60 s: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    running.stop().await;
+}
+
+/// Eager dispatch: one transaction stages, for key `k`, `first` on a topic the cluster says
+/// does not exist (a *retriable* failure: per topic, so librdkafka fails nothing queued for
+/// another topic, unlike after a timeout, which purges the queue) and then `second` on a
+/// healthy topic. Queued together, `second` would be acked while `first` stays pending for
+/// the relay: delivered ahead of it. The eager path sends a key's rows on one topic only:
+/// `second` stays pending until the relay, once the topic exists, sends `first` before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eager_dispatch_sends_no_later_row_of_a_key_on_another_topic() {
+    use outpost::{Environment, Mode, Publisher, PublisherConfig, Waker};
+
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let healthy = support::unique("outpost.mock.eager").replace('_', ".");
+    mock.create_topic(&healthy, 1, 1).expect("mock topic");
+    let missing = format!("{healthy}.missing");
+    mock.create_topic(&missing, 1, 1).expect("mock topic");
+    mock.topic_error(
+        &missing,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+    )
+    .expect("topic error");
+
+    let store = support::store().await;
+    let service = support::unique("eagertopics");
+    let mut pcfg = support::producer_config(&mock.bootstrap_servers());
+    // The missing topic's row fails soon after the cluster says so (not by timing out).
+    pcfg.librdkafka
+        .insert("topic.metadata.propagation.max.ms".into(), "200".into());
+    let producer = Arc::new(KafkaProducer::new(pcfg).expect("producer"));
+    let mut cfg = PublisherConfig::new(&service, Environment::Testing);
+    cfg.mode = Mode::Transactional;
+    cfg.delivery = support::relay_config(&service);
+    // The commit waits for every ack or failure.
+    cfg.dispatch_deadline = Duration::from_secs(10);
+    let relay_config = cfg.delivery.clone();
+    let publisher = Publisher::new(store.clone(), producer, Waker::None, cfg).expect("publisher");
+
+    let first = support::event(&missing, "k", 0);
+    let second = support::event(&healthy, "k", 1);
+    let mut tx = publisher.begin().await.unwrap();
+    tx.publish(&first).await.unwrap();
+    tx.publish(&second).await.unwrap();
+    let dispatch = tx.commit().await.unwrap();
+    // The dispatch's settle is written.
+    publisher.shutdown(Duration::from_secs(10)).await;
+
+    let status = |ev: &OutboxEvent| {
+        let (pool, sql) = (
+            store.pool().clone(),
+            format!("SELECT status FROM {} WHERE event_id = $1", store.table()),
+        );
+        let id = ev.event_id;
+        async move {
+            sqlx::query_scalar::<_, String>(&sql)
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let landed = Collector::start(&mock.bootstrap_servers(), &healthy, 1)
+        .read_to_end()
+        .await;
+    assert_eq!(
+        (
+            status(&first).await,
+            status(&second).await,
+            times_consumed(&landed, &second)
+        ),
+        ("pending".to_owned(), "pending".to_owned(), 0),
+        "the first event failed and waits for a retry: the second is neither sent nor \
+         acked ahead of it ({dispatch:?})"
+    );
+    assert_eq!(
+        (dispatch.eager_published, dispatch.left_to_relay),
+        (0, 2),
+        "both left to the relay"
+    );
+
+    // The topic exists now; a relay (a producer of its own, with fresh metadata) delivers
+    // the key's events, the first one first.
+    mock.topic_error(&missing, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
+        .expect("topic error cleared");
+    let relay = Relay::new(
+        store.clone(),
+        support::producer(&mock.bootstrap_servers()),
+        relay_config,
+    )
+    .expect("relay");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while support::count_status(&store, "pending").await > 0 {
+        assert!(Instant::now() < deadline, "rows still pending after 30 s");
+        if relay.run_once().await.expect("run_once").claimed == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(support::count_status(&store, "published").await, 2);
+    let on_missing = Collector::start(&mock.bootstrap_servers(), &missing, 1)
+        .read_to_end()
+        .await;
+    let on_healthy = Collector::start(&mock.bootstrap_servers(), &healthy, 1)
+        .read_to_end()
+        .await;
+    assert_eq!(
+        (
+            times_consumed(&on_missing, &first),
+            times_consumed(&on_healthy, &second)
+        ),
+        (1, 1),
+        "each event once, on its topic"
+    );
+
+    // Both topics healthy: the eager path sends the key's rows on its first topic and
+    // hands the key back (no backoff) with the rest pending, which the relay then sends.
+    let on_first = support::event(&healthy, "j", 0);
+    let on_other = support::event(&missing, "j", 1);
+    let mut tx = publisher.begin().await.unwrap();
+    tx.publish_all(&[on_first.clone(), on_other.clone()])
+        .await
+        .unwrap();
+    let dispatch = tx.commit().await.unwrap();
+    publisher.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(
+        (dispatch.eager_published, dispatch.left_to_relay),
+        (1, 1),
+        "the row on the key's first topic sent eagerly, the other left to the relay"
+    );
+    assert_eq!(
+        (status(&on_first).await, status(&on_other).await),
+        ("published".to_owned(), "pending".to_owned())
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while support::count_status(&store, "pending").await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the cut row still pending after 30 s"
+        );
+        if relay.run_once().await.expect("run_once").claimed == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let on_missing = Collector::start(&mock.bootstrap_servers(), &missing, 1)
+        .read_to_end()
+        .await;
+    assert_eq!(
+        times_consumed(&on_missing, &on_other),
+        1,
+        "the relay sent it"
+    );
 }

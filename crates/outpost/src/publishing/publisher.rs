@@ -634,15 +634,26 @@ impl Publisher {
         // Every row is queued before any ack is awaited: librdkafka keeps a key's rows in
         // this order on its partition.
         let mut sends = Vec::new();
-        // Keys with a row refused before queueing and later rows left unsent: were the refused
-        // one retried, those would land ahead of it. They stay pending, the key goes back.
+        // Keys with later rows left unsent: after a row refused before queueing (were it
+        // retried, those would land ahead of it), or on a replaced producer instance or
+        // another topic (see below). They stay pending, the key goes back.
         let mut cut: HashSet<&str> = HashSet::new();
         for key in &claimed {
             // A key's rows go to one producer instance: should it be replaced meanwhile (a
             // failure elsewhere), the rest would go out under a new producer id, which
             // the broker does not order after the first ones. They stay pending instead.
             let mut on = None;
+            // Only the rows up to the first on another topic go (compared as produced, after
+            // `retarget`): librdkafka keeps order within one partition only. A row failing
+            // retriably on one topic (say it does not exist) stays pending and fails nothing
+            // queued for another, so a later row of its key there would land ahead of it.
+            // The key is cut there; its next claim sends the rest, behind this outcome.
+            let topic = key.rows.first().map(|r| r.topic.as_str());
             for row in &key.rows {
+                if topic != Some(row.topic.as_str()) {
+                    cut.insert(key.key.as_str());
+                    break;
+                }
                 let ack = match crate::relay::sending::enqueue(&inner.producer, row, on) {
                     Ok(Some((ack, generation))) => {
                         on = Some(generation);
