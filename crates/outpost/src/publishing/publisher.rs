@@ -24,6 +24,7 @@
 //!   commit (eager dispatch does not apply).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +39,9 @@ use crate::error::ErrorClass;
 use crate::error::{Error, EventContext, Result};
 use crate::event::envelope::OutboxEvent;
 use crate::kafka::producer::{Acked, KafkaProducer, SendFailure};
-use crate::outbox::store::{ClaimedKey, KeyLock, KeyRelease, OutboxStore, Settlement, StagedRow};
+use crate::outbox::store::{
+    ClaimedEvent, ClaimedKey, KeyLock, KeyRelease, OutboxStore, Settlement, StagedRow,
+};
 use crate::publishing::breaker::{BreakerConfig, CircuitBreaker, CircuitState};
 use crate::publishing::detached::Detachable;
 use crate::publishing::leased::LeasedKeys;
@@ -631,69 +634,48 @@ impl Publisher {
         let claim_took = started.elapsed();
         crate::relay::trace_read(inner.owner, "claimed (eager)", &claimed);
         inner.config.delivery.retarget(&mut claimed);
-        // Every row is queued before any ack is awaited: librdkafka keeps a key's rows in
-        // this order on its partition.
+        // A key's rows go out in runs of one topic: every first run is queued before any ack
+        // is awaited (librdkafka keeps a key's rows in this order on its partition), and a
+        // key's next run only once its previous one was acked in full. librdkafka keeps
+        // order within one partition only: a row failing retriably for its own topic (one
+        // that does not exist) fails nothing queued for another, so a later row of its key
+        // there would land ahead of its retry.
+        let producer = &inner.producer;
         let mut sends = Vec::new();
-        // Keys with later rows left unsent: after a row refused before queueing (were it
-        // retried, those would land ahead of it), or on a replaced producer instance or
-        // another topic (see below). They stay pending, the key goes back.
-        let mut cut: HashSet<&str> = HashSet::new();
         for key in &claimed {
-            // A key's rows go to one producer instance: should it be replaced meanwhile (a
-            // failure elsewhere), the rest would go out under a new producer id, which
-            // the broker does not order after the first ones. They stay pending instead.
-            let mut on = None;
-            // Only the rows up to the first on another topic go (compared as produced, after
-            // `retarget`): librdkafka keeps order within one partition only. A row failing
-            // retriably on one topic (say it does not exist) stays pending and fails nothing
-            // queued for another, so a later row of its key there would land ahead of it.
-            // The key is cut there; its next claim sends the rest, behind this outcome.
-            let topic = key.rows.first().map(|r| r.topic.as_str());
-            for row in &key.rows {
-                if topic != Some(row.topic.as_str()) {
-                    cut.insert(key.key.as_str());
-                    break;
-                }
-                let ack = match crate::relay::sending::enqueue(&inner.producer, row, on) {
-                    Ok(Some((ack, generation))) => {
-                        on = Some(generation);
-                        Ok(ack)
-                    }
-                    Ok(None) => {
-                        cut.insert(key.key.as_str());
+            let mut runs = key.rows.chunk_by(|a, b| a.topic == b.topic);
+            let first = runs.next().map(|run| queue_run(producer, run));
+            sends.push(async move {
+                let Some((queued, mut cut)) = first else {
+                    return (Vec::new(), false);
+                };
+                let mut results = futures::future::join_all(queued).await;
+                for run in runs {
+                    if cut || results.iter().any(|(_, result)| result.is_err()) {
+                        // Left pending: a failed row is retried first, a cut key goes back.
+                        cut = true;
                         break;
                     }
-                    Err(failure) => Err(failure),
-                };
-                let refused = ack.is_err();
-                if refused && key.rows.last().is_some_and(|last| last.id != row.id) {
-                    cut.insert(key.key.as_str());
+                    // Nothing of the key is out now: any producer instance will do.
+                    let (queued, cut_here) = queue_run(producer, run);
+                    results.extend(futures::future::join_all(queued).await);
+                    cut = cut_here;
                 }
-                let producer = &inner.producer;
-                sends.push(async move {
-                    let result = match ack {
-                        Ok(ack) => {
-                            let result = ack.await;
-                            // At once, not after every ack is in: see
-                            // `KafkaProducer::purge_queued` (nothing queued after a timed-out
-                            // row may land without it). Not for a refusal (a full queue): that
-                            // row never entered the queue, and nothing of its key follows it.
-                            if matches!(&result, Err(f) if f.class == ErrorClass::Transient) {
-                                producer.purge_queued();
-                            }
-                            result
-                        }
-                        Err(failure) => Err(failure),
-                    };
-                    (row, result)
-                });
-                if refused {
-                    break;
-                }
-            }
+                (results, cut)
+            });
         }
         let held: Vec<String> = claimed.iter().map(|k| k.key.clone()).collect();
-        let results = inner.holding(&held, futures::future::join_all(sends)).await;
+        let sent = inner.holding(&held, futures::future::join_all(sends)).await;
+        // Keys with later rows left unsent (after a failure, a row refused before queueing,
+        // or a replaced producer instance; see `queue_run`): they stay pending, the key goes
+        // back.
+        let cut: HashSet<&str> = claimed
+            .iter()
+            .zip(&sent)
+            .filter(|(_, (_, cut))| *cut)
+            .map(|(key, _)| key.key.as_str())
+            .collect();
+        let results = sent.into_iter().flat_map(|(results, _)| results);
         let mut op = SettleOp::default();
         let mut failed: HashMap<&str, (i64, Settlement)> = HashMap::new();
         let mut published = HashSet::new();
@@ -1163,6 +1145,55 @@ struct Message {
     key: String,
     payload: Vec<u8>,
     headers: BTreeMap<String, String>,
+}
+
+/// A row sent eagerly, and how its send ended.
+type RowSent<'a> = (&'a ClaimedEvent, std::result::Result<Acked, SendFailure>);
+
+/// Queues one key's `run` of rows (one topic) in order, all on one producer instance;
+/// returns the wait for each queued row's outcome, and whether rows were left unsent (a
+/// row refused before queueing, after which nothing more of the key may go, or the
+/// instance replaced meanwhile: a new producer id, which the broker does not order after
+/// the first).
+fn queue_run<'a>(
+    producer: &'a Arc<KafkaProducer>,
+    run: &'a [ClaimedEvent],
+) -> (Vec<impl Future<Output = RowSent<'a>> + 'a>, bool) {
+    let mut sends = Vec::new();
+    let mut on = None;
+    for row in run {
+        let ack = match crate::relay::sending::enqueue(producer, row, on) {
+            Ok(Some((ack, generation))) => {
+                on = Some(generation);
+                Ok(ack)
+            }
+            Ok(None) => return (sends, true),
+            Err(failure) => Err(failure),
+        };
+        let refused = ack.is_err();
+        sends.push(async move {
+            let result = match ack {
+                Ok(ack) => {
+                    let result = ack.await;
+                    // At once, not after every ack is in: see `KafkaProducer::purge_queued`
+                    // (nothing queued after a timed-out row may land without it). Not for a
+                    // refusal (a full queue): that row never entered the queue, and nothing
+                    // of its key follows it.
+                    if matches!(&result, Err(f) if f.class == ErrorClass::Transient) {
+                        producer.purge_queued();
+                    }
+                    result
+                }
+                Err(failure) => Err(failure),
+            };
+            (row, result)
+        });
+        if refused {
+            let unsent = run.last().is_some_and(|last| last.id != row.id);
+            return (sends, unsent);
+        }
+    }
+    (sends, false)
 }
 
 /// Queues `messages` in order, then waits for every ack; `None` for a message not queued
