@@ -28,12 +28,6 @@ use cli::{Cli, Command, LogFormat, Wake};
 use outpost::{OutboxStore, WakeSignal};
 use settings::{ServiceSettings, Settings};
 
-// The relay allocates a few small buffers per event (rows decoded, headers handed to
-// librdkafka, acks): with glibc's allocator that was about a quarter of its CPU in a
-// 100,000-key drain (perf).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit code for bad settings (as opposed to a runtime failure).
 const EXIT_CONFIG: u8 = 2;
 
