@@ -83,11 +83,17 @@ fn quick_bench_prints_every_figure_with_its_ratio() {
         // The raw counterpart, measured with as many writers, interleaved.
         assert!(t["raw"]["p99_ms"].as_f64().unwrap_or(0.0) > 0.0, "{t}");
     }
-    // Keys 1, 16 and one per event, each drained by 1, 3, 3 and 1 relays; every event acked.
+    // Keys 1, 16 and one per event, then one per event with published rows deleted, each
+    // drained by 1, 3, 3 and 1 relays; every event acked.
     let drains = report["drain"].as_array().expect("drain");
-    assert_eq!(drains.len(), 12, "{drains:?}");
+    assert_eq!(drains.len(), 16, "{drains:?}");
     let relays: Vec<u64> = drains.iter().filter_map(|d| d["relays"].as_u64()).collect();
-    assert_eq!(relays, [1, 3, 3, 1].repeat(3), "{drains:?}");
+    assert_eq!(relays, [1, 3, 3, 1].repeat(4), "{drains:?}");
+    let deleted: Vec<bool> = drains
+        .iter()
+        .filter_map(|d| d["published_rows_deleted"].as_bool())
+        .collect();
+    assert_eq!(deleted, [[false; 12].as_slice(), &[true; 4]].concat());
     for d in drains {
         assert_eq!(d["acked"], d["events"], "{d}");
         assert!(d["rate"].as_f64().unwrap_or(0.0) > 0.0, "{d}");
@@ -124,9 +130,9 @@ fn quick_bench_prints_every_figure_with_its_ratio() {
         }
     }
     let targets = lines.iter().filter(|l| l["target"].is_string()).count();
-    // commit→ack ×3, Kafka-first, fallback, six drains, the large backlog, the claim over
+    // commit→ack ×3, Kafka-first, fallback, eight drains, the large backlog, the claim over
     // published rows, RSS; WAL mode's two drains and its RSS.
-    assert_eq!(targets, 17, "{lines:?}");
+    assert_eq!(targets, 19, "{lines:?}");
     // WAL mode, on a PostgreSQL of its own: latencies and one drain of one key and one of
     // a key per event, each confirmed by the slot.
     for path in [

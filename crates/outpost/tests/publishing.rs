@@ -601,3 +601,53 @@ async fn rows_a_savepoint_rolled_back_are_not_published() {
     );
     assert_eq!(support::count_status(&store, "pending").await, 0);
 }
+
+/// With `retention` zero the eager path's settle deletes the rows it published, payloads
+/// included; a row it did not publish would stay pending for a relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_zero_retention_the_eager_path_deletes_what_it_published() {
+    support::metrics();
+    let brokers = support::brokers();
+    let topic = support::topic(1).await;
+    let collector = support::Collector::start(&brokers, &topic, 1);
+    let store = support::store().await;
+    let mut cfg = config(&support::unique("eagerdel"), Mode::Transactional);
+    cfg.delivery.retention = Duration::ZERO;
+    let publisher =
+        Publisher::new(store.clone(), support::producer(&brokers), Waker::None, cfg).unwrap();
+    let events: Vec<_> = (0..10)
+        .map(|i| support::event(&topic, ["a", "b"][i % 2], i / 2))
+        .collect();
+    let mut eager = 0;
+    for ev in &events {
+        let mut tx = publisher.begin().await.unwrap();
+        tx.publish(ev).await.unwrap();
+        eager += tx.commit().await.unwrap().eager_published;
+    }
+    // Every settle is written.
+    publisher.shutdown(Duration::from_secs(10)).await;
+    assert!(eager > 0, "nothing was published eagerly");
+    let left: (i64, i64, i64) = sqlx::query_as(&format!(
+        "SELECT (SELECT count(*) FROM {t}), (SELECT count(*) FROM {t} WHERE status = 'pending'), \
+                (SELECT count(*) FROM {p})",
+        t = store.table(),
+        p = store.table().payloads()
+    ))
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    // A send that outlived the dispatch deadline still settled (deleted) its row.
+    let (rows, pending, payloads) = left;
+    assert_eq!(
+        (pending, payloads),
+        (rows, rows),
+        "only pending rows are left"
+    );
+    let published = events.len() - usize::try_from(rows).unwrap();
+    assert!(
+        published >= eager,
+        "{published} of {eager} eager hits deleted"
+    );
+    let seen = support::settled(&collector, published, Duration::from_secs(1)).await;
+    assert_eq!(support::messages(&seen), published);
+}

@@ -335,14 +335,7 @@ async fn a_row_with_unreadable_headers_is_parked_and_its_key_goes_on() {
         store.stage(&mut tx, ev).await.unwrap();
     }
     tx.commit().await.unwrap();
-    sqlx::query(&format!(
-        "UPDATE {} SET headers = '{{\"n\": 1}}' WHERE event_id = $1",
-        store.table().payloads()
-    ))
-    .bind(events[0].event_id)
-    .execute(store.pool())
-    .await
-    .unwrap();
+    unproducible(&store, events[0].event_id).await;
 
     let relay = default_relay(&store, &brokers, &service);
     let running = spawn(relay);
@@ -420,6 +413,18 @@ async fn one_partition() -> (String, OutboxStore, String, support::Collector, St
     let topic = support::topic(1).await;
     let collector = support::Collector::start(&brokers, &topic, 1);
     (brokers, store, topic, collector, support::unique("svc"))
+}
+
+/// Gives a staged row headers that are not a string map: it fails before it is produced.
+async fn unproducible(store: &OutboxStore, event_id: Uuid) {
+    sqlx::query(&format!(
+        "UPDATE {} SET headers = '{{\"n\": 1}}' WHERE event_id = $1",
+        store.table().payloads()
+    ))
+    .bind(event_id)
+    .execute(store.pool())
+    .await
+    .unwrap();
 }
 
 /// The parked rows: event id, attempts, last error.
@@ -612,5 +617,52 @@ async fn a_relay_stopped_during_a_claim_hands_its_keys_back() {
     let ids: Vec<Uuid> = staged.iter().map(|e| e.event_id).collect();
     let consumed = collector.wait_for(&ids, Duration::from_secs(60)).await;
     next.stop().await;
+    support::assert_key_order(&consumed);
+}
+
+/// With `retention` zero a published row and its payload are deleted when its ack is
+/// recorded; a parked row stays (for `outpost dead`). Every event is read back once, each
+/// key in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_zero_retention_published_rows_are_deleted_once_acked() {
+    let (brokers, store, topic, collector, service) = one_partition().await;
+    let staged = support::stage_committed(&store, &topic, 4, 60).await;
+    // The first row of key k0 cannot be produced: parked, the rest of k0 goes on.
+    unproducible(&store, staged[0].event_id).await;
+    let mut cfg = support::relay_config(&service);
+    cfg.retention = Duration::ZERO;
+    let running = spawn(Relay::new(store.clone(), support::producer(&brokers), cfg).unwrap());
+    let delivered: Vec<Uuid> = staged[1..].iter().map(|e| e.event_id).collect();
+    collector
+        .wait_for(&delivered, Duration::from_secs(60))
+        .await;
+    let rows = format!(
+        "SELECT (SELECT count(*) FROM {t}), (SELECT count(*) FROM {p}), \
+                (SELECT count(*) FROM {t} WHERE status = 'dead' AND event_id = $1)",
+        t = store.table(),
+        p = store.table().payloads()
+    );
+    support::eventually(
+        Duration::from_secs(30),
+        "only the parked row and its payload are left",
+        || async {
+            let left: (i64, i64, i64) = sqlx::query_as(&rows)
+                .bind(staged[0].event_id)
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+            (left == (1, 1, 1)).then_some(())
+        },
+    )
+    .await;
+    running.stop().await;
+    let consumed = collector.read_to_end().await;
+    let got: std::collections::HashSet<Uuid> = consumed.iter().map(|c| c.event_id).collect();
+    assert_eq!(
+        support::messages(&consumed),
+        59,
+        "each delivered event once"
+    );
+    assert_eq!(got, delivered.iter().copied().collect());
     support::assert_key_order(&consumed);
 }

@@ -509,7 +509,15 @@ impl Bench<'_> {
 
         let mut drains = Vec::new();
         let mut peak_rss_kb = 0;
-        for &keys in &s.drain_keys {
+        // The one-key-per-event shape also with `retention` 0 (published rows deleted at the
+        // ack, not marked): the same work but for the settle.
+        let shapes = s.drain_keys.iter().map(|&keys| (keys, false));
+        for (keys, deleting) in shapes.chain([(s.drain, true)]) {
+            let deleted = if deleting {
+                ", published rows deleted (retention 0)"
+            } else {
+                ""
+            };
             // Each relay count drains the shape twice, in the order 1, 3, 3, 1: a second
             // drain of a shape ran slower than the first for reasons outside the relays
             // (with three relays always second, 100,000 keys lost 6-18 % to one relay; with
@@ -517,13 +525,12 @@ impl Bench<'_> {
             let [few, many] = s.relays;
             for (turn, relays) in [few, many, many, few].into_iter().enumerate() {
                 self.say(&format!(
-                    "drain {} events, {keys} key(s), {relays} relay(s), turn {}",
+                    "drain {} events, {keys} key(s), {relays} relay(s){deleted}, turn {}",
                     s.drain,
                     turn + 1
                 ));
-                let d = self
-                    .drain(&format!("d{keys}x{relays}t{turn}"), s.drain, keys, relays)
-                    .await?;
+                let phase = format!("d{keys}x{relays}t{turn}{}", if deleting { "d" } else { "" });
+                let d = self.drain(&phase, s.drain, keys, relays, deleting).await?;
                 peak_rss_kb = peak_rss_kb.max(d.peak_rss_kb);
                 drains.push(d);
             }
@@ -540,7 +547,10 @@ impl Bench<'_> {
             for relays in s.relays {
                 let rate = rate_of(relays);
                 let mut line = Line::new(
-                    format!("drain {} ev, {} keys, {relays} relay(s)", s.drain, keys),
+                    format!(
+                        "drain {} ev, {keys} keys, {relays} relay(s){deleted}",
+                        s.drain
+                    ),
                     rate,
                     "ev/s",
                     Some(produce_rate),
@@ -563,7 +573,7 @@ impl Bench<'_> {
                 if keys == s.drain {
                     lines.push(Line::new(
                         format!(
-                            "drain {} ev, {keys} keys, {relays} relay(s), against the raw drain",
+                            "drain {} ev, {keys} keys, {relays} relay(s){deleted}, against the raw drain",
                             s.drain
                         ),
                         rate,
@@ -976,9 +986,10 @@ impl Bench<'_> {
         events: usize,
         keys: usize,
         relays: usize,
+        deleting: bool,
     ) -> anyhow::Result<Drain> {
         let store = self.store(phase).await?;
-        let mut fleet = Fleet::start(self, &store, relays).await?;
+        let mut fleet = Fleet::start(self, &store, relays, deleting).await?;
         let result = self.drain_with(&store, &fleet, events, keys, None).await;
         fleet.stop().await;
         Ok(result?.0)
@@ -1011,50 +1022,69 @@ impl Bench<'_> {
             Instant::now() + Duration::from_secs(120) + Duration::from_millis(events as u64);
         // The end is read from `published_at`, so polling needs no precision; it must not
         // load the database the relays are draining: the pending index only (a heap scan
-        // would walk every published row first), less often as the drain goes on.
-        let pending = format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE status = 'pending')");
+        // would walk every published row first), less often as the drain goes on. Deleted
+        // rows leave no `published_at`: the end is then the first poll that finds nothing
+        // pending, every 10 ms (a late reading, never an early one).
+        let pending = format!(
+            "SELECT EXISTS (SELECT 1 FROM {t} WHERE status = 'pending'), clock_timestamp()"
+        );
         let polling = Instant::now();
-        loop {
+        let seen_done = loop {
             let mut tx = self.pool.begin().await?;
             sqlx::query("SET LOCAL enable_seqscan = off")
                 .execute(&mut *tx)
                 .await?;
-            let left: bool = sqlx::query_scalar(&pending).fetch_one(&mut *tx).await?;
+            let (left, at): (bool, DateTime<Utc>) =
+                sqlx::query_as(&pending).fetch_one(&mut *tx).await?;
             tx.commit().await?;
             if !left {
-                break;
+                break at;
             }
             ensure!(
                 Instant::now() < deadline,
                 "{events} events staged, some still pending at the deadline"
             );
-            let wait =
-                (polling.elapsed() / 20).clamp(Duration::from_millis(100), Duration::from_secs(2));
+            let wait = if fleet.deleting {
+                Duration::from_millis(10)
+            } else {
+                (polling.elapsed() / 20).clamp(Duration::from_millis(100), Duration::from_secs(2))
+            };
             tokio::time::sleep(wait).await;
-        }
+        };
         let relay_cpu_s = fleet.cpu_secs() - relay_cpu_before;
         let machine_busy_pct = busy_since(machine_before);
         let checkpoints = self.checkpoints().await? - checkpoints_before;
         let table_stats = self.table_stats(store).await?;
         // Acks are counted in the table (a row is published only with the broker's
-        // partition and offset); tansu's watermarks undercount, so they are not used.
+        // partition and offset, or deleted only once acked); tansu's watermarks undercount,
+        // so they are not used.
         let row = sqlx::query(&format!(
             "SELECT count(*) FILTER (WHERE status = 'published' AND kafka_offset IS NOT NULL \
                                        AND published_at >= $1) AS acked, \
                     count(*) FILTER (WHERE status = 'dead') AS dead, \
-                    max(published_at) AS last FROM {t}"
+                    count(*) AS rows, max(published_at) AS last FROM {t}"
         ))
         .bind(started)
         .fetch_one(&self.pool)
         .await?;
-        let acked: i64 = row.get("acked");
         let dead: i64 = row.get("dead");
+        let (acked, last) = if fleet.deleting {
+            // Nothing pending, nothing parked, no row left: each was deleted at its ack.
+            let rows: i64 = row.get("rows");
+            ensure!(
+                rows == 0,
+                "{rows} rows left after a drain that deletes them"
+            );
+            (events as i64, seen_done)
+        } else {
+            (row.get("acked"), row.get("last"))
+        };
         ensure!(dead == 0, "{dead} events were parked while draining");
         ensure!(
             acked as usize >= events,
             "only {acked} of {events} events were acked"
         );
-        let seconds = seconds_between(started, row.get("last"));
+        let seconds = seconds_between(started, last);
         let drain = Drain {
             events,
             keys,
@@ -1067,6 +1097,7 @@ impl Bench<'_> {
             machine_busy_pct,
             checkpoints,
             table_stats,
+            published_rows_deleted: fleet.deleting,
         };
         Ok((drain, cost))
     }
@@ -1147,7 +1178,7 @@ impl Bench<'_> {
         let many = self.store("costn").await?;
         // The statements name their table.
         let statements = Statements::capture(self, &many).await?;
-        let fleet = Fleet::start(self, &many, 1).await?;
+        let fleet = Fleet::start(self, &many, 1, false).await?;
         let mut drains = Vec::new();
         let mut result = Ok(());
         for rows in self.sizes.backlogs {
@@ -1216,6 +1247,8 @@ struct Drain {
     checkpoints: i64,
     /// `pg_stat_user_tables` of the phase's tables after the drain (cumulative).
     table_stats: Value,
+    /// The relays ran with `retention` 0: published rows deleted at the ack.
+    published_rows_deleted: bool,
 }
 
 struct Scaling {
@@ -1367,12 +1400,19 @@ fn execution_ms(plan: &str) -> f64 {
 struct Fleet {
     children: Vec<Child>,
     waker: Waker,
+    /// Started with `--retention-secs 0`.
+    deleting: bool,
 }
 
 impl Fleet {
     /// Starts `n` relays and returns once each could have its producer id (every relay's
     /// producer asks for it at start) and a warm-up event per relay was delivered.
-    async fn start(bench: &Bench<'_>, store: &OutboxStore, n: usize) -> anyhow::Result<Self> {
+    async fn start(
+        bench: &Bench<'_>,
+        store: &OutboxStore,
+        n: usize,
+        deleting: bool,
+    ) -> anyhow::Result<Self> {
         let schema = store.table().schema();
         let cli = bench.cli;
         let exe = std::env::current_exe().context("cannot find the outpost binary")?;
@@ -1388,6 +1428,9 @@ impl Fleet {
             for opt in &cli.kafka_options {
                 cmd.args(["--kafka-option", opt]);
             }
+            if deleting {
+                cmd.args(["--retention-secs", "0"]);
+            }
             cmd.arg("relay")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -1397,6 +1440,7 @@ impl Fleet {
         let fleet = Self {
             children,
             waker: bench.waker(schema).await?,
+            deleting,
         };
         let started = Instant::now();
         let (_, _) = bench.stage(store, n, n, None).await?;

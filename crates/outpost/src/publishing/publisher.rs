@@ -268,7 +268,8 @@ impl Publisher {
         }
         let store = store
             .with_service(&config.service)
-            .with_key_lock(config.key_lock);
+            .with_key_lock(config.key_lock)
+            .deleting_published(config.delivery.retention.is_zero());
         let owner = Uuid::new_v4();
         let wal = match WalStream::new(store.table().schema()) {
             Ok(stream) => Some(stream),

@@ -72,7 +72,11 @@ pub struct RelayConfig {
     /// Unclassified failures allowed before an event is parked (default 10). Transient
     /// failures (broker down, timeouts) never count; permanent ones park at once.
     pub max_attempts: u32,
-    /// How long published rows are kept before deletion (default 1 h).
+    /// How long published rows are kept before deletion (default 1 h). Zero deletes a row
+    /// (and its payload) when its ack is recorded, which also drains faster (no new row
+    /// version to write); the row's partition, offset and `published_at` are then gone, and
+    /// staging the same `event_id` again stages it anew (staging is idempotent on the event
+    /// id while its row is kept).
     pub retention: Duration,
     /// How often retention runs (default 60 s).
     pub cleanup_interval: Duration,
@@ -279,7 +283,9 @@ impl Relay {
         config: RelayConfig,
     ) -> Result<Self> {
         config.validate(longest_send(&producer))?;
-        let store = store.with_service(&config.service);
+        let store = store
+            .with_service(&config.service)
+            .deleting_published(config.retention.is_zero());
         Ok(Self {
             store,
             producer,
