@@ -956,65 +956,37 @@ async fn failures_of_a_busy_key_do_not_use_up_the_relays_room() {
     support::assert_key_order(&seen);
 }
 
-/// Kafka-first: a direct send that fails with a *retriable* error (here the topic does not
-/// exist: per topic, so librdkafka does not stop the producer as it does after a failed
-/// request) puts its event in the outbox; a later event of its key, queued directly on
-/// another topic and still waiting in librdkafka's queue (the partition's leader is down),
-/// must not reach the broker ahead of it: it follows it into the outbox. So does a later
-/// `publish` of the key, with Kafka healthy again. Read back: the key's events on the topic
-/// (sent directly), then those in the outbox, are in publish order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_first_retriable_failure_keeps_later_events_of_its_key_behind_it() {
-    use outpost::metrics::ORDER_BREAKS;
-    use outpost::{Environment, Mode, PublishPath, Publisher, PublisherConfig, Waker};
-
-    support::metrics();
-    let mock = MockCluster::new(2).expect("mock cluster");
-    // The topic read back, led by broker 2 (taken down below): what is queued for it waits.
-    let known = support::unique("outpost.mock.kf").replace('_', ".");
-    mock.create_topic(&known, 1, 1).expect("mock topic");
-    mock.partition_leader(&known, 0, Some(2)).expect("leader");
-    // A topic the cluster says does not exist (served by broker 1).
-    let missing = format!("{known}.missing");
+/// Makes the cluster say `topic` does not exist (a retriable failure, per topic).
+fn say_missing(mock: &Mock, topic: &str) {
     mock.topic_error(
-        &missing,
+        topic,
         RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
     )
     .expect("topic error");
+}
 
-    let store = support::store().await;
-    let service = support::unique("kfretriable");
+/// Producer settings under which a message for a topic said not to exist fails soon after
+/// the cluster says so, not by timing out.
+fn missing_fails_fast(mock: &Mock) -> ProducerConfig {
     let mut pcfg = support::producer_config(&mock.bootstrap_servers());
-    // Outlives broker 2's outage: a message queued for it must not time out meanwhile.
-    pcfg.delivery_timeout = Duration::from_secs(30);
-    pcfg.request_timeout = Duration::from_secs(10);
-    // The missing topic's message fails soon after the cluster says so.
     pcfg.librdkafka
         .insert("topic.metadata.propagation.max.ms".into(), "200".into());
-    let producer = Arc::new(KafkaProducer::new(pcfg).expect("producer"));
-    let mut cfg = PublisherConfig::new(&service, Environment::Testing);
-    cfg.mode = Mode::KafkaFirst;
-    cfg.delivery = support::patient_relay_config(&service);
-    // The sends are waited for, never given up on: what is not failed is acked.
-    cfg.direct_deadline = Duration::from_secs(60);
-    let publisher = Publisher::new(store.clone(), producer, Waker::None, cfg).expect("publisher");
+    pcfg
+}
 
-    let first = support::event(&known, "k", 0);
-    assert_eq!(
-        publisher.publish(&first).await.unwrap(),
-        PublishPath::Direct
-    );
-
+/// `publish_all(batch)` while broker 2 (the leader of `known`) is down, for at most 15 s:
+/// what is queued for it can only be purged, not sent, meanwhile. Past that, broker 2 comes
+/// back and the publish ends however it may (the caller's assertions then fail).
+async fn publish_all_with_broker_2_down(
+    mock: &Mock,
+    publisher: &outpost::Publisher,
+    batch: Vec<OutboxEvent>,
+) -> outpost::Dispatch {
     mock.broker_down(2).unwrap();
-    let failing = support::event(&missing, "k", 1);
-    let behind = support::event(&known, "k", 2);
-    let batch = vec![failing.clone(), behind.clone()];
     let mut sent = {
         let publisher = publisher.clone();
         tokio::spawn(async move { publisher.publish_all(&batch).await })
     };
-    // `behind` can only reach the broker once broker 2 is back: the publish must be over
-    // without it. If it is not, broker 2 comes back, and `behind` lands ahead of `failing`.
     let dispatch = match tokio::time::timeout(Duration::from_secs(15), &mut sent).await {
         Ok(done) => done,
         Err(_) => {
@@ -1025,6 +997,92 @@ async fn kafka_first_retriable_failure_keeps_later_events_of_its_key_behind_it()
     .expect("publish task")
     .expect("acked or stored");
     mock.broker_up(2).unwrap();
+    dispatch
+}
+
+/// Kafka-first on a two-broker mock cluster: `known` (one partition) is led by broker 2,
+/// which a test takes down to hold what is queued for it; `missing` is a topic the cluster
+/// says does not exist (a retriable failure, soon after it says so).
+struct KafkaFirstTwoBrokers {
+    mock: Mock,
+    known: String,
+    missing: String,
+    store: OutboxStore,
+    service: String,
+    publisher: outpost::Publisher,
+}
+
+impl KafkaFirstTwoBrokers {
+    async fn start(tweak: impl FnOnce(&mut outpost::PublisherConfig)) -> Self {
+        use outpost::{Environment, Mode, Publisher, PublisherConfig, Waker};
+
+        support::metrics();
+        let mock = MockCluster::new(2).expect("mock cluster");
+        let known = support::unique("outpost.mock.kf").replace('_', ".");
+        mock.create_topic(&known, 1, 1).expect("mock topic");
+        mock.partition_leader(&known, 0, Some(2)).expect("leader");
+        let missing = format!("{known}.missing");
+        say_missing(&mock, &missing);
+
+        let store = support::store().await;
+        let service = support::unique("kfretriable");
+        let mut pcfg = missing_fails_fast(&mock);
+        // Outlives broker 2's outage: a message queued for it must not time out meanwhile.
+        pcfg.delivery_timeout = Duration::from_secs(30);
+        pcfg.request_timeout = Duration::from_secs(10);
+        let producer = Arc::new(KafkaProducer::new(pcfg).expect("producer"));
+        let mut cfg = PublisherConfig::new(&service, Environment::Testing);
+        cfg.mode = Mode::KafkaFirst;
+        cfg.delivery = support::patient_relay_config(&service);
+        // The sends are waited for, never given up on: what is not failed is acked.
+        cfg.direct_deadline = Duration::from_secs(60);
+        tweak(&mut cfg);
+        Self {
+            publisher: Publisher::new(store.clone(), producer, Waker::None, cfg)
+                .expect("publisher"),
+            mock,
+            known,
+            missing,
+            store,
+            service,
+        }
+    }
+}
+
+/// Kafka-first: a direct send that fails with a *retriable* error (here the topic does not
+/// exist: per topic, so librdkafka does not stop the producer as it does after a failed
+/// request) puts its event in the outbox; a later event of its key, queued directly on
+/// another topic and still waiting in librdkafka's queue (the partition's leader is down),
+/// must not reach the broker ahead of it: it follows it into the outbox. So does a later
+/// `publish` of the key, with Kafka healthy again. Read back: the key's events on the topic
+/// (sent directly), then those in the outbox, are in publish order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_first_retriable_failure_keeps_later_events_of_its_key_behind_it() {
+    use outpost::metrics::ORDER_BREAKS;
+    use outpost::PublishPath;
+
+    let KafkaFirstTwoBrokers {
+        mock,
+        known,
+        missing,
+        store,
+        service,
+        publisher,
+    } = KafkaFirstTwoBrokers::start(|_| {}).await;
+
+    let first = support::event(&known, "k", 0);
+    assert_eq!(
+        publisher.publish(&first).await.unwrap(),
+        PublishPath::Direct
+    );
+
+    let failing = support::event(&missing, "k", 1);
+    let behind = support::event(&known, "k", 2);
+    // `behind` can only reach the broker once broker 2 is back: the publish must be over
+    // without it. If it is not, broker 2 comes back, and `behind` lands ahead of `failing`.
+    let dispatch =
+        publish_all_with_broker_2_down(&mock, &publisher, vec![failing.clone(), behind.clone()])
+            .await;
 
     // The key has an event in the outbox: a later publish goes there too, though Kafka
     // would take it now.
@@ -1145,19 +1203,11 @@ async fn eager_dispatch_sends_no_later_row_of_a_key_on_another_topic() {
     mock.create_topic(&healthy, 1, 1).expect("mock topic");
     let missing = format!("{healthy}.missing");
     mock.create_topic(&missing, 1, 1).expect("mock topic");
-    mock.topic_error(
-        &missing,
-        RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
-    )
-    .expect("topic error");
+    say_missing(&mock, &missing);
 
     let store = support::store().await;
     let service = support::unique("eagertopics");
-    let mut pcfg = support::producer_config(&mock.bootstrap_servers());
-    // The missing topic's row fails soon after the cluster says so (not by timing out).
-    pcfg.librdkafka
-        .insert("topic.metadata.propagation.max.ms".into(), "200".into());
-    let producer = Arc::new(KafkaProducer::new(pcfg).expect("producer"));
+    let producer = Arc::new(KafkaProducer::new(missing_fails_fast(&mock)).expect("producer"));
     let mut cfg = PublisherConfig::new(&service, Environment::Testing);
     cfg.mode = Mode::Transactional;
     cfg.delivery = support::relay_config(&service);
@@ -1266,4 +1316,42 @@ async fn eager_dispatch_sends_no_later_row_of_a_key_on_another_topic() {
         .read_to_end()
         .await;
     assert_eq!(times_consumed(&on_other_topic, &on_other), 1);
+}
+
+/// A purge is not a broker failure: when a retriable failure purges the producer's queue,
+/// the events it fails (here another key's, queued for a partition whose leader is down)
+/// go to the outbox, but the circuit stays closed, and the next event is sent directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_failed_by_a_purge_do_not_open_the_circuit() {
+    use outpost::PublishPath;
+
+    let KafkaFirstTwoBrokers {
+        mock,
+        known,
+        missing,
+        store: _,
+        service: _,
+        publisher,
+    } = KafkaFirstTwoBrokers::start(|c| c.breaker.failure_threshold = 1).await;
+    let warm = support::event(&known, "w", 0);
+    assert_eq!(publisher.publish(&warm).await.unwrap(), PublishPath::Direct);
+
+    let batch = vec![
+        support::event(&missing, "a", 0),
+        support::event(&known, "b", 0),
+    ];
+    // Its queued event is purged, not sent: the publish is over while broker 2 is down.
+    let dispatch = publish_all_with_broker_2_down(&mock, &publisher, batch).await;
+    assert_eq!(
+        (dispatch.eager_published, dispatch.left_to_relay),
+        (0, 2),
+        "the purged event fell back with the failed one"
+    );
+    let next = support::event(&known, "c", 0);
+    assert_eq!(
+        publisher.publish(&next).await.unwrap(),
+        PublishPath::Direct,
+        "the circuit stayed closed"
+    );
+    publisher.shutdown(Duration::from_secs(5)).await;
 }

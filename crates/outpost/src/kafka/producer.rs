@@ -216,6 +216,19 @@ pub struct SendFailure {
     pub error: KafkaError,
 }
 
+impl SendFailure {
+    /// The message was purged from librdkafka's queue (see
+    /// [`KafkaProducer::purge_queued`]) because another one failed: nothing of the broker.
+    pub fn is_purged(&self) -> bool {
+        matches!(
+            self.error,
+            KafkaError::MessageProduction(
+                RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight
+            )
+        )
+    }
+}
+
 impl fmt::Display for SendFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({})", self.error, self.class)

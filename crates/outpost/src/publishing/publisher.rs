@@ -698,7 +698,9 @@ impl Publisher {
                 }
                 Err(failure) => {
                     match failure.class {
-                        // The purge, if one was due, was made when the failure came in.
+                        // The purge, if one was due, was made when the failure came in. A
+                        // purged row says nothing of the broker (see `publish_kafka_first`).
+                        ErrorClass::Transient if failure.is_purged() => {}
                         ErrorClass::Transient => probe.failed(),
                         ErrorClass::Retriable | ErrorClass::Permanent => probe.answered(),
                     }
@@ -1049,10 +1051,13 @@ impl Publisher {
                 Some(Err(failure)) => {
                     // A retriable failure is per topic (unknown topic, corrupt message): the
                     // broker answered, so the circuit stays closed; the relay retries it
-                    // within its budget.
+                    // within its budget. A purged event says nothing of the broker: the
+                    // failure that called for the purge counts for itself (here or in the
+                    // call that met it), and one of a topic that does not exist must not
+                    // open the circuit for every other event.
                     if failure.class == ErrorClass::Retriable {
                         answered = true;
-                    } else {
+                    } else if !failure.is_purged() {
                         failed = true;
                     }
                     debug!(error = %failure, "direct publish failed");
