@@ -8,6 +8,7 @@
 //! written and before the broker acks) is the reason every other service uses the
 //! transactional mode.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::Utc;
@@ -315,7 +316,8 @@ impl FileService {
     /// Validates the added files of one upload request, as
     /// [`process_file`](Self::process_file) does one, with one statement per step for all
     /// of them and their events published together (in the order given). Returns the
-    /// outcomes in that order.
+    /// outcomes in that order. A file removed meanwhile is left removed and announces
+    /// nothing.
     ///
     /// # Errors
     /// As [`add_file`](Self::add_file).
@@ -402,19 +404,30 @@ impl FileService {
             .iter()
             .map(|(u, _)| u.file_upload_id.as_str())
             .collect();
-        sqlx::query(
+        // Only files still `added`: one the teacher withdrew meanwhile stays removed, and
+        // announces nothing (its removal was announced; content for it would fill a slot).
+        let processed: HashSet<String> = sqlx::query_scalar(
             "UPDATE uploads u SET state = t.state, text_storage_id = t.text, \
              validation_error_code = t.code, updated_at = clock_timestamp() \
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS t (id, state, text, code) \
-             WHERE u.file_upload_id = t.id",
+             WHERE u.file_upload_id = t.id AND u.state = 'added' \
+             RETURNING u.file_upload_id",
         )
         .bind(&ids)
         .bind(&states)
         .bind(&texts)
         .bind(&codes)
-        .execute(self.pool())
+        .fetch_all(self.pool())
         .await
-        .map_err(Error::db(SERVICE, "set_state"))?;
+        .map_err(Error::db(SERVICE, "set_state"))?
+        .into_iter()
+        .collect();
+        let events: Vec<OutboxEvent> = events
+            .into_iter()
+            .zip(&ids)
+            .filter(|(_, id)| processed.contains(**id))
+            .map(|(event, _)| event)
+            .collect();
         self.send_all(&events).await?;
         Ok(validations)
     }

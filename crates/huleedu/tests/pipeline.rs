@@ -56,6 +56,29 @@ fn essays() -> Vec<corpus::CorpusFile> {
     corpus::load(Path::new(CORPUS_DIR), 25).expect("the shipped corpus")
 }
 
+/// Registers a batch of `essays` essays (course ENG5) for `user`: the registration and the
+/// context its uploads carry.
+async fn register(
+    pipeline: &Pipeline,
+    essays: u32,
+    instructions: &str,
+    user: &str,
+) -> (huleedu::bos::Registration, UploadContext) {
+    let request = BatchRequest {
+        expected_essay_count: essays,
+        course_code: "ENG5".into(),
+        essay_instructions: instructions.into(),
+        user_id: user.into(),
+    };
+    let registration = pipeline.bos().register_batch(&request).await.unwrap();
+    let ctx = UploadContext {
+        batch_id: registration.batch_id.clone(),
+        user_id: request.user_id.clone(),
+        correlation_id: registration.correlation_id,
+    };
+    (registration, ctx)
+}
+
 /// Everything a run changed, to compare before and after redeliveries.
 #[derive(Debug, PartialEq)]
 struct Effects {
@@ -390,18 +413,7 @@ async fn a_broker_paused_mid_pipeline_loses_nothing() {
 async fn content_beyond_the_slots_is_reported_as_excess() {
     let brokers = env_or("OUTPOST_BROKERS", "127.0.0.1:9092");
     let pipeline = Pipeline::start(config(&brokers)).await.unwrap();
-    let request = BatchRequest {
-        expected_essay_count: 2,
-        course_code: "ENG5".into(),
-        essay_instructions: "Two essays only.".into(),
-        user_id: "teacher-2".into(),
-    };
-    let registration = pipeline.bos().register_batch(&request).await.unwrap();
-    let ctx = UploadContext {
-        batch_id: registration.batch_id.clone(),
-        user_id: request.user_id.clone(),
-        correlation_id: registration.correlation_id,
-    };
+    let (registration, ctx) = register(&pipeline, 2, "Two essays only.", "teacher-2").await;
     // Three valid essays for two slots: the third arrives after the batch is ready.
     for file in &essays()[..3] {
         let upload = pipeline
@@ -437,5 +449,60 @@ async fn content_beyond_the_slots_is_reported_as_excess() {
     assert!(essays
         .iter()
         .all(|e| e.state == essay_state::SPELLCHECKED_SUCCESS));
+    pipeline.shutdown().await.unwrap();
+}
+
+/// A file the teacher withdrew before it was processed stays removed: processing it after
+/// all announces no content for it (which would take a slot of the batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_removed_before_it_was_processed_announces_no_content() {
+    let brokers = env_or("OUTPOST_BROKERS", "127.0.0.1:9092");
+    let pipeline = Pipeline::start(config(&brokers)).await.unwrap();
+    let (registration, ctx) = register(&pipeline, 2, "One withdrawn.", "teacher-3").await;
+    let files = essays();
+    let service = pipeline.file_service();
+    let withdrawn = service
+        .add_file(&ctx, &files[0].name, &files[0].bytes)
+        .await
+        .unwrap();
+    assert!(service.remove_file(&ctx, &withdrawn).await.unwrap());
+    service
+        .process_file(&ctx, &withdrawn, &files[0].bytes)
+        .await
+        .unwrap();
+    // A file processed after it: its content follows on the batch's key, so once it is
+    // seen, content announced for the withdrawn one would have been seen before it.
+    let kept = service
+        .add_file(&ctx, &files[1].name, &files[1].bytes)
+        .await
+        .unwrap();
+    service
+        .process_file(&ctx, &kept, &files[1].bytes)
+        .await
+        .unwrap();
+    let timeline = pipeline.timeline();
+    timeline
+        .wait_until(WAIT, "the kept file's content announced", |t| {
+            t.count(topic::ESSAY_CONTENT_PROVISIONED) >= 1
+        })
+        .await
+        .unwrap();
+    assert_eq!(timeline.count(topic::ESSAY_CONTENT_PROVISIONED), 1);
+    assert_eq!(timeline.count(topic::BATCH_FILE_REMOVED), 1);
+    let states: Vec<(String, String)> = service
+        .uploads(&registration.batch_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| (u.filename, u.state))
+        .collect();
+    assert!(
+        states.contains(&(files[0].name.clone(), "removed".into())),
+        "{states:?}"
+    );
+    assert!(
+        states.contains(&(files[1].name.clone(), "provisioned".into())),
+        "{states:?}"
+    );
     pipeline.shutdown().await.unwrap();
 }
