@@ -1004,12 +1004,13 @@ async fn publish_all_with_broker_2_down(
 /// which a test takes down to hold what is queued for it; `missing` is a topic the cluster
 /// says does not exist (a retriable failure, soon after it says so).
 struct KafkaFirstTwoBrokers {
-    mock: Mock,
     known: String,
     missing: String,
     store: OutboxStore,
     service: String,
     publisher: outpost::Publisher,
+    /// Declared last so it is dropped after every client that talks to it.
+    mock: Mock,
 }
 
 impl KafkaFirstTwoBrokers {
@@ -1354,4 +1355,47 @@ async fn events_failed_by_a_purge_do_not_open_the_circuit() {
         "the circuit stayed closed"
     );
     publisher.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Kafka-first sends a key's events one topic at a time: a batch whose first event of key
+/// `k` fails for its own topic (it does not exist) and whose second, for a healthy topic,
+/// would be acked at once, stores both, the second never sent; a batch of a key over two
+/// healthy topics is sent directly in full, one topic after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_first_sends_a_keys_next_topic_only_once_the_previous_one_was_acked() {
+    use outpost::PublishPath;
+
+    let kf = KafkaFirstTwoBrokers::start(|_| {}).await;
+    let warm = support::event(&kf.known, "w", 0);
+    assert_eq!(
+        kf.publisher.publish(&warm).await.unwrap(),
+        PublishPath::Direct
+    );
+    let failing = support::event(&kf.missing, "k", 0);
+    let behind = support::event(&kf.known, "k", 1);
+    let dispatch = kf
+        .publisher
+        .publish_all(&[failing.clone(), behind.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        (dispatch.eager_published, dispatch.left_to_relay),
+        (0, 2),
+        "both stored, the second never sent ahead of the first"
+    );
+
+    let other = format!("{}.other", kf.known);
+    kf.mock.create_topic(&other, 1, 1).expect("mock topic");
+    let both = [
+        support::event(&kf.known, "j", 0),
+        support::event(&other, "j", 1),
+    ];
+    let dispatch = kf.publisher.publish_all(&both).await.unwrap();
+    assert_eq!((dispatch.eager_published, dispatch.left_to_relay), (2, 0));
+    let landed = Collector::start(&kf.mock.bootstrap_servers(), &kf.known, 1)
+        .read_to_end()
+        .await;
+    assert_eq!(times_consumed(&landed, &behind), 0);
+    assert_eq!(times_consumed(&landed, &both[0]), 1);
+    kf.publisher.shutdown(Duration::from_secs(5)).await;
 }

@@ -100,6 +100,11 @@ impl LeasedKeys {
         self.keys.iter().filter(|k| !self.untaken.contains(*k))
     }
 
+    /// When the oldest of these leases was taken (its statement sent), if any.
+    pub(crate) fn since(&self) -> Option<Instant> {
+        self.since
+    }
+
     /// Each key with its rows in id order, if the leases are young enough to send under:
     /// younger than half of `lease`, so that sends queued now end (or time out) before the
     /// leases lapse, and the eager path's renewals (every third of a lease from the

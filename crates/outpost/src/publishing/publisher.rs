@@ -543,6 +543,7 @@ impl Publisher {
         // Keys the transaction leased while staging hold only its rows: they are sent as
         // staged, not claimed (see `LeasedKeys`); unless a dispatch before sent some of them
         // (it claims under this process's lease): then the key is read like any other.
+        let own_since = leased.since();
         let mut own = leased
             .into_sendable(inner.config.delivery.lease)
             .unwrap_or_default();
@@ -642,6 +643,11 @@ impl Publisher {
         // that does not exist) fails nothing queued for another, so a later row of its key
         // there would land ahead of its retry.
         let producer = &inner.producer;
+        // A later run starts only while every lease of this dispatch is young enough for a
+        // send to end before it lapses, as `LeasedKeys::into_sendable` requires of the first
+        // (renewals are not counted on: one may fail, and another owner take the key).
+        let send_until =
+            own_since.map_or(started, |since| since.min(started)) + inner.config.delivery.lease / 2;
         let mut sends = Vec::new();
         for key in &claimed {
             let mut runs = key.rows.chunk_by(|a, b| a.topic == b.topic);
@@ -652,7 +658,10 @@ impl Publisher {
                 };
                 let mut results = futures::future::join_all(queued).await;
                 for run in runs {
-                    if cut || results.iter().any(|(_, result)| result.is_err()) {
+                    if cut
+                        || results.iter().any(|(_, result)| result.is_err())
+                        || Instant::now() >= send_until
+                    {
                         // Left pending: a failed row is retried first, a cut key goes back.
                         cut = true;
                         break;
@@ -980,6 +989,10 @@ impl Publisher {
         // the deadline, a failure would never reach the producer, whose replace-when-stuck
         // logic (needed after a broker restart) would then never run: the circuit would
         // never close.
+        // Later runs of a key start only while the caller still waits: past the deadline it
+        // stores what was not acked in the outbox, and a later run sent then would land
+        // twice.
+        let until = Instant::now() + inner.config.direct_deadline;
         let send = {
             let producer = Arc::clone(&inner.producer);
             let messages: Vec<Message> = direct
@@ -993,9 +1006,9 @@ impl Publisher {
                 .collect();
             // A panic is caught as the task it used to run in caught it: no outcome.
             Detachable::new(
-                std::panic::AssertUnwindSafe(
-                    async move { send_in_order(&producer, messages).await },
-                )
+                std::panic::AssertUnwindSafe(async move {
+                    send_in_order(&producer, messages, until).await
+                })
                 .catch_unwind(),
             )
         };
@@ -1065,10 +1078,13 @@ impl Publisher {
                     fell.insert(&event.event_key);
                     stored.push((event, "kafka_error"));
                 }
-                // Not sent (an earlier event of its key could not be queued), or the sends
-                // were given up on.
+                // Not sent (an earlier event of its key failed or could not be queued), or
+                // the sends were given up on. Only the key's first counts for the circuit:
+                // the rest follow it.
                 None => {
-                    failed = true;
+                    if !fell.contains(event.event_key.as_str()) {
+                        failed = true;
+                    }
                     crate::metrics::direct(service, "failed");
                     fell.insert(&event.event_key);
                     stored.push((event, gave_up));
@@ -1079,6 +1095,10 @@ impl Publisher {
             self.breaker(|b| b.on_failure(Instant::now()));
         } else if answered {
             self.breaker(|b| b.on_success());
+        } else if probe {
+            // Every send of this probe was purged: Kafka said nothing, the next call probes
+            // (left as it was, the circuit would stay half-open, and closed to all, for good).
+            self.breaker(CircuitBreaker::release_probe);
         }
         if !stored.is_empty() {
             self.fall_back(&stored).await?;
@@ -1202,71 +1222,97 @@ fn queue_run<'a>(
     (sends, false)
 }
 
-/// Queues `messages` in order, then waits for every ack; `None` for a message not queued
-/// because an earlier one of its key could not be. A failed delivery whose event goes to
-/// the outbox (any but a permanent failure) purges what is still queued (see
-/// [`KafkaProducer::purge_queued`]), so nothing of its key queued behind it lands first.
+/// Sends `messages` in order, each key's in runs of one topic: every key's first run is
+/// queued before any ack is awaited, and a key's next run once its previous one was acked in
+/// full, before `until`. librdkafka keeps order within a partition only: a message failing
+/// for its own topic alone (one that does not exist) fails nothing queued for another, so
+/// a later message of its key there would land ahead of its retry. `None` for a message
+/// not sent because an earlier one of its key failed or could not be queued, or `until`
+/// passed. A failed delivery whose event goes to the outbox (any but a permanent failure)
+/// purges what is still queued (see [`KafkaProducer::purge_queued`]).
 async fn send_in_order(
     producer: &Arc<KafkaProducer>,
     messages: Vec<Message>,
+    until: Instant,
 ) -> Vec<Option<std::result::Result<Acked, SendFailure>>> {
+    let mut outcomes: Vec<Option<std::result::Result<Acked, SendFailure>>> =
+        messages.iter().map(|_| None).collect();
+    // Keys whose next message may not go: one of theirs failed, or could not be queued.
     let mut stopped: HashSet<&str> = HashSet::new();
-    // The producer instance each key's messages went to: the rest of a key goes to the same
-    // one or not at all (on a replacement, under a new producer id, the broker would not
-    // order them after the first ones); those fall back.
-    let mut instance: HashMap<&str, u64> = HashMap::new();
-    let mut acks = Vec::with_capacity(messages.len());
-    for m in &messages {
-        if stopped.contains(m.key.as_str()) {
-            acks.push(None);
-            continue;
-        }
-        let on = instance.get(m.key.as_str()).copied();
-        let queued = match producer.enqueue_on(&m.topic, &m.key, &m.payload, &m.headers, on) {
-            Ok(Some((ack, generation))) => {
-                instance.insert(&m.key, generation);
-                Ok(ack)
-            }
-            Ok(None) => {
-                stopped.insert(&m.key);
-                acks.push(None);
+    let mut left: Vec<usize> = (0..messages.len()).collect();
+    while !left.is_empty() && Instant::now() < until {
+        let mut run_topic: HashMap<&str, &str> = HashMap::new();
+        // The producer instance each key's run went to: the rest of the run goes to the same
+        // one or not at all (on a replacement, under a new producer id, the broker would not
+        // order them after the first ones); those fall back.
+        let mut instance: HashMap<&str, u64> = HashMap::new();
+        let mut later = Vec::new();
+        let mut queued = Vec::new();
+        for i in left {
+            let m = &messages[i];
+            let key = m.key.as_str();
+            if stopped.contains(key) {
                 continue;
             }
-            Err(failure) => Err(failure),
-        };
-        if queued.is_err() {
-            stopped.insert(&m.key);
+            if *run_topic.entry(key).or_insert(m.topic.as_str()) != m.topic {
+                // The key's next run; its later messages wait behind it.
+                run_topic.insert(key, "");
+                later.push(i);
+                continue;
+            }
+            let on = instance.get(key).copied();
+            match producer.enqueue_on(&m.topic, key, &m.payload, &m.headers, on) {
+                Ok(Some((ack, generation))) => {
+                    instance.insert(key, generation);
+                    queued.push((i, Ok(ack)));
+                }
+                Ok(None) => {
+                    stopped.insert(key);
+                }
+                Err(failure) => {
+                    stopped.insert(key);
+                    queued.push((i, Err(failure)));
+                }
+            }
         }
-        acks.push(Some(queued));
+        let results = futures::future::join_all(queued.into_iter().map(|(i, queued)| async move {
+            let result = match queued {
+                Ok(ack) => {
+                    let result = ack.await;
+                    // Its event goes to the outbox unless the failure is permanent: what is
+                    // still queued must not land ahead of it, be it a later event of its key
+                    // or another call's. librdkafka purges by itself only when a request
+                    // failed (gapless guarantee); a retriable failure of one topic (it does
+                    // not exist) leaves the other queues alone. As in the WAL relay. A
+                    // permanent failure is never retried: nothing can overtake it.
+                    if matches!(&result, Err(f) if f.class != ErrorClass::Permanent) {
+                        producer.purge_queued();
+                    }
+                    result
+                }
+                Err(failure) => {
+                    // Refused: it never entered the queue, and the rest of its key is not
+                    // queued after it; a retriable refusal (a topic known not to exist)
+                    // purges nothing, a transient one (a full queue) purges as its failed
+                    // delivery would.
+                    if failure.class == ErrorClass::Transient {
+                        producer.purge_queued();
+                    }
+                    Err(failure)
+                }
+            };
+            (i, result)
+        }))
+        .await;
+        for (i, result) in results {
+            if result.is_err() {
+                stopped.insert(messages[i].key.as_str());
+            }
+            outcomes[i] = Some(result);
+        }
+        left = later;
     }
-    futures::future::join_all(acks.into_iter().map(|queued| async move {
-        let result = match queued? {
-            Ok(ack) => {
-                let result = ack.await;
-                // Its event goes to the outbox unless the failure is permanent: what is still
-                // queued must not land ahead of it, be it a later event of its key on another
-                // topic or another call's. librdkafka purges by itself only when a request
-                // failed (gapless guarantee); a retriable failure of one topic (it does not
-                // exist) leaves the other queues alone. As in the WAL relay. A permanent
-                // failure is never retried: nothing can overtake it.
-                if matches!(&result, Err(f) if f.class != ErrorClass::Permanent) {
-                    producer.purge_queued();
-                }
-                result
-            }
-            Err(failure) => {
-                // Refused: it never entered the queue, and the rest of its key is not queued
-                // after it; a retriable refusal (a topic known not to exist) purges nothing,
-                // a transient one (a full queue) purges as its failed delivery would.
-                if failure.class == ErrorClass::Transient {
-                    producer.purge_queued();
-                }
-                Err(failure)
-            }
-        };
-        Some(result)
-    }))
-    .await
+    outcomes
 }
 
 /// Permission to try Kafka from the circuit breaker. When it was the half-open probe it is
