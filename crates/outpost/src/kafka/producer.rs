@@ -248,13 +248,17 @@ pub struct Acked {
 /// alive until then (see [`KafkaProducer::reported`]).
 pub(crate) struct Queued {
     generation: u64,
+    /// The instance and the purges so far when it was queued (see [`Self::token`]).
+    token: u64,
     producer: Arc<AckProducer>,
 }
 
 impl Queued {
-    /// The generation of the instance it went to ([`KafkaProducer::generation`] then).
-    pub(crate) fn generation(&self) -> u64 {
-        self.generation
+    /// What to pass as `on` to queue a message only behind this one: refused once the
+    /// instance it went to was replaced or a purge ran since (see
+    /// [`KafkaProducer::enqueue_reported`]).
+    pub(crate) fn token(&self) -> u64 {
+        self.token
     }
 }
 
@@ -284,6 +288,8 @@ pub struct KafkaProducer {
     /// when nothing was queued since the previous one.
     queued: std::sync::atomic::AtomicU64,
     last_purge: std::sync::Mutex<Option<u64>>,
+    /// Purges so far; bumped under `current`'s write lock (see [`Self::queue_on`]).
+    purges: std::sync::atomic::AtomicU64,
     /// Replaced instances: each lives on while a message queued on it waits for its report,
     /// and [`Self::purge_queued`] must reach those messages too.
     retired: std::sync::Mutex<Vec<Weak<AckProducer>>>,
@@ -312,6 +318,7 @@ impl KafkaProducer {
             last_progress: std::sync::Mutex::new(std::time::Instant::now()),
             queued: std::sync::atomic::AtomicU64::new(0),
             last_purge: std::sync::Mutex::new(None),
+            purges: std::sync::atomic::AtomicU64::new(0),
             retired: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -381,24 +388,26 @@ impl KafkaProducer {
         else {
             return Ok(None);
         };
-        let generation = queued.generation;
+        let token = queued.token;
         let this = Arc::clone(self);
         let ack: PendingAck = Box::pin(async move {
             let landed = delivery.await.unwrap_or(Err(KafkaError::Canceled));
             this.reported(&queued, landed)
         });
-        Ok(Some((ack, generation)))
+        Ok(Some((ack, token)))
     }
 
     /// Queues one message like [`enqueue`](Self::enqueue), its delivery report going to
     /// `to()` instead of to a future of its own (for a caller with thousands in flight).
     /// Hand the report back to [`reported`](Self::reported) with what this returns.
     ///
-    /// `on`: queue it only with the instance of that generation (see [`Queued::generation`]),
-    /// else return `Ok(None)`, queueing nothing and calling no `to`: a caller whose earlier
-    /// messages of a key went to an instance since replaced holds the key's next ones until
-    /// those resolve. On two instances (two producer ids) the broker's sequence check no
-    /// longer orders them, and the new one's could land first.
+    /// `on`: the [`Queued::token`] of the key's messages still out, if any: queue it only if
+    /// their instance is still the current one and no purge ran since, else return
+    /// `Ok(None)`, queueing nothing and calling no `to`; the caller holds the key's next
+    /// messages until those resolve. On two instances (two producer ids) the broker's
+    /// sequence check no longer orders them, and the new one's could land first; after a
+    /// purge that failed an earlier message of the key (not known to the caller yet), this
+    /// one would land ahead of its retry.
     ///
     /// # Errors
     /// As [`enqueue`](Self::enqueue); nothing is reported to `to` then.
@@ -417,18 +426,20 @@ impl KafkaProducer {
         Ok(queued.map(|(queued, ())| queued))
     }
 
-    /// Queues one message through `queue` with the current producer instance, or only with
-    /// the instance of generation `on` if given (`None` when it was replaced): the instance
-    /// is held while queueing, so it cannot be replaced between the check and the queueing
-    /// (librdkafka queues without blocking). A refusal is classified (and a fenced producer
-    /// replaced) as a failed delivery would be.
+    /// Queues one message through `queue` with the current producer instance, only if the
+    /// token `on` (if given) is still current (`None` otherwise): the instance is held while
+    /// queueing, so it cannot be replaced, nor a purge run, between the check and the
+    /// queueing (librdkafka queues without blocking). A refusal is classified (and a fenced
+    /// producer replaced) as a failed delivery would be.
     fn queue_on<T>(
         &self,
         on: Option<u64>,
         queue: impl FnOnce(&AckProducer) -> std::result::Result<T, KafkaError>,
     ) -> std::result::Result<Option<(Queued, T)>, SendFailure> {
         let guard = self.current.read().unwrap_or_else(|p| p.into_inner());
-        if on.is_some_and(|on| on != guard.0) {
+        let purges = self.purges.load(std::sync::atomic::Ordering::Acquire);
+        let token = (guard.0 << 32) | (purges & 0xFFFF_FFFF);
+        if on.is_some_and(|on| on != token) {
             return Ok(None);
         }
         let (generation, producer) = (guard.0, Arc::clone(&guard.1));
@@ -441,6 +452,7 @@ impl KafkaProducer {
                 Ok(Some((
                     Queued {
                         generation,
+                        token,
                         producer,
                     },
                     waiting,
@@ -599,8 +611,13 @@ impl KafkaProducer {
             .iter()
             .filter_map(Weak::upgrade)
             .collect();
-        let (_, current) = self.snapshot();
-        for producer in retired.iter().chain([&current]) {
+        // Under the write lock: no message is queued between the bump and the purge, so
+        // one queued behind a key's earlier message either is purged with it or sees the
+        // bump and is held back (see `queue_on`).
+        let guard = self.current.write().unwrap_or_else(|p| p.into_inner());
+        self.purges
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        for producer in retired.iter().chain([&guard.1]) {
             producer.inner().purge(
                 rdkafka::producer::PurgeConfig::default()
                     .queue()
@@ -736,17 +753,42 @@ mod tests {
         let producer =
             Arc::new(KafkaProducer::new(ProducerConfig::new(cluster.bootstrap_servers())).unwrap());
         let send = |on| producer.enqueue_headers("on", "k", b"x", OwnedHeaders::new(), on);
-        let (_first, generation) = send(None).unwrap().expect("queued");
-        assert_eq!(generation, 0);
-        assert!(send(Some(0)).unwrap().is_some(), "same instance");
+        let (_first, token) = send(None).unwrap().expect("queued");
+        let (_, same) = send(Some(token)).unwrap().expect("same instance");
+        assert_eq!(same, token);
         producer.rebuild(
             0,
             &KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
         );
-        assert!(send(Some(0)).unwrap().is_none(), "replaced: not queued");
-        let (_, generation) = send(Some(1)).unwrap().expect("the new instance");
-        assert_eq!(generation, 1);
+        assert!(send(Some(token)).unwrap().is_none(), "replaced: not queued");
+        let (_, new_token) = send(None).unwrap().expect("the new instance");
+        assert!(send(Some(new_token)).unwrap().is_some());
         producer.purge_queued();
+    }
+
+    /// A message queued behind an earlier one of its key after a purge (which failed that
+    /// one, though its sender has not heard yet) is not queued: it would land ahead of the
+    /// earlier one's retry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_behind_a_purged_one_is_not_queued() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("behind", 1, 1).unwrap();
+        cluster.broker_down(-1).unwrap();
+        let producer =
+            Arc::new(KafkaProducer::new(ProducerConfig::new(cluster.bootstrap_servers())).unwrap());
+        let send = |on| producer.enqueue_headers("behind", "k", b"x", OwnedHeaders::new(), on);
+        let (first, token) = send(None).unwrap().expect("queued");
+        producer.purge_queued();
+        assert!(send(Some(token)).unwrap().is_none(), "held back");
+        let failed = tokio::time::timeout(Duration::from_secs(5), first)
+            .await
+            .expect("purged")
+            .unwrap_err();
+        assert!(failed.is_purged(), "{failed}");
+        // A key with nothing out goes on at once.
+        let (later, _) = send(None).unwrap().expect("queued");
+        producer.purge_queued();
+        drop(later);
     }
 
     #[test]

@@ -1179,8 +1179,8 @@ type RowSent<'a> = (&'a ClaimedEvent, std::result::Result<Acked, SendFailure>);
 /// Queues one key's `run` of rows (one topic) in order, all on one producer instance;
 /// returns the wait for each queued row's outcome, and whether rows were left unsent (a
 /// row refused before queueing, after which nothing more of the key may go, or the
-/// instance replaced meanwhile: a new producer id, which the broker does not order after
-/// the first).
+/// instance replaced meanwhile, a new producer id, which the broker does not order after
+/// the first; or a purge run meanwhile, which may have failed the first).
 fn queue_run<'a>(
     producer: &'a Arc<KafkaProducer>,
     run: &'a [ClaimedEvent],
@@ -1189,8 +1189,8 @@ fn queue_run<'a>(
     let mut on = None;
     for row in run {
         let ack = match crate::relay::sending::enqueue(producer, row, on) {
-            Ok(Some((ack, generation))) => {
-                on = Some(generation);
+            Ok(Some((ack, token))) => {
+                on = Some(token);
                 Ok(ack)
             }
             Ok(None) => return (sends, true),
@@ -1242,9 +1242,10 @@ async fn send_in_order(
     let mut left: Vec<usize> = (0..messages.len()).collect();
     while !left.is_empty() && Instant::now() < until {
         let mut run_topic: HashMap<&str, &str> = HashMap::new();
-        // The producer instance each key's run went to: the rest of the run goes to the same
-        // one or not at all (on a replacement, under a new producer id, the broker would not
-        // order them after the first ones); those fall back.
+        // The producer's token for each key's run: the rest of the run goes to the same
+        // instance with no purge since, or not at all (on a replacement, under a new producer
+        // id, the broker would not order them after the first ones; after a purge, they could
+        // land ahead of a purged one's retry); those fall back.
         let mut instance: HashMap<&str, u64> = HashMap::new();
         let mut later = Vec::new();
         let mut queued = Vec::new();
@@ -1262,8 +1263,8 @@ async fn send_in_order(
             }
             let on = instance.get(key).copied();
             match producer.enqueue_on(&m.topic, key, &m.payload, &m.headers, on) {
-                Ok(Some((ack, generation))) => {
-                    instance.insert(key, generation);
+                Ok(Some((ack, token))) => {
+                    instance.insert(key, token);
                     queued.push((i, Ok(ack)));
                 }
                 Ok(None) => {

@@ -19,8 +19,9 @@ pub(crate) struct KeyState {
     pub(crate) queued: VecDeque<ClaimedEvent>,
     /// Rows sent and not yet acked or failed.
     pub(crate) in_flight: usize,
-    /// The producer instance (generation) the latest row in flight went to: while rows are
-    /// in flight, more go to that instance only (see `Sender::pump`).
+    /// The producer's token for the latest row in flight (its instance and the purges so
+    /// far): while rows are in flight, more are queued only while it holds (see
+    /// `Sender::pump`).
     pub(crate) sent_on: u64,
     /// The topic of the rows in flight: while rows are in flight, more go to that topic only
     /// (see `Sender::pump`).

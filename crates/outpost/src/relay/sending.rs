@@ -139,9 +139,10 @@ impl Sender {
                 let on = (state.in_flight > 0).then_some(state.sent_on);
                 match enqueue_reported(self, &event, tag, on) {
                     // Rows of the key are still out on a producer instance since replaced (a
-                    // rebuild after another key's failure): the next wait for them, or they
-                    // could land ahead of those, which may yet fail. The key is looked at
-                    // again as their reports come in, not at every pass before.
+                    // rebuild after another key's failure), or a purge ran since they were
+                    // queued (it may have failed them, unknown here yet): the next wait for
+                    // them, or they could land ahead of those, which may yet fail. The key is
+                    // looked at again as their reports come in, not at every pass before.
                     Ok(None) => {
                         state.queued.push_front(event);
                         taken -= 1;
@@ -157,7 +158,7 @@ impl Sender {
                     }
                     Ok(Some(queued)) => {
                         tracing::trace!(target: "outpost::send", id = event.id, key = %event.event_key, "produced");
-                        state.sent_on = queued.generation();
+                        state.sent_on = queued.token();
                         if state.in_flight == 0 {
                             state.sent_to.clone_from(&event.topic);
                         }
@@ -354,7 +355,11 @@ mod tests {
         keys.queue("k").unwrap().in_flight = 0;
         sender.pump(&mut keys, &send, until);
         assert_eq!(in_flight(&mut keys), 2, "sent once the old rows resolved");
-        assert_eq!(keys.queue("k").unwrap().sent_on, 1);
+        assert_eq!(
+            keys.queue("k").unwrap().sent_on,
+            1 << 32,
+            "the new instance's token"
+        );
         producer.purge_queued();
     }
 
