@@ -404,13 +404,14 @@ impl FileService {
             .iter()
             .map(|(u, _)| u.file_upload_id.as_str())
             .collect();
-        // Only files still `added`: one the teacher withdrew meanwhile stays removed, and
-        // announces nothing (its removal was announced; content for it would fill a slot).
+        // Not a file the teacher withdrew meanwhile: it stays removed and announces nothing
+        // (its removal was announced; content for it would fill a slot). A file processed
+        // before is processed again (a retry after a failed announcement announces it).
         let processed: HashSet<String> = sqlx::query_scalar(
             "UPDATE uploads u SET state = t.state, text_storage_id = t.text, \
              validation_error_code = t.code, updated_at = clock_timestamp() \
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS t (id, state, text, code) \
-             WHERE u.file_upload_id = t.id AND u.state = 'added' \
+             WHERE u.file_upload_id = t.id AND u.state <> 'removed' \
              RETURNING u.file_upload_id",
         )
         .bind(&ids)

@@ -1470,7 +1470,9 @@ impl OutboxTx {
     /// but when the connection broke while the server was committing (an I/O error after
     /// `COMMIT` was sent), the transaction may have committed, and its events are then
     /// delivered by the relay. A caller that retries after such an error should reuse the
-    /// same `event_id`s: staging is idempotent on them, so a retry never adds a duplicate.
+    /// same `event_id`s: staging is idempotent on them, so a retry never adds a duplicate
+    /// (while the first one's row is kept: with `retention` 0 a published row is gone at
+    /// once, and the retry is staged anew).
     pub async fn commit(self) -> Result<Dispatch> {
         let (publisher, staged, leased) = self.commit_only().await?;
         Ok(publisher.after_commit_with(staged, leased).await)
