@@ -413,6 +413,25 @@ fn dlq_reasons(dead_letters: &[OwnedMessage]) -> Vec<(Option<String>, String)> {
         .collect()
 }
 
+/// Each of `parked` failed once and was dead-lettered at once, in this order, with a
+/// reason that says why.
+fn assert_dead_lettered_at_once(
+    log: &Log,
+    dead_letters: &[OwnedMessage],
+    parked: [(&OutboxEvent, &str); 2],
+) {
+    let reasons = dlq_reasons(dead_letters);
+    for (i, (ev, why)) in parked.into_iter().enumerate() {
+        assert_eq!(
+            results(log, ev.event_id),
+            [Err(ErrorCode::Handler)],
+            "dead-lettered at once"
+        );
+        assert_eq!(reasons[i].0, Some(ev.event_id.to_string()));
+        assert!(reasons[i].1.contains(why), "{reasons:?}");
+    }
+}
+
 async fn read_topic(topic: &str, n: usize) -> Vec<OwnedMessage> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", support::brokers())
@@ -830,20 +849,16 @@ async fn database_errors_are_retried_in_place_unless_the_data_or_statement_is_at
         ],
         "a statement timeout is retried in place"
     );
-    for ev in [&duplicate, &bad_data] {
-        assert_eq!(
-            results(&log, ev.event_id),
-            [Err(ErrorCode::Handler)],
-            "dead-lettered at once"
-        );
-    }
+    assert_dead_lettered_at_once(
+        &log,
+        &dead_letters,
+        [
+            (&duplicate, "duplicate key"),
+            (&bad_data, "division by zero"),
+        ],
+    );
     let done: Vec<Uuid> = effects.all().await.into_iter().map(|e| e.0).collect();
     assert_eq!(done, [slow.event_id, last.event_id], "in key order");
-    let reasons = dlq_reasons(&dead_letters);
-    assert_eq!(reasons[0].0, Some(duplicate.event_id.to_string()));
-    assert!(reasons[0].1.contains("duplicate key"), "{reasons:?}");
-    assert_eq!(reasons[1].0, Some(bad_data.event_id.to_string()));
-    assert!(reasons[1].1.contains("division by zero"), "{reasons:?}");
 }
 
 #[tokio::test]
@@ -874,20 +889,13 @@ async fn database_errors_raised_by_database_code_are_dead_lettered_not_retried_f
     let dead_letters = read_topic(&dead, 2).await;
     running.stop().await;
 
-    for ev in [&raised, &two_rows] {
-        assert_eq!(
-            results(&log, ev.event_id),
-            [Err(ErrorCode::Handler)],
-            "dead-lettered at once"
-        );
-    }
+    assert_dead_lettered_at_once(
+        &log,
+        &dead_letters,
+        [(&raised, "unknown essay"), (&two_rows, "more than one row")],
+    );
     let done: Vec<Uuid> = effects.all().await.into_iter().map(|e| e.0).collect();
     assert_eq!(done, [last.event_id]);
-    let reasons = dlq_reasons(&dead_letters);
-    assert_eq!(reasons[0].0, Some(raised.event_id.to_string()));
-    assert!(reasons[0].1.contains("unknown essay"), "{reasons:?}");
-    assert_eq!(reasons[1].0, Some(two_rows.event_id.to_string()));
-    assert!(reasons[1].1.contains("more than one row"), "{reasons:?}");
 }
 
 #[tokio::test]

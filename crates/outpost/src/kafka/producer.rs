@@ -247,13 +247,18 @@ pub struct Acked {
 /// A message queued and waiting for its report: the producer instance it went to stays
 /// alive until then (see [`KafkaProducer::reported`]).
 pub(crate) struct Queued {
-    generation: u64,
-    /// The instance and the purges so far when it was queued (see [`Self::token`]).
+    /// The instance's generation and the purges so far when it was queued (see
+    /// [`Self::token`]).
     token: u64,
     producer: Arc<AckProducer>,
 }
 
 impl Queued {
+    /// The generation of the instance it went to ([`KafkaProducer::generation`] then).
+    fn generation(&self) -> u64 {
+        self.token >> 32
+    }
+
     /// What to pass as `on` to queue a message only behind this one: refused once the
     /// instance it went to was replaced or a purge ran since (see
     /// [`KafkaProducer::enqueue_reported`]).
@@ -358,8 +363,8 @@ impl KafkaProducer {
         Ok(ack)
     }
 
-    /// [`enqueue`](Self::enqueue), with the generation of the instance it went to; `on` as
-    /// in [`enqueue_reported`](Self::enqueue_reported).
+    /// [`enqueue`](Self::enqueue), with the message's [`Queued::token`]; `on` as in
+    /// [`enqueue_reported`](Self::enqueue_reported).
     pub(crate) fn enqueue_on(
         self: &Arc<Self>,
         topic: &str,
@@ -371,9 +376,8 @@ impl KafkaProducer {
         self.enqueue_headers(topic, key, payload, kafka_headers(headers), on)
     }
 
-    /// [`enqueue`](Self::enqueue) with the Kafka headers already built, with the
-    /// generation of the instance it went to; `on` as in
-    /// [`enqueue_reported`](Self::enqueue_reported).
+    /// [`enqueue`](Self::enqueue) with the Kafka headers already built, with the message's
+    /// [`Queued::token`]; `on` as in [`enqueue_reported`](Self::enqueue_reported).
     pub(crate) fn enqueue_headers(
         self: &Arc<Self>,
         topic: &str,
@@ -449,14 +453,7 @@ impl KafkaProducer {
             Ok(waiting) => {
                 self.queued
                     .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                Ok(Some((
-                    Queued {
-                        generation,
-                        token,
-                        producer,
-                    },
-                    waiting,
-                )))
+                Ok(Some((Queued { token, producer }, waiting)))
             }
             Err(error) => Err(self.outcome(generation, &producer, Err(error)).unwrap_err()),
         }
@@ -473,7 +470,7 @@ impl KafkaProducer {
         landed: std::result::Result<(i32, i64), KafkaError>,
     ) -> std::result::Result<Acked, SendFailure> {
         let result = landed.map(|(partition, offset)| Acked { partition, offset });
-        self.outcome(queued.generation, &queued.producer, result)
+        self.outcome(queued.generation(), &queued.producer, result)
     }
 
     /// Records progress or replaces a fenced/stuck producer, and classifies the failure.
@@ -683,8 +680,26 @@ pub async fn create_topic(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A mock cluster with `topics` (one partition each) whose broker is down, and a
+    /// producer on it: nothing queued leaves, every report comes from the test.
+    pub(crate) fn stalled(
+        topics: &[&str],
+    ) -> (
+        rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        Arc<KafkaProducer>,
+    ) {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        for topic in topics {
+            cluster.create_topic(topic, 1, 1).unwrap();
+        }
+        cluster.broker_down(-1).unwrap();
+        let producer =
+            Arc::new(KafkaProducer::new(ProducerConfig::new(cluster.bootstrap_servers())).unwrap());
+        (cluster, producer)
+    }
 
     #[test]
     fn broker_lists() {
@@ -710,12 +725,8 @@ mod tests {
     /// ahead of the failed one's retry.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn purging_reaches_replaced_instances() {
-        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-        cluster.create_topic("purge", 1, 1).unwrap();
         // Nothing queued can leave before the purge.
-        cluster.broker_down(-1).unwrap();
-        let producer =
-            Arc::new(KafkaProducer::new(ProducerConfig::new(cluster.bootstrap_servers())).unwrap());
+        let (_cluster, producer) = stalled(&["purge"]);
         let acks: Vec<PendingAck> = (0..2)
             .map(|i| {
                 let payload = format!("{i}");
@@ -747,11 +758,7 @@ mod tests {
     /// would go out under another producer id, unordered with the first ones).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_message_for_a_replaced_instance_is_not_queued() {
-        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-        cluster.create_topic("on", 1, 1).unwrap();
-        cluster.broker_down(-1).unwrap();
-        let producer =
-            Arc::new(KafkaProducer::new(ProducerConfig::new(cluster.bootstrap_servers())).unwrap());
+        let (_cluster, producer) = stalled(&["on"]);
         let send = |on| producer.enqueue_headers("on", "k", b"x", OwnedHeaders::new(), on);
         let (_first, token) = send(None).unwrap().expect("queued");
         let (_, same) = send(Some(token)).unwrap().expect("same instance");
@@ -771,11 +778,7 @@ mod tests {
     /// earlier one's retry.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_message_behind_a_purged_one_is_not_queued() {
-        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-        cluster.create_topic("behind", 1, 1).unwrap();
-        cluster.broker_down(-1).unwrap();
-        let producer =
-            Arc::new(KafkaProducer::new(ProducerConfig::new(cluster.bootstrap_servers())).unwrap());
+        let (_cluster, producer) = stalled(&["behind"]);
         let send = |on| producer.enqueue_headers("behind", "k", b"x", OwnedHeaders::new(), on);
         let (first, token) = send(None).unwrap().expect("queued");
         producer.purge_queued();

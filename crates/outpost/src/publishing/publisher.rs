@@ -1246,7 +1246,7 @@ async fn send_in_order(
         // instance with no purge since, or not at all (on a replacement, under a new producer
         // id, the broker would not order them after the first ones; after a purge, they could
         // land ahead of a purged one's retry); those fall back.
-        let mut instance: HashMap<&str, u64> = HashMap::new();
+        let mut tokens: HashMap<&str, u64> = HashMap::new();
         let mut later = Vec::new();
         let mut queued = Vec::new();
         for i in left {
@@ -1261,10 +1261,10 @@ async fn send_in_order(
                 later.push(i);
                 continue;
             }
-            let on = instance.get(key).copied();
+            let on = tokens.get(key).copied();
             match producer.enqueue_on(&m.topic, key, &m.payload, &m.headers, on) {
                 Ok(Some((ack, token))) => {
-                    instance.insert(key, token);
+                    tokens.insert(key, token);
                     queued.push((i, Ok(ack)));
                 }
                 Ok(None) => {

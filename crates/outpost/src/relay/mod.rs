@@ -962,27 +962,19 @@ mod tests {
         assert!(e.to_string().contains("invalid setting lease"));
         c = RelayConfig::new("bad name", Environment::Testing);
         assert!(c.validate(Duration::from_secs(1)).is_err());
-        c = RelayConfig::new("els", Environment::Testing);
-        c.batch_size = 0;
-        assert!(c
-            .validate(Duration::from_secs(1))
-            .unwrap_err()
-            .to_string()
-            .contains("batch_size"));
-        // Zero would have retention delete empty batches for ever, and the relay never stop.
-        c = RelayConfig::new("els", Environment::Testing);
-        c.cleanup_batch = 0;
-        assert!(c
-            .validate(Duration::from_secs(1))
-            .unwrap_err()
-            .to_string()
-            .contains("cleanup_batch"));
-        c = RelayConfig::new("els", Environment::Testing);
-        c.cleanup_interval = Duration::ZERO;
-        assert!(c
-            .validate(Duration::from_secs(1))
-            .unwrap_err()
-            .to_string()
-            .contains("cleanup_interval"));
+        // Zero cleanup_batch would have retention delete empty batches for ever, and the
+        // relay never stop.
+        type Zero = fn(&mut RelayConfig);
+        let zeroed: [(&str, Zero); 3] = [
+            ("batch_size", |c| c.batch_size = 0),
+            ("cleanup_batch", |c| c.cleanup_batch = 0),
+            ("cleanup_interval", |c| c.cleanup_interval = Duration::ZERO),
+        ];
+        for (field, zero) in zeroed {
+            c = RelayConfig::new("els", Environment::Testing);
+            zero(&mut c);
+            let e = c.validate(Duration::from_secs(1)).unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
     }
 }

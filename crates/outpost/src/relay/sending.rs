@@ -113,7 +113,8 @@ impl Sender {
                 continue;
             };
             let mut blocked = false;
-            // Held back behind rows on a replaced producer instance (see below).
+            // Held back behind its rows in flight: for another topic, or on a producer
+            // instance since replaced or purged (see below). Their reports bring it back.
             let mut held = false;
             let mut taken = 0;
             while state.in_flight < self.per_key && state.failure.is_none() {
@@ -305,7 +306,7 @@ fn is_queue_full(failure: &SendFailure) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kafka::producer::ProducerConfig;
+    use crate::kafka::producer::tests::stalled;
     use crate::outbox::store::ClaimedKey;
     use crate::relay::claiming::tests::row;
     use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -315,12 +316,7 @@ mod tests {
     /// keep them in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_key_sends_nothing_on_a_new_producer_while_rows_of_it_are_out_on_the_old_one() {
-        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-        cluster.create_topic("t", 1, 1).unwrap();
-        // Nothing leaves: every report comes from the test.
-        cluster.broker_down(-1).unwrap();
-        let producer =
-            Arc::new(KafkaProducer::new(ProducerConfig::new(cluster.bootstrap_servers())).unwrap());
+        let (_cluster, producer) = stalled(&["t"]);
         let mut sender = Sender::new(Arc::clone(&producer), 100, 1 << 20, 2);
         let mut keys = Keys::default();
         let rows = (1..=4).map(row).collect();
@@ -368,13 +364,7 @@ mod tests {
     /// land first.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_key_has_rows_in_flight_for_one_topic_at_a_time() {
-        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-        cluster.create_topic("t", 1, 1).unwrap();
-        cluster.create_topic("u", 1, 1).unwrap();
-        // Nothing leaves: every report comes from the test.
-        cluster.broker_down(-1).unwrap();
-        let producer =
-            Arc::new(KafkaProducer::new(ProducerConfig::new(cluster.bootstrap_servers())).unwrap());
+        let (_cluster, producer) = stalled(&["t", "u"]);
         let mut sender = Sender::new(Arc::clone(&producer), 100, 1 << 20, 10);
         let mut keys = Keys::default();
         let topics = ["t", "t", "u", "u", "t"];
