@@ -5,7 +5,8 @@
 //! SQL alone; refused events go to the dead letters and can be requeued, NUL characters and
 //! an exhausted attempt budget included (the budget and a failed session's leftovers in
 //! librdkafka on its in-process mock broker); the leader's lock connection has short TCP
-//! keepalives, and a leader whose lock connection stops answering leaves its session;
+//! keepalives, and a leader whose lock connection stops answering leaves its session; a
+//! standby whose connection hangs, and a leader whose stream never starts, connect again;
 //! `doctor` fails a physical slot of the stream's name.
 
 mod support;
@@ -59,10 +60,19 @@ impl WalDb {
     /// A fresh topic on the shared broker, a collector reading it, and a relay of the stream
     /// (patient producer, default settings) running.
     async fn streaming(&self, partitions: i32) -> (String, Collector, WalRelay, Running) {
+        self.streaming_with(partitions, |_| {}).await
+    }
+
+    /// [`Self::streaming`] with the relay's settings tuned.
+    async fn streaming_with(
+        &self,
+        partitions: i32,
+        tune: impl FnOnce(&mut WalRelayConfig),
+    ) -> (String, Collector, WalRelay, Running) {
         let brokers = support::brokers();
         let topic = support::topic(partitions).await;
         let collector = Collector::start(&brokers, &topic, partitions);
-        let relay = self.relay(support::patient_producer(&brokers), |_| {});
+        let relay = self.relay(support::patient_producer(&brokers), tune);
         let running = spawn(&relay);
         (topic, collector, relay, running)
     }
@@ -161,6 +171,26 @@ async fn emit_committed(
         all.extend(batch);
     }
     all
+}
+
+/// Events emitted now reach `topic` complete and in order while `running` relays; then it
+/// stops and the slot goes.
+async fn streams_in_order(db: &WalDb, topic: &str, collector: &Collector, running: Running) {
+    let all = emit_committed(db, topic, 2, (0, 6), 2).await;
+    let consumed = collector
+        .wait_for(&ids(&all), Duration::from_secs(30))
+        .await;
+    running.stop().await;
+    assert_complete_and_ordered(&consumed, &all);
+    db.drop_slot().await;
+}
+
+/// Waits until `relay` leads its stream.
+async fn leads(relay: &WalRelay) {
+    support::eventually(Duration::from_secs(20), "the relay leads", || async {
+        relay.progress().leader.then_some(())
+    })
+    .await;
 }
 
 fn ids(events: &[OutboxEvent]) -> Vec<Uuid> {
@@ -295,10 +325,7 @@ async fn a_second_relay_waits_and_takes_over_when_the_leader_dies() {
     let first = db.relay(support::patient_producer(&brokers), |_| {});
     let second = db.relay(support::patient_producer(&brokers), |_| {});
     let a = spawn(&first);
-    support::eventually(Duration::from_secs(20), "the first relay leads", || async {
-        first.progress().leader.then_some(())
-    })
-    .await;
+    leads(&first).await;
     let b = spawn(&second);
     let early = emit_committed(&db, &topic, 4, (0, 200), 3).await;
     collector
@@ -917,10 +944,7 @@ async fn the_leader_lock_connection_has_short_tcp_keepalives() {
     let db = WalDb::start(&[]).await;
     let relay = db.relay(support::patient_producer(&support::brokers()), |_| {});
     let running = spawn(&relay);
-    support::eventually(Duration::from_secs(20), "the relay leads", || async {
-        relay.progress().leader.then_some(())
-    })
-    .await;
+    leads(&relay).await;
     let (server_port, client_port): (i32, i32) = sqlx::query_as(
         "SELECT inet_server_port(), a.client_port FROM pg_locks l \
          JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND l.granted",
@@ -953,10 +977,7 @@ async fn the_leader_lock_connection_has_short_tcp_keepalives() {
 async fn a_leader_whose_lock_connection_stops_answering_leaves_its_session() {
     let db = WalDb::start(&[]).await;
     let (topic, collector, relay, running) = db.streaming(1).await;
-    support::eventually(Duration::from_secs(20), "the relay leads", || async {
-        relay.progress().leader.then_some(())
-    })
-    .await;
+    leads(&relay).await;
     let mut all = emit_committed(&db, &topic, 1, (0, 3), 1).await;
     collector
         .wait_for(&ids(&all), Duration::from_secs(30))
@@ -989,4 +1010,178 @@ async fn a_leader_whose_lock_connection_stops_answering_leaves_its_session() {
     running.stop().await;
     assert_complete_and_ordered(&consumed, &all);
     db.drop_slot().await;
+}
+
+/// A TCP proxy to a PostgreSQL on 127.0.0.1 whose connections can be cut off without being
+/// closed, as a partition that drops packets cuts them: a frozen connection forwards nothing
+/// more, either way, and stays open. While new connections are held, those accepted are
+/// frozen from the start (a server that accepts and never answers).
+struct Partition {
+    port: u16,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// Local ports of the proxy's connections to the server (`client_port` there).
+    upstream_ports: Arc<std::sync::Mutex<Vec<i32>>>,
+    freezes: tokio::sync::watch::Sender<u64>,
+    hold_new: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Partition {
+    async fn start(target_port: u16) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (freezes, _) = tokio::sync::watch::channel(0u64);
+        let proxy = Self {
+            port,
+            accepted: Arc::default(),
+            upstream_ports: Arc::default(),
+            freezes,
+            hold_new: Arc::default(),
+        };
+        let (accepted, ports, hold_new) = (
+            Arc::clone(&proxy.accepted),
+            Arc::clone(&proxy.upstream_ports),
+            Arc::clone(&proxy.hold_new),
+        );
+        let freezes = proxy.freezes.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                accepted.fetch_add(1, SeqCst);
+                let held = hold_new.load(SeqCst);
+                let mut frozen = freezes.subscribe();
+                let ports = Arc::clone(&ports);
+                tokio::spawn(async move {
+                    if held {
+                        return std::future::pending::<()>().await;
+                    }
+                    let mut server = tokio::net::TcpStream::connect(("127.0.0.1", target_port))
+                        .await
+                        .unwrap();
+                    let local = server.local_addr().unwrap().port();
+                    ports.lock().unwrap().push(i32::from(local));
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+                        _ = frozen.changed() => {}
+                    }
+                    // Both sockets stay open and silent.
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        proxy
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn upstream_ports(&self) -> Vec<i32> {
+        self.upstream_ports.lock().unwrap().clone()
+    }
+
+    /// Cuts off every connection open now.
+    fn freeze(&self) {
+        self.freezes.send_modify(|n| *n += 1);
+    }
+
+    /// Whether connections accepted from now on are cut off from the start.
+    fn hold_new(&self, hold: bool) {
+        self.hold_new
+            .store(hold, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A standby relay reaching the database through `proxy` (lock, slot health and stream).
+fn standby_through(db: &WalDb, proxy: &Partition) -> WalRelay {
+    let mut cfg = WalRelayConfig::new(
+        db.stream.name(),
+        db.stream.clone(),
+        proxy.url(),
+        Environment::Testing,
+    );
+    cfg.reconnect_backoff = Duration::from_millis(200);
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_lazy(&proxy.url())
+        .unwrap();
+    WalRelay::new(cfg, pool, support::patient_producer(&support::brokers())).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_whose_connection_stops_answering_connects_again_and_takes_over() {
+    let db = WalDb::start(&[]).await;
+    let (topic, collector, leader, running) = db.streaming(1).await;
+    leads(&leader).await;
+    let proxy = Partition::start(db.pg.port()).await;
+    let standby = standby_through(&db, &proxy);
+    let standing_by = spawn(&standby);
+    support::eventually(
+        Duration::from_secs(20),
+        "the standby polls for the lead",
+        || async {
+            let polling: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE client_port = ANY($1) \
+                 AND query LIKE '%pg_try_advisory_lock%'",
+            )
+            .bind(proxy.upstream_ports())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            (polling > 0).then_some(())
+        },
+    )
+    .await;
+    let before = proxy.accepted();
+    // Its connection goes silent, and so does the server for new ones: then the leader goes.
+    proxy.hold_new(true);
+    proxy.freeze();
+    running.stop().await;
+    // Given up on after 10 s, without an answer: it connects again, and that connect hangs.
+    support::eventually(
+        Duration::from_secs(40),
+        "the standby connects again",
+        || async { (proxy.accepted() > before).then_some(()) },
+    )
+    .await;
+    proxy.hold_new(false);
+    // The hung connect is given up on too; the next one gets through.
+    support::eventually(Duration::from_secs(40), "the standby leads", || async {
+        standby.progress().leader.then_some(())
+    })
+    .await;
+    streams_in_order(&db, &topic, &collector, standing_by).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_replication_connection_never_starts_gives_the_lead_up_and_tries_again() {
+    let db = WalDb::start(&[]).await;
+    // The lock through the database itself, the stream through a server that never answers.
+    let proxy = Partition::start(db.pg.port()).await;
+    proxy.hold_new(true);
+    let (topic, collector, relay, running) = db
+        .streaming_with(1, |cfg| cfg.database_url = proxy.url())
+        .await;
+    support::eventually(Duration::from_secs(20), "the relay leads", || async {
+        (relay.progress().leader && proxy.accepted() == 1).then_some(())
+    })
+    .await;
+    // Given up on after 20 s: the lock goes back (another relay could take the lead) and
+    // it tries again.
+    support::eventually(
+        Duration::from_secs(60),
+        "the relay gives the lead up and opens the stream again",
+        || async { (proxy.accepted() >= 2).then_some(()) },
+    )
+    .await;
+    assert_eq!(relay.progress().sessions, 0, "no session started");
+    proxy.hold_new(false);
+    support::eventually(Duration::from_secs(60), "a session starts", || async {
+        (relay.progress().sessions >= 1).then_some(())
+    })
+    .await;
+    streams_in_order(&db, &topic, &collector, running).await;
 }

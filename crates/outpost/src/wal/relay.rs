@@ -11,7 +11,10 @@
 //!   lock connection's short TCP keepalives make the server notice a leader host that
 //!   vanished without closing it within half a minute, not the OS default two hours; the
 //!   leader, in turn, leaves its session when that connection's periodic health check goes
-//!   unanswered for 10 s (a hung server or network).
+//!   unanswered for 10 s (a hung server or network). A standby gives up a connection that
+//!   stops answering its lock polls (or its connect) after 10 s and connects again, and a
+//!   leader whose replication connection has not started streaming after 20 s gives the lock
+//!   back and tries again: no hung connection keeps the stream without a leader.
 //! - **At least once.** A restart resumes at the slot's confirmed LSN: whatever followed the
 //!   last acknowledgement may be produced again, with the same `event_id` header.
 //! - **Failures.** A failed send purges librdkafka's queue (every later message fails too,
@@ -176,6 +179,28 @@ impl WalRelayConfig {
 /// leader cut off leaves its session within 15 s.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest a session waits for its replication connection to start streaming. The leader
+/// holds the lock meanwhile, so a server that accepts the connection and never answers would
+/// otherwise stall the stream for good, with every standby kept out.
+const STREAM_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `call`'s answer within [`HEALTH_TIMEOUT`]: past it the connection counts as failed (a hung
+/// server or network), like any other failure of `what`.
+async fn answered<T>(what: &'static str, call: impl Future<Output = sqlx::Result<T>>) -> Result<T> {
+    tokio::time::timeout(HEALTH_TIMEOUT, call)
+        .await
+        .map_err(|_| {
+            Error::storage(
+                what,
+                sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the database did not answer within {HEALTH_TIMEOUT:?}"),
+                )),
+            )
+        })?
+        .map_err(|e| Error::storage(what, e))
+}
+
 #[derive(Debug, Default)]
 struct Shared {
     /// Woken at each delivery.
@@ -327,32 +352,35 @@ impl WalRelay {
     }
 
     /// Connects and takes the stream's leader lock, retrying every `leader_poll` while
-    /// another relay holds it.
+    /// another relay holds it. Each step is given up on after [`HEALTH_TIMEOUT`]: a standby
+    /// stuck on a connection that stopped answering (a server that accepts and hangs, a
+    /// partition that drops packets) would never take over; `run` connects again instead.
     async fn lead(&self) -> Result<PgConnection> {
         let options = self.pool.connect_options();
-        let mut conn = PgConnection::connect_with(&options)
-            .await
-            .map_err(|e| Error::storage("wal_lead", e))?;
+        let mut conn = answered("wal_lead", PgConnection::connect_with(&options)).await?;
         // The lock lives as long as the server's backend of this idle connection. A leader
         // host that vanishes (power loss, a partition) sends no FIN, and with the OS's
         // keepalive defaults the server would hold the lock, and keep every standby out,
         // for over two hours; these end the backend after about 25 s of silence.
-        sqlx::query(
-            "SELECT set_config('tcp_keepalives_idle', '10', false), \
-                    set_config('tcp_keepalives_interval', '5', false), \
-                    set_config('tcp_keepalives_count', '3', false), \
-                    set_config('tcp_user_timeout', '25000', false)",
+        answered(
+            "wal_lead",
+            sqlx::query(
+                "SELECT set_config('tcp_keepalives_idle', '10', false), \
+                        set_config('tcp_keepalives_interval', '5', false), \
+                        set_config('tcp_keepalives_count', '3', false), \
+                        set_config('tcp_user_timeout', '25000', false)",
+            )
+            .execute(&mut conn),
         )
-        .execute(&mut conn)
-        .await
-        .map_err(|e| Error::storage("wal_lead", e))?;
+        .await?;
         loop {
-            let got: bool =
+            let got: bool = answered(
+                "wal_lead",
                 sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
                     .bind(self.config.stream.leader_lock())
-                    .fetch_one(&mut conn)
-                    .await
-                    .map_err(|e| Error::storage("wal_lead", e))?;
+                    .fetch_one(&mut conn),
+            )
+            .await?;
             if got {
                 return Ok(conn);
             }
@@ -385,12 +413,18 @@ impl WalRelay {
             slot: cfg.stream.slot(),
             source: Box::new(e),
         };
+        let start = async {
+            let mut c = ReplicationClient::connect(repl).await?;
+            c.wait_started().await?;
+            Ok::<_, pgwire_replication::PgWireError>(c)
+        };
         let mut client = tokio::select! {
-            c = async {
-                let mut c = ReplicationClient::connect(repl).await?;
-                c.wait_started().await?;
-                Ok::<_, pgwire_replication::PgWireError>(c)
-            } => c.map_err(stream_err)?,
+            c = tokio::time::timeout(STREAM_START_TIMEOUT, start) => c
+                .map_err(|_| stream_err(pgwire_replication::PgWireError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the replication connection did not start within {STREAM_START_TIMEOUT:?}"),
+                ).into())))?
+                .map_err(stream_err)?,
             () = &mut *shutdown => return Ok(()),
         };
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
@@ -513,14 +547,8 @@ impl WalRelay {
                              FROM pg_replication_slots WHERE slot_name = $1")
                             .bind(cfg.stream.slot())
                             .fetch_optional(&mut *lock);
-                        let retained: Option<i64> = tokio::time::timeout(HEALTH_TIMEOUT, check)
-                            .await
-                            .map_err(|_| Error::storage("wal_health", sqlx::Error::Io(std::io::Error::new(
-                                std::io::ErrorKind::TimedOut,
-                                format!("the leader lock connection did not answer within {HEALTH_TIMEOUT:?}"),
-                            ))))?
-                            .map_err(|e| Error::storage("wal_health", e))?
-                            .flatten();
+                        let retained: Option<i64> =
+                            answered("wal_health", check).await?.flatten();
                         crate::metrics::wal_retained(&service, retained.unwrap_or(0));
                         crate::metrics::wal_lsns(&service, self.shared.received.load(Ordering::Relaxed), *delivered_lsn);
                     }
