@@ -183,13 +183,18 @@ async fn concurrent_claims_never_overlap_and_drained_keys_are_deleted() {
     let store = support::store().await;
     support::stage_committed(&store, "t", 50, 400).await;
     let mut tasks = Vec::new();
-    for _ in 0..4 {
+    for task in 0..4 {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             let owner = Uuid::new_v4();
             let mut mine = Vec::new();
             loop {
-                let got = store.claim(owner, 5, 3, LEASE).await.unwrap();
+                // From both ends of the due order, as a relay's two claims at once do.
+                let got = if task % 2 == 0 {
+                    store.claim(owner, 5, 3, LEASE).await.unwrap()
+                } else {
+                    store.claim_newest(owner, 5, 3, LEASE).await.unwrap()
+                };
                 if got.is_empty() {
                     break;
                 }
@@ -207,6 +212,34 @@ async fn concurrent_claims_never_overlap_and_drained_keys_are_deleted() {
     assert_eq!(all.len(), 400, "every row claimed");
     assert_eq!(unique.len(), 400, "no row claimed twice");
     assert_eq!(key_rows(&store).await, 0, "drained keys leave no key row");
+}
+
+#[tokio::test]
+async fn claims_from_the_two_ends_of_the_due_order_take_the_oldest_and_the_newest_keys() {
+    let store = support::store().await;
+    // One key per transaction: each key row is due from its own commit on.
+    support::stage_committed(&store, "t", 6, 6).await;
+    let keys = |claimed: Vec<ClaimedKey>| {
+        let mut keys: Vec<String> = claimed.into_iter().map(|k| k.key).collect();
+        keys.sort();
+        keys
+    };
+    let newest = store
+        .claim_newest(Uuid::new_v4(), 2, 1, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(keys(newest), ["k4", "k5"]);
+    let oldest = store.claim(Uuid::new_v4(), 2, 1, LEASE).await.unwrap();
+    assert_eq!(keys(oldest), ["k0", "k1"]);
+    let rest = store
+        .claim_newest(Uuid::new_v4(), 6, 1, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(
+        keys(rest),
+        ["k2", "k3"],
+        "leased keys are not claimed again"
+    );
 }
 
 #[tokio::test]

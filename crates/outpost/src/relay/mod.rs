@@ -213,7 +213,8 @@ impl RelayConfig {
 
 /// Claims running at once while the keys claimed have a row each: a claim is two statements
 /// back to back, and with one at a time a 100,000-key drain kept the machine 78 % busy, with
-/// two 85-88 % (`scripts/drain-profile.sh`).
+/// two 85-88 % (`scripts/drain-profile.sh`). The second leases from the other end of the
+/// due order (see [`OutboxStore::claim_newest`]).
 const MAX_CLAIMS: usize = 2;
 
 /// Fewest rows of a key read by one statement when the room allows it.
@@ -469,8 +470,20 @@ impl<'r> Engine<'r> {
         let hint = self.relay.wake.take_hint();
         let store = self.relay.store.clone();
         let (owner, lease) = (self.relay.owner, c.lease);
+        // Beside a claim from the head of the due order, one from its other end (see
+        // `OutboxStore::claim_newest`); a claim on its own starts from the head, so the
+        // longest-waiting keys are always reached.
+        let newest = self.claiming.iter().any(|running| !running.newest);
         self.claiming.push(Claiming {
-            result: async move { store.claim(owner, want, per_key, lease).await }.boxed(),
+            result: async move {
+                if newest {
+                    store.claim_newest(owner, want, per_key, lease).await
+                } else {
+                    store.claim(owner, want, per_key, lease).await
+                }
+            }
+            .boxed(),
+            newest,
             started: Instant::now(),
             want,
             per_key,
@@ -914,6 +927,8 @@ impl<'r> Engine<'r> {
 /// loop waiting on claims for about 60 % of the drain, with nothing sent meanwhile.
 struct Claiming {
     result: BoxFuture<'static, Result<Vec<ClaimedKey>>>,
+    /// Leasing the most recently due keys first (see [`Engine::start_claim`]).
+    newest: bool,
     /// Taken before the statement was sent: its leases run from later on.
     started: Instant,
     /// Keys asked for, each with up to `per_key` rows: until it is back, `want × per_key`
