@@ -137,8 +137,8 @@ pub struct ConsumerConfig {
     /// Partitions handled at once (default 8); each partition's messages are still handled
     /// one at a time, in order.
     pub concurrent_partitions: usize,
-    /// Messages received and waiting per partition before its fetching is paused (default
-    /// 500).
+    /// Messages of one partition held in memory (waiting, or in its worker's hands) before
+    /// its fetching is paused; it resumes once half of them were handled (default 500).
     pub partition_buffer: usize,
     /// Most messages of one partition settled together, when the [`Process`] can (default
     /// 1: one at a time). With more, the messages already waiting in a partition go to
@@ -560,7 +560,7 @@ impl<P: Process> Consumer<P> {
                     parts.revoke(self.consumer.context().take());
                 }
                 Some((key, generation, ended)) = running.next() => {
-                    if let Some(delay) = parts.ended(&key, generation, ended) {
+                    if let Some(delay) = parts.ended(&key, generation, ended, &*self.consumer) {
                         backoffs.push(async move {
                             tokio::time::sleep(delay).await;
                             (key, generation)

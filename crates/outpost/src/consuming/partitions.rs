@@ -2,8 +2,10 @@
 //!
 //! Each assigned partition's messages wait in a queue of their own and are handled in
 //! order by at most one worker at a time; workers of different partitions run at once, up
-//! to a limit. A partition waiting out a retry backoff holds no worker, and one whose
-//! queue is full is paused at the broker, so neither slows the other partitions down.
+//! to a limit. A partition waiting out a retry backoff holds no worker, and one holding its
+//! buffer's worth of messages (queued or in its worker's hands) is paused at the broker until
+//! half of them were handled, so neither slows the other partitions down, and a partition
+//! that keeps failing holds no more than its buffer, however long it retries.
 //! A revoked partition's queue is dropped and its worker stops after the message in hand,
 //! whose offset can then no longer be stored: its new owner receives it again.
 
@@ -94,6 +96,8 @@ struct Partition {
     queue: VecDeque<OwnedMessage>,
     /// Failed attempts of the queue's first message.
     attempts: u32,
+    /// Messages handed to the running worker.
+    in_hand: usize,
     /// The running worker's token.
     running: Option<CancellationToken>,
     /// Waiting out a retry backoff.
@@ -141,6 +145,7 @@ impl Partitions {
                 generation: *generation,
                 queue: VecDeque::new(),
                 attempts: 0,
+                in_hand: 0,
                 running: None,
                 backing_off: false,
                 paused: false,
@@ -162,9 +167,7 @@ impl Partitions {
         if was_idle && !self.finishing.contains_key(&key) {
             self.ready.push_back(key.clone());
         }
-        if part.queue.len() >= self.buffer && !part.paused {
-            part.paused = set_paused(consumer, &key, true);
-        }
+        part.hold_back(consumer, &key, self.buffer);
     }
 
     /// The next partition to hand to a worker, with its queued messages.
@@ -187,13 +190,15 @@ impl Partitions {
             }
             let cancel = CancellationToken::new();
             part.running = Some(cancel.clone());
-            if part.paused {
-                part.paused = !set_paused(consumer, &key, false);
-            }
+            let messages = std::mem::take(&mut part.queue);
+            // Still held until the worker is done with them: a batch that fails goes back
+            // whole, ahead of whatever was fetched meanwhile.
+            part.in_hand = messages.len();
+            part.hold_back(consumer, &key, self.buffer);
             return Some(Batch {
                 key,
                 generation: part.generation,
-                messages: std::mem::take(&mut part.queue),
+                messages,
                 attempts: std::mem::take(&mut part.attempts),
                 cancel,
             });
@@ -203,7 +208,13 @@ impl Partitions {
 
     /// A worker finished its batch. Returns the backoff to wait before the partition's
     /// next try, when its first message failed.
-    pub(crate) fn ended(&mut self, key: &Key, generation: u64, ended: Ended) -> Option<Duration> {
+    pub(crate) fn ended<C: rdkafka::consumer::Consumer<X>, X: ConsumerContext>(
+        &mut self,
+        key: &Key,
+        generation: u64,
+        ended: Ended,
+        consumer: &C,
+    ) -> Option<Duration> {
         if self.finishing.get(key) == Some(&generation) {
             self.finishing.remove(key);
             if self.parts.get(key).is_some_and(|p| !p.queue.is_empty()) {
@@ -216,7 +227,8 @@ impl Partitions {
             .get_mut(key)
             .filter(|p| p.generation == generation)?;
         part.running = None;
-        match ended {
+        part.in_hand = 0;
+        let delay = match ended {
             Ended::Done | Ended::Cancelled => {
                 if !part.queue.is_empty() {
                     self.ready.push_back(key.clone());
@@ -234,7 +246,9 @@ impl Partitions {
                 part.backing_off = true;
                 Some(delay)
             }
-        }
+        };
+        part.hold_back(consumer, key, self.buffer);
+        delay
     }
 
     /// A partition's retry backoff is over.
@@ -281,6 +295,28 @@ impl Partitions {
     #[cfg(test)]
     fn queued(&self) -> usize {
         self.parts.values().map(|p| p.queue.len()).sum()
+    }
+}
+
+impl Partition {
+    /// Messages held: queued, or in the worker's hands.
+    fn held(&self) -> usize {
+        self.in_hand + self.queue.len()
+    }
+
+    /// Pauses fetching once `buffer` messages are held, and resumes it once no more than
+    /// half of that are.
+    fn hold_back<C: rdkafka::consumer::Consumer<X>, X: ConsumerContext>(
+        &mut self,
+        consumer: &C,
+        key: &Key,
+        buffer: usize,
+    ) {
+        if !self.paused && self.held() >= buffer {
+            self.paused = set_paused(consumer, key, true);
+        } else if self.paused && self.held() <= buffer / 2 {
+            self.paused = !set_paused(consumer, key, false);
+        }
     }
 }
 
@@ -359,9 +395,10 @@ mod tests {
                 attempts: 1,
                 delay: Duration::from_millis(5),
             },
+            &c,
         );
         assert_eq!(delay, Some(Duration::from_millis(5)));
-        assert_eq!(p.ended(&b.key, b.generation, Ended::Done), None);
+        assert_eq!(p.ended(&b.key, b.generation, Ended::Done, &c), None);
         p.push(msg(1, 8), &c);
         let next = p.next_batch(&c).unwrap();
         assert_eq!(next.key.1, 1, "partition 1 goes on while 0 backs off");
@@ -389,7 +426,10 @@ mod tests {
         assert_eq!(p.queued(), 0);
         p.push(msg(0, 1), &c); // the new assignment starts at the committed offset
         assert!(p.next_batch(&c).is_none(), "the old worker still runs");
-        assert_eq!(p.ended(&old.key, old.generation, Ended::Cancelled), None);
+        assert_eq!(
+            p.ended(&old.key, old.generation, Ended::Cancelled, &c),
+            None
+        );
         let new = p.next_batch(&c).unwrap();
         assert_ne!(new.generation, old.generation);
         assert_eq!(new.messages.len(), 1);
@@ -407,7 +447,62 @@ mod tests {
         p.revoke(vec![old.key.clone()]);
         p.push(msg(0, 1), &c);
         assert!(p.next_batch(&c).is_none(), "the old worker still runs");
-        assert_eq!(p.ended(&old.key, old.generation, Ended::Cancelled), None);
+        assert_eq!(
+            p.ended(&old.key, old.generation, Ended::Cancelled, &c),
+            None
+        );
         assert!(p.next_batch(&c).is_some());
+    }
+
+    #[test]
+    fn a_partition_that_keeps_failing_holds_no_more_than_its_buffer() {
+        // Assigned, so pausing takes effect (locally: it never connects).
+        let c = consumer();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("t", 0);
+        c.assign(&tpl).unwrap();
+        let key: Key = ("t".into(), 0);
+        let buffer = 5;
+        let mut p = Partitions::new(buffer);
+        let mut next = 0;
+        // What the broker delivers while the partition is fetched.
+        let mut fetch = |p: &mut Partitions| {
+            while !p.parts.get(&key).is_some_and(|part| part.paused) {
+                assert!(next < 1_000, "never paused");
+                p.push(msg(0, next), &c);
+                next += 1;
+            }
+        };
+        fetch(&mut p);
+        for _ in 0..5 {
+            let batch = p.next_batch(&c).unwrap();
+            fetch(&mut p);
+            let held = batch.messages.len() + p.queued();
+            assert!(held <= buffer, "{held} messages held, buffer {buffer}");
+            assert_eq!(batch.messages[0].offset(), 0, "the failed message first");
+            p.ended(
+                &batch.key,
+                batch.generation,
+                Ended::Retry {
+                    rest: batch.messages,
+                    attempts: 1,
+                    delay: Duration::ZERO,
+                },
+                &c,
+            );
+            p.due(&key, batch.generation);
+        }
+        // Once it goes through, fetching resumes.
+        let batch = p.next_batch(&c).unwrap();
+        p.ended(&batch.key, batch.generation, Ended::Done, &c);
+        assert!(!p.parts[&key].paused);
+        fetch(&mut p);
+        assert_eq!(p.queued(), buffer);
+        let offsets: Vec<i64> = p.parts[&key]
+            .queue
+            .iter()
+            .map(OwnedMessage::offset)
+            .collect();
+        assert_eq!(offsets, (5..10).collect::<Vec<_>>(), "nothing skipped");
     }
 }
