@@ -86,11 +86,13 @@ impl Effects {
         inbox
     }
 
-    /// Poison events fail permanently; `fail_times: n` fails retriably n times first.
+    /// Poison events fail permanently; `fail_times: n` fails retriably n times first;
+    /// `panic` panics, as a handler with a bug does.
     fn check(&self, event: &EventEnvelope<serde_json::Value>) -> outpost::Result<()> {
         if event.data["poison"] == true {
             return Err(Error::permanent("poison event"));
         }
+        assert!(event.data["panic"] != true, "an essay nobody expected");
         if let Some(n) = event.data["fail_times"].as_u64() {
             let mut left = self.failures_left.lock().unwrap();
             let left = left.entry(event.event_id).or_insert(n as u32);
@@ -896,6 +898,35 @@ async fn database_errors_raised_by_database_code_are_dead_lettered_not_retried_f
     );
     let done: Vec<Uuid> = effects.all().await.into_iter().map(|e| e.0).collect();
     assert_eq!(done, [last.event_id]);
+}
+
+#[tokio::test]
+async fn an_event_whose_handler_panics_is_dead_lettered_and_the_partition_goes_on() {
+    let (effects, topic, dead, group, producer) = case(1).await;
+    let panicking = event_with(&topic, "k", 0, json!({ "panic": true }));
+    let next = event_with(&topic, "k", 1, json!({}));
+    for ev in [&panicking, &next] {
+        send_event(&producer, ev).await;
+    }
+
+    let (process, log) = Recording::new(Inboxed::new(effects.inbox().await, effects.clone()));
+    let running = start(&group, &topic, &dead, process);
+    wait_handled(&log, next.event_id, "the next event handled").await;
+    let dead_letters = read_topic(&dead, 1).await;
+    running.stop().await;
+
+    let reasons = dlq_reasons(&dead_letters);
+    assert_eq!(reasons[0].0, Some(panicking.event_id.to_string()));
+    assert!(
+        reasons[0].1.contains("an essay nobody expected"),
+        "{reasons:?}"
+    );
+    let done: Vec<Uuid> = effects.all().await.into_iter().map(|e| e.0).collect();
+    assert_eq!(
+        done,
+        [next.event_id],
+        "the panicking event's effect rolled back"
+    );
 }
 
 #[tokio::test]

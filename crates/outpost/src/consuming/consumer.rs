@@ -698,7 +698,12 @@ impl<P: Process> Consumer<P> {
             return false; // the bad one is dead-lettered on its own
         };
         let group = self.config.group_id.as_str();
-        match self.process.process_together(&received).await {
+        // A panic leaves them to be settled one at a time, where it is dead-lettered.
+        let together = AssertUnwindSafe(self.process.process_together(&received))
+            .catch_unwind()
+            .await
+            .unwrap_or(None);
+        match together {
             None => false,
             Some(Ok(outcomes)) => {
                 debug!(
@@ -721,7 +726,15 @@ impl<P: Process> Consumer<P> {
     /// Handles, skips or dead-letters one message. An error means it is not settled.
     async fn settle(&self, msg: &OwnedMessage) -> Result<()> {
         let outcome = match self.received(msg) {
-            Ok(received) => self.process.process(&received).await,
+            Ok(received) => {
+                // A handler that panics would take the consumer down, and again at the same
+                // message after every restart: a bug it meets in this event is a permanent
+                // failure of the event (unless the build aborts on panic).
+                AssertUnwindSafe(self.process.process(&received))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| Err(Error::permanent(panicked(panic.as_ref()))))
+            }
             Err(e) => Err(e),
         };
         let group = self.config.group_id.as_str();
@@ -861,6 +874,16 @@ fn retry_in_place(err: &Error) -> bool {
         }
         other => other.is_retriable(),
     }
+}
+
+/// What a handler's panic said.
+fn panicked(panic: &(dyn std::any::Any + Send)) -> String {
+    let said = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    format!("the handler panicked: {said}")
 }
 
 /// The error and its source chain, `: `-separated. A cause whose text its parent already
