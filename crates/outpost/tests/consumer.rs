@@ -1082,6 +1082,90 @@ async fn redis_duplicates_are_skipped_from_the_header_without_parsing() {
     }
 }
 
+/// [`Effects`]' Redis variant, after whose first effect Redis stops answering (through
+/// `proxy`), old connections and new ones alike.
+struct CutOffAfter {
+    inner: Effects,
+    proxy: Arc<support::Partition>,
+    cut: AtomicBool,
+}
+
+impl Handler for CutOffAfter {
+    async fn handle(
+        &self,
+        event: &EventEnvelope<serde_json::Value>,
+        received: &Received,
+    ) -> outpost::Result<()> {
+        Handler::handle(&self.inner, event, received).await?;
+        if !self.cut.swap(true, Ordering::SeqCst) {
+            self.proxy.hold_new(true);
+            self.proxy.freeze();
+        }
+        Ok(())
+    }
+}
+
+/// The port of the Redis the tests use.
+fn redis_port() -> u16 {
+    let url = support::redis_url();
+    let authority = url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    authority
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or(6379)
+}
+
+#[tokio::test]
+async fn a_handled_event_whose_completion_redis_missed_is_marked_completed_once_it_answers() {
+    let (effects, topic, dead, group, producer) = case(1).await;
+    let proxy = Arc::new(support::Partition::start(redis_port()).await);
+    let idem = idempotency(
+        &format!("redis://127.0.0.1:{}", proxy.port()),
+        RedisDownPolicy::FailClosed,
+    );
+    let first = event_with(&topic, "k", 0, json!({}));
+    let key = idem.key(&group, first.event_id);
+    send_event(&producer, &first).await;
+    let handler = CutOffAfter {
+        inner: effects.clone(),
+        proxy: Arc::clone(&proxy),
+        cut: AtomicBool::new(false),
+    };
+    let (process, log) = Recording::new(Idempotent::new(idem, handler));
+    let running = start(&group, &topic, &dead, process);
+    // The effect is committed, the mark goes unanswered, and so does the next connection.
+    support::eventually(WAIT, "the mark tried again", || {
+        let accepted = proxy.accepted();
+        async move { (accepted >= 2).then_some(()) }
+    })
+    .await;
+    proxy.hold_new(false);
+    wait_handled(&log, first.event_id, "the first event handled").await;
+    let mut conn = redis().await;
+    let mark: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(mark.as_deref(), Some("completed"));
+    // A copy arriving now is skipped at once, not held until the claim lapses and applied
+    // again.
+    send_event(&producer, &first).await;
+    let next = event_with(&topic, "k", 1, json!({}));
+    send_event(&producer, &next).await;
+    wait_handled(&log, next.event_id, "the next event handled").await;
+    running.stop().await;
+    assert_eq!(
+        results(&log, first.event_id),
+        [Ok(Outcome::Handled), Ok(Outcome::Duplicate)]
+    );
+    assert_eq!(effects.count(first.event_id).await, 1);
+}
+
 #[tokio::test]
 async fn redis_two_phase_marks_processing_then_completed_and_releases_on_failure() {
     let idem = idempotency(&support::redis_url(), RedisDownPolicy::FailClosed);

@@ -27,7 +27,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use support::{Collector, Consumed};
+use support::{Collector, Consumed, Partition};
 
 /// A private PostgreSQL that can decode logical messages, and a stream initialised on it.
 struct WalDb {
@@ -1012,101 +1012,24 @@ async fn a_leader_whose_lock_connection_stops_answering_leaves_its_session() {
     db.drop_slot().await;
 }
 
-/// A TCP proxy to a PostgreSQL on 127.0.0.1 whose connections can be cut off without being
-/// closed, as a partition that drops packets cuts them: a frozen connection forwards nothing
-/// more, either way, and stays open. While new connections are held, those accepted are
-/// frozen from the start (a server that accepts and never answers).
-struct Partition {
-    port: u16,
-    accepted: Arc<std::sync::atomic::AtomicUsize>,
-    /// Local ports of the proxy's connections to the server (`client_port` there).
-    upstream_ports: Arc<std::sync::Mutex<Vec<i32>>>,
-    freezes: tokio::sync::watch::Sender<u64>,
-    hold_new: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Partition {
-    async fn start(target_port: u16) -> Self {
-        use std::sync::atomic::Ordering::SeqCst;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (freezes, _) = tokio::sync::watch::channel(0u64);
-        let proxy = Self {
-            port,
-            accepted: Arc::default(),
-            upstream_ports: Arc::default(),
-            freezes,
-            hold_new: Arc::default(),
-        };
-        let (accepted, ports, hold_new) = (
-            Arc::clone(&proxy.accepted),
-            Arc::clone(&proxy.upstream_ports),
-            Arc::clone(&proxy.hold_new),
-        );
-        let freezes = proxy.freezes.clone();
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                accepted.fetch_add(1, SeqCst);
-                let held = hold_new.load(SeqCst);
-                let mut frozen = freezes.subscribe();
-                let ports = Arc::clone(&ports);
-                tokio::spawn(async move {
-                    if held {
-                        return std::future::pending::<()>().await;
-                    }
-                    let mut server = tokio::net::TcpStream::connect(("127.0.0.1", target_port))
-                        .await
-                        .unwrap();
-                    let local = server.local_addr().unwrap().port();
-                    ports.lock().unwrap().push(i32::from(local));
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
-                        _ = frozen.changed() => {}
-                    }
-                    // Both sockets stay open and silent.
-                    std::future::pending::<()>().await;
-                });
-            }
-        });
-        proxy
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    fn upstream_ports(&self) -> Vec<i32> {
-        self.upstream_ports.lock().unwrap().clone()
-    }
-
-    /// Cuts off every connection open now.
-    fn freeze(&self) {
-        self.freezes.send_modify(|n| *n += 1);
-    }
-
-    /// Whether connections accepted from now on are cut off from the start.
-    fn hold_new(&self, hold: bool) {
-        self.hold_new
-            .store(hold, std::sync::atomic::Ordering::SeqCst);
-    }
+/// The private PostgreSQL's URL through `proxy`.
+fn postgres_url(proxy: &Partition) -> String {
+    format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port())
 }
 
 /// A standby relay reaching the database through `proxy` (lock, slot health and stream).
 fn standby_through(db: &WalDb, proxy: &Partition) -> WalRelay {
+    let url = postgres_url(proxy);
     let mut cfg = WalRelayConfig::new(
         db.stream.name(),
         db.stream.clone(),
-        proxy.url(),
+        url.clone(),
         Environment::Testing,
     );
     cfg.reconnect_backoff = Duration::from_millis(200);
     let pool = PgPoolOptions::new()
         .max_connections(4)
-        .connect_lazy(&proxy.url())
+        .connect_lazy(&url)
         .unwrap();
     WalRelay::new(cfg, pool, support::patient_producer(&support::brokers())).unwrap()
 }
@@ -1163,7 +1086,7 @@ async fn a_leader_whose_replication_connection_never_starts_gives_the_lead_up_an
     let proxy = Partition::start(db.pg.port()).await;
     proxy.hold_new(true);
     let (topic, collector, relay, running) = db
-        .streaming_with(1, |cfg| cfg.database_url = proxy.url())
+        .streaming_with(1, |cfg| cfg.database_url = postgres_url(&proxy))
         .await;
     support::eventually(Duration::from_secs(20), "the relay leads", || async {
         (relay.progress().leader && proxy.accepted() == 1).then_some(())

@@ -17,7 +17,7 @@
 //! business commit but before step 3 leaves `processing`, and once its TTL lapses the
 //! redelivered event is handled a second time.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
@@ -341,6 +341,34 @@ impl<H: Handler> Idempotent<H> {
     pub fn idempotency(&self) -> &Idempotency {
         &self.idempotency
     }
+
+    /// Marks a handled event `completed`. Its effect is committed, so it counts as handled
+    /// whatever Redis says (handled again, the effect would apply twice). But a copy of the
+    /// event arriving later would find the claim `processing`, wait for it to lapse and apply
+    /// the effect again: with [`RedisDownPolicy::FailClosed`] the mark is tried again, with
+    /// back-off, while the claim holds (for up to half of `processing_ttl`; the partition
+    /// waits meanwhile, as it would for the claim).
+    async fn mark_completed(&self, group: &str, id: Uuid, claim: Claim) {
+        let config = self.idempotency.config();
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let Err(e) = self.idempotency.complete(group, id).await else {
+                return;
+            };
+            if !matches!(claim, Claim::Acquired(_)) {
+                return; // unchecked (fail-open): there is no claim to finish
+            }
+            if config.redis_down == RedisDownPolicy::FailOpen
+                || started.elapsed() + pause >= config.processing_ttl / 2
+            {
+                warn!(event_id = %id, error = %e, "could not mark the event completed; a copy arriving before its claim lapses waits for it, then takes effect again");
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
 }
 
 impl<H: Handler> Process for Idempotent<H> {
@@ -363,13 +391,7 @@ impl<H: Handler> Process for Idempotent<H> {
         };
         match handled {
             Ok(()) => {
-                // The effect is committed: report success whatever Redis says, or the retry
-                // would find `processing` and, once it lapsed, apply the effect twice.
-                if let Err(e) = self.idempotency.complete(group, id).await {
-                    if matches!(claim, Claim::Acquired(_)) {
-                        warn!(event_id = %id, error = %e, "could not mark the event completed");
-                    }
-                }
+                self.mark_completed(group, id, claim).await;
                 Ok(Outcome::Handled)
             }
             Err(e) => {

@@ -433,3 +433,89 @@ pub async fn settled(collector: &Collector, seen: usize, quiet: Duration) -> Vec
         count = now.len();
     }
 }
+
+/// A TCP proxy to a server on 127.0.0.1 (PostgreSQL, Redis) whose connections can be cut off without being
+/// closed, as a partition that drops packets cuts them: a frozen connection forwards nothing
+/// more, either way, and stays open. While new connections are held, those accepted are
+/// frozen from the start (a server that accepts and never answers).
+pub struct Partition {
+    port: u16,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// Local ports of the proxy's connections to the server (`client_port` there).
+    upstream_ports: Arc<std::sync::Mutex<Vec<i32>>>,
+    freezes: tokio::sync::watch::Sender<u64>,
+    hold_new: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Partition {
+    pub async fn start(target_port: u16) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (freezes, _) = tokio::sync::watch::channel(0u64);
+        let proxy = Self {
+            port,
+            accepted: Arc::default(),
+            upstream_ports: Arc::default(),
+            freezes,
+            hold_new: Arc::default(),
+        };
+        let (accepted, ports, hold_new) = (
+            Arc::clone(&proxy.accepted),
+            Arc::clone(&proxy.upstream_ports),
+            Arc::clone(&proxy.hold_new),
+        );
+        let freezes = proxy.freezes.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                accepted.fetch_add(1, SeqCst);
+                let held = hold_new.load(SeqCst);
+                let mut frozen = freezes.subscribe();
+                let ports = Arc::clone(&ports);
+                tokio::spawn(async move {
+                    if held {
+                        return std::future::pending::<()>().await;
+                    }
+                    let mut server = tokio::net::TcpStream::connect(("127.0.0.1", target_port))
+                        .await
+                        .unwrap();
+                    let local = server.local_addr().unwrap().port();
+                    ports.lock().unwrap().push(i32::from(local));
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+                        _ = frozen.changed() => {}
+                    }
+                    // Both sockets stay open and silent.
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        proxy
+    }
+
+    /// Where it listens.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Local ports of its connections to the server (`client_port` in `pg_stat_activity`).
+    pub fn upstream_ports(&self) -> Vec<i32> {
+        self.upstream_ports.lock().unwrap().clone()
+    }
+
+    /// Cuts off every connection open now.
+    pub fn freeze(&self) {
+        self.freezes.send_modify(|n| *n += 1);
+    }
+
+    /// Whether connections accepted from now on are cut off from the start.
+    pub fn hold_new(&self, hold: bool) {
+        self.hold_new
+            .store(hold, std::sync::atomic::Ordering::SeqCst);
+    }
+}
