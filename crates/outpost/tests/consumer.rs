@@ -1082,12 +1082,22 @@ async fn redis_duplicates_are_skipped_from_the_header_without_parsing() {
     }
 }
 
-/// [`Effects`]' Redis variant, after whose first effect Redis stops answering (through
+/// [`Effects`]' Redis variant, after whose first attempt Redis stops answering (through
 /// `proxy`), old connections and new ones alike.
 struct CutOffAfter {
     inner: Effects,
     proxy: Arc<support::Partition>,
     cut: AtomicBool,
+}
+
+impl CutOffAfter {
+    fn new(inner: Effects, proxy: &Arc<support::Partition>) -> Self {
+        Self {
+            inner,
+            proxy: Arc::clone(proxy),
+            cut: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Handler for CutOffAfter {
@@ -1096,13 +1106,32 @@ impl Handler for CutOffAfter {
         event: &EventEnvelope<serde_json::Value>,
         received: &Received,
     ) -> outpost::Result<()> {
-        Handler::handle(&self.inner, event, received).await?;
+        let handled = Handler::handle(&self.inner, event, received).await;
         if !self.cut.swap(true, Ordering::SeqCst) {
             self.proxy.hold_new(true);
             self.proxy.freeze();
         }
-        Ok(())
+        handled
     }
+}
+
+/// Idempotency through `proxy`, fail-closed, with a claim that holds 60 s.
+fn idempotency_through(proxy: &support::Partition) -> Idempotency {
+    let mut cfg = IdempotencyConfig::new(support::unique("svc"), RedisDownPolicy::FailClosed);
+    cfg.timeout = Duration::from_millis(500);
+    cfg.processing_ttl = Duration::from_secs(60);
+    let url = format!("redis://127.0.0.1:{}", proxy.port());
+    Idempotency::new(&url, cfg, HORIZON).unwrap()
+}
+
+/// Waits until `proxy` saw a connection after `cut`'s, then lets new ones through.
+async fn reconnect_through(proxy: &support::Partition) {
+    support::eventually(WAIT, "a connection after the cut", || {
+        let accepted = proxy.accepted();
+        async move { (accepted >= 2).then_some(()) }
+    })
+    .await;
+    proxy.hold_new(false);
 }
 
 /// The port of the Redis the tests use.
@@ -1123,27 +1152,15 @@ fn redis_port() -> u16 {
 async fn a_handled_event_whose_completion_redis_missed_is_marked_completed_once_it_answers() {
     let (effects, topic, dead, group, producer) = case(1).await;
     let proxy = Arc::new(support::Partition::start(redis_port()).await);
-    let idem = idempotency(
-        &format!("redis://127.0.0.1:{}", proxy.port()),
-        RedisDownPolicy::FailClosed,
-    );
+    let idem = idempotency_through(&proxy);
     let first = event_with(&topic, "k", 0, json!({}));
     let key = idem.key(&group, first.event_id);
     send_event(&producer, &first).await;
-    let handler = CutOffAfter {
-        inner: effects.clone(),
-        proxy: Arc::clone(&proxy),
-        cut: AtomicBool::new(false),
-    };
+    let handler = CutOffAfter::new(effects.clone(), &proxy);
     let (process, log) = Recording::new(Idempotent::new(idem, handler));
     let running = start(&group, &topic, &dead, process);
     // The effect is committed, the mark goes unanswered, and so does the next connection.
-    support::eventually(WAIT, "the mark tried again", || {
-        let accepted = proxy.accepted();
-        async move { (accepted >= 2).then_some(()) }
-    })
-    .await;
-    proxy.hold_new(false);
+    reconnect_through(&proxy).await;
     wait_handled(&log, first.event_id, "the first event handled").await;
     let mut conn = redis().await;
     let mark: Option<String> = redis::cmd("GET")
@@ -1164,6 +1181,27 @@ async fn a_handled_event_whose_completion_redis_missed_is_marked_completed_once_
         [Ok(Outcome::Handled), Ok(Outcome::Duplicate)]
     );
     assert_eq!(effects.count(first.event_id).await, 1);
+}
+
+#[tokio::test]
+async fn a_failed_attempt_whose_release_redis_missed_is_retried_without_waiting_for_its_claim() {
+    let (effects, topic, dead, group, producer) = case(1).await;
+    let proxy = Arc::new(support::Partition::start(redis_port()).await);
+    let idem = idempotency_through(&proxy);
+    let failing = event_with(&topic, "k", 0, json!({ "fail_times": 1 }));
+    send_event(&producer, &failing).await;
+    let handler = CutOffAfter::new(effects.clone(), &proxy);
+    let (process, log) = Recording::new(Idempotent::new(idem, handler));
+    let running = start(&group, &topic, &dead, process);
+    // The first attempt fails and its claim's release goes unanswered, as do the claims of
+    // the next attempts until Redis answers again.
+    reconnect_through(&proxy).await;
+    // Well inside the claim's 60 s: the retry takes its own claim over.
+    let started = Instant::now();
+    wait_handled(&log, failing.event_id, "the event handled").await;
+    running.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(effects.count(failing.event_id).await, 1);
 }
 
 #[tokio::test]

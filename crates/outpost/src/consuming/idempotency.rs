@@ -9,7 +9,9 @@
 //!    if that consumer died.
 //! 2. The handler commits its business effect.
 //! 3. Complete: `completed`, with a long TTL. If the handler fails instead, the key is
-//!    deleted, if it still holds the claim's token, so the retry starts afresh.
+//!    deleted, if it still holds the claim's token, so the retry starts afresh. When Redis
+//!    does not answer that release (or a claim), the retry takes the claim over: its token
+//!    is remembered, so a Redis blip does not hold the event until the claim lapses.
 //!
 //! Redis unreachable: [`RedisDownPolicy`] says what happens, and there is no default.
 //!
@@ -17,6 +19,7 @@
 //! business commit but before step 3 leaves `processing`, and once its TTL lapses the
 //! redelivered event is handled a second time.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
@@ -155,7 +158,18 @@ pub struct Idempotency {
     conn: Mutex<Option<MultiplexedConnection>>,
     claim: redis::Script,
     release: redis::Script,
+    /// Per event key, this process's claims of it that may still hold it although nothing
+    /// was handled under them: a claim whose answer was lost, a release that failed. The
+    /// next claim of the event takes such a claim over instead of waiting for it to lapse.
+    unsettled: std::sync::Mutex<HashMap<String, Vec<ClaimToken>>>,
 }
+
+/// Most events with unsettled claims remembered (see [`Idempotency::unsettled`]); past it
+/// they are forgotten, and their claims lapse after their TTL as before.
+const MAX_UNSETTLED: usize = 1024;
+
+/// Most unsettled claims remembered per event.
+const MAX_UNSETTLED_PER_EVENT: usize = 8;
 
 impl Idempotency {
     /// Checks against the Redis at `url`; does not connect yet, so Redis may be down at
@@ -176,9 +190,17 @@ impl Idempotency {
             client,
             config,
             conn: Mutex::new(None),
-            // GET-then-SET in one script, so two consumers cannot both acquire.
+            unsettled: std::sync::Mutex::default(),
+            // GET-then-SET in one script, so two consumers cannot both acquire. A claim of
+            // this process's own (ARGV[3..]) under which nothing was handled is taken over.
             claim: redis::Script::new(&format!(
                 "local held = redis.call('GET', KEYS[1]) \
+                 if held == '{PROCESSING}' then \
+                   local owner = redis.call('GET', KEYS[2]) \
+                   for i = 3, #ARGV do \
+                     if owner == ARGV[i] then held = false end \
+                   end \
+                 end \
                  if held then return held end \
                  redis.call('SET', KEYS[1], '{PROCESSING}', 'EX', ARGV[2]) \
                  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2]) \
@@ -206,7 +228,9 @@ impl Idempotency {
         idempotency_key(&self.config.service, group, event_id)
     }
 
-    /// Marks the event `processing` unless it is already marked.
+    /// Marks the event `processing` unless it is already marked. A `processing` mark left
+    /// by an earlier claim of this `Idempotency` under which nothing was handled (the
+    /// claim's answer was lost, or its release failed) is taken over rather than waited for.
     ///
     /// # Errors
     /// [`Error::Idempotency`] (retriable) when Redis cannot be reached and the policy is
@@ -214,15 +238,24 @@ impl Idempotency {
     pub async fn claim(&self, group: &str, event_id: Uuid) -> Result<Claim> {
         let key = self.key(group, event_id);
         let token = ClaimToken(Uuid::new_v4());
+        let mut earlier = self.take_unsettled(&key);
         let mut invocation = self.claim.key(&key);
         invocation
             .key(owner_key(&key))
             .arg(token.mark())
             .arg(self.config.processing_ttl.as_secs());
+        for t in &earlier {
+            invocation.arg(t.mark());
+        }
         let held: redis::RedisResult<Option<String>> = match self.connection().await {
             Ok(mut conn) => invocation.invoke_async(&mut conn).await,
             Err(e) => Err(e),
         };
+        if held.is_err() {
+            // The script may have run, its answer lost: this token may hold the event now.
+            earlier.push(token);
+            self.keep_unsettled(key.clone(), earlier);
+        }
         match held {
             Ok(None) => Ok(Claim::Acquired(token)),
             Ok(Some(value)) if value == PROCESSING => Ok(Claim::InProgress),
@@ -274,12 +307,29 @@ impl Idempotency {
             Ok(_) => Ok(()),
             Err(e) => {
                 self.forget().await;
+                self.keep_unsettled(key, vec![token]);
                 Err(Error::Idempotency {
                     operation: "release",
                     source: Box::new(e),
                 })
             }
         }
+    }
+
+    fn take_unsettled(&self, key: &str) -> Vec<ClaimToken> {
+        let mut unsettled = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
+        unsettled.remove(key).unwrap_or_default()
+    }
+
+    fn keep_unsettled(&self, key: String, mut tokens: Vec<ClaimToken>) {
+        let mut unsettled = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
+        if unsettled.len() >= MAX_UNSETTLED {
+            unsettled.clear();
+        }
+        let kept = unsettled.entry(key).or_default();
+        kept.append(&mut tokens);
+        let over = kept.len().saturating_sub(MAX_UNSETTLED_PER_EVENT);
+        kept.drain(..over);
     }
 
     async fn run<T: redis::FromRedisValue>(
