@@ -853,7 +853,8 @@ impl OutboxStore {
     /// beside one of [`claim`](Self::claim)'s, so that the two lease keys from the two ends
     /// of the due order instead of stepping over each other's locked keys. Not on its own:
     /// with a backlog larger than a claim, only `claim` is sure to reach the longest-waiting
-    /// keys.
+    /// keys. Beside it, under a backlog that keeps growing, the keys due most recently go
+    /// out first and the oldest drain at the pace of `claim`'s alone.
     ///
     /// # Errors
     /// [`Error::OutboxStorage`] when the query fails.
