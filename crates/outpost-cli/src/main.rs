@@ -198,9 +198,13 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
 /// Writes logs to stderr as text or JSON lines, filtered by `OUTPOST_LOG` (default warn).
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    // A log line that cannot be written (stderr closed, a pipe whose reader went away) is
+    // dropped: reported, the report's own write panicked the thread that logged, librdkafka's
+    // delivery-report thread among them, and the relay stopped delivering for good.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

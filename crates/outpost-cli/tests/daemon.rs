@@ -13,7 +13,7 @@ use outpost::{OutboxStore, OutboxTable};
 use serde_json::{json, Value};
 use support::{
     assert_bad_setting, brokers, database_url, eventually, free_port, http_get, outpost_std, pool,
-    stage_one, unique, Daemon, Scratch,
+    single_service, stage_one, unique, Daemon, Scratch,
 };
 use uuid::Uuid;
 
@@ -389,9 +389,17 @@ async fn no_secret_is_ever_printed_or_served() {
     let bad_url = database_url()
         .replacen("postgres@", &format!("postgres:{DB_SECRET}@"), 1)
         .replacen("5432", "notaport", 1);
+    // A keyword/value connection string; properties librdkafka itself refuses (its message
+    // quotes the value).
+    let keywords = format!("host=127.0.0.1 user=postgres password={DB_SECRET} dbname=test");
+    let jaas = format!("sasl.jaas.config={SASL_SECRET}");
+    let pem = format!("ssl.key.pem={SASL_SECRET}");
     for args in [
         vec!["--database-url", bad_url.as_str(), "status"],
         vec!["--kafka-option", "sasl.password", "status"],
+        vec!["--database-url", keywords.as_str(), "status"],
+        vec!["--kafka-option", jaas.as_str(), "status"],
+        vec!["--kafka-option", pem.as_str(), "status"],
     ] {
         let out = outpost_std().args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
@@ -429,4 +437,45 @@ async fn no_secret_is_ever_printed_or_served() {
             "{secret} printed or served:\n{seen}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_stderr_is_closed_keeps_delivering() {
+    let service = unique("ops_nostderr");
+    let topic = unique("ops_nostderr");
+    outpost::kafka::producer::create_topic(&brokers(), &topic, 1, FAST)
+        .await
+        .unwrap();
+    let mut args = single_service(&service);
+    args.extend(["--wake", "none"]);
+    // Debug logging: a line to write (and fail to) on every turn, from every thread.
+    let mut daemon = Daemon::spawn_with_stderr_closed(&args, &[("OUTPOST_LOG", "debug")]);
+    let pool = pool().await;
+    let table = format!("{service}.event_outbox");
+    eventually(
+        Duration::from_secs(30),
+        || format!("the relay to migrate {table}"),
+        || async {
+            sqlx::query_scalar::<_, Option<String>>("SELECT to_regclass($1)::text")
+                .bind(&table)
+                .fetch_one(&pool)
+                .await
+                .ok()
+                .flatten()
+        },
+    )
+    .await;
+    let store = OutboxStore::new(pool.clone(), OutboxTable::new(&service).unwrap());
+    let collector = Collector::start(&brokers(), &topic, 1).unwrap();
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(
+            stage_one(&store, &topic, &format!("k{n}"), json!({ "n": n }))
+                .await
+                .event_id,
+        );
+    }
+    daemon.delivered(&collector, &ids).await;
+    daemon.assert_running();
+    assert!(daemon.terminate().await.success());
 }

@@ -197,6 +197,18 @@ impl Daemon {
     /// empty value removes the variable (so a config file's value applies).
     pub fn spawn(args: &[&str], env: &[(&str, &str)], log: &Path) -> Self {
         let file = std::fs::File::create(log).expect("relay log file");
+        Self::start(args, env, file.into(), log)
+    }
+
+    /// Like [`Self::spawn`], with stderr a pipe whose reading end is closed at once (an
+    /// operator's `| head`, a log shipper gone): every log line fails to write.
+    pub fn spawn_with_stderr_closed(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut daemon = Self::start(args, env, Stdio::piped(), Path::new("/dev/null"));
+        drop(daemon.child.stderr.take());
+        daemon
+    }
+
+    fn start(args: &[&str], env: &[(&str, &str)], stderr: Stdio, log: &Path) -> Self {
         let mut cmd = Command::from(outpost_std());
         cmd.env("OUTPOST_LOG", "info");
         for (k, v) in env {
@@ -209,7 +221,7 @@ impl Daemon {
         cmd.args(args)
             .arg("relay")
             .stdout(Stdio::null())
-            .stderr(file)
+            .stderr(stderr)
             .kill_on_drop(true);
         let child = cmd.spawn().expect("spawn outpost relay");
         Self {

@@ -11,8 +11,8 @@ mod class;
 mod redaction;
 
 pub use class::{classify, classify_code, ErrorClass};
-pub(crate) use redaction::redact_properties;
 pub use redaction::redact_url;
+pub(crate) use redaction::{redact_properties, shown_property};
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

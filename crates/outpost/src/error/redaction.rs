@@ -27,6 +27,9 @@ pub fn redact_url(url: &str) -> String {
             }
             parsed.to_string()
         }
+        // A PostgreSQL keyword/value string (`host=h user=u password=pw`), which is no URL
+        // but a database URL setting may be given one.
+        _ if !url.contains("://") && url.contains('=') => redact_keywords(url),
         // Parsers disagree on where a malformed URL's credentials end (`app:pw@host` is a
         // scheme and a path to some): everything up to the last `@` may be one.
         _ => match url.rsplit_once('@') {
@@ -38,6 +41,60 @@ pub fn redact_url(url: &str) -> String {
             }
             None => url.to_owned(),
         },
+    }
+}
+
+/// `text` with the value of each `password` keyword hidden (quoted or not, spaces around
+/// `=` allowed, as libpq reads them).
+fn redact_keywords(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("password") {
+        let (before, from) = rest.split_at(at);
+        out.push_str(before);
+        let after_key = &from["password".len()..];
+        let value = after_key.trim_start();
+        let Some(value) = value.strip_prefix('=') else {
+            out.push_str("password");
+            rest = after_key;
+            continue;
+        };
+        let value = value.trim_start();
+        let end = if let Some(quoted) = value.strip_prefix('\'') {
+            // Up to the closing quote; a backslash escapes the next character.
+            let mut chars = quoted.char_indices();
+            let mut end = quoted.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        chars.next();
+                    }
+                    '\'' => {
+                        end = i + 1;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            1 + end
+        } else {
+            value.find(char::is_whitespace).unwrap_or(value.len())
+        };
+        out.push_str("password=");
+        out.push_str(HIDDEN);
+        rest = &value[end.min(value.len())..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// What a librdkafka property's `value` shows as in messages: hidden when the property may
+/// hold a secret.
+pub(crate) fn shown_property<'a>(key: &str, value: &'a str) -> &'a str {
+    if is_secret_property(key) {
+        HIDDEN
+    } else {
+        value
     }
 }
 
@@ -104,6 +161,20 @@ mod tests {
         assert!(!bad.contains("s3cret"), "{bad}");
         assert_eq!(redact_url("app:s3cret@host"), "****@host");
         assert_eq!(redact_url("nope"), "nope");
+    }
+
+    #[test]
+    fn a_keyword_value_string_keeps_everything_but_its_password() {
+        assert_eq!(
+            redact_url("host=h user=u password=s3cret dbname=test"),
+            "host=h user=u password=**** dbname=test"
+        );
+        assert_eq!(
+            redact_url("host=h password = 's3 cr\\'et' port=5432"),
+            "host=h password=**** port=5432"
+        );
+        assert_eq!(redact_url("dbname=test"), "dbname=test");
+        assert_eq!(redact_url("password=s3cret"), "password=****");
     }
 
     #[test]

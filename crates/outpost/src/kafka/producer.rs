@@ -67,6 +67,10 @@ impl ProducerConfig {
         for (key, value) in &self.librdkafka {
             check_override(key.trim(), value.trim())?;
         }
+        // librdkafka's own checks of each property, without creating a client.
+        self.client_config()
+            .create_native_config()
+            .map_err(refused_property)?;
         if self.delivery_timeout < Duration::from_millis(100) {
             return Err(Error::config(
                 "delivery_timeout",
@@ -117,6 +121,31 @@ impl ProducerConfig {
             cfg.set(k, v);
         }
         cfg
+    }
+}
+
+/// A property librdkafka refused, named `librdkafka.KEY` (as [`check_override`] names
+/// them), its value hidden where it may be a secret: librdkafka's own message quotes it.
+fn refused_property(e: rdkafka::error::KafkaError) -> Error {
+    match e {
+        rdkafka::error::KafkaError::ClientConfig(_, desc, key, value) => {
+            let shown = crate::error::shown_property(&key, &value);
+            let desc = if value.is_empty() {
+                desc
+            } else {
+                desc.replace(&value, shown)
+            };
+            Error::config(
+                format!("librdkafka.{key}"),
+                format!("a value librdkafka accepts ({desc})"),
+                shown,
+            )
+        }
+        other => Error::config(
+            "librdkafka",
+            "valid librdkafka properties",
+            other.to_string(),
+        ),
     }
 }
 
@@ -329,8 +358,7 @@ impl KafkaProducer {
     }
 
     fn build(config: &ProducerConfig) -> Result<AckProducer> {
-        AckProducer::new(&config.client_config())
-            .map_err(|e| Error::config("librdkafka", "valid librdkafka properties", e.to_string()))
+        AckProducer::new(&config.client_config()).map_err(refused_property)
     }
 
     /// The settings this producer was built from.
