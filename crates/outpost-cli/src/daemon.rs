@@ -9,6 +9,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use outpost::metrics::{EVENTS_PARKED, EVENTS_RETRIED, RELAY_ERRORS};
 use outpost::{ErrorClass, OutboxStore, Relay, WakeSignal};
 use sqlx::PgPool;
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -24,26 +25,35 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = recorder(settings)?;
+    let exporting = metrics.is_some();
     let producer = settings.producer()?;
-    let mut relays = Vec::with_capacity(settings.services.len());
+    // Whatever can still be refused (a wake-up URL, the HTTP address) is, before anything
+    // is written to the database.
+    let mut signals = Vec::with_capacity(settings.services.len());
     for service in &settings.services {
+        let signal = WakeSignal::new();
+        crate::start_listener(settings, service, &signal, pool.clone(), &shutdown)?;
+        signals.push(signal);
+    }
+    let listener = bind_http(settings).await?;
+    let mut relays = Vec::with_capacity(settings.services.len());
+    for (service, signal) in settings.services.iter().zip(signals) {
         let store = OutboxStore::new(pool.clone(), service.table.clone());
         store
             .migrate()
             .await
             .with_context(|| format!("cannot migrate the outbox of service {}", service.name))?;
-        if metrics.is_some() {
+        if exporting {
             zero_counters(&service.name);
         }
-        let signal = WakeSignal::new();
-        crate::start_listener(settings, service, &signal, pool.clone(), &shutdown)?;
         relays.push(
             Relay::new(store, Arc::clone(&producer), service.relay.clone())?
                 .with_wake_signal(signal),
         );
     }
     let mut tasks = JoinSet::new();
-    serve_http(settings, pool, metrics, &mut tasks, &shutdown).await?;
+    // Served once the relays are set up: /readyz answers for relays that run.
+    serve_http(settings, pool, listener, metrics, &mut tasks, &shutdown)?;
     for relay in relays {
         tasks.spawn(relay.run(shutdown.clone().cancelled_owned()));
     }
@@ -59,19 +69,30 @@ pub(crate) fn recorder(settings: &Settings) -> anyhow::Result<Option<PrometheusH
     }
 }
 
-/// Serves /metrics, /healthz and /readyz in `tasks` when an address is configured.
-pub(crate) async fn serve_http(
+/// The HTTP listener, when an address is configured: bound before anything else starts, so
+/// an address that is taken is refused before the database is touched.
+pub(crate) async fn bind_http(settings: &Settings) -> anyhow::Result<Option<TcpListener>> {
+    let Some(addr) = settings.http_addr else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on OUTPOST_HTTP_ADDR={addr}"))?;
+    Ok(Some(listener))
+}
+
+/// Serves /metrics, /healthz and /readyz on `listener` in `tasks`.
+pub(crate) fn serve_http(
     settings: &Settings,
     pool: PgPool,
+    listener: Option<TcpListener>,
     metrics: Option<PrometheusHandle>,
     tasks: &mut JoinSet<outpost::Result<()>>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    if let (Some(addr), Some(metrics)) = (settings.http_addr, metrics) {
+    if let (Some(listener), Some(metrics)) = (listener, metrics) {
         let readiness = Readiness::new(settings, pool)?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on OUTPOST_HTTP_ADDR={addr}"))?;
+        let addr = listener.local_addr()?;
         info!(%addr, "serving /metrics, /healthz, /readyz");
         tasks.spawn(http::serve(
             listener,

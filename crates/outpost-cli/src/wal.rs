@@ -113,6 +113,7 @@ async fn relay(
 ) -> anyhow::Result<()> {
     let metrics = crate::daemon::recorder(settings)?;
     let producer = settings.producer()?;
+    let listener = crate::daemon::bind_http(settings).await?;
     let mut tasks = JoinSet::new();
     for (service, stream) in streams {
         let report = setup::doctor(&pool, stream).await?;
@@ -136,6 +137,6 @@ async fn relay(
         let token = shutdown.clone();
         tasks.spawn(async move { relay.run(token.cancelled_owned()).await });
     }
-    crate::daemon::serve_http(settings, pool, metrics, &mut tasks, &shutdown).await?;
+    crate::daemon::serve_http(settings, pool, listener, metrics, &mut tasks, &shutdown)?;
     crate::daemon::join(tasks, &shutdown).await
 }

@@ -479,3 +479,35 @@ async fn a_relay_whose_stderr_is_closed_keeps_delivering() {
     daemon.assert_running();
     assert!(daemon.terminate().await.success());
 }
+
+#[tokio::test]
+async fn settings_refused_at_start_leave_the_database_untouched() {
+    let schema = unique("ops_untouched");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for args in [
+        vec!["--schema", &schema, "--redis-url", "redis://:pw@", "relay"],
+        vec![
+            "--schema",
+            &schema,
+            "--wake",
+            "none",
+            "--http-addr",
+            &addr,
+            "relay",
+        ],
+    ] {
+        let out = outpost_std().args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}: {out:?}");
+    }
+    let created: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(&schema)
+            .fetch_one(&pool().await)
+            .await
+            .unwrap();
+    assert!(
+        !created,
+        "schema {schema} was created by a relay that refused to start"
+    );
+}
