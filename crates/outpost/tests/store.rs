@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use outpost::outbox::store::{ClaimedKey, KeyLock, KeyRelease, Settlement};
+use outpost::outbox::store::{ClaimedKey, KeyLock, KeyRelease, Recorded, Settlement};
 use outpost::{OutboxStore, OutboxTable};
 use uuid::Uuid;
 
@@ -268,8 +268,9 @@ async fn lapsed_lease_makes_a_key_claimable_again_and_its_old_owner_powerless() 
     .await;
     let again = ids(&again);
     assert_eq!(again.len(), 2);
-    // The crashed owner can no longer record a failure, back its key off, or renew.
-    store
+    // The crashed owner can no longer record a failure, back its key off, or renew; what
+    // it tries is not reported as recorded (metrics count what is).
+    let recorded = store
         .settle(
             crashed,
             &[(
@@ -289,6 +290,7 @@ async fn lapsed_lease_makes_a_key_claimable_again_and_its_old_owner_powerless() 
         )
         .await
         .unwrap();
+    assert_eq!(recorded, Recorded::default());
     assert_eq!(
         store.renew(crashed, &["k0".into()], LEASE).await.unwrap(),
         Vec::<String>::new()
@@ -309,6 +311,18 @@ async fn lapsed_lease_makes_a_key_claimable_again_and_its_old_owner_powerless() 
             .unwrap(),
         vec!["k0".to_owned()]
     );
+    // An ack is recorded whoever holds the key, once: the second owner's ack of the same
+    // row (both sent it) records nothing more.
+    let first = store
+        .settle(crashed, &[(again[0], published())], &[])
+        .await
+        .unwrap();
+    assert_eq!(first.published, [again[0]].into());
+    let second = store
+        .settle(survivor, &[(again[0], published())], &[])
+        .await
+        .unwrap();
+    assert_eq!(second, Recorded::default());
 }
 
 #[tokio::test]

@@ -40,6 +40,15 @@ use crate::outbox::headers::StoredHeaders;
 use crate::outbox::sql_api;
 use crate::outbox::table::OutboxTable;
 
+/// What a [`settle`](OutboxStore::settle) recorded, by row id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Rows marked published (or deleted as published).
+    pub published: HashSet<i64>,
+    /// Rows whose failure was recorded (to retry, or parked).
+    pub failed: HashSet<i64>,
+}
+
 /// A pending row handed to its key's owner, ready to be produced.
 #[derive(Debug, Clone)]
 pub struct ClaimedEvent {
@@ -248,7 +257,9 @@ impl Sql {
         // One statement settles every row of a batch and hands its keys back: an acked row
         // is published whoever holds its key now (the broker has it); failures and releases
         // apply only to keys this owner still holds. `published` is the CTE that records
-        // the acked rows (marks or deletes them).
+        // the acked rows (marks or deletes them). It answers with the rows it changed, so
+        // that what is counted is what was recorded (not a row another owner had recorded
+        // already, nor a failure of a key this owner no longer held).
         let settle = |published: &str| {
             format!(
                 "WITH {published}, \
@@ -260,13 +271,18 @@ impl Sql {
                           AS u(id, budget, err, dead) \
                      WHERE t.id = u.id AND {failed_ids} AND {still_pending} \
                        AND EXISTS (SELECT 1 FROM {k} k WHERE k.event_key = t.event_key \
-                                   AND k.lease_owner = $11)) \
-                 UPDATE {k} k SET lease_owner = NULL, lease_until = NULL, \
-                     next_attempt_at = CASE WHEN u.delay_ms IS NULL THEN now() \
-                         ELSE now() + u.delay_ms * interval '1 millisecond' END, \
-                     backoff_transient = COALESCE(u.transient, false) \
-                 FROM UNNEST($8::text[], $9::float8[], $10::bool[]) AS u(key, delay_ms, transient) \
-                 WHERE k.event_key = u.key AND {released} AND k.lease_owner = $11",
+                                   AND k.lease_owner = $11) \
+                     RETURNING t.id), \
+                 released AS ( \
+                     UPDATE {k} k SET lease_owner = NULL, lease_until = NULL, \
+                         next_attempt_at = CASE WHEN u.delay_ms IS NULL THEN now() \
+                             ELSE now() + u.delay_ms * interval '1 millisecond' END, \
+                         backoff_transient = COALESCE(u.transient, false) \
+                     FROM UNNEST($8::text[], $9::float8[], $10::bool[]) \
+                          AS u(key, delay_ms, transient) \
+                     WHERE k.event_key = u.key AND {released} AND k.lease_owner = $11) \
+                 SELECT ARRAY(SELECT id FROM published) AS published, \
+                        ARRAY(SELECT id FROM failed) AS failed",
                 failed_ids = listed("t.id", "$4::bigint[]"),
                 released = listed("k.event_key", "$8::text[]"),
             )
@@ -422,7 +438,8 @@ impl Sql {
                      FROM UNNEST($1::bigint[], $2::int[], $3::bigint[]) \
                           AS u(id, partition, kafka_offset) \
                      WHERE t.id = u.id AND {published_ids} AND {still_pending} \
-                       AND {NO_FLUSH_WAIT})"
+                       AND {NO_FLUSH_WAIT} \
+                     RETURNING t.id)"
             )),
             // Deleting is cheaper than marking: no new row version, no new entries in the
             // primary key and the published index (100,000 one-event keys in
@@ -1017,6 +1034,9 @@ impl OutboxStore {
     /// after a failed row: the key is not claimable before it). Keys still held after this
     /// are unaffected.
     ///
+    /// Returns the rows it recorded: a row already recorded (by another owner that sent it
+    /// too) or failed under a key `owner` no longer holds is left out.
+    ///
     /// # Errors
     /// [`Error::OutboxStorage`] when the update fails; nothing is recorded, the keys stay
     /// leased until their lease lapses and the rows are then delivered again (same bytes,
@@ -1026,7 +1046,7 @@ impl OutboxStore {
         owner: Uuid,
         rows: &[(i64, Settlement)],
         keys: &[KeyRelease],
-    ) -> Result<()> {
+    ) -> Result<Recorded> {
         let mut published = (Vec::new(), Vec::new(), Vec::new());
         let mut failed = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (id, outcome) in rows {
@@ -1064,7 +1084,7 @@ impl OutboxStore {
         } else {
             &self.sql.settle
         };
-        sqlx::query(settle)
+        let recorded = sqlx::query(settle)
             .bind(&published.0)
             .bind(&published.1)
             .bind(&published.2)
@@ -1076,10 +1096,16 @@ impl OutboxStore {
             .bind(&delays)
             .bind(&transient)
             .bind(owner)
-            .execute(&self.pool)
+            .fetch_one(&self.pool)
             .await
             .map_err(|e| Error::storage("settle", e))?;
-        Ok(())
+        Ok(Recorded {
+            published: recorded
+                .get::<Vec<i64>, _>("published")
+                .into_iter()
+                .collect(),
+            failed: recorded.get::<Vec<i64>, _>("failed").into_iter().collect(),
+        })
     }
 
     /// Deletes the key rows of `keys` (held by `owner`) that have no pending row left, and

@@ -16,7 +16,7 @@ use tracing::warn;
 use uuid::Uuid;
 
 use crate::error::ErrorClass;
-use crate::outbox::store::{KeyRelease, OutboxStore, Settlement};
+use crate::outbox::store::{KeyRelease, OutboxStore, Recorded, Settlement};
 
 /// Most rows or keys folded into one settle statement.
 const MAX_BATCH: usize = 2000;
@@ -184,8 +184,8 @@ async fn run(
             store.settle(owner, &settlements, &release)
         })
         .await;
-        if written {
-            count(&service, &rows);
+        if let Some(recorded) = &written {
+            count(&service, &rows, recorded);
             if !drained.is_empty() {
                 retry(give_up_after, || store.release_drained(owner, &drained)).await;
             }
@@ -204,8 +204,9 @@ async fn run(
     }
 }
 
-/// Runs `op` until it succeeds, backing off, for at most `give_up_after`.
-async fn retry<T, F, Fut>(give_up_after: Duration, mut op: F) -> bool
+/// Runs `op` until it succeeds, backing off, for at most `give_up_after`; its answer, or
+/// `None` once given up on.
+async fn retry<T, F, Fut>(give_up_after: Duration, mut op: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = crate::Result<T>>,
@@ -214,10 +215,10 @@ where
     let mut pause = Duration::from_millis(50);
     loop {
         match op().await {
-            Ok(_) => return true,
+            Ok(answer) => return Some(answer),
             Err(e) if started.elapsed() >= give_up_after => {
                 warn!(error = %e, "could not settle; leases lapse and the rows are delivered again");
-                return false;
+                return None;
             }
             Err(e) => {
                 warn!(error = %e, "settle failed; retrying");
@@ -228,15 +229,16 @@ where
     }
 }
 
-/// Metrics count what was written, never what was only attempted.
-fn count(service: &str, rows: &[RowOutcome]) {
+/// Metrics count what was recorded, never what was only attempted: a row another owner had
+/// recorded already, or a failure under a key this owner no longer held, is not counted.
+fn count(service: &str, rows: &[RowOutcome], recorded: &Recorded) {
     crate::metrics::published_batch(
         service,
         rows.iter()
-            .filter(|row| matches!(row.settlement, Settlement::Published { .. }))
+            .filter(|row| recorded.published.contains(&row.id))
             .map(|row| (row.topic.as_str(), row.latency)),
     );
-    for row in rows {
+    for row in rows.iter().filter(|row| recorded.failed.contains(&row.id)) {
         match &row.settlement {
             Settlement::Published { .. } | Settlement::Released => {}
             Settlement::Retry { .. } => {
