@@ -17,7 +17,8 @@ pub const EVENTS_PARKED: &str = "outpost_events_parked_total";
 /// Histogram (seconds): staging to broker acknowledgement, by `service`.
 pub const PUBLISH_LATENCY: &str = "outpost_publish_latency_seconds";
 /// Gauge: pending rows, by `service`; 0 when drained. Set by the one relay of a service
-/// that holds its housekeeping lock.
+/// that holds its housekeeping lock; a relay that cannot reach the database keeps its last
+/// reading, and one whose lock another relay took over reports 0 (the other reports).
 pub const BACKLOG: &str = "outpost_backlog";
 /// Gauge (seconds): age of the oldest pending row, by `service`; 0 when drained. Set as
 /// [`BACKLOG`] is.

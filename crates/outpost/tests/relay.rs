@@ -396,6 +396,61 @@ async fn one_relay_of_a_service_counts_the_backlog_and_another_takes_over_when_i
     relay.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_cannot_reach_the_database_keeps_its_last_backlog_reading() {
+    support::metrics();
+    let direct = support::store().await;
+    let service = support::unique("svc");
+    let proxy = support::Partition::start(database_port()).await;
+    let url = support::database_url().replacen(
+        &format!(":{}/", database_port()),
+        &format!(":{}/", proxy.port()),
+        1,
+    );
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy(&url)
+        .unwrap();
+    let store = OutboxStore::new(pool, direct.table().clone());
+    let mut config = support::relay_config(&service);
+    config.backlog_interval = Duration::from_millis(50);
+    // No broker: what is staged stays pending.
+    let relay = spawn(Relay::new(store, support::producer("127.0.0.1:1"), config).unwrap());
+    support::stage_committed(&direct, "t", 3, 3).await;
+    let backlog = || support::metric(outpost::metrics::BACKLOG, &service, &[]);
+    support::eventually(Duration::from_secs(30), "the backlog counted", || async {
+        (backlog() == 3.0).then_some(())
+    })
+    .await;
+    proxy.refuse_new(true);
+    proxy.close_all();
+    // Forty housekeeping intervals with the database out of reach: the reading stays.
+    let cut = std::time::Instant::now();
+    while cut.elapsed() < Duration::from_secs(2) {
+        assert_eq!(
+            backlog(),
+            3.0,
+            "the backlog read 0 while the database was unreachable"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.refuse_new(false);
+    relay.stop().await;
+}
+
+/// The port of the database the tests use.
+fn database_port() -> u16 {
+    let url = support::database_url();
+    let authority = url.split('@').next_back().unwrap_or("");
+    authority
+        .split('/')
+        .next()
+        .and_then(|host| host.rsplit_once(':'))
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or(5432)
+}
+
 /// A relay with the tests' settings.
 fn default_relay(store: &OutboxStore, brokers: &str, service: &str) -> Relay {
     Relay::new(

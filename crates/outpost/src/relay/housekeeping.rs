@@ -7,7 +7,9 @@
 //! middle of the drain they were all working on. The relay that holds the service's
 //! housekeeping lock does the chores; the others try for the lock at each interval and take
 //! over when its holder stops or loses its connection. A relay that never held the lock
-//! exports no backlog gauge; one that lost it exports 0.
+//! exports no backlog gauge; one that another relay took it over from exports 0. One that
+//! cannot reach the database keeps its last reading: 0 would say "drained" when nothing is
+//! known, and hide the backlog growing meanwhile.
 
 use std::time::Instant;
 
@@ -22,20 +24,27 @@ use crate::outbox::store::OutboxStore;
 /// Counts the backlog and runs retention while this relay holds the lock, until `stop`.
 pub(crate) async fn housekeep(store: OutboxStore, config: RelayConfig, stop: CancellationToken) {
     let mut lead: Option<PgConnection> = None;
+    let mut reported = false;
     let mut last_cleanup = Instant::now();
     loop {
-        let held = lead.is_some();
-        lead = keep_or_take(&store, &config, lead).await;
-        if held && lead.is_none() {
-            // Another relay counts now: this one's last reading would stay exported for
-            // good, however far the backlog has moved since.
-            crate::metrics::backlog(&config.service, 0, std::time::Duration::ZERO);
-        }
+        lead = match keep_or_take(&store, &config, lead).await {
+            Lead::Held(conn) => Some(conn),
+            Lead::Elsewhere => {
+                if std::mem::take(&mut reported) {
+                    // Another relay counts now: this one's last reading would stay exported
+                    // for good, however far the backlog has moved since.
+                    crate::metrics::backlog(&config.service, 0, std::time::Duration::ZERO);
+                }
+                None
+            }
+            Lead::Unknown => None,
+        };
         let mut pause = config.backlog_interval;
         if lead.is_some() {
             let counted = Instant::now();
             if let Ok(b) = store.backlog().await {
                 crate::metrics::backlog(&config.service, b.pending, b.oldest_pending);
+                reported = true;
             }
             // The count reads every pending row: on a deep backlog it is spaced out so that
             // it takes at most a twentieth of one database core from the drain itself.
@@ -60,6 +69,16 @@ pub(crate) async fn housekeep(store: OutboxStore, config: RelayConfig, stop: Can
     }
 }
 
+/// Who holds the housekeeping lock, as far as this relay can tell.
+enum Lead {
+    /// This relay, on this connection.
+    Held(PgConnection),
+    /// Another relay: the database answered, and the lock was taken.
+    Elsewhere,
+    /// Not known: the database did not answer.
+    Unknown,
+}
+
 /// The lock is a session lock on a connection of its own (taken out of the pool, so the
 /// pool may open one more than its limit), held for as long as this relay lives; checked
 /// at each interval, since a connection the server dropped took the lock with it.
@@ -67,29 +86,32 @@ async fn keep_or_take(
     store: &OutboxStore,
     config: &RelayConfig,
     lead: Option<PgConnection>,
-) -> Option<PgConnection> {
+) -> Lead {
     if let Some(mut conn) = lead {
         if conn.ping().await.is_ok() {
-            return Some(conn);
+            return Lead::Held(conn);
         }
         warn!(service = %config.service, "lost the housekeeping lock with its connection");
     }
-    let mut conn = store.pool().acquire().await.ok()?;
+    let Ok(mut conn) = store.pool().acquire().await else {
+        return Lead::Unknown;
+    };
     // The two-key form: its locks never meet the one-key locks staging takes on event keys.
     // Per table and service: services sharing a table each report their gauges.
-    let held: bool = sqlx::query_scalar(
+    let held: sqlx::Result<bool> = sqlx::query_scalar(
         "SELECT pg_try_advisory_lock(hashtext($1), hashtext('outpost.housekeeping:' || $2))",
     )
     .bind(store.table().lock_namespace())
     .bind(&config.service)
     .fetch_one(&mut *conn)
-    .await
-    .ok()?;
-    if held {
-        debug!(service = %config.service, "took the housekeeping lock");
-        Some(conn.detach())
-    } else {
-        None
+    .await;
+    match held {
+        Ok(true) => {
+            debug!(service = %config.service, "took the housekeeping lock");
+            Lead::Held(conn.detach())
+        }
+        Ok(false) => Lead::Elsewhere,
+        Err(_) => Lead::Unknown,
     }
 }
 

@@ -437,7 +437,8 @@ pub async fn settled(collector: &Collector, seen: usize, quiet: Duration) -> Vec
 /// A TCP proxy to a server on 127.0.0.1 (PostgreSQL, Redis) whose connections can be cut off without being
 /// closed, as a partition that drops packets cuts them: a frozen connection forwards nothing
 /// more, either way, and stays open. While new connections are held, those accepted are
-/// frozen from the start (a server that accepts and never answers).
+/// frozen from the start (a server that accepts and never answers). Connections can also be
+/// closed, and new ones refused (a server that went down).
 pub struct Partition {
     port: u16,
     accepted: Arc<std::sync::atomic::AtomicUsize>,
@@ -445,6 +446,8 @@ pub struct Partition {
     upstream_ports: Arc<std::sync::Mutex<Vec<i32>>>,
     freezes: tokio::sync::watch::Sender<u64>,
     hold_new: Arc<std::sync::atomic::AtomicBool>,
+    closes: tokio::sync::watch::Sender<u64>,
+    refuse_new: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Partition {
@@ -453,24 +456,32 @@ impl Partition {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (freezes, _) = tokio::sync::watch::channel(0u64);
+        let (closes, _) = tokio::sync::watch::channel(0u64);
         let proxy = Self {
             port,
             accepted: Arc::default(),
             upstream_ports: Arc::default(),
             freezes,
             hold_new: Arc::default(),
+            closes,
+            refuse_new: Arc::default(),
         };
-        let (accepted, ports, hold_new) = (
+        let (accepted, ports, hold_new, refuse_new) = (
             Arc::clone(&proxy.accepted),
             Arc::clone(&proxy.upstream_ports),
             Arc::clone(&proxy.hold_new),
+            Arc::clone(&proxy.refuse_new),
         );
-        let freezes = proxy.freezes.clone();
+        let (freezes, closes) = (proxy.freezes.clone(), proxy.closes.clone());
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 accepted.fetch_add(1, SeqCst);
+                if refuse_new.load(SeqCst) {
+                    continue; // dropped: closed at once
+                }
                 let held = hold_new.load(SeqCst);
                 let mut frozen = freezes.subscribe();
+                let mut closed = closes.subscribe();
                 let ports = Arc::clone(&ports);
                 tokio::spawn(async move {
                     if held {
@@ -483,6 +494,7 @@ impl Partition {
                     ports.lock().unwrap().push(i32::from(local));
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+                        _ = closed.changed() => return,
                         _ = frozen.changed() => {}
                     }
                     // Both sockets stay open and silent.
@@ -506,6 +518,17 @@ impl Partition {
     /// Local ports of its connections to the server (`client_port` in `pg_stat_activity`).
     pub fn upstream_ports(&self) -> Vec<i32> {
         self.upstream_ports.lock().unwrap().clone()
+    }
+
+    /// Closes every connection open now (those frozen stay as they are).
+    pub fn close_all(&self) {
+        self.closes.send_modify(|n| *n += 1);
+    }
+
+    /// Whether connections accepted from now on are closed at once.
+    pub fn refuse_new(&self, refuse: bool) {
+        self.refuse_new
+            .store(refuse, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Cuts off every connection open now.
