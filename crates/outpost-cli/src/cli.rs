@@ -276,7 +276,6 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Inspect, requeue or purge parked (dead) events.
     /// WAL mode: set up and check logical replication, run the WAL relay, and handle its
     /// dead letters (stream, slot and SQL function named after each service's schema).
     Wal {
@@ -284,6 +283,7 @@ pub enum Command {
         #[command(subcommand)]
         command: WalCommand,
     },
+    /// Inspect, requeue or purge parked (dead) events.
     Dead {
         /// What to do with them.
         #[command(subcommand)]
@@ -350,10 +350,15 @@ pub enum Command {
         /// Scenarios to run (default all).
         scenarios: Vec<String>,
     },
-    /// Put parked (dead) events back in line.
+    /// Put parked (dead) events back in line (the same as `dead requeue`).
     Requeue {
-        /// Row ids to requeue; all parked rows when omitted.
+        /// Row ids to requeue.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
         ids: Vec<i64>,
+        /// Requeue every parked event (asked for by name: an empty id list, from a shell
+        /// variable say, must not requeue them all).
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -402,7 +407,7 @@ pub enum WalDeadCommand {
         #[arg(long)]
         json: bool,
         /// Most letters listed per service.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
     },
     /// Emit the given dead letters into the stream again (and delete them).
@@ -423,7 +428,7 @@ pub enum DeadCommand {
         #[arg(long)]
         json: bool,
         /// Most events listed per service.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
     },
     /// Show one parked event: headers, reason, attempts and payload.
@@ -449,7 +454,17 @@ pub enum DeadCommand {
         #[arg(required_unless_present = "older_than", conflicts_with = "older_than")]
         ids: Vec<i64>,
         /// Delete parked events staged longer ago than this (e.g. 7d, 12h, 30m).
-        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        #[arg(long, value_name = "DURATION", value_parser = age)]
         older_than: Option<std::time::Duration>,
     },
+}
+
+/// A `--older-than` age: a humantime duration (7d, 12h, 30m) of at most 100 years, which
+/// PostgreSQL's intervals hold.
+fn age(text: &str) -> Result<std::time::Duration, String> {
+    let age = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if age > std::time::Duration::from_secs(100 * 365 * 24 * 3600) {
+        return Err("at most 100 years (e.g. 7d, 12h, 30m)".into());
+    }
+    Ok(age)
 }

@@ -187,8 +187,7 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             json,
             scenarios,
         } => faults::run(quick, json, &scenarios).await?,
-        Command::Requeue { ids } => {
-            let all = ids.is_empty();
+        Command::Requeue { ids, all } => {
             dead::run(&settings, &pool, cli::DeadCommand::Requeue { ids, all }).await?;
         }
     }

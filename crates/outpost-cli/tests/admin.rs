@@ -247,3 +247,22 @@ async fn dead_events_are_listed_shown_requeued_and_purged() {
     .await;
     assert_eq!(o.status()["dead"], 0);
 }
+
+#[test]
+fn admin_commands_refuse_what_they_cannot_mean() {
+    for (args, mentions) in [
+        // An empty id list (a shell variable unset) must not requeue every parked event.
+        (vec!["requeue"], "<IDS>"),
+        (vec!["dead", "requeue"], "<IDS>"),
+        (vec!["dead", "list", "--limit=-1"], "--limit"),
+        (
+            vec!["dead", "purge", "--older-than", "1000000y"],
+            "--older-than",
+        ),
+    ] {
+        let out = outpost_std().args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(mentions), "{args:?}: {stderr}");
+    }
+}
