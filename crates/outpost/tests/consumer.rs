@@ -92,6 +92,13 @@ impl Effects {
         if event.data["poison"] == true {
             return Err(Error::permanent("poison event"));
         }
+        if let Some(n) = event.data["poison_quoting"].as_u64() {
+            // An error that quotes its whole (large) input.
+            return Err(Error::permanent(format!(
+                "cannot parse {}",
+                "x".repeat(n as usize)
+            )));
+        }
         assert!(event.data["panic"] != true, "an essay nobody expected");
         if let Some(n) = event.data["fail_times"].as_u64() {
             let mut left = self.failures_left.lock().unwrap();
@@ -900,33 +907,44 @@ async fn database_errors_raised_by_database_code_are_dead_lettered_not_retried_f
     assert_eq!(done, [last.event_id]);
 }
 
-#[tokio::test]
-async fn an_event_whose_handler_panics_is_dead_lettered_and_the_partition_goes_on() {
+/// Sends an event with `data`, then another of its key; runs an inboxed consumer until the
+/// second is handled; checks the first was dead-lettered with no effect. Returns its
+/// dead letter's reason.
+async fn dead_lettered_before_the_next(data: serde_json::Value) -> String {
     let (effects, topic, dead, group, producer) = case(1).await;
-    let panicking = event_with(&topic, "k", 0, json!({ "panic": true }));
+    let bad = event_with(&topic, "k", 0, data);
     let next = event_with(&topic, "k", 1, json!({}));
-    for ev in [&panicking, &next] {
+    for ev in [&bad, &next] {
         send_event(&producer, ev).await;
     }
-
     let (process, log) = Recording::new(Inboxed::new(effects.inbox().await, effects.clone()));
     let running = start(&group, &topic, &dead, process);
     wait_handled(&log, next.event_id, "the next event handled").await;
     let dead_letters = read_topic(&dead, 1).await;
     running.stop().await;
-
-    let reasons = dlq_reasons(&dead_letters);
-    assert_eq!(reasons[0].0, Some(panicking.event_id.to_string()));
-    assert!(
-        reasons[0].1.contains("an essay nobody expected"),
-        "{reasons:?}"
-    );
     let done: Vec<Uuid> = effects.all().await.into_iter().map(|e| e.0).collect();
     assert_eq!(
         done,
         [next.event_id],
-        "the panicking event's effect rolled back"
+        "the failed event's effect rolled back"
     );
+    let (id, reason) = dlq_reasons(&dead_letters).remove(0);
+    assert_eq!(id, Some(bad.event_id.to_string()));
+    reason
+}
+
+#[tokio::test]
+async fn an_event_whose_handler_panics_is_dead_lettered_and_the_partition_goes_on() {
+    let reason = dead_lettered_before_the_next(json!({ "panic": true })).await;
+    assert!(reason.contains("an essay nobody expected"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_failure_quoting_a_large_input_is_dead_lettered_with_its_reason_cut_short() {
+    // Twice what the dead-letter producer sends in one message.
+    let reason = dead_lettered_before_the_next(json!({ "poison_quoting": 2_000_000 })).await;
+    assert!(reason.contains("cannot parse xxx"), "{reason:.100}");
+    assert!(reason.len() <= 4096, "{} bytes", reason.len());
 }
 
 #[tokio::test]

@@ -90,7 +90,7 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::error::classify;
-use crate::error::{database_is_retriable, redact_properties, Error, Result};
+use crate::error::{bounded, database_is_retriable, redact_properties, Error, Result};
 use crate::event::envelope::EventEnvelope;
 use crate::kafka::acks::AckProducer;
 use crate::kafka::producer::validate_brokers;
@@ -101,6 +101,8 @@ use super::partitions::{Batch, Ended, Key, Partitions, Rebalancing};
 pub const EVENT_ID_HEADER: &str = "event_id";
 /// Dead-letter header: why the message could not be handled.
 pub const DLQ_REASON: &str = "dlq_reason";
+/// Longest [`DLQ_REASON`] sent, in bytes.
+const MAX_REASON: usize = 4096;
 /// Dead-letter header: the [`ErrorCode`](crate::error::ErrorCode) of the failure.
 pub const DLQ_ERROR_CODE: &str = "dlq_error_code";
 /// Dead-letter header: the topic the message was consumed from.
@@ -782,7 +784,9 @@ impl<P: Process> Consumer<P> {
     /// Sends `msg` to the dead-letter topic as it was (key, payload, headers) plus `dlq_*`
     /// headers, and waits for the ack.
     async fn dead_letter(&self, msg: &OwnedMessage, failure: &Error) -> Result<()> {
-        let reason = explain(failure);
+        // Bounded: an error that quotes a large input would otherwise make the dead letter
+        // too large for the broker, and the partition would wait on it for good.
+        let reason = bounded(&explain(failure), MAX_REASON).to_owned();
         let code = failure.code().to_string();
         let partition = msg.partition().to_string();
         let offset = msg.offset().to_string();

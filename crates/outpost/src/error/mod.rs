@@ -14,6 +14,19 @@ pub use class::{classify, classify_code, ErrorClass};
 pub use redaction::redact_url;
 pub(crate) use redaction::{redact_properties, shown_property};
 
+/// The first `max` bytes of `text` (cut at a character boundary): error texts stored or sent
+/// along (a row's last error, a dead letter's reason) stay bounded, however long the error.
+pub(crate) fn bounded(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -33,7 +33,7 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use crate::error::{Error, EventContext, Result};
+use crate::error::{bounded, Error, EventContext, Result};
 use crate::event::envelope::OutboxEvent;
 use crate::outbox::ddl::{no_column, no_relation, only_if};
 use crate::outbox::headers::StoredHeaders;
@@ -1061,13 +1061,13 @@ impl OutboxStore {
                 } => {
                     failed.0.push(*id);
                     failed.1.push(i32::from(*budgeted));
-                    failed.2.push(truncate(error));
+                    failed.2.push(bounded(error, 1000).to_owned());
                     failed.3.push(false);
                 }
                 Settlement::Dead { error, budgeted } => {
                     failed.0.push(*id);
                     failed.1.push(i32::from(*budgeted));
-                    failed.2.push(truncate(error));
+                    failed.2.push(bounded(error, 1000).to_owned());
                     failed.3.push(true);
                 }
                 Settlement::Released => {}
@@ -1420,16 +1420,4 @@ fn context_of(event: &OutboxEvent) -> EventContext {
         topic: Some(event.topic.clone()),
         correlation_id: Some(event.correlation_id),
     }
-}
-
-fn truncate(s: &str) -> String {
-    const MAX: usize = 1000;
-    if s.len() <= MAX {
-        return s.to_owned();
-    }
-    let mut end = MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
 }
