@@ -1095,12 +1095,19 @@ async fn a_leader_whose_replication_connection_never_starts_gives_the_lead_up_an
     // Given up on after 20 s: the lock goes back (another relay could take the lead) and
     // it tries again.
     support::eventually(
-        Duration::from_secs(60),
-        "the relay gives the lead up and opens the stream again",
-        || async { (proxy.accepted() >= 2).then_some(()) },
+        Duration::from_secs(90),
+        "the relay gives the lead up and opens the stream again, twice",
+        || async { (proxy.accepted() >= 3).then_some(()) },
     )
     .await;
     assert_eq!(relay.progress().sessions, 0, "no session started");
+    // The attempts given up on left no connection behind.
+    support::eventually(
+        Duration::from_secs(10),
+        "one replication connection open",
+        || async { (proxy.open() <= 1).then_some(()) },
+    )
+    .await;
     proxy.hold_new(false);
     support::eventually(Duration::from_secs(60), "a session starts", || async {
         (relay.progress().sessions >= 1).then_some(())

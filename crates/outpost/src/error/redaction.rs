@@ -27,20 +27,22 @@ pub fn redact_url(url: &str) -> String {
             }
             parsed.to_string()
         }
-        // A PostgreSQL keyword/value string (`host=h user=u password=pw`), which is no URL
-        // but a database URL setting may be given one.
-        _ if !url.contains("://") && url.contains('=') => redact_keywords(url),
-        // Parsers disagree on where a malformed URL's credentials end (`app:pw@host` is a
-        // scheme and a path to some): everything up to the last `@` may be one.
-        _ => match url.rsplit_once('@') {
-            Some((credentials, host)) => {
-                let scheme = credentials
-                    .find("://")
-                    .map_or("", |i| &credentials[..i + 3]);
-                format!("{scheme}{HIDDEN}@{host}")
+        // Not a URL. A `password` keyword's value goes (a PostgreSQL keyword/value string,
+        // `host=h user=u password=pw`, which a database URL setting may be given); then, as
+        // parsers disagree on where a malformed URL's credentials end (`app:pw@host` is a
+        // scheme and a path to some), everything up to the last `@` may be one.
+        _ => {
+            let text = redact_keywords(url);
+            match text.rsplit_once('@') {
+                Some((credentials, host)) => {
+                    let scheme = credentials
+                        .find("://")
+                        .map_or("", |i| &credentials[..i + 3]);
+                    format!("{scheme}{HIDDEN}@{host}")
+                }
+                None => text,
             }
-            None => url.to_owned(),
-        },
+        }
     }
 }
 
@@ -78,7 +80,18 @@ fn redact_keywords(text: &str) -> String {
             }
             1 + end
         } else {
-            value.find(char::is_whitespace).unwrap_or(value.len())
+            // Up to unescaped white space; a backslash escapes the next character.
+            let mut chars = value.char_indices();
+            let mut end = value.len();
+            while let Some((i, c)) = chars.next() {
+                if c == '\\' {
+                    chars.next();
+                } else if c.is_whitespace() {
+                    end = i;
+                    break;
+                }
+            }
+            end
         };
         out.push_str("password=");
         out.push_str(HIDDEN);
@@ -175,6 +188,19 @@ mod tests {
         );
         assert_eq!(redact_url("dbname=test"), "dbname=test");
         assert_eq!(redact_url("password=s3cret"), "password=****");
+        assert_eq!(
+            redact_url("password=s3\\ cret port=1"),
+            "password=**** port=1"
+        );
+        // Malformed URLs with a query: their credentials still go.
+        for url in [
+            "app:s3cret@db/app?sslmode=require",
+            "postgresql//app:s3cret@db/app?sslmode=require",
+            "password=s3cret://y",
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains("s3cret"), "{url}: {shown}");
+        }
     }
 
     #[test]

@@ -413,20 +413,31 @@ impl WalRelay {
             slot: cfg.stream.slot(),
             source: Box::new(e),
         };
-        let start = async {
-            let mut c = ReplicationClient::connect(repl).await?;
-            c.wait_started().await?;
-            Ok::<_, pgwire_replication::PgWireError>(c)
+        // `connect` only starts the client's worker; a start given up on (timed out, or
+        // stopping) aborts that worker, which would otherwise stay on the silent socket.
+        let mut client = ReplicationClient::connect(repl).await.map_err(stream_err)?;
+        let started = tokio::select! {
+            started = tokio::time::timeout(STREAM_START_TIMEOUT, client.wait_started()) => Some(started),
+            () = &mut *shutdown => None,
         };
-        let mut client = tokio::select! {
-            c = tokio::time::timeout(STREAM_START_TIMEOUT, start) => c
-                .map_err(|_| stream_err(pgwire_replication::PgWireError::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("the replication connection did not start within {STREAM_START_TIMEOUT:?}"),
-                ).into())))?
-                .map_err(stream_err)?,
-            () = &mut *shutdown => return Ok(()),
-        };
+        match started {
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => return Err(stream_err(e)),
+            Some(Err(_)) => {
+                client.abort();
+                return Err(stream_err(pgwire_replication::PgWireError::Io(
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the replication connection did not start within {STREAM_START_TIMEOUT:?}"),
+                    )
+                    .into(),
+                )));
+            }
+            None => {
+                client.abort();
+                return Ok(());
+            }
+        }
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
         if *delivered_lsn > 0 {
             client.update_applied_lsn(Lsn::from_u64(*delivered_lsn));

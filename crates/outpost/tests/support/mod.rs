@@ -448,6 +448,34 @@ pub struct Partition {
     hold_new: Arc<std::sync::atomic::AtomicBool>,
     closes: tokio::sync::watch::Sender<u64>,
     refuse_new: Arc<std::sync::atomic::AtomicBool>,
+    /// Connections whose client has not closed its end.
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one connection as open for as long as it lives.
+struct Open(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Open {
+    fn count(open: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(Arc::clone(open))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Reads what `client` sends, answering nothing, until it closes its end.
+async fn until_closed(client: &mut tokio::net::TcpStream) {
+    let mut sink = [0u8; 4096];
+    while let Ok(n) = tokio::io::AsyncReadExt::read(client, &mut sink).await {
+        if n == 0 {
+            break;
+        }
+    }
 }
 
 impl Partition {
@@ -465,7 +493,9 @@ impl Partition {
             hold_new: Arc::default(),
             closes,
             refuse_new: Arc::default(),
+            open: Arc::default(),
         };
+        let open = Arc::clone(&proxy.open);
         let (accepted, ports, hold_new, refuse_new) = (
             Arc::clone(&proxy.accepted),
             Arc::clone(&proxy.upstream_ports),
@@ -483,9 +513,11 @@ impl Partition {
                 let mut frozen = freezes.subscribe();
                 let mut closed = closes.subscribe();
                 let ports = Arc::clone(&ports);
+                let open = Arc::clone(&open);
                 tokio::spawn(async move {
+                    let _open = Open::count(&open);
                     if held {
-                        return std::future::pending::<()>().await;
+                        return until_closed(&mut client).await;
                     }
                     let mut server = tokio::net::TcpStream::connect(("127.0.0.1", target_port))
                         .await
@@ -497,8 +529,9 @@ impl Partition {
                         _ = closed.changed() => return,
                         _ = frozen.changed() => {}
                     }
-                    // Both sockets stay open and silent.
-                    std::future::pending::<()>().await;
+                    // Both stay open and silent, until the client closes its end.
+                    until_closed(&mut client).await;
+                    drop(server);
                 });
             }
         });
@@ -508,6 +541,11 @@ impl Partition {
     /// Where it listens.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Connections open now: accepted, not refused, and not closed by their client.
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Connections accepted so far.
