@@ -939,6 +939,70 @@ async fn an_event_whose_handler_panics_is_dead_lettered_and_the_partition_goes_o
     assert!(reason.contains("an essay nobody expected"), "{reason}");
 }
 
+/// [`Effects`], panicking on every event while `broken` is set (a handler whose state a
+/// panic left broken); counts its panics.
+struct BrokenWhile {
+    inner: Effects,
+    broken: Arc<AtomicBool>,
+    panics: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl InboxHandler for BrokenWhile {
+    async fn handle(
+        &self,
+        event: &EventEnvelope<serde_json::Value>,
+        received: &Received,
+        tx: &mut Transaction<'_, Postgres>,
+    ) -> outpost::Result<()> {
+        if self.broken.load(Ordering::SeqCst) {
+            self.panics.fetch_add(1, Ordering::SeqCst);
+            panic!("the handler's state is broken");
+        }
+        InboxHandler::handle(&self.inner, event, received, tx).await
+    }
+}
+
+#[tokio::test]
+async fn a_handler_that_keeps_panicking_holds_its_partition_after_a_few_dead_letters() {
+    let (effects, topic, dead, group, producer) = case(1).await;
+    let events: Vec<OutboxEvent> = (0..5)
+        .map(|i| event_with(&topic, "k", i, json!({})))
+        .collect();
+    for ev in &events {
+        send_event(&producer, ev).await;
+    }
+    let broken = Arc::new(AtomicBool::new(true));
+    let panics = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler = BrokenWhile {
+        inner: effects.clone(),
+        broken: Arc::clone(&broken),
+        panics: Arc::clone(&panics),
+    };
+    let (process, log) = Recording::new(Inboxed::new(effects.inbox().await, handler));
+    let running = start(&group, &topic, &dead, process);
+    // Three dead letters, then the fourth event is tried again, not dead-lettered.
+    support::eventually(WAIT, "five panics", || {
+        let n = panics.load(Ordering::SeqCst);
+        async move { (n >= 5).then_some(()) }
+    })
+    .await;
+    broken.store(false, Ordering::SeqCst);
+    wait_handled(&log, events[4].event_id, "the last event handled").await;
+    let dead_letters = read_topic(&dead, 3).await;
+    running.stop().await;
+    let parked: Vec<Option<String>> = dlq_reasons(&dead_letters)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let first_three: Vec<Option<String>> = events[..3]
+        .iter()
+        .map(|e| Some(e.event_id.to_string()))
+        .collect();
+    assert_eq!(parked, first_three);
+    let done: Vec<Uuid> = effects.all().await.into_iter().map(|e| e.0).collect();
+    assert_eq!(done, [events[3].event_id, events[4].event_id]);
+}
+
 #[tokio::test]
 async fn a_failure_quoting_a_large_input_is_dead_lettered_with_its_reason_cut_short() {
     // Twice what the dead-letter producer sends in one message.

@@ -481,7 +481,14 @@ pub struct Consumer<P> {
     consumer: Arc<StreamConsumer<Rebalancing>>,
     dead_letters: AckProducer,
     process: P,
+    /// Handler panics since the last event the handler got through (see [`Self::settle`]).
+    panics_in_a_row: std::sync::atomic::AtomicU32,
 }
+
+/// Handler panics in a row dead-lettered; past them a panic is retried in place. A handler
+/// left broken by a panic (a poisoned lock, say) would otherwise dead-letter every event
+/// that follows.
+const PANICS_DEAD_LETTERED: u32 = 3;
 
 impl<P> fmt::Debug for Consumer<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -525,6 +532,7 @@ impl<P: Process> Consumer<P> {
             consumer: Arc::new(consumer),
             dead_letters,
             process,
+            panics_in_a_row: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -731,11 +739,32 @@ impl<P: Process> Consumer<P> {
             Ok(received) => {
                 // A handler that panics would take the consumer down, and again at the same
                 // message after every restart: a bug it meets in this event is a permanent
-                // failure of the event (unless the build aborts on panic).
-                AssertUnwindSafe(self.process.process(&received))
+                // failure of the event (unless the build aborts on panic). Once several
+                // events in a row made it panic, it is the handler that is broken: the
+                // partition waits and retries, as for a retriable failure.
+                let handled = AssertUnwindSafe(self.process.process(&received))
                     .catch_unwind()
-                    .await
-                    .unwrap_or_else(|panic| Err(Error::permanent(panicked(panic.as_ref()))))
+                    .await;
+                let in_a_row = &self.panics_in_a_row;
+                match handled {
+                    Ok(outcome) => {
+                        if outcome.is_ok() {
+                            in_a_row.store(0, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        outcome
+                    }
+                    Err(panic) => {
+                        let n = in_a_row.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        let said = panicked(panic.as_ref());
+                        if n <= PANICS_DEAD_LETTERED {
+                            Err(Error::permanent(said))
+                        } else {
+                            Err(Error::retriable(format!(
+                                "{said} ({n} panics in a row: retried, not dead-lettered)"
+                            )))
+                        }
+                    }
+                }
             }
             Err(e) => Err(e),
         };

@@ -33,6 +33,10 @@ use crate::error::{redact_url, Error, Result};
 use crate::relay::wake::validate_service;
 
 const PROCESSING: &str = "processing";
+
+/// Longest a handled event's `completed` mark is tried again (see
+/// `Idempotent::mark_completed`): within a shutdown's usual grace period.
+const COMPLETE_RETRIES_FOR: Duration = Duration::from_secs(10);
 const COMPLETED: &str = "completed";
 
 /// The Redis key for `event_id` handled by consumer group `group` of `service`.
@@ -396,8 +400,8 @@ impl<H: Handler> Idempotent<H> {
     /// whatever Redis says (handled again, the effect would apply twice). But a copy of the
     /// event arriving later would find the claim `processing`, wait for it to lapse and apply
     /// the effect again: with [`RedisDownPolicy::FailClosed`] the mark is tried again, with
-    /// back-off, while the claim holds (for up to half of `processing_ttl`; the partition
-    /// waits meanwhile, as it would for the claim).
+    /// back-off, while the claim holds (for up to [`COMPLETE_RETRIES_FOR`], or half of
+    /// `processing_ttl` if that is shorter; the partition, and a shutdown, wait meanwhile).
     async fn mark_completed(&self, group: &str, id: Uuid, claim: Claim) {
         let config = self.idempotency.config();
         let started = Instant::now();
@@ -410,7 +414,8 @@ impl<H: Handler> Idempotent<H> {
                 return; // unchecked (fail-open): there is no claim to finish
             }
             if config.redis_down == RedisDownPolicy::FailOpen
-                || started.elapsed() + pause >= config.processing_ttl / 2
+                || started.elapsed() + pause
+                    >= (config.processing_ttl / 2).min(COMPLETE_RETRIES_FOR)
             {
                 warn!(event_id = %id, error = %e, "could not mark the event completed; a copy arriving before its claim lapses waits for it, then takes effect again");
                 return;
