@@ -1003,6 +1003,55 @@ async fn a_handler_that_keeps_panicking_holds_its_partition_after_a_few_dead_let
     assert_eq!(done, [events[3].event_id, events[4].event_id]);
 }
 
+/// [`Effects`], stuck for good on the first event it gets (a lock held by a stalled
+/// process, say).
+struct StuckOnFirst {
+    inner: Effects,
+    stuck: Arc<AtomicBool>,
+}
+
+impl InboxHandler for StuckOnFirst {
+    async fn handle(
+        &self,
+        event: &EventEnvelope<serde_json::Value>,
+        received: &Received,
+        tx: &mut Transaction<'_, Postgres>,
+    ) -> outpost::Result<()> {
+        if !self.stuck.swap(true, Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        InboxHandler::handle(&self.inner, event, received, tx).await
+    }
+}
+
+#[tokio::test]
+async fn a_shutdown_abandons_a_message_stuck_in_hand_past_the_drain_timeout() {
+    let (effects, topic, dead, group, producer) = case(1).await;
+    let ev = event_with(&topic, "k", 0, json!({}));
+    send_event(&producer, &ev).await;
+    let stuck = Arc::new(AtomicBool::new(false));
+    let handler = StuckOnFirst {
+        inner: effects.clone(),
+        stuck: Arc::clone(&stuck),
+    };
+    let mut config = consumer_config(&group, &topic, &dead);
+    config.drain_timeout = Duration::from_secs(1);
+    let process = Inboxed::new(effects.inbox().await, handler);
+    let running = Running::start(Consumer::new(config, process).unwrap());
+    support::eventually(WAIT, "the handler stuck", || {
+        let stuck = stuck.load(Ordering::SeqCst);
+        async move { stuck.then_some(()) }
+    })
+    .await;
+    // Stops within its bound, the message in hand abandoned: the next consumer gets it.
+    running.stop().await;
+    let (process, log) = Recording::new(Inboxed::new(effects.inbox().await, effects.clone()));
+    let running = start(&group, &topic, &dead, process);
+    wait_handled(&log, ev.event_id, "the event handled by the next consumer").await;
+    running.stop().await;
+    assert_eq!(effects.count(ev.event_id).await, 1);
+}
+
 #[tokio::test]
 async fn a_failure_quoting_a_large_input_is_dead_lettered_with_its_reason_cut_short() {
     // Twice what the dead-letter producer sends in one message.

@@ -156,6 +156,11 @@ pub struct ConsumerConfig {
     pub librdkafka: BTreeMap<String, String>,
     /// Extra librdkafka properties for the dead-letter producer, applied last.
     pub dead_letter_librdkafka: BTreeMap<String, String>,
+    /// How long a shutdown waits for the messages in the workers' hands (default 30 s).
+    /// Past it they are abandoned, their offsets not committed: they come again to the
+    /// next consumer (a handler stuck on a lock held by a stalled process would otherwise
+    /// keep the consumer from ever stopping).
+    pub drain_timeout: Duration,
 }
 
 impl ConsumerConfig {
@@ -182,6 +187,7 @@ impl ConsumerConfig {
             together: 1,
             librdkafka: BTreeMap::new(),
             dead_letter_librdkafka: BTreeMap::new(),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 
@@ -313,6 +319,7 @@ impl fmt::Debug for ConsumerConfig {
             .field("concurrent_partitions", &self.concurrent_partitions)
             .field("partition_buffer", &self.partition_buffer)
             .field("together", &self.together)
+            .field("drain_timeout", &self.drain_timeout)
             .field("librdkafka", &redact_properties(&self.librdkafka))
             .field(
                 "dead_letter_librdkafka",
@@ -602,7 +609,18 @@ impl<P: Process> Consumer<P> {
         };
         // Workers finish the message in hand; what is queued comes again on the next run.
         parts.cancel_all();
-        while running.next().await.is_some() {}
+        let drained = tokio::time::timeout(self.config.drain_timeout, async {
+            while running.next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                group,
+                workers = running.len(),
+                "messages still in hand past the drain timeout are abandoned; they come again"
+            );
+            drop(running);
+        }
         let consumer = Arc::clone(&self.consumer);
         // A synchronous commit waits for the broker; on a runtime thread it would stall
         // every other task scheduled there.
