@@ -169,7 +169,7 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             read_first,
         } => {
             let verdict = verify::run(
-                &settings.brokers,
+                &settings.producer,
                 &store,
                 &ledger,
                 from.as_deref(),

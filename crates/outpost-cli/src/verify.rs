@@ -128,7 +128,7 @@ struct Ledgered {
 /// Reads `topic` and holds it against `ledger`; `fault_ended_ms` (Unix milliseconds) asks
 /// for the recovery time after a fault.
 pub async fn run(
-    brokers: &str,
+    kafka: &outpost::ProducerConfig,
     store: &OutboxStore,
     ledger: &str,
     topic: Option<&str>,
@@ -201,7 +201,8 @@ pub async fn run(
         }
     }
     // Reading metadata blocks until the broker answers.
-    let consumer = tokio::task::block_in_place(|| reader(brokers, topic))?;
+    let consumer =
+        tokio::task::block_in_place(|| reader(&kafka.brokers, &kafka.librdkafka, topic))?;
     let mut last_new = Instant::now();
     loop {
         let all_seen = tally.seen_committed == committed;
@@ -371,6 +372,25 @@ fn message_id(msg: &impl Message) -> Option<Uuid> {
     outpost::consuming::consumer::event_id(&headers, msg.payload().unwrap_or_default()).ok()
 }
 
+/// The reading consumer's settings: the relays' own librdkafka properties (security and
+/// connection settings among them: a cluster that wants SASL or TLS from the relays wants
+/// them from this reader too; producer-only ones librdkafka ignores here, with a warning).
+fn reader_config(brokers: &str, options: &BTreeMap<String, String>) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (key, value) in options {
+        config.set(key, value);
+    }
+    config
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!("outpost-verify-{}", Uuid::new_v4().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10");
+    config
+}
+
 /// Reads every partition of `topic` from its beginning until nothing new came for
 /// `quiet`: the event id of each message (none when it has none), in the order read.
 pub async fn read_ids(
@@ -378,7 +398,7 @@ pub async fn read_ids(
     topic: &str,
     quiet: Duration,
 ) -> anyhow::Result<Vec<Option<Uuid>>> {
-    let consumer = tokio::task::block_in_place(|| reader(brokers, topic))?;
+    let consumer = tokio::task::block_in_place(|| reader(brokers, &BTreeMap::new(), topic))?;
     let mut ids = Vec::new();
     while let Ok(next) = tokio::time::timeout(quiet, consumer.recv()).await {
         ids.push(message_id(&next.context("reading the topic failed")?));
@@ -387,15 +407,12 @@ pub async fn read_ids(
 }
 
 /// A consumer of every partition of `topic` from its beginning, committing nothing.
-fn reader(brokers: &str, topic: &str) -> anyhow::Result<StreamConsumer> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set(
-            "group.id",
-            format!("outpost-verify-{}", Uuid::new_v4().simple()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
+fn reader(
+    brokers: &str,
+    options: &BTreeMap<String, String>,
+    topic: &str,
+) -> anyhow::Result<StreamConsumer> {
+    let consumer: StreamConsumer = reader_config(brokers, options)
         .create()
         .context("cannot create a Kafka consumer")?;
     let metadata = consumer
@@ -416,4 +433,21 @@ fn reader(brokers: &str, topic: &str) -> anyhow::Result<StreamConsumer> {
     }
     consumer.assign(&tpl)?;
     Ok(consumer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reader_takes_the_relays_connection_settings_but_keeps_its_own() {
+        let options = BTreeMap::from([
+            ("security.protocol".to_owned(), "SASL_SSL".to_owned()),
+            ("enable.auto.commit".to_owned(), "true".to_owned()),
+        ]);
+        let config = reader_config("127.0.0.1:9092", &options);
+        assert_eq!(config.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(config.get("bootstrap.servers"), Some("127.0.0.1:9092"));
+        assert_eq!(config.get("enable.auto.commit"), Some("false"));
+    }
 }
