@@ -42,12 +42,15 @@ pub mod state {
     pub const COMPLETED_WITH_FAILURES: &str = "completed_with_failures";
 }
 
+/// The course codes HuleEdu knows (the contract's `CourseCode`).
+pub const COURSE_CODES: [&str; 6] = ["ENG5", "ENG6", "ENG7", "SV1", "SV2", "SV3"];
+
 /// What a teacher asks BOS for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchRequest {
     /// How many essays will be uploaded.
     pub expected_essay_count: u32,
-    /// Course code, e.g. `ENG5`.
+    /// Course code, one of [`COURSE_CODES`].
     pub course_code: String,
     /// Instructions given to the students.
     pub essay_instructions: String,
@@ -127,6 +130,15 @@ impl BatchOrchestrator {
     /// [`Error::Database`] or [`Error::Outpost`] when the transaction fails (then nothing
     /// was registered and nothing announced).
     pub async fn register_batch(&self, request: &BatchRequest) -> Result<Registration> {
+        // The contract's `CourseCode`: another value would go out in events that break it.
+        if !COURSE_CODES.contains(&request.course_code.as_str()) {
+            return Err(outpost::Error::config(
+                "course_code",
+                format!("one of {}", COURSE_CODES.join(", ")),
+                &request.course_code,
+            )
+            .into());
+        }
         let batch_id = Uuid::new_v4().to_string();
         let essay_ids: Vec<String> = (0..request.expected_essay_count)
             .map(|_| Uuid::new_v4().to_string())

@@ -497,6 +497,11 @@ impl EssayLifecycle {
         )
         .await?;
         info!(batch_id, essays = requested, "spellcheck requested");
+        if requested == 0 {
+            // No result will ever come to conclude it (every upload failed validation, say):
+            // the phase ends here.
+            self.conclude_spellcheck(tx, batch_id, event).await?;
+        }
         Ok(())
     }
 
@@ -887,7 +892,8 @@ impl EssayLifecycle {
                 _ => failed.push(essay_id),
             }
         }
-        let status = if failed.is_empty() {
+        // Nothing processed (no essay was ready) is no success either.
+        let status = if failed.is_empty() && !processed.is_empty() {
             "completed_successfully"
         } else {
             "completed_with_failures"

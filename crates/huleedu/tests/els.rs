@@ -75,6 +75,51 @@ fn content(batch_id: &str, upload: usize) -> EssayContentProvisionedV1 {
     }
 }
 
+/// File Service's report that `upload` of `batch_id` failed validation.
+fn validation_failed(batch_id: &str, upload: usize) -> EssayValidationFailedV1 {
+    EssayValidationFailedV1 {
+        event: "essay.validation.failed".into(),
+        batch_id: batch_id.into(),
+        file_upload_id: format!("upload-{upload}"),
+        original_file_name: format!("essay_{upload}.txt"),
+        raw_file_storage_id: Uuid::new_v4().to_string(),
+        validation_error_code: "EMPTY_CONTENT".into(),
+        validation_error_detail: ValidationErrorDetail {
+            error_code: "EMPTY_CONTENT".into(),
+            message: "empty".into(),
+            correlation_id: Uuid::new_v4(),
+            timestamp: Utc::now(),
+            service: "file_service".into(),
+            operation: "validate".into(),
+            details: Default::default(),
+        },
+        file_size_bytes: 0,
+        correlation_id: Uuid::new_v4(),
+        timestamp: Utc::now(),
+    }
+}
+
+/// BOS's command to spellcheck `essays` of `batch_id`.
+fn initiate(batch_id: &str, essays: &[Essay]) -> SpellcheckInitiateCommand {
+    SpellcheckInitiateCommand {
+        event_name: "batch.spellcheck.initiate.command".into(),
+        entity_ref: EntityRef {
+            entity_id: batch_id.into(),
+            entity_type: "batch".into(),
+            parent_id: None,
+        },
+        timestamp: Utc::now(),
+        essays_to_process: essays
+            .iter()
+            .map(|e| EssayRef {
+                essay_id: e.essay_id.clone(),
+                text_storage_id: e.text_storage_id.clone().unwrap(),
+            })
+            .collect(),
+        language: "en".into(),
+    }
+}
+
 async fn outbox_count(publisher: &Publisher, event_type: &str) -> i64 {
     let store = publisher.store();
     sqlx::query_scalar(&format!(
@@ -209,29 +254,14 @@ async fn content_placed_after_its_batch_became_ready_is_retried_as_excess() {
     )
     .await
     .unwrap();
-    let failed = EssayValidationFailedV1 {
-        event: "essay.validation.failed".into(),
-        batch_id: batch_id.clone(),
-        file_upload_id: "upload-1".into(),
-        original_file_name: "essay_1.txt".into(),
-        raw_file_storage_id: Uuid::new_v4().to_string(),
-        validation_error_code: "EMPTY_CONTENT".into(),
-        validation_error_detail: ValidationErrorDetail {
-            error_code: "EMPTY_CONTENT".into(),
-            message: "empty".into(),
-            correlation_id: Uuid::new_v4(),
-            timestamp: Utc::now(),
-            service: "file_service".into(),
-            operation: "validate".into(),
-            details: Default::default(),
-        },
-        file_size_bytes: 0,
-        correlation_id: Uuid::new_v4(),
-        timestamp: Utc::now(),
-    };
-    handle(&els, &publisher, topic::ESSAY_VALIDATION_FAILED, &failed)
-        .await
-        .unwrap();
+    handle(
+        &els,
+        &publisher,
+        topic::ESSAY_VALIDATION_FAILED,
+        &validation_failed(&batch_id, 1),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         els.batch_state(&batch_id).await.unwrap().as_deref(),
         Some(batch_state::READY)
@@ -336,23 +366,7 @@ async fn results_handled_together_announce_each_count_in_order_and_conclude_once
             .unwrap();
     }
     let essays = els.essays(&batch_id).await.unwrap();
-    let command = SpellcheckInitiateCommand {
-        event_name: "batch.spellcheck.initiate.command".into(),
-        entity_ref: EntityRef {
-            entity_id: batch_id.clone(),
-            entity_type: "batch".into(),
-            parent_id: None,
-        },
-        timestamp: Utc::now(),
-        essays_to_process: essays
-            .iter()
-            .map(|e| EssayRef {
-                essay_id: e.essay_id.clone(),
-                text_storage_id: e.text_storage_id.clone().unwrap(),
-            })
-            .collect(),
-        language: "en".into(),
-    };
+    let command = initiate(&batch_id, &essays);
     handle(
         &els,
         &publisher,
@@ -470,4 +484,54 @@ async fn contents_handled_together_fill_each_slot_once_and_make_the_batch_ready_
         1,
         "upload-4 found no slot"
     );
+}
+
+/// Every upload failed validation: the batch is ready with no essay, and the spellcheck
+/// phase, which no result will ever conclude, ends as it starts.
+#[tokio::test]
+async fn a_batch_with_no_valid_essay_concludes_its_phase_at_once() {
+    let (els, publisher) = els().await;
+    let batch_id = register(&els, &publisher, 2).await;
+    for upload in 0..2 {
+        handle(
+            &els,
+            &publisher,
+            topic::ESSAY_VALIDATION_FAILED,
+            &validation_failed(&batch_id, upload),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        els.batch_state(&batch_id).await.unwrap().as_deref(),
+        Some(batch_state::READY)
+    );
+    let command = initiate(&batch_id, &[]);
+    handle(
+        &els,
+        &publisher,
+        topic::BATCH_SPELLCHECK_INITIATE_COMMAND,
+        &command,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        els.batch_state(&batch_id).await.unwrap().as_deref(),
+        Some(batch_state::SPELLCHECK_COMPLETED)
+    );
+    assert_eq!(
+        outbox_count(&publisher, topic::ELS_BATCH_PHASE_OUTCOME).await,
+        1
+    );
+    let status: String = sqlx::query_scalar(&format!(
+        "SELECT convert_from(p.payload, 'UTF8')::jsonb #>> '{{data,phase_status}}' \
+         FROM {} e JOIN {} p USING (id) WHERE e.event_type = $1",
+        publisher.store().table(),
+        publisher.store().table().payloads()
+    ))
+    .bind(topic::ELS_BATCH_PHASE_OUTCOME)
+    .fetch_one(publisher.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(status, "completed_with_failures");
 }

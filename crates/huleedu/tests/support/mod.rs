@@ -1,4 +1,6 @@
 //! What the handler tests share: a service's outbox in a schema of its own.
+// Each test binary uses a part of it.
+#![allow(dead_code)]
 
 use std::str::FromStr;
 use std::sync::Arc;
