@@ -19,7 +19,7 @@
 //! - [`Mode::OutboxOnly`]: stage in the transaction and let the woken relay deliver (the
 //!   design HuleEdu ended with): no work after commit beyond a wake-up hint.
 //! - [`Mode::Wal`]: emit the event into PostgreSQL's WAL in the caller's transaction
-//!   ([`crate::wal::emit`], stream named after the outbox's schema); the stream's
+//!   ([`crate::wal::emit()`], stream named after the outbox's schema); the stream's
 //!   [`WalRelay`](crate::WalRelay) delivers it in commit order. No table row, no work after
 //!   commit (eager dispatch does not apply).
 

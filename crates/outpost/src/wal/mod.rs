@@ -15,7 +15,7 @@
 //!
 //! - [`WalStream`]: one stream's names (slot, publication, message prefix, SQL objects).
 //! - `message`: the bytes of one event inside a logical message.
-//! - [`emit`]: stage an event in the caller's transaction.
+//! - [`emit`](mod@emit): stage an event in the caller's transaction.
 //! - [`setup`]: `outpost wal init|doctor`: server checks, slot, publication, SQL API.
 //! - `progress`: the ordered queue that decides which LSN may be acknowledged.
 //! - [`relay`]: the leader-elected reader that produces and acknowledges.
