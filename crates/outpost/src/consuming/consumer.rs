@@ -75,6 +75,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -489,7 +490,7 @@ pub struct Consumer<P> {
     dead_letters: AckProducer,
     process: P,
     /// Handler panics since the last event the handler got through (see [`Self::settle`]).
-    panics_in_a_row: std::sync::atomic::AtomicU32,
+    panics_in_a_row: AtomicU32,
 }
 
 /// Handler panics in a row dead-lettered; past them a panic is retried in place. A handler
@@ -539,7 +540,7 @@ impl<P: Process> Consumer<P> {
             consumer: Arc::new(consumer),
             dead_letters,
             process,
-            panics_in_a_row: std::sync::atomic::AtomicU32::new(0),
+            panics_in_a_row: AtomicU32::new(0),
         })
     }
 
@@ -767,12 +768,12 @@ impl<P: Process> Consumer<P> {
                 match handled {
                     Ok(outcome) => {
                         if outcome.is_ok() {
-                            in_a_row.store(0, std::sync::atomic::Ordering::Relaxed);
+                            in_a_row.store(0, Ordering::Relaxed);
                         }
                         outcome
                     }
                     Err(panic) => {
-                        let n = in_a_row.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        let n = in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
                         let said = panicked(panic.as_ref());
                         if n <= PANICS_DEAD_LETTERED {
                             Err(Error::permanent(said))

@@ -28,6 +28,7 @@ use tokio::sync::Mutex;
 use tracing::warn;
 use uuid::Uuid;
 
+use crate::backoff::Backoff;
 use crate::consuming::consumer::{Handler, Outcome, Process, Received};
 use crate::error::{redact_url, Error, Result};
 use crate::relay::wake::validate_service;
@@ -404,24 +405,30 @@ impl<H: Handler> Idempotent<H> {
     /// `processing_ttl` if that is shorter; the partition, and a shutdown, wait meanwhile).
     async fn mark_completed(&self, group: &str, id: Uuid, claim: Claim) {
         let config = self.idempotency.config();
+        // Unchecked (fail-open) there is no claim to finish; fail-open retries nothing.
+        let retry_for = match (claim, config.redis_down) {
+            (Claim::Acquired(_), RedisDownPolicy::FailClosed) => {
+                (config.processing_ttl / 2).min(COMPLETE_RETRIES_FOR)
+            }
+            _ => Duration::ZERO,
+        };
+        let pauses = Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(1),
+        };
         let started = Instant::now();
-        let mut pause = Duration::from_millis(50);
-        loop {
+        for attempt in 1.. {
             let Err(e) = self.idempotency.complete(group, id).await else {
                 return;
             };
-            if !matches!(claim, Claim::Acquired(_)) {
-                return; // unchecked (fail-open): there is no claim to finish
-            }
-            if config.redis_down == RedisDownPolicy::FailOpen
-                || started.elapsed() + pause
-                    >= (config.processing_ttl / 2).min(COMPLETE_RETRIES_FOR)
-            {
-                warn!(event_id = %id, error = %e, "could not mark the event completed; a copy arriving before its claim lapses waits for it, then takes effect again");
+            let pause = pauses.ceiling(attempt);
+            if started.elapsed() + pause >= retry_for {
+                if matches!(claim, Claim::Acquired(_)) {
+                    warn!(event_id = %id, error = %e, "could not mark the event completed; a copy arriving before its claim lapses waits for it, then takes effect again");
+                }
                 return;
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
         }
     }
 }

@@ -62,43 +62,31 @@ fn redact_keywords(text: &str) -> String {
             continue;
         };
         let value = value.trim_start();
-        let end = if let Some(quoted) = value.strip_prefix('\'') {
-            // Up to the closing quote; a backslash escapes the next character.
-            let mut chars = quoted.char_indices();
-            let mut end = quoted.len();
-            while let Some((i, c)) = chars.next() {
-                match c {
-                    '\\' => {
-                        chars.next();
-                    }
-                    '\'' => {
-                        end = i + 1;
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            1 + end
-        } else {
-            // Up to unescaped white space; a backslash escapes the next character.
-            let mut chars = value.char_indices();
-            let mut end = value.len();
-            while let Some((i, c)) = chars.next() {
-                if c == '\\' {
-                    chars.next();
-                } else if c.is_whitespace() {
-                    end = i;
-                    break;
-                }
-            }
-            end
+        let end = match value.strip_prefix('\'') {
+            // Past the closing quote.
+            Some(quoted) => unescaped_end(quoted, |c| c == '\'').map_or(value.len(), |i| i + 2),
+            None => unescaped_end(value, char::is_whitespace).unwrap_or(value.len()),
         };
         out.push_str("password=");
         out.push_str(HIDDEN);
-        rest = &value[end.min(value.len())..];
+        rest = &value[end..];
     }
     out.push_str(rest);
     out
+}
+
+/// Where the first character of `text` that `ends` accepts is, not counting one a backslash
+/// escapes.
+fn unescaped_end(text: &str, ends: impl Fn(char) -> bool) -> Option<usize> {
+    let mut chars = text.char_indices();
+    while let Some((i, c)) = chars.next() {
+        if c == '\\' {
+            chars.next();
+        } else if ends(c) {
+            return Some(i);
+        }
+    }
+    None
 }
 
 /// What a librdkafka property's `value` shows as in messages: hidden when the property may
