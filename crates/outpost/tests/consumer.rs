@@ -1335,6 +1335,20 @@ async fn a_failed_attempt_whose_release_redis_missed_is_retried_without_waiting_
     assert_eq!(effects.count(failing.event_id).await, 1);
 }
 
+/// `env` as group `group` receives it from a plain message.
+fn received_by(group: &str, env: &EventEnvelope<serde_json::Value>) -> Received {
+    Received {
+        group_id: group.to_owned(),
+        topic: "t".into(),
+        partition: 0,
+        offset: 0,
+        key: None,
+        headers: BTreeMap::new(),
+        payload: serde_json::to_vec(env).unwrap(),
+        event_id: env.event_id,
+    }
+}
+
 #[tokio::test]
 async fn redis_two_phase_marks_processing_then_completed_and_releases_on_failure() {
     let idem = idempotency(&support::redis_url(), RedisDownPolicy::FailClosed);
@@ -1406,16 +1420,7 @@ async fn redis_two_phase_marks_processing_then_completed_and_releases_on_failure
         "tests",
         json!({ "key": "k", "seq": 0, "fail_times": 1 }),
     );
-    let received = Received {
-        group_id: group.clone(),
-        topic: "t".into(),
-        partition: 0,
-        offset: 0,
-        key: None,
-        headers: BTreeMap::new(),
-        payload: serde_json::to_vec(&env).unwrap(),
-        event_id: env.event_id,
-    };
+    let received = received_by(&group, &env);
     let err = process.process(&received).await.unwrap_err();
     assert!(err.is_retriable());
     let key = process.idempotency().key(&group, env.event_id);
@@ -1425,6 +1430,69 @@ async fn redis_two_phase_marks_processing_then_completed_and_releases_on_failure
     assert_eq!(
         process.process(&received).await.unwrap(),
         Outcome::Duplicate
+    );
+    assert_eq!(effects.count(env.event_id).await, 1);
+}
+
+/// [`Effects`] through the Redis variant, after holding the event for `hold`.
+struct Slow {
+    effects: Effects,
+    hold: Duration,
+}
+
+impl Handler for Slow {
+    async fn handle(
+        &self,
+        event: &EventEnvelope<serde_json::Value>,
+        received: &Received,
+    ) -> outpost::Result<()> {
+        tokio::time::sleep(self.hold).await;
+        Handler::handle(&self.effects, event, received).await
+    }
+}
+
+#[tokio::test]
+async fn a_claim_is_renewed_while_its_handler_runs_past_the_processing_ttl() {
+    let mut cfg = IdempotencyConfig::new(support::unique("svc"), RedisDownPolicy::FailClosed);
+    cfg.processing_ttl = Duration::from_secs(3);
+    let other = Idempotency::new(&support::redis_url(), cfg.clone(), HORIZON).unwrap();
+    let idem = Idempotency::new(&support::redis_url(), cfg, HORIZON).unwrap();
+    let effects = Effects::new().await;
+    let hold = Duration::from_secs(8);
+    let process = Arc::new(Idempotent::new(
+        idem,
+        Slow {
+            effects: effects.clone(),
+            hold,
+        },
+    ));
+    let group = support::unique("g");
+    let env = EventEnvelope::new("t.v1", "tests", json!({ "key": "k", "seq": 0 }));
+    let received = received_by(&group, &env);
+    let started = Instant::now();
+    let handling = tokio::spawn({
+        let process = Arc::clone(&process);
+        async move { process.process(&received).await }
+    });
+    // Another consumer (a rebalance, a copy on another partition) asks all along: more than
+    // twice the TTL, the claim is still the first one's.
+    let mut asked = 0;
+    while started.elapsed() < hold - Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let claim = other.claim(&group, env.event_id).await.unwrap();
+        assert_eq!(
+            claim,
+            Claim::InProgress,
+            "asked {:?} after the claim",
+            started.elapsed()
+        );
+        asked += 1;
+    }
+    assert!(asked > 10, "{asked}");
+    assert_eq!(handling.await.unwrap().unwrap(), Outcome::Handled);
+    assert_eq!(
+        other.claim(&group, env.event_id).await.unwrap(),
+        Claim::Duplicate
     );
     assert_eq!(effects.count(env.event_id).await, 1);
 }
@@ -1454,6 +1522,9 @@ async fn releasing_a_lapsed_claim_leaves_the_next_consumers_claim() {
     let Claim::Acquired(second) = idem.claim(&group, event).await.unwrap() else {
         panic!("a lapsed claim is acquired again");
     };
+    // The first consumer's renewal does not extend the second one's claim.
+    assert!(!idem.renew(&group, event, first).await.unwrap());
+    assert!(idem.renew(&group, event, second).await.unwrap());
     // The first consumer's handler fails late.
     idem.release(&group, event, first).await.unwrap();
     assert_eq!(

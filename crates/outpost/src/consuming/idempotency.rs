@@ -20,6 +20,7 @@
 //! redelivered event is handled a second time.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
@@ -63,8 +64,9 @@ pub struct IdempotencyConfig {
     pub service: String,
     /// What to do while Redis is unreachable (no default: an explicit choice).
     pub redis_down: RedisDownPolicy,
-    /// How long a `processing` claim holds; an event whose consumer died mid-handling is
-    /// retried after it (default 300 s).
+    /// How long a `processing` claim holds unless renewed; an event whose consumer died
+    /// mid-handling is retried after it (default 300 s). The claim is renewed every third
+    /// of it while the handler runs, so handling may take longer.
     pub processing_ttl: Duration,
     /// How long a `completed` mark is kept; must exceed the publisher's retry horizon
     /// (default 24 h).
@@ -163,6 +165,7 @@ pub struct Idempotency {
     conn: Mutex<Option<MultiplexedConnection>>,
     claim: redis::Script,
     release: redis::Script,
+    renew: redis::Script,
     /// Per event key, this process's claims of it that may still hold it although nothing
     /// was handled under them: a claim whose answer was lost, a release that failed. The
     /// next claim of the event takes such a claim over instead of waiting for it to lapse.
@@ -218,6 +221,15 @@ impl Idempotency {
                     and redis.call('GET', KEYS[2]) == ARGV[1] then \
                    redis.call('DEL', KEYS[2]) \
                    return redis.call('DEL', KEYS[1]) end \
+                 return 0"
+            )),
+            // Only this claim is extended: one that lapsed and was taken by another consumer
+            // stays theirs.
+            renew: redis::Script::new(&format!(
+                "if redis.call('GET', KEYS[1]) == '{PROCESSING}' \
+                    and redis.call('GET', KEYS[2]) == ARGV[1] then \
+                   redis.call('EXPIRE', KEYS[2], ARGV[2]) \
+                   return redis.call('EXPIRE', KEYS[1], ARGV[2]) end \
                  return 0"
             )),
         })
@@ -321,6 +333,35 @@ impl Idempotency {
         }
     }
 
+    /// Extends the event's `processing` claim `token` by `processing_ttl` from now. `false`
+    /// when the claim is no longer this token's (it lapsed, and another consumer may hold
+    /// the event).
+    ///
+    /// # Errors
+    /// [`Error::Idempotency`] when Redis fails; the claim then holds until its TTL.
+    pub async fn renew(&self, group: &str, event_id: Uuid, token: ClaimToken) -> Result<bool> {
+        let key = self.key(group, event_id);
+        let mut invocation = self.renew.key(&key);
+        invocation
+            .key(owner_key(&key))
+            .arg(token.mark())
+            .arg(self.config.processing_ttl.as_secs());
+        let renewed: redis::RedisResult<i64> = match self.connection().await {
+            Ok(mut conn) => invocation.invoke_async(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        match renewed {
+            Ok(n) => Ok(n == 1),
+            Err(e) => {
+                self.forget().await;
+                Err(Error::Idempotency {
+                    operation: "renew",
+                    source: Box::new(e),
+                })
+            }
+        }
+    }
+
     fn take_unsettled(&self, key: &str) -> Vec<ClaimToken> {
         let mut unsettled = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
         unsettled.remove(key).unwrap_or_default()
@@ -397,6 +438,37 @@ impl<H: Handler> Idempotent<H> {
         &self.idempotency
     }
 
+    /// Runs `handling` while renewing `token`'s claim every third of `processing_ttl`: a
+    /// handler that outlives the claim's TTL would otherwise share the event with the
+    /// next consumer to claim it (after a rebalance, or a duplicate on another partition).
+    async fn renewing<T>(
+        &self,
+        group: &str,
+        id: Uuid,
+        token: ClaimToken,
+        handling: impl Future<Output = T>,
+    ) -> T {
+        let every = self.idempotency.config().processing_ttl / 3;
+        let renewals = async {
+            loop {
+                tokio::time::sleep(every).await;
+                match self.idempotency.renew(group, id, token).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        warn!(event_id = %id, "the event's processing claim lapsed while it was handled; another consumer may be handling it too")
+                    }
+                    Err(e) => {
+                        warn!(event_id = %id, error = %e, "could not renew the event's processing claim; trying again")
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            handled = handling => handled,
+            () = renewals => unreachable!("the renewals never end"),
+        }
+    }
+
     /// Marks a handled event `completed`. Its effect is committed, so it counts as handled
     /// whatever Redis says (handled again, the effect would apply twice). But a copy of the
     /// event arriving later would find the claim `processing`, wait for it to lapse and apply
@@ -447,9 +519,15 @@ impl<H: Handler> Process for Idempotent<H> {
             }
             Claim::Acquired(_) | Claim::Unchecked => {}
         }
-        let handled = match received.decode() {
-            Ok(event) => self.handler.handle(&event, received).await,
-            Err(e) => Err(e),
+        let handling = async {
+            match received.decode() {
+                Ok(event) => self.handler.handle(&event, received).await,
+                Err(e) => Err(e),
+            }
+        };
+        let handled = match claim {
+            Claim::Acquired(token) => self.renewing(group, id, token, handling).await,
+            _ => handling.await,
         };
         match handled {
             Ok(()) => {
