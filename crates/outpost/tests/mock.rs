@@ -1399,3 +1399,80 @@ async fn kafka_first_sends_a_keys_next_topic_only_once_the_previous_one_was_acke
     assert_eq!(times_consumed(&landed, &both[0]), 1);
     kf.publisher.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Kafka-first: an event the producer refuses for good (too large) is the caller's error,
+/// not a broker failure. Neither it nor the later event of its key that was held back
+/// behind it opens the circuit: the next event goes out directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_event_and_the_rest_of_its_key_do_not_open_the_circuit() {
+    use outpost::{Environment, Mode, PublishPath, Publisher, PublisherConfig, Waker};
+
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = support::unique("outpost.mock.refused").replace('_', ".");
+    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let mut pcfg = support::producer_config(&mock.bootstrap_servers());
+    pcfg.librdkafka
+        .insert("message.max.bytes".into(), "1000".into());
+    let producer = Arc::new(KafkaProducer::new(pcfg).expect("producer"));
+    let service = support::unique("refused");
+    let mut cfg = PublisherConfig::new(&service, Environment::Testing);
+    cfg.mode = Mode::KafkaFirst;
+    cfg.breaker.failure_threshold = 1;
+    let publisher =
+        Publisher::new(support::store().await, producer, Waker::None, cfg).expect("publisher");
+
+    let env = outpost::EventEnvelope::new(
+        "outpost.test.v1",
+        "outpost-tests",
+        serde_json::json!({ "key": "k", "seq": 0, "blob": "x".repeat(4000) }),
+    );
+    let big = OutboxEvent::from_envelope(&env, topic.clone(), outpost::Aggregate::new("test", "k"))
+        .unwrap();
+    let after = support::event(&topic, "k", 1);
+    let refused = publisher.publish_all(&[big, after]).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        outpost::ErrorCode::KafkaPublish,
+        "{refused}"
+    );
+    assert_eq!(
+        publisher
+            .publish(&support::event(&topic, "other", 0))
+            .await
+            .unwrap(),
+        PublishPath::Direct,
+        "the circuit stayed closed"
+    );
+    publisher.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Kafka-first: a publish whose caller stopped waiting goes on in the background (its
+/// event must still reach Kafka or the outbox), and `shutdown` waits for it: with the broker
+/// down, the event is in the outbox once `shutdown` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_publish_its_caller_gave_up_on() {
+    use outpost::{Environment, Mode, Publisher, PublisherConfig, Waker};
+
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = support::unique("outpost.mock.abandoned").replace('_', ".");
+    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let producer = Arc::new(
+        KafkaProducer::new(support::producer_config(&mock.bootstrap_servers())).expect("producer"),
+    );
+    let store = support::store().await;
+    let mut cfg = PublisherConfig::new(support::unique("abandoned"), Environment::Testing);
+    cfg.mode = Mode::KafkaFirst;
+    cfg.direct_deadline = Duration::from_secs(2);
+    let publisher = Publisher::new(store.clone(), producer, Waker::None, cfg).expect("publisher");
+
+    mock.broker_down(1).unwrap();
+    let event = support::event(&topic, "k", 0);
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), publisher.publish(&event)).await;
+    assert!(
+        gave_up.is_err(),
+        "the publish cannot finish with the broker down"
+    );
+    publisher.shutdown(Duration::from_secs(20)).await;
+    assert_eq!(support::count_status(&store, "pending").await, 1);
+    mock.broker_up(1).unwrap();
+}

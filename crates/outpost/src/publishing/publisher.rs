@@ -842,8 +842,9 @@ impl Publisher {
         });
     }
 
-    /// Waits (at most `timeout`) for eager dispatches still running in the background and
-    /// for their settle statements, so a deploy does not cut sends off mid-flight (which
+    /// Waits (at most `timeout`) for eager dispatches still running in the background, for
+    /// Kafka-first publishes whose callers stopped waiting (their fallbacks), and for their
+    /// settle statements, so a deploy does not cut sends off mid-flight (which
     /// would make the relay send those events again). Call it before the process exits;
     /// publishing after it still works.
     pub async fn shutdown(&self, timeout: Duration) {
@@ -900,10 +901,11 @@ impl Publisher {
         }
         // To the end even if the caller stops waiting (a request cancelled, a timeout of its
         // own): once sends are queued, one that fails must still put its event in the
-        // outbox, and nobody but this would.
+        // outbox, and nobody but this would. Tracked, so `shutdown` waits for it too.
         let publisher = self.clone();
         let events = events.to_vec();
-        Detachable::new(async move { publisher.publish_kafka_first(&events).await }).await
+        let publish = async move { publisher.publish_kafka_first(&events).await };
+        Detachable::new(self.inner.dispatches.track_future(publish)).await
     }
 
     /// [`publish_all`](Self::publish_all) in Kafka-first mode.
@@ -1053,7 +1055,10 @@ impl Publisher {
                     }
                 }
                 Some(Err(failure)) if failure.class == ErrorClass::Permanent => {
-                    answered = true; // the broker answered
+                    answered = true; // the broker (or the producer's own check) answered
+                                     // The key's later events, held back behind it, are not broker failures
+                                     // either.
+                    fell.insert(&event.event_key);
                     crate::metrics::direct(service, "rejected");
                     rejected.get_or_insert(Error::KafkaPublish {
                         topic: event.topic.clone(),
