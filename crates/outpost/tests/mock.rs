@@ -1476,3 +1476,74 @@ async fn shutdown_waits_for_a_publish_its_caller_gave_up_on() {
     assert_eq!(support::count_status(&store, "pending").await, 1);
     mock.broker_up(1).unwrap();
 }
+
+/// A lease renewal the database refuses (here a trigger; in life a failover to a read-only
+/// node) is tried again after a pause while the relay's sends are in flight, not in a loop
+/// (the loop's next renewal stayed due: a core's worth of refused statements).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_lease_renewal_is_tried_again_after_a_pause() {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = support::unique("outpost.mock.renew").replace('_', ".");
+    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let store = support::store().await;
+    let refused = support::unique("renewals_refused");
+    // Counted by a sequence: its values survive the refusal's rollback.
+    for statement in [
+        format!("CREATE SEQUENCE {refused}"),
+        format!(
+            "CREATE FUNCTION {refused}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF OLD.lease_owner = NEW.lease_owner AND NEW.lease_until > OLD.lease_until THEN \
+                 PERFORM nextval('{refused}'); \
+                 RAISE EXCEPTION 'read-only, as after a failover'; \
+               END IF; RETURN NEW; END $$"
+        ),
+        format!(
+            "CREATE TRIGGER {refused} BEFORE UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {refused}()",
+            store.table().keys()
+        ),
+    ] {
+        sqlx::query(&statement).execute(store.pool()).await.unwrap();
+    }
+    let renewals = || async {
+        sqlx::query_scalar::<_, i64>(&format!(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {refused}"
+        ))
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+    };
+
+    // The send waits for the broker for 6 s, the lease is renewed from 14 / 3 s on.
+    mock.broker_down(1).unwrap();
+    let mut pcfg = support::producer_config(&mock.bootstrap_servers());
+    pcfg.delivery_timeout = Duration::from_secs(6);
+    let mut cfg = support::relay_config(&support::unique("renew"));
+    cfg.lease = Duration::from_secs(14);
+    let relay = outpost::Relay::new(
+        store.clone(),
+        Arc::new(KafkaProducer::new(pcfg).expect("producer")),
+        cfg,
+    )
+    .unwrap()
+    .with_wake_signal(outpost::WakeSignal::new());
+    let mut tx = store.pool().begin().await.unwrap();
+    let event = support::event(&topic, "k", 0);
+    store
+        .stage(&mut tx, &event)
+        .await
+        .unwrap()
+        .expect("new row");
+    tx.commit().await.unwrap();
+    let running = support::spawn(relay);
+    support::eventually(Duration::from_secs(20), "a renewal tried", || async {
+        (renewals().await > 0).then_some(())
+    })
+    .await;
+    let first = renewals().await;
+    // A measuring window, inside the send's 6 s: retried every 14 / 30 s, a few tries.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tries = renewals().await - first;
+    running.stop().await;
+    mock.broker_up(1).unwrap();
+    assert!(tries <= 10, "{tries} renewals in a second");
+}

@@ -754,6 +754,39 @@ async fn handing_back_deletes_drained_keys_and_frees_those_with_rows_left() {
     assert_eq!(other[0].rows.len(), 2);
 }
 
+/// Handing back more keys than PostgreSQL's lock table holds (sized for 64 locks a
+/// connection by default; 50,000 in one transaction ran out on this server's defaults):
+/// every key is locked while its row is deleted, so one transaction for all of them failed
+/// with "out of shared memory", and so did every retry.
+#[tokio::test]
+async fn handing_back_more_keys_than_the_lock_table_holds_deletes_them_all() {
+    let store = support::store().await;
+    let owner = Uuid::new_v4();
+    let (locks, connections): (String, String) = sqlx::query_as(
+        "SELECT current_setting('max_locks_per_transaction'), current_setting('max_connections')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    let keys = 10 * locks.parse::<usize>().unwrap() * connections.parse::<usize>().unwrap();
+    // Key rows left behind by the eager path: leased, nothing pending.
+    sqlx::query(&format!(
+        "INSERT INTO {} (event_key, lease_owner, lease_until, next_attempt_at) \
+         SELECT 'k' || i, $1, now() + interval '1 minute', now() + interval '1 minute' \
+         FROM generate_series(1, $2) i",
+        store.table().keys()
+    ))
+    .bind(owner)
+    .bind(keys as i64)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let names: Vec<String> = (1..=keys).map(|i| format!("k{i}")).collect();
+    let deleted = store.release_drained(owner, &names).await.unwrap();
+    assert_eq!(deleted, keys as u64);
+    assert_eq!(key_rows(&store).await, 0);
+}
+
 /// Rows the scans of `relation` in an `EXPLAIN (ANALYZE, FORMAT JSON)` plan read: what
 /// they returned and what their filters removed, over all their loops.
 fn rows_read(plan: &serde_json::Value, relation: &str) -> f64 {

@@ -136,6 +136,9 @@ pub enum KeyLock {
     Shared,
 }
 
+/// Most keys [`OutboxStore::release_drained`] locks in one transaction.
+pub const KEYS_PER_HAND_BACK: usize = 1000;
+
 /// Which free keys a claim leases.
 #[derive(Clone, Copy)]
 enum Due<'a> {
@@ -1117,10 +1120,22 @@ impl OutboxStore {
     /// free that fresh lease while its rows are in flight (another owner would then send
     /// them again).
     ///
+    /// At most [`KEYS_PER_HAND_BACK`] keys a transaction: each holds its key's lock to the
+    /// end, and PostgreSQL's lock table, shared by every session, holds a few tens of
+    /// thousands (50,000 in one transaction ran out of shared memory on its defaults).
+    ///
     /// # Errors
-    /// [`Error::OutboxStorage`] when the transaction fails (the keys stay leased until
-    /// their lease lapses; nothing is lost).
+    /// [`Error::OutboxStorage`] when a transaction fails (its keys stay leased until their
+    /// lease lapses; nothing is lost; the keys of earlier transactions were handed back).
     pub async fn release_drained(&self, owner: Uuid, keys: &[String]) -> Result<u64> {
+        let mut deleted = 0;
+        for keys in keys.chunks(KEYS_PER_HAND_BACK) {
+            deleted += self.release_drained_at_once(owner, keys).await?;
+        }
+        Ok(deleted)
+    }
+
+    async fn release_drained_at_once(&self, owner: Uuid, keys: &[String]) -> Result<u64> {
         if keys.is_empty() {
             return Ok(0);
         }

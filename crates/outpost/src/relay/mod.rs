@@ -24,7 +24,7 @@ pub(crate) mod settling;
 pub(crate) mod verdict;
 pub mod wake;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
@@ -217,6 +217,10 @@ impl RelayConfig {
 /// due order (see [`OutboxStore::claim_newest`]).
 const MAX_CLAIMS: usize = 2;
 
+/// Pause after a failed lease renewal: a thirtieth of the lease, within these bounds.
+const RENEWAL_RETRY_MIN: Duration = Duration::from_millis(100);
+const RENEWAL_RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// Fewest rows of a key read by one statement when the room allows it.
 const MIN_READ: usize = 64;
 
@@ -367,7 +371,7 @@ struct Engine<'r> {
     sender: Sender,
     settler: Settler,
     /// Keys handed back whose settle op (numbered) the settler has not written yet.
-    settling: Vec<(String, u64)>,
+    settling: VecDeque<(String, u64)>,
     /// Outcomes of the sends finished since the last [`Engine::settle_outcomes`]: a burst
     /// of acks goes to the settler as one op, not one op (and one allocation) per row.
     outcomes: Vec<RowOutcome>,
@@ -375,7 +379,10 @@ struct Engine<'r> {
     schedule: PollSchedule,
     /// Every owned key's lease lasts at least until then.
     lease_valid_until: Instant,
-    last_renewal: Instant,
+    /// When the leases are next renewed: a third of the lease after the last renewal, or
+    /// soon after a failed one (left in the past, the loop tried again without a pause,
+    /// a core's worth of statements against a database refusing them).
+    renewal_due: Instant,
     /// Look at the table now (woken, or the last claim was full).
     claim_due: bool,
     /// The claims running beside the stream.
@@ -408,12 +415,12 @@ impl<'r> Engine<'r> {
                 c.per_key,
             ),
             settler: Settler::start(relay.store.clone(), relay.owner, c.lease / 2),
-            settling: Vec::new(),
+            settling: VecDeque::new(),
             outcomes: Vec::new(),
             policy: c.retry_policy(),
             schedule: PollSchedule::new(c.poll),
             lease_valid_until: now + c.lease,
-            last_renewal: now,
+            renewal_due: now + c.lease / 3,
             claim_due: true,
             claiming: Vec::new(),
             more_free: false,
@@ -600,17 +607,32 @@ impl<'r> Engine<'r> {
         }
     }
 
+    /// Forgets the keys whose settles have been written: they need no renewal any more.
+    /// Done as the settles are written: pruned only at a renewal, the list held every key
+    /// handed back in the last third of a lease (at 30,000 keys a second and the default
+    /// 90 s lease, about 900,000).
+    fn forget_settled(&mut self) {
+        let written = self.settler.written();
+        // Numbers grow in queue order.
+        while self
+            .settling
+            .front()
+            .is_some_and(|(_, number)| *number <= written)
+        {
+            self.settling.pop_front();
+        }
+    }
+
     /// Extends the lease of every owned key when a third of it has passed.
     async fn renew(&mut self) {
         let lease = self.relay.config.lease;
-        if self.last_renewal.elapsed() < lease / 3 {
+        let started = Instant::now();
+        if started < self.renewal_due {
             return;
         }
-        let started = Instant::now();
-        let written = self.settler.written();
-        self.settling.retain(|(_, number)| *number > written);
+        self.forget_settled();
         if self.keys.is_empty() && self.settling.is_empty() {
-            self.last_renewal = started;
+            self.renewal_due = started + lease / 3;
             self.lease_valid_until = started + lease;
             return;
         }
@@ -623,7 +645,7 @@ impl<'r> Engine<'r> {
             .await
         {
             Ok(held) => {
-                self.last_renewal = started;
+                self.renewal_due = started + lease / 3;
                 self.lease_valid_until = started + lease;
                 if held.len() < names.len() {
                     let held: Set<String> = held.into_iter().collect();
@@ -639,7 +661,11 @@ impl<'r> Engine<'r> {
                     }
                 }
             }
-            Err(e) => warn!(error = %e, "lease renewal failed; sends stop before the lease lapses"),
+            Err(e) => {
+                warn!(error = %e, "lease renewal failed; sends stop before the lease lapses");
+                self.renewal_due =
+                    Instant::now() + (lease / 30).clamp(RENEWAL_RETRY_MIN, RENEWAL_RETRY_MAX);
+            }
         }
     }
 
@@ -728,12 +754,11 @@ impl<'r> Engine<'r> {
             if self.stopping && self.keys.is_empty() && self.claiming.is_empty() {
                 break;
             }
-            let lease = self.relay.config.lease;
             // A running claim's end wakes the loop; the poll is due after it.
             let mut wake_at = if self.stopping || !self.claiming.is_empty() {
-                self.last_renewal + lease / 3
+                self.renewal_due
             } else {
-                self.next_poll.min(self.last_renewal + lease / 3)
+                self.next_poll.min(self.renewal_due)
             };
             // Room in a queue others filled comes back with no ack of ours to tell.
             if let Some(retry) = self.sender.blocked_until() {
@@ -752,7 +777,7 @@ impl<'r> Engine<'r> {
                 () = &mut shutdown, if !self.stopping => self.stopping = true,
                 () = self.settler.keys_released(), if !self.stopping => self.claim_due = true,
                 // Written settles free room under the caps for reads and claims.
-                () = self.settler.progressed() => {}
+                () = self.settler.progressed() => self.forget_settled(),
                 // Its keys are leased to us, stopping or not.
                 (i, result) = claim_result(&mut self.claiming) => {
                     let claiming = self.claiming.swap_remove(i);

@@ -41,6 +41,14 @@ pub(crate) struct SettleOp {
     pub(crate) done: Option<oneshot::Sender<()>>,
 }
 
+impl SettleOp {
+    /// Rows and keys: drained keys count as well (each is locked while its row is deleted;
+    /// uncounted, thousands of them piled into one statement behind a slow one).
+    fn size(&self) -> usize {
+        self.rows.len() + self.release.len() + self.drained.len()
+    }
+}
+
 /// Handle of a settling task; cheap to clone.
 #[derive(Debug, Clone)]
 pub(crate) struct Settler {
@@ -156,11 +164,11 @@ async fn run(
     let service = store.service().to_owned();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        let mut size = batch[0].rows.len() + batch[0].release.len();
+        let mut size = batch[0].size();
         while size < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => {
-                    size += op.rows.len() + op.release.len();
+                    size += op.size();
                     batch.push(op);
                 }
                 Err(_) => break,
