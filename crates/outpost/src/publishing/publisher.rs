@@ -279,7 +279,7 @@ impl Publisher {
         Ok(Self {
             mode: config.mode,
             inner: Arc::new(Inner {
-                settler: Settler::start(store.clone(), owner, config.delivery.lease / 2),
+                settler: Settler::start(store.clone(), owner),
                 store,
                 producer,
                 waker,

@@ -54,7 +54,7 @@ pub(crate) async fn housekeep(store: OutboxStore, config: RelayConfig, stop: Can
             break; // the last reading is taken after the relay's final settle
         }
         if lead.is_some() && last_cleanup.elapsed() >= config.cleanup_interval {
-            cleanup(&store, &config).await;
+            cleanup(&store, &config, &stop).await;
             last_cleanup = Instant::now();
         }
         tokio::select! {
@@ -115,10 +115,16 @@ async fn keep_or_take(
     }
 }
 
-/// Deletes published rows older than the retention, in bounded batches.
-pub(crate) async fn cleanup(store: &OutboxStore, config: &RelayConfig) -> u64 {
+/// Deletes published rows older than the retention, in bounded batches, until none is left
+/// or `stop` (checked between batches: a purge of millions of rows after a shorter
+/// retention held the relay's shutdown until it was done).
+pub(crate) async fn cleanup(
+    store: &OutboxStore,
+    config: &RelayConfig,
+    stop: &CancellationToken,
+) -> u64 {
     let mut total = 0;
-    loop {
+    while !stop.is_cancelled() {
         match store.cleanup(config.retention, config.cleanup_batch).await {
             Ok(n) => {
                 total += n;

@@ -360,7 +360,12 @@ impl Relay {
 
     /// Deletes published rows older than the retention, in bounded batches.
     pub async fn cleanup(&self) -> u64 {
-        cleanup(&self.store, &self.config).await
+        cleanup(
+            &self.store,
+            &self.config,
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .await
     }
 }
 
@@ -414,7 +419,7 @@ impl<'r> Engine<'r> {
                 c.max_in_flight_bytes,
                 c.per_key,
             ),
-            settler: Settler::start(relay.store.clone(), relay.owner, c.lease / 2),
+            settler: Settler::start(relay.store.clone(), relay.owner),
             settling: VecDeque::new(),
             outcomes: Vec::new(),
             policy: c.retry_policy(),
@@ -449,6 +454,7 @@ impl<'r> Engine<'r> {
         if self.claiming.len() >= MAX_CLAIMS
             || room < self.worth_reading()
             || self.keys.deferred() >= c.batch_size
+            || self.hand_backs_in_doubt()
         {
             // Claimed again once acks made room (`claim_due` stays set). With a claim's
             // worth of owned keys waiting to read, those read first: claiming more would
@@ -605,6 +611,20 @@ impl<'r> Engine<'r> {
                 self.keys.fetched(&asked, Vec::new(), usize::MAX);
             }
         }
+    }
+
+    /// Whether a key handed back may still be leased to this owner past its lease: its
+    /// hand-back is not written, and no renewal has held the leases since they could
+    /// lapse (the database was gone). A claim then could lease that key afresh (a lapsed
+    /// lease of one's own counts as free) and read rows acked but not yet recorded, and the
+    /// late hand-back would free the new lease while its rows are in flight. Claims wait
+    /// for the settler instead.
+    fn hand_backs_in_doubt(&self) -> bool {
+        Instant::now() >= self.lease_valid_until
+            && self
+                .settling
+                .back()
+                .is_some_and(|(_, number)| *number > self.settler.written())
     }
 
     /// Forgets the keys whose settles have been written: they need no renewal any more.
@@ -791,7 +811,7 @@ impl<'r> Engine<'r> {
                 () = tokio::time::sleep_until(wake_at.into()) => {}
             }
         }
-        self.settler.flush().await;
+        self.flush_settles().await;
         housekeeping.cancel();
         let _ = chores.await;
     }
@@ -942,8 +962,21 @@ impl<'r> Engine<'r> {
             }
             self.settle_outcomes();
         }
-        self.settler.flush().await;
+        self.flush_settles().await;
         self.report
+    }
+
+    /// Waits for the settles queued so far, for half a lease at most: with the database
+    /// gone they are left to the settler, which goes on trying while the process lives; the
+    /// keys lapse to their next owner, who sends what was not recorded again.
+    async fn flush_settles(&mut self) {
+        let wait = self.relay.config.lease / 2;
+        if tokio::time::timeout(wait, self.settler.flush())
+            .await
+            .is_err()
+        {
+            warn!(waited = ?wait, "stopping with outcomes not recorded; their rows are sent again once the leases lapse");
+        }
     }
 }
 

@@ -4,7 +4,10 @@
 //!
 //! Operations are applied in the order they were sent, and a key is handed back only in a
 //! statement that also settles (or follows) every row of it: no other owner can see a key
-//! whose acked rows still look pending.
+//! whose acked rows still look pending. A statement that fails is retried until it is
+//! written, and nothing queued after it is written before it: a later operation may settle
+//! a key's later rows and hand the key back, and written past a dropped one it left the
+//! key's earlier rows pending behind its later ones, to be sent again after them.
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +15,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch, Notify};
-use tracing::warn;
+use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::error::ErrorClass;
@@ -61,15 +64,15 @@ pub(crate) struct Settler {
     unwritten_rows: Arc<AtomicUsize>,
     /// Notified after every statement batch.
     progress: Arc<Notify>,
-    /// Ops written (or given up on) so far, in queue order (see [`Self::written`]).
+    /// Ops written so far, in queue order (see [`Self::written`]).
     written: watch::Receiver<u64>,
 }
 
 impl Settler {
     /// Starts the task for `owner`. It ends once every handle is dropped and the queue is
-    /// empty; a statement that fails is retried (rows and keys stay leased meanwhile) until
-    /// it succeeds or `give_up_after` has passed since the first failure.
-    pub(crate) fn start(store: OutboxStore, owner: Uuid, give_up_after: Duration) -> Self {
+    /// empty; a statement that fails is retried, backing off, until it is written (rows and
+    /// keys stay leased meanwhile, and lapse if the owner stops renewing them).
+    pub(crate) fn start(store: OutboxStore, owner: Uuid) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let released = Arc::new(Notify::new());
         let unwritten_rows = Arc::new(AtomicUsize::new(0));
@@ -79,7 +82,6 @@ impl Settler {
             store,
             owner,
             rx,
-            give_up_after,
             Arc::clone(&released),
             Progress {
                 ops_written,
@@ -108,8 +110,8 @@ impl Settler {
         self.unwritten_rows.load(Ordering::Acquire)
     }
 
-    /// How many ops have been written (or given up on): the op numbered `n` by
-    /// [`Self::send`] is done once this reaches `n`.
+    /// How many ops have been written: the op numbered `n` by [`Self::send`] is done once
+    /// this reaches `n`.
     pub(crate) fn written(&self) -> u64 {
         *self.written.borrow()
     }
@@ -135,7 +137,7 @@ impl Settler {
         number
     }
 
-    /// Resolves once everything queued before it has been written (or given up on).
+    /// Resolves once everything queued before it has been written.
     pub(crate) async fn flush(&self) {
         let (done, wait) = oneshot::channel();
         self.send(SettleOp {
@@ -157,7 +159,6 @@ async fn run(
     store: OutboxStore,
     owner: Uuid,
     mut rx: mpsc::UnboundedReceiver<SettleOp>,
-    give_up_after: Duration,
     released: Arc<Notify>,
     progress: Progress,
 ) {
@@ -188,18 +189,13 @@ async fn run(
         let settlements: Vec<(i64, Settlement)> =
             rows.iter().map(|r| (r.id, r.settlement.clone())).collect();
         tracing::trace!(target: "outpost::send", %owner, ?settlements, ?release, ?drained, "settling");
-        let written = retry(give_up_after, || {
-            store.settle(owner, &settlements, &release)
-        })
-        .await;
-        if let Some(recorded) = &written {
-            count(&service, &rows, recorded);
-            if !drained.is_empty() {
-                retry(give_up_after, || store.release_drained(owner, &drained)).await;
-            }
-            if !drained.is_empty() || !release.is_empty() {
-                released.notify_one();
-            }
+        let recorded = retry("settle", || store.settle(owner, &settlements, &release)).await;
+        count(&service, &rows, &recorded);
+        if !drained.is_empty() {
+            retry("hand back", || store.release_drained(owner, &drained)).await;
+        }
+        if !drained.is_empty() || !release.is_empty() {
+            released.notify_one();
         }
         progress.ops_written.send_modify(|written| *written += ops);
         progress
@@ -212,24 +208,33 @@ async fn run(
     }
 }
 
-/// Runs `op` until it succeeds, backing off, for at most `give_up_after`; its answer, or
-/// `None` once given up on.
-async fn retry<T, F, Fut>(give_up_after: Duration, mut op: F) -> Option<T>
+/// How often a statement that keeps failing is reported.
+const REPORT_EVERY: Duration = Duration::from_secs(30);
+
+/// Runs `op` until it succeeds, backing off (50 ms doubling to 2 s); its answer.
+async fn retry<T, F, Fut>(what: &'static str, mut op: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = crate::Result<T>>,
 {
-    let started = Instant::now();
+    let mut failing_since: Option<Instant> = None;
+    let mut reported: Option<Instant> = None;
     let mut pause = Duration::from_millis(50);
     loop {
         match op().await {
-            Ok(answer) => return Some(answer),
-            Err(e) if started.elapsed() >= give_up_after => {
-                warn!(error = %e, "could not settle; leases lapse and the rows are delivered again");
-                return None;
+            Ok(answer) => {
+                if let Some(since) = failing_since {
+                    info!(statement = what, failed_for = ?since.elapsed(), "outcomes written again");
+                }
+                return answer;
             }
             Err(e) => {
-                warn!(error = %e, "settle failed; retrying");
+                let now = Instant::now();
+                let since = *failing_since.get_or_insert(now);
+                if reported.is_none_or(|at| now - at >= REPORT_EVERY) {
+                    warn!(statement = what, error = %e, failing_for = ?(now - since), "could not record outcomes; retrying (nothing queued after them is written first)");
+                    reported = Some(now);
+                }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
@@ -256,5 +261,143 @@ fn count(service: &str, rows: &[RowOutcome], recorded: &Recorded) {
                 crate::metrics::parked(service, row.class.unwrap_or(ErrorClass::Retriable));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Aggregate, EventEnvelope, OutboxEvent, OutboxTable};
+    use sqlx::postgres::PgPoolOptions;
+
+    fn published(id: i64) -> RowOutcome {
+        RowOutcome {
+            id,
+            settlement: Settlement::Published {
+                partition: 0,
+                offset: id,
+            },
+            topic: "t".into(),
+            latency: Duration::ZERO,
+            class: None,
+        }
+    }
+
+    /// A settle PostgreSQL keeps refusing (here a trigger on a key's first row) holds back
+    /// the next one, which settles the key's second row and hands the key back: written
+    /// first, it left the first row pending behind the second, and the key's next owner
+    /// would have sent it again after it.
+    #[tokio::test]
+    async fn a_failing_settle_holds_back_everything_queued_after_it() {
+        let url = std::env::var("OUTPOST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await
+            .expect("PostgreSQL must be reachable at OUTPOST_DATABASE_URL (run `make services`)");
+        let schema = format!("settling_{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let store = OutboxStore::new(pool.clone(), OutboxTable::new(&schema).unwrap());
+        store.migrate().await.unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        for seq in 0..2 {
+            let env = EventEnvelope::new("t.v1", "tests", serde_json::json!({ "seq": seq }));
+            let event = OutboxEvent::from_envelope(&env, "t", Aggregate::new("a", "k")).unwrap();
+            store.stage(&mut tx, &event).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        let owner = Uuid::new_v4();
+        let claimed = store
+            .claim(owner, 1, 10, Duration::from_secs(300))
+            .await
+            .unwrap();
+        let ids: Vec<i64> = claimed[0].rows.iter().map(|r| r.id).collect();
+        assert_eq!(ids.len(), 2);
+        let table = store.table().to_string();
+        for statement in [
+            format!("CREATE TABLE {schema}.refusing (on_ bool)"),
+            format!("INSERT INTO {schema}.refusing VALUES (true)"),
+            format!("CREATE SEQUENCE {schema}.refused"),
+            format!(
+                "CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                   IF EXISTS (SELECT 1 FROM {schema}.refusing) THEN \
+                     PERFORM nextval('{schema}.refused'); RAISE EXCEPTION 'refused'; \
+                   END IF; RETURN NEW; END $$"
+            ),
+            format!(
+                "CREATE TRIGGER refuse BEFORE UPDATE ON {table} FOR EACH ROW \
+                 WHEN (OLD.id = {}) EXECUTE FUNCTION {schema}.refuse()",
+                ids[0]
+            ),
+        ] {
+            sqlx::query(&statement).execute(&pool).await.unwrap();
+        }
+        let refused = || async {
+            sqlx::query_scalar::<_, i64>(&format!(
+                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {schema}.refused"
+            ))
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        };
+        let pending = || async {
+            sqlx::query_scalar::<_, i64>(&format!(
+                "SELECT count(*) FROM {table} WHERE status = 'pending'"
+            ))
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        };
+
+        let settler = Settler::start(store.clone(), owner);
+        settler.send(SettleOp {
+            rows: vec![published(ids[0])],
+            ..SettleOp::default()
+        });
+        // Queued once the first is being refused, so the two are not one statement.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while refused().await < 1 {
+            assert!(Instant::now() < deadline, "the settle was not tried");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        settler.send(SettleOp {
+            rows: vec![published(ids[1])],
+            drained: vec!["k".into()],
+            ..SettleOp::default()
+        });
+        // Refused six times: retried for a second and a half, unless the second settle
+        // went through meanwhile.
+        while refused().await < 6 && pending().await == 2 {
+            assert!(Instant::now() < deadline, "the settle was not retried");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            pending().await,
+            2,
+            "nothing written past the refused settle"
+        );
+        assert_eq!(settler.written(), 0);
+
+        sqlx::query(&format!("DELETE FROM {schema}.refusing"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(30), settler.flush())
+            .await
+            .expect("written once PostgreSQL takes it");
+        assert_eq!(pending().await, 0);
+        let key_rows: i64 =
+            sqlx::query_scalar(&format!("SELECT count(*) FROM {}", store.table().keys()))
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            key_rows, 0,
+            "the drained key was handed back after both rows"
+        );
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&pool)
+            .await
+            .unwrap();
     }
 }
