@@ -1526,14 +1526,7 @@ async fn a_refused_lease_renewal_is_tried_again_after_a_pause() {
     )
     .unwrap()
     .with_wake_signal(outpost::WakeSignal::new());
-    let mut tx = store.pool().begin().await.unwrap();
-    let event = support::event(&topic, "k", 0);
-    store
-        .stage(&mut tx, &event)
-        .await
-        .unwrap()
-        .expect("new row");
-    tx.commit().await.unwrap();
+    stage_in_one_transaction(&store, &[support::event(&topic, "k", 0)]).await;
     let running = support::spawn(relay);
     support::eventually(Duration::from_secs(20), "a renewal tried", || async {
         (renewals().await > 0).then_some(())
@@ -1546,4 +1539,68 @@ async fn a_refused_lease_renewal_is_tried_again_after_a_pause() {
     running.stop().await;
     mock.broker_up(1).unwrap();
     assert!(tries <= 10, "{tries} renewals in a second");
+}
+
+/// `max_in_flight_bytes` bounds what a relay reads, not only what it has sent: with rows of
+/// 256 KiB and a 1 MiB cap, a relay whose sends wait for a broker that is down holds a few
+/// keys at a time (it leased 40 at once, 10 MiB read, when only sent bytes counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_byte_cap_bounds_the_rows_a_relay_reads() {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = support::unique("outpost.mock.bytes").replace('_', ".");
+    mock.create_topic(&topic, 1, 1).expect("mock topic");
+    let store = support::store().await;
+    let events: Vec<OutboxEvent> = (0..40)
+        .map(|i| {
+            let env = outpost::EventEnvelope::new(
+                "outpost.test.v1",
+                "outpost-tests",
+                serde_json::json!({ "key": format!("k{i}"), "seq": 0, "blob": "x".repeat(256 << 10) }),
+            );
+            let aggregate = outpost::Aggregate::new("test", format!("k{i}"));
+            OutboxEvent::from_envelope(&env, topic.clone(), aggregate).unwrap()
+        })
+        .collect();
+    stage_in_one_transaction(&store, &events).await;
+    mock.broker_down(1).unwrap();
+    let mut cfg = support::relay_config(&support::unique("bytes"));
+    cfg.max_in_flight_bytes = 1 << 20;
+    let relay = outpost::Relay::new(
+        store.clone(),
+        support::producer(&mock.bootstrap_servers()),
+        cfg,
+    )
+    .unwrap()
+    .with_wake_signal(outpost::WakeSignal::new());
+    let running = support::spawn(relay);
+    let leased = || async {
+        sqlx::query_scalar::<_, i64>(&format!(
+            "SELECT count(*) FROM {} WHERE lease_owner IS NOT NULL",
+            store.table().keys()
+        ))
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+    };
+    // Through the first sends' 1.5 s delivery timeout and the claims after it.
+    let (mut most, started) = (0, Instant::now());
+    while started.elapsed() < Duration::from_secs(3) {
+        most = most.max(leased().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running.stop().await;
+    mock.broker_up(1).unwrap();
+    assert!(
+        (1..=6).contains(&most),
+        "{most} keys of 256 KiB held at once"
+    );
+}
+
+/// Stages `events` in one committed transaction.
+async fn stage_in_one_transaction(store: &OutboxStore, events: &[OutboxEvent]) {
+    let mut tx = store.pool().begin().await.unwrap();
+    for event in events {
+        store.stage(&mut tx, event).await.unwrap().expect("new row");
+    }
+    tx.commit().await.unwrap();
 }

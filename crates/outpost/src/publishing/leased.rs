@@ -100,6 +100,12 @@ impl LeasedKeys {
         self.keys.iter().filter(|k| !self.untaken.contains(*k))
     }
 
+    /// The leased keys whose turn went to a later commit: never sent from memory, and
+    /// handed back only behind that commit's turn.
+    pub(crate) fn untaken(&self) -> impl Iterator<Item = &String> {
+        self.untaken.iter()
+    }
+
     /// When the oldest of these leases was taken (its statement sent), if any.
     pub(crate) fn since(&self) -> Option<Instant> {
         self.since

@@ -418,6 +418,7 @@ impl Publisher {
             // The relay, woken next, must find the keys free (the staging turn is held
             // until they are).
             self.hand_back(leased.keys().cloned()).await;
+            self.hand_back_behind(leased.untaken().cloned().collect());
             return left;
         };
         let mut keys: Vec<String> = staged.iter().map(|s| s.event_key.clone()).collect();
@@ -457,6 +458,7 @@ impl Publisher {
                     let service = &publisher.inner.config.service;
                     crate::metrics::eager(service, 0, staged_later.len());
                     dispatch.left_to_relay += staged_later.len();
+                    publisher.hand_back_behind(later);
                 }
                 return dispatch;
             };
@@ -499,10 +501,33 @@ impl Publisher {
         if leased.is_empty() {
             return;
         }
+        self.hand_back_behind(leased.untaken().cloned().collect());
         let publisher = self.clone();
         self.inner
             .dispatches
             .spawn(async move { publisher.hand_back(leased.keys().cloned()).await });
+    }
+
+    /// Hands back `keys` that no dispatch of this commit will send, once every dispatch of
+    /// them taken before is done (through the settler, after what those settle). For keys
+    /// whose turn a later commit holds: the lease is this process's, so handed back at once
+    /// it could free the key under that commit's dispatch; left alone, it stayed leased
+    /// until it lapsed, and the relay delivered nothing of the key meanwhile.
+    fn hand_back_behind(&self, keys: Vec<String>) {
+        if keys.is_empty() {
+            return;
+        }
+        let mut turn = self.inner.turns.take(&keys);
+        let publisher = self.clone();
+        self.inner.dispatches.spawn(async move {
+            turn.ready().await;
+            let settled = publisher.queue_settle(SettleOp {
+                release: keys.iter().cloned().map(KeyRelease::done).collect(),
+                ..SettleOp::default()
+            });
+            let _ = publisher.inner.holding(&keys, settled).await;
+            drop(turn);
+        });
     }
 
     /// The lease staging may take on the key rows it creates: in the transactional mode,
@@ -574,13 +599,37 @@ impl Publisher {
         // settle may still be on its way, so claiming would find those rows pending).
         let kept = turn.kept_through(&keys);
         let keys: Vec<String> = keys.into_iter().filter(|k| !kept.contains_key(k)).collect();
-        let after: Vec<(String, i64)> = kept.into_iter().collect();
+        let lease = inner.config.delivery.lease;
+        let mut kept_since: HashMap<String, Instant> = kept
+            .iter()
+            .map(|(key, (_, since))| (key.clone(), *since))
+            .collect();
+        let after: Vec<(String, i64)> = kept
+            .into_iter()
+            .map(|(key, (through, _))| (key, through))
+            .collect();
+        // A kept lease goes from dispatch to dispatch of a busy key, renewed only while one
+        // of them sends: one older than a third of the lease is renewed before its rows are
+        // read (sent under a lease about to lapse, they could meet a relay's sends of the
+        // key; the read checks only that the lease has not lapsed yet).
+        let stale: Vec<String> = kept_since
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= lease / 3)
+            .map(|(key, _)| key.clone())
+            .collect();
         // A key with a backlog is the relay's to drain: the commit only helps out with a
         // few rows ahead of its own, so it never waits for a whole backlog.
         let per_key = EAGER_ROWS_PER_KEY.max(staged.len());
         let started = Instant::now();
         let claim = async {
             let mut found = Vec::new();
+            if !stale.is_empty() {
+                let renewing = Instant::now();
+                // A key not held any more is not read below: it comes back empty.
+                for key in inner.store.renew(inner.owner, &stale, lease).await? {
+                    kept_since.insert(key, renewing);
+                }
+            }
             if !after.is_empty() {
                 found = inner.store.fetch(inner.owner, &after, per_key).await?;
                 // A kept key with nothing after the rows acked before comes back absent (the
@@ -646,15 +695,32 @@ impl Publisher {
         // A later run starts only while every lease of this dispatch is young enough for a
         // send to end before it lapses, as `LeasedKeys::into_sendable` requires of the first
         // (renewals are not counted on: one may fail, and another owner take the key).
-        let send_until =
-            own_since.map_or(started, |since| since.min(started)) + inner.config.delivery.lease / 2;
+        // A key's lease holds since its claim (`started`), its staging (`own_since`) or what
+        // the dispatch before kept it with, whichever is oldest.
+        let leased_since = |key: &str| {
+            let since = own_since.map_or(started, |since| since.min(started));
+            kept_since.get(key).map_or(since, |kept| since.min(*kept))
+        };
+        let send_until = claimed
+            .iter()
+            .map(|k| leased_since(&k.key))
+            .min()
+            .unwrap_or(started)
+            + lease / 2;
         let mut sends = Vec::new();
         for key in &claimed {
             let mut runs = key.rows.chunk_by(|a, b| a.topic == b.topic);
-            let first = runs.next().map(|run| queue_run(producer, run));
+            // Not even a first run once the leases are too old to send under: the key goes
+            // back with its rows pending.
+            let first = runs
+                .next()
+                .map(|run| (Instant::now() < send_until).then(|| queue_run(producer, run)));
             sends.push(async move {
-                let Some((queued, mut cut)) = first else {
+                let Some(first) = first else {
                     return (Vec::new(), false);
+                };
+                let Some((queued, mut cut)) = first else {
+                    return (Vec::new(), true);
                 };
                 let mut results = futures::future::join_all(queued).await;
                 for run in runs {
@@ -772,7 +838,12 @@ impl Publisher {
                 // the lease, or the woken relay could take the key in between and leave that
                 // commit's events to itself. It goes now, reading after these rows (their
                 // settle may still be on its way).
-                None if turn.keep_for_next(&key.key, key.rows.iter().map(|r| r.id).max()) => {
+                None if turn.keep_for_next(
+                    &key.key,
+                    key.rows.iter().map(|r| r.id).max(),
+                    leased_since(&key.key),
+                ) =>
+                {
                     kept.push(key.key.as_str());
                 }
                 // An empty key row stays behind; a relay deletes it when it next claims it.
@@ -1327,22 +1398,27 @@ async fn send_in_order(
 /// failed, the task died) is released so the next call can probe.
 struct Probe {
     publisher: Publisher,
+    /// Taken while the circuit was not closed: the half-open probe.
+    half_open: bool,
     answered: bool,
     failed: bool,
 }
 
 impl Probe {
     fn take(publisher: &Publisher) -> Option<Self> {
-        let allowed = {
+        let (allowed, half_open) = {
             let mut breaker = publisher
                 .inner
                 .breaker
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            breaker.allow(Instant::now())
+            let now = Instant::now();
+            let half_open = breaker.state(now) != CircuitState::Closed;
+            (breaker.allow(now), half_open)
         };
         allowed.then(|| Self {
             publisher: publisher.clone(),
+            half_open,
             answered: false,
             failed: false,
         })
@@ -1359,13 +1435,15 @@ impl Probe {
 
 impl Drop for Probe {
     fn drop(&mut self) {
-        let (answered, failed) = (self.answered, self.failed);
+        let (answered, failed, half_open) = (self.answered, self.failed, self.half_open);
         self.publisher.breaker(|b| {
             if failed {
                 b.on_failure(Instant::now());
             } else if answered {
                 b.on_success();
-            } else {
+            } else if half_open {
+                // Only the probe's own release: one taken while the circuit was closed
+                // would free the half-open probe of another call, and two would run.
                 b.release_probe();
             }
         });

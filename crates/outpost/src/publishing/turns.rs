@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -26,11 +27,11 @@ struct State {
     /// Events of a key that a dispatch sent (acked) for the later turns of the key: a dispatch claims a key's next rows, which may be later commits' too.
     /// Dropped with the key's last turn.
     sent: HashMap<String, HashSet<Uuid>>,
-    /// Keys a dispatch kept for the next one with every row it claimed acked, and the last
-    /// of those rows' ids: the next dispatch reads the rows after it under the kept lease
-    /// at once, while the settle of those before may still be on its way. Dropped with the
-    /// key's last turn.
-    through: HashMap<String, i64>,
+    /// Keys a dispatch kept for the next one with every row it claimed acked, the last of
+    /// those rows' ids, and since when the kept lease is known to hold: the next dispatch
+    /// reads the rows after it under the kept lease at once, while the settle of those
+    /// before may still be on its way. Dropped with the key's last turn.
+    through: HashMap<String, (i64, Instant)>,
 }
 
 /// The latest turn of a key.
@@ -243,14 +244,21 @@ impl Turn {
         self.state().followed(key, self.id)
     }
 
-    /// Keeps `key` (leased) for the later turn of it, if there is one, and returns whether
-    /// there is; with `through`, every row of the key this dispatch claimed was acked, up
-    /// to that id.
-    pub(crate) fn keep_for_next(&self, key: &str, through: Option<i64>) -> bool {
+    /// Keeps `key` (leased since `leased_since` at the latest) for the later turn of it, if
+    /// there is one, and returns whether there is; with `through`, every row of the key
+    /// this dispatch claimed was acked, up to that id.
+    pub(crate) fn keep_for_next(
+        &self,
+        key: &str,
+        through: Option<i64>,
+        leased_since: Instant,
+    ) -> bool {
         let mut state = self.state();
         let followed = state.followed(key, self.id);
         if let (true, Some(through)) = (followed, through) {
-            state.through.insert(key.to_owned(), through);
+            state
+                .through
+                .insert(key.to_owned(), (through, leased_since));
         }
         followed
     }
@@ -258,7 +266,7 @@ impl Turn {
     /// The keys of `keys` the turn before kept for this one with all its rows acked, with
     /// the last acked row's id (see [`keep_for_next`](Self::keep_for_next)); call it once
     /// ready.
-    pub(crate) fn kept_through(&self, keys: &[String]) -> HashMap<String, i64> {
+    pub(crate) fn kept_through(&self, keys: &[String]) -> HashMap<String, (i64, Instant)> {
         let mut state = self.state();
         keys.iter()
             .filter_map(|k| state.through.remove(k).map(|id| (k.clone(), id)))
@@ -358,10 +366,11 @@ mod tests {
         b.sent("k1", [e1, e2]);
         assert_eq!(c.sent_before([(e1, "k1"), (e2, "k2")]), HashSet::from([e1]));
         assert!(c.sent_before([(e1, "k1")]).is_empty(), "told once");
-        assert!(b.keep_for_next("k1", Some(7)) && !b.keep_for_next("k2", Some(9)));
+        let since = Instant::now();
+        assert!(b.keep_for_next("k1", Some(7), since) && !b.keep_for_next("k2", Some(9), since));
         assert_eq!(
             c.kept_through(&keys(&["k1", "k2"])),
-            HashMap::from([("k1".to_owned(), 7)])
+            HashMap::from([("k1".to_owned(), (7, since))])
         );
         assert!(c.kept_through(&keys(&["k1"])).is_empty(), "told once");
         drop(c);

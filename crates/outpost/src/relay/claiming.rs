@@ -85,7 +85,16 @@ pub(crate) struct Keys {
     /// Rows queued over all keys (kept as they change: summing per call would cost a pass
     /// over every owned key per read).
     queued: usize,
+    /// Payload bytes of the rows queued over all keys.
+    queued_bytes: usize,
+    /// The payload size of the rows read lately (see [`Self::row_bytes`]).
+    row_bytes: Option<usize>,
 }
+
+/// What a row's payload is taken to weigh before any was read: Kafka's own default
+/// message size limit (librdkafka's `message.max.bytes`, 1,000,000), rounded up. A larger
+/// row is refused by the producer unless that limit was raised.
+const UNREAD_ROW_BYTES: usize = 1 << 20;
 
 impl Keys {
     /// Rows read and not sent yet, over all keys.
@@ -93,9 +102,52 @@ impl Keys {
         self.queued
     }
 
-    /// The sender took `n` queued rows (see [`Self::queue`]).
-    pub(crate) fn took(&mut self, n: usize) {
-        self.queued -= n;
+    /// No keys yet; rows are taken to weigh `row_bytes` bytes (0: not known, see
+    /// [`Self::row_bytes`]).
+    pub(crate) fn weighing(row_bytes: usize) -> Self {
+        Self {
+            row_bytes: (row_bytes > 0).then_some(row_bytes),
+            ..Self::default()
+        }
+    }
+
+    /// What the rows read weighed lately, once any was read.
+    pub(crate) fn weighed(&self) -> Option<usize> {
+        self.row_bytes
+    }
+
+    /// Payload bytes read and not sent yet, over all keys.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// What the next rows read are expected to weigh: the mean payload of the reads so
+    /// far, the latest counting for a quarter; before the first read, [`UNREAD_ROW_BYTES`].
+    /// Reads are sized by it under the byte cap, so rows much larger than those before
+    /// them can take one read past the cap.
+    pub(crate) fn row_bytes(&self) -> usize {
+        self.row_bytes.unwrap_or(UNREAD_ROW_BYTES).max(1)
+    }
+
+    /// The sender took `rows` queued rows of `bytes` payload bytes (see [`Self::queue`]).
+    pub(crate) fn took(&mut self, rows: usize, bytes: usize) {
+        self.queued -= rows;
+        self.queued_bytes -= bytes;
+    }
+
+    /// Counts rows just read into the queues.
+    fn read(&mut self, rows: &[ClaimedEvent]) {
+        if rows.is_empty() {
+            return;
+        }
+        let bytes: usize = rows.iter().map(|r| r.payload.len()).sum();
+        self.queued += rows.len();
+        self.queued_bytes += bytes;
+        let mean = bytes / rows.len();
+        self.row_bytes = Some(match self.row_bytes {
+            Some(before) => (before * 3 + mean) / 4,
+            None => mean,
+        });
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -162,12 +214,12 @@ impl Keys {
                 }
                 continue;
             }
+            self.read(&rows);
             let state = self.keys.entry(key.clone()).or_default();
             state.drained = rows.len() < asked;
             if let Some(last) = rows.last() {
                 state.after = last.id;
             }
-            self.queued += rows.len();
             state.queued.extend(rows);
             self.dirty.insert(key);
         }
@@ -183,15 +235,18 @@ impl Keys {
         let mut got: Map<String, Vec<ClaimedEvent>> =
             got.into_iter().map(|k| (k.key, k.rows)).collect();
         for (key, _) in asked {
+            if !self.keys.contains_key(key) {
+                continue;
+            }
+            let rows = got.remove(key).unwrap_or_default();
+            self.read(&rows);
             let Some(state) = self.keys.get_mut(key) else {
                 continue;
             };
-            let rows = got.remove(key).unwrap_or_default();
             state.drained = rows.len() < per_key;
             if let Some(last) = rows.last() {
                 state.after = last.id;
             }
-            self.queued += rows.len();
             state.queued.extend(rows);
             self.dirty.insert(key.clone());
         }
@@ -204,7 +259,9 @@ impl Keys {
         for key in lost {
             if let Some(state) = self.keys.get_mut(&key) {
                 state.lost = true;
-                self.queued -= std::mem::take(&mut state.queued).len();
+                let (rows, bytes) = unqueue(state);
+                self.queued -= rows;
+                self.queued_bytes -= bytes;
                 self.dirty.insert(key);
                 count += 1;
             }
@@ -221,7 +278,9 @@ impl Keys {
                 state.after = first.id - 1;
                 state.drained = false;
             }
-            self.queued -= std::mem::take(&mut state.queued).len();
+            let (rows, bytes) = unqueue(state);
+            self.queued -= rows;
+            self.queued_bytes -= bytes;
             self.dirty.insert(key.clone());
         }
     }
@@ -242,7 +301,9 @@ impl Keys {
                     // A failed key goes back with rows read and never sent (nothing is sent
                     // after its failure); they leave the count with it, or every failure
                     // would shrink the room for reads until the relay claimed nothing more.
-                    self.queued -= state.queued.len();
+                    let (rows, bytes) = unqueue(state);
+                    self.queued -= rows;
+                    self.queued_bytes -= bytes;
                     self.keys.remove(&key);
                     review.release.push((key, release));
                 }
@@ -255,6 +316,12 @@ impl Keys {
     pub(crate) fn queue(&mut self, key: &str) -> Option<&mut KeyState> {
         self.keys.get_mut(key)
     }
+}
+
+/// Drops the queued rows of `state`; how many there were, and their payload bytes.
+fn unqueue(state: &mut KeyState) -> (usize, usize) {
+    let rows = std::mem::take(&mut state.queued);
+    (rows.len(), rows.iter().map(|r| r.payload.len()).sum())
 }
 
 /// The outcome of [`Keys::review`].
@@ -368,13 +435,16 @@ pub(crate) mod tests {
     }
 
     /// A claimed row of key `k`, topic `t`.
+    /// The payload bytes of a [`row`].
+    const PAYLOAD: usize = 10;
+
     pub(crate) fn row(id: i64) -> ClaimedEvent {
         ClaimedEvent {
             id,
             event_id: uuid::Uuid::new_v4(),
             topic: "t".into(),
             event_key: "k".into(),
-            payload: Vec::new(),
+            payload: vec![0; PAYLOAD],
             headers: Default::default(),
             attempts: 0,
             failures: 0,
@@ -392,10 +462,12 @@ pub(crate) mod tests {
             }],
             10,
         );
+        assert_eq!(keys.queued_bytes(), 3 * PAYLOAD);
+        assert_eq!(keys.row_bytes(), PAYLOAD);
         let state = keys.queue("k").unwrap();
         state.queued.pop_front();
         state.in_flight = 1;
-        keys.took(1);
+        keys.took(1, PAYLOAD);
         let state = keys.get_mut("k").unwrap();
         state.failure = Some((1, retry(), ErrorClass::Transient));
         state.in_flight = 0;
@@ -405,6 +477,7 @@ pub(crate) mod tests {
             [(_, Release::Failed(1, _, _))]
         ));
         assert_eq!(keys.queued_rows(), 0);
+        assert_eq!(keys.queued_bytes(), 0);
     }
 
     #[test]
@@ -434,7 +507,7 @@ pub(crate) mod tests {
         let state = keys.queue("k").unwrap();
         state.queued.pop_front();
         state.in_flight = 1;
-        keys.took(1);
+        keys.took(1, PAYLOAD);
         keys.drop_queued();
         assert_eq!(keys.queued_rows(), 0);
         let review = keys.review(5, false, false);
@@ -475,7 +548,7 @@ pub(crate) mod tests {
         let state = keys.queue("k").unwrap();
         state.queued.pop_front();
         state.in_flight = 1;
-        keys.took(1);
+        keys.took(1, PAYLOAD);
         keys.lose(["k".to_owned()]);
         keys.claimed(claim(), 10);
         assert_eq!(keys.queued_rows(), 0, "not read twice");
@@ -514,7 +587,7 @@ pub(crate) mod tests {
             state.queued.clear();
             state.in_flight = 1;
         }
-        keys.took(3);
+        keys.took(3, 3 * PAYLOAD);
         let mut waiting = keys.review(5, false, false).fetch;
         assert_eq!(waiting.len(), 3);
         waiting.sort();

@@ -27,6 +27,7 @@ pub mod wake;
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,7 +85,9 @@ pub struct RelayConfig {
     pub cleanup_batch: i64,
     /// Most rows read and not yet settled at once (default 5 000).
     pub max_in_flight: usize,
-    /// Most payload bytes read and not yet settled at once (default 8 MiB).
+    /// Most payload bytes read and not yet acked at once (default 8 MiB). Reads are sized by
+    /// the payloads read lately (before the first, 1 MiB a row is assumed): a read of rows
+    /// much larger than those before it can go past it once.
     pub max_in_flight_bytes: usize,
     /// How often the backlog gauges are refreshed (default 5 s). The count reads every
     /// pending row, so on a deep backlog it waits at least twenty times as long as the last
@@ -275,6 +278,9 @@ pub struct Relay {
     config: RelayConfig,
     owner: Uuid,
     wake: WakeSignal,
+    /// What a row's payload weighed lately, kept from one engine to the next (`run_once`);
+    /// 0 before the first read (see `Keys::row_bytes`).
+    row_bytes: Arc<AtomicUsize>,
 }
 
 impl Relay {
@@ -297,6 +303,7 @@ impl Relay {
             config,
             owner: Uuid::new_v4(),
             wake: WakeSignal::new(),
+            row_bytes: Arc::default(),
         })
     }
 
@@ -406,13 +413,22 @@ struct Engine<'r> {
     report: BatchReport,
 }
 
+impl Drop for Engine<'_> {
+    /// The next engine of the relay (`run_once`) sizes its first reads by what this one read.
+    fn drop(&mut self) {
+        if let Some(bytes) = self.keys.weighed() {
+            self.relay.row_bytes.store(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
 impl<'r> Engine<'r> {
     fn new(relay: &'r Relay) -> Self {
         let c = &relay.config;
         let now = Instant::now();
         Self {
             relay,
-            keys: Keys::default(),
+            keys: Keys::weighing(relay.row_bytes.load(Ordering::Relaxed)),
             sender: Sender::new(
                 Arc::clone(&relay.producer),
                 c.max_in_flight,
@@ -549,23 +565,31 @@ impl<'r> Engine<'r> {
     }
 
     /// Rows that may still be read: the caps' room less the rows read and not sent, the
-    /// acked rows the settler has not written yet, and the most the running claims can bring.
+    /// acked rows the settler has not written yet, and the most the running claims can bring;
+    /// under the byte cap, as many rows as fit of the size the last reads had (see
+    /// `Keys::row_bytes`).
     fn room(&self) -> usize {
         let claiming: usize = self.claiming.iter().map(|c| c.want * c.per_key).sum();
-        self.sender
+        let rows = self
+            .sender
             .room()
-            .saturating_sub(self.keys.queued_rows() + self.settler.unwritten_rows() + claiming)
+            .saturating_sub(self.keys.queued_rows() + self.settler.unwritten_rows() + claiming);
+        let row_bytes = self.keys.row_bytes();
+        let held = self.sender.bytes() + self.keys.queued_bytes() + claiming * row_bytes;
+        let fit = self.relay.config.max_in_flight_bytes.saturating_sub(held) / row_bytes;
+        // One row at least while nothing is held, however large rows are taken to be.
+        rows.min(if held == 0 { fit.max(1) } else { fit })
     }
 
-    /// The least room a claim or a read waits for: a quarter of the row cap, or one row
-    /// when no ack and no settle is outstanding (nothing would wake the relay for more).
+    /// The least room a claim or a read waits for: a quarter of what the caps hold, or one
+    /// row when no ack and no settle is outstanding (nothing would wake the relay for more).
     fn worth_reading(&self) -> usize {
-        if self.sender.room() >= self.relay.config.max_in_flight
-            && self.settler.unwritten_rows() == 0
-        {
+        let c = &self.relay.config;
+        if self.sender.room() >= c.max_in_flight && self.settler.unwritten_rows() == 0 {
             1
         } else {
-            (self.relay.config.max_in_flight / 4).max(1)
+            let fit = c.max_in_flight_bytes / self.keys.row_bytes();
+            (c.max_in_flight.min(fit) / 4).max(1)
         }
     }
 

@@ -89,6 +89,11 @@ impl Sender {
         self.max_rows.saturating_sub(self.rows)
     }
 
+    /// Payload bytes queued or refused and not handed back yet.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// While librdkafka's queue was full: when to try queueing again (the engine wakes then,
     /// acks or not).
     pub(crate) fn blocked_until(&self) -> Option<Instant> {
@@ -116,7 +121,7 @@ impl Sender {
             // Held back behind its rows in flight: for another topic, or on a producer
             // instance since replaced or purged (see below). Their reports bring it back.
             let mut held = false;
-            let mut taken = 0;
+            let (mut taken, mut taken_bytes) = (0, 0);
             while state.in_flight < self.per_key && state.failure.is_none() {
                 if self.queue_full.is_some() || self.room() == 0 || Instant::now() >= until {
                     blocked = true;
@@ -136,6 +141,7 @@ impl Sender {
                     break;
                 }
                 taken += 1;
+                taken_bytes += event.payload.len();
                 let tag = self.free.last().copied().unwrap_or(self.queued.len());
                 let on = (state.in_flight > 0).then_some(state.sent_on);
                 match enqueue_reported(self, &event, tag, on) {
@@ -145,14 +151,16 @@ impl Sender {
                     // them, or they could land ahead of those, which may yet fail. The key is
                     // looked at again as their reports come in, not at every pass before.
                     Ok(None) => {
-                        state.queued.push_front(event);
                         taken -= 1;
+                        taken_bytes -= event.payload.len();
+                        state.queued.push_front(event);
                         held = true;
                         break;
                     }
                     Err(failure) if is_queue_full(&failure) => {
-                        state.queued.push_front(event);
                         taken -= 1;
+                        taken_bytes -= event.payload.len();
+                        state.queued.push_front(event);
                         self.queue_full = Some(Instant::now() + QUEUE_FULL_RETRY);
                         blocked = true;
                         break;
@@ -193,7 +201,7 @@ impl Sender {
                 // 1M-row, 10,000-key drain: 33 of 48 MB).
                 state.queued = std::collections::VecDeque::new();
             }
-            keys.took(taken);
+            keys.took(taken, taken_bytes);
             if blocked {
                 send[i..].iter().for_each(|k| keys.touch(k));
                 return;
