@@ -55,6 +55,11 @@ impl LeasedKeys {
                 None => self.turn = Some(turns.take_staging(key)),
             }
         }
+        // Before the commit: a dispatch before this one that reads the row once committed
+        // tells this one, which would otherwise send it again from memory.
+        if let Some(turn) = &mut self.turn {
+            turn.expect([event.event_id]);
+        }
         self.rows.push(ClaimedEvent {
             id,
             event_id: event.event_id,

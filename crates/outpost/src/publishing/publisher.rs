@@ -426,7 +426,7 @@ impl Publisher {
         keys.dedup();
         // Taken here, before the task starts, so dispatches of a key go in commit order; the
         // keys leased while staging took theirs then (see `LeasedKeys::turn`).
-        let turn = match leased.turn() {
+        let mut turn = match leased.turn() {
             Some(mut turn) => {
                 turn.committed();
                 turn.extend(&keys);
@@ -444,9 +444,16 @@ impl Publisher {
             .iter()
             .cloned()
             .partition(|s| !later.contains(&s.event_key));
+        turn.expect(staged.iter().map(|s| s.event_id));
         // The probe first: no turn is taken that would go unused.
         let second = (!later.is_empty())
-            .then(|| Probe::take(self).map(|probe| (self.inner.turns.take(&later), probe)))
+            .then(|| {
+                Probe::take(self).map(|probe| {
+                    let mut turn = self.inner.turns.take(&later);
+                    turn.expect(staged_later.iter().map(|s| s.event_id));
+                    (turn, probe)
+                })
+            })
             .flatten();
         let publisher = self.clone();
         let task = self.inner.dispatches.spawn(async move {

@@ -25,8 +25,12 @@ struct State {
     /// The latest turn taken of each key: a new turn of the key waits for it.
     latest: HashMap<String, Latest>,
     /// Events of a key that a dispatch sent (acked) for the later turns of the key: a dispatch claims a key's next rows, which may be later commits' too.
-    /// Dropped with the key's last turn.
+    /// Only events a live turn expects (see [`Turn::expect`]): a busy key's dispatches
+    /// also send other processes' events, which no turn asks about, and those piled up
+    /// for as long as the key had a later turn. Dropped with the key's last turn.
     sent: HashMap<String, HashSet<Uuid>>,
+    /// Events of live turns (see [`Turn::expect`]).
+    expected: HashSet<Uuid>,
     /// Keys a dispatch kept for the next one with every row it claimed acked, the last of
     /// those rows' ids, and since when the kept lease is known to hold: the next dispatch
     /// reads the rows after it under the kept lease at once, while the settle of those
@@ -59,6 +63,8 @@ pub(crate) struct Turn {
     /// The turn each key had before this one took its place, until [`Self::ready`] has
     /// waited for them: a turn given up before that puts its key's one back.
     before: Vec<(String, Latest)>,
+    /// The events this turn's dispatch is for (see [`Self::expect`]).
+    expected: Vec<Uuid>,
 }
 
 impl KeyTurns {
@@ -85,6 +91,7 @@ impl KeyTurns {
             open,
             held: Vec::with_capacity(keys.len()),
             before: Vec::new(),
+            expected: Vec::new(),
         };
         let untaken = turn.extend_in(&mut state, keys);
         debug_assert!(untaken.is_empty(), "a new turn is the latest of every key");
@@ -111,6 +118,18 @@ impl KeyTurns {
     #[cfg(test)]
     fn busy(&self) -> usize {
         self.state.lock().unwrap().latest.len()
+    }
+
+    /// Events recorded as sent, over all keys.
+    #[cfg(test)]
+    fn recorded(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .sent
+            .values()
+            .map(HashSet::len)
+            .sum()
     }
 }
 
@@ -273,12 +292,35 @@ impl Turn {
             .collect()
     }
 
+    /// The events this turn's dispatch is for: an earlier dispatch that sends one of them
+    /// tells it (see [`Self::sent`]). Call it before those events are committed where they
+    /// may be sent from memory (keys leased while staging), so that no earlier dispatch can
+    /// read them first.
+    pub(crate) fn expect(&mut self, events: impl IntoIterator<Item = Uuid>) {
+        let mut state = self.turns.state.lock().unwrap_or_else(|p| p.into_inner());
+        for event in events {
+            state.expected.insert(event);
+            self.expected.push(event);
+        }
+    }
+
     /// Tells the later turns of `key` which of its events this dispatch sent (call it once
-    /// they are acked, before the turn is given up).
+    /// they are acked, before the turn is given up); events no live turn expects are not
+    /// kept.
     pub(crate) fn sent(&self, key: &str, events: impl IntoIterator<Item = Uuid>) {
         let mut state = self.state();
         if state.followed(key, self.id) {
-            state.sent.entry(key.to_owned()).or_default().extend(events);
+            let expected: Vec<Uuid> = events
+                .into_iter()
+                .filter(|event| state.expected.contains(event))
+                .collect();
+            if !expected.is_empty() {
+                state
+                    .sent
+                    .entry(key.to_owned())
+                    .or_default()
+                    .extend(expected);
+            }
         }
     }
 
@@ -308,6 +350,9 @@ impl Drop for Turn {
         let mut state = self.state();
         for (key, earlier) in keys.iter().zip(earlier) {
             state.given_up(key, self.id, earlier);
+        }
+        for event in &self.expected {
+            state.expected.remove(event);
         }
     }
 }
@@ -362,8 +407,12 @@ mod tests {
             b.sent_before([(e1, "k1")]).is_empty(),
             "no later turn: nothing kept"
         );
-        let c = turns.take(&keys(&["k1"]));
-        b.sent("k1", [e1, e2]);
+        let mut c = turns.take(&keys(&["k1"]));
+        c.expect([e1, e2]);
+        // Another process's event, sent with them: no turn here asks about it.
+        let foreign = Uuid::new_v4();
+        b.sent("k1", [e1, e2, foreign]);
+        assert_eq!(turns.recorded(), 2, "only events a turn expects are kept");
         assert_eq!(c.sent_before([(e1, "k1"), (e2, "k2")]), HashSet::from([e1]));
         assert!(c.sent_before([(e1, "k1")]).is_empty(), "told once");
         let since = Instant::now();
@@ -376,6 +425,8 @@ mod tests {
         drop(c);
         drop(b);
         assert_eq!(turns.busy(), 0, "the last turn of a key removes it");
+        assert_eq!(turns.recorded(), 0);
+        assert!(turns.state.lock().unwrap().expected.is_empty());
     }
 
     #[tokio::test]
