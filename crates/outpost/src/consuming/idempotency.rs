@@ -264,10 +264,7 @@ impl Idempotency {
         for t in &earlier {
             invocation.arg(t.mark());
         }
-        let held: redis::RedisResult<Option<String>> = match self.connection().await {
-            Ok(mut conn) => invocation.invoke_async(&mut conn).await,
-            Err(e) => Err(e),
-        };
+        let held: redis::RedisResult<Option<String>> = self.invoke(&invocation).await;
         if held.is_err() {
             // The script may have run, its answer lost: this token may hold the event now.
             earlier.push(token);
@@ -278,19 +275,16 @@ impl Idempotency {
             Ok(Some(value)) if value == PROCESSING => Ok(Claim::InProgress),
             // `completed`, or a value some other writer left: skip, as HuleEdu does.
             Ok(Some(_)) => Ok(Claim::Duplicate),
-            Err(e) => {
-                self.forget().await;
-                match self.config.redis_down {
-                    RedisDownPolicy::FailOpen => {
-                        warn!(%key, error = %e, "redis unavailable; handling the event unchecked (fail-open)");
-                        Ok(Claim::Unchecked)
-                    }
-                    RedisDownPolicy::FailClosed => Err(Error::Idempotency {
-                        operation: "claim",
-                        source: Box::new(e),
-                    }),
+            Err(e) => match self.config.redis_down {
+                RedisDownPolicy::FailOpen => {
+                    warn!(%key, error = %e, "redis unavailable; handling the event unchecked (fail-open)");
+                    Ok(Claim::Unchecked)
                 }
-            }
+                RedisDownPolicy::FailClosed => Err(Error::Idempotency {
+                    operation: "claim",
+                    source: Box::new(e),
+                }),
+            },
         }
     }
 
@@ -316,14 +310,9 @@ impl Idempotency {
         let key = self.key(group, event_id);
         let mut invocation = self.release.key(&key);
         invocation.key(owner_key(&key)).arg(token.mark());
-        let done: redis::RedisResult<i64> = match self.connection().await {
-            Ok(mut conn) => invocation.invoke_async(&mut conn).await,
-            Err(e) => Err(e),
-        };
-        match done {
+        match self.invoke::<i64>(&invocation).await {
             Ok(_) => Ok(()),
             Err(e) => {
-                self.forget().await;
                 self.keep_unsettled(key, vec![token]);
                 Err(Error::Idempotency {
                     operation: "release",
@@ -346,20 +335,14 @@ impl Idempotency {
             .key(owner_key(&key))
             .arg(token.mark())
             .arg(self.config.processing_ttl.as_secs());
-        let renewed: redis::RedisResult<i64> = match self.connection().await {
-            Ok(mut conn) => invocation.invoke_async(&mut conn).await,
-            Err(e) => Err(e),
-        };
-        match renewed {
-            Ok(n) => Ok(n == 1),
-            Err(e) => {
-                self.forget().await;
-                Err(Error::Idempotency {
-                    operation: "renew",
-                    source: Box::new(e),
-                })
-            }
-        }
+        let renewed: i64 = self
+            .invoke(&invocation)
+            .await
+            .map_err(|e| Error::Idempotency {
+                operation: "renew",
+                source: Box::new(e),
+            })?;
+        Ok(renewed == 1)
     }
 
     fn take_unsettled(&self, key: &str) -> Vec<ClaimToken> {
@@ -376,6 +359,22 @@ impl Idempotency {
         kept.append(&mut tokens);
         let over = kept.len().saturating_sub(MAX_UNSETTLED_PER_EVENT);
         kept.drain(..over);
+    }
+
+    /// Runs a script on the shared connection; after an error the connection is dropped
+    /// (the next call connects again).
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> redis::RedisResult<T> {
+        let result = match self.connection().await {
+            Ok(mut conn) => invocation.invoke_async(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            self.forget().await;
+        }
+        result
     }
 
     async fn run<T: redis::FromRedisValue>(

@@ -43,6 +43,15 @@ impl CircuitState {
     }
 }
 
+/// How [`CircuitBreaker::admit`] let a call through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The circuit is closed.
+    Closed,
+    /// The circuit is half-open and this call is its one probe.
+    Probe,
+}
+
 /// A consecutive-failure circuit breaker.
 #[derive(Debug, Clone)]
 pub struct CircuitBreaker {
@@ -76,13 +85,20 @@ impl CircuitBreaker {
     /// Whether a call may try Kafka now. Once the open period is over exactly one caller
     /// gets `true` (the probe) until it reports back.
     pub fn allow(&mut self, now: Instant) -> bool {
+        self.admit(now).is_some()
+    }
+
+    /// As [`allow`](Self::allow), saying how: `None` while open (or while another call
+    /// probes), else whether the circuit was closed or this call is the half-open probe
+    /// (which must report back, or be released).
+    pub fn admit(&mut self, now: Instant) -> Option<Admission> {
         match self.open_until {
-            None => true,
+            None => Some(Admission::Closed),
             Some(until) if now >= until && !self.probing => {
                 self.probing = true;
-                true
+                Some(Admission::Probe)
             }
-            Some(_) => false,
+            Some(_) => None,
         }
     }
 

@@ -42,7 +42,7 @@ use crate::kafka::producer::{Acked, KafkaProducer, SendFailure};
 use crate::outbox::store::{
     ClaimedEvent, ClaimedKey, KeyLock, KeyRelease, OutboxStore, Settlement, StagedRow,
 };
-use crate::publishing::breaker::{BreakerConfig, CircuitBreaker, CircuitState};
+use crate::publishing::breaker::{Admission, BreakerConfig, CircuitBreaker, CircuitState};
 use crate::publishing::detached::Detachable;
 use crate::publishing::leased::LeasedKeys;
 use crate::publishing::turns::{KeyTurns, Turn};
@@ -1045,10 +1045,9 @@ impl Publisher {
         let (allowed, probe) = {
             let mut breaker = inner.breaker.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            let probe = breaker.state(now) != CircuitState::Closed;
-            let allowed = breaker.allow(now);
+            let admitted = breaker.admit(now);
             crate::metrics::circuit(service, breaker.state(now).as_gauge());
-            (allowed, allowed && probe)
+            (admitted.is_some(), admitted == Some(Admission::Probe))
         };
         if !allowed {
             let all: Vec<_> = events
@@ -1413,19 +1412,15 @@ struct Probe {
 
 impl Probe {
     fn take(publisher: &Publisher) -> Option<Self> {
-        let (allowed, half_open) = {
-            let mut breaker = publisher
-                .inner
-                .breaker
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            let half_open = breaker.state(now) != CircuitState::Closed;
-            (breaker.allow(now), half_open)
-        };
-        allowed.then(|| Self {
+        let admitted = publisher
+            .inner
+            .breaker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(Instant::now())?;
+        Some(Self {
             publisher: publisher.clone(),
-            half_open,
+            half_open: admitted == Admission::Probe,
             answered: false,
             failed: false,
         })
