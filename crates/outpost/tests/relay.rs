@@ -402,17 +402,7 @@ async fn a_relay_that_cannot_reach_the_database_keeps_its_last_backlog_reading()
     let direct = support::store().await;
     let service = support::unique("svc");
     let proxy = support::Partition::start(database_port()).await;
-    let url = support::database_url().replacen(
-        &format!(":{}/", database_port()),
-        &format!(":{}/", proxy.port()),
-        1,
-    );
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(2))
-        .connect_lazy(&url)
-        .unwrap();
-    let store = OutboxStore::new(pool, direct.table().clone());
+    let store = OutboxStore::new(through(&proxy), direct.table().clone());
     let mut config = support::relay_config(&service);
     config.backlog_interval = Duration::from_millis(50);
     // No broker: what is staged stays pending.
@@ -437,6 +427,119 @@ async fn a_relay_that_cannot_reach_the_database_keeps_its_last_backlog_reading()
     }
     proxy.refuse_new(false);
     relay.stop().await;
+}
+
+/// A network that stops carrying the relay's database connections (they stay open and
+/// nothing comes back, as in a partition that drops packets) holds the relay for a
+/// statement timeout, not until TCP gives up: it goes on through new connections, delivers
+/// what was staged before and after, in order, and stops when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_database_connections_fall_silent_goes_on_through_new_ones() {
+    let (brokers, direct, topic, collector, service) = one_partition().await;
+    let proxy = support::Partition::start(database_port()).await;
+    let store = OutboxStore::new(through(&proxy), direct.table().clone());
+    let mut config = support::relay_config(&service);
+    config.statement_timeout = Duration::from_secs(1);
+    let relay = spawn(Relay::new(store, support::producer(&brokers), config).unwrap());
+    let mut staged = support::stage_committed(&direct, &topic, 20, 2_000).await;
+    // Cut off in the middle of the drain: claims, reads, renewals and settles are on
+    // connections that will never answer, and the idle ones in the pool are cut off too.
+    support::eventually(Duration::from_secs(30), "the drain started", || async {
+        (!collector.snapshot().is_empty()).then_some(())
+    })
+    .await;
+    proxy.freeze();
+    let cut = proxy.accepted();
+    for i in 0..20 {
+        let event = support::event(&topic, &format!("after{i}"), 0);
+        let mut tx = direct.pool().begin().await.unwrap();
+        direct.stage(&mut tx, &event).await.unwrap();
+        tx.commit().await.unwrap();
+        staged.push(event);
+    }
+    let ids: Vec<Uuid> = staged.iter().map(|e| e.event_id).collect();
+    let seen = collector.wait_for(&ids, Duration::from_secs(60)).await;
+    assert!(
+        proxy.accepted() > cut,
+        "delivered with no new connection: nothing was cut off"
+    );
+    relay.stop().await;
+    support::assert_key_order(&seen);
+}
+
+/// A relay cut off from the database inside a hand-back, whose transaction holds the locks
+/// of the keys it hands back (staging of those keys waits for them), holds up that staging
+/// for no longer than its statement timeout: the server ends a transaction whose client has
+/// been silent that long, though it never learns that the client is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_back_cut_off_inside_its_transaction_holds_up_staging_of_its_keys_briefly() {
+    let (brokers, direct, topic, collector, service) = one_partition().await;
+    let proxy = support::Partition::start(database_port()).await;
+    proxy.strand(true);
+    let store = OutboxStore::new(through(&proxy), direct.table().clone());
+    // Each drained key row's deletion takes a second, long enough to cut the connection
+    // off in the middle of it.
+    let schema = direct.table().schema().to_owned();
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION \"{schema}\".slow_delete() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN PERFORM pg_sleep(1); RETURN OLD; END $$; \
+         CREATE TRIGGER slow_delete BEFORE DELETE ON {keys} \
+           FOR EACH ROW EXECUTE FUNCTION \"{schema}\".slow_delete()",
+        keys = direct.table().keys()
+    ))
+    .execute(direct.pool())
+    .await
+    .unwrap();
+    let mut config = support::relay_config(&service);
+    config.statement_timeout = Duration::from_secs(3);
+    let relay = spawn(Relay::new(store, support::producer(&brokers), config).unwrap());
+    let mut staged = support::stage_committed(&direct, &topic, 1, 1).await;
+    let in_hand_back = format!("%DELETE FROM {}%", direct.table().keys());
+    support::eventually(Duration::from_secs(30), "the key handed back", || async {
+        let sleeping: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event = 'PgSleep' AND query LIKE $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&in_hand_back)
+        .fetch_one(direct.pool())
+        .await
+        .unwrap();
+        (sleeping > 0).then_some(())
+    })
+    .await;
+    proxy.freeze();
+    // The next event of the key waits for the hand-back's key lock.
+    let next = support::event(&topic, "k0", 1);
+    let mut tx = direct.pool().begin().await.unwrap();
+    sqlx::query("SET LOCAL lock_timeout = '30s'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    direct
+        .stage(&mut tx, &next)
+        .await
+        .expect("staged once the cut-off hand-back ended");
+    tx.commit().await.unwrap();
+    staged.push(next);
+    let ids: Vec<Uuid> = staged.iter().map(|e| e.event_id).collect();
+    let seen = collector.wait_for(&ids, Duration::from_secs(60)).await;
+    relay.stop().await;
+    support::assert_key_order(&seen);
+}
+
+/// A pool of at most four connections to the tests' database through `proxy`.
+fn through(proxy: &support::Partition) -> sqlx::PgPool {
+    let url = support::database_url().replacen(
+        &format!(":{}/", database_port()),
+        &format!(":{}/", proxy.port()),
+        1,
+    );
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(2))
+        .test_before_acquire(false)
+        .connect_lazy(&url)
+        .unwrap()
 }
 
 /// The port of the database the tests use.

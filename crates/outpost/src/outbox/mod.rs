@@ -2,6 +2,7 @@
 //! against them (staging in the caller's transaction, key leases, settling, operator views).
 
 pub mod admin;
+pub(crate) mod bounded;
 pub(crate) mod ddl;
 pub mod headers;
 pub(crate) mod sql_api;

@@ -35,6 +35,7 @@ use uuid::Uuid;
 
 use crate::error::{bounded, Error, EventContext, Result};
 use crate::event::envelope::OutboxEvent;
+use crate::outbox::bounded::Bounded;
 use crate::outbox::ddl::{no_column, no_relation, only_if};
 use crate::outbox::headers::StoredHeaders;
 use crate::outbox::sql_api;
@@ -461,8 +462,15 @@ impl Sql {
                  WHERE {released} AND lease_owner = $2",
                 released = listed("event_key", "$1::text[]")
             ),
+            // A hand-back's transaction ends on the server if its client falls silent inside
+            // it (see `OutboxStore::with_statement_timeout`): the key locks it takes hold up
+            // staging of those keys until it ends.
             try_lock_keys: format!(
-                "SELECT key FROM UNNEST($1::text[]) AS key WHERE pg_try_advisory_xact_lock({})",
+                "SELECT key FROM UNNEST($1::text[]) AS key \
+                 WHERE (SELECT set_config('idle_in_transaction_session_timeout', \
+                         COALESCE($2::text, current_setting('idle_in_transaction_session_timeout')), \
+                         true)) IS NOT NULL \
+                   AND pg_try_advisory_xact_lock({})",
                 lock_id("key")
             ),
             delete_drained: format!(
@@ -503,6 +511,8 @@ pub struct OutboxStore {
     service: String,
     lock: KeyLock,
     delete_published: bool,
+    /// How long the relay's statements may take (see [`Self::with_statement_timeout`]).
+    deadline: Option<Duration>,
 }
 
 impl OutboxStore {
@@ -516,6 +526,7 @@ impl OutboxStore {
             sql,
             lock: KeyLock::default(),
             delete_published: false,
+            deadline: None,
         }
     }
 
@@ -541,6 +552,30 @@ impl OutboxStore {
     pub fn deleting_published(mut self, delete: bool) -> Self {
         self.delete_published = delete;
         self
+    }
+
+    /// Bounds each statement the relay and the eager path run through this store (claims,
+    /// reads, renewals, settles, hand-backs, housekeeping), and each of their transactions,
+    /// to `limit` (default: none). One that has not finished by then fails with a retriable
+    /// error and its connection is closed, not returned to the pool: a connection the
+    /// network stopped carrying would otherwise hold its caller until TCP gives up. A
+    /// hand-back's transaction also sets `idle_in_transaction_session_timeout` to `limit`, so
+    /// that the server ends one whose client it cannot hear any more, and the key locks it
+    /// holds (which staging of those keys waits for) go with it.
+    #[must_use]
+    pub fn with_statement_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.deadline = limit;
+        self
+    }
+
+    /// A connection for one of the relay's statements (see [`Self::with_statement_timeout`]).
+    pub(crate) async fn connection(&self, what: &'static str) -> Result<Bounded> {
+        Bounded::acquire(&self.pool, self.deadline, what).await
+    }
+
+    /// The bound on each of the relay's statements (see [`Self::with_statement_timeout`]).
+    pub fn statement_timeout(&self) -> Option<Duration> {
+        self.deadline
     }
 
     /// The service name metrics are labelled with.
@@ -928,18 +963,21 @@ impl OutboxStore {
                     .bind(lease.as_secs_f64())
                     .bind(i64::try_from(per_key).unwrap_or(i64::MAX))
                     .bind(only);
-                return group_by_key(query.fetch(&self.pool))
-                    .await
-                    .map_err(|e| Error::storage("claim", e));
+                let mut conn = self.connection("claim").await?;
+                return conn.run("claim", |c| group_by_key(query.fetch(c))).await;
             }
         };
-        let leased: Vec<String> = sqlx::query_scalar(claim)
-            .bind(owner)
-            .bind(keys)
-            .bind(lease.as_secs_f64())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| Error::storage("claim", e))?;
+        let mut conn = self.connection("claim").await?;
+        let leased: Vec<String> = conn
+            .run("claim", |c| {
+                sqlx::query_scalar(claim)
+                    .bind(owner)
+                    .bind(keys)
+                    .bind(lease.as_secs_f64())
+                    .fetch_all(c)
+            })
+            .await?;
+        drop(conn);
         if leased.is_empty() {
             return Ok(Vec::new());
         }
@@ -1003,9 +1041,8 @@ impl OutboxStore {
             .bind(&keys)
             .bind(&ids)
             .bind(i64::try_from(per_key).unwrap_or(i64::MAX));
-        group_by_key(query.fetch(&self.pool))
-            .await
-            .map_err(|e| Error::storage("fetch", e))
+        let mut conn = self.connection("fetch").await?;
+        conn.run("fetch", |c| group_by_key(query.fetch(c))).await
     }
 
     /// Extends `owner`'s lease on `keys` by `lease` from now; returns the keys it still
@@ -1020,13 +1057,15 @@ impl OutboxStore {
         keys: &[String],
         lease: Duration,
     ) -> Result<Vec<String>> {
-        sqlx::query_scalar(&self.sql.renew)
-            .bind(owner)
-            .bind(lease.as_secs_f64())
-            .bind(keys)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| Error::storage("renew", e))
+        let mut conn = self.connection("renew").await?;
+        conn.run("renew", |c| {
+            sqlx::query_scalar(&self.sql.renew)
+                .bind(owner)
+                .bind(lease.as_secs_f64())
+                .bind(keys)
+                .fetch_all(c)
+        })
+        .await
     }
 
     /// Records what happened to rows and hands keys back, in one statement. A published
@@ -1087,21 +1126,24 @@ impl OutboxStore {
         } else {
             &self.sql.settle
         };
-        let recorded = sqlx::query(settle)
-            .bind(&published.0)
-            .bind(&published.1)
-            .bind(&published.2)
-            .bind(&failed.0)
-            .bind(&failed.1)
-            .bind(&failed.2)
-            .bind(&failed.3)
-            .bind(&release_keys)
-            .bind(&delays)
-            .bind(&transient)
-            .bind(owner)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| Error::storage("settle", e))?;
+        let mut conn = self.connection("settle").await?;
+        let recorded = conn
+            .run("settle", |c| {
+                sqlx::query(settle)
+                    .bind(&published.0)
+                    .bind(&published.1)
+                    .bind(&published.2)
+                    .bind(&failed.0)
+                    .bind(&failed.1)
+                    .bind(&failed.2)
+                    .bind(&failed.3)
+                    .bind(&release_keys)
+                    .bind(&delays)
+                    .bind(&transient)
+                    .bind(owner)
+                    .fetch_one(c)
+            })
+            .await?;
         Ok(Recorded {
             published: recorded
                 .get::<Vec<i64>, _>("published")
@@ -1139,39 +1181,42 @@ impl OutboxStore {
         if keys.is_empty() {
             return Ok(0);
         }
-        let err = |e| Error::storage("release", e);
-        let mut tx = self.pool.begin().await.map_err(err)?;
-        // The delete below runs in a statement of its own, so its snapshot is taken after
-        // the locks: every writer that committed before them is visible to it.
-        let unlocked: Vec<String> = sqlx::query_scalar(&self.sql.try_lock_keys)
-            .bind(keys)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(err)?;
-        let deleted: Vec<String> = sqlx::query_scalar(&self.sql.delete_drained)
-            .bind(&unlocked)
-            .bind(owner)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(err)?;
-        // Usually every key went: looking the deleted ones up again to release them cost
-        // the drain of one-event keys a twentieth of the database's time.
-        let gone: HashSet<&str> = deleted.iter().map(String::as_str).collect();
-        let kept: Vec<&str> = keys
-            .iter()
-            .map(String::as_str)
-            .filter(|k| !gone.contains(k))
-            .collect();
-        if !kept.is_empty() {
-            sqlx::query(&self.sql.release)
-                .bind(&kept)
+        // Milliseconds, as the setting reads them; the server's own setting when unbounded.
+        let idle_ms = self.deadline.map(|d| d.as_millis().max(1).to_string());
+        let mut conn = self.connection("release").await?;
+        conn.run("release", |c| async move {
+            let mut tx = sqlx::Connection::begin(c).await?;
+            // The delete below runs in a statement of its own, so its snapshot is taken
+            // after the locks: every writer that committed before them is visible to it.
+            let unlocked: Vec<String> = sqlx::query_scalar(&self.sql.try_lock_keys)
+                .bind(keys)
+                .bind(idle_ms)
+                .fetch_all(&mut *tx)
+                .await?;
+            let deleted: Vec<String> = sqlx::query_scalar(&self.sql.delete_drained)
+                .bind(&unlocked)
                 .bind(owner)
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-        }
-        tx.commit().await.map_err(err)?;
-        Ok(deleted.len() as u64)
+                .fetch_all(&mut *tx)
+                .await?;
+            // Usually every key went: looking the deleted ones up again to release them
+            // cost the drain of one-event keys a twentieth of the database's time.
+            let gone: HashSet<&str> = deleted.iter().map(String::as_str).collect();
+            let kept: Vec<&str> = keys
+                .iter()
+                .map(String::as_str)
+                .filter(|k| !gone.contains(k))
+                .collect();
+            if !kept.is_empty() {
+                sqlx::query(&self.sql.release)
+                    .bind(&kept)
+                    .bind(owner)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(deleted.len() as u64)
+        })
+        .await
     }
 
     /// Which of `keys` have a row waiting for delivery.
@@ -1179,11 +1224,14 @@ impl OutboxStore {
     /// # Errors
     /// [`Error::OutboxStorage`] when the query fails.
     pub async fn pending_keys(&self, keys: &[String]) -> Result<HashSet<String>> {
-        let found: Vec<String> = sqlx::query_scalar(&self.sql.pending_keys)
-            .bind(keys)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| Error::storage("pending_keys", e))?;
+        let mut conn = self.connection("pending_keys").await?;
+        let found: Vec<String> = conn
+            .run("pending_keys", |c| {
+                sqlx::query_scalar(&self.sql.pending_keys)
+                    .bind(keys)
+                    .fetch_all(c)
+            })
+            .await?;
         Ok(found.into_iter().collect())
     }
 
@@ -1193,10 +1241,12 @@ impl OutboxStore {
     /// # Errors
     /// [`Error::OutboxStorage`] when the update fails.
     pub async fn pull_forward_transient(&self) -> Result<u64> {
-        let done = sqlx::query(&self.sql.pull_forward)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| Error::storage("pull_forward", e))?;
+        let mut conn = self.connection("pull_forward").await?;
+        let done = conn
+            .run("pull_forward", |c| {
+                sqlx::query(&self.sql.pull_forward).execute(c)
+            })
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -1205,10 +1255,10 @@ impl OutboxStore {
     /// # Errors
     /// [`Error::OutboxStorage`] when the query fails.
     pub async fn backlog(&self) -> Result<Backlog> {
-        let row = sqlx::query(&self.sql.backlog)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| Error::storage("backlog", e))?;
+        let mut conn = self.connection("backlog").await?;
+        let row = conn
+            .run("backlog", |c| sqlx::query(&self.sql.backlog).fetch_one(c))
+            .await?;
         let age: f64 = row.get("age");
         Ok(Backlog {
             pending: row.get("pending"),
@@ -1221,12 +1271,15 @@ impl OutboxStore {
     /// # Errors
     /// [`Error::OutboxStorage`] when the delete fails.
     pub async fn cleanup(&self, retention: Duration, limit: i64) -> Result<u64> {
-        let done: i64 = sqlx::query_scalar(&self.sql.cleanup)
-            .bind(retention.as_secs_f64())
-            .bind(limit)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| Error::storage("cleanup", e))?;
+        let mut conn = self.connection("cleanup").await?;
+        let done: i64 = conn
+            .run("cleanup", |c| {
+                sqlx::query_scalar(&self.sql.cleanup)
+                    .bind(retention.as_secs_f64())
+                    .bind(limit)
+                    .fetch_one(c)
+            })
+            .await?;
         Ok(u64::try_from(done).unwrap_or(0))
     }
 

@@ -269,7 +269,8 @@ impl Publisher {
         let store = store
             .with_service(&config.service)
             .with_key_lock(config.key_lock)
-            .deleting_published(config.delivery.retention.is_zero());
+            .deleting_published(config.delivery.retention.is_zero())
+            .with_statement_timeout(Some(config.delivery.statement_timeout));
         let owner = Uuid::new_v4();
         let wal = match WalStream::new(store.table().schema()) {
             Ok(stream) => Some(stream),

@@ -64,8 +64,8 @@ pub(crate) async fn housekeep(store: OutboxStore, config: RelayConfig, stop: Can
     }
     if let Some(conn) = lead {
         // Closing the session releases the lock at once: the next relay takes over at its
-        // next interval.
-        let _ = conn.close().await;
+        // next interval. A connection that does not answer is dropped.
+        let _ = tokio::time::timeout(config.statement_timeout, conn.close()).await;
     }
 }
 
@@ -88,23 +88,29 @@ async fn keep_or_take(
     lead: Option<PgConnection>,
 ) -> Lead {
     if let Some(mut conn) = lead {
-        if conn.ping().await.is_ok() {
+        // Dropped unanswered, the connection is closed, and the lock goes with it once
+        // the server notices.
+        let limit = config.statement_timeout;
+        if let Ok(Ok(())) = tokio::time::timeout(limit, conn.ping()).await {
             return Lead::Held(conn);
         }
         warn!(service = %config.service, "lost the housekeeping lock with its connection");
     }
-    let Ok(mut conn) = store.pool().acquire().await else {
+    let Ok(mut conn) = store.connection("housekeeping").await else {
         return Lead::Unknown;
     };
     // The two-key form: its locks never meet the one-key locks staging takes on event keys.
     // Per table and service: services sharing a table each report their gauges.
-    let held: sqlx::Result<bool> = sqlx::query_scalar(
-        "SELECT pg_try_advisory_lock(hashtext($1), hashtext('outpost.housekeeping:' || $2))",
-    )
-    .bind(store.table().lock_namespace())
-    .bind(&config.service)
-    .fetch_one(&mut *conn)
-    .await;
+    let held = conn
+        .run("housekeeping", |c| {
+            sqlx::query_scalar(
+                "SELECT pg_try_advisory_lock(hashtext($1), hashtext('outpost.housekeeping:' || $2))",
+            )
+            .bind(store.table().lock_namespace())
+            .bind(&config.service)
+            .fetch_one(c)
+        })
+        .await;
     match held {
         Ok(true) => {
             debug!(service = %config.service, "took the housekeeping lock");

@@ -98,6 +98,13 @@ pub struct RelayConfig {
     /// topics (a staging prefix, a migration to a new topic) without touching the code that
     /// stages. The stored row keeps the staged topic; metrics and logs show the produced one.
     pub topics: BTreeMap<String, String>,
+    /// Longest wait for the database's answer to one statement (or one hand-back
+    /// transaction) of the relay (default 30 s). One not answered by then fails and is
+    /// retried on another connection; its own is closed: a connection the network stopped
+    /// carrying answers nothing until TCP gives up, and held the relay (its acks, its
+    /// shutdown) that long. Keep it well above the slowest statement of a healthy database;
+    /// a claim or a settle takes milliseconds, a backlog count on millions of rows seconds.
+    pub statement_timeout: Duration,
 }
 
 impl RelayConfig {
@@ -118,6 +125,7 @@ impl RelayConfig {
             max_in_flight_bytes: 8 << 20,
             backlog_interval: Duration::from_secs(5),
             topics: BTreeMap::new(),
+            statement_timeout: Duration::from_secs(30),
         }
     }
 
@@ -168,6 +176,7 @@ impl RelayConfig {
         for (name, every) in [
             ("cleanup_interval", self.cleanup_interval),
             ("backlog_interval", self.backlog_interval),
+            ("statement_timeout", self.statement_timeout),
         ] {
             if every.is_zero() {
                 return Err(Error::config(name, "a positive duration", "0s"));
@@ -296,7 +305,8 @@ impl Relay {
         config.validate(longest_send(&producer))?;
         let store = store
             .with_service(&config.service)
-            .deleting_published(config.retention.is_zero());
+            .deleting_published(config.retention.is_zero())
+            .with_statement_timeout(Some(config.statement_timeout));
         Ok(Self {
             store,
             producer,

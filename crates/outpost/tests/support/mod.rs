@@ -450,6 +450,11 @@ pub struct Partition {
     refuse_new: Arc<std::sync::atomic::AtomicBool>,
     /// Connections whose client has not closed its end.
     open: Arc<std::sync::atomic::AtomicUsize>,
+    /// Whether a frozen connection's server end stays open after its client closed (see
+    /// [`Partition::strand`]).
+    strand: Arc<std::sync::atomic::AtomicBool>,
+    /// Server ends kept open that way.
+    stranded: Arc<std::sync::Mutex<Vec<tokio::net::TcpStream>>>,
 }
 
 /// Counts one connection as open for as long as it lives.
@@ -494,6 +499,8 @@ impl Partition {
             closes,
             refuse_new: Arc::default(),
             open: Arc::default(),
+            strand: Arc::default(),
+            stranded: Arc::default(),
         };
         let open = Arc::clone(&proxy.open);
         let (accepted, ports, hold_new, refuse_new) = (
@@ -503,6 +510,7 @@ impl Partition {
             Arc::clone(&proxy.refuse_new),
         );
         let (freezes, closes) = (proxy.freezes.clone(), proxy.closes.clone());
+        let (strand, stranded) = (Arc::clone(&proxy.strand), Arc::clone(&proxy.stranded));
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 accepted.fetch_add(1, SeqCst);
@@ -514,6 +522,7 @@ impl Partition {
                 let mut closed = closes.subscribe();
                 let ports = Arc::clone(&ports);
                 let open = Arc::clone(&open);
+                let (strand, stranded) = (Arc::clone(&strand), Arc::clone(&stranded));
                 tokio::spawn(async move {
                     let _open = Open::count(&open);
                     if held {
@@ -531,7 +540,9 @@ impl Partition {
                     }
                     // Both stay open and silent, until the client closes its end.
                     until_closed(&mut client).await;
-                    drop(server);
+                    if strand.load(SeqCst) {
+                        stranded.lock().unwrap().push(server);
+                    }
                 });
             }
         });
@@ -572,6 +583,14 @@ impl Partition {
     /// Cuts off every connection open now.
     pub fn freeze(&self) {
         self.freezes.send_modify(|n| *n += 1);
+    }
+
+    /// Whether the server end of a frozen connection stays open once its client closed: a
+    /// partition carries no FIN either, so the server goes on waiting for that client
+    /// (by default the close is passed on).
+    pub fn strand(&self, strand: bool) {
+        self.strand
+            .store(strand, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Whether connections accepted from now on are cut off from the start.
