@@ -627,6 +627,140 @@ async fn unreachable_wake_up_transports_degrade_to_polling() {
     listeners.cancel();
 }
 
+/// A Redis connection the network stops carrying (open, nothing comes back) stops the
+/// wake-ups for a few seconds, not until TCP gives up: the listener takes it for cut off
+/// when a `BLPOP` goes unanswered past its own wait, and listens on a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_listener_whose_redis_connection_falls_silent_listens_on_a_new_one() {
+    let service = support::unique("svc");
+    let redis = support::redis_url();
+    let proxy = support::Partition::start(redis_port()).await;
+    let signal = WakeSignal::new();
+    let listeners = CancellationToken::new();
+    signal
+        .listen_redis(
+            &format!("redis://127.0.0.1:{}", proxy.port()),
+            &service,
+            listeners.clone(),
+        )
+        .unwrap();
+    support::eventually(
+        Duration::from_secs(10),
+        "the listener connected",
+        || async { (proxy.accepted() > 0).then_some(()) },
+    )
+    .await;
+    proxy.cut_off().await;
+    // Nudged until one is heard: a `BLPOP` the server still holds for the cut-off
+    // connection takes a nudge with it (that one is lost; the relay's polling covers it).
+    let waker = Waker::redis(&redis, &service).await.unwrap();
+    nudged_until_heard(
+        &waker,
+        &signal,
+        Duration::from_secs(30),
+        "a wake-up heard again",
+    )
+    .await;
+    assert!(proxy.accepted() > 1, "woken without a new connection");
+    listeners.cancel();
+}
+
+/// A writer's Redis connection closed under it (Redis restarted) or cut off (open, nothing
+/// comes back): its next hints go out on a new connection, not fail for as long as the
+/// process lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waker_whose_redis_connection_was_closed_or_cut_off_sends_on_a_new_one() {
+    let service = support::unique("svc");
+    let proxy = support::Partition::start(redis_port()).await;
+    let waker = Waker::redis(&format!("redis://127.0.0.1:{}", proxy.port()), &service)
+        .await
+        .unwrap();
+    waker.try_nudge().await.unwrap();
+    proxy.close_all();
+    support::eventually(Duration::from_secs(10), "the connection closed", || async {
+        (proxy.open() == 0).then_some(())
+    })
+    .await;
+    support::eventually(
+        Duration::from_secs(10),
+        "a hint sent after the close",
+        || async { waker.try_nudge().await.ok() },
+    )
+    .await;
+    proxy.cut_off().await;
+    support::eventually(
+        Duration::from_secs(10),
+        "a hint sent after the cut",
+        || async { waker.try_nudge().await.ok() },
+    )
+    .await;
+    assert_eq!(proxy.accepted(), 3, "one connection per cut, no more");
+}
+
+/// Nudges through `waker` until `signal` hears one (a nudge can be lost on a connection
+/// being replaced), or panics after `within`.
+async fn nudged_until_heard(waker: &Waker, signal: &WakeSignal, within: Duration, what: &str) {
+    support::eventually(within, what, || async {
+        waker.nudge().await;
+        tokio::time::timeout(Duration::from_millis(300), signal.notified())
+            .await
+            .ok()
+    })
+    .await;
+}
+
+/// The port of the Redis server the tests use.
+fn redis_port() -> u16 {
+    support::redis_url()
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .and_then(|authority| authority.rsplit_once(':'))
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or(6379)
+}
+
+/// A `LISTEN` connection the network stops carrying hears nothing, as an idle one does: the
+/// listener checks it after a while with nothing heard, wakes the relay (notifications may
+/// have been missed) and listens on a new one, which hears the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_listener_whose_connection_falls_silent_listens_on_a_new_one() {
+    let service = support::unique("svc");
+    let direct = support::pool().await;
+    let proxy = support::Partition::start(database_port()).await;
+    let signal = WakeSignal::new();
+    let listeners = CancellationToken::new();
+    signal
+        .listen_notify(through(&proxy), &service, listeners.clone())
+        .unwrap();
+    let waker = Waker::notify(direct, &service).unwrap();
+    // Listening: a nudge arrives.
+    nudged_until_heard(
+        &waker,
+        &signal,
+        Duration::from_secs(20),
+        "the listener hears a nudge",
+    )
+    .await;
+    proxy.cut_off().await;
+    let cut = proxy.accepted();
+    tokio::time::timeout(Duration::from_secs(40), signal.notified())
+        .await
+        .expect("the listener found its connection cut off and woke the relay");
+    nudged_until_heard(
+        &waker,
+        &signal,
+        Duration::from_secs(40),
+        "a nudge heard again",
+    )
+    .await;
+    assert!(
+        proxy.accepted() > cut,
+        "heard again without a new connection"
+    );
+    listeners.cancel();
+}
+
 /// A relay whose settle statement is held up (here by a lock on the event row) longer
 /// than its lease keeps the key leased until the settle is written: a second relay must
 /// not claim the key and send the acked row again.

@@ -135,15 +135,22 @@ impl Keys {
         self.queued_bytes -= bytes;
     }
 
-    /// Counts rows just read into the queues.
-    fn read(&mut self, rows: &[ClaimedEvent]) {
-        if rows.is_empty() {
-            return;
-        }
+    /// Counts rows just read into the queues; returns their payload bytes.
+    fn read(&mut self, rows: &[ClaimedEvent]) -> usize {
         let bytes: usize = rows.iter().map(|r| r.payload.len()).sum();
         self.queued += rows.len();
         self.queued_bytes += bytes;
-        let mean = bytes / rows.len();
+        bytes
+    }
+
+    /// Weighs one statement's read of `rows` rows of `bytes` payload bytes in all (see
+    /// [`Self::row_bytes`]). Once per statement, not per key: weighed key by key, a claim
+    /// of 500 keys left the estimate with the last few keys' sizes.
+    fn weigh(&mut self, rows: usize, bytes: usize) {
+        if rows == 0 {
+            return;
+        }
+        let mean = bytes / rows;
         self.row_bytes = Some(match self.row_bytes {
             Some(before) => (before * 3 + mean) / 4,
             None => mean,
@@ -203,6 +210,7 @@ impl Keys {
 
     /// Takes in freshly claimed keys (`asked` rows per key were requested).
     pub(crate) fn claimed(&mut self, claimed: Vec<ClaimedKey>, asked: usize) {
+        let (mut read, mut bytes) = (0, 0);
         for ClaimedKey { key, rows } in claimed {
             if let Some(state) = self.keys.get_mut(&key) {
                 // Our own lease ran out (a slow renewal) and the claim took the key again:
@@ -214,7 +222,8 @@ impl Keys {
                 }
                 continue;
             }
-            self.read(&rows);
+            read += rows.len();
+            bytes += self.read(&rows);
             let state = self.keys.entry(key.clone()).or_default();
             state.drained = rows.len() < asked;
             if let Some(last) = rows.last() {
@@ -223,6 +232,7 @@ impl Keys {
             state.queued.extend(rows);
             self.dirty.insert(key);
         }
+        self.weigh(read, bytes);
     }
 
     /// Takes in rows fetched for owned keys; `asked` keys were asked for `per_key` rows.
@@ -234,12 +244,14 @@ impl Keys {
     ) {
         let mut got: Map<String, Vec<ClaimedEvent>> =
             got.into_iter().map(|k| (k.key, k.rows)).collect();
+        let (mut read, mut bytes) = (0, 0);
         for (key, _) in asked {
             if !self.keys.contains_key(key) {
                 continue;
             }
             let rows = got.remove(key).unwrap_or_default();
-            self.read(&rows);
+            read += rows.len();
+            bytes += self.read(&rows);
             let Some(state) = self.keys.get_mut(key) else {
                 continue;
             };
@@ -250,6 +262,7 @@ impl Keys {
             state.queued.extend(rows);
             self.dirty.insert(key.clone());
         }
+        self.weigh(read, bytes);
     }
 
     /// Keys whose lease a renewal found lapsed: their queued rows are dropped and nothing
@@ -450,6 +463,45 @@ pub(crate) mod tests {
             failures: 0,
             created_at: chrono::Utc::now(),
         }
+    }
+
+    #[test]
+    fn a_read_is_weighed_as_a_whole_not_by_its_last_keys() {
+        let mut keys = Keys::default();
+        let sized = |id, size| ClaimedEvent {
+            payload: vec![0; size],
+            ..row(id)
+        };
+        // Three keys of a 1,000-byte row, then one of three 40-byte rows: one statement's
+        // read, 3,120 bytes over 6 rows (weighed key by key: 760).
+        let claimed = (0..4)
+            .map(|i| ClaimedKey {
+                key: format!("k{i}"),
+                rows: if i < 3 {
+                    vec![sized(i, 1_000)]
+                } else {
+                    (3..6).map(|id| sized(id, 40)).collect()
+                },
+            })
+            .collect();
+        keys.claimed(claimed, 10);
+        assert_eq!(keys.row_bytes(), 520);
+        // A later read counts for a quarter.
+        keys.fetched(
+            &[("k0".into(), 0), ("k1".into(), 1)],
+            vec![
+                ClaimedKey {
+                    key: "k0".into(),
+                    rows: vec![sized(10, 2_000)],
+                },
+                ClaimedKey {
+                    key: "k1".into(),
+                    rows: vec![sized(11, 0)],
+                },
+            ],
+            10,
+        );
+        assert_eq!(keys.row_bytes(), (520 * 3 + 1_000) / 4);
     }
 
     #[test]

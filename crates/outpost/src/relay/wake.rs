@@ -8,8 +8,9 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
-use sqlx::postgres::{PgListener, PgPool};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -70,8 +71,8 @@ impl WakeSource {
 pub enum Waker {
     /// `LPUSH` + `LTRIM` on the service's key.
     Redis {
-        /// Connection (multiplexed, cheap to clone).
-        conn: redis::aio::MultiplexedConnection,
+        /// Connection, made again after a failure.
+        link: RedisLink,
         /// `outbox:wake:{service}`.
         key: String,
     },
@@ -97,16 +98,16 @@ impl Waker {
     /// reached.
     pub async fn redis(url: &str, service: &str) -> Result<Self> {
         validate_service(service)?;
-        let client = redis_client(url)?;
-        let conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|e| Error::WakeUp {
-                via: "redis",
-                source: Box::new(e),
-            })?;
+        let link = RedisLink {
+            client: redis_client(url)?,
+            conn: Arc::default(),
+        };
+        link.connection().await.map_err(|e| Error::WakeUp {
+            via: "redis",
+            source: Box::new(e),
+        })?;
         Ok(Self::Redis {
-            conn,
+            link,
             key: wake_key(service),
         })
     }
@@ -136,20 +137,28 @@ impl Waker {
     /// [`Error::WakeUp`] when Redis or PostgreSQL refuses.
     pub async fn try_nudge(&self) -> Result<()> {
         match self {
-            Self::Redis { conn, key } => {
-                let mut conn = conn.clone();
-                redis::pipe()
-                    .atomic()
-                    .lpush(key, sent_at_millis())
-                    .ignore()
-                    .ltrim(key, 0, 0)
-                    .ignore()
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .map_err(|e| Error::WakeUp {
+            Self::Redis { link, key } => {
+                let sent = async {
+                    let mut conn = link.connection().await?;
+                    redis::pipe()
+                        .atomic()
+                        .lpush(key, sent_at_millis())
+                        .ignore()
+                        .ltrim(key, 0, 0)
+                        .ignore()
+                        .query_async::<()>(&mut conn)
+                        .await
+                }
+                .await;
+                sent.map_err(|e| {
+                    if e.is_io_error() || e.is_timeout() || e.is_unrecoverable_error() {
+                        link.forget();
+                    }
+                    Error::WakeUp {
                         via: "redis",
                         source: Box::new(e),
-                    })
+                    }
+                })
             }
             Self::Notify { pool, channel } => sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(channel)
@@ -167,6 +176,44 @@ impl Waker {
             }
             Self::None => Ok(()),
         }
+    }
+}
+
+/// A Redis connection for hints, made again after it failed. A multiplexed connection never
+/// reconnects: once Redis restarted, or a partition cut the connection off, every hint
+/// after failed for as long as the process lived (each cut-off one after waiting its
+/// response timeout), and every relay fell back to polling.
+#[derive(Clone)]
+pub struct RedisLink {
+    client: redis::Client,
+    conn: Arc<Mutex<Option<MultiplexedConnection>>>,
+}
+
+impl std::fmt::Debug for RedisLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLink").finish_non_exhaustive()
+    }
+}
+
+impl RedisLink {
+    /// The connection, made now if there is none (after a failure).
+    async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
+        let held = self
+            .conn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(conn) = held {
+            return Ok(conn);
+        }
+        let conn = self.client.get_multiplexed_async_connection().await?;
+        *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops the connection: the next hint makes a new one.
+    fn forget(&self) {
+        *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 }
 
@@ -263,10 +310,12 @@ impl WakeSignal {
         let key = wake_key(service);
         let signal = self.clone();
         Ok(tokio::spawn(async move {
-            // BLPOP blocks its connection, so it gets one of its own, with no response
-            // timeout shorter than the BLPOP timeout.
+            // BLPOP blocks its connection, so it gets one of its own, whose response timeout
+            // is the BLPOP timeout and a margin: with none, a connection a partition cut off
+            // (open, nothing coming back) kept the listener waiting until TCP gave up, and
+            // wake-ups stopped meanwhile.
             let config = AsyncConnectionConfig::new()
-                .set_response_timeout(None)
+                .set_response_timeout(Some(BLPOP_WAIT + BLPOP_MARGIN))
                 .set_connection_timeout(Some(Duration::from_secs(2)));
             let mut failures = 0u32;
             while !shutdown.is_cancelled() {
@@ -283,7 +332,7 @@ impl WakeSignal {
                     }
                 };
                 let mut blpop = redis::cmd("BLPOP");
-                blpop.arg(&key).arg(1.0);
+                blpop.arg(&key).arg(BLPOP_WAIT.as_secs_f64());
                 loop {
                     let popped: redis::RedisResult<Option<(String, String)>> = tokio::select! {
                         () = shutdown.cancelled() => return,
@@ -308,7 +357,10 @@ impl WakeSignal {
     }
 
     /// Listens with PostgreSQL `LISTEN` on the service's channel until `shutdown`;
-    /// reconnects with back-off and logs a warning while it cannot.
+    /// reconnects with back-off and logs a warning while it cannot. Its connection is its
+    /// own (made with `pool`'s settings, not taken from it), and after a while with nothing
+    /// heard it checks that the connection still answers: one a partition cut off hears
+    /// nothing either, until TCP gives up.
     ///
     /// # Errors
     /// [`Error::Configuration`] for a bad service name.
@@ -324,7 +376,14 @@ impl WakeSignal {
         Ok(tokio::spawn(async move {
             let mut failures = 0u32;
             while !shutdown.is_cancelled() {
-                let mut listener = match PgListener::connect_with(&pool).await {
+                // A pool of its own for each connection: a listener dropped on a connection
+                // that stopped answering hands it back in the background, and that hand-back
+                // hangs as long as the connection does, holding its place in the pool.
+                let own = PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(LISTEN_CHECK_WAIT)
+                    .connect_lazy_with((*pool.connect_options()).clone());
+                let mut listener = match PgListener::connect_with(&own).await {
                     Ok(l) => l,
                     Err(e) => {
                         failures += 1;
@@ -344,6 +403,16 @@ impl WakeSignal {
                     let next = tokio::select! {
                         () = shutdown.cancelled() => return,
                         n = listener.try_recv() => n,
+                        () = tokio::time::sleep(LISTEN_CHECK_AFTER) => {
+                            let check = sqlx::query("SELECT 1").execute(&mut listener);
+                            if let Ok(Ok(_)) = tokio::time::timeout(LISTEN_CHECK_WAIT, check).await {
+                                continue;
+                            }
+                            warn!("NOTIFY wake-up listener's connection stopped answering; relay polls and listens on a new one");
+                            // Notifications may have been missed meanwhile.
+                            signal.wake(WakeSource::Notify);
+                            break;
+                        }
                     };
                     match next {
                         Ok(Some(notification)) => {
@@ -366,6 +435,19 @@ impl WakeSignal {
         }))
     }
 }
+
+/// How long the `LISTEN` connection may hear nothing before it is checked.
+const LISTEN_CHECK_AFTER: Duration = Duration::from_secs(10);
+
+/// How long that check (and the connection's acquisition) may take.
+const LISTEN_CHECK_WAIT: Duration = Duration::from_secs(5);
+
+/// How long one `BLPOP` waits for a wake-up before it asks again.
+const BLPOP_WAIT: Duration = Duration::from_secs(1);
+
+/// How much longer than [`BLPOP_WAIT`] its answer may take before the connection is taken
+/// for cut off.
+const BLPOP_MARGIN: Duration = Duration::from_secs(4);
 
 async fn backoff_sleep(failures: u32, shutdown: &CancellationToken) {
     let delay = crate::backoff::Backoff {

@@ -455,6 +455,8 @@ pub struct Partition {
     strand: Arc<std::sync::atomic::AtomicBool>,
     /// Server ends kept open that way.
     stranded: Arc<std::sync::Mutex<Vec<tokio::net::TcpStream>>>,
+    /// Connections frozen so far.
+    frozen: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Counts one connection as open for as long as it lives.
@@ -501,6 +503,7 @@ impl Partition {
             open: Arc::default(),
             strand: Arc::default(),
             stranded: Arc::default(),
+            frozen: Arc::default(),
         };
         let open = Arc::clone(&proxy.open);
         let (accepted, ports, hold_new, refuse_new) = (
@@ -511,6 +514,7 @@ impl Partition {
         );
         let (freezes, closes) = (proxy.freezes.clone(), proxy.closes.clone());
         let (strand, stranded) = (Arc::clone(&proxy.strand), Arc::clone(&proxy.stranded));
+        let frozen_so_far = Arc::clone(&proxy.frozen);
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 accepted.fetch_add(1, SeqCst);
@@ -523,6 +527,7 @@ impl Partition {
                 let ports = Arc::clone(&ports);
                 let open = Arc::clone(&open);
                 let (strand, stranded) = (Arc::clone(&strand), Arc::clone(&stranded));
+                let frozen_so_far = Arc::clone(&frozen_so_far);
                 tokio::spawn(async move {
                     let _open = Open::count(&open);
                     if held {
@@ -536,7 +541,9 @@ impl Partition {
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
                         _ = closed.changed() => return,
-                        _ = frozen.changed() => {}
+                        _ = frozen.changed() => {
+                            frozen_so_far.fetch_add(1, SeqCst);
+                        }
                     }
                     // Both stay open and silent, until the client closes its end.
                     until_closed(&mut client).await;
@@ -583,6 +590,19 @@ impl Partition {
     /// Cuts off every connection open now.
     pub fn freeze(&self) {
         self.freezes.send_modify(|n| *n += 1);
+    }
+
+    /// Cuts off every connection open now, as [`Self::freeze`] does, and returns once one of
+    /// them is cut off (each stops in its own task: a request sent right after `freeze` can
+    /// still get through). For a proxy with one connection open.
+    pub async fn cut_off(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let before = self.frozen.load(SeqCst);
+        self.freeze();
+        eventually(Duration::from_secs(10), "a connection cut off", || async {
+            (self.frozen.load(SeqCst) > before).then_some(())
+        })
+        .await;
     }
 
     /// Whether the server end of a frozen connection stays open once its client closed: a
