@@ -633,6 +633,7 @@ async fn eager_dispatch_never_overtakes_an_older_pending_event_of_its_key() {
                     error: "broker unavailable".into(),
                     budgeted: false,
                     transient: true,
+                    attempts: 0,
                 },
             )],
             &[KeyRelease {

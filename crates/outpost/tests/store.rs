@@ -280,6 +280,7 @@ async fn lapsed_lease_makes_a_key_claimable_again_and_its_old_owner_powerless() 
                     error: "late".into(),
                     budgeted: true,
                     transient: false,
+                    attempts: 0,
                 },
             )],
             &[KeyRelease {
@@ -325,6 +326,41 @@ async fn lapsed_lease_makes_a_key_claimable_again_and_its_old_owner_powerless() 
     assert_eq!(second, Recorded::default());
 }
 
+/// A failure's settle that runs twice (its first answer was lost, or the relay gave up on
+/// the statement while the server still ran it) counts the attempt once: the second finds
+/// the row's attempts moved past what was read.
+#[tokio::test]
+async fn a_failure_settled_twice_counts_once() {
+    let store = support::store().await;
+    support::stage_committed(&store, "t", 1, 1).await;
+    let owner = Uuid::new_v4();
+    let keys = store.claim(owner, 10, 10, LEASE).await.unwrap();
+    let row = &keys[0].rows[0];
+    let failed = [(
+        row.id,
+        Settlement::Retry {
+            delay: Duration::from_secs(60),
+            error: "unknown".into(),
+            budgeted: true,
+            transient: false,
+            attempts: row.attempts,
+        },
+    )];
+    let first = store.settle(owner, &failed, &[]).await.unwrap();
+    assert_eq!(first.failed, [row.id].into());
+    let again = store.settle(owner, &failed, &[]).await.unwrap();
+    assert_eq!(again, Recorded::default());
+    let (attempts, failures): (i32, i32) = sqlx::query_as(&format!(
+        "SELECT attempts, failures FROM {} WHERE id = $1",
+        store.table()
+    ))
+    .bind(row.id)
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!((attempts, failures), (1, 1));
+}
+
 #[tokio::test]
 async fn retry_holds_back_only_its_key_and_dead_rows_are_never_claimed() {
     let store = support::store().await;
@@ -341,6 +377,7 @@ async fn retry_holds_back_only_its_key_and_dead_rows_are_never_claimed() {
                 error: "broker down".into(),
                 budgeted: false,
                 transient: true,
+                attempts: 0,
             },
         ),
         (
@@ -348,6 +385,7 @@ async fn retry_holds_back_only_its_key_and_dead_rows_are_never_claimed() {
             Settlement::Dead {
                 error: "too large".into(),
                 budgeted: false,
+                attempts: 0,
             },
         ),
     ];
@@ -551,6 +589,7 @@ async fn requeue_while_its_key_is_in_flight_waits_for_the_owner() {
                 Settlement::Dead {
                     error: "rejected".into(),
                     budgeted: false,
+                    attempts: 0,
                 },
             )],
             &[],
@@ -937,7 +976,7 @@ async fn settling_and_handing_back_read_the_rows_they_name_not_the_backlog() {
     .await;
     let settled = explain(format!(
         "EXECUTE probe_settle({ids}, {zeros}, {zeros}, '{{}}', '{{}}', '{{}}', '{{}}', \
-         {keys}, {nulls}, {falses}, '{owner}')"
+         {keys}, {nulls}, {falses}, '{owner}', '{{}}')"
     ))
     .await;
     let deleted = explain(format!("EXECUTE probe_delete({keys}, '{owner}')")).await;

@@ -7,7 +7,16 @@
 //! deadline but returned to the pool, the connection was pinged by sqlx before reuse, and
 //! that ping hung in the same way. So a statement that outlives its deadline fails with a
 //! retriable error, and its connection is closed instead of returned; the next statement
-//! takes a connection that answers.
+//! takes a connection that answers. Taking a connection from the pool has the same bound
+//! (the pool may ping an idle connection first, and that ping hangs in the same way).
+//!
+//! The bound is the client's: a statement it gave up on may still run to its end on the
+//! server (one waiting on a lock, say). The relay's statements are written so that running
+//! one twice records nothing twice.
+//!
+//! A caller that drops a statement before its deadline (it has a bound of its own, as the
+//! Kafka-first check has) leaves the connection to the pool, as sqlx does: closing it would
+//! open a new connection per give-up while the database is merely slow.
 
 use std::future::Future;
 use std::time::Duration;
@@ -17,15 +26,25 @@ use sqlx::postgres::{PgConnection, PgPool, Postgres};
 
 use crate::error::{Error, Result};
 
-/// A connection taken from the pool; closed when dropped in the middle of a statement
-/// (its deadline passed, or the caller gave up on it), returned to the pool otherwise.
+/// A connection taken from the pool; closed when a statement on it outlived its deadline,
+/// returned to the pool otherwise.
 pub(crate) struct Bounded {
     /// Taken out only by [`Self::detach`].
     conn: Option<PoolConnection<Postgres>>,
     deadline: Option<Duration>,
-    /// A statement started and did not finish: what the connection will send next is
-    /// unknown.
-    busy: bool,
+    /// A statement outlived the deadline: the connection is taken for cut off.
+    expired: bool,
+}
+
+/// The error of a wait that outlived `limit`.
+fn timed_out(what: &'static str, limit: Duration, detail: &str) -> Error {
+    Error::storage(
+        what,
+        sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within the statement timeout ({limit:?}); {detail}"),
+        )),
+    )
 }
 
 impl Bounded {
@@ -35,11 +54,17 @@ impl Bounded {
         deadline: Option<Duration>,
         what: &'static str,
     ) -> Result<Self> {
-        let conn = pool.acquire().await.map_err(|e| Error::storage(what, e))?;
+        let conn = match deadline {
+            Some(limit) => tokio::time::timeout(limit, pool.acquire())
+                .await
+                .map_err(|_| timed_out(what, limit, "no connection could be taken"))?,
+            None => pool.acquire().await,
+        }
+        .map_err(|e| Error::storage(what, e))?;
         Ok(Self {
             conn: Some(conn),
             deadline,
-            busy: false,
+            expired: false,
         })
     }
 
@@ -58,25 +83,19 @@ impl Bounded {
         let Self {
             conn,
             deadline,
-            busy,
+            expired,
         } = self;
-        *busy = true;
         let running = statement(conn.as_mut().expect("taken out only by detach"));
         let done = match *deadline {
-            Some(limit) => tokio::time::timeout(limit, running).await.map_err(|_| {
-                Error::storage(
-                    what,
-                    sqlx::Error::Io(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "no answer within the statement timeout ({limit:?}); the connection was closed"
-                        ),
-                    )),
-                )
-            })?,
+            Some(limit) => match tokio::time::timeout(limit, running).await {
+                Ok(done) => done,
+                Err(_) => {
+                    *expired = true;
+                    return Err(timed_out(what, limit, "the connection was closed"));
+                }
+            },
             None => running.await,
         };
-        *busy = false;
         done.map_err(|e| Error::storage(what, e))
     }
 
@@ -88,7 +107,7 @@ impl Bounded {
 
 impl Drop for Bounded {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.as_mut().filter(|_| self.busy) {
+        if let Some(conn) = self.conn.as_mut().filter(|_| self.expired) {
             conn.close_on_drop();
         }
     }

@@ -113,6 +113,10 @@ pub enum Settlement {
         /// Whether the failure said the broker was unavailable (such keys are pulled
         /// forward once the broker answers again).
         transient: bool,
+        /// The row's `attempts` when it was read: the failure is recorded only over that
+        /// value, so a settle that runs twice (its first answer lost, or its statement given
+        /// up on by the client and still run by the server) counts it once.
+        attempts: i32,
     },
     /// Parked for an operator; never selected again by a relay.
     Dead {
@@ -120,6 +124,8 @@ pub enum Settlement {
         error: String,
         /// Whether this last failure counts against the attempt budget.
         budgeted: bool,
+        /// The row's `attempts` when it was read (see [`Settlement::Retry`]).
+        attempts: i32,
     },
     /// Not attempted; the row stays pending as it was.
     Released,
@@ -271,9 +277,10 @@ impl Sql {
                      UPDATE {t} t SET attempts = t.attempts + 1, \
                          failures = t.failures + u.budget, last_error = u.err, \
                          status = CASE WHEN u.dead THEN 'dead' ELSE 'pending' END \
-                     FROM UNNEST($4::bigint[], $5::int[], $6::text[], $7::bool[]) \
-                          AS u(id, budget, err, dead) \
+                     FROM UNNEST($4::bigint[], $5::int[], $6::text[], $7::bool[], $12::int[]) \
+                          AS u(id, budget, err, dead, seen) \
                      WHERE t.id = u.id AND {failed_ids} AND {still_pending} \
+                       AND t.attempts = u.seen \
                        AND EXISTS (SELECT 1 FROM {k} k WHERE k.event_key = t.event_key \
                                    AND k.lease_owner = $11) \
                      RETURNING t.id), \
@@ -1090,7 +1097,7 @@ impl OutboxStore {
         keys: &[KeyRelease],
     ) -> Result<Recorded> {
         let mut published = (Vec::new(), Vec::new(), Vec::new());
-        let mut failed = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut failed = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (id, outcome) in rows {
             match outcome {
                 Settlement::Published { partition, offset } => {
@@ -1099,18 +1106,27 @@ impl OutboxStore {
                     published.2.push(*offset);
                 }
                 Settlement::Retry {
-                    error, budgeted, ..
+                    error,
+                    budgeted,
+                    attempts,
+                    ..
                 } => {
                     failed.0.push(*id);
                     failed.1.push(i32::from(*budgeted));
                     failed.2.push(bounded(error, 1000).to_owned());
                     failed.3.push(false);
+                    failed.4.push(*attempts);
                 }
-                Settlement::Dead { error, budgeted } => {
+                Settlement::Dead {
+                    error,
+                    budgeted,
+                    attempts,
+                } => {
                     failed.0.push(*id);
                     failed.1.push(i32::from(*budgeted));
                     failed.2.push(bounded(error, 1000).to_owned());
                     failed.3.push(true);
+                    failed.4.push(*attempts);
                 }
                 Settlement::Released => {}
             }
@@ -1141,6 +1157,7 @@ impl OutboxStore {
                     .bind(&delays)
                     .bind(&transient)
                     .bind(owner)
+                    .bind(&failed.4)
                     .fetch_one(c)
             })
             .await?;
@@ -1181,8 +1198,11 @@ impl OutboxStore {
         if keys.is_empty() {
             return Ok(0);
         }
-        // Milliseconds, as the setting reads them; the server's own setting when unbounded.
-        let idle_ms = self.deadline.map(|d| d.as_millis().max(1).to_string());
+        // Milliseconds, as the setting reads them (at most `i32::MAX`, the setting's own
+        // limit); the server's own setting when unbounded.
+        let idle_ms = self
+            .deadline
+            .map(|d| d.as_millis().clamp(1, i32::MAX as u128).to_string());
         let mut conn = self.connection("release").await?;
         conn.run("release", |c| async move {
             let mut tx = sqlx::Connection::begin(c).await?;

@@ -429,6 +429,7 @@ pub(crate) mod tests {
             error: "x".into(),
             budgeted: false,
             transient: true,
+            attempts: 0,
         }
     }
 

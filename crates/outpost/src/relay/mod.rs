@@ -189,6 +189,14 @@ impl RelayConfig {
                 format!("{:?}", self.poll.max_interval),
             ));
         }
+        // The hand-back sets the server's `idle_in_transaction_session_timeout` to it.
+        if self.statement_timeout > Duration::from_millis(i32::MAX as u64) {
+            return Err(Error::config(
+                "statement_timeout",
+                "at most 24 days (PostgreSQL's limit for a timeout)",
+                format!("{:?}", self.statement_timeout),
+            ));
+        }
         if self.lease < longest_send * 2 {
             return Err(Error::config(
                 "lease",
@@ -1072,10 +1080,16 @@ mod tests {
         // Zero cleanup_batch would have retention delete empty batches for ever, and the
         // relay never stop.
         type Zero = fn(&mut RelayConfig);
-        let zeroed: [(&str, Zero); 3] = [
+        let zeroed: [(&str, Zero); 5] = [
             ("batch_size", |c| c.batch_size = 0),
             ("cleanup_batch", |c| c.cleanup_batch = 0),
             ("cleanup_interval", |c| c.cleanup_interval = Duration::ZERO),
+            ("statement_timeout", |c| {
+                c.statement_timeout = Duration::ZERO
+            }),
+            // "Unbounded" as a huge duration: the server refuses it as a timeout, and every
+            // hand-back would fail.
+            ("statement_timeout", |c| c.statement_timeout = Duration::MAX),
         ];
         for (field, zero) in zeroed {
             c = RelayConfig::new("els", Environment::Testing);

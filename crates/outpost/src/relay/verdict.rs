@@ -37,7 +37,11 @@ impl RetryPolicy {
         };
         if park {
             warn!(service, event_id = %event.event_id, topic = %event.topic, error, "parking event");
-            return Settlement::Dead { error, budgeted };
+            return Settlement::Dead {
+                error,
+                budgeted,
+                attempts: event.attempts,
+            };
         }
         debug!(service, event_id = %event.event_id, error, "delivery failed; its key will retry");
         Settlement::Retry {
@@ -45,6 +49,7 @@ impl RetryPolicy {
             error,
             budgeted,
             transient: failure.class == ErrorClass::Transient,
+            attempts: event.attempts,
         }
     }
 

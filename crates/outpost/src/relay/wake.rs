@@ -100,7 +100,7 @@ impl Waker {
         validate_service(service)?;
         let link = RedisLink {
             client: redis_client(url)?,
-            conn: Arc::default(),
+            state: Arc::default(),
         };
         link.connection().await.map_err(|e| Error::WakeUp {
             via: "redis",
@@ -182,12 +182,27 @@ impl Waker {
 /// A Redis connection for hints, made again after it failed. A multiplexed connection never
 /// reconnects: once Redis restarted, or a partition cut the connection off, every hint
 /// after failed for as long as the process lived (each cut-off one after waiting its
-/// response timeout), and every relay fell back to polling.
+/// response timeout), and every relay fell back to polling. After a connection attempt
+/// failed, hints fail at once for [`RECONNECT_PAUSE`] (they are awaited after commits:
+/// each would otherwise wait out a connect timeout while Redis is unreachable).
 #[derive(Clone)]
 pub struct RedisLink {
     client: redis::Client,
-    conn: Arc<Mutex<Option<MultiplexedConnection>>>,
+    state: Arc<Mutex<Link>>,
 }
+
+/// Where a [`RedisLink`] stands.
+#[derive(Default)]
+enum Link {
+    Up(MultiplexedConnection),
+    /// No connection; none is tried before the instant, if any.
+    #[default]
+    Down,
+    Paused(std::time::Instant),
+}
+
+/// How long hints fail at once after a connection attempt failed.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(2);
 
 impl std::fmt::Debug for RedisLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -198,22 +213,31 @@ impl std::fmt::Debug for RedisLink {
 impl RedisLink {
     /// The connection, made now if there is none (after a failure).
     async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
-        let held = self
-            .conn
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        if let Some(conn) = held {
-            return Ok(conn);
+        match &*self.state.lock().unwrap_or_else(PoisonError::into_inner) {
+            Link::Up(conn) => return Ok(conn.clone()),
+            Link::Paused(until) if std::time::Instant::now() < *until => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "Redis did not answer the last connection attempt; trying again shortly",
+                )
+                .into())
+            }
+            Link::Paused(_) | Link::Down => {}
         }
-        let conn = self.client.get_multiplexed_async_connection().await?;
-        *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
-        Ok(conn)
+        let made = self.client.get_multiplexed_async_connection().await;
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = match &made {
+            Ok(conn) => Link::Up(conn.clone()),
+            Err(_) => Link::Paused(std::time::Instant::now() + RECONNECT_PAUSE),
+        };
+        made
     }
 
     /// Drops the connection: the next hint makes a new one.
     fn forget(&self) {
-        *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if matches!(*state, Link::Up(_)) {
+            *state = Link::Down;
+        }
     }
 }
 
@@ -392,7 +416,15 @@ impl WakeSignal {
                         continue;
                     }
                 };
-                if let Err(e) = listener.listen(&channel).await {
+                let listening =
+                    tokio::time::timeout(LISTEN_CHECK_WAIT, listener.listen(&channel)).await;
+                let listening = listening.unwrap_or_else(|_| {
+                    Err(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "LISTEN unanswered",
+                    )))
+                });
+                if let Err(e) = listening {
                     failures += 1;
                     warn!(error = %e, "LISTEN failed; relay keeps polling");
                     backoff_sleep(failures, &shutdown).await;

@@ -517,13 +517,15 @@ impl Partition {
         let frozen_so_far = Arc::clone(&proxy.frozen);
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
+                // Subscribed before the connection is counted: a freeze after a caller saw
+                // it counted cuts it off.
+                let mut frozen = freezes.subscribe();
+                let mut closed = closes.subscribe();
                 accepted.fetch_add(1, SeqCst);
                 if refuse_new.load(SeqCst) {
                     continue; // dropped: closed at once
                 }
                 let held = hold_new.load(SeqCst);
-                let mut frozen = freezes.subscribe();
-                let mut closed = closes.subscribe();
                 let ports = Arc::clone(&ports);
                 let open = Arc::clone(&open);
                 let (strand, stranded) = (Arc::clone(&strand), Arc::clone(&stranded));
