@@ -114,6 +114,26 @@ async fn keep_or_take(
     match held {
         Ok(true) => {
             debug!(service = %config.service, "took the housekeeping lock");
+            // The lock lives as long as the server's backend of this connection. A holder
+            // that a partition cut off sends no FIN, and with the OS's keepalive defaults
+            // the server would keep the lock (and every other relay out of the chores, their
+            // backlog gauges at 0) for over two hours; these end the backend after about
+            // 25 s of silence, as the WAL relay's lock connection does. Best effort: kept
+            // either way (handed back to the pool, the connection would hold the lock).
+            let keepalives = conn
+                .run("housekeeping", |c| {
+                    sqlx::query(
+                        "SELECT set_config('tcp_keepalives_idle', '10', false), \
+                                set_config('tcp_keepalives_interval', '5', false), \
+                                set_config('tcp_keepalives_count', '3', false), \
+                                set_config('tcp_user_timeout', '25000', false)",
+                    )
+                    .execute(c)
+                })
+                .await;
+            if let Err(e) = keepalives {
+                debug!(error = %e, "housekeeping connection keeps the server's keepalives");
+            }
             Lead::Held(conn.detach())
         }
         Ok(false) => Lead::Elsewhere,
