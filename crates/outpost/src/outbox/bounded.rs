@@ -48,7 +48,8 @@ fn timed_out(what: &'static str, limit: Duration, detail: &str) -> Error {
 }
 
 impl Bounded {
-    /// Takes a connection from `pool` (within the pool's own acquire timeout).
+    /// Takes a connection from `pool`, within the deadline (and the pool's own acquire
+    /// timeout).
     pub(crate) async fn acquire(
         pool: &PgPool,
         deadline: Option<Duration>,
