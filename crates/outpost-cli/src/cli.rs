@@ -99,6 +99,11 @@ pub struct Cli {
     /// it works (default: 90 s, and at least twice the delivery plus request timeout).
     #[arg(long, env = "OUTPOST_LEASE_MS", global = true)]
     pub lease_ms: Option<u64>,
+    /// Longest wait for the database's answer to one of the relay's statements, in
+    /// milliseconds; one not answered by then is tried again on a new connection (default
+    /// 30 s).
+    #[arg(long, env = "OUTPOST_STATEMENT_TIMEOUT_MS", global = true)]
+    pub statement_timeout_ms: Option<u64>,
     /// How long published rows are kept before the relay deletes them, in seconds.
     #[arg(
         long,

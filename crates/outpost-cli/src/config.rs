@@ -26,6 +26,7 @@ pub struct ConfigFile {
     pub delivery_timeout_ms: Option<u64>,
     pub request_timeout_ms: Option<u64>,
     pub lease_ms: Option<u64>,
+    pub statement_timeout_ms: Option<u64>,
     pub retention_secs: Option<u64>,
     /// Defaults for every service; a service's own value wins.
     pub wake: Option<Wake>,

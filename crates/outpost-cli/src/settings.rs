@@ -225,10 +225,14 @@ impl Settings {
         let lease_ms = cli
             .lease_ms
             .or_else(|| file.as_ref().and_then(|f| f.lease_ms));
+        let statement_timeout_ms = cli
+            .statement_timeout_ms
+            .or_else(|| file.as_ref().and_then(|f| f.statement_timeout_ms));
         let globals = Globals {
             environment,
             retention: Duration::from_secs(retention_secs),
             lease: lease_ms.map(Duration::from_millis),
+            statement_timeout: statement_timeout_ms.map(Duration::from_millis),
             // The relay's own bound on one send (it checks the lease against it again).
             longest_send: producer.delivery_timeout
                 + producer.request_timeout.min(producer.delivery_timeout),
@@ -336,6 +340,7 @@ struct Globals {
     environment: Environment,
     retention: Duration,
     lease: Option<Duration>,
+    statement_timeout: Option<Duration>,
     longest_send: Duration,
 }
 
@@ -484,6 +489,9 @@ impl Candidate {
         relay.lease = globals
             .lease
             .unwrap_or_else(|| relay.lease.max(globals.longest_send * 2));
+        if let Some(limit) = globals.statement_timeout {
+            relay.statement_timeout = limit;
+        }
         relay.validate(globals.longest_send).map_err(|e| match e {
             Error::Configuration {
                 setting,
@@ -518,6 +526,10 @@ fn name_cli_setting(e: Error) -> Error {
         } => {
             let setting = match setting.as_str() {
                 "lease" => "OUTPOST_LEASE_MS (--lease-ms)".to_owned(),
+                "statement_timeout" => {
+                    "OUTPOST_STATEMENT_TIMEOUT_MS (--statement-timeout-ms, statement_timeout_ms)"
+                        .to_owned()
+                }
                 "batch_size" => "OUTPOST_BATCH_SIZE (--batch-size, batch_size)".to_owned(),
                 "max_in_flight" => {
                     "OUTPOST_MAX_IN_FLIGHT (--max-in-flight, max_in_flight)".to_owned()

@@ -168,6 +168,22 @@ fn lease_too_short_names_outpost_lease_ms() {
 }
 
 #[test]
+fn statement_timeout_out_of_range_names_outpost_statement_timeout_ms() {
+    assert_bad_setting(
+        &["--statement-timeout-ms", "0", "relay"],
+        &[],
+        &["OUTPOST_STATEMENT_TIMEOUT_MS", "a positive duration"],
+        FAST,
+    );
+    assert_bad_setting(
+        &["relay"],
+        &[("OUTPOST_STATEMENT_TIMEOUT_MS", "3000000000")],
+        &["OUTPOST_STATEMENT_TIMEOUT_MS", "at most 24 days"],
+        FAST,
+    );
+}
+
+#[test]
 fn kafka_option_that_breaks_key_order_names_the_option() {
     assert_bad_setting(
         &["--kafka-option", "enable.idempotence=false", "relay"],
