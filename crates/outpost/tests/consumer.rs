@@ -1265,24 +1265,10 @@ async fn reconnect_through(proxy: &support::Partition) {
     proxy.hold_new(false);
 }
 
-/// The port of the Redis the tests use.
-fn redis_port() -> u16 {
-    let url = support::redis_url();
-    let authority = url
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .unwrap_or("");
-    authority
-        .rsplit_once(':')
-        .and_then(|(_, port)| port.parse().ok())
-        .unwrap_or(6379)
-}
-
 #[tokio::test]
 async fn a_handled_event_whose_completion_redis_missed_is_marked_completed_once_it_answers() {
     let (effects, topic, dead, group, producer) = case(1).await;
-    let proxy = Arc::new(support::Partition::start(redis_port()).await);
+    let proxy = Arc::new(support::Partition::start(support::redis_port()).await);
     let idem = idempotency_through(&proxy);
     let first = event_with(&topic, "k", 0, json!({}));
     let key = idem.key(&group, first.event_id);
@@ -1317,7 +1303,7 @@ async fn a_handled_event_whose_completion_redis_missed_is_marked_completed_once_
 #[tokio::test]
 async fn a_failed_attempt_whose_release_redis_missed_is_retried_without_waiting_for_its_claim() {
     let (effects, topic, dead, group, producer) = case(1).await;
-    let proxy = Arc::new(support::Partition::start(redis_port()).await);
+    let proxy = Arc::new(support::Partition::start(support::redis_port()).await);
     let idem = idempotency_through(&proxy);
     let failing = event_with(&topic, "k", 0, json!({ "fail_times": 1 }));
     send_event(&producer, &failing).await;

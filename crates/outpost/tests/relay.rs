@@ -646,7 +646,7 @@ async fn unreachable_wake_up_transports_degrade_to_polling() {
 async fn a_wake_up_listener_whose_redis_connection_falls_silent_listens_on_a_new_one() {
     let service = support::unique("svc");
     let redis = support::redis_url();
-    let proxy = support::Partition::start(redis_port()).await;
+    let proxy = support::Partition::start(support::redis_port()).await;
     let signal = WakeSignal::new();
     let listeners = CancellationToken::new();
     signal
@@ -683,7 +683,7 @@ async fn a_wake_up_listener_whose_redis_connection_falls_silent_listens_on_a_new
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waker_whose_redis_connection_was_closed_or_cut_off_sends_on_a_new_one() {
     let service = support::unique("svc");
-    let proxy = support::Partition::start(redis_port()).await;
+    let proxy = support::Partition::start(support::redis_port()).await;
     let waker = Waker::redis(&format!("redis://127.0.0.1:{}", proxy.port()), &service)
         .await
         .unwrap();
@@ -719,17 +719,6 @@ async fn nudged_until_heard(waker: &Waker, signal: &WakeSignal, within: Duration
             .ok()
     })
     .await;
-}
-
-/// The port of the Redis server the tests use.
-fn redis_port() -> u16 {
-    support::redis_url()
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .and_then(|authority| authority.rsplit_once(':'))
-        .and_then(|(_, port)| port.parse().ok())
-        .unwrap_or(6379)
 }
 
 /// A `LISTEN` connection the network stops carrying hears nothing, as an idle one does: the

@@ -32,6 +32,8 @@ pub(crate) struct Bounded {
     /// Taken out only by [`Self::detach`].
     conn: Option<PoolConnection<Postgres>>,
     deadline: Option<Duration>,
+    /// The operation its errors are reported as.
+    what: &'static str,
     /// A statement outlived the deadline: the connection is taken for cut off.
     expired: bool,
 }
@@ -65,18 +67,14 @@ impl Bounded {
         Ok(Self {
             conn: Some(conn),
             deadline,
+            what,
             expired: false,
         })
     }
 
     /// Runs `statement` (one statement, or a transaction from `BEGIN` to `COMMIT`) on this
-    /// connection, failing `what` with a retriable error if it has not finished by the
-    /// deadline.
-    pub(crate) async fn run<'s, T, F, Fut>(
-        &'s mut self,
-        what: &'static str,
-        statement: F,
-    ) -> Result<T>
+    /// connection, failing with a retriable error if it has not finished by the deadline.
+    pub(crate) async fn run<'s, T, F, Fut>(&'s mut self, statement: F) -> Result<T>
     where
         F: FnOnce(&'s mut PgConnection) -> Fut,
         Fut: Future<Output = sqlx::Result<T>> + 's,
@@ -84,8 +82,10 @@ impl Bounded {
         let Self {
             conn,
             deadline,
+            what,
             expired,
         } = self;
+        let what = *what;
         let running = statement(conn.as_mut().expect("taken out only by detach"));
         let done = match *deadline {
             Some(limit) => match tokio::time::timeout(limit, running).await {

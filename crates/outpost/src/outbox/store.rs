@@ -580,11 +580,6 @@ impl OutboxStore {
         Bounded::acquire(&self.pool, self.deadline, what).await
     }
 
-    /// The bound on each of the relay's statements (see [`Self::with_statement_timeout`]).
-    pub fn statement_timeout(&self) -> Option<Duration> {
-        self.deadline
-    }
-
     /// The service name metrics are labelled with.
     pub fn service(&self) -> &str {
         &self.service
@@ -971,12 +966,12 @@ impl OutboxStore {
                     .bind(i64::try_from(per_key).unwrap_or(i64::MAX))
                     .bind(only);
                 let mut conn = self.connection("claim").await?;
-                return conn.run("claim", |c| group_by_key(query.fetch(c))).await;
+                return conn.run(|c| group_by_key(query.fetch(c))).await;
             }
         };
         let mut conn = self.connection("claim").await?;
         let leased: Vec<String> = conn
-            .run("claim", |c| {
+            .run(|c| {
                 sqlx::query_scalar(claim)
                     .bind(owner)
                     .bind(keys)
@@ -1049,7 +1044,7 @@ impl OutboxStore {
             .bind(&ids)
             .bind(i64::try_from(per_key).unwrap_or(i64::MAX));
         let mut conn = self.connection("fetch").await?;
-        conn.run("fetch", |c| group_by_key(query.fetch(c))).await
+        conn.run(|c| group_by_key(query.fetch(c))).await
     }
 
     /// Extends `owner`'s lease on `keys` by `lease` from now; returns the keys it still
@@ -1065,7 +1060,7 @@ impl OutboxStore {
         lease: Duration,
     ) -> Result<Vec<String>> {
         let mut conn = self.connection("renew").await?;
-        conn.run("renew", |c| {
+        conn.run(|c| {
             sqlx::query_scalar(&self.sql.renew)
                 .bind(owner)
                 .bind(lease.as_secs_f64())
@@ -1144,7 +1139,7 @@ impl OutboxStore {
         };
         let mut conn = self.connection("settle").await?;
         let recorded = conn
-            .run("settle", |c| {
+            .run(|c| {
                 sqlx::query(settle)
                     .bind(&published.0)
                     .bind(&published.1)
@@ -1204,7 +1199,7 @@ impl OutboxStore {
             .deadline
             .map(|d| d.as_millis().clamp(1, i32::MAX as u128).to_string());
         let mut conn = self.connection("release").await?;
-        conn.run("release", |c| async move {
+        conn.run(|c| async move {
             let mut tx = sqlx::Connection::begin(c).await?;
             // The delete below runs in a statement of its own, so its snapshot is taken
             // after the locks: every writer that committed before them is visible to it.
@@ -1246,7 +1241,7 @@ impl OutboxStore {
     pub async fn pending_keys(&self, keys: &[String]) -> Result<HashSet<String>> {
         let mut conn = self.connection("pending_keys").await?;
         let found: Vec<String> = conn
-            .run("pending_keys", |c| {
+            .run(|c| {
                 sqlx::query_scalar(&self.sql.pending_keys)
                     .bind(keys)
                     .fetch_all(c)
@@ -1263,9 +1258,7 @@ impl OutboxStore {
     pub async fn pull_forward_transient(&self) -> Result<u64> {
         let mut conn = self.connection("pull_forward").await?;
         let done = conn
-            .run("pull_forward", |c| {
-                sqlx::query(&self.sql.pull_forward).execute(c)
-            })
+            .run(|c| sqlx::query(&self.sql.pull_forward).execute(c))
             .await?;
         Ok(done.rows_affected())
     }
@@ -1277,7 +1270,7 @@ impl OutboxStore {
     pub async fn backlog(&self) -> Result<Backlog> {
         let mut conn = self.connection("backlog").await?;
         let row = conn
-            .run("backlog", |c| sqlx::query(&self.sql.backlog).fetch_one(c))
+            .run(|c| sqlx::query(&self.sql.backlog).fetch_one(c))
             .await?;
         let age: f64 = row.get("age");
         Ok(Backlog {
@@ -1293,7 +1286,7 @@ impl OutboxStore {
     pub async fn cleanup(&self, retention: Duration, limit: i64) -> Result<u64> {
         let mut conn = self.connection("cleanup").await?;
         let done: i64 = conn
-            .run("cleanup", |c| {
+            .run(|c| {
                 sqlx::query_scalar(&self.sql.cleanup)
                     .bind(retention.as_secs_f64())
                     .bind(limit)

@@ -102,7 +102,7 @@ async fn keep_or_take(
     // The two-key form: its locks never meet the one-key locks staging takes on event keys.
     // Per table and service: services sharing a table each report their gauges.
     let held = conn
-        .run("housekeeping", |c| {
+        .run(|c| {
             sqlx::query_scalar(
                 "SELECT pg_try_advisory_lock(hashtext($1), hashtext('outpost.housekeeping:' || $2))",
             )
@@ -121,7 +121,7 @@ async fn keep_or_take(
             // 25 s of silence, as the WAL relay's lock connection does. Best effort: kept
             // either way (handed back to the pool, the connection would hold the lock).
             let keepalives = conn
-                .run("housekeeping", |c| {
+                .run(|c| {
                     sqlx::query(
                         "SELECT set_config('tcp_keepalives_idle', '10', false), \
                                 set_config('tcp_keepalives_interval', '5', false), \

@@ -195,9 +195,10 @@ pub struct RedisLink {
 #[derive(Default)]
 enum Link {
     Up(MultiplexedConnection),
-    /// No connection; none is tried before the instant, if any.
+    /// No connection; the next hint makes one.
     #[default]
     Down,
+    /// No connection, and none is tried before the instant (the last attempt failed).
     Paused(std::time::Instant),
 }
 

@@ -25,6 +25,17 @@ pub fn redis_url() -> String {
     std::env::var("OUTPOST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// The port of the Redis server the tests use (for a proxy in front of it).
+pub fn redis_port() -> u16 {
+    redis_url()
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .and_then(|authority| authority.rsplit_once(':'))
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or(6379)
+}
+
 pub fn brokers() -> String {
     std::env::var("OUTPOST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
