@@ -86,7 +86,7 @@ pub async fn run(settings: &Settings, pool: &PgPool, command: DeadCommand) -> an
 }
 
 /// Row ids belong to one table: with several services, `--service` must say which.
-fn one_service(settings: &Settings) -> Result<&ServiceSettings, Error> {
+pub(crate) fn one_service(settings: &Settings) -> Result<&ServiceSettings, Error> {
     match settings.services.as_slice() {
         [one] => Ok(one),
         many => Err(Error::config(

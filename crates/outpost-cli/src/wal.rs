@@ -57,35 +57,39 @@ pub async fn run(
             );
         }
         WalCommand::Relay => relay(settings, pool, &streams, shutdown).await?,
-        WalCommand::Dead { command } => {
+        // Letter ids are per stream: a requeue names one service, as in table mode.
+        WalCommand::Dead {
+            command: WalDeadCommand::Requeue { ids },
+        } => {
+            let service = crate::dead::one_service(settings)?;
+            let stream = WalStream::new(service.table.schema())?;
+            let n = WalDeadLetters::new(pool, stream).requeue(&ids).await?;
+            println!("{}: requeued {n} event(s)", service.name);
+        }
+        WalCommand::Dead {
+            command: WalDeadCommand::List { json, limit },
+        } => {
             for (service, stream) in &streams {
-                let dead = WalDeadLetters::new(pool.clone(), stream.clone());
-                match &command {
-                    WalDeadCommand::List { json, limit } => {
-                        let letters = dead.list(*limit).await?;
-                        if *json {
-                            println!("{}", serde_json::to_string(&letters)?);
-                        } else {
-                            println!("{service}: {} dead letter(s)", letters.len());
-                            for l in &letters {
-                                println!(
-                                    "  {} {} topic={} key={} {} bytes, commit {} [{}] {}",
-                                    l.id,
-                                    l.event_id.map_or("-".into(), |id| id.to_string()),
-                                    l.topic.as_deref().unwrap_or("-"),
-                                    l.event_key.as_deref().unwrap_or("-"),
-                                    l.payload_bytes,
-                                    l.commit_lsn,
-                                    l.class,
-                                    l.reason
-                                );
-                            }
-                        }
-                    }
-                    WalDeadCommand::Requeue { ids } => {
-                        let n = dead.requeue(ids).await?;
-                        println!("{service}: requeued {n} event(s)");
-                    }
+                let letters = WalDeadLetters::new(pool.clone(), stream.clone())
+                    .list(limit)
+                    .await?;
+                if json {
+                    println!("{}", serde_json::to_string(&letters)?);
+                    continue;
+                }
+                println!("{service}: {} dead letter(s)", letters.len());
+                for l in &letters {
+                    println!(
+                        "  {} {} topic={} key={} {} bytes, commit {} [{}] {}",
+                        l.id,
+                        l.event_id.map_or("-".into(), |id| id.to_string()),
+                        l.topic.as_deref().unwrap_or("-"),
+                        l.event_key.as_deref().unwrap_or("-"),
+                        l.payload_bytes,
+                        l.commit_lsn,
+                        l.class,
+                        l.reason
+                    );
                 }
             }
         }

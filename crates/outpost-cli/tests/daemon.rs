@@ -322,6 +322,15 @@ fn bad_config_files_fail_with_one_line_naming_the_key() {
         FAST,
     );
     assert_eq!(code, 2);
+    // WAL mode's letter ids are per stream too: a requeue without --service touched every
+    // service's letter of that id.
+    let code = assert_bad_setting(
+        &["--config", &two, "wal", "dead", "requeue", "1"],
+        &[],
+        &["OUTPOST_SERVICE (--service)", "row ids are per service"],
+        FAST,
+    );
+    assert_eq!(code, 2);
     let code = assert_bad_setting(
         &["--config", &two, "--topic", "no-equals-sign", "status"],
         &[],

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outpost::consuming::consumer::{
-    DLQ_CONSUMER_GROUP, DLQ_ERROR_CODE, DLQ_OFFSET, DLQ_PARTITION, DLQ_REASON, DLQ_SOURCE_TOPIC,
+    DLQ_CONSUMER_GROUP, DLQ_ERROR_CODE, DLQ_OFFSET, DLQ_PARTITION, DLQ_PAYLOAD_OMITTED, DLQ_REASON,
+    DLQ_SOURCE_TOPIC,
 };
 use outpost::consuming::idempotency::Claim;
 use outpost::{
@@ -1058,6 +1059,41 @@ async fn a_failure_quoting_a_large_input_is_dead_lettered_with_its_reason_cut_sh
     let reason = dead_lettered_before_the_next(json!({ "poison_quoting": 2_000_000 })).await;
     assert!(reason.contains("cannot parse xxx"), "{reason:.100}");
     assert!(reason.len() <= 4096, "{} bytes", reason.len());
+}
+
+/// A message the dead-letter topic does not take as it is (a payload near the limit plus the
+/// `dlq_*` headers, or a dead-letter topic that takes less than the source) is dead-lettered
+/// without its payload; refused, its partition waited on it for good.
+#[tokio::test]
+async fn a_dead_letter_too_large_for_its_topic_goes_without_its_payload() {
+    let (effects, topic, dead, group, producer) = case(1).await;
+    let bad = event_with(
+        &topic,
+        "k",
+        0,
+        json!({ "poison": true, "pad": "x".repeat(30_000) }),
+    );
+    let next = event_with(&topic, "k", 1, json!({}));
+    let (_, bad_at) = send_event(&producer, &bad).await;
+    send_event(&producer, &next).await;
+    let mut cfg = consumer_config(&group, &topic, &dead);
+    // The dead-letter producer takes less than the source topic's messages.
+    cfg.dead_letter_librdkafka
+        .insert("message.max.bytes".into(), "20000".into());
+    let (process, log) = Recording::new(Inboxed::new(effects.inbox().await, effects.clone()));
+    let running = Running::start(Consumer::new(cfg, process).unwrap());
+    wait_handled(&log, next.event_id, "the event after it handled").await;
+    let letters = read_topic(&dead, 1).await;
+    running.stop().await;
+    let letter = &letters[0];
+    assert_eq!(header(letter, "event_id"), Some(bad.event_id.to_string()));
+    assert_eq!(letter.payload(), None);
+    assert_eq!(
+        header(letter, DLQ_PAYLOAD_OMITTED),
+        Some(bad.payload.len().to_string())
+    );
+    assert_eq!(header(letter, DLQ_OFFSET), Some(bad_at.to_string()));
+    assert!(header(letter, DLQ_REASON).unwrap().contains("poison event"));
 }
 
 #[tokio::test]

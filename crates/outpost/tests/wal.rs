@@ -18,7 +18,7 @@ use std::time::Duration;
 use outpost::testkit::postgres::PrivatePostgres;
 use outpost::testkit::TansuBroker;
 use outpost::wal::{self, setup, WalDeadLetters, WalRelay, WalRelayConfig, WalStream};
-use outpost::{Environment, KafkaProducer, OutboxEvent};
+use outpost::{Environment, KafkaProducer, OutboxEvent, ProducerConfig};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -38,6 +38,11 @@ struct WalDb {
 
 impl WalDb {
     async fn start(extra: &[(&'static str, &'static str)]) -> Self {
+        Self::start_for(WalStream::new(&support::unique("w")).unwrap(), extra).await
+    }
+
+    /// [`Self::start`] for `stream`.
+    async fn start_for(stream: WalStream, extra: &[(&'static str, &'static str)]) -> Self {
         support::init_logging();
         support::metrics();
         let mut settings = vec![("wal_level", "logical")];
@@ -51,7 +56,6 @@ impl WalDb {
             .connect(&pg.url())
             .await
             .unwrap();
-        let stream = WalStream::new(&support::unique("w")).unwrap();
         let report = setup::init(&pool, &stream).await.unwrap();
         assert!(report.is_ready(), "{report}");
         Self { pg, pool, stream }
@@ -861,6 +865,74 @@ async fn an_unclassified_failure_is_dead_lettered_after_the_attempt_budget() {
     db.drop_slot().await;
 }
 
+/// The producer may be shared (`outpost wal relay` runs every service's relay on one), and
+/// another user's failure can replace its instance while this relay's message of a key is
+/// still out on the old one: the key's next messages wait for it, and do not race it from
+/// the new instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_replaced_by_another_user_reorders_no_key() {
+    let db = WalDb::start(&[]).await;
+    let mock = MockCluster::new(2).expect("mock cluster");
+    let brokers = mock.bootstrap_servers();
+    let (topic, other) = (
+        support::unique("outpost.mock").replace('_', "."),
+        support::unique("outpost.mock").replace('_', "."),
+    );
+    for (t, leader) in [(&topic, 1), (&other, 2)] {
+        mock.create_topic(t, 1, 1).expect("mock topic");
+        mock.partition_leader(t, 0, Some(leader)).expect("leader");
+    }
+    let collector = Collector::start(&brokers, &topic, 1);
+    let mut cfg = support::producer_config(&brokers);
+    // Past the late answers below; the fenced instance's message times out after it.
+    cfg.delivery_timeout = Duration::from_secs(6);
+    cfg.request_timeout = Duration::from_secs(4);
+    let producer = Arc::new(KafkaProducer::new(cfg).unwrap());
+    let relay = db.relay(Arc::clone(&producer), |_| {});
+    let running = spawn(&relay);
+    let warm = emit_committed(&db, &topic, 1, (0, 1), 1).await;
+    collector
+        .wait_for(&ids(&warm), Duration::from_secs(20))
+        .await;
+    let no_headers = BTreeMap::new();
+    producer
+        .send(&other, "x", b"warm", &no_headers)
+        .await
+        .unwrap();
+
+    // The key's next event is refused once, retriably, and answered late: librdkafka sends it
+    // again on its instance a moment later.
+    mock.broker_round_trip_time(1, Duration::from_millis(1500))
+        .unwrap();
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS],
+    );
+    let mut all = warm;
+    let read = wal_position(&db.pool).await;
+    all.extend(emit_committed(&db, &topic, 1, (1, 1), 1).await);
+    support::eventually(Duration::from_secs(20), "the relay read it", || async {
+        (relay.progress().received_lsn > read).then_some(())
+    })
+    .await;
+    // Meanwhile another user of the producer is fenced, and the instance replaced. (Should
+    // the refusal above not have reached the relay's request first, its send takes it and
+    // this test checks less, not wrongly.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
+    );
+    let _ = producer.send(&other, "x", b"fenced", &no_headers).await;
+    all.extend(emit_committed(&db, &topic, 1, (2, 5), 1).await);
+    let consumed = collector
+        .wait_for(&ids(&all), Duration::from_secs(60))
+        .await;
+    running.stop().await;
+    assert_complete_and_ordered(&consumed, &all);
+    db.drop_slot().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_session_purges_its_unsent_messages_before_giving_up_the_lead() {
     let db = WalDb::start(&[]).await;
@@ -1077,6 +1149,180 @@ async fn a_standby_whose_connection_stops_answering_connects_again_and_takes_ove
     })
     .await;
     streams_in_order(&db, &topic, &collector, standing_by).await;
+}
+
+/// The server's current WAL position, as a number.
+async fn wal_position(pool: &PgPool) -> u64 {
+    let lsn: i64 =
+        sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    lsn as u64
+}
+
+/// A relay that outlives its database's history (a failover to a standby that was behind, a
+/// restore, another cluster behind the same address) delivers the events committed there,
+/// though their positions are below those it delivered before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_database_is_replaced_by_one_further_behind_delivers_its_events() {
+    let first = WalDb::start(&[]).await;
+    // Set up as `outpost wal init` would be there after a failover that lost the slot.
+    let second = WalDb::start_for(first.stream.clone(), &[]).await;
+    // The first server's WAL well ahead of the second's: each switch moves it a segment on.
+    sqlx::query("CREATE TABLE filler (n int)")
+        .execute(&first.pool)
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        sqlx::query("INSERT INTO filler VALUES (1)")
+            .execute(&first.pool)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_switch_wal()")
+            .execute(&first.pool)
+            .await
+            .unwrap();
+    }
+    let proxy = Partition::start(first.pg.port()).await;
+    let relay = standby_through(&first, &proxy);
+    let running = spawn(&relay);
+    leads(&relay).await;
+    let topic = support::topic(1).await;
+    let collector = Collector::start(&support::brokers(), &topic, 1);
+    let before = emit_committed(&first, &topic, 1, (0, 3), 1).await;
+    collector
+        .wait_for(&ids(&before), Duration::from_secs(30))
+        .await;
+    let behind = wal_position(&second.pool).await + 4 * 1024 * 1024;
+    support::eventually(Duration::from_secs(20), "the relay acks them", || async {
+        (relay.progress().acked_lsn > behind).then_some(())
+    })
+    .await;
+
+    proxy.retarget(second.pg.port());
+    proxy.close_all();
+    let after = emit_committed(&second, &topic, 1, (3, 3), 1).await;
+    assert!(wal_position(&second.pool).await < behind);
+    let consumed = collector
+        .wait_for(&ids(&after), Duration::from_secs(30))
+        .await;
+    running.stop().await;
+    let all: Vec<OutboxEvent> = before.into_iter().chain(after).collect();
+    assert_complete_and_ordered(&consumed, &all);
+    first.drop_slot().await;
+    second.drop_slot().await;
+}
+
+/// A relay whose stream reaches the server directly, and its lock, health checks and dead
+/// letters through `proxy` (the pool waits ten minutes for a connection).
+fn pool_through(
+    db: &WalDb,
+    proxy: &Partition,
+    producer: ProducerConfig,
+    tune: impl FnOnce(&mut WalRelayConfig),
+) -> WalRelay {
+    let mut cfg = WalRelayConfig::new(
+        db.stream.name(),
+        db.stream.clone(),
+        db.pg.url(),
+        Environment::Testing,
+    );
+    cfg.reconnect_backoff = Duration::from_millis(200);
+    tune(&mut cfg);
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(600))
+        .connect_lazy(&postgres_url(proxy))
+        .unwrap();
+    WalRelay::new(cfg, pool, Arc::new(KafkaProducer::new(producer).unwrap())).unwrap()
+}
+
+/// A session that fails while draining for a shutdown ends the relay: it took the shutdown
+/// already, and reconnected for good, never to see it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_failing_while_it_drains_for_a_shutdown_ends_the_relay() {
+    let db = WalDb::start(&[]).await;
+    let proxy = Partition::start(db.pg.port()).await;
+    let (mock, topic) = mock_cluster();
+    let mut producer = support::producer_config(&mock.bootstrap_servers());
+    // The event stays out through the drain.
+    producer.delivery_timeout = Duration::from_secs(60);
+    let relay = pool_through(&db, &proxy, producer, |c| {
+        c.drain_timeout = Duration::from_secs(50);
+        c.health_interval = Duration::from_millis(500);
+    });
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn({
+        let (relay, token) = (relay.clone(), shutdown.clone());
+        async move { relay.run(token.cancelled_owned()).await }
+    });
+    leads(&relay).await;
+    let warm = emit_committed(&db, &topic, 1, (0, 1), 1).await;
+    support::eventually(Duration::from_secs(20), "delivered", || async {
+        (relay.progress().delivered == warm.len() as u64).then_some(())
+    })
+    .await;
+    mock.broker_down(-1).unwrap();
+    let read = wal_position(&db.pool).await;
+    emit_committed(&db, &topic, 1, (1, 1), 1).await;
+    support::eventually(Duration::from_secs(20), "the relay read it", || async {
+        (relay.progress().received_lsn > read).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    // Draining, its health check goes unanswered: the session fails.
+    proxy.hold_new(true);
+    proxy.cut_off().await;
+    tokio::time::timeout(Duration::from_secs(45), task)
+        .await
+        .expect("the relay ends")
+        .unwrap()
+        .unwrap();
+    proxy.hold_new(false);
+    mock.broker_up(-1).unwrap();
+    db.drop_slot().await;
+}
+
+/// A dead letter written on a connection that stopped answering is given up on: the
+/// session ends, and the relay still stops when asked (it waited for the pool's acquire
+/// timeout, ten minutes here, then tried the event again, and so on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_database_does_not_answer_holds_up_no_shutdown() {
+    let db = WalDb::start(&[]).await;
+    let proxy = Partition::start(db.pg.port()).await;
+    let (mock, topic) = mock_cluster();
+    let mut producer = support::producer_config(&mock.bootstrap_servers());
+    // Refused before it is sent, for good: the event goes to the dead letters.
+    producer
+        .librdkafka
+        .insert("message.max.bytes".into(), "2000".into());
+    let relay = pool_through(&db, &proxy, producer, |_| {});
+    let running = spawn(&relay);
+    leads(&relay).await;
+    proxy.hold_new(true);
+    proxy.cut_off().await;
+    let mut big = event(&topic, "k", 0);
+    big.payload = format!("{{\"pad\":\"{}\"}}", "x".repeat(5000)).into_bytes();
+    let read = wal_position(&db.pool).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    wal::emit(&mut tx, &db.stream, &big).await.unwrap();
+    tx.commit().await.unwrap();
+    support::eventually(Duration::from_secs(20), "the relay read it", || async {
+        (relay.progress().received_lsn > read).then_some(())
+    })
+    .await;
+    // Refused at once; its dead letter waits on the proxy now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopping = std::time::Instant::now();
+    running.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(45),
+        "stopped after {:?}",
+        stopping.elapsed()
+    );
+    proxy.hold_new(false);
+    db.drop_slot().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

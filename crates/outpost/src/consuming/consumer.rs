@@ -114,6 +114,11 @@ pub const DLQ_PARTITION: &str = "dlq_partition";
 pub const DLQ_OFFSET: &str = "dlq_offset";
 /// Dead-letter header: the consumer group that gave up on it.
 pub const DLQ_CONSUMER_GROUP: &str = "dlq_consumer_group";
+/// Dead-letter header, only on a dead letter sent without its payload (the message with the
+/// headers added was more than the dead-letter topic takes): the payload's size in bytes. The
+/// payload stays readable at [`DLQ_SOURCE_TOPIC`], [`DLQ_PARTITION`], [`DLQ_OFFSET`] while
+/// that topic retains it.
+pub const DLQ_PAYLOAD_OMITTED: &str = "dlq_payload_omitted";
 
 /// librdkafka properties the at-least-once guarantee rests on; they cannot be overridden.
 const MANAGED: [&str; 2] = ["enable.auto.commit", "enable.auto.offset.store"];
@@ -854,17 +859,29 @@ impl<P: Process> Consumer<P> {
             });
         }
         let topic = self.config.dead_letter_topic.as_str();
-        match self
+        let timeout = self.config.dead_letter_timeout;
+        let sent = match self
             .dead_letters
-            .send(
-                topic,
-                msg.key(),
-                msg.payload(),
-                headers,
-                self.config.dead_letter_timeout,
-            )
+            .send(topic, msg.key(), msg.payload(), headers.clone(), timeout)
             .await
         {
+            // Refused for its size (a payload near the limit, the headers added, or a
+            // dead-letter topic that takes less than the source): the same message would be
+            // refused for good, and the partition wait on it. It goes without its payload,
+            // which its origin in the headers still points to.
+            Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+                let size = msg.payload().map_or(0, <[u8]>::len).to_string();
+                let headers = headers.insert(Header {
+                    key: DLQ_PAYLOAD_OMITTED,
+                    value: Some(size.as_str()),
+                });
+                self.dead_letters
+                    .send(topic, msg.key(), None, headers, timeout)
+                    .await
+            }
+            sent => sent,
+        };
+        match sent {
             Ok(_) => {
                 warn!(
                     group = self.config.group_id,

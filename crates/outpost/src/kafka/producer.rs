@@ -373,7 +373,10 @@ impl KafkaProducer {
 
     /// Queues one message with librdkafka now and returns the wait for its acknowledgement.
     /// Messages queued one after another for the same partition reach it in that order
-    /// (idempotent producer), so a caller can keep many of one key in flight.
+    /// (idempotent producer), so a caller can keep many of one key in flight; unless the
+    /// instance was replaced (fenced, stuck) or its queue purged in between, by this caller
+    /// or any other sharing the producer: a caller keeping a key's order across those
+    /// holds the key's next message until the earlier ones resolved.
     ///
     /// # Errors
     /// [`SendFailure`] when the message cannot even be queued: `QueueFull` (transient: try

@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::FusedFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use pgwire_replication::{FeedbackObserver, Lsn, ReplicationClient, ReplicationEvent};
@@ -187,6 +188,14 @@ const STREAM_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// `call`'s answer within [`HEALTH_TIMEOUT`]: past it the connection counts as failed (a hung
 /// server or network), like any other failure of `what`.
 async fn answered<T>(what: &'static str, call: impl Future<Output = sqlx::Result<T>>) -> Result<T> {
+    bounded(what, async {
+        call.await.map_err(|e| Error::storage(what, e))
+    })
+    .await
+}
+
+/// [`answered`] for a call that returns the crate's own errors.
+async fn bounded<T>(what: &'static str, call: impl Future<Output = Result<T>>) -> Result<T> {
     tokio::time::timeout(HEALTH_TIMEOUT, call)
         .await
         .map_err(|_| {
@@ -198,7 +207,6 @@ async fn answered<T>(what: &'static str, call: impl Future<Output = sqlx::Result
                 )),
             )
         })?
-        .map_err(|e| Error::storage(what, e))
 }
 
 #[derive(Debug, Default)]
@@ -315,6 +323,8 @@ impl WalRelay {
         // The end LSN up to which everything was delivered, across sessions: a new session
         // may be sent transactions again whose acknowledgement the server never got.
         let mut delivered_lsn = 0u64;
+        // The server's system identifier and timeline that `delivered_lsn` was read on.
+        let mut history = None;
         loop {
             let lock = tokio::select! {
                 lock = self.lead() => lock,
@@ -326,7 +336,7 @@ impl WalRelay {
                     crate::metrics::wal_leader(&service, true);
                     info!(stream = %self.config.stream, "leading the WAL stream");
                     let outcome = self
-                        .session(&mut conn, &mut shutdown, &mut delivered_lsn)
+                        .session(&mut conn, &mut shutdown, &mut delivered_lsn, &mut history)
                         .await;
                     self.shared.leader.store(false, Ordering::Relaxed);
                     crate::metrics::wal_leader(&service, false);
@@ -338,6 +348,13 @@ impl WalRelay {
             };
             match outcome {
                 Ok(()) => return Ok(()),
+                // Failed while draining for a shutdown it already took: nothing is left to
+                // wait for (the future, fused, would never resolve again).
+                Err(e) if shutdown.is_terminated() => {
+                    warn!(stream = %self.config.stream, error = %error_chain(&e),
+                          "WAL relay session failed while stopping");
+                    return Ok(());
+                }
                 Err(e) => {
                     crate::metrics::relay_error(&service);
                     warn!(stream = %self.config.stream, error = %error_chain(&e),
@@ -395,6 +412,7 @@ impl WalRelay {
         lock: &mut PgConnection,
         shutdown: &mut std::pin::Pin<&mut futures::future::Fuse<impl Future<Output = ()>>>,
         delivered_lsn: &mut u64,
+        history: &mut Option<String>,
     ) -> Result<()> {
         let cfg = &self.config;
         let service = cfg.service.clone();
@@ -415,13 +433,36 @@ impl WalRelay {
         };
         // `connect` only starts the client's worker; a start given up on (timed out, or
         // stopping) aborts that worker, which would otherwise stay on the silent socket.
-        let mut client = ReplicationClient::connect(repl).await.map_err(stream_err)?;
+        let mut client = ReplicationClient::connect_gated(repl)
+            .await
+            .map_err(stream_err)?;
+        // The server the stream opens on, read on the same session before it starts.
+        let start = async {
+            let system = client.identify_system().await?;
+            client.start().await?;
+            client.wait_started().await.map(|()| system)
+        };
         let started = tokio::select! {
-            started = tokio::time::timeout(STREAM_START_TIMEOUT, client.wait_started()) => Some(started),
+            started = tokio::time::timeout(STREAM_START_TIMEOUT, start) => Some(started),
             () = &mut *shutdown => None,
         };
         match started {
-            Some(Ok(Ok(()))) => {}
+            Some(Ok(Ok(system))) => {
+                // Positions compare only within one history of one cluster. After a
+                // failover (a promoted standby's new timeline), a restore, or another
+                // cluster behind the same address, the events committed there below the
+                // position delivered before are new ones: skipped as delivered, they would
+                // be lost, and the slot confirmed past them.
+                let now = format!("system {} timeline {}", system.system_id, system.timeline);
+                if let Some(before) = history.replace(now.clone()) {
+                    if before != now && *delivered_lsn > 0 {
+                        warn!(stream = %cfg.stream, before, now,
+                              "the database's history changed (failover, restore or another cluster): \
+                               positions delivered before no longer count; events may be sent twice");
+                        *delivered_lsn = 0;
+                    }
+                }
+            }
             Some(Ok(Err(e))) => return Err(stream_err(e)),
             Some(Err(_)) => {
                 client.abort();
@@ -450,6 +491,8 @@ impl WalRelay {
         let mut retry_at: Option<tokio::time::Instant> = None;
         let (mut rows, mut bytes) = (0usize, 0usize);
         let mut seq = 0u64;
+        // The token of the last message queued (see `send`).
+        let mut queued_on: Option<u64> = None;
         // The transaction being read: its queue id, commit LSN, commit time, and whether it
         // was delivered in an earlier session.
         let mut current: Option<(TxnId, u64, Instant, bool)> = None;
@@ -526,20 +569,16 @@ impl WalRelay {
                                     ErrorClass::Retriable => format!("{} ({class}; failed {} times)", f.error, s.failures),
                                     _ => format!("{} ({class})", f.error),
                                 };
-                                match self.dead.record(&s.event, s.commit_lsn, class.as_str(), &reason).await {
-                                    Ok(()) => {
-                                        warn!(event_id = %s.event.event_id, topic = %s.event.topic.escape_debug(),
-                                              reason, "WAL event dead-lettered");
-                                        crate::metrics::parked(&service, class);
-                                        self.shared.dead.fetch_add(1, Ordering::Relaxed);
-                                        if let Some(lsn) = progress.done(s.txn) {
-                                            ack(&client, lsn, delivered_lsn);
-                                        }
-                                    }
-                                    Err(e) => {
-                                        warn!(error = %error_chain(&e), "could not record a dead letter; retrying the event");
-                                        self.retry_later(&mut failed, s, &mut attempt, &mut retry_at, class);
-                                    }
+                                // Not written, the session ends: the event is read again by the
+                                // next one, whose lead is checked first (a database that does not
+                                // answer may have freed the lock to a successor meanwhile).
+                                bounded("wal_dead_letter", self.dead.record(&s.event, s.commit_lsn, class.as_str(), &reason)).await?;
+                                warn!(event_id = %s.event.event_id, topic = %s.event.topic.escape_debug(),
+                                      reason, "WAL event dead-lettered");
+                                crate::metrics::parked(&service, class);
+                                self.shared.dead.fetch_add(1, Ordering::Relaxed);
+                                if let Some(lsn) = progress.done(s.txn) {
+                                    ack(&client, lsn, delivered_lsn);
                                 }
                             }
                         }
@@ -547,9 +586,11 @@ impl WalRelay {
                     () = retry_due, if retry_at.is_some() && sends.is_empty() && !stopping => {
                         retry_at = None;
                         for (_, s) in std::mem::take(&mut failed) {
-                            rows += 1;
-                            bytes += s.event.size();
-                            self.send(&mut sends, s);
+                            let size = s.event.size();
+                            match self.send(&mut sends, &mut queued_on, s) {
+                                None => (rows, bytes) = (rows + 1, bytes + size),
+                                Some(s) => hold(&mut failed, &mut retry_at, s),
+                            }
                         }
                     }
                     _ = health.tick() => {
@@ -589,15 +630,17 @@ impl WalRelay {
                                 match decode(content.clone()) {
                                     Ok(event) => {
                                         progress.sent(txn);
-                                        rows += 1;
-                                        bytes += event.size();
+                                        let size = event.size();
                                         seq += 1;
                                         let s = Sending { seq, txn, commit_lsn, committed_at, event, failures: 0 };
-                                        self.send(&mut sends, s);
+                                        match self.send(&mut sends, &mut queued_on, s) {
+                                            None => (rows, bytes) = (rows + 1, bytes + size),
+                                            Some(s) => hold(&mut failed, &mut retry_at, s),
+                                        }
                                     }
                                     Err(reason) => {
                                         warn!(%lsn, reason = %reason.escape_debug(), "a message of this stream is not an Outpost event; dead-lettered");
-                                        self.dead.record_undecodable(&content, commit_lsn, &reason).await?;
+                                        bounded("wal_dead_letter", self.dead.record_undecodable(&content, commit_lsn, &reason)).await?;
                                         self.shared.dead.fetch_add(1, Ordering::Relaxed);
                                     }
                                 }
@@ -670,24 +713,43 @@ impl WalRelay {
         progress.done(s.txn)
     }
 
-    /// Queues `s` with the producer.
-    fn send(&self, sends: &mut FuturesUnordered<InFlight>, s: Sending) {
+    /// Queues `s` with the producer, behind this session's messages still out only: while
+    /// any is, `queued_on` (the token of the last one queued) must still be current. The
+    /// producer may be shared (the CLI runs every service's relay on one), and another
+    /// relay's failure can replace its instance or purge its queue; a message queued after
+    /// that could land ahead of an earlier one of its key, still out on the old instance or
+    /// purged and not yet reported. Then `s` comes back, to be sent once those resolved.
+    #[must_use]
+    fn send(
+        &self,
+        sends: &mut FuturesUnordered<InFlight>,
+        queued_on: &mut Option<u64>,
+        s: Sending,
+    ) -> Option<Sending> {
         let topic = self
             .config
             .topics
             .get(&s.event.topic)
             .unwrap_or(&s.event.topic)
             .clone();
-        match self
-            .producer
-            .enqueue(&topic, &s.event.key, &s.event.payload, &s.event.headers)
-        {
-            Ok(pending) => sends.push(Box::pin(async move {
-                Done {
-                    result: pending.await,
-                    sending: s,
-                }
-            })),
+        let behind = if sends.is_empty() { None } else { *queued_on };
+        match self.producer.enqueue_on(
+            &topic,
+            &s.event.key,
+            &s.event.payload,
+            &s.event.headers,
+            behind,
+        ) {
+            Ok(None) => return Some(s),
+            Ok(Some((pending, token))) => {
+                *queued_on = Some(token);
+                sends.push(Box::pin(async move {
+                    Done {
+                        result: pending.await,
+                        sending: s,
+                    }
+                }));
+            }
             // A full queue (not below librdkafka's 100 000 messages: the in-flight cap is
             // lower) or a topic librdkafka cannot take; handled as any failed send.
             Err(f) => sends.push(Box::pin(async move {
@@ -697,6 +759,7 @@ impl WalRelay {
                 }
             })),
         }
+        None
     }
 
     fn retry_later(
@@ -716,6 +779,17 @@ impl WalRelay {
     }
 }
 
+/// Keeps `s`, refused by [`WalRelay::send`], for a send as soon as nothing is out: reads
+/// stop meanwhile (the retry map is not empty), so nothing queued overtakes it.
+fn hold(
+    failed: &mut BTreeMap<u64, Sending>,
+    retry_at: &mut Option<tokio::time::Instant>,
+    s: Sending,
+) {
+    failed.insert(s.seq, s);
+    retry_at.get_or_insert_with(tokio::time::Instant::now);
+}
+
 fn error_chain(e: &Error) -> String {
     let mut out = e.to_string();
     let mut source = std::error::Error::source(e);
@@ -725,4 +799,65 @@ fn error_chain(e: &Error) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::producer::ProducerConfig;
+    use rdkafka::error::KafkaError;
+
+    fn sending(seq: u64) -> Sending {
+        Sending {
+            seq,
+            txn: seq,
+            commit_lsn: seq,
+            committed_at: Instant::now(),
+            event: WalEvent {
+                event_id: uuid::Uuid::new_v4(),
+                topic: "t".into(),
+                key: "k".into(),
+                headers: BTreeMap::new(),
+                payload: bytes::Bytes::from_static(b"{}"),
+            },
+            failures: 0,
+        }
+    }
+
+    /// Nothing is queued behind messages still out on an instance that was replaced, or
+    /// whose queue was purged since, whoever did it: it could land ahead of them.
+    #[tokio::test]
+    async fn a_message_waits_for_those_out_before_a_replaced_instance_or_a_purge() {
+        // No broker: messages stay queued, which is all this needs.
+        let producer = Arc::new(KafkaProducer::new(ProducerConfig::new("127.0.0.1:9")).unwrap());
+        let url = "postgres://postgres@127.0.0.1:9/none";
+        let config = WalRelayConfig::new(
+            "s",
+            WalStream::new("s").unwrap(),
+            url,
+            crate::Environment::Testing,
+        );
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy(url)
+            .unwrap();
+        let relay = WalRelay::new(config, pool, Arc::clone(&producer)).unwrap();
+        let mut sends = FuturesUnordered::new();
+        let mut queued_on = None;
+        assert!(relay.send(&mut sends, &mut queued_on, sending(1)).is_none());
+        assert!(relay.send(&mut sends, &mut queued_on, sending(2)).is_none());
+
+        // Another user of the producer replaced its instance.
+        producer.rebuild(producer.generation(), &KafkaError::Canceled);
+        let refused = relay.send(&mut sends, &mut queued_on, sending(3));
+        assert_eq!(refused.map(|s| s.seq), Some(3));
+        assert_eq!(sends.len(), 2);
+
+        // Once nothing is out, on the new instance; then another user purges its queue.
+        producer.purge_queued();
+        while sends.next().await.is_some() {}
+        assert!(relay.send(&mut sends, &mut queued_on, sending(3)).is_none());
+        producer.purge_queued();
+        let refused = relay.send(&mut sends, &mut queued_on, sending(4));
+        assert_eq!(refused.map(|s| s.seq), Some(4));
+    }
 }

@@ -468,6 +468,8 @@ pub struct Partition {
     stranded: Arc<std::sync::Mutex<Vec<tokio::net::TcpStream>>>,
     /// Connections frozen so far.
     frozen: Arc<std::sync::atomic::AtomicUsize>,
+    /// The server's port for new connections (see [`Partition::retarget`]).
+    target: Arc<std::sync::atomic::AtomicU16>,
 }
 
 /// Counts one connection as open for as long as it lives.
@@ -515,6 +517,7 @@ impl Partition {
             strand: Arc::default(),
             stranded: Arc::default(),
             frozen: Arc::default(),
+            target: Arc::new(std::sync::atomic::AtomicU16::new(target_port)),
         };
         let open = Arc::clone(&proxy.open);
         let (accepted, ports, hold_new, refuse_new) = (
@@ -526,6 +529,7 @@ impl Partition {
         let (freezes, closes) = (proxy.freezes.clone(), proxy.closes.clone());
         let (strand, stranded) = (Arc::clone(&proxy.strand), Arc::clone(&proxy.stranded));
         let frozen_so_far = Arc::clone(&proxy.frozen);
+        let target = Arc::clone(&proxy.target);
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 // Subscribed before the connection is counted: a freeze after a caller saw
@@ -541,6 +545,7 @@ impl Partition {
                 let open = Arc::clone(&open);
                 let (strand, stranded) = (Arc::clone(&strand), Arc::clone(&stranded));
                 let frozen_so_far = Arc::clone(&frozen_so_far);
+                let target_port = target.load(SeqCst);
                 tokio::spawn(async move {
                     let _open = Open::count(&open);
                     if held {
@@ -567,6 +572,12 @@ impl Partition {
             }
         });
         proxy
+    }
+
+    /// Sends new connections to the server on `port` from now on (another server behind the
+    /// same address, as after a failover); those open stay where they are.
+    pub fn retarget(&self, port: u16) {
+        self.target.store(port, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Where it listens.
