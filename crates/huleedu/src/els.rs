@@ -361,7 +361,7 @@ impl EssayLifecycle {
         events: &[(EventEnvelope<serde_json::Value>, &Received)],
         tx: &mut OutboxTx,
     ) -> outpost::Result<()> {
-        // Per batch, in order of first appearance: placements, the last event, and the
+        // Per batch: placements, the last event, and the
         // state the placements were decided on.
         let mut batches: Vec<(String, i32, &EventEnvelope<serde_json::Value>, String)> = Vec::new();
         for (event, _) in events {
@@ -379,6 +379,9 @@ impl EssayLifecycle {
                 None => batches.push((content.batch_id, i32::from(placed), event, state)),
             }
         }
+        // Count rows stay locked to the commit: taken in one order, units of several
+        // batches on other partitions do not deadlock on them.
+        batches.sort_by(|a, b| a.0.cmp(&b.0));
         for (batch_id, placed, last, state) in batches {
             let counts = count(tx, &batch_id, placed, 0).await?;
             placed_in_time(&batch_id, placed > 0, &state, &counts)?;
@@ -525,7 +528,7 @@ impl EssayLifecycle {
         events: &[(EventEnvelope<serde_json::Value>, &Received)],
         tx: &mut OutboxTx,
     ) -> outpost::Result<()> {
-        // Per batch, in order of first appearance: its results and the last event.
+        // Per batch: its results and the last event.
         let mut batches: Vec<(Vec<Recorded>, &EventEnvelope<serde_json::Value>)> = Vec::new();
         for (event, _) in events {
             let Some(result) = self.record_result(event, tx).await? else {
@@ -542,6 +545,9 @@ impl EssayLifecycle {
                 None => batches.push((vec![result], event)),
             }
         }
+        // Count rows stay locked to the commit: taken in one order, units of several
+        // batches on other partitions do not deadlock on them.
+        batches.sort_by(|a, b| a.0[0].batch_id.cmp(&b.0[0].batch_id));
         for (of_batch, last) in batches {
             self.count_results(tx, &of_batch, last).await?;
         }

@@ -435,14 +435,15 @@ impl FileService {
 
     /// Removes a file the teacher withdrew before it was processed, and announces it
     /// (`publish_batch_file_removed_v1`). Returns `false` (and announces nothing) when the
-    /// file was already processed or removed.
+    /// file was already processed. A file removed before is announced again: the removal
+    /// is committed before its announcement, and a retry after a failed one announces it.
     ///
     /// # Errors
     /// As [`add_file`](Self::add_file).
     pub async fn remove_file(&self, ctx: &UploadContext, upload: &Upload) -> Result<bool> {
         let removed = sqlx::query(
             "UPDATE uploads SET state = 'removed', updated_at = clock_timestamp() \
-             WHERE file_upload_id = $1 AND state = 'added'",
+             WHERE file_upload_id = $1 AND state IN ('added', 'removed')",
         )
         .bind(&upload.file_upload_id)
         .execute(self.pool())

@@ -486,6 +486,51 @@ async fn contents_handled_together_fill_each_slot_once_and_make_the_batch_ready_
     );
 }
 
+/// Units of contents for two batches each, on two partitions, in opposite orders: their
+/// counts lock the batch rows (to the commit) in one order, so neither waits on the other
+/// in a cycle (PostgreSQL would abort one after its deadlock timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn contents_of_two_batches_handled_together_in_opposite_orders_do_not_deadlock() {
+    let (els, publisher) = els().await;
+    let (a, b) = (
+        register(&els, &publisher, 2).await,
+        register(&els, &publisher, 2).await,
+    );
+    // Each count holds its row a moment: long enough for both units to hold one each.
+    for ddl in [
+        "CREATE FUNCTION linger() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$",
+        "CREATE TRIGGER linger AFTER UPDATE OF assigned ON batches \
+         FOR EACH ROW EXECUTE FUNCTION linger()",
+    ] {
+        sqlx::query(ddl)
+            .execute(publisher.store().pool())
+            .await
+            .unwrap();
+    }
+    let units = [[(&a, 0), (&b, 2)], [(&b, 3), (&a, 1)]].map(|unit| {
+        unit.map(|(batch, upload)| {
+            support::delivered(topic::ESSAY_CONTENT_PROVISIONED, &content(batch, upload))
+        })
+    });
+    let handled = futures::future::join_all(units.iter().map(|unit| async {
+        let unit: Vec<_> = unit.iter().map(|(e, r)| (e.clone(), r)).collect();
+        let mut tx = publisher.begin().await?;
+        els.handle_together(&unit, &mut tx).await?;
+        tx.commit_and_dispatch_later().await
+    }))
+    .await;
+    for result in handled {
+        result.unwrap();
+    }
+    for batch in [&a, &b] {
+        assert_eq!(
+            els.batch_state(batch).await.unwrap().as_deref(),
+            Some(batch_state::READY)
+        );
+    }
+}
+
 /// Every upload failed validation: the batch is ready with no essay, and the spellcheck
 /// phase, which no result will ever conclude, ends as it starts.
 #[tokio::test]

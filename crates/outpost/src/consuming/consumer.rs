@@ -632,11 +632,13 @@ impl<P: Process> Consumer<P> {
         // every other task scheduled there.
         let committed =
             tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
-                .await
-                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                .await;
         match committed {
-            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => warn!(
+            Ok(Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))) => {}
+            // The runtime is shutting down under it: nothing to report to.
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Ok(Err(e)) => warn!(
                 group,
                 error = %e,
                 "final offset commit failed; uncommitted messages come again and are skipped as duplicates"
