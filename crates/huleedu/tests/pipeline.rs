@@ -516,7 +516,10 @@ async fn a_file_removed_before_it_was_processed_announces_no_content() {
             })
             .collect()
     };
-    assert_eq!(announced(&content), std::slice::from_ref(&kept.file_upload_id));
+    assert_eq!(
+        announced(&content),
+        std::slice::from_ref(&kept.file_upload_id)
+    );
     assert_eq!(
         announced(&removed),
         [

@@ -950,7 +950,12 @@ impl<'r> Engine<'r> {
                     self.published_at_transient = self.report.published;
                 }
                 if matches!(verdict, Settlement::Retry { .. }) {
-                    if state.failure.is_none() && failure.class == ErrorClass::Transient {
+                    // A purged row calls for no purge of its own: the purge that failed it
+                    // failed what was queued behind it, and tokens hold back the rest.
+                    if state.failure.is_none()
+                        && failure.class == ErrorClass::Transient
+                        && !failure.is_purged()
+                    {
                         self.relay.producer.purge_queued();
                     }
                     let earlier = state.failure.as_ref().is_none_or(|(id, ..)| event.id < *id);

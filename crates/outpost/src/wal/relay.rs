@@ -547,7 +547,9 @@ impl WalRelay {
                             Err(f) => {
                                 let mut s = done.sending;
                                 let class = f.class;
-                                if class != ErrorClass::Permanent {
+                                // A purged one needs none: the purge that failed it failed what
+                                // was queued behind it.
+                                if class != ErrorClass::Permanent && !f.is_purged() {
                                     // Every later message queued for the partition fails too, so
                                     // none lands ahead of this one.
                                     self.producer.purge_queued();
