@@ -175,6 +175,7 @@ pub struct SystemProcessingMetadata {
     /// The entity processed.
     pub entity: EntityRef,
     /// When this metadata was written.
+    #[serde(default = "Utc::now")]
     pub timestamp: DateTime<Utc>,
     /// When processing started.
     #[serde(default)]
@@ -242,6 +243,7 @@ impl StorageReferenceMetadata {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchEssaysRegistered {
     /// Event name.
+    #[serde(default)]
     pub event: String,
     /// The batch.
     pub batch_id: String,
@@ -263,6 +265,7 @@ pub struct BatchEssaysRegistered {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EssayContentProvisionedV1 {
     /// Event name.
+    #[serde(default)]
     pub event: String,
     /// The batch.
     pub batch_id: String,
@@ -280,8 +283,10 @@ pub struct EssayContentProvisionedV1 {
     #[serde(default)]
     pub content_md5_hash: Option<String>,
     /// Correlation id.
+    #[serde(default = "Uuid::new_v4")]
     pub correlation_id: Uuid,
     /// When it happened.
+    #[serde(default = "Utc::now")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -293,8 +298,10 @@ pub struct ValidationErrorDetail {
     /// Message.
     pub message: String,
     /// Correlation id.
+    #[serde(default = "Uuid::new_v4")]
     pub correlation_id: Uuid,
     /// When.
+    #[serde(default = "Utc::now")]
     pub timestamp: DateTime<Utc>,
     /// Service.
     pub service: String,
@@ -309,6 +316,7 @@ pub struct ValidationErrorDetail {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EssayValidationFailedV1 {
     /// Event name.
+    #[serde(default)]
     pub event: String,
     /// The batch.
     pub batch_id: String,
@@ -325,8 +333,10 @@ pub struct EssayValidationFailedV1 {
     /// Size of the raw file.
     pub file_size_bytes: u64,
     /// Correlation id.
+    #[serde(default = "Uuid::new_v4")]
     pub correlation_id: Uuid,
     /// When.
+    #[serde(default = "Utc::now")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -334,6 +344,7 @@ pub struct EssayValidationFailedV1 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchFileChangedV1 {
     /// Event name.
+    #[serde(default)]
     pub event: String,
     /// The batch.
     pub batch_id: String,
@@ -344,8 +355,10 @@ pub struct BatchFileChangedV1 {
     /// The teacher.
     pub user_id: String,
     /// Correlation id.
+    #[serde(default = "Uuid::new_v4")]
     pub correlation_id: Uuid,
     /// When.
+    #[serde(default = "Utc::now")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -353,6 +366,7 @@ pub struct BatchFileChangedV1 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EssaySlotAssignedV1 {
     /// Event name.
+    #[serde(default)]
     pub event: String,
     /// The batch.
     pub batch_id: String,
@@ -363,8 +377,10 @@ pub struct EssaySlotAssignedV1 {
     /// Its text.
     pub text_storage_id: String,
     /// Correlation id.
+    #[serde(default = "Uuid::new_v4")]
     pub correlation_id: Uuid,
     /// When.
+    #[serde(default = "Utc::now")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -372,6 +388,7 @@ pub struct EssaySlotAssignedV1 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExcessContentProvisionedV1 {
     /// Event name.
+    #[serde(default)]
     pub event: String,
     /// The batch.
     pub batch_id: String,
@@ -382,8 +399,10 @@ pub struct ExcessContentProvisionedV1 {
     /// `NO_AVAILABLE_SLOT`.
     pub reason: String,
     /// Correlation id.
+    #[serde(default = "Uuid::new_v4")]
     pub correlation_id: Uuid,
     /// When.
+    #[serde(default = "Utc::now")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -400,6 +419,7 @@ pub struct EssayRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchEssaysReady {
     /// Event name.
+    #[serde(default)]
     pub event: String,
     /// The batch.
     pub batch_id: String,
@@ -433,6 +453,7 @@ pub struct SpellcheckInitiateCommand {
     /// The batch.
     pub entity_ref: EntityRef,
     /// When.
+    #[serde(default = "Utc::now")]
     pub timestamp: DateTime<Utc>,
     /// Essays to check.
     pub essays_to_process: Vec<EssayRef>,
@@ -448,6 +469,7 @@ pub struct SpellcheckRequested {
     /// The essay (parent: the batch).
     pub entity_ref: EntityRef,
     /// When.
+    #[serde(default = "Utc::now")]
     pub timestamp: DateTime<Utc>,
     /// The essay's status once requested (`awaiting_spellcheck`).
     pub status: String,
@@ -467,6 +489,7 @@ pub struct SpellcheckCompleted {
     /// The essay (parent: the batch).
     pub entity_ref: EntityRef,
     /// When.
+    #[serde(default = "Utc::now")]
     pub timestamp: DateTime<Utc>,
     /// `spellchecked_success` or `spellcheck_failed`.
     pub status: String,
@@ -477,8 +500,9 @@ pub struct SpellcheckCompleted {
     /// Where the corrected text is ([`CORRECTED_TEXT`]), when there is one.
     #[serde(default)]
     pub storage_metadata: Option<StorageReferenceMetadata>,
-    /// How many words were corrected.
-    pub corrections_made: u32,
+    /// How many words were corrected (HuleEdu's model allows none: null or absent).
+    #[serde(default)]
+    pub corrections_made: Option<u32>,
 }
 
 impl SpellcheckCompleted {
@@ -501,7 +525,8 @@ pub struct ElsBatchPhaseOutcomeV1 {
     pub processed_essays: Vec<EssayRef>,
     /// Essays that failed the phase.
     pub failed_essay_ids: Vec<String>,
-    /// Correlation id (serialized as a string).
+    /// Correlation id (serialized as a string; HuleEdu's model makes a new one when absent).
+    #[serde(default = "new_correlation_id")]
     pub correlation_id: String,
 }
 
@@ -536,6 +561,7 @@ pub struct BatchPhaseProgress {
     /// Essays in the phase.
     pub total_essays_in_phase: u32,
     /// When.
+    #[serde(default = "Utc::now")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -553,5 +579,11 @@ pub struct BatchPhaseConcluded {
     /// Extra details.
     pub details: serde_json::Value,
     /// When.
+    #[serde(default = "Utc::now")]
     pub timestamp: DateTime<Utc>,
+}
+
+/// A fresh correlation id, as HuleEdu's models make one for a payload that has none.
+fn new_correlation_id() -> String {
+    Uuid::new_v4().to_string()
 }

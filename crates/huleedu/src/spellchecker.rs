@@ -334,7 +334,7 @@ fn completed(
         system_metadata,
         original_text_storage_id: request.text_storage_id,
         storage_metadata: corrected.map(|id| StorageReferenceMetadata::single(CORRECTED_TEXT, id)),
-        corrections_made: corrections,
+        corrections_made: Some(corrections),
     }
 }
 

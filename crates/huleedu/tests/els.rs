@@ -346,7 +346,7 @@ fn result(batch_id: &str, essay: &Essay, ok: bool) -> SpellcheckCompleted {
         original_text_storage_id: essay.text_storage_id.clone().unwrap(),
         storage_metadata: ok
             .then(|| StorageReferenceMetadata::single(CORRECTED_TEXT, Uuid::new_v4().to_string())),
-        corrections_made: 1,
+        corrections_made: Some(1),
     }
 }
 
