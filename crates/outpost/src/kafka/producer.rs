@@ -437,11 +437,9 @@ impl Deadlines {
     fn enforce(&self, purged_through: Option<u64>) -> Option<u64> {
         let (expired, last) = {
             let out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-            let after =
-                purged_through.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
             let expired = out
-                .range((after, std::ops::Bound::Unbounded))
-                .next()
+                .iter()
+                .find(|(serial, _)| purged_through.is_none_or(|through| **serial > through))
                 .is_some_and(|(_, at)| at.elapsed() >= self.timeout);
             (expired, out.keys().next_back().copied())
         };
