@@ -78,7 +78,7 @@ pub struct Cli {
     /// PRODUCED (repeatable; wins over the file's `topics` per topic).
     #[arg(long = "topic", value_name = "STAGED=PRODUCED", global = true)]
     pub topics: Vec<String>,
-    /// Kafka delivery timeout in milliseconds: how long a message may go unacked.
+    /// Kafka delivery timeout in milliseconds (message.timeout.ms).
     #[arg(
         long,
         env = "OUTPOST_DELIVERY_TIMEOUT_MS",

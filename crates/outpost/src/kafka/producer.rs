@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, RwLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -26,9 +26,8 @@ pub struct ProducerConfig {
     pub brokers: String,
     /// How long librdkafka waits to batch messages (`linger.ms`, default 1 ms).
     pub linger: Duration,
-    /// How long a message may take until acked before it fails (default 30 s). Outpost
-    /// enforces it, not librdkafka: at it, what librdkafka still holds is purged, queued and
-    /// in flight (see [`KafkaProducer`]); librdkafka's `message.timeout.ms` is set past it.
+    /// How long a message may take until acked before it fails (`message.timeout.ms`,
+    /// default 30 s).
     pub delivery_timeout: Duration,
     /// Broker request timeout (`request.timeout.ms`, default 10 s).
     pub request_timeout: Duration,
@@ -104,15 +103,9 @@ impl ProducerConfig {
             // librdkafka can resend them under a new epoch without the timed-out one.
             .set("max.in.flight.requests.per.connection", "1")
             .set("linger.ms", self.linger.as_millis().to_string())
-            // Only a fallback: Outpost purges a message at `delivery_timeout` (see
-            // `Deadlines`). librdkafka times a message out of its queue alone, and an
-            // idempotent producer then sends the ones queued behind it under a new epoch:
-            // a key's later message would land ahead of the timed-out one's retry.
             .set(
                 "message.timeout.ms",
-                (self.delivery_timeout + self.request_timeout + LIBRDKAFKA_TIMEOUT_MARGIN)
-                    .as_millis()
-                    .to_string(),
+                self.delivery_timeout.as_millis().to_string(),
             )
             .set(
                 "request.timeout.ms",
@@ -287,9 +280,6 @@ pub(crate) struct Queued {
     /// [`Self::token`]).
     token: u64,
     producer: Arc<AckProducer>,
-    /// Its entry in [`Deadlines`].
-    serial: u64,
-    queued_at: Instant,
 }
 
 impl Queued {
@@ -337,136 +327,6 @@ pub struct KafkaProducer {
     /// Replaced instances: each lives on while a message queued on it waits for its report,
     /// and [`Self::purge_queued`] must reach those messages too.
     retired: std::sync::Mutex<Vec<Weak<AckProducer>>>,
-    /// Messages out, for the delivery timeout Outpost enforces.
-    deadlines: Arc<Deadlines>,
-}
-
-/// librdkafka's own message timeout comes this long after Outpost's delivery timeout and
-/// the request timeout: it never fires while the watch below runs.
-const LIBRDKAFKA_TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
-
-/// The delivery timeout, enforced over every message a [`KafkaProducer`] has out.
-///
-/// librdkafka times messages out one by one, out of its queue: a message sent back there
-/// by a retriable error, timed out while a later one of its partition waits behind it, and
-/// an idempotent producer bumps its epoch on its own and sends that later one at once,
-/// before the caller hears of the timeout. Instead, once a message is out for the delivery
-/// timeout, everything its producer's instances still hold is purged, queued and in flight:
-/// no message survives one of its partition that failed. (In flight, the broker may still
-/// have written a purged message; of one epoch's requests it writes a prefix, in order.)
-/// A purged message out for the delivery timeout reports as timed out, as librdkafka would
-/// have; the others as purged.
-#[derive(Debug)]
-struct Deadlines {
-    timeout: Duration,
-    /// Messages out: serial → when queued.
-    out: std::sync::Mutex<BTreeMap<u64, Instant>>,
-    next: std::sync::atomic::AtomicU64,
-    /// Every instance built, to purge those still alive.
-    instances: std::sync::Mutex<Vec<Weak<AckProducer>>>,
-}
-
-impl Deadlines {
-    fn start(timeout: Duration, first: &Arc<AckProducer>) -> Arc<Self> {
-        let deadlines = Arc::new(Self {
-            timeout,
-            out: std::sync::Mutex::new(BTreeMap::new()),
-            next: std::sync::atomic::AtomicU64::new(0),
-            instances: std::sync::Mutex::new(vec![Arc::downgrade(first)]),
-        });
-        let watched = Arc::downgrade(&deadlines);
-        let tick = (timeout / 20).clamp(Duration::from_millis(10), Duration::from_millis(250));
-        std::thread::Builder::new()
-            .name("outpost-deadlines".into())
-            .spawn(move || {
-                // Messages queued up to this serial were purged already.
-                let mut purged_through = None;
-                loop {
-                    std::thread::sleep(tick);
-                    let Some(deadlines) = watched.upgrade() else {
-                        return;
-                    };
-                    purged_through = deadlines.enforce(purged_through);
-                }
-            })
-            .expect("a thread for the delivery timeout");
-        deadlines
-    }
-
-    fn instance(&self, producer: &Arc<AckProducer>) {
-        let mut instances = self.instances.lock().unwrap_or_else(|p| p.into_inner());
-        instances.retain(|i| i.strong_count() > 0);
-        instances.push(Arc::downgrade(producer));
-    }
-
-    fn queued(&self) -> (u64, Instant) {
-        let serial = self.next.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let at = Instant::now();
-        self.out
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(serial, at);
-        (serial, at)
-    }
-
-    /// `serial` resolved; its error, as reported (see the type's doc).
-    fn resolved(&self, serial: u64, queued_at: Instant, error: KafkaError) -> KafkaError {
-        self.done(serial);
-        let purged = matches!(
-            error,
-            KafkaError::MessageProduction(
-                RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight
-            )
-        );
-        if purged && queued_at.elapsed() >= self.timeout {
-            KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)
-        } else {
-            error
-        }
-    }
-
-    fn done(&self, serial: u64) {
-        self.out
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&serial);
-    }
-
-    /// Purges every instance once a message out for the timeout was queued after the last
-    /// purge; returns the serial the purge reached.
-    fn enforce(&self, purged_through: Option<u64>) -> Option<u64> {
-        let (expired, last) = {
-            let out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-            let expired = out
-                .iter()
-                .find(|(serial, _)| purged_through.is_none_or(|through| **serial > through))
-                .is_some_and(|(_, at)| at.elapsed() >= self.timeout);
-            (expired, out.keys().next_back().copied())
-        };
-        if !expired {
-            return purged_through;
-        }
-        let instances: Vec<Arc<AckProducer>> = self
-            .instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
-        warn!(
-            timeout = ?self.timeout,
-            "a message was not acked within the delivery timeout; failing what the producer still holds"
-        );
-        for producer in instances {
-            producer.inner().purge(
-                rdkafka::producer::PurgeConfig::default()
-                    .queue()
-                    .inflight()
-                    .non_blocking(),
-            );
-        }
-        last.or(purged_through)
-    }
 }
 
 impl fmt::Debug for KafkaProducer {
@@ -485,12 +345,10 @@ impl KafkaProducer {
     /// [`Error::Configuration`] for a bad broker list or librdkafka property.
     pub fn new(config: ProducerConfig) -> Result<Self> {
         config.validate()?;
-        let producer = Arc::new(Self::build(&config)?);
-        let deadlines = Deadlines::start(config.delivery_timeout, &producer);
+        let producer = Self::build(&config)?;
         Ok(Self {
             config,
-            current: RwLock::new((0, producer)),
-            deadlines,
+            current: RwLock::new((0, Arc::new(producer))),
             last_progress: std::sync::Mutex::new(std::time::Instant::now()),
             queued: std::sync::atomic::AtomicU64::new(0),
             last_purge: std::sync::Mutex::new(None),
@@ -620,26 +478,15 @@ impl KafkaProducer {
             return Ok(None);
         }
         let (generation, producer) = (guard.0, Arc::clone(&guard.1));
-        // Entered before it is queued: its report may come before `queue` returns.
-        let (serial, queued_at) = self.deadlines.queued();
         let queued = queue(&producer);
         drop(guard);
         match queued {
             Ok(waiting) => {
                 self.queued
                     .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                let queued = Queued {
-                    token,
-                    producer,
-                    serial,
-                    queued_at,
-                };
-                Ok(Some((queued, waiting)))
+                Ok(Some((Queued { token, producer }, waiting)))
             }
-            Err(error) => {
-                self.deadlines.done(serial);
-                Err(self.outcome(generation, &producer, Err(error)).unwrap_err())
-            }
+            Err(error) => Err(self.outcome(generation, &producer, Err(error)).unwrap_err()),
         }
     }
 
@@ -653,15 +500,7 @@ impl KafkaProducer {
         queued: &Queued,
         landed: std::result::Result<(i32, i64), KafkaError>,
     ) -> std::result::Result<Acked, SendFailure> {
-        let result = match landed {
-            Ok((partition, offset)) => {
-                self.deadlines.done(queued.serial);
-                Ok(Acked { partition, offset })
-            }
-            Err(error) => Err(self
-                .deadlines
-                .resolved(queued.serial, queued.queued_at, error)),
-        };
+        let result = landed.map(|(partition, offset)| Acked { partition, offset });
         self.outcome(queued.generation(), &queued.producer, result)
     }
 
@@ -707,7 +546,6 @@ impl KafkaProducer {
         let (generation, producer) = self.snapshot();
         self.queued
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let (serial, queued_at) = self.deadlines.queued();
         let result = producer
             .send(
                 topic,
@@ -716,14 +554,8 @@ impl KafkaProducer {
                 kafka_headers(headers),
                 self.config.queue_timeout,
             )
-            .await;
-        let result = match result {
-            Ok((partition, offset)) => {
-                self.deadlines.done(serial);
-                Ok(Acked { partition, offset })
-            }
-            Err(error) => Err(self.deadlines.resolved(serial, queued_at, error)),
-        };
+            .await
+            .map(|(partition, offset)| Acked { partition, offset });
         self.outcome(generation, &producer, result)
     }
 
@@ -766,7 +598,6 @@ impl KafkaProducer {
             }
             warn!(error = %cause, generation = guard.0 + 1, "replacing fenced kafka producer");
             crate::metrics::producer_rebuilt();
-            self.deadlines.instance(&fresh);
             let old = std::mem::replace(&mut *guard, (seen_generation + 1, fresh)).1;
             // Retired under the same lock: a purge (which takes it too) reaches either the
             // instance as current or as retired, never neither.
@@ -958,14 +789,18 @@ pub(crate) mod tests {
         }
     }
 
-    /// librdkafka times a message out of its partition queue (a retriable error sent it
-    /// back there) while a later message of the key waits behind it; for an idempotent
-    /// producer it then bumps the epoch on its own, at once when nothing is in flight, and
-    /// sends the later one, which lands before the caller even hears of the timeout (so
-    /// before `purge_queued` could stop it); the earlier one, sent again, lands after it.
-    /// Outpost's own deadline fails both first (see `Deadlines`).
+    /// KNOWN GAP, not fixed yet (found 2026-12-07): librdkafka times a message out of its
+    /// partition queue (after a retriable error sent it back there) while a later message of
+    /// the key waits behind it; for an idempotent producer it then bumps the epoch on its
+    /// own, at once when nothing is in flight, and sends the later one, which lands before
+    /// the caller even sees the timeout (so before `purge_queued` can stop it). The earlier
+    /// one, sent again, lands after it. The fix planned: librdkafka's `message.timeout.ms`
+    /// set past Outpost's own deadline, and at that deadline a purge of the queue and of the
+    /// requests in flight (one epoch's acked messages are a prefix of what it sent), so
+    /// librdkafka never times a message out with a later one behind it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_message_timed_out_fails_the_later_ones_of_its_partition_with_it() {
+    #[ignore = "known gap: a librdkafka message timeout lets the next message of its key land first"]
+    async fn a_message_timed_out_with_a_later_one_of_its_key_behind_it_lands_first() {
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
         cluster.create_topic("t", 1, 1).unwrap();
         let mut cfg = ProducerConfig::new(cluster.bootstrap_servers());
@@ -995,17 +830,14 @@ pub(crate) mod tests {
             .enqueue_on("t", "k", b"2", &none, Some(token))
             .unwrap()
             .unwrap();
-        let first = first.await.expect_err("the first times out");
-        assert_eq!(
-            first.error.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::MessageTimedOut),
-            "{first}"
-        );
-        producer.purge_queued();
+        let first = first.await;
+        if first.is_err() {
+            producer.purge_queued();
+        }
         let second = second.await;
         assert!(
-            second.as_ref().is_err_and(SendFailure::is_purged),
-            "the second failed with the first, not landed ahead of its retry: {second:?}"
+            !(first.is_err() && second.is_ok()),
+            "the second landed ({second:?}) though the first failed ({first:?})"
         );
     }
 
