@@ -361,8 +361,7 @@ impl EssayLifecycle {
         events: &[(EventEnvelope<serde_json::Value>, &Received)],
         tx: &mut OutboxTx,
     ) -> outpost::Result<()> {
-        // Per batch: placements, the last event, and the
-        // state the placements were decided on.
+        // Per batch: placements, the last event, and the state the placements were decided on.
         let mut batches: Vec<(String, i32, &EventEnvelope<serde_json::Value>, String)> = Vec::new();
         for (event, _) in events {
             let content: EssayContentProvisionedV1 = decode(event)?;

@@ -561,7 +561,6 @@ pub struct BatchPhaseProgress {
     /// Essays in the phase.
     pub total_essays_in_phase: u32,
     /// When.
-    #[serde(default = "Utc::now")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -579,7 +578,6 @@ pub struct BatchPhaseConcluded {
     /// Extra details.
     pub details: serde_json::Value,
     /// When.
-    #[serde(default = "Utc::now")]
     pub timestamp: DateTime<Utc>,
 }
 

@@ -86,6 +86,16 @@ impl WalDb {
         producer: Arc<KafkaProducer>,
         tune: impl FnOnce(&mut WalRelayConfig),
     ) -> WalRelay {
+        self.relay_on(self.pool.clone(), producer, tune)
+    }
+
+    /// [`Self::relay`] with `pool` for its lock, health checks and dead letters.
+    fn relay_on(
+        &self,
+        pool: PgPool,
+        producer: Arc<KafkaProducer>,
+        tune: impl FnOnce(&mut WalRelayConfig),
+    ) -> WalRelay {
         let mut cfg = WalRelayConfig::new(
             self.stream.name(),
             self.stream.clone(),
@@ -96,7 +106,7 @@ impl WalDb {
         cfg.backoff.initial = Duration::from_millis(50);
         cfg.backoff.max = Duration::from_millis(500);
         tune(&mut cfg);
-        WalRelay::new(cfg, self.pool.clone(), producer).unwrap()
+        WalRelay::new(cfg, pool, producer).unwrap()
     }
 
     /// The slot's confirmed position, as a number.
@@ -1222,20 +1232,12 @@ fn pool_through(
     producer: ProducerConfig,
     tune: impl FnOnce(&mut WalRelayConfig),
 ) -> WalRelay {
-    let mut cfg = WalRelayConfig::new(
-        db.stream.name(),
-        db.stream.clone(),
-        db.pg.url(),
-        Environment::Testing,
-    );
-    cfg.reconnect_backoff = Duration::from_millis(200);
-    tune(&mut cfg);
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(600))
         .connect_lazy(&postgres_url(proxy))
         .unwrap();
-    WalRelay::new(cfg, pool, Arc::new(KafkaProducer::new(producer).unwrap())).unwrap()
+    db.relay_on(pool, Arc::new(KafkaProducer::new(producer).unwrap()), tune)
 }
 
 /// A session that fails while draining for a shutdown ends the relay: it took the shutdown

@@ -658,6 +658,15 @@ impl KafkaProducer {
         }
     }
 
+    /// [`purge_queued`](Self::purge_queued) after `failure`, unless a purge failed it: that
+    /// purge failed what was queued behind it, and tokens hold back the rest (a purge for
+    /// each purged message would cascade over every key queued since).
+    pub(crate) fn purge_behind(&self, failure: &SendFailure) {
+        if !failure.is_purged() {
+            self.purge_queued();
+        }
+    }
+
     /// Waits up to `timeout` for queued messages to be delivered, off the async runtime's
     /// worker threads.
     pub async fn flush_async(self: &Arc<Self>, timeout: Duration) {

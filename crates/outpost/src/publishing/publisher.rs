@@ -1287,10 +1287,11 @@ fn queue_run<'a>(
                     // At once, not after every ack is in: see `KafkaProducer::purge_queued`
                     // (nothing queued after a timed-out row may land without it). Not for a
                     // refusal (a full queue): that row never entered the queue, and nothing
-                    // of its key follows it. Nor for a purged row: the purge that failed it
-                    // failed what was queued behind it.
-                    if matches!(&result, Err(f) if f.class == ErrorClass::Transient && !f.is_purged()) {
-                        producer.purge_queued();
+                    // of its key follows it.
+                    if let Err(f) = &result {
+                        if f.class == ErrorClass::Transient {
+                            producer.purge_behind(f);
+                        }
                     }
                     result
                 }
@@ -1369,10 +1370,11 @@ async fn send_in_order(
                     // or another call's. librdkafka purges by itself only when a request
                     // failed (gapless guarantee); a retriable failure of one topic (it does
                     // not exist) leaves the other queues alone. As in the WAL relay. A
-                    // permanent failure is never retried: nothing can overtake it. Nor a
-                    // purged one: the purge that failed it failed what was queued behind it.
-                    if matches!(&result, Err(f) if f.class != ErrorClass::Permanent && !f.is_purged()) {
-                        producer.purge_queued();
+                    // permanent failure is never retried: nothing can overtake it.
+                    if let Err(f) = &result {
+                        if f.class != ErrorClass::Permanent {
+                            producer.purge_behind(f);
+                        }
                     }
                     result
                 }

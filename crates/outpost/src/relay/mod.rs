@@ -950,13 +950,8 @@ impl<'r> Engine<'r> {
                     self.published_at_transient = self.report.published;
                 }
                 if matches!(verdict, Settlement::Retry { .. }) {
-                    // A purged row calls for no purge of its own: the purge that failed it
-                    // failed what was queued behind it, and tokens hold back the rest.
-                    if state.failure.is_none()
-                        && failure.class == ErrorClass::Transient
-                        && !failure.is_purged()
-                    {
-                        self.relay.producer.purge_queued();
+                    if state.failure.is_none() && failure.class == ErrorClass::Transient {
+                        self.relay.producer.purge_behind(&failure);
                     }
                     let earlier = state.failure.as_ref().is_none_or(|(id, ..)| event.id < *id);
                     if earlier {

@@ -547,12 +547,10 @@ impl WalRelay {
                             Err(f) => {
                                 let mut s = done.sending;
                                 let class = f.class;
-                                // A purged one needs none: the purge that failed it failed what
-                                // was queued behind it.
-                                if class != ErrorClass::Permanent && !f.is_purged() {
+                                if class != ErrorClass::Permanent {
                                     // Every later message queued for the partition fails too, so
                                     // none lands ahead of this one.
-                                    self.producer.purge_queued();
+                                    self.producer.purge_behind(&f);
                                 }
                                 if class == ErrorClass::Retriable {
                                     s.failures += 1;
